@@ -1,0 +1,116 @@
+"""NGSI-LD errors: one exception type per ETSI error, rendered as RFC 7807 ProblemDetails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+ERROR_BASE = "https://uri.etsi.org/ngsi-ld/errors/"
+
+
+class NgsiError(Exception):
+    """An error the API answers with a ProblemDetails body."""
+
+    name = "InternalError"
+    status = 500
+
+    def __init__(self, detail: str, *, field: str | None = None, title: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.field = field
+        self.title = title or self.name
+
+    @property
+    def type_uri(self) -> str:
+        return ERROR_BASE + self.name
+
+    def problem(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if self.field is not None:
+            body["field"] = self.field
+        return body
+
+
+class InvalidRequest(NgsiError):
+    name = "InvalidRequest"
+    status = 400
+
+
+class BadRequestData(NgsiError):
+    name = "BadRequestData"
+    status = 400
+
+
+class AlreadyExists(NgsiError):
+    name = "AlreadyExists"
+    status = 409
+
+
+class OperationNotSupported(NgsiError):
+    name = "OperationNotSupported"
+    status = 422
+
+
+class ResourceNotFound(NgsiError):
+    name = "ResourceNotFound"
+    status = 404
+
+
+class InternalError(NgsiError):
+    name = "InternalError"
+    status = 500
+
+
+class TooComplexQuery(NgsiError):
+    name = "TooComplexQuery"
+    status = 403
+
+
+class TooManyResults(NgsiError):
+    name = "TooManyResults"
+    status = 403
+
+
+class LdContextNotAvailable(NgsiError):
+    name = "LdContextNotAvailable"
+    status = 504
+
+
+class NonexistentTenant(NgsiError):
+    name = "NonexistentTenant"
+    status = 404
+
+
+class NotAcceptable(NgsiError):
+    """HTTP 406: the Accept header cannot be satisfied."""
+
+    name = "NotAcceptable"
+    status = 406
+
+    @property
+    def type_uri(self) -> str:
+        return "https://uri.etsi.org/ngsi-ld/errors/NotAcceptable"
+
+
+class UnsupportedMediaType(NgsiError):
+    name = "UnsupportedMediaType"
+    status = 415
+
+
+class LengthRequired(NgsiError):
+    name = "LengthRequired"
+    status = 411
+
+
+class PayloadTooLarge(NgsiError):
+    name = "PayloadTooLarge"
+    status = 413
+
+
+class MethodNotAllowed(NgsiError):
+    name = "MethodNotAllowed"
+    status = 405

@@ -1,0 +1,468 @@
+"""NGSI-LD entities in, stored documents out: validation and expansion of request bodies.
+
+The layout of a stored document is described in docs/bank-internals.md. Validation is written
+by hand rather than with pydantic models: an entity is a free-form map of attributes, and a
+batch of 1,000 entities must be checked in a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cityward.bank import geo
+from cityward.bank.errors import BadRequestData
+from cityward.bank.jsonld import Context
+
+NGSI_NULL = "urn:ngsi-ld:null"
+KINDS = frozenset(
+    {
+        "Property",
+        "Relationship",
+        "GeoProperty",
+        "LanguageProperty",
+        "ListProperty",
+        "ListRelationship",
+        "JsonProperty",
+        "VocabProperty",
+    }
+)
+PAYLOAD = {
+    "Property": "value",
+    "GeoProperty": "value",
+    "Relationship": "object",
+    "LanguageProperty": "languageMap",
+    "ListProperty": "valueList",
+    "ListRelationship": "objectList",
+    "JsonProperty": "json",
+    "VocabProperty": "vocab",
+}
+PAYLOAD_MEMBERS = frozenset(PAYLOAD.values())
+PREVIOUS_MEMBERS = frozenset(
+    {
+        "previousValue",
+        "previousObject",
+        "previousLanguageMap",
+        "previousValueList",
+        "previousObjectList",
+        "previousJson",
+        "previousVocab",
+    }
+)
+# members of an attribute that are not sub-attributes
+ATTR_MEMBERS = frozenset(
+    {
+        "type",
+        "@type",
+        *PAYLOAD_MEMBERS,
+        "objectType",
+        "datasetId",
+        "observedAt",
+        "unitCode",
+        "valueType",
+        "createdAt",
+        "modifiedAt",
+        "deletedAt",
+        "instanceId",
+        "lang",
+    }
+)
+SYSTEM_MEMBERS = frozenset({"createdAt", "modifiedAt", "deletedAt"})
+# core terms that can never be attribute names
+RESERVED_NAMES = frozenset(
+    {
+        "id",
+        "@id",
+        "type",
+        "@type",
+        "scope",
+        "@context",
+        "datasetId",
+        "instanceId",
+        "observedAt",
+        "unitCode",
+        "createdAt",
+        "modifiedAt",
+        "deletedAt",
+        "value",
+        "object",
+        "objectType",
+        "languageMap",
+        "valueList",
+        "objectList",
+        "json",
+        "vocab",
+        "valueType",
+        "lang",
+        *PREVIOUS_MEMBERS,
+    }
+)
+GEOJSON_TYPES = frozenset(
+    {
+        "Point",
+        "MultiPoint",
+        "LineString",
+        "MultiLineString",
+        "Polygon",
+        "MultiPolygon",
+        "GeometryCollection",
+    }
+)
+
+_URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`\x00-\x1f\x7f]*$")
+# bidi controls, zero-width characters and the BOM are forbidden in ids
+_BAD_ID_CHARS = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00a0]")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
+_DATETIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?Z$")
+_SCOPE_RE = re.compile(r"^(/[A-Za-z][A-Za-z0-9_]*)+$")
+_LANG_RE = re.compile(r"^([A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*|@none)$")
+
+Mode = Literal["create", "fragment", "merge"]
+
+
+def now_iso() -> str:
+    """Current UTC time, fixed width with microseconds, so string order is time order."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def is_uri(value: object) -> bool:
+    """True when ``value`` is an absolute URI acceptable as an NGSI-LD identifier."""
+    return (
+        isinstance(value, str)
+        and _URI_RE.match(value) is not None
+        and _BAD_ID_CHARS.search(value) is None
+    )
+
+
+def check_uri(value: object, field: str) -> str:
+    if not is_uri(value):
+        raise BadRequestData(f"{field} must be an absolute URI, got {value!r}", field=field)
+    assert isinstance(value, str)
+    return value
+
+
+def check_datetime(value: object, field: str) -> str:
+    """Validate an NGSI-LD DateTime (UTC, ``Z`` suffix) and return it unchanged."""
+    if isinstance(value, str):
+        m = _DATETIME_RE.match(value)
+        if m is not None:
+            try:
+                datetime(*(int(m.group(i)) for i in range(1, 7)))
+            except ValueError:
+                pass
+            else:
+                return value
+    raise BadRequestData(
+        f"{field} must be a UTC DateTime like 2024-01-31T10:00:00Z, got {value!r}", field=field
+    )
+
+
+def normalize_datetime(value: str) -> str:
+    """A validated DateTime in the stored fixed-width microsecond form."""
+    head, _, frac = value[:-1].partition(".")
+    return f"{head}.{(frac + '000000')[:6]}Z"
+
+
+def check_attr_name(name: str, field: str | None = None) -> None:
+    if name in RESERVED_NAMES:
+        raise BadRequestData(f"{name!r} is reserved and cannot name an attribute", field=name)
+    if _NAME_RE.match(name) is None and not is_uri(name):
+        raise BadRequestData(
+            f"attribute name {name!r} must be letters, digits and _ or an absolute IRI",
+            field=field or name,
+        )
+
+
+def check_type_name(name: object, field: str = "type") -> str:
+    if not isinstance(name, str) or not name:
+        raise BadRequestData(f"entity type must be a non-empty string, got {name!r}", field=field)
+    if _NAME_RE.match(name) is None and not is_uri(name):
+        raise BadRequestData(
+            f"entity type {name!r} must be letters, digits and _ or an absolute IRI", field=field
+        )
+    return name
+
+
+def parse_scope(value: object, *, allow_null: bool = False) -> list[str] | None:
+    """Validate ``scope`` (a string or an array); None means NGSI-LD Null (remove)."""
+    if allow_null and value == NGSI_NULL:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not items:
+        raise BadRequestData("scope must not be empty", field="scope")
+    for s in items:
+        if not isinstance(s, str) or _SCOPE_RE.match(s) is None:
+            raise BadRequestData(
+                f"scope {s!r} must look like /Level/SubLevel (letters, digits, _)", field="scope"
+            )
+    return list(dict.fromkeys(items))
+
+
+class EntityParser:
+    """Validates one request body against NGSI-LD rules and expands it with a context."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # -- entities ---------------------------------------------------------------------------
+    def entity(
+        self, body: object, mode: Mode = "create", path_id: str | None = None
+    ) -> dict[str, Any]:
+        """An entity or fragment as a stored-form document without timestamps.
+
+        ``mode``: ``create`` needs id and type and forbids NGSI-LD Null; ``fragment`` (append,
+        update, replace attrs) makes id/type optional; ``merge`` also lets Null delete things.
+        """
+        if not isinstance(body, dict):
+            raise BadRequestData("an entity must be a JSON object", field="entity")
+        doc: dict[str, Any] = {}
+        attrs: dict[str, list[dict[str, Any]]] = {}
+        raw_id = body.get("id", body.get("@id"))
+        if raw_id is not None or mode == "create":
+            if raw_id is None:
+                raise BadRequestData("entity id is missing", field="id")
+            doc["id"] = check_uri(raw_id, "id")
+        if path_id is not None and "id" in doc and doc["id"] != path_id:
+            raise BadRequestData(
+                f"entity id {doc['id']} in the body differs from {path_id} in the path", field="id"
+            )
+        raw_type = body.get("type", body.get("@type"))
+        if raw_type is not None or mode == "create":
+            doc["type"] = self.types(raw_type)
+        for key, value in body.items():
+            if key in ("id", "@id", "type", "@type"):
+                continue
+            if key == "@context":
+                continue  # checked by the caller against the Content-Type
+            if key == "scope":
+                scope = parse_scope(value, allow_null=mode == "merge")
+                doc["scope"] = scope if scope is not None else NGSI_NULL
+                continue
+            if key in SYSTEM_MEMBERS:
+                continue  # output-only members are ignored on input
+            check_attr_name(key)
+            iri = self.ctx.expand(key)
+            attrs[iri] = self.attribute(value, key, mode)
+        doc["attrs"] = attrs
+        return doc
+
+    def types(self, raw: object) -> list[str]:
+        if raw is None:
+            raise BadRequestData("entity type is missing", field="type")
+        items = raw if isinstance(raw, list) else [raw]
+        if not items:
+            raise BadRequestData("entity type must not be an empty array", field="type")
+        return list(dict.fromkeys(self.ctx.expand(check_type_name(t)) for t in items))
+
+    # -- attributes -------------------------------------------------------------------------
+    def attribute(self, value: object, name: str, mode: Mode) -> list[dict[str, Any]]:
+        """All instances of one attribute (a multi-attribute is a JSON array of instances)."""
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(v, dict) and ("datasetId" in v or "type" in v) for v in value)
+        ):
+            instances = [self.instance(v, name, mode, top=True) for v in value]
+        else:
+            instances = [self.instance(value, name, mode, top=True)]
+        seen: set[str | None] = set()
+        for inst in instances:
+            ds = inst.get("datasetId")
+            if ds in seen:
+                what = f"datasetId {ds}" if ds else "the default instance (no datasetId)"
+                raise BadRequestData(f"attribute {name!r} repeats {what}", field=name)
+            seen.add(ds)
+        return instances
+
+    def instance(self, raw: object, name: str, mode: Mode, top: bool) -> dict[str, Any]:
+        """One attribute instance in stored form (normalized or concise input)."""
+        if raw is None:
+            raise BadRequestData(f"attribute {name!r} is null", field=name)
+        if not isinstance(raw, dict):
+            if raw == NGSI_NULL:
+                if mode != "merge":
+                    raise BadRequestData(
+                        f"NGSI-LD Null is only allowed in merge and update operations ({name!r})",
+                        field=name,
+                    )
+                return {"type": "Property", "value": NGSI_NULL, "_delete": True}
+            # concise form: a bare value is a Property
+            return {"type": "Property", "value": raw}
+        if "@context" in raw:
+            raise BadRequestData(f"attribute {name!r} must not contain @context", field=name)
+        kind = raw.get("type", raw.get("@type"))
+        if kind in GEOJSON_TYPES and "value" not in raw:
+            # concise form: a bare GeoJSON geometry is a GeoProperty
+            return {"type": "GeoProperty", "value": geo.parse_geometry(raw, name)}
+        untyped = False
+        if kind is None:
+            kind = _infer_kind(raw)
+            untyped = kind is None
+            if kind is None:
+                if mode == "create":
+                    raise BadRequestData(
+                        f"attribute {name!r} has no type and no value, object, languageMap, "
+                        "valueList, objectList, json or vocab member",
+                        field=name,
+                    )
+                kind = "Property"
+        if not isinstance(kind, str) or kind not in KINDS:
+            raise BadRequestData(
+                f"attribute {name!r} has type {kind!r}; expected one of {', '.join(sorted(KINDS))}",
+                field=name,
+            )
+        payload_member = PAYLOAD[kind]
+        for member in PAYLOAD_MEMBERS:
+            if member != payload_member and member in raw:
+                raise BadRequestData(
+                    f"a {kind} cannot have a {member!r} member ({name!r})", field=name
+                )
+        for member in PREVIOUS_MEMBERS:
+            if member in raw:
+                raise BadRequestData(f"{member!r} is output only ({name!r})", field=name)
+        inst: dict[str, Any] = {"type": kind}
+        if untyped:
+            inst["_untyped"] = True  # a partial update that keeps the stored kind
+        if payload_member in raw:
+            payload = raw[payload_member]
+            if self._is_null(payload, kind):
+                if mode != "merge":
+                    raise BadRequestData(
+                        f"NGSI-LD Null is only allowed in merge and update operations ({name!r})",
+                        field=name,
+                    )
+                inst["_delete"] = True
+                inst[payload_member] = payload
+            else:
+                inst[payload_member] = self._payload(kind, payload, name)
+        elif mode == "create":
+            raise BadRequestData(
+                f"a {kind} needs a {payload_member!r} member ({name!r})", field=name
+            )
+        for key, val in raw.items():
+            if key in ("type", "@type", payload_member):
+                continue
+            if key == "datasetId":
+                if val == "@none":
+                    continue
+                if not top:
+                    raise BadRequestData(
+                        f"sub-attribute {name!r} cannot have a datasetId", field=name
+                    )
+                inst["datasetId"] = check_uri(val, "datasetId")
+            elif key == "observedAt":
+                if val == NGSI_NULL and mode == "merge":
+                    inst["observedAt"] = NGSI_NULL
+                else:
+                    inst["observedAt"] = check_datetime(val, f"{name}.observedAt")
+            elif key == "unitCode":
+                if kind == "Relationship":
+                    raise BadRequestData(
+                        f"a Relationship cannot have a unitCode ({name!r})", field=name
+                    )
+                if not isinstance(val, str) or not val:
+                    raise BadRequestData(f"unitCode of {name!r} must be a string", field=name)
+                inst["unitCode"] = val
+            elif key == "objectType":
+                if kind not in ("Relationship", "ListRelationship"):
+                    raise BadRequestData(
+                        f"objectType is only for relationships ({name!r})", field=name
+                    )
+                items = val if isinstance(val, list) else [val]
+                expanded = [
+                    self.ctx.expand(check_type_name(t, f"{name}.objectType")) for t in items
+                ]
+                inst["objectType"] = expanded if isinstance(val, list) else expanded[0]
+            elif key == "valueType":
+                if not isinstance(val, str):
+                    raise BadRequestData(f"valueType of {name!r} must be a string", field=name)
+                if kind == "LanguageProperty" and val != "langString":
+                    raise BadRequestData(
+                        f"valueType of LanguageProperty {name!r} must be langString", field=name
+                    )
+                inst["valueType"] = val
+            elif key in SYSTEM_MEMBERS or key in ("instanceId", "lang"):
+                continue
+            else:
+                check_attr_name(key)
+                sub_iri = self.ctx.expand(key)
+                inst.setdefault("sub", {})[sub_iri] = self.instance(val, key, mode, top=False)
+        return inst
+
+    @staticmethod
+    def _is_null(payload: object, kind: str) -> bool:
+        if payload == NGSI_NULL:
+            return True
+        if kind == "LanguageProperty" and isinstance(payload, dict):
+            return payload == {"@none": NGSI_NULL}
+        return isinstance(payload, list) and len(payload) == 1 and payload[0] == NGSI_NULL
+
+    def _payload(self, kind: str, payload: object, name: str) -> Any:
+        if payload is None:
+            raise BadRequestData(f"the value of {name!r} is null", field=name)
+        if kind == "Property":
+            if isinstance(payload, dict) and "@value" in payload:
+                return payload["@value"]
+            return payload
+        if kind == "GeoProperty":
+            return geo.parse_geometry(payload, name)
+        if kind == "Relationship":
+            if isinstance(payload, list):
+                if not payload:
+                    raise BadRequestData(f"object of {name!r} must not be empty", field=name)
+                return [check_uri(o, f"{name}.object") for o in payload]
+            return check_uri(payload, f"{name}.object")
+        if kind == "LanguageProperty":
+            if not isinstance(payload, dict) or not payload:
+                raise BadRequestData(
+                    f"languageMap of {name!r} must be a non-empty object", field=name
+                )
+            for tag, text in payload.items():
+                if not tag or _LANG_RE.match(tag) is None:
+                    raise BadRequestData(f"{tag!r} is not a language tag ({name!r})", field=name)
+                texts = text if isinstance(text, list) else [text]
+                if not all(isinstance(t, str) for t in texts):
+                    raise BadRequestData(
+                        f"languageMap values of {name!r} must be strings", field=name
+                    )
+            return payload
+        if kind == "ListProperty":
+            if not isinstance(payload, list):
+                raise BadRequestData(f"valueList of {name!r} must be an array", field=name)
+            return payload
+        if kind == "ListRelationship":
+            if not isinstance(payload, list):
+                raise BadRequestData(f"objectList of {name!r} must be an array", field=name)
+            out = []
+            for item in payload:
+                uri = item.get("object") if isinstance(item, dict) else item
+                out.append(check_uri(uri, f"{name}.objectList"))
+            return out
+        if kind == "JsonProperty":
+            return payload
+        # VocabProperty
+        items = payload if isinstance(payload, list) else [payload]
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise BadRequestData(f"vocab of {name!r} must be a string or strings", field=name)
+        expanded = [self.ctx.expand(v) for v in items]
+        return expanded if isinstance(payload, list) else expanded[0]
+
+
+def _infer_kind(raw: dict[str, Any]) -> str | None:
+    """The attribute kind of a concise attribute object, or None when nothing tells."""
+    if "value" in raw:
+        return "Property"
+    if "object" in raw:
+        return "Relationship"
+    if "languageMap" in raw:
+        return "LanguageProperty"
+    if "valueList" in raw:
+        return "ListProperty"
+    if "objectList" in raw:
+        return "ListRelationship"
+    if "json" in raw:
+        return "JsonProperty"
+    if "vocab" in raw:
+        return "VocabProperty"
+    return None

@@ -1,0 +1,266 @@
+"""Compile q, type and scopeQ ASTs to SQL conditions over ``attr_index`` and ``etypes``.
+
+Every function returns ``(sql, params)``: a boolean SQL expression about the entity row
+aliased ``e`` and its ``?`` parameters.  The SQL text never holds a literal ``?`` or ``%``
+(the PostgreSQL store rewrites ``?`` to ``%s``); every value, LIKE-free range bound and
+pattern travels as a parameter.
+
+Index use: positive terms are ``e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = ? AND
+<value condition>)``, which the (path, num) and (path, txt) indexes answer; negative ones are
+``NOT EXISTS (... i.e = e.pk ...)``, answered through the (e) index.  Text order uses binary
+collation (``COLLATE BINARY`` in SQLite, ``COLLATE "C"`` in PostgreSQL): declare
+``attr_index.txt`` with that collation so that the (path, txt) index serves ordering too.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import sqlite3
+from collections.abc import Callable
+from typing import Any, Literal, TypeAlias
+
+from cityward.bank.query.indexer import (
+    SCOPE_PATH,
+    TIMESTAMP_META,
+    VT_BOOL,
+    VT_NUMBER,
+    VT_STRING,
+    VT_URI,
+    literal_text,
+    path_key,
+)
+from cityward.bank.query.qlang import (
+    And,
+    Bool,
+    Exists,
+    Match,
+    NotExists,
+    Num,
+    Or,
+    QExpr,
+    Range,
+    ScopeAnd,
+    ScopeExpr,
+    ScopeOr,
+    ScopePattern,
+    Str,
+    TypeAnd,
+    TypeExpr,
+    TypeName,
+    Uri,
+    Value,
+    ValueList,
+)
+
+Dialect: TypeAlias = Literal["sqlite", "postgres"]
+Expand: TypeAlias = Callable[[str], str]
+
+REGEX_FLAGS = re.DOTALL  # PostgreSQL's default: '.' also matches a newline
+
+
+@functools.lru_cache(maxsize=512)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """The compiled regex for a q pattern, as SQLite and the Python evaluator apply it."""
+    return re.compile(pattern, REGEX_FLAGS)
+
+
+def _sqlite_regexp(pattern: str | None, value: str | None) -> int | None:
+    if pattern is None or value is None:
+        return None  # SQL NULL in, NULL out: a WHERE treats it as no match
+    return 1 if compile_pattern(pattern).search(value) else 0
+
+
+def register_sqlite_functions(conn: sqlite3.Connection) -> None:
+    """Register ``regexp(pattern, value)`` (Python ``re.search``) on a SQLite connection."""
+    conn.create_function("regexp", 2, _sqlite_regexp, deterministic=True)
+
+
+class _Compiler:
+    """Collects SQL fragments and their parameters, in order."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        if dialect not in ("sqlite", "postgres"):
+            raise ValueError(f"unknown SQL dialect {dialect!r}")
+        self.dialect = dialect
+        self.params: list[Any] = []
+        self.binary = ' COLLATE "C"' if dialect == "postgres" else " COLLATE BINARY"
+
+    def p(self, value: Any) -> str:
+        self.params.append(value)
+        return "?"
+
+    def regex(self, pattern: str) -> str:
+        if self.dialect == "postgres":
+            return "i.txt ~ " + self.p(pattern)
+        return "regexp(" + self.p(pattern) + ", i.txt)"
+
+    # -- row subqueries ---------------------------------------------------------------------------
+
+    def some_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
+        """The entity has a row at this path (satisfying cond)."""
+        sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = " + self.p(path)
+        if cond is not None:
+            sql += " AND " + cond()
+        return sql + ")"
+
+    def no_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
+        """The entity has no row at this path (satisfying cond)."""
+        sql = "NOT EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path = " + self.p(path)
+        if cond is not None:
+            sql += " AND " + cond()
+        return sql + ")"
+
+    # -- value conditions on one row (alias i) -----------------------------------------------------
+
+    def equals(self, v: Value, ts: bool) -> str:
+        if isinstance(v, Num):
+            return f"(i.vt = {VT_NUMBER} AND i.num = {self.p(v.value)})"
+        if isinstance(v, Bool):
+            return f"(i.vt = {VT_BOOL} AND i.num = {self.p(1.0 if v.value else 0.0)})"
+        if isinstance(v, (Str, Uri)):
+            # A quoted string or a URI also matches a Relationship's object.
+            return f"(i.vt IN ({VT_STRING}, {VT_URI}) AND i.txt = {self.p(literal_text(v, ts))})"
+        return f"(i.vt = {VT_STRING} AND i.txt = {self.p(literal_text(v, ts))})"
+
+    def value_cond(self, value: Value | Range | ValueList, ts: bool) -> str:
+        if isinstance(value, ValueList):
+            return "(" + " OR ".join(self.equals(v, ts) for v in value.items) + ")"
+        if isinstance(value, Range):
+            low, high = value.low, value.high
+            if isinstance(low, Num) and isinstance(high, Num):
+                lo, hi = self.p(low.value), self.p(high.value)
+                return f"(i.vt = {VT_NUMBER} AND i.num >= {lo} AND i.num <= {hi})"
+            if isinstance(low, Num) or isinstance(high, Num):
+                raise ValueError("a range mixes a number and a string")  # the parser forbids it
+            lo, hi = self.p(literal_text(low, ts)), self.p(literal_text(high, ts))
+            b = self.binary
+            return f"(i.vt = {VT_STRING} AND i.txt >= {lo}{b} AND i.txt <= {hi}{b})"
+        return self.equals(value, ts)
+
+    def ordered(self, op: str, v: Value, ts: bool) -> str:
+        if isinstance(v, Num):
+            return f"(i.vt = {VT_NUMBER} AND i.num {op} {self.p(v.value)})"
+        if isinstance(v, (Bool, Uri)):
+            raise ValueError(f"{op} cannot compare with {v!r}")  # the parser forbids it
+        # Strings and dates order among strings only, so never against a Relationship.
+        return f"(i.vt = {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
+
+    # -- q -----------------------------------------------------------------------------------------
+
+    def q(self, expr: QExpr, expand: Expand) -> str:
+        if isinstance(expr, And):
+            return "(" + " AND ".join(self.q(i, expand) for i in expr.items) + ")"
+        if isinstance(expr, Or):
+            return "(" + " OR ".join(self.q(i, expand) for i in expr.items) + ")"
+        path = path_key(expr.path, expand)
+        if isinstance(expr, Exists):
+            return self.some_row(path)
+        if isinstance(expr, NotExists):
+            return self.no_row(path)
+        if isinstance(expr, Match):
+
+            def matched() -> str:
+                return f"i.vt = {VT_STRING} AND " + self.regex(expr.pattern)
+
+            if expr.negated:
+                return f"({self.some_row(path)} AND {self.no_row(path, matched)})"
+            return self.some_row(path, matched)
+        ts = expr.path.meta in TIMESTAMP_META
+        if expr.op == "==":
+            return self.some_row(path, lambda: self.value_cond(expr.value, ts))
+        if expr.op == "!=":
+            # Exists, and no value equals (is in the range / list); differing types count as !=.
+            return (
+                f"({self.some_row(path)} AND "
+                f"{self.no_row(path, lambda: self.value_cond(expr.value, ts))})"
+            )
+        value = expr.value
+        if isinstance(value, (Range, ValueList)):
+            raise ValueError("ranges and value lists need == or !=")  # the parser forbids it
+        return self.some_row(path, lambda: self.ordered(expr.op, value, ts))
+
+    # -- types and scopes ------------------------------------------------------------------------
+
+    def types(self, expr: TypeExpr, expand: Expand) -> str:
+        if isinstance(expr, TypeName):
+            return (
+                "e.pk IN (SELECT t.e FROM etypes t WHERE t.type = "
+                + self.p(expand(expr.name))
+                + ")"
+            )
+        if isinstance(expr, TypeAnd):
+            return "(" + " AND ".join(self.types(i, expand) for i in expr.items) + ")"
+        names = [i for i in expr.items if isinstance(i, TypeName)]
+        parts = [self.types(i, expand) for i in expr.items if not isinstance(i, TypeName)]
+        if names:
+            # All plain alternatives in one IN list: one index probe per name, one subquery.
+            marks = ", ".join(self.p(expand(n.name)) for n in names)
+            parts.insert(0, f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
+        return "(" + " OR ".join(parts) + ")"
+
+    def scope(self, expr: ScopeExpr) -> str:
+        if isinstance(expr, ScopeAnd):
+            return "(" + " AND ".join(self.scope(i) for i in expr.items) + ")"
+        if isinstance(expr, ScopeOr):
+            return "(" + " OR ".join(self.scope(i) for i in expr.items) + ")"
+        return self.some_row(SCOPE_PATH, self.scope_cond(expr))
+
+    def scope_cond(self, pattern: ScopePattern) -> Callable[[], str] | None:
+        levels = pattern.levels
+        below = levels[-1] == "#"
+        fixed = levels[:-1] if below else levels
+        if not fixed:
+            return None  # "/#": any scope at all
+        b = self.binary
+        if "+" not in fixed:
+            scope = "/" + "/".join(fixed)
+            if not below:
+                return lambda: "i.txt = " + self.p(scope)
+            # "/A/#": "/A" itself, or between "/A/" and "/A0" ('0' follows '/' in code order).
+            return lambda: (
+                f"(i.txt = {self.p(scope)} OR (i.txt >= {self.p(scope + '/')}{b}"
+                f" AND i.txt < {self.p(scope + '0')}{b}))"
+            )
+        prefix = fixed[: fixed.index("+")]
+        rx = "^" + "".join("/[^/]+" if lv == "+" else "/" + lv for lv in fixed)
+        rx += "(/.*)?$" if below else "$"
+
+        def cond() -> str:
+            sql = ""
+            if prefix:
+                # The fixed levels before the first '+' narrow the index range first.
+                start = "/" + "/".join(prefix)
+                sql = f"i.txt >= {self.p(start + '/')}{b} AND i.txt < {self.p(start + '0')}{b} AND "
+            return sql + self.regex(rx)
+
+        return cond
+
+
+def compile_q(expr: QExpr, expand: Expand, dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
+    """SQL condition on ``e`` that holds exactly for the entities a q expression matches."""
+    c = _Compiler(dialect)
+    return c.q(expr, expand), c.params
+
+
+def compile_type_expr(
+    expr: TypeExpr, expand: Expand, dialect: Dialect = "sqlite"
+) -> tuple[str, list[Any]]:
+    """SQL condition on ``e`` for a type selection, over the ``etypes`` table."""
+    c = _Compiler(dialect)
+    return c.types(expr, expand), c.params
+
+
+def compile_scope_q(expr: ScopeExpr, dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
+    """SQL condition on ``e`` for a scopeQ, over the scope rows of ``attr_index``."""
+    c = _Compiler(dialect)
+    return c.scope(expr), c.params
+
+
+def compile_attrs_any(iris: list[str], dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
+    """SQL condition on ``e``: the entity has at least one of these (expanded) attributes."""
+    c = _Compiler(dialect)
+    if not iris:
+        return "1 = 0", []
+    marks = ", ".join(c.p(iri) for iri in iris)
+    return f"e.pk IN (SELECT i.e FROM attr_index i WHERE i.path IN ({marks}))", c.params

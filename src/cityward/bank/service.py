@@ -1,0 +1,511 @@
+"""The NGSI-LD entity operations: create, read, merge, replace, delete, batches and queries.
+
+The service works on stored-form documents (docs/bank-internals.md); HTTP and JSON-LD details
+stay in ``cityward.api``. Every write is one store transaction, so a failure leaves nothing
+half-written, and a batch reports each entity's failure without dropping its neighbours.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cityward.bank.errors import (
+    AlreadyExists,
+    BadRequestData,
+    NgsiError,
+    NonexistentTenant,
+    ResourceNotFound,
+)
+from cityward.bank.model import NGSI_NULL, now_iso
+from cityward.bank.store import Store, WriteTxn
+
+Doc = dict[str, Any]
+Instance = dict[str, Any]
+
+
+@dataclass
+class BatchResult:
+    """Outcome of a batch: ids that succeeded (and were created) and per-entity errors."""
+
+    success: list[str] = field(default_factory=list)
+    created: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, entity_id: str | None, error: NgsiError) -> None:
+        self.errors.append({"entityId": entity_id, "error": error.problem()})
+
+
+@dataclass
+class UpdateResult:
+    updated: list[str] = field(default_factory=list)
+    not_updated: list[tuple[str, str]] = field(default_factory=list)  # (attribute IRI, reason)
+
+
+# -- helpers on stored documents ------------------------------------------------------------
+def _clean(inst: Instance, now: str, created: str | None) -> Instance:
+    """Drop parser flags and stamp system times (createdAt kept from the replaced instance)."""
+    inst.pop("_untyped", None)
+    inst.pop("_delete", None)
+    inst["createdAt"] = created or now
+    inst["modifiedAt"] = now
+    sub = inst.get("sub")
+    if sub:
+        for s in sub.values():
+            s.pop("_untyped", None)
+            s.pop("_delete", None)
+    return inst
+
+
+def _find(instances: list[Instance], dataset_id: str | None) -> int:
+    for n, inst in enumerate(instances):
+        if inst.get("datasetId") == dataset_id:
+            return n
+    return -1
+
+
+def new_document(frag: Doc, now: str) -> Doc:
+    """A complete stored document from a parsed create body."""
+    doc: Doc = {"id": frag["id"], "type": frag["type"]}
+    if frag.get("scope"):
+        doc["scope"] = frag["scope"]
+    doc["createdAt"] = now
+    doc["modifiedAt"] = now
+    doc["attrs"] = {
+        iri: [_clean(i, now, None) for i in instances] for iri, instances in frag["attrs"].items()
+    }
+    return doc
+
+
+def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
+    """Deep-merge a fragment instance into a stored one (payload replaced, sub-attrs merged)."""
+    out = copy.deepcopy(old)
+    kind = old["type"] if new.get("_untyped") else new["type"]
+    if kind != old["type"]:
+        # a different kind replaces the payload member
+        for member in (
+            "value",
+            "object",
+            "languageMap",
+            "valueList",
+            "objectList",
+            "json",
+            "vocab",
+        ):
+            out.pop(member, None)
+        out["type"] = kind
+    for key, val in new.items():
+        if key in ("type", "_untyped", "_delete", "createdAt", "modifiedAt"):
+            continue
+        if key == "sub":
+            subs = out.setdefault("sub", {})
+            for iri, s in val.items():
+                if s.get("_delete"):
+                    subs.pop(iri, None)
+                elif iri in subs:
+                    subs[iri] = _merge_instance(subs[iri], s, now)
+                else:
+                    s.pop("_untyped", None)
+                    subs[iri] = s
+            if not subs:
+                out.pop("sub")
+        elif val == NGSI_NULL:
+            out.pop(key, None)
+        else:
+            out[key] = val
+    out["modifiedAt"] = now
+    out.setdefault("createdAt", now)
+    return out
+
+
+class Bank:
+    """NGSI-LD entity operations over one :class:`Store`."""
+
+    def __init__(self, store: Store, default_limit: int = 20, max_limit: int = 1000) -> None:
+        self.store = store
+        self.default_limit = default_limit
+        self.max_limit = max_limit
+
+    # -- tenants ----------------------------------------------------------------------------
+    def check_tenant(self, tenant: str) -> None:
+        if not self.store.tenant_exists(tenant):
+            raise NonexistentTenant(f"tenant {tenant!r} does not exist", field="NGSILD-Tenant")
+
+    # -- single entity ----------------------------------------------------------------------
+    def create(self, tenant: str, frag: Doc) -> None:
+        result = self.batch_create(tenant, [frag])
+        if result.errors:
+            raise _error_from(result.errors[0]["error"])
+
+    def retrieve(self, tenant: str, eid: str, types: Sequence[str] | None = None) -> Doc:
+        self.check_tenant(tenant)
+        doc = self.store.get(tenant, eid)
+        if doc is None or (types is not None and not set(types) & set(doc["type"])):
+            raise ResourceNotFound(f"entity {eid} not found", field="id")
+        return doc
+
+    def _modify(
+        self,
+        tenant: str,
+        eid: str,
+        change: Callable[[Doc, str], Doc | None],
+        types: Sequence[str] | None = None,
+    ) -> None:
+        """Read-modify-write of one entity in a transaction; ``change`` returns None to delete."""
+        self.check_tenant(tenant)
+        with self.store.write(tenant, create_tenant=False) as txn:
+            found = txn.get_many([eid]).get(eid)
+            if found is None or (types is not None and not set(types) & set(found[1]["type"])):
+                raise ResourceNotFound(f"entity {eid} not found", field="id")
+            pk, doc = found
+            now = now_iso()
+            new = change(doc, now)
+            if new is None:
+                txn.delete([pk])
+            else:
+                new["modifiedAt"] = now
+                txn.put([(pk, new)], replacing=[pk])
+
+    def replace(self, tenant: str, eid: str, frag: Doc) -> None:
+        def change(doc: Doc, now: str) -> Doc:
+            new = new_document({**frag, "id": eid, "type": frag.get("type", doc["type"])}, now)
+            new["createdAt"] = doc["createdAt"]
+            return new
+
+        self._modify(tenant, eid, change)
+
+    def delete(self, tenant: str, eid: str, types: Sequence[str] | None = None) -> None:
+        self._modify(tenant, eid, lambda doc, now: None, types)
+
+    def merge(self, tenant: str, eid: str, frag: Doc) -> None:
+        self._modify(tenant, eid, lambda doc, now: self._merge_doc(doc, frag, now))
+
+    def append(self, tenant: str, eid: str, frag: Doc, no_overwrite: bool) -> UpdateResult:
+        result = UpdateResult()
+        self._modify(
+            tenant, eid, lambda doc, now: self._append_doc(doc, frag, now, no_overwrite, result)
+        )
+        return result
+
+    def update_attrs(self, tenant: str, eid: str, frag: Doc) -> UpdateResult:
+        result = UpdateResult()
+        self._modify(tenant, eid, lambda doc, now: self._update_doc(doc, frag, now, result))
+        return result
+
+    def patch_attr(self, tenant: str, eid: str, iri: str, instances: list[Instance]) -> None:
+        """Partial update of one attribute: the attribute and each datasetId must exist."""
+
+        def change(doc: Doc, now: str) -> Doc:
+            current = doc["attrs"].get(iri)
+            if current is None:
+                raise ResourceNotFound(f"attribute {iri} not found in {eid}", field="attrId")
+            for inst in instances:
+                n = _find(current, inst.get("datasetId"))
+                if n < 0:
+                    raise ResourceNotFound(
+                        f"attribute {iri} has no instance with datasetId {inst.get('datasetId')}",
+                        field="datasetId",
+                    )
+                if inst.get("_delete"):
+                    current.pop(n)
+                else:
+                    current[n] = _merge_instance(current[n], inst, now)
+            if not current:
+                del doc["attrs"][iri]
+            return doc
+
+        self._modify(tenant, eid, change)
+
+    def replace_attr(self, tenant: str, eid: str, iri: str, instances: list[Instance]) -> None:
+        def change(doc: Doc, now: str) -> Doc:
+            current = doc["attrs"].get(iri)
+            if current is None:
+                raise ResourceNotFound(f"attribute {iri} not found in {eid}", field="attrId")
+            for inst in instances:
+                n = _find(current, inst.get("datasetId"))
+                if n < 0:
+                    current.append(_clean(inst, now, None))
+                else:
+                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+            return doc
+
+        self._modify(tenant, eid, change)
+
+    def delete_attr(
+        self, tenant: str, eid: str, iri: str, dataset_id: str | None, delete_all: bool
+    ) -> None:
+        def change(doc: Doc, now: str) -> Doc:
+            current = doc["attrs"].get(iri)
+            if current is None:
+                raise ResourceNotFound(f"attribute {iri} not found in {eid}", field="attrId")
+            if delete_all:
+                del doc["attrs"][iri]
+                return doc
+            n = _find(current, dataset_id)
+            if n < 0:
+                what = f"datasetId {dataset_id}" if dataset_id else "a default instance"
+                raise ResourceNotFound(f"attribute {iri} has no {what}", field="datasetId")
+            current.pop(n)
+            if not current:
+                del doc["attrs"][iri]
+            return doc
+
+        self._modify(tenant, eid, change)
+
+    # -- document transforms ----------------------------------------------------------------
+    @staticmethod
+    def _merge_doc(doc: Doc, frag: Doc, now: str) -> Doc:
+        if "type" in frag:
+            doc["type"] = list(dict.fromkeys([*doc["type"], *frag["type"]]))
+        if "scope" in frag:
+            if frag["scope"] == NGSI_NULL:
+                doc.pop("scope", None)
+            else:
+                doc["scope"] = frag["scope"]
+        for iri, instances in frag["attrs"].items():
+            current = doc["attrs"].get(iri)
+            for inst in instances:
+                ds = inst.get("datasetId")
+                if inst.get("_delete"):
+                    if current is not None:
+                        n = _find(current, ds)
+                        if n >= 0:
+                            current.pop(n)
+                    continue
+                if current is None:
+                    current = doc["attrs"][iri] = []
+                n = _find(current, ds)
+                if n < 0:
+                    current.append(_clean(inst, now, None))
+                else:
+                    current[n] = _merge_instance(current[n], inst, now)
+            if current is not None and not current:
+                doc["attrs"].pop(iri, None)
+        return doc
+
+    @staticmethod
+    def _append_doc(doc: Doc, frag: Doc, now: str, no_overwrite: bool, result: UpdateResult) -> Doc:
+        if "type" in frag:
+            doc["type"] = list(dict.fromkeys([*doc["type"], *frag["type"]]))
+        if "scope" in frag:
+            if no_overwrite:
+                doc["scope"] = list(dict.fromkeys([*doc.get("scope", []), *frag["scope"]]))
+            else:
+                doc["scope"] = frag["scope"]
+        for iri, instances in frag["attrs"].items():
+            current = doc["attrs"].setdefault(iri, [])
+            changed = False
+            for inst in instances:
+                n = _find(current, inst.get("datasetId"))
+                if n < 0:
+                    current.append(_clean(inst, now, None))
+                    changed = True
+                elif no_overwrite:
+                    result.not_updated.append((iri, "attribute exists and noOverwrite is set"))
+                else:
+                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+                    changed = True
+            if changed:
+                result.updated.append(iri)
+        return doc
+
+    @staticmethod
+    def _update_doc(doc: Doc, frag: Doc, now: str, result: UpdateResult) -> Doc:
+        for iri, instances in frag["attrs"].items():
+            current = doc["attrs"].get(iri)
+            if current is None:
+                result.not_updated.append((iri, "attribute does not exist"))
+                continue
+            changed = False
+            for inst in instances:
+                n = _find(current, inst.get("datasetId"))
+                if n < 0:
+                    result.not_updated.append((iri, "no instance with this datasetId"))
+                elif inst.get("_delete"):
+                    current.pop(n)
+                    changed = True
+                else:
+                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+                    changed = True
+            if not current:
+                del doc["attrs"][iri]
+            if changed:
+                result.updated.append(iri)
+        return doc
+
+    # -- batches ----------------------------------------------------------------------------
+    def _batch(
+        self,
+        tenant: str,
+        items: Sequence[Doc | tuple[str | None, NgsiError]],
+        create_tenant: bool,
+        apply: Callable[[WriteTxn, list[Doc], BatchResult], None],
+    ) -> BatchResult:
+        result = BatchResult()
+        good: list[Doc] = []
+        for item in items:
+            if isinstance(item, tuple):
+                result.fail(item[0], item[1])
+            else:
+                good.append(item)
+        if not create_tenant:
+            self.check_tenant(tenant)
+        if good:
+            with self.store.write(tenant, create_tenant=create_tenant) as txn:
+                apply(txn, good, result)
+        return result
+
+    def batch_create(
+        self, tenant: str, items: Sequence[Doc | tuple[str | None, NgsiError]]
+    ) -> BatchResult:
+        def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
+            existing = txn.get_many([f["id"] for f in frags])
+            now = now_iso()
+            seen: set[str] = set()
+            new: list[Doc] = []
+            for frag in frags:
+                eid = frag["id"]
+                if eid in existing or eid in seen:
+                    result.fail(eid, AlreadyExists(f"entity {eid} already exists", field="id"))
+                    continue
+                seen.add(eid)
+                new.append(new_document(frag, now))
+            pks = txn.new_pks(len(new))
+            txn.put(list(zip(pks, new, strict=True)), replacing=[])
+            result.success.extend(d["id"] for d in new)
+            result.created.extend(d["id"] for d in new)
+
+        return self._batch(tenant, items, True, apply)
+
+    def batch_upsert(
+        self,
+        tenant: str,
+        items: Sequence[Doc | tuple[str | None, NgsiError]],
+        mode: Literal["replace", "update"],
+    ) -> BatchResult:
+        def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
+            existing = txn.get_many([f["id"] for f in frags])
+            now = now_iso()
+            touched: dict[str, tuple[int | None, Doc]] = {}
+            for frag in frags:
+                eid = frag["id"]
+                prior = touched.get(eid)
+                if prior is None and eid in existing:
+                    prior = existing[eid]
+                if prior is None:
+                    touched[eid] = (None, new_document(frag, now))
+                    continue
+                pk, doc = prior
+                if mode == "replace":
+                    new = new_document(frag, now)
+                    new["createdAt"] = doc["createdAt"]
+                else:
+                    new = self._append_doc(doc, frag, now, False, UpdateResult())
+                    new["modifiedAt"] = now
+                touched[eid] = (pk, new)
+            self._store_touched(txn, touched, existing, result)
+
+        return self._batch(tenant, items, True, apply)
+
+    @staticmethod
+    def _store_touched(
+        txn: WriteTxn,
+        touched: dict[str, tuple[int | None, Doc]],
+        existing: dict[str, tuple[int, Doc]],
+        result: BatchResult,
+    ) -> None:
+        fresh = [eid for eid, (pk, _) in touched.items() if pk is None]
+        pks = iter(txn.new_pks(len(fresh)))
+        items: list[tuple[int, Doc]] = []
+        replacing: list[int] = []
+        for eid, (pk, doc) in touched.items():
+            if pk is None:
+                items.append((next(pks), doc))
+                result.created.append(eid)
+            else:
+                items.append((pk, doc))
+                replacing.append(pk)
+            result.success.append(eid)
+        txn.put(items, replacing=replacing)
+        del existing
+
+    def batch_update(
+        self,
+        tenant: str,
+        items: Sequence[Doc | tuple[str | None, NgsiError]],
+        no_overwrite: bool,
+        merge: bool = False,
+    ) -> BatchResult:
+        def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
+            existing = txn.get_many([f["id"] for f in frags])
+            now = now_iso()
+            touched: dict[str, tuple[int | None, Doc]] = {}
+            failed: set[str] = set()
+            for frag in frags:
+                eid = frag["id"]
+                prior = touched.get(eid) or existing.get(eid)
+                if prior is None:
+                    result.fail(eid, ResourceNotFound(f"entity {eid} not found", field="id"))
+                    failed.add(eid)
+                    continue
+                pk, doc = prior
+                if merge:
+                    new = self._merge_doc(copy.deepcopy(doc), frag, now)
+                else:
+                    upd = UpdateResult()
+                    new = self._append_doc(copy.deepcopy(doc), frag, now, no_overwrite, upd)
+                    if upd.not_updated:
+                        names = ", ".join(sorted({a for a, _ in upd.not_updated}))
+                        result.fail(
+                            eid,
+                            BadRequestData(
+                                f"attributes not overwritten (noOverwrite): {names}",
+                                field="attrs",
+                            ),
+                        )
+                        failed.add(eid)
+                new["modifiedAt"] = now
+                touched[eid] = (pk, new)
+            sub = BatchResult()
+            self._store_touched(txn, touched, existing, sub)
+            result.success.extend(e for e in sub.success if e not in failed)
+
+        return self._batch(tenant, items, False, apply)
+
+    def batch_delete(
+        self, tenant: str, ids: Sequence[str | tuple[str | None, NgsiError]]
+    ) -> BatchResult:
+        result = BatchResult()
+        good: list[str] = []
+        for item in ids:
+            if isinstance(item, tuple):
+                result.fail(item[0], item[1])
+            else:
+                good.append(item)
+        self.check_tenant(tenant)
+        if not good:
+            return result
+        with self.store.write(tenant, create_tenant=False) as txn:
+            existing = txn.get_many(good)
+            pks: list[int] = []
+            seen: set[str] = set()
+            for eid in good:
+                if eid not in existing or eid in seen:
+                    result.fail(eid, ResourceNotFound(f"entity {eid} not found", field="id"))
+                    continue
+                seen.add(eid)
+                pks.append(existing[eid][0])
+                result.success.append(eid)
+            txn.delete(pks)
+        return result
+
+
+def _error_from(problem: dict[str, Any]) -> NgsiError:
+    from cityward.bank import errors
+
+    name = str(problem["type"]).rsplit("/", 1)[-1]
+    cls = getattr(errors, name, errors.InternalError)
+    assert issubclass(cls, NgsiError)
+    return cls(str(problem.get("detail", "")), field=problem.get("field"))

@@ -1,0 +1,215 @@
+"""The embedded backend: one SQLite file in WAL mode, an R-tree for geo-queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from cityward.bank.query.sqlgen import register_sqlite_functions
+from cityward.bank.store.base import QuerySpec, Store, WriteTxn, derived_rows, dump_doc, load_doc
+
+# Geo rows live in an R-tree whose integer id encodes the entity: id = pk * GEO_SLOTS + n, so an
+# entity's boxes are one id range (R-tree auxiliary columns cannot be indexed).
+GEO_SLOTS = 64
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY);
+INSERT OR IGNORE INTO tenants(name) VALUES ('');
+CREATE TABLE IF NOT EXISTS entities (
+  pk INTEGER PRIMARY KEY,
+  tenant TEXT NOT NULL,
+  eid TEXT NOT NULL,
+  created TEXT NOT NULL,
+  modified TEXT NOT NULL,
+  doc TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS entities_tenant_eid ON entities(tenant, eid);
+CREATE TABLE IF NOT EXISTS etypes (e INTEGER NOT NULL, type TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS etypes_type ON etypes(type, e);
+CREATE INDEX IF NOT EXISTS etypes_e ON etypes(e);
+CREATE TABLE IF NOT EXISTS attr_index (
+  e INTEGER NOT NULL, path TEXT NOT NULL, vt INTEGER NOT NULL, num REAL, txt TEXT
+);
+CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num);
+CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, txt);
+CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e);
+CREATE VIRTUAL TABLE IF NOT EXISTS geo_rt USING rtree(
+  id, minx, maxx, miny, maxy, +path TEXT, +geom TEXT
+);
+"""
+
+
+class SqliteStore(Store):
+    """SQLite in WAL mode: one writer at a time, readers in parallel on their own connections."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a process crash; only an OS crash can lose the
+        # last transactions, and never corrupts the file.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA cache_size=-65536")
+        conn.execute("PRAGMA temp_store=MEMORY")
+        conn.execute("PRAGMA mmap_size=268435456")
+        register_sqlite_functions(conn)
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        return conn
+
+    def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+        return self._reader().execute(sql, list(params)).fetchall()
+
+    def tenant_exists(self, tenant: str) -> bool:
+        if tenant == "":
+            return True
+        return bool(self._select("SELECT 1 FROM tenants WHERE name = ?", [tenant]))
+
+    def get(self, tenant: str, eid: str) -> dict[str, Any] | None:
+        rows = self._select("SELECT doc FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid])
+        return load_doc(rows[0][0]) if rows else None
+
+    @contextmanager
+    def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
+        with self._write_lock:
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if create_tenant and tenant:
+                    conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", [tenant])
+                yield _SqliteTxn(conn, tenant)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            else:
+                conn.execute("COMMIT")
+
+    def _geo_candidates_sql(self, spec: QuerySpec) -> tuple[str, list[Any]]:
+        from cityward.bank import geo
+
+        assert spec.geo is not None
+        box = geo.candidate_bbox(spec.geo)
+        base = f"SELECT id / {GEO_SLOTS} AS e, geom FROM geo_rt WHERE path = ?"
+        if box is None:
+            return base, [spec.geo_path]
+        minx, miny, maxx, maxy = box
+        return (
+            base + " AND minx <= ? AND maxx >= ? AND miny <= ? AND maxy >= ?",
+            [spec.geo_path, maxx, minx, maxy, miny],
+        )
+
+    def close(self) -> None:
+        with self._all_lock:
+            for conn in self._all:
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+            self._all.clear()
+
+
+class _SqliteTxn(WriteTxn):
+    def __init__(self, conn: sqlite3.Connection, tenant: str) -> None:
+        self.conn = conn
+        self.tenant = tenant
+
+    def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
+        out: dict[str, tuple[int, dict[str, Any]]] = {}
+        unique = list(dict.fromkeys(eids))
+        for i in range(0, len(unique), 500):
+            chunk = unique[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for pk, eid, doc in self.conn.execute(
+                f"SELECT pk, eid, doc FROM entities WHERE tenant = ? AND eid IN ({marks})",
+                [self.tenant, *chunk],
+            ):
+                out[eid] = (pk, load_doc(doc))
+        return out
+
+    def new_pks(self, n: int) -> list[int]:
+        # Safe: we hold the only write transaction (BEGIN IMMEDIATE under the write lock).
+        top = self.conn.execute("SELECT coalesce(max(pk), 0) FROM entities").fetchone()[0]
+        start = int(top) + 1 + getattr(self, "_handed", 0)
+        self._handed = getattr(self, "_handed", 0) + n
+        return list(range(start, start + n))
+
+    def _clear_derived(self, pks: Sequence[int]) -> None:
+        for i in range(0, len(pks), 500):
+            chunk = list(pks[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            self.conn.execute(f"DELETE FROM etypes WHERE e IN ({marks})", chunk)
+            self.conn.execute(f"DELETE FROM attr_index WHERE e IN ({marks})", chunk)
+            for pk in chunk:
+                self.conn.execute(
+                    "DELETE FROM geo_rt WHERE id >= ? AND id < ?",
+                    [pk * GEO_SLOTS, (pk + 1) * GEO_SLOTS],
+                )
+
+    def put(self, items: Sequence[tuple[int, dict[str, Any]]], replacing: Sequence[int]) -> None:
+        if replacing:
+            self._clear_derived(replacing)
+        entity_rows = []
+        type_rows: list[tuple[int, str]] = []
+        idx_rows: list[tuple[int, str, int, float | None, str | None]] = []
+        geo_rows: list[tuple[int, float, float, float, float, str, str]] = []
+        for pk, doc in items:
+            entity_rows.append(
+                (pk, self.tenant, doc["id"], doc["createdAt"], doc["modifiedAt"], dump_doc(doc))
+            )
+            types, idx, geos = derived_rows(pk, doc)
+            type_rows.extend(types)
+            idx_rows.extend(idx)
+            if len(geos) > GEO_SLOTS:
+                from cityward.bank.errors import BadRequestData
+
+                raise BadRequestData(
+                    f"entity {doc['id']} has more than {GEO_SLOTS} GeoProperty instances",
+                    field="entity",
+                )
+            for n, (_, path, minx, miny, maxx, maxy, geom) in enumerate(geos):
+                geo_rows.append((pk * GEO_SLOTS + n, minx, maxx, miny, maxy, path, geom))
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO entities(pk, tenant, eid, created, modified, doc) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            entity_rows,
+        )
+        self.conn.executemany("INSERT INTO etypes(e, type) VALUES (?, ?)", type_rows)
+        self.conn.executemany(
+            "INSERT INTO attr_index(e, path, vt, num, txt) VALUES (?, ?, ?, ?, ?)", idx_rows
+        )
+        if geo_rows:
+            self.conn.executemany(
+                "INSERT INTO geo_rt(id, minx, maxx, miny, maxy, path, geom) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                geo_rows,
+            )
+
+    def delete(self, pks: Sequence[int]) -> None:
+        self._clear_derived(pks)
+        for i in range(0, len(pks), 500):
+            chunk = list(pks[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            self.conn.execute(f"DELETE FROM entities WHERE pk IN ({marks})", chunk)

@@ -1,0 +1,137 @@
+"""The NGSI-LD entity API end to end over HTTP, on both backends."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+E = "/ngsi-ld/v1/entities"
+JSON = {"Content-Type": "application/json"}
+
+
+def vehicle(n: int = 1, speed: float = 50, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": f"urn:ngsi-ld:Vehicle:V{n}",
+        "type": "Vehicle",
+        "speed": {"type": "Property", "value": speed, "unitCode": "KMH"},
+        "location": {
+            "type": "GeoProperty",
+            "value": {"type": "Point", "coordinates": [3.72, 51.05]},
+        },
+        **extra,
+    }
+
+
+def test_create_retrieve_delete(client: TestClient) -> None:
+    r = client.post(E, json=vehicle())
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == "/ngsi-ld/v1/entities/urn:ngsi-ld:Vehicle:V1"
+    r = client.get(f"{E}/urn:ngsi-ld:Vehicle:V1")
+    assert r.status_code == 200
+    body = r.json()
+    assert body == vehicle()
+    assert "json-ld#context" in r.headers["link"]
+    assert client.post(E, json=vehicle()).status_code == 409
+    assert client.delete(f"{E}/urn:ngsi-ld:Vehicle:V1").status_code == 204
+    r = client.get(f"{E}/urn:ngsi-ld:Vehicle:V1")
+    assert r.status_code == 404
+    assert r.json()["type"] == "https://uri.etsi.org/ngsi-ld/errors/ResourceNotFound"
+
+
+def test_representations(client: TestClient) -> None:
+    client.post(E, json=vehicle(owner={"type": "Relationship", "object": "urn:ngsi-ld:Person:P1"}))
+    kv = client.get(f"{E}/urn:ngsi-ld:Vehicle:V1?options=keyValues").json()
+    assert kv == {
+        "id": "urn:ngsi-ld:Vehicle:V1",
+        "type": "Vehicle",
+        "speed": 50,
+        "location": {"type": "Point", "coordinates": [3.72, 51.05]},
+        "owner": "urn:ngsi-ld:Person:P1",
+    }
+    concise = client.get(f"{E}/urn:ngsi-ld:Vehicle:V1?options=concise").json()
+    assert concise["speed"] == {"value": 50, "unitCode": "KMH"}
+    assert concise["owner"] == {"object": "urn:ngsi-ld:Person:P1"}
+    assert concise["location"] == {"type": "Point", "coordinates": [3.72, 51.05]}
+    sys = client.get(f"{E}/urn:ngsi-ld:Vehicle:V1?options=sysAttrs").json()
+    assert sys["createdAt"].endswith("Z") and "modifiedAt" in sys["speed"]
+
+
+def test_query_type_q_and_paging(client: TestClient) -> None:
+    items = [vehicle(n, speed=n * 10) for n in range(1, 26)]
+    r = client.post("/ngsi-ld/v1/entityOperations/create", json=items)
+    assert r.status_code == 201, r.text
+    r = client.get(E, params={"type": "Vehicle", "q": "speed>200", "count": "true", "limit": 3})
+    assert r.status_code == 200, r.text
+    assert r.headers["NGSILD-Results-Count"] == "5"
+    assert [e["speed"]["value"] for e in r.json()] == [210, 220, 230]
+    assert 'rel="next"' in r.headers["link"]
+    seen: list[str] = []
+    offset = 0
+    while True:
+        page = client.get(E, params={"type": "Vehicle", "limit": 7, "offset": offset}).json()
+        if not page:
+            break
+        seen.extend(e["id"] for e in page)
+        offset += 7
+    assert sorted(seen) == sorted(i["id"] for i in items)
+    assert len(seen) == len(set(seen))
+
+
+def test_geo_near(client: TestClient) -> None:
+    a = vehicle(1)
+    b = vehicle(2)
+    b["location"]["value"]["coordinates"] = [3.80, 51.05]  # ~5.6 km east
+    client.post("/ngsi-ld/v1/entityOperations/create", json=[a, b])
+    r = client.get(
+        E,
+        params={
+            "type": "Vehicle",
+            "georel": "near;maxDistance==1000",
+            "geometry": "Point",
+            "coordinates": "[3.721,51.05]",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert [e["id"] for e in r.json()] == ["urn:ngsi-ld:Vehicle:V1"]
+
+
+def test_batch_reports_bad_items_without_dropping_neighbours(client: TestClient) -> None:
+    bad = {"id": "not a uri", "type": "Vehicle"}
+    r = client.post("/ngsi-ld/v1/entityOperations/upsert", json=[vehicle(1), bad, vehicle(2)])
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert body["success"] == ["urn:ngsi-ld:Vehicle:V1", "urn:ngsi-ld:Vehicle:V2"]
+    assert body["errors"][0]["error"]["type"].endswith("BadRequestData")
+    assert client.get(f"{E}/urn:ngsi-ld:Vehicle:V2").status_code == 200
+
+
+def test_merge_append_and_attribute_ops(client: TestClient) -> None:
+    client.post(E, json=vehicle())
+    url = f"{E}/urn:ngsi-ld:Vehicle:V1"
+    r = client.patch(url, json={"speed": {"type": "Property", "value": 80}, "color": "red"})
+    assert r.status_code == 204, r.text
+    body = client.get(url).json()
+    assert body["speed"] == {"type": "Property", "value": 80, "unitCode": "KMH"}
+    assert body["color"] == {"type": "Property", "value": "red"}
+    r = client.post(f"{url}/attrs?options=noOverwrite", json={"color": "blue", "doors": 4})
+    assert r.status_code == 207
+    assert r.json()["notUpdated"][0]["attributeName"] == "color"
+    assert client.get(url).json()["doors"]["value"] == 4
+    assert client.delete(f"{url}/attrs/doors").status_code == 204
+    assert client.delete(f"{url}/attrs/doors").status_code == 404
+    r = client.patch(url, json={"color": "urn:ngsi-ld:null"})
+    assert r.status_code == 204
+    assert "color" not in client.get(url).json()
+
+
+def test_tenants_are_isolated(client: TestClient) -> None:
+    h = {"NGSILD-Tenant": "ghent"}
+    r = client.get(E, params={"type": "Vehicle"}, headers=h)
+    assert r.status_code == 404
+    assert r.json()["type"].endswith("NonexistentTenant")
+    assert client.post(E, json=vehicle(), headers=h).status_code == 201
+    r = client.get(E, params={"type": "Vehicle"}, headers=h)
+    assert [e["id"] for e in r.json()] == ["urn:ngsi-ld:Vehicle:V1"]
+    assert r.headers["NGSILD-Tenant"] == "ghent"
+    assert client.get(E, params={"type": "Vehicle"}).json() == []
