@@ -40,6 +40,8 @@ def sdm_context_map() -> dict[str, Path]:
         domain = f.name.split(".")[1]
         url = f"https://raw.githubusercontent.com/smart-data-models/dataModel.{domain}/master/context.jsonld"
         out[url] = f
+        # some examples name the same contexts by their GitHub Pages address
+        out[f"https://smart-data-models.github.io/dataModel.{domain}/context.jsonld"] = f
     return out
 
 

@@ -12,8 +12,11 @@ import orjson
 from cityward.bank import geo
 from cityward.bank.errors import BadRequestData, TooManyResults
 from cityward.bank.jsonld import Context
-from cityward.bank.model import check_attr_name, check_type_name, is_uri
+from cityward.bank.model import SYSTEM_MEMBERS, check_attr_name, check_type_name, is_uri
 from cityward.bank.query import (
+    And,
+    Or,
+    QExpr,
     compile_attrs_any,
     compile_q,
     compile_scope_q,
@@ -197,11 +200,14 @@ def compile_filter(
 ) -> None:
     """Add the SQL conditions of a filter to ``spec`` (and check the qualifying-filter rule)."""
     gq = geo.parse_geoquery(f.georel, f.geometry, f.coordinates, f.geoproperty)
-    qualified = bool(f.type or f.attrs or f.q or gq is not None or f.local)
+    q = parse_q(f.q) if f.q is not None else None
+    qualified = bool(f.type or f.attrs or (q and _names_attribute(q)) or gq is not None or f.local)
     if require_qualifier and not qualified:
         raise BadRequestData(
             "a query needs type, attrs, q, a geo-query or local=true", field="type"
         )
+    if f.type == "*" and not f.local:
+        raise BadRequestData("type=* (all entity types) needs local=true", field="type")
     if f.type is not None and f.type != "*":
         expr = parse_type_expr(f.type)
         sql, params = compile_type_expr(expr, ctx.expand, dialect)
@@ -223,8 +229,8 @@ def compile_filter(
     if f.attrs:
         sql, params = compile_attrs_any(f.attrs, dialect)
         spec.add(sql, params)
-    if f.q is not None:
-        sql, params = compile_q(parse_q(f.q), ctx.expand, dialect)
+    if q is not None:
+        sql, params = compile_q(q, ctx.expand, dialect)
         spec.add(sql, params)
     if f.scope_q is not None:
         sql, params = compile_scope_q(parse_scope_q(f.scope_q), dialect)
@@ -232,6 +238,13 @@ def compile_filter(
     if gq is not None:
         spec.geo = gq
         spec.geo_path = ctx.expand(gq.geoproperty)
+
+
+def _names_attribute(q: QExpr) -> bool:
+    """Whether q tests some attribute that is not a system one (createdAt, modifiedAt, ...)."""
+    if isinstance(q, And | Or):
+        return any(_names_attribute(item) for item in q.items)
+    return q.path.attr not in SYSTEM_MEMBERS
 
 
 def paging(params: Mapping[str, str], spec: QuerySpec, default_limit: int, max_limit: int) -> None:

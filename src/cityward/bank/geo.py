@@ -390,7 +390,9 @@ def _parse_georel(text: object) -> tuple[str, float | None, float | None]:
     if not _NUMBER_RE.fullmatch(num):
         raise BadRequestData(f"{name} must be a number of metres, got {num!r}", field="georel")
     value = float(num)
-    if not math.isfinite(value) or value <= 0:
+    if not math.isfinite(value):
+        raise BadRequestData(f"{name} is too large: {num}", field="georel")
+    if value <= 0:
         raise BadRequestData(
             f"{name} must be a positive number of metres, got {num}", field="georel"
         )
@@ -490,14 +492,15 @@ def distance_m(q_geom: dict[str, Any], geom: dict[str, Any]) -> float:
 
     0 when they intersect. Between points (Point, MultiPoint) it is the exact haversine.
     Otherwise the nearest pair of points is searched in a local plane in metres (equirectangular,
-    its x-scale right at a reference latitude within 0.02 degrees of the pair) and the haversine
+    its x-scale right at a latitude within 0.02 degrees of the pair's middle) and the haversine
     distance of that pair is returned. The pair really lies on both geometries, so the result
     never underestimates; the plane only chooses the pair. With its scale off by at most
     eps = tan(lat) * (3.5e-4 + d / 2R) over the pair (d the distance, R the Earth radius), the
     chosen pair is at worst (1 + 2 eps) times the true minimum: 0.15 % for 1 km and 0.4 % for
-    10 km at 60 degrees of latitude, half that at 40 degrees. In practice it is far less (a
-    misjudged direction changes a nearest distance only to second order), and the sphere
-    itself is up to 0.5 % off the WGS84 ellipsoid.
+    10 km at 60 degrees of latitude, half that at 40 degrees. In practice it is far less, as a
+    misjudged direction changes a nearest distance only to second order: against a fine
+    search, polygons and distances up to 10 km stay within 2e-6 at latitudes up to 70 degrees.
+    The sphere itself is up to 0.5 % off the WGS84 ellipsoid.
 
     >>> round(distance_m({"type": "Point", "coordinates": [0, 0]},
     ...                  {"type": "Point", "coordinates": [0, 1]}))

@@ -118,7 +118,15 @@ _DATETIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\
 _SCOPE_RE = re.compile(r"^(/[A-Za-z][A-Za-z0-9_]*)+$")
 _LANG_RE = re.compile(r"^([A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*|@none)$")
 
-Mode = Literal["create", "fragment", "merge"]
+Mode = Literal["create", "fragment", "update", "merge"]
+# modes in which NGSI-LD Null (as a whole attribute or payload) deletes instead of being an error
+_NULL_DELETES: frozenset[Mode] = frozenset({"update", "merge"})
+# members each kind of attribute must not carry: other kinds' payloads and output-only members
+_FORBIDDEN = {
+    kind: frozenset((PAYLOAD_MEMBERS - {member}) | PREVIOUS_MEMBERS)
+    for kind, member in PAYLOAD.items()
+}
+_VALID_DATETIMES: dict[str, bool] = {}
 
 
 def now_iso() -> str:
@@ -144,14 +152,20 @@ def check_uri(value: object, field: str) -> str:
 
 def check_datetime(value: object, field: str) -> str:
     """Validate an NGSI-LD DateTime (UTC, ``Z`` suffix) and return it unchanged."""
+    if isinstance(value, str) and value in _VALID_DATETIMES:
+        return value  # devices in one batch often share timestamps; skip the regex
     if isinstance(value, str):
         m = _DATETIME_RE.match(value)
         if m is not None:
             try:
-                datetime(*(int(m.group(i)) for i in range(1, 7)))
+                y, mo, d, h, mi, sec = (int(m.group(i)) for i in range(1, 7))
+                datetime(y, mo, d, h, mi, sec, tzinfo=UTC)
             except ValueError:
                 pass
             else:
+                if len(_VALID_DATETIMES) > 10_000:
+                    _VALID_DATETIMES.clear()
+                _VALID_DATETIMES[value] = True
                 return value
     raise BadRequestData(
         f"{field} must be a UTC DateTime like 2024-01-31T10:00:00Z, got {value!r}", field=field
@@ -166,7 +180,9 @@ def normalize_datetime(value: str) -> str:
 
 def check_attr_name(name: str, field: str | None = None) -> None:
     if name in RESERVED_NAMES:
-        raise BadRequestData(f"{name!r} is reserved and cannot name an attribute", field=name)
+        raise BadRequestData(
+            f"{name!r} is reserved and cannot name an attribute", field=field or name
+        )
     if _NAME_RE.match(name) is None and not is_uri(name):
         raise BadRequestData(
             f"attribute name {name!r} must be letters, digits and _ or an absolute IRI",
@@ -212,7 +228,10 @@ class EntityParser:
         """An entity or fragment as a stored-form document without timestamps.
 
         ``mode``: ``create`` needs id and type and forbids NGSI-LD Null; ``fragment`` (append,
-        update, replace attrs) makes id/type optional; ``merge`` also lets Null delete things.
+        replace, batch update) makes id/type optional; ``update`` (update attrs) also lets Null
+        delete an attribute; ``merge`` also lets Null delete members, and is the only mode in which
+        an attribute may leave out its payload (the stored one keeps it): in the others an
+        attribute replaces the stored one, so it must be complete.
         """
         if not isinstance(body, dict):
             raise BadRequestData("an entity must be a JSON object", field="entity")
@@ -281,7 +300,7 @@ class EntityParser:
             raise BadRequestData(f"attribute {name!r} is null", field=name)
         if not isinstance(raw, dict):
             if raw == NGSI_NULL:
-                if mode != "merge":
+                if mode not in _NULL_DELETES:
                     raise BadRequestData(
                         f"NGSI-LD Null is only allowed in merge and update operations ({name!r})",
                         field=name,
@@ -292,7 +311,7 @@ class EntityParser:
         if "@context" in raw:
             raise BadRequestData(f"attribute {name!r} must not contain @context", field=name)
         kind = raw.get("type", raw.get("@type"))
-        if kind in GEOJSON_TYPES and "value" not in raw:
+        if isinstance(kind, str) and kind in GEOJSON_TYPES and "value" not in raw:
             # concise form: a bare GeoJSON geometry is a GeoProperty
             return {"type": "GeoProperty", "value": geo.parse_geometry(raw, name)}
         untyped = False
@@ -300,7 +319,7 @@ class EntityParser:
             kind = _infer_kind(raw)
             untyped = kind is None
             if kind is None:
-                if mode == "create":
+                if mode != "merge":
                     raise BadRequestData(
                         f"attribute {name!r} has no type and no value, object, languageMap, "
                         "valueList, objectList, json or vocab member",
@@ -313,21 +332,19 @@ class EntityParser:
                 field=name,
             )
         payload_member = PAYLOAD[kind]
-        for member in PAYLOAD_MEMBERS:
-            if member != payload_member and member in raw:
-                raise BadRequestData(
-                    f"a {kind} cannot have a {member!r} member ({name!r})", field=name
-                )
-        for member in PREVIOUS_MEMBERS:
-            if member in raw:
+        wrong = raw.keys() & _FORBIDDEN[kind]
+        if wrong:
+            member = sorted(wrong)[0]
+            if member in PREVIOUS_MEMBERS:
                 raise BadRequestData(f"{member!r} is output only ({name!r})", field=name)
+            raise BadRequestData(f"a {kind} cannot have a {member!r} member ({name!r})", field=name)
         inst: dict[str, Any] = {"type": kind}
         if untyped:
             inst["_untyped"] = True  # a partial update that keeps the stored kind
         if payload_member in raw:
             payload = raw[payload_member]
             if self._is_null(payload, kind):
-                if mode != "merge":
+                if mode not in _NULL_DELETES:
                     raise BadRequestData(
                         f"NGSI-LD Null is only allowed in merge and update operations ({name!r})",
                         field=name,
@@ -336,7 +353,7 @@ class EntityParser:
                 inst[payload_member] = payload
             else:
                 inst[payload_member] = self._payload(kind, payload, name)
-        elif mode == "create":
+        elif mode != "merge":
             raise BadRequestData(
                 f"a {kind} needs a {payload_member!r} member ({name!r})", field=name
             )
@@ -350,7 +367,7 @@ class EntityParser:
                     raise BadRequestData(
                         f"sub-attribute {name!r} cannot have a datasetId", field=name
                     )
-                inst["datasetId"] = check_uri(val, "datasetId")
+                inst["datasetId"] = check_uri(val, f"{name}.datasetId")
             elif key == "observedAt":
                 if val == NGSI_NULL and mode == "merge":
                     inst["observedAt"] = NGSI_NULL
@@ -387,7 +404,9 @@ class EntityParser:
             else:
                 check_attr_name(key)
                 sub_iri = self.ctx.expand(key)
-                inst.setdefault("sub", {})[sub_iri] = self.instance(val, key, mode, top=False)
+                # an update replaces the whole attribute: a sub-attribute cannot be Null there
+                sub_mode: Mode = "fragment" if mode == "update" else mode
+                inst.setdefault("sub", {})[sub_iri] = self.instance(val, key, sub_mode, top=False)
         return inst
 
     @staticmethod
@@ -402,9 +421,7 @@ class EntityParser:
         if payload is None:
             raise BadRequestData(f"the value of {name!r} is null", field=name)
         if kind == "Property":
-            if isinstance(payload, dict) and "@value" in payload:
-                return payload["@value"]
-            return payload
+            return payload  # typed values such as {"@type": "DateTime", "@value": ...} verbatim
         if kind == "GeoProperty":
             return geo.parse_geometry(payload, name)
         if kind == "Relationship":
@@ -445,7 +462,7 @@ class EntityParser:
         items = payload if isinstance(payload, list) else [payload]
         if not items or not all(isinstance(v, str) and v for v in items):
             raise BadRequestData(f"vocab of {name!r} must be a string or strings", field=name)
-        expanded = [self.ctx.expand(v) for v in items]
+        expanded = [self.ctx.expand(str(v)) for v in items]
         return expanded if isinstance(payload, list) else expanded[0]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -71,7 +71,7 @@ async def batch_create(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, ())
     body, ctx, is_ld = await _read_array(request, rt)
-    items = _parse_items(body, ctx, rt, is_ld, "create")
+    items = await run_in_threadpool(_parse_items, body, ctx, rt, is_ld, "create")
     result = await run_in_threadpool(rt.bank.batch_create, tenant_of(request), items)
     if result.errors:
         return _result(request, result, ctx, True)
@@ -85,9 +85,9 @@ async def batch_upsert(request: Request) -> Response:
     opts, _ = parse_options(request.query_params)
     if "replace" in opts and "update" in opts:
         raise BadRequestData("options replace and update exclude each other", field="options")
-    mode = "update" if "update" in opts else "replace"
+    mode: Literal["replace", "update"] = "update" if "update" in opts else "replace"
     body, ctx, is_ld = await _read_array(request, rt)
-    items = _parse_items(body, ctx, rt, is_ld, "create")
+    items = await run_in_threadpool(_parse_items, body, ctx, rt, is_ld, "create")
     result = await run_in_threadpool(rt.bank.batch_upsert, tenant_of(request), items, mode)
     return _result(request, result, ctx, True)
 
@@ -98,7 +98,7 @@ async def batch_update(request: Request) -> Response:
     check_params(request, ("options",))
     opts, _ = parse_options(request.query_params)
     body, ctx, is_ld = await _read_array(request, rt)
-    items = _parse_items(body, ctx, rt, is_ld, "fragment")
+    items = await run_in_threadpool(_parse_items, body, ctx, rt, is_ld, "fragment")
     result = await run_in_threadpool(
         rt.bank.batch_update, tenant_of(request), items, "noOverwrite" in opts
     )
@@ -110,7 +110,7 @@ async def batch_merge(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, ())
     body, ctx, is_ld = await _read_array(request, rt)
-    items = _parse_items(body, ctx, rt, is_ld, "merge")
+    items = await run_in_threadpool(_parse_items, body, ctx, rt, is_ld, "merge")
     result = await run_in_threadpool(rt.bank.batch_update, tenant_of(request), items, False, True)
     return _result(request, result, ctx, False)
 

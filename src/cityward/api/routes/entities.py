@@ -65,8 +65,6 @@ def parse_body_entity(
 ) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequestData("the body must be a JSON object", field="body")
-    if not body and mode == "create":
-        raise InvalidRequest("the body is an empty object", field="body")
     ectx = body_context(body, rt, is_ld, ctx)
     return EntityParser(ectx).entity(body, mode, path_id=path_id)
 
@@ -115,6 +113,9 @@ async def create_entity(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, ())
     body, ctx, is_ld = await read_json(request, rt)
+    if body == {} or body == []:
+        # an empty body is a malformed request on create (batches answer BadRequestData)
+        raise InvalidRequest("the body is empty", field="body")
     frag = parse_body_entity(body, ctx, rt, is_ld, "create")
     await run_in_threadpool(rt.bank.create, tenant_of(request), frag)
     return empty_response(
@@ -258,7 +259,7 @@ async def update_attrs(request: Request, eid: str) -> Response:
     check_params(request, ("options",))
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt)
-    frag = parse_body_entity(body, ctx, rt, is_ld, "merge", path_id=eid)
+    frag = parse_body_entity(body, ctx, rt, is_ld, "update", path_id=eid)
     result = await run_in_threadpool(rt.bank.update_attrs, tenant_of(request), eid, frag)
     return update_result_response(request, result, ctx)
 

@@ -237,6 +237,7 @@ _IRI_BAD = frozenset('<>"{}|\\^`')
 _DATETIME = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?Z"
 )
+_DATETIME_NO_Z = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?")
 _DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 _TIME = re.compile(r"([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?Z?")
 _NUMBER = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
@@ -524,7 +525,7 @@ class _Parser:
             return Uri(uri)
         if c.isalpha() or c == "_":
             self.fail('bare words are not values; quote strings ("...")')
-        partial = [m.end() for rx in (_DATE, _TIME, _NUMBER) if (m := rx.match(t, i))]
+        partial = [m.end() for rx in (_DATETIME_NO_Z, _DATE, _TIME, _NUMBER) if (m := rx.match(t, i))]
         if partial:  # a number, date or time that runs into something else
             self.fail("unexpected character after the value", max(partial))
         self.fail('expected a value (number, "string", true, false, date, time or URI)')

@@ -144,7 +144,7 @@ class _Compiler:
         if isinstance(v, (Bool, Uri)):
             raise ValueError(f"{op} cannot compare with {v!r}")  # the parser forbids it
         # Strings and dates order among strings only, so never against a Relationship.
-        return f"(i.vt = {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
+        return f"(i.vt >= {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
 
     # -- q -----------------------------------------------------------------------------------------
 
@@ -192,11 +192,13 @@ class _Compiler:
         if isinstance(expr, TypeAnd):
             return "(" + " AND ".join(self.types(i, expand) for i in expr.items) + ")"
         names = [i for i in expr.items if isinstance(i, TypeName)]
-        parts = [self.types(i, expand) for i in expr.items if not isinstance(i, TypeName)]
+        parts: list[str] = []
         if names:
             # All plain alternatives in one IN list: one index probe per name, one subquery.
             marks = ", ".join(self.p(expand(n.name)) for n in names)
-            parts.insert(0, f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
+            parts.append(f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
+        # Built after the IN list so that the parameters stay in text order.
+        parts.extend(self.types(i, expand) for i in expr.items if not isinstance(i, TypeName))
         return "(" + " OR ".join(parts) + ")"
 
     def scope(self, expr: ScopeExpr) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from cityward.bank import geo
 from cityward.bank.query.indexer import index_rows
 
 Dialect = Literal["sqlite", "postgres"]
-IndexRow = tuple[int, str, int, float | None, str | None]
+IndexRow = tuple[int, int, int, float | None, str | None]
 GeoRow = tuple[int, str, float, float, float, float, str]
 
 
@@ -45,12 +46,31 @@ def load_doc(raw: str | bytes) -> dict[str, Any]:
     return doc
 
 
+_PATH_IDS: dict[str, int] = {}
+
+
+def path_id(path: str) -> int:
+    """A stable 63-bit id for an attribute path.
+
+    attr_index stores this instead of the path text: paths are long IRIs, and short integer
+    keys make the secondary indexes several times smaller and faster to keep up. A 64-bit
+    BLAKE2b digest makes a collision practically impossible (about 2^-40 at a million paths).
+    """
+    pid = _PATH_IDS.get(path)
+    if pid is None:
+        digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
+        pid = int.from_bytes(digest, "big", signed=True)
+        if len(_PATH_IDS) < 1_000_000:
+            _PATH_IDS[path] = pid
+    return pid
+
+
 def derived_rows(
     pk: int, doc: dict[str, Any]
 ) -> tuple[list[tuple[int, str]], list[IndexRow], list[GeoRow]]:
     """The rows of etypes, attr_index and geo that mirror one stored document."""
     types = [(pk, t) for t in doc["type"]]
-    idx = [(pk, path, vt, num, txt) for path, vt, num, txt in index_rows(doc)]
+    idx = [(pk, path_id(path), vt, num, txt) for path, vt, num, txt in index_rows(doc)]
     geos: list[GeoRow] = []
     for iri, instances in doc["attrs"].items():
         for inst in instances:

@@ -30,12 +30,12 @@ CREATE TABLE IF NOT EXISTS etypes (e BIGINT NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS etypes_type ON etypes(type, e);
 CREATE INDEX IF NOT EXISTS etypes_e ON etypes(e);
 CREATE TABLE IF NOT EXISTS attr_index (
-  e BIGINT NOT NULL, path TEXT NOT NULL, vt SMALLINT NOT NULL,
+  e BIGINT NOT NULL, path BIGINT NOT NULL, vt SMALLINT NOT NULL,
   num DOUBLE PRECISION, txt TEXT
 );
-CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num);
+CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num) WHERE num IS NOT NULL;
 CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, txt);
-CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e);
+CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e, path);
 CREATE TABLE IF NOT EXISTS geo (e BIGINT NOT NULL, path TEXT NOT NULL, bbox BOX NOT NULL,
   geom TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS geo_bbox ON geo USING gist (bbox);

@@ -25,18 +25,23 @@ CREATE TABLE IF NOT EXISTS entities (
   eid TEXT NOT NULL,
   created TEXT NOT NULL,
   modified TEXT NOT NULL,
+  ngeo INTEGER NOT NULL DEFAULT 0,
   doc TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS entities_tenant_eid ON entities(tenant, eid);
 CREATE TABLE IF NOT EXISTS etypes (e INTEGER NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS etypes_type ON etypes(type, e);
 CREATE INDEX IF NOT EXISTS etypes_e ON etypes(e);
+-- clustered by entity (rows of one entity are written together and deleted together);
+-- n only makes the key unique. Numbers get a partial index, so a row lands in one or two
+-- secondary indexes, not three: index upkeep is most of the cost of a batch write.
 CREATE TABLE IF NOT EXISTS attr_index (
-  e INTEGER NOT NULL, path TEXT NOT NULL, vt INTEGER NOT NULL, num REAL, txt TEXT
-);
-CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num);
+  e INTEGER NOT NULL, n INTEGER NOT NULL, path INTEGER NOT NULL, vt INTEGER NOT NULL,
+  num REAL, txt TEXT,
+  PRIMARY KEY (e, n)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num) WHERE num IS NOT NULL;
 CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, txt);
-CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e);
 CREATE VIRTUAL TABLE IF NOT EXISTS geo_rt USING rtree(
   id, minx, maxx, miny, maxy, +path TEXT, +geom TEXT
 );
@@ -162,26 +167,38 @@ class _SqliteTxn(WriteTxn):
             marks = ",".join("?" * len(chunk))
             self.conn.execute(f"DELETE FROM etypes WHERE e IN ({marks})", chunk)
             self.conn.execute(f"DELETE FROM attr_index WHERE e IN ({marks})", chunk)
-            for pk in chunk:
-                self.conn.execute(
-                    "DELETE FROM geo_rt WHERE id >= ? AND id < ?",
-                    [pk * GEO_SLOTS, (pk + 1) * GEO_SLOTS],
+            # R-tree ids are looked up one by one: a range on an R-tree id scans the whole tree
+            geo_ids = [
+                (pk * GEO_SLOTS + n,)
+                for pk, ngeo in self.conn.execute(
+                    f"SELECT pk, ngeo FROM entities WHERE pk IN ({marks}) AND ngeo > 0", chunk
                 )
+                for n in range(ngeo)
+            ]
+            self.conn.executemany("DELETE FROM geo_rt WHERE id = ?", geo_ids)
 
     def put(self, items: Sequence[tuple[int, dict[str, Any]]], replacing: Sequence[int]) -> None:
         if replacing:
             self._clear_derived(replacing)
         entity_rows = []
         type_rows: list[tuple[int, str]] = []
-        idx_rows: list[tuple[int, str, int, float | None, str | None]] = []
+        idx_rows: list[tuple[int, int, int, int, float | None, str | None]] = []
         geo_rows: list[tuple[int, float, float, float, float, str, str]] = []
         for pk, doc in items:
-            entity_rows.append(
-                (pk, self.tenant, doc["id"], doc["createdAt"], doc["modifiedAt"], dump_doc(doc))
-            )
             types, idx, geos = derived_rows(pk, doc)
+            entity_rows.append(
+                (
+                    pk,
+                    self.tenant,
+                    doc["id"],
+                    doc["createdAt"],
+                    doc["modifiedAt"],
+                    len(geos),
+                    dump_doc(doc),
+                )
+            )
             type_rows.extend(types)
-            idx_rows.extend(idx)
+            idx_rows.extend((r[0], n, *r[1:]) for n, r in enumerate(idx))
             if len(geos) > GEO_SLOTS:
                 from cityward.bank.errors import BadRequestData
 
@@ -192,13 +209,14 @@ class _SqliteTxn(WriteTxn):
             for n, (_, path, minx, miny, maxx, maxy, geom) in enumerate(geos):
                 geo_rows.append((pk * GEO_SLOTS + n, minx, maxx, miny, maxy, path, geom))
         self.conn.executemany(
-            "INSERT OR REPLACE INTO entities(pk, tenant, eid, created, modified, doc) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO entities(pk, tenant, eid, created, modified, ngeo, doc) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
             entity_rows,
         )
         self.conn.executemany("INSERT INTO etypes(e, type) VALUES (?, ?)", type_rows)
         self.conn.executemany(
-            "INSERT INTO attr_index(e, path, vt, num, txt) VALUES (?, ?, ?, ?, ?)", idx_rows
+            "INSERT INTO attr_index(e, n, path, vt, num, txt) VALUES (?, ?, ?, ?, ?, ?)",
+            idx_rows,
         )
         if geo_rows:
             self.conn.executemany(
