@@ -252,14 +252,38 @@ class Server:
                 total += ct.user + ct.system
         return total
 
-    def rss_mb(self) -> float:
-        """Resident memory of the server process and any children, in MB (10^6 bytes)."""
-        proc = psutil.Process(self.proc.pid)
-        total = proc.memory_info().rss
-        for child in proc.children(recursive=True):
+    def rss_mb(self, file_backed: bool = True) -> float:
+        """Resident memory of the server process and any children, in MB (10^6 bytes).
+
+        ``file_backed=False`` leaves out resident pages shared with files (Linux ``shared``:
+        e.g. SQLite's memory-mapped database), which the kernel can drop at will.
+        """
+        total = 0
+        procs = [psutil.Process(self.proc.pid)]
+        with contextlib.suppress(psutil.Error):
+            procs += procs[0].children(recursive=True)
+        for proc in procs:
             with contextlib.suppress(psutil.Error):
-                total += child.memory_info().rss
+                mem = proc.memory_info()
+                total += mem.rss - (0 if file_backed else getattr(mem, "shared", 0))
         return total / 1e6
+
+
+def own_cpu_s() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine spent busy (all cores together) since boot."""
+    t = psutil.cpu_times()
+    return (
+        t.user
+        + t.system
+        + getattr(t, "nice", 0.0)
+        + getattr(t, "irq", 0.0)
+        + getattr(t, "softirq", 0.0)
+    )
 
 
 def pg_backend_cpu_s(dbname: str) -> dict[int, float]:
@@ -643,7 +667,6 @@ def measure_queries(base_url: str, ds: Dataset, args: argparse.Namespace) -> dic
             yield
         except (RuntimeError, httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
             problems.insert(0, f"{kind} failed: {exc}")
-            console.print(f"  [red]{kind} failed:[/] {str(exc)[:300]}")
 
     with httpx.Client(base_url=base_url, timeout=60.0, limits=limits, headers=accept) as client:
         # -- GET by id ---------------------------------------------------------------------
@@ -759,6 +782,11 @@ def show_log_tail(server: Server) -> None:
 def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
     run = Run(backend, args.entities)
     console.rule(f"[bold]{backend}[/]: {args.entities:,} entities")
+    busy0 = machine_busy_s()
+    time.sleep(1.0)
+    run.result["machine_busy_cores_before"] = idle = machine_busy_s() - busy0
+    if idle > 0.3:
+        console.print(f"  [yellow]the machine is busy before the run: {idle:.2f} cores[/]")
     with contextlib.ExitStack() as stack:
         if args.keep:
             workdir = Path(tempfile.mkdtemp(prefix="cityward-bench-"))
@@ -782,18 +810,36 @@ def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
         profiler = Profiler(spy, server.proc.pid, prof_dir, args.py_spy_rate)
         try:
             dbname = urlsplit(database_url).path.lstrip("/") if database_url else None
-            cpu0 = server.cpu_s()
+            cpu0, me0, busy0 = server.cpu_s(), own_cpu_s(), machine_busy_s()
             db0 = pg_backend_cpu_s(dbname) if dbname else {}
             with profiler.phase("load"):
-                run.result["load"] = load(server.base_url, args.entities, args.seed)
-            load_res = run.result["load"]
-            # server CPU over the load: 1.0 = one core busy all the time (the GIL's limit for
-            # Python code); PostgreSQL's backends apart
-            load_res["server_cpu_cores"] = (server.cpu_s() - cpu0) / load_res["seconds"]
+                run.result["load"] = load_res = load(server.base_url, args.entities, args.seed)
+            cpu1, me1, busy1 = server.cpu_s(), own_cpu_s(), machine_busy_s()
+            db1 = pg_backend_cpu_s(dbname) if dbname else {}
+            secs = load_res["seconds"]
+            # CPU over the load, in cores busy on average (1.0 = one core all the time, the
+            # GIL's limit for Python code): the server process, PostgreSQL's backends, this
+            # script (the client), the whole machine, and what is left for other processes
+            load_res["server_cpu_cores"] = (cpu1 - cpu0) / secs
             if dbname:
-                db_s = pg_cpu_between(db0, pg_backend_cpu_s(dbname))
-                load_res["postgres_cpu_cores"] = db_s / load_res["seconds"]
+                load_res["postgres_cpu_cores"] = pg_cpu_between(db0, db1) / secs
+            load_res["client_cpu_cores"] = (me1 - me0) / secs
+            load_res["machine_busy_cores"] = (busy1 - busy0) / secs
+            load_res["machine_cores"] = psutil.cpu_count()
+            others = (
+                load_res["machine_busy_cores"]
+                - load_res["server_cpu_cores"]
+                - load_res["client_cpu_cores"]
+                - load_res.get("postgres_cpu_cores", 0.0)
+            )
+            load_res["other_processes_cpu_cores"] = others
+            if others > 0.3:
+                console.print(
+                    f"  [yellow]other processes kept {others:.2f} cores busy during the load: "
+                    "the figures are not those of an idle machine[/]"
+                )
             run.result["rss_mb_after_load"] = server.rss_mb()
+            run.result["rss_mb_after_load_not_file"] = server.rss_mb(file_backed=False)
             cpu0, t0 = server.cpu_s(), time.perf_counter()
             with profiler.phase("queries"):
                 run.result.update(measure_queries(server.base_url, ds, args))
@@ -801,6 +847,7 @@ def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
                 time.perf_counter() - t0
             )
             run.result["rss_mb_after_queries"] = server.rss_mb()
+            run.result["rss_mb_after_queries_not_file"] = server.rss_mb(file_backed=False)
             if run.result.get("problems"):
                 bad = run.result["problems"]
                 run.error = f"{len(bad)} problem(s) (failed queries, wrong answers): {bad[0]}"
@@ -850,6 +897,9 @@ ROWS = [
     Row("load: batch p99 (ms)", "", _dig("load", "batch_latency", "p99_ms"), "{:.0f}"),
     Row("load: server CPU (cores)", "", _dig("load", "server_cpu_cores"), "{:.2f}"),
     Row("load: PostgreSQL CPU (cores)", "", _dig("load", "postgres_cpu_cores"), "{:.2f}"),
+    Row("load: client CPU (cores)", "", _dig("load", "client_cpu_cores"), "{:.2f}"),
+    Row("load: whole machine busy (cores)", "", _dig("load", "machine_busy_cores"), "{:.2f}"),
+    Row("load: other processes (cores)", "", _dig("load", "other_processes_cpu_cores"), "{:.2f}"),
     Row("GET by id p50 (ms)", "", _dig("get_by_id", "p50_ms"), "{:.2f}"),
     Row(
         "GET by id p99 (ms)",
@@ -886,6 +936,12 @@ ROWS = [
         lambda v, n: (v <= T_RSS_MB) if n >= T_RSS_AT else None,
     ),
     Row("server RSS after queries (MB)", "", _dig("rss_mb_after_queries"), "{:.0f}"),
+    Row(
+        "  of which not file-backed (MB)",
+        "",
+        _dig("rss_mb_after_queries_not_file"),
+        "{:.0f}",
+    ),
 ]
 
 
@@ -1026,8 +1082,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so the server is stopped and the
+    # scratch database dropped on the way out.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by sh
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     runs: list[Run] = []
     ds = Dataset.build(args.entities, args.seed)  # to check the answers; not timed

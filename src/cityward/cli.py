@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -96,10 +97,8 @@ def demo(
     if not no_browser:
         import webbrowser
 
-        try:
+        with contextlib.suppress(webbrowser.Error):
             webbrowser.open(url)
-        except webbrowser.Error:
-            pass
     uvicorn.run(application, host="127.0.0.1", port=port, log_level="info", access_log=False)
 
 

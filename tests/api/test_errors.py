@@ -1201,10 +1201,6 @@ def test_well_formed_neighbours_of_the_table_pass(client: TestClient) -> None:
         assert r.status_code < 300, (req, r.text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Bank._merge_doc (bank/service.py) stores a new attribute that has no payload",
-)
 def test_merge_cannot_add_an_attribute_without_its_payload(client: TestClient) -> None:
     seed(client)
     before = snapshot(client)

@@ -11,26 +11,22 @@ POST /entityOperations/query with the example's own @context in the body.
 
 Some examples break an NGSI-LD rule this broker enforces. They are not skipped: ``RULE_BREAKS``
 lists each one, ``test_rule_break_is_rejected`` checks the exact 400, and the round trips run on
-a copy with that one value fixed. One known broker deviation (typed DateTime values lose their
-@type) is allowed for in the comparisons and recorded by an xfail test.
+a copy with that one value fixed. Typed values (``{"@type": "DateTime", "@value": ...}``) are
+kept verbatim, and q compares their ``@value``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
-from cityward.api.app import create_app
-from cityward.bank.jsonld import CORE_CONTEXT_URL, is_core_url
-from cityward.bank.store import Store
-from cityward.config import Settings
-from tests.conftest import SDM, sdm_context_map, shared_path
+from cityward.bank.jsonld import CORE_CONTEXT_URL, JSONLD_CONTEXT_REL, is_core_url
+from tests.conftest import SDM, shared_path
 
 E = "/ngsi-ld/v1/entities"
 QUERY = "/ngsi-ld/v1/entityOperations/query"
@@ -141,27 +137,6 @@ def example(type_name: str, file_name: str) -> Entity:
 
 
 # -- contexts and requests --------------------------------------------------------------------
-def _pages_url(raw_url: str) -> str:
-    """The GitHub Pages URL of a Smart Data Models context (Vehicle's examples use this one)."""
-    domain = raw_url.split("/dataModel.")[1].split("/")[0]
-    return f"https://smart-data-models.github.io/dataModel.{domain}/context.jsonld"
-
-
-@pytest.fixture
-def sdm_client(store: Store, tmp_path: Path) -> Iterator[TestClient]:
-    """Like the ``client`` fixture, with the GitHub Pages context URLs preloaded as well.
-
-    ``sdm_context_map`` knows the raw.githubusercontent.com URLs only, and
-    Vehicle/example*.jsonld names https://smart-data-models.github.io/...; both URLs serve the
-    same file, so the same local copy stands for both (no network in tests).
-    """
-    contexts = sdm_context_map()
-    contexts |= {_pages_url(url): path for url, path in contexts.items()}
-    settings = Settings(data_dir=tmp_path, contexts=contexts, context_fetch=False)
-    with TestClient(create_app(settings, store)) as c:
-        yield c
-
-
 def domain_url(context: Any) -> str:
     """The data model's context URL: one URL fits a Link header, and the core one is implied."""
     urls = [u for u in (context if isinstance(context, list) else [context]) if not is_core_url(u)]
@@ -219,21 +194,13 @@ def query_ld(client: TestClient, entity: Entity, options: str | None = None) -> 
 
 
 # -- what the representations of an input entity must be -------------------------------------
-def _unwrap_typed(value: Any) -> Any:
-    # The broker stores {"@type": "DateTime", "@value": v} as v (cityward.bank.model, so that q
-    # compares DateTimes); test_typed_value_keeps_its_type records that as a known deviation.
-    if isinstance(value, dict) and "@value" in value:
-        return value["@value"]
-    return value
-
-
 def _normalized_instance(inst: Entity) -> Entity:
     out: Entity = {}
     for key, val in inst.items():
         if key == "datasetId" and val == "@none":
             continue  # the default instance: the output leaves it out
         if key == "value" and inst["type"] == "Property":
-            out[key] = _unwrap_typed(val)
+            out[key] = val
         elif key == "objectList":  # the output gives {"object": URI} items
             out[key] = [o if isinstance(o, dict) else {"object": o} for o in val]
         elif key not in PAYLOAD_MEMBERS and isinstance(val, dict):
@@ -265,7 +232,7 @@ def _key_value(inst: Entity) -> Any:
     """NGSI-LD.md A, "Simplified / keyValues": an attribute becomes its value, object, ..."""
     kind = inst["type"]
     if kind == "Property":
-        return _unwrap_typed(inst["value"])
+        return inst["value"]
     if kind == "GeoProperty":
         return inst["value"]
     if kind == "Relationship":
@@ -310,89 +277,87 @@ def as_input(entity: Entity, file_name: str) -> Entity:
 
 # -- the round trips ---------------------------------------------------------------------------
 @pytest.mark.parametrize("type_name", TYPES)
-def test_normalized_round_trip(sdm_client: TestClient, type_name: str) -> None:
+def test_normalized_round_trip(client: TestClient, type_name: str) -> None:
     entity = example(type_name, NORMALIZED)
-    post_ld(sdm_client, entity)
+    post_ld(client, entity)
     expected = expected_normalized(entity)
-    assert get_ld(sdm_client, entity["id"], entity["@context"]) == expected
-    assert query_ld(sdm_client, entity) == expected
+    assert get_ld(client, entity["id"], entity["@context"]) == expected
+    assert query_ld(client, entity) == expected
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_key_values_output(sdm_client: TestClient, type_name: str) -> None:
+def test_key_values_output(client: TestClient, type_name: str) -> None:
     entity = example(type_name, NORMALIZED)
-    post_ld(sdm_client, entity)
+    post_ld(client, entity)
     expected = expected_key_values(entity)
-    assert get_ld(sdm_client, entity["id"], entity["@context"], "keyValues") == expected
-    assert query_ld(sdm_client, entity, "keyValues") == expected
+    assert get_ld(client, entity["id"], entity["@context"], "keyValues") == expected
+    assert query_ld(client, entity, "keyValues") == expected
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_concise_round_trip(sdm_client: TestClient, type_name: str) -> None:
+def test_concise_round_trip(client: TestClient, type_name: str) -> None:
     entity = example(type_name, NORMALIZED)
     context = entity["@context"]
-    post_ld(sdm_client, entity)
-    concise = get_ld(sdm_client, entity["id"], context, "concise")
-    assert query_ld(sdm_client, entity, "concise") == concise
+    post_ld(client, entity)
+    concise = get_ld(client, entity["id"], context, "concise")
+    assert query_ld(client, entity, "concise") == concise
     # "type" is left out wherever it can be inferred
     for name, attr in concise.items():
         if isinstance(attr, dict):
             assert attr.get("type") not in ("Property", "Relationship"), (name, attr)
 
     copy_id = f"{entity['id']}:concise-copy"
-    post_ld(sdm_client, {**concise, "id": copy_id, "@context": context})
+    post_ld(client, {**concise, "id": copy_id, "@context": context})
     expected = {**expected_normalized(entity), "id": copy_id}
-    assert get_ld(sdm_client, copy_id, context) == expected
+    assert get_ld(client, copy_id, context) == expected
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_key_values_example(sdm_client: TestClient, type_name: str) -> None:
+def test_key_values_example(client: TestClient, type_name: str) -> None:
     key_values = example(type_name, KEY_VALUES)
     concise = as_concise_input(key_values)
     compound = {k for k, v in key_values.items() if concise[k] != v}
     if compound:
         # as published, a bare JSON object value is read as an attribute, and rejected
-        r = sdm_client.post(E, content=json.dumps(key_values), headers={"Content-Type": LD})
+        r = client.post(E, content=json.dumps(key_values), headers={"Content-Type": LD})
         assert r.status_code == 400, r.text
         assert r.json()["type"] == BAD_REQUEST_DATA
         assert r.json()["field"] in compound
-    post_ld(sdm_client, concise)
+    post_ld(client, concise)
     expected = {k: v for k, v in key_values.items() if k != "@context"}
-    assert get_ld(sdm_client, key_values["id"], key_values["@context"], "keyValues") == expected
-    assert query_ld(sdm_client, key_values, "keyValues") == expected
+    assert get_ld(client, key_values["id"], key_values["@context"], "keyValues") == expected
+    assert query_ld(client, key_values, "keyValues") == expected
 
 
 # -- the known rule breaks ---------------------------------------------------------------------
 @pytest.mark.parametrize("rule_break", RULE_BREAKS, ids=[rb.id for rb in RULE_BREAKS])
-def test_rule_break_is_rejected(sdm_client: TestClient, rule_break: RuleBreak) -> None:
+def test_rule_break_is_rejected(client: TestClient, rule_break: RuleBreak) -> None:
     """The example as published is refused with a 400 that names the one offending value."""
     original = load(rule_break.type_name, rule_break.file_name)
     body = as_input(original, rule_break.file_name)
-    r = sdm_client.post(E, content=json.dumps(body), headers={"Content-Type": LD})
+    r = client.post(E, content=json.dumps(body), headers={"Content-Type": LD})
     assert r.status_code == 400, r.text
     assert r.headers["content-type"].startswith("application/json")
     problem = r.json()
     assert problem["type"] == BAD_REQUEST_DATA
     assert problem["field"] == rule_break.field
     assert rule_break.detail in problem["detail"]
-    assert sdm_client.get(f"{E}/{original['id']}").status_code == 404
+    assert client.get(f"{E}/{original['id']}").status_code == 404
     # with that one value fixed, the same body is accepted
     rule_break.fix(original)
-    post_ld(sdm_client, as_input(original, rule_break.file_name))
+    post_ld(client, as_input(original, rule_break.file_name))
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="known deviation: cityward.bank.model stores a typed Property value "
-    '{"@type": "DateTime", "@value": v} as the bare v (so that q compares it as a DateTime). '
-    "NGSI-LD writes DateTime values in that typed form, and docs/bank-internals.md says values "
-    "are stored verbatim; keeping the @type needs the q indexer to read @value as well.",
-)
-def test_typed_value_keeps_its_type(sdm_client: TestClient) -> None:
+def test_typed_value_keeps_its_type(client: TestClient) -> None:
     entity = example("Alert", NORMALIZED)
     typed = entity["dateIssued"]["value"]
     if typed != {"@type": "DateTime", "@value": "2017-01-02T09:25:55.00Z"}:
         pytest.fail(f"Alert/{NORMALIZED} changed: dateIssued is {typed!r}")
-    post_ld(sdm_client, entity)
-    assert get_ld(sdm_client, entity["id"], entity["@context"])["dateIssued"]["value"] == typed
+    post_ld(client, entity)
+    assert get_ld(client, entity["id"], entity["@context"])["dateIssued"]["value"] == typed
+    # q compares the @value of a typed value
+    link = f'<{domain_url(entity["@context"])}>; rel="{JSONLD_CONTEXT_REL}"'
+    for q, hits in (("dateIssued==2017-01-02T09:25:55.00Z", 1), ("dateIssued<2017-01-01", 0)):
+        r = client.get(E, params={"type": "Alert", "q": q}, headers={"Link": link})
+        assert r.status_code == 200, r.text
+        assert len(r.json()) == hits, q

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 from fastapi import Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from cityward.bank.errors import (
     BadRequestData,
@@ -55,10 +56,18 @@ def check_params(request: Request, allowed: Iterable[str]) -> None:
             raise InvalidRequest(f"unknown query parameter {key!r}", field=key)
 
 
-def header_context(request: Request, rt: Runtime) -> Context:
+async def resolve_context(rt: Runtime, source: Any) -> Context:
+    """Resolve a context; a fetch runs in a worker thread so it never stalls other requests."""
+    hit = rt.contexts.cached(source)
+    if hit is not None:
+        return hit
+    return await run_in_threadpool(rt.contexts.resolve, source)
+
+
+async def header_context(request: Request, rt: Runtime) -> Context:
     """The @context of a GET/DELETE request: its Link header, or the core context."""
     url = parse_link_header(request.headers.get("link"))
-    return rt.contexts.resolve(url) if url else rt.contexts.core
+    return await resolve_context(rt, url) if url else rt.contexts.core
 
 
 async def read_json(
@@ -104,7 +113,7 @@ async def read_json(
                 "a JSON-LD Link header cannot be used with application/ld+json", field="Link"
             )
         return body, rt.contexts.core, True
-    ctx = rt.contexts.resolve(link) if link else rt.contexts.core
+    ctx = await resolve_context(rt, link) if link else rt.contexts.core
     return body, ctx, False
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ _CORE_URL_RE = re.compile(
     r"^https?://uri\.etsi\.org/ngsi-ld/(v1/)?ngsi-ld-core-context(-v\d+(\.\d+)*)?\.jsonld$"
 )
 _MAX_DEPTH = 8
+_MAX_CONTEXT_BYTES = 4 * 1024 * 1024
 
 
 def is_core_url(url: str) -> bool:
@@ -224,6 +226,14 @@ class ContextResolver:
                 self._contexts.popitem(last=False)
         return ctx
 
+    def cached(self, source: Any) -> Context | None:
+        """The Context for ``source`` if it is known already (never fetches)."""
+        if source is None or (isinstance(source, str) and is_core_url(source)):
+            return self.core
+        key = orjson.dumps(source, option=orjson.OPT_SORT_KEYS)
+        with self._lock:
+            return self._contexts.get(key)
+
     def _build(self, source: Any) -> Context:
         terms: dict[str, str] = {}
         vocab: list[str | None] = [None]
@@ -303,17 +313,32 @@ class ContextResolver:
             raise LdContextNotAvailable(
                 f"@context {url} is not preloaded and remote fetching is off", field="@context"
             )
+        # httpx's timeout bounds each read; the deadline bounds the whole download, so a server
+        # that trickles bytes cannot hold the request much past the timeout either.
+        deadline = time.monotonic() + self.fetch_timeout
+        body = bytearray()
         try:
-            resp = httpx.get(url, timeout=self.fetch_timeout, follow_redirects=True)
+            with httpx.stream(
+                "GET", url, timeout=self.fetch_timeout, follow_redirects=True
+            ) as resp:
+                if resp.status_code != 200:
+                    raise LdContextNotAvailable(
+                        f"@context {url} answered HTTP {resp.status_code}", field="@context"
+                    )
+                for chunk in resp.iter_bytes():
+                    body.extend(chunk)
+                    if time.monotonic() > deadline:
+                        raise LdContextNotAvailable(
+                            f"@context {url} took longer than {self.fetch_timeout} s",
+                            field="@context",
+                        )
+                    if len(body) > _MAX_CONTEXT_BYTES:
+                        raise BadRequestData(f"@context {url} is too large", field="@context")
         except httpx.HTTPError as exc:
             raise LdContextNotAvailable(
                 f"@context {url} could not be fetched: {exc.__class__.__name__}", field="@context"
             ) from exc
-        if resp.status_code != 200:
-            raise LdContextNotAvailable(
-                f"@context {url} answered HTTP {resp.status_code}", field="@context"
-            )
-        return resp.content
+        return bytes(body)
 
 
 LINK_RE = re.compile(r"<([^>]*)>\s*((?:;\s*[^;,]+)*)")

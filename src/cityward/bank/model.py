@@ -178,7 +178,13 @@ def normalize_datetime(value: str) -> str:
     return f"{head}.{(frac + '000000')[:6]}Z"
 
 
+_GOOD_NAMES: set[str] = set()
+
+
 def check_attr_name(name: str, field: str | None = None) -> None:
+    """Reject reserved and malformed attribute names (valid ones are remembered)."""
+    if name in _GOOD_NAMES:
+        return
     if name in RESERVED_NAMES:
         raise BadRequestData(
             f"{name!r} is reserved and cannot name an attribute", field=field or name
@@ -188,6 +194,8 @@ def check_attr_name(name: str, field: str | None = None) -> None:
             f"attribute name {name!r} must be letters, digits and _ or an absolute IRI",
             field=field or name,
         )
+    if len(_GOOD_NAMES) < 100_000:
+        _GOOD_NAMES.add(name)
 
 
 def check_type_name(name: object, field: str = "type") -> str:
@@ -277,6 +285,10 @@ class EntityParser:
     # -- attributes -------------------------------------------------------------------------
     def attribute(self, value: object, name: str, mode: Mode) -> list[dict[str, Any]]:
         """All instances of one attribute (a multi-attribute is a JSON array of instances)."""
+        if type(value) is dict:
+            fast = _fast_instance(value, name)
+            if fast is not None:
+                return [fast]
         if (
             isinstance(value, list)
             and value
@@ -357,6 +369,8 @@ class EntityParser:
             raise BadRequestData(
                 f"a {kind} needs a {payload_member!r} member ({name!r})", field=name
             )
+        else:
+            inst["_name"] = name  # a merge that turns out to add this attribute names it
         for key, val in raw.items():
             if key in ("type", "@type", payload_member):
                 continue
@@ -464,6 +478,49 @@ class EntityParser:
             raise BadRequestData(f"vocab of {name!r} must be a string or strings", field=name)
         expanded = [self.ctx.expand(str(v)) for v in items]
         return expanded if isinstance(payload, list) else expanded[0]
+
+
+_FAST_PROPERTY_KEYS = frozenset({"type", "value", "observedAt", "unitCode"})
+_FAST_GEO_KEYS = frozenset({"type", "value"})
+
+
+def _fast_instance(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The stored form of the most common attribute shapes, or None to take the full path.
+
+    Sensor readings are nearly always a Property with a scalar value, observedAt and unitCode,
+    or a GeoProperty Point; checking those directly halves the cost of parsing a batch.
+    """
+    kind = raw.get("type")
+    if kind == "Property" and raw.keys() <= _FAST_PROPERTY_KEYS:
+        v: Any = raw.get("value")
+        tv = type(v)
+        if not (tv is int or tv is float or tv is bool or (tv is str and v != NGSI_NULL)):
+            return None
+        inst: dict[str, Any] = {"type": "Property", "value": v}
+        if "observedAt" in raw:
+            inst["observedAt"] = check_datetime(raw["observedAt"], f"{name}.observedAt")
+        if "unitCode" in raw:
+            unit = raw["unitCode"]
+            if type(unit) is not str or not unit:
+                return None  # the full path explains what is wrong
+            inst["unitCode"] = unit
+        return inst
+    if kind == "GeoProperty" and raw.keys() <= _FAST_GEO_KEYS:
+        g = raw.get("value")
+        if type(g) is not dict or g.get("type") != "Point" or len(g) != 2:
+            return None
+        c = g.get("coordinates")
+        if type(c) is not list or len(c) != 2:
+            return None
+        lon, lat = c
+        if (
+            (type(lon) is float or type(lon) is int)
+            and (type(lat) is float or type(lat) is int)
+            and -180 <= lon <= 180
+            and -90 <= lat <= 90
+        ):
+            return {"type": "GeoProperty", "value": {"type": "Point", "coordinates": c}}
+    return None
 
 
 def _infer_kind(raw: dict[str, Any]) -> str | None:

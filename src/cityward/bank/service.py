@@ -19,7 +19,7 @@ from cityward.bank.errors import (
     NonexistentTenant,
     ResourceNotFound,
 )
-from cityward.bank.model import NGSI_NULL, now_iso
+from cityward.bank.model import NGSI_NULL, PAYLOAD, now_iso
 from cityward.bank.store import Store, WriteTxn
 
 Doc = dict[str, Any]
@@ -49,6 +49,7 @@ def _clean(inst: Instance, now: str, created: str | None) -> Instance:
     """Drop parser flags and stamp system times (createdAt kept from the replaced instance)."""
     inst.pop("_untyped", None)
     inst.pop("_delete", None)
+    inst.pop("_name", None)
     inst["createdAt"] = created or now
     inst["modifiedAt"] = now
     sub = inst.get("sub")
@@ -56,6 +57,7 @@ def _clean(inst: Instance, now: str, created: str | None) -> Instance:
         for s in sub.values():
             s.pop("_untyped", None)
             s.pop("_delete", None)
+            s.pop("_name", None)
     return inst
 
 
@@ -97,7 +99,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
             out.pop(member, None)
         out["type"] = kind
     for key, val in new.items():
-        if key in ("type", "_untyped", "_delete", "createdAt", "modifiedAt"):
+        if key in ("type", "_untyped", "_delete", "_name", "createdAt", "modifiedAt"):
             continue
         if key == "sub":
             subs = out.setdefault("sub", {})
@@ -108,6 +110,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
                     subs[iri] = _merge_instance(subs[iri], s, now)
                 else:
                     s.pop("_untyped", None)
+                    s.pop("_name", None)
                     subs[iri] = s
             if not subs:
                 out.pop("sub")
@@ -118,6 +121,15 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
     out["modifiedAt"] = now
     out.setdefault("createdAt", now)
     return out
+
+
+def _require_payload(inst: Instance, iri: str) -> None:
+    """A new attribute instance needs its value (a merge fragment may leave it out otherwise)."""
+    if inst.get("_untyped") or PAYLOAD[inst["type"]] not in inst:
+        name = inst.get("_name", iri)
+        raise BadRequestData(
+            f"new attribute {name!r} needs its {PAYLOAD[inst['type']]!r} member", field=name
+        )
 
 
 class Bank:
@@ -278,6 +290,7 @@ class Bank:
                     current = doc["attrs"][iri] = []
                 n = _find(current, ds)
                 if n < 0:
+                    _require_payload(inst, iri)
                     current.append(_clean(inst, now, None))
                 else:
                     current[n] = _merge_instance(current[n], inst, now)
@@ -451,21 +464,25 @@ class Bank:
                     failed.add(eid)
                     continue
                 pk, doc = prior
-                if merge:
-                    new = self._merge_doc(copy.deepcopy(doc), frag, now)
-                else:
-                    upd = UpdateResult()
-                    new = self._append_doc(copy.deepcopy(doc), frag, now, no_overwrite, upd)
-                    if upd.not_updated:
-                        names = ", ".join(sorted({a for a, _ in upd.not_updated}))
-                        result.fail(
-                            eid,
-                            BadRequestData(
-                                f"attributes not overwritten (noOverwrite): {names}",
-                                field="attrs",
-                            ),
-                        )
-                        failed.add(eid)
+                upd = UpdateResult()
+                try:
+                    if merge:
+                        new = self._merge_doc(copy.deepcopy(doc), frag, now)
+                    else:
+                        new = self._append_doc(copy.deepcopy(doc), frag, now, no_overwrite, upd)
+                except NgsiError as exc:
+                    result.fail(eid, exc)
+                    failed.add(eid)
+                    continue
+                if upd.not_updated:
+                    names = ", ".join(sorted({a for a, _ in upd.not_updated}))
+                    result.fail(
+                        eid,
+                        BadRequestData(
+                            f"attributes not overwritten (noOverwrite): {names}", field="attrs"
+                        ),
+                    )
+                    failed.add(eid)
                 new["modifiedAt"] = now
                 touched[eid] = (pk, new)
             sub = BatchResult()

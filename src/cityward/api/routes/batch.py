@@ -15,6 +15,7 @@ from cityward.api.ngsi import (
     json_response,
     negotiate,
     read_json,
+    resolve_context,
     runtime,
     tenant_of,
 )
@@ -139,7 +140,7 @@ async def batch_query(request: Request) -> Response:
     if is_ld and isinstance(body, dict):
         if "@context" not in body:
             raise BadRequestData("application/ld+json bodies need an @context", field="@context")
-        ctx = rt.contexts.resolve(body["@context"])
+        ctx = await resolve_context(rt, body["@context"])
     elif isinstance(body, dict) and "@context" in body:
         raise BadRequestData(
             "an @context in the body needs Content-Type application/ld+json", field="@context"

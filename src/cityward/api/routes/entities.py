@@ -116,7 +116,7 @@ async def create_entity(request: Request) -> Response:
     if body == {} or body == []:
         # an empty body is a malformed request on create (batches answer BadRequestData)
         raise InvalidRequest("the body is empty", field="body")
-    frag = parse_body_entity(body, ctx, rt, is_ld, "create")
+    frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "create")
     await run_in_threadpool(rt.bank.create, tenant_of(request), frag)
     return empty_response(
         request, 201, {"Location": f"/ngsi-ld/v1/entities/{quote(frag['id'], safe=':')}"}
@@ -128,7 +128,7 @@ async def query_entities(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, QUERY_PARAMS)
     media = negotiate(request, allow_geo=True)
-    ctx = header_context(request, rt)
+    ctx = await header_context(request, rt)
     params = request.query_params
     if "geometryProperty" in params and media != GEO_JSON:
         raise BadRequestData(
@@ -221,7 +221,7 @@ async def delete_attr(request: Request, eid: str, attr: str) -> Response:
     check_params(request, ("datasetId", "deleteAll"))
     check_uri(eid, "id")
     check_attr_name(attr, "attrId")
-    ctx = header_context(request, rt)
+    ctx = await header_context(request, rt)
     dataset_id = request.query_params.get("datasetId")
     if dataset_id is not None and dataset_id != "@none":
         check_uri(dataset_id, "datasetId")
@@ -246,7 +246,7 @@ async def append_attrs(request: Request, eid: str) -> Response:
     check_uri(eid, "id")
     opts, _ = parse_options(request.query_params)
     body, ctx, is_ld = await read_json(request, rt)
-    frag = parse_body_entity(body, ctx, rt, is_ld, "fragment", path_id=eid)
+    frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "fragment", path_id=eid)
     result = await run_in_threadpool(
         rt.bank.append, tenant_of(request), eid, frag, "noOverwrite" in opts
     )
@@ -259,7 +259,7 @@ async def update_attrs(request: Request, eid: str) -> Response:
     check_params(request, ("options",))
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt)
-    frag = parse_body_entity(body, ctx, rt, is_ld, "update", path_id=eid)
+    frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "update", path_id=eid)
     result = await run_in_threadpool(rt.bank.update_attrs, tenant_of(request), eid, frag)
     return update_result_response(request, result, ctx)
 
@@ -282,7 +282,7 @@ async def retrieve_entity(request: Request, eid: str) -> Response:
     check_params(request, (*VIEW_PARAMS, "type", "geometryProperty", "local"))
     check_uri(eid, "id")
     media = negotiate(request, allow_geo=True)
-    ctx = header_context(request, rt)
+    ctx = await header_context(request, rt)
     params = request.query_params
     if "geometryProperty" in params and media != GEO_JSON:
         raise BadRequestData(
@@ -307,7 +307,7 @@ async def replace_entity(request: Request, eid: str) -> Response:
     check_params(request, ())
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt)
-    frag = parse_body_entity(body, ctx, rt, is_ld, "fragment", path_id=eid)
+    frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "fragment", path_id=eid)
     await run_in_threadpool(rt.bank.replace, tenant_of(request), eid, frag)
     return empty_response(request)
 
@@ -318,7 +318,7 @@ async def merge_entity(request: Request, eid: str) -> Response:
     check_params(request, ("options", "format", "lang"))
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt, merge_patch=True)
-    frag = parse_body_entity(body, ctx, rt, is_ld, "merge", path_id=eid)
+    frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "merge", path_id=eid)
     await run_in_threadpool(rt.bank.merge, tenant_of(request), eid, frag)
     return empty_response(request)
 
@@ -328,6 +328,6 @@ async def delete_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("type",))
     check_uri(eid, "id")
-    ctx = header_context(request, rt)
+    ctx = await header_context(request, rt)
     await run_in_threadpool(rt.bank.delete, tenant_of(request), eid, types_param(request, ctx))
     return empty_response(request)

@@ -105,7 +105,6 @@ class Uri:
 
 Value: TypeAlias = Num | Str | Bool | DateTime | Date | Time | Uri
 Comparable: TypeAlias = Num | Str | DateTime | Date | Time
-TEXTUAL = (Str, DateTime, Date, Time)  # literals that order against string values
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,11 +258,6 @@ def _valid_time(h: str, mi: str, s: str) -> bool:
     return int(h) < 24 and int(mi) < 60 and int(s) < 60
 
 
-def is_iri(name: str) -> bool:
-    """True when a name starts with a scheme (absolute or compact IRI), not a plain term."""
-    return _URI_SCHEME.match(name) is not None
-
-
 def _valid_type_name(name: str) -> bool:
     if all(c in _TERM_CHARS for c in name):
         return True
@@ -288,7 +282,8 @@ class _Parser:
     def fail(self, msg: str, pos: int | None = None) -> NoReturn:
         p = self.pos if pos is None else pos
         where = f"at position {p} ({self.text[p : p + 15]!r})" if p < self.n else "at the end"
-        raise BadRequestData(f"Invalid {self.field} {self.text!r}: {msg} {where}", field=self.field)
+        shown = self.text if len(self.text) <= 120 else self.text[:117] + "..."
+        raise BadRequestData(f"Invalid {self.field} {shown!r}: {msg} {where}", field=self.field)
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < self.n else ""
@@ -525,7 +520,8 @@ class _Parser:
             return Uri(uri)
         if c.isalpha() or c == "_":
             self.fail('bare words are not values; quote strings ("...")')
-        partial = [m.end() for rx in (_DATETIME_NO_Z, _DATE, _TIME, _NUMBER) if (m := rx.match(t, i))]
+        lexemes = (_DATETIME_NO_Z, _DATE, _TIME, _NUMBER)
+        partial = [m.end() for rx in lexemes if (m := rx.match(t, i))]
         if partial:  # a number, date or time that runs into something else
             self.fail("unexpected character after the value", max(partial))
         self.fail('expected a value (number, "string", true, false, date, time or URI)')

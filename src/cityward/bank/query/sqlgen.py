@@ -20,14 +20,17 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any, Literal, TypeAlias
 
+from cityward.bank.errors import OperationNotSupported
 from cityward.bank.query.indexer import (
     SCOPE_PATH,
     TIMESTAMP_META,
+    UNINDEXED_META,
     VT_BOOL,
     VT_NUMBER,
     VT_STRING,
     VT_URI,
     literal_text,
+    path_id,
     path_key,
 )
 from cityward.bank.query.qlang import (
@@ -99,14 +102,16 @@ class _Compiler:
 
     def some_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
         """The entity has a row at this path (satisfying cond)."""
-        sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = " + self.p(path)
+        sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = " + self.p(path_id(path))
         if cond is not None:
             sql += " AND " + cond()
         return sql + ")"
 
     def no_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
         """The entity has no row at this path (satisfying cond)."""
-        sql = "NOT EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path = " + self.p(path)
+        sql = "NOT EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path = " + self.p(
+            path_id(path)
+        )
         if cond is not None:
             sql += " AND " + cond()
         return sql + ")"
@@ -144,7 +149,7 @@ class _Compiler:
         if isinstance(v, (Bool, Uri)):
             raise ValueError(f"{op} cannot compare with {v!r}")  # the parser forbids it
         # Strings and dates order among strings only, so never against a Relationship.
-        return f"(i.vt >= {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
+        return f"(i.vt = {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
 
     # -- q -----------------------------------------------------------------------------------------
 
@@ -153,6 +158,12 @@ class _Compiler:
             return "(" + " AND ".join(self.q(i, expand) for i in expr.items) + ")"
         if isinstance(expr, Or):
             return "(" + " OR ".join(self.q(i, expand) for i in expr.items) + ")"
+        if expr.path.meta in UNINDEXED_META:
+            raise OperationNotSupported(
+                f"q on attribute {expr.path.meta} is not supported (observedAt, unitCode and "
+                "datasetId are)",
+                field="q",
+            )
         path = path_key(expr.path, expand)
         if isinstance(expr, Exists):
             return self.some_row(path)
@@ -264,5 +275,5 @@ def compile_attrs_any(iris: list[str], dialect: Dialect = "sqlite") -> tuple[str
     c = _Compiler(dialect)
     if not iris:
         return "1 = 0", []
-    marks = ", ".join(c.p(iri) for iri in iris)
+    marks = ", ".join(c.p(path_id(iri)) for iri in iris)
     return f"e.pk IN (SELECT i.e FROM attr_index i WHERE i.path IN ({marks}))", c.params

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any, Literal
 import orjson
 
 from cityward.bank import geo
-from cityward.bank.query.indexer import index_rows
+from cityward.bank.query.indexer import index_rows, path_id
 
 Dialect = Literal["sqlite", "postgres"]
 IndexRow = tuple[int, int, int, float | None, str | None]
@@ -44,25 +43,6 @@ def load_doc(raw: str | bytes) -> dict[str, Any]:
     doc = orjson.loads(raw)
     assert isinstance(doc, dict)
     return doc
-
-
-_PATH_IDS: dict[str, int] = {}
-
-
-def path_id(path: str) -> int:
-    """A stable 63-bit id for an attribute path.
-
-    attr_index stores this instead of the path text: paths are long IRIs, and short integer
-    keys make the secondary indexes several times smaller and faster to keep up. A 64-bit
-    BLAKE2b digest makes a collision practically impossible (about 2^-40 at a million paths).
-    """
-    pid = _PATH_IDS.get(path)
-    if pid is None:
-        digest = hashlib.blake2b(path.encode(), digest_size=8).digest()
-        pid = int.from_bytes(digest, "big", signed=True)
-        if len(_PATH_IDS) < 1_000_000:
-            _PATH_IDS[path] = pid
-    return pid
 
 
 def derived_rows(
