@@ -64,6 +64,7 @@ from cityward.bank.query import (
     type_matches,
 )
 from cityward.bank.query.indexer import UNINDEXED_META
+from cityward.bank.query.sqlgen import Conjunct, q_conjuncts, scope_conjuncts, type_conjuncts
 from cityward.bank.store import Store
 from cityward.bank.store.sqlite import SqliteStore
 from tests.conftest import PG_URL, drop_pg_store, make_pg_store
@@ -1099,16 +1100,37 @@ def check_oracle(db: Db, case: OracleCase) -> None:
         _check_sql(sql, params)
         want = {d["id"] for d in case.docs if matches(q, d, expand)}
         assert db.ids(sql, params) == want, text
+        check_conjuncts(db, q_conjuncts(q, expand, db.dialect), want, text)
     for t in case.types:
         sql, params = compile_type_expr(t, expand, db.dialect)
         _check_sql(sql, params)
         want = {d["id"] for d in case.docs if type_matches(t, d, expand)}
         assert db.ids(sql, params) == want, t
+        check_conjuncts(db, type_conjuncts(t, expand, db.dialect), want, str(t))
     for s in case.scopes:
         sql, params = compile_scope_q(s, db.dialect)
         _check_sql(sql, params)
         want = {d["id"] for d in case.docs if scope_matches(s, d)}
         assert db.ids(sql, params) == want, s
+        check_conjuncts(db, scope_conjuncts(s, db.dialect), want, str(s))
+
+
+def check_conjuncts(db: Db, parts: list[Conjunct], want: set[str], text: str) -> None:
+    """The planner's shapes select the same entities: all probes, and each driver + probes."""
+    probes = " AND ".join(c.probe for c in parts)
+    probe_params = [p for c in parts for p in c.probe_params]
+    _check_sql(probes, probe_params)
+    assert db.ids(probes, probe_params) == want, f"probes: {text}"
+    for n, lead in enumerate(parts):
+        if lead.driver is None:
+            continue
+        where = [f"e.pk IN ({lead.driver})", *(c.probe for k, c in enumerate(parts) if k != n)]
+        params = [*lead.driver_params]
+        for k, c in enumerate(parts):
+            if k != n:
+                params.extend(c.probe_params)
+        _check_sql(" AND ".join(where), params)
+        assert db.ids(" AND ".join(where), params) == want, f"driver {n}: {text}"
 
 
 ORACLE_SETTINGS = settings(

@@ -17,13 +17,16 @@ from cityward.bank.query import (
     And,
     Or,
     QExpr,
-    compile_attrs_any,
-    compile_q,
-    compile_scope_q,
-    compile_type_expr,
     parse_q,
     parse_scope_q,
     parse_type_expr,
+)
+from cityward.bank.query.sqlgen import (
+    Conjunct,
+    attrs_conjunct,
+    q_conjuncts,
+    scope_conjuncts,
+    type_conjuncts,
 )
 from cityward.bank.render import Format, View
 from cityward.bank.store import QuerySpec
@@ -209,12 +212,17 @@ def compile_filter(
     if f.type == "*" and not f.local:
         raise BadRequestData("type=* (all entity types) needs local=true", field="type")
     if f.type is not None and f.type != "*":
-        expr = parse_type_expr(f.type)
-        sql, params = compile_type_expr(expr, ctx.expand, dialect)
-        spec.add(sql, params)
+        spec.conjuncts.extend(type_conjuncts(parse_type_expr(f.type), ctx.expand, dialect))
     if f.id is not None:
         marks = ",".join("?" * len(f.id))
-        spec.add(f"e.eid IN ({marks})", f.id)
+        spec.conjuncts.append(
+            Conjunct(
+                f"e.eid IN ({marks})",
+                list(f.id),
+                f"SELECT pk FROM entities WHERE eid IN ({marks})",
+                list(f.id),
+            )
+        )
     elif f.id_pattern is not None:
         try:
             re.compile(f.id_pattern)
@@ -227,14 +235,11 @@ def compile_filter(
         else:
             spec.add("e.eid ~ ?", [f.id_pattern])
     if f.attrs:
-        sql, params = compile_attrs_any(f.attrs, dialect)
-        spec.add(sql, params)
+        spec.conjuncts.append(attrs_conjunct(f.attrs, dialect))
     if q is not None:
-        sql, params = compile_q(q, ctx.expand, dialect)
-        spec.add(sql, params)
+        spec.conjuncts.extend(q_conjuncts(q, ctx.expand, dialect))
     if f.scope_q is not None:
-        sql, params = compile_scope_q(parse_scope_q(f.scope_q), dialect)
-        spec.add(sql, params)
+        spec.conjuncts.extend(scope_conjuncts(parse_scope_q(f.scope_q), dialect))
     if gq is not None:
         spec.geo = gq
         spec.geo_path = ctx.expand(gq.geoproperty)

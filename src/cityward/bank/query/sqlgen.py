@@ -18,6 +18,7 @@ import functools
 import re
 import sqlite3
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 from cityward.bank.errors import OperationNotSupported
@@ -82,10 +83,13 @@ def register_sqlite_functions(conn: sqlite3.Connection) -> None:
 class _Compiler:
     """Collects SQL fragments and their parameters, in order."""
 
-    def __init__(self, dialect: Dialect) -> None:
+    def __init__(self, dialect: Dialect, correlated: bool = False) -> None:
         if dialect not in ("sqlite", "postgres"):
             raise ValueError(f"unknown SQL dialect {dialect!r}")
         self.dialect = dialect
+        # correlated: probe the rows of the entity at hand (EXISTS ... i.e = e.pk), the fast form
+        # when entities are scanned in order; otherwise list matching entities (e.pk IN ...).
+        self.correlated = correlated
         self.params: list[Any] = []
         self.binary = ' COLLATE "C"' if dialect == "postgres" else " COLLATE BINARY"
 
@@ -102,7 +106,11 @@ class _Compiler:
 
     def some_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
         """The entity has a row at this path (satisfying cond)."""
-        sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = " + self.p(path_id(path))
+        if self.correlated:
+            sql = "EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path = "
+        else:
+            sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = "
+        sql += self.p(path_id(path))
         if cond is not None:
             sql += " AND " + cond()
         return sql + ")"
@@ -195,6 +203,12 @@ class _Compiler:
 
     def types(self, expr: TypeExpr, expand: Expand) -> str:
         if isinstance(expr, TypeName):
+            if self.correlated:
+                return (
+                    "EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type = "
+                    + self.p(expand(expr.name))
+                    + ")"
+                )
             return (
                 "e.pk IN (SELECT t.e FROM etypes t WHERE t.type = "
                 + self.p(expand(expr.name))
@@ -207,7 +221,12 @@ class _Compiler:
         if names:
             # All plain alternatives in one IN list: one index probe per name, one subquery.
             marks = ", ".join(self.p(expand(n.name)) for n in names)
-            parts.append(f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
+            if self.correlated:
+                parts.append(
+                    f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks}))"
+                )
+            else:
+                parts.append(f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
         # Built after the IN list so that the parameters stay in text order.
         parts.extend(self.types(i, expand) for i in expr.items if not isinstance(i, TypeName))
         return "(" + " OR ".join(parts) + ")"
@@ -270,10 +289,89 @@ def compile_scope_q(expr: ScopeExpr, dialect: Dialect = "sqlite") -> tuple[str, 
     return c.scope(expr), c.params
 
 
-def compile_attrs_any(iris: list[str], dialect: Dialect = "sqlite") -> tuple[str, list[Any]]:
+def compile_attrs_any(
+    iris: list[str], dialect: Dialect = "sqlite", correlated: bool = False
+) -> tuple[str, list[Any]]:
     """SQL condition on ``e``: the entity has at least one of these (expanded) attributes."""
     c = _Compiler(dialect)
     if not iris:
         return "1 = 0", []
     marks = ", ".join(c.p(path_id(iri)) for iri in iris)
+    if correlated:
+        return (
+            f"EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path IN ({marks}))",
+            c.params,
+        )
     return f"e.pk IN (SELECT i.e FROM attr_index i WHERE i.path IN ({marks}))", c.params
+
+
+@dataclass(frozen=True)
+class Conjunct:
+    """One AND-ed part of a query, in the two shapes the store's planner chooses between.
+
+    ``probe`` is checked per entity (correlated EXISTS: cheap when many entities match and a
+    page fills quickly in creation order). ``driver``, when the part is one positive index
+    lookup, is a ``SELECT`` of the matching entity pks: the cheap start when few match.
+    """
+
+    probe: str
+    probe_params: list[Any]
+    driver: str | None = None
+    driver_params: list[Any] = field(default_factory=list)
+
+
+_IN_PREFIX = "e.pk IN ("
+
+
+def _single_subquery(sql: str) -> str | None:
+    """The inner SELECT when ``sql`` is exactly one ``e.pk IN (SELECT ...)`` term."""
+    if not sql.startswith(_IN_PREFIX) or not sql.endswith(")"):
+        return None
+    depth = 0
+    for n, ch in enumerate(sql[len(_IN_PREFIX) - 1 :], start=len(_IN_PREFIX) - 1):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0 and n != len(sql) - 1:
+                return None
+    return sql[len(_IN_PREFIX) : -1]
+
+
+def _conjunct(build: Callable[[_Compiler], str], dialect: Dialect) -> Conjunct:
+    probe_c = _Compiler(dialect, correlated=True)
+    probe = build(probe_c)
+    list_c = _Compiler(dialect)
+    driver = _single_subquery(build(list_c))
+    return Conjunct(probe, probe_c.params, driver, list_c.params if driver else [])
+
+
+def q_conjuncts(expr: QExpr, expand: Expand, dialect: Dialect = "sqlite") -> list[Conjunct]:
+    """The top-level AND parts of a q expression, each as probe and (maybe) driver."""
+    items = expr.items if isinstance(expr, And) else (expr,)
+    return [
+        _conjunct(functools.partial(_Compiler.q, expr=it, expand=expand), dialect) for it in items
+    ]
+
+
+def type_conjuncts(expr: TypeExpr, expand: Expand, dialect: Dialect = "sqlite") -> list[Conjunct]:
+    """The AND parts of a type selection, each as probe and (maybe) driver."""
+    items = expr.items if isinstance(expr, TypeAnd) else (expr,)
+    return [
+        _conjunct(functools.partial(_Compiler.types, expr=it, expand=expand), dialect)
+        for it in items
+    ]
+
+
+def scope_conjuncts(expr: ScopeExpr, dialect: Dialect = "sqlite") -> list[Conjunct]:
+    """The AND parts of a scopeQ, each as probe and (maybe) driver."""
+    items = expr.items if isinstance(expr, ScopeAnd) else (expr,)
+    return [_conjunct(functools.partial(_Compiler.scope, expr=it), dialect) for it in items]
+
+
+def attrs_conjunct(iris: list[str], dialect: Dialect = "sqlite") -> Conjunct:
+    """``attrs``: the entity has one of these attributes, as probe and driver."""
+    probe, probe_params = compile_attrs_any(iris, dialect, correlated=True)
+    listed, params = compile_attrs_any(iris, dialect)
+    driver = _single_subquery(listed)
+    return Conjunct(probe, probe_params, driver, params if driver else [])

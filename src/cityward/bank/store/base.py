@@ -12,6 +12,7 @@ import orjson
 
 from cityward.bank import geo
 from cityward.bank.query.indexer import index_rows, path_id
+from cityward.bank.query.sqlgen import Conjunct
 
 Dialect = Literal["sqlite", "postgres"]
 IndexRow = tuple[int, int, int, float | None, str | None]
@@ -24,6 +25,8 @@ class QuerySpec:
 
     where: list[str] = field(default_factory=list)
     params: list[Any] = field(default_factory=list)
+    # AND-ed index conditions the planner may start from (see Store.plan)
+    conjuncts: list[Conjunct] = field(default_factory=list)
     geo: geo.GeoQuery | None = None
     geo_path: str | None = None  # expanded IRI of the GeoProperty the geo-query looks at
     limit: int = 20
@@ -108,12 +111,50 @@ class Store(abc.ABC):
         """SQL selecting (pk, geometry JSON) of candidate entities by bounding box."""
         raise NotImplementedError
 
+    # A driver that lists fewer entities than this starts the query; otherwise entities are
+    # scanned in creation order and every condition is probed per entity, which fills a page
+    # fast when matches are common. Counting up to the cap costs at most this many index steps.
+    DRIVER_CAP = 2000
+
+    def plan(self, tenant: str, spec: QuerySpec, scan_ok: bool = True) -> tuple[str, list[Any]]:
+        """The WHERE clause and parameters for a query, with the cheapest starting point."""
+        best: Conjunct | None = None
+        best_n = self.DRIVER_CAP
+        if scan_ok:
+            for c in spec.conjuncts:
+                if c.driver is None:
+                    continue
+                n = int(
+                    self._select(
+                        f"SELECT count(*) FROM ({c.driver} LIMIT {self.DRIVER_CAP}) d",
+                        c.driver_params,
+                    )[0][0]
+                )
+                if n < best_n:
+                    best, best_n = c, n
+        # SQLite: a unary + keeps the planner off the (tenant, eid) index when scanning, so the
+        # scan runs in pk order and stops at the page's end instead of sorting everything.
+        scan = best is None and scan_ok and self.dialect == "sqlite"
+        parts = ["+e.tenant = ?" if scan else "e.tenant = ?"]
+        params: list[Any] = [tenant]
+        for c in spec.conjuncts:
+            if c is best and c.driver is not None:
+                parts.append(f"e.pk IN ({c.driver})")
+                params.extend(c.driver_params)
+            else:
+                parts.append(c.probe)
+                params.extend(c.probe_params)
+        parts.extend(spec.where)
+        params.extend(spec.params)
+        return " AND ".join(parts), params
+
     def query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
         """One page of matching entities (in creation order) and the total when asked."""
-        where = " AND ".join(["e.tenant = ?", *spec.where]) if spec.where else "e.tenant = ?"
-        params: list[Any] = [tenant, *spec.params]
         if spec.geo is not None:
+            # the spatial index drives; every other condition is probed per candidate
+            where, params = self.plan(tenant, spec, scan_ok=False)
             return self._geo_query(where, params, spec)
+        where, params = self.plan(tenant, spec)
         total: int | None = None
         if spec.count:
             total = int(
