@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cityward.config import load_settings
+from cityward.config import SETTINGS_ENV, load_settings
 
 app = typer.Typer(help="cityward: privacy-by-design city operations.", no_args_is_help=True)
 console = Console()
@@ -40,6 +40,12 @@ def serve(
         ),
     ] = None,
     config: ConfigFile = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="Worker processes (each a full API node on the same store)."
+        ),
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Serve the NGSI-LD API (SQLite in the data folder unless --database-url is given)."""
@@ -54,6 +60,20 @@ def serve(
     backend = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir.resolve()}"
     console.print(f"[bold green]cityward[/] data bank on {backend}")
     console.print(f"NGSI-LD API at http://{host}:{port}/ngsi-ld/v1/entities")
+    if workers > 1:
+        # worker processes build their own app from the same settings (see app_from_env)
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        uvicorn.run(
+            "cityward.api.app:app_from_env",
+            factory=True,
+            workers=workers,
+            host=host,
+            port=port,
+            log_level=log_level,
+            access_log=False,
+            timeout_graceful_shutdown=5,
+        )
+        return
     uvicorn.run(
         create_app(settings),
         host=host,

@@ -9,6 +9,8 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
+
 
 class Settings(BaseSettings):
     """Everything an operator can configure; every field has a safe default."""

@@ -103,3 +103,14 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         store.close()
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of one `cityward serve --workers N` process, from the settings it was handed."""
+    import os
+
+    from cityward.config import SETTINGS_ENV
+
+    raw = os.environ.get(SETTINGS_ENV)
+    settings = Settings.model_validate_json(raw) if raw else Settings()
+    return create_app(settings)

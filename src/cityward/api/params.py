@@ -219,7 +219,7 @@ def compile_filter(
             Conjunct(
                 f"e.eid IN ({marks})",
                 list(f.id),
-                f"SELECT pk FROM entities WHERE eid IN ({marks})",
+                f"SELECT pk AS e FROM entities WHERE eid IN ({marks})",
                 list(f.id),
             )
         )

@@ -112,8 +112,19 @@ class _Compiler:
             sql = "e.pk IN (SELECT i.e FROM attr_index i WHERE i.path = "
         sql += self.p(path_id(path))
         if cond is not None:
-            sql += " AND " + cond()
+            sql += " AND " + (self._probe(cond()) if self.correlated else cond())
         return sql + ")"
+
+    def _probe(self, cond: str) -> str:
+        """A value condition inside a per-entity probe.
+
+        SQLite would otherwise answer ``i.e = e.pk AND i.path = ? AND i.vt = 1 AND i.num > ?``
+        from the (path, vt, num) index, walking the whole value range once per entity; a unary +
+        on the value columns leaves it the (e, path) key: one seek per entity.
+        """
+        if self.dialect != "sqlite":
+            return cond
+        return cond.replace("i.num", "+i.num").replace("i.txt", "+i.txt").replace("i.vt", "+i.vt")
 
     def no_row(self, path: str, cond: Callable[[], str] | None = None) -> str:
         """The entity has no row at this path (satisfying cond)."""
@@ -121,7 +132,7 @@ class _Compiler:
             path_id(path)
         )
         if cond is not None:
-            sql += " AND " + cond()
+            sql += " AND " + self._probe(cond())
         return sql + ")"
 
     # -- value conditions on one row (alias i) -----------------------------------------------------

@@ -64,6 +64,22 @@ def derived_rows(
     return types, idx, geos
 
 
+_DRIVEN = "e.pk IN ("
+
+
+def _split_driver(where: str) -> tuple[str, str]:
+    """Split ``e.pk IN (<driver>) AND <rest>`` (as Store.plan writes it) into its two parts."""
+    depth = 0
+    for n, ch in enumerate(where):
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return where[len(_DRIVEN) : n], where[n + 1 :].removeprefix(" AND ")
+    raise ValueError("unbalanced driver clause")
+
+
 class WriteTxn(abc.ABC):
     """One atomic write: read the entities it changes, then put or delete them."""
 
@@ -111,37 +127,59 @@ class Store(abc.ABC):
         """SQL selecting (pk, geometry JSON) of candidate entities by bounding box."""
         raise NotImplementedError
 
-    # A driver that lists fewer entities than this starts the query; otherwise entities are
-    # scanned in creation order and every condition is probed per entity, which fills a page
-    # fast when matches are common. Counting up to the cap costs at most this many index steps.
-    DRIVER_CAP = 2000
+    # Counting how many entities a driver lists stops at this many index entries; a driver
+    # under CLEARLY_SELECTIVE is taken without counting the others. Examining an entity from a
+    # driver costs about DRIVER_WEIGHT times a scanned one (distinct, lookup, sort).
+    COUNT_CAP = 10_000
+    CLEARLY_SELECTIVE = 500
+    DRIVER_WEIGHT = 2.5
 
     def plan(self, tenant: str, spec: QuerySpec, scan_ok: bool = True) -> tuple[str, list[Any]]:
-        """The WHERE clause and parameters for a query, with the cheapest starting point."""
+        """The WHERE clause and parameters for a query, with the cheapest starting point.
+
+        Two ways to find a page: scan entities in creation order and probe every condition
+        per entity (cheap when matches are common: the page fills early), or start from the
+        one condition whose index lists the fewest entities and probe the rest on those. The
+        scan examines about (offset + limit) / selectivity entities, the selectivity estimated
+        as the product of the counted drivers' fractions; a driver examines its own count. A
+        count needs every match, so then any driver under the cap beats a scan. Types are
+        counted only when nothing else can drive: a city has thousands of entities per type.
+        """
         best: Conjunct | None = None
-        best_n = self.DRIVER_CAP
-        if scan_ok:
-            for c in spec.conjuncts:
-                if c.driver is None:
-                    continue
+        candidates = [c for c in spec.conjuncts if c.driver is not None] if scan_ok else []
+        values = [c for c in candidates if "FROM etypes" not in (c.driver or "")]
+        drivers = values or candidates
+        if drivers:
+            total = max(1, int(self._select("SELECT coalesce(max(pk), 0) FROM entities", [])[0][0]))
+            cap = min(self.COUNT_CAP, total)
+            selectivity = 1.0
+            best_n = cap
+            for c in drivers:
                 n = int(
                     self._select(
-                        f"SELECT count(*) FROM ({c.driver} LIMIT {self.DRIVER_CAP}) d",
-                        c.driver_params,
+                        f"SELECT count(*) FROM ({c.driver} LIMIT {cap}) d", c.driver_params
                     )[0][0]
                 )
+                selectivity *= min(1.0, max(n, 1) / total)
                 if n < best_n:
                     best, best_n = c, n
+                if n < self.CLEARLY_SELECTIVE:
+                    break
+            scan_cost = min(total, (spec.offset + spec.limit) / selectivity)
+            if best is not None and not spec.count and best_n * self.DRIVER_WEIGHT >= scan_cost:
+                best = None
         # SQLite: a unary + keeps the planner off the (tenant, eid) index when scanning, so the
         # scan runs in pk order and stops at the page's end instead of sorting everything.
         scan = best is None and scan_ok and self.dialect == "sqlite"
-        parts = ["+e.tenant = ?" if scan else "e.tenant = ?"]
-        params: list[Any] = [tenant]
+        parts: list[str] = []
+        params: list[Any] = []
+        if best is not None and best.driver is not None:
+            parts.append(f"e.pk IN ({best.driver})")
+            params.extend(best.driver_params)
+        parts.append("+e.tenant = ?" if scan else "e.tenant = ?")
+        params.append(tenant)
         for c in spec.conjuncts:
-            if c is best and c.driver is not None:
-                parts.append(f"e.pk IN ({c.driver})")
-                params.extend(c.driver_params)
-            else:
+            if c is not best:
                 parts.append(c.probe)
                 params.extend(c.probe_params)
         parts.extend(spec.where)
@@ -155,15 +193,27 @@ class Store(abc.ABC):
             where, params = self.plan(tenant, spec, scan_ok=False)
             return self._geo_query(where, params, spec)
         where, params = self.plan(tenant, spec)
+        source = "entities e"
+        if self.dialect == "sqlite" and where.startswith(_DRIVEN):
+            # CROSS JOIN makes SQLite loop over the driver's few pks; left to itself it prefers
+            # scanning every entity in pk order to avoid sorting the page.
+            driver, rest = _split_driver(where)
+            source = f"(SELECT DISTINCT * FROM ({driver})) d CROSS JOIN entities e"
+            where = f"e.pk = d.e AND {rest}"
         total: int | None = None
         if spec.count:
-            total = int(
-                self._select(f"SELECT count(*) FROM entities e WHERE {where}", params)[0][0]
-            )
+            total = int(self._select(f"SELECT count(*) FROM {source} WHERE {where}", params)[0][0])
         if spec.limit == 0:
             return [], total
+        if source != "entities e":
+            # sort the driver's matches by pk alone, then read just the page's documents
+            pks = self._select(
+                f"SELECT e.pk FROM {source} WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
+                [*params, spec.limit, spec.offset],
+            )
+            return self.docs_by_pk([int(r[0]) for r in pks]), total
         rows = self._select(
-            f"SELECT e.doc FROM entities e WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
+            f"SELECT e.doc FROM {source} WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
             [*params, spec.limit, spec.offset],
         )
         return [load_doc(r[0]) for r in rows], total

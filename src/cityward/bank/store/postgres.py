@@ -33,8 +33,8 @@ CREATE TABLE IF NOT EXISTS attr_index (
   e BIGINT NOT NULL, path BIGINT NOT NULL, vt SMALLINT NOT NULL,
   num DOUBLE PRECISION, txt TEXT
 );
-CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num) WHERE num IS NOT NULL;
-CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, txt);
+CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, vt, num) WHERE num IS NOT NULL;
+CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, vt, txt);
 CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e, path);
 CREATE TABLE IF NOT EXISTS geo (e BIGINT NOT NULL, path TEXT NOT NULL, bbox BOX NOT NULL,
   geom TEXT NOT NULL);

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -29,19 +31,22 @@ CREATE TABLE IF NOT EXISTS entities (
   doc TEXT NOT NULL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS entities_tenant_eid ON entities(tenant, eid);
+-- lets a query check the tenant of candidate entities without reading their documents
+CREATE INDEX IF NOT EXISTS entities_pk_tenant ON entities(pk, tenant);
 CREATE TABLE IF NOT EXISTS etypes (e INTEGER NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS etypes_type ON etypes(type, e);
 CREATE INDEX IF NOT EXISTS etypes_e ON etypes(e);
--- clustered by entity (rows of one entity are written together and deleted together);
--- n only makes the key unique. Numbers get a partial index, so a row lands in one or two
--- secondary indexes, not three: index upkeep is most of the cost of a batch write.
+-- clustered by entity and path (rows of one entity are written and deleted together, and a
+-- per-entity probe is one seek); n only makes the key unique. Numbers get a partial index,
+-- so a row lands in one or two secondary indexes, not three: index upkeep is most of the
+-- cost of a batch write.
 CREATE TABLE IF NOT EXISTS attr_index (
   e INTEGER NOT NULL, n INTEGER NOT NULL, path INTEGER NOT NULL, vt INTEGER NOT NULL,
   num REAL, txt TEXT,
-  PRIMARY KEY (e, n)
+  PRIMARY KEY (e, path, n)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, num) WHERE num IS NOT NULL;
-CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, txt);
+CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, vt, num) WHERE num IS NOT NULL;
+CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, vt, txt);
 CREATE VIRTUAL TABLE IF NOT EXISTS geo_rt USING rtree(
   id, minx, maxx, miny, maxy, +path TEXT, +geom TEXT
 );
@@ -60,6 +65,7 @@ class SqliteStore(Store):
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._lock_path = path.with_name(path.name + ".writelock")
         self._writer = self._connect()
         self._writer.executescript(SCHEMA)
 
@@ -99,7 +105,10 @@ class SqliteStore(Store):
 
     @contextmanager
     def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
-        with self._write_lock:
+        # The thread lock orders this process's writers; the file lock orders the worker
+        # processes of `cityward serve --workers N`. Waiting on flock wakes the moment the other
+        # writer commits, where SQLite's busy handler would sleep and poll.
+        with self._write_lock, _FileLock(self._lock_path):
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -132,6 +141,22 @@ class SqliteStore(Store):
                 with suppress(sqlite3.Error):
                     conn.close()
             self._all.clear()
+
+
+class _FileLock:
+    """An exclusive advisory lock on a file (fcntl.flock), held for one write transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = -1
+
+    def __enter__(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
 
 
 class _SqliteTxn(WriteTxn):

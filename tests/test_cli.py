@@ -1,0 +1,72 @@
+"""The ``cityward`` command line: serve answers the API with no configuration; demo seeds."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from cityward.bank.store.sqlite import SqliteStore
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_serve_answers_on_sqlite_with_no_configuration(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    env["CITYWARD_DATA_DIR"] = str(tmp_path / "from-env")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}/ngsi-ld/v1"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{base}/types", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
+                time.sleep(0.2)
+        entity = {"id": "urn:ngsi-ld:Sensor:s1", "type": "Sensor", "level": 3}
+        r = httpx.post(f"{base}/entities", json=entity, timeout=10)
+        assert r.status_code == 201, r.text
+        r = httpx.get(f"{base}/entities", params={"type": "Sensor", "options": "keyValues"})
+        assert r.json() == [entity]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+    # the data went where CITYWARD_DATA_DIR said, and survives the restart
+    store = SqliteStore(tmp_path / "from-env" / "cityward.db")
+    try:
+        assert store.get("", "urn:ngsi-ld:Sensor:s1") is not None
+    finally:
+        store.close()
+
+
+def test_demo_seeds_the_city_once(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "cityward.cli", "demo", "--data-dir", str(tmp_path), "--seed-only"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    assert "new entities" in first.stdout
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True)
+    assert "0 new entities" in second.stdout, second.stdout
+    store = SqliteStore(tmp_path / "cityward.db")
+    try:
+        n = store._select("SELECT count(*) FROM entities", [])[0][0]
+        assert n == int(first.stdout.split("new entities")[0].split()[-1])
+    finally:
+        store.close()
