@@ -418,7 +418,7 @@ class Bank:
                     new = self._append_doc(doc, frag, now, False, UpdateResult())
                     new["modifiedAt"] = now
                 touched[eid] = (pk, new)
-            self._store_touched(txn, touched, existing, result)
+            self._store_touched(txn, touched, result)
 
         return self._batch(tenant, items, True, apply)
 
@@ -426,9 +426,9 @@ class Bank:
     def _store_touched(
         txn: WriteTxn,
         touched: dict[str, tuple[int | None, Doc]],
-        existing: dict[str, tuple[int, Doc]],
         result: BatchResult,
     ) -> None:
+        """Write the documents a batch produced: new ones get fresh pks, the rest replace."""
         fresh = [eid for eid, (pk, _) in touched.items() if pk is None]
         pks = iter(txn.new_pks(len(fresh)))
         items: list[tuple[int, Doc]] = []
@@ -442,7 +442,6 @@ class Bank:
                 replacing.append(pk)
             result.success.append(eid)
         txn.put(items, replacing=replacing)
-        del existing
 
     def batch_update(
         self,
@@ -486,7 +485,7 @@ class Bank:
                 new["modifiedAt"] = now
                 touched[eid] = (pk, new)
             sub = BatchResult()
-            self._store_touched(txn, touched, existing, sub)
+            self._store_touched(txn, touched, sub)
             result.success.extend(e for e in sub.success if e not in failed)
 
         return self._batch(tenant, items, False, apply)

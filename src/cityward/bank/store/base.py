@@ -109,11 +109,16 @@ class Store(abc.ABC):
     def write(self, tenant: str, create_tenant: bool) -> AbstractContextManager[WriteTxn]:
         """A write transaction; ``create_tenant`` creates an unknown tenant implicitly."""
 
-    @abc.abstractmethod
-    def tenant_exists(self, tenant: str) -> bool: ...
+    def tenant_exists(self, tenant: str) -> bool:
+        """The default tenant always exists; others once something created them."""
+        if tenant == "":
+            return True
+        return bool(self._select("SELECT 1 FROM tenants WHERE name = ?", [tenant]))
 
-    @abc.abstractmethod
-    def get(self, tenant: str, eid: str) -> dict[str, Any] | None: ...
+    def get(self, tenant: str, eid: str) -> dict[str, Any] | None:
+        """The stored document of one entity, or None."""
+        rows = self._select("SELECT doc FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid])
+        return load_doc(rows[0][0]) if rows else None
 
     @abc.abstractmethod
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

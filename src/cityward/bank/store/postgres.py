@@ -73,15 +73,6 @@ class PostgresStore(Store):
         with self.pool.connection() as conn:
             return conn.execute(to_pg(sql), list(params)).fetchall()
 
-    def tenant_exists(self, tenant: str) -> bool:
-        if tenant == "":
-            return True
-        return bool(self._select("SELECT 1 FROM tenants WHERE name = ?", [tenant]))
-
-    def get(self, tenant: str, eid: str) -> dict[str, Any] | None:
-        rows = self._select("SELECT doc FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid])
-        return load_doc(rows[0][0]) if rows else None
-
     @contextmanager
     def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
         with self.pool.connection() as conn, conn.transaction():
