@@ -90,6 +90,9 @@ class _Compiler:
         # correlated: probe the rows of the entity at hand (EXISTS ... i.e = e.pk), the fast form
         # when entities are scanned in order; otherwise list matching entities (e.pk IN ...).
         self.correlated = correlated
+        # PostgreSQL rewrites a correlated EXISTS into a hash over every matching row of the
+        # index; OFFSET 0 keeps it a per-entity check (its planner leaves such subqueries alone).
+        self.per_row = " OFFSET 0" if dialect == "postgres" else ""
         self.params: list[Any] = []
         self.binary = ' COLLATE "C"' if dialect == "postgres" else " COLLATE BINARY"
 
@@ -113,7 +116,7 @@ class _Compiler:
         sql += self.p(path_id(path))
         if cond is not None:
             sql += " AND " + (self._probe(cond()) if self.correlated else cond())
-        return sql + ")"
+        return sql + (self.per_row + ")" if self.correlated else ")")
 
     def _probe(self, cond: str) -> str:
         """A value condition inside a per-entity probe.
@@ -133,7 +136,7 @@ class _Compiler:
         )
         if cond is not None:
             sql += " AND " + self._probe(cond())
-        return sql + ")"
+        return sql + self.per_row + ")"
 
     # -- value conditions on one row (alias i) -----------------------------------------------------
 
@@ -218,6 +221,7 @@ class _Compiler:
                 return (
                     "EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type = "
                     + self.p(expand(expr.name))
+                    + self.per_row
                     + ")"
                 )
             return (
@@ -234,7 +238,8 @@ class _Compiler:
             marks = ", ".join(self.p(expand(n.name)) for n in names)
             if self.correlated:
                 parts.append(
-                    f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks}))"
+                    f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks})"
+                    f"{self.per_row})"
                 )
             else:
                 parts.append(f"e.pk IN (SELECT t.e FROM etypes t WHERE t.type IN ({marks}))")
@@ -310,7 +315,8 @@ def compile_attrs_any(
     marks = ", ".join(c.p(path_id(iri)) for iri in iris)
     if correlated:
         return (
-            f"EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path IN ({marks}))",
+            f"EXISTS (SELECT 1 FROM attr_index i WHERE i.e = e.pk AND i.path IN ({marks})"
+            f"{c.per_row})",
             c.params,
         )
     return f"e.pk IN (SELECT i.e FROM attr_index i WHERE i.path IN ({marks}))", c.params

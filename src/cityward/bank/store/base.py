@@ -185,7 +185,9 @@ class Store(abc.ABC):
         params.append(tenant)
         for c in spec.conjuncts:
             if c is not best:
-                parts.append(c.probe)
+                # PostgreSQL turns a bare EXISTS into a semi-join over the whole index; "IS TRUE"
+                # keeps it a per-row check, so an ordered scan can stop at the page's end.
+                parts.append(f"({c.probe}) IS TRUE" if self.dialect == "postgres" else c.probe)
                 params.extend(c.probe_params)
         parts.extend(spec.where)
         params.extend(spec.params)

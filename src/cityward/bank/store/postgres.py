@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -62,6 +63,9 @@ class PostgresStore(Store):
         if schema:
             kwargs["options"] = f"-c search_path={schema}"
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs=kwargs, open=True)
+        self._stats_lock = threading.Lock()
+        self._written = 0
+        self._analyzed_at = 0
         with self.pool.connection() as conn:
             if schema:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -73,14 +77,36 @@ class PostgresStore(Store):
         with self.pool.connection() as conn:
             return conn.execute(to_pg(sql), list(params)).fetchall()
 
+    # Counting a driver reads heap pages here (index-only scans need a vacuumed table), so
+    # the planner counts less far than on SQLite.
+    COUNT_CAP = 3000
+
     @contextmanager
     def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
-        with self.pool.connection() as conn, conn.transaction():
-            if create_tenant and tenant:
-                conn.execute(
-                    "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
-                )
-            yield _PgTxn(conn, tenant)
+        with self.pool.connection() as conn:
+            with conn.transaction():
+                if create_tenant and tenant:
+                    conn.execute(
+                        "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
+                    )
+                txn = _PgTxn(conn, tenant)
+                yield txn
+            self._maybe_analyze(conn, txn.written)
+
+    def _maybe_analyze(self, conn: psycopg.Connection[Any], written: int) -> None:
+        """Refresh planner statistics after bulk loads instead of waiting for autovacuum.
+
+        Right after a city's first import PostgreSQL still believes the tables are empty and
+        picks plans that read the whole index for every query.
+        """
+        with self._stats_lock:
+            self._written += written
+            if self._written < max(10_000, self._analyzed_at // 5):
+                return
+            self._analyzed_at += self._written
+            self._written = 0
+        conn.execute("ANALYZE entities, etypes, attr_index, geo")
+        conn.commit()
 
     def _geo_candidates_sql(self, spec: QuerySpec) -> tuple[str, list[Any]]:
         assert spec.geo is not None
@@ -102,6 +128,7 @@ class _PgTxn(WriteTxn):
     def __init__(self, conn: psycopg.Connection[Any], tenant: str) -> None:
         self.conn = conn
         self.tenant = tenant
+        self.written = 0  # entities put, for the statistics refresh
 
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         out: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -136,6 +163,7 @@ class _PgTxn(WriteTxn):
         if replacing:
             self._clear_derived(replacing)
             self.conn.execute("DELETE FROM entities WHERE pk = ANY(%s)", [list(replacing)])
+        self.written += len(items)
         with self.conn.cursor() as cur:
             # COPY is several times faster than INSERT for the thousands of rows of a batch
             derived = [(pk, *derived_rows(pk, doc)) for pk, doc in items]
