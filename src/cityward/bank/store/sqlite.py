@@ -67,6 +67,8 @@ class SqliteStore(Store):
         self._all_lock = threading.Lock()
         self._lock_path = path.with_name(path.name + ".writelock")
         self._writer = self._connect()
+        # the writer touches index pages all over the file: give it the big cache
+        self._writer.execute("PRAGMA cache_size=-65536")
         self._writer.executescript(SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
