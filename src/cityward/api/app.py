@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import orjson
 from fastapi import FastAPI, Request
@@ -57,7 +59,15 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         fetch_timeout=settings.context_timeout_s,
         allow_fetch=settings.context_fetch,
     )
-    app = FastAPI(title="cityward", version="0.1.0", docs_url="/docs", redoc_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        store.close()
+
+    app = FastAPI(
+        title="cityward", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan
+    )
     app.state.runtime = Runtime(
         bank=Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit),
         contexts=resolver,
@@ -97,10 +107,6 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return problem_response(InternalError(f"internal error: {exc.__class__.__name__}"), request)
-
-    @app.on_event("shutdown")
-    def _close() -> None:
-        store.close()
 
     return app
 
