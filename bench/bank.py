@@ -320,7 +320,7 @@ def stop_server(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> str:
 
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, database_url: str | None, startup_timeout_s: float = 60.0
+    workdir: Path, database_url: str | None, workers: int = 1, startup_timeout_s: float = 60.0
 ) -> Iterator[Server]:
     port = free_port()
     data_dir = workdir / "data"
@@ -342,6 +342,8 @@ def running_server(
     ]
     if database_url:
         cmd += ["--database-url", database_url]
+    if workers > 1:
+        cmd += ["--workers", str(workers)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         # Its own session: a Ctrl-C on the terminal reaches us, and we stop it in order.
@@ -799,7 +801,7 @@ def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
         if backend == "postgres":
             database_url = stack.enter_context(fresh_pg_database(args.pg_url, args.keep))
             console.print(f"  database {urlsplit(database_url).path.lstrip('/')}")
-        server = stack.enter_context(running_server(workdir, database_url))
+        server = stack.enter_context(running_server(workdir, database_url, args.workers))
         console.print(f"  server pid {server.proc.pid} at {server.base_url}")
         prof_dir = RESULTS_DIR / f"pyspy-{backend}-{args.stamp}"
         spy = find_py_spy() if args.py_spy else None
@@ -1064,6 +1066,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="PostgreSQL server to create the scratch database on (env CITYWARD_BENCH_PG)",
     )
     p.add_argument("--json", type=Path, help="also write all runs to this JSON file")
+    p.add_argument(
+        "--workers", type=int, default=1, help="server worker processes (serve --workers)"
+    )
     p.add_argument(
         "--keep",
         action="store_true",
