@@ -98,17 +98,9 @@ RESERVED_NAMES = frozenset(
         *PREVIOUS_MEMBERS,
     }
 )
-GEOJSON_TYPES = frozenset(
-    {
-        "Point",
-        "MultiPoint",
-        "LineString",
-        "MultiLineString",
-        "Polygon",
-        "MultiPolygon",
-        "GeometryCollection",
-    }
-)
+# a type-less concise attribute with one of these types is a bare geometry (GeometryCollection
+# included so that parse_geometry can say it is not supported)
+GEOJSON_TYPES = frozenset({*geo.GEOMETRY_TYPES, "GeometryCollection"})
 
 _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`\x00-\x1f\x7f]*$")
 # bidi controls, zero-width characters and the BOM are forbidden in ids

@@ -45,19 +45,25 @@ class UpdateResult:
 
 
 # -- helpers on stored documents ------------------------------------------------------------
+# markers EntityParser leaves on fragment instances; never stored
+_PARSER_FLAGS = ("_untyped", "_delete", "_name")
+
+
+def _strip_flags(inst: Instance) -> Instance:
+    for flag in _PARSER_FLAGS:
+        inst.pop(flag, None)
+    return inst
+
+
 def _clean(inst: Instance, now: str, created: str | None) -> Instance:
     """Drop parser flags and stamp system times (createdAt kept from the replaced instance)."""
-    inst.pop("_untyped", None)
-    inst.pop("_delete", None)
-    inst.pop("_name", None)
+    _strip_flags(inst)
     inst["createdAt"] = created or now
     inst["modifiedAt"] = now
     sub = inst.get("sub")
     if sub:
         for s in sub.values():
-            s.pop("_untyped", None)
-            s.pop("_delete", None)
-            s.pop("_name", None)
+            _strip_flags(s)
     return inst
 
 
@@ -99,7 +105,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
             out.pop(member, None)
         out["type"] = kind
     for key, val in new.items():
-        if key in ("type", "_untyped", "_delete", "_name", "createdAt", "modifiedAt"):
+        if key in ("type", "createdAt", "modifiedAt") or key in _PARSER_FLAGS:
             continue
         if key == "sub":
             subs = out.setdefault("sub", {})
@@ -109,9 +115,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
                 elif iri in subs:
                     subs[iri] = _merge_instance(subs[iri], s, now)
                 else:
-                    s.pop("_untyped", None)
-                    s.pop("_name", None)
-                    subs[iri] = s
+                    subs[iri] = _strip_flags(s)
             if not subs:
                 out.pop("sub")
         elif val == NGSI_NULL:

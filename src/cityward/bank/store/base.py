@@ -64,20 +64,14 @@ def derived_rows(
     return types, idx, geos
 
 
-_DRIVEN = "e.pk IN ("
+@dataclass
+class Plan:
+    """How one query runs: an optional driver (a SELECT of candidate pks) and the filter."""
 
-
-def _split_driver(where: str) -> tuple[str, str]:
-    """Split ``e.pk IN (<driver>) AND <rest>`` (as Store.plan writes it) into its two parts."""
-    depth = 0
-    for n, ch in enumerate(where):
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return where[len(_DRIVEN) : n], where[n + 1 :].removeprefix(" AND ")
-    raise ValueError("unbalanced driver clause")
+    where: str
+    params: list[Any]
+    driver: str | None = None
+    driver_params: list[Any] = field(default_factory=list)
 
 
 class WriteTxn(abc.ABC):
@@ -139,8 +133,8 @@ class Store(abc.ABC):
     CLEARLY_SELECTIVE = 500
     DRIVER_WEIGHT = 2.5
 
-    def plan(self, tenant: str, spec: QuerySpec, scan_ok: bool = True) -> tuple[str, list[Any]]:
-        """The WHERE clause and parameters for a query, with the cheapest starting point.
+    def plan(self, tenant: str, spec: QuerySpec, scan_ok: bool = True) -> Plan:
+        """The cheapest starting point for a query and the conditions checked on top of it.
 
         Two ways to find a page: scan entities in creation order and probe every condition
         per entity (cheap when matches are common: the page fills early), or start from the
@@ -176,13 +170,8 @@ class Store(abc.ABC):
         # SQLite: a unary + keeps the planner off the (tenant, eid) index when scanning, so the
         # scan runs in pk order and stops at the page's end instead of sorting everything.
         scan = best is None and scan_ok and self.dialect == "sqlite"
-        parts: list[str] = []
-        params: list[Any] = []
-        if best is not None and best.driver is not None:
-            parts.append(f"e.pk IN ({best.driver})")
-            params.extend(best.driver_params)
-        parts.append("+e.tenant = ?" if scan else "e.tenant = ?")
-        params.append(tenant)
+        parts = ["+e.tenant = ?" if scan else "e.tenant = ?"]
+        params: list[Any] = [tenant]
         for c in spec.conjuncts:
             if c is not best:
                 # PostgreSQL turns a bare EXISTS into a semi-join over the whole index; "IS TRUE"
@@ -191,28 +180,33 @@ class Store(abc.ABC):
                 params.extend(c.probe_params)
         parts.extend(spec.where)
         params.extend(spec.params)
-        return " AND ".join(parts), params
+        if best is None or best.driver is None:
+            return Plan(" AND ".join(parts), params)
+        return Plan(" AND ".join(parts), params, best.driver, best.driver_params)
 
     def query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
         """One page of matching entities (in creation order) and the total when asked."""
         if spec.geo is not None:
             # the spatial index drives; every other condition is probed per candidate
-            where, params = self.plan(tenant, spec, scan_ok=False)
-            return self._geo_query(where, params, spec)
-        where, params = self.plan(tenant, spec)
-        source = "entities e"
-        if self.dialect == "sqlite" and where.startswith(_DRIVEN):
-            # CROSS JOIN makes SQLite loop over the driver's few pks; left to itself it prefers
-            # scanning every entity in pk order to avoid sorting the page.
-            driver, rest = _split_driver(where)
-            source = f"(SELECT DISTINCT * FROM ({driver})) d CROSS JOIN entities e"
-            where = f"e.pk = d.e AND {rest}"
+            geo_plan = self.plan(tenant, spec, scan_ok=False)
+            return self._geo_query(geo_plan.where, geo_plan.params, spec)
+        plan = self.plan(tenant, spec)
+        source, where, params = "entities e", plan.where, plan.params
+        if plan.driver is not None:
+            if self.dialect == "sqlite":
+                # CROSS JOIN makes SQLite loop over the driver's few pks; left to itself it
+                # prefers scanning every entity in pk order to avoid sorting the page.
+                source = f"(SELECT DISTINCT * FROM ({plan.driver})) d CROSS JOIN entities e"
+                where = f"e.pk = d.e AND {where}"
+            else:
+                where = f"e.pk IN ({plan.driver}) AND {where}"
+            params = [*plan.driver_params, *params]
         total: int | None = None
         if spec.count:
             total = int(self._select(f"SELECT count(*) FROM {source} WHERE {where}", params)[0][0])
         if spec.limit == 0:
             return [], total
-        if source != "entities e":
+        if plan.driver is not None:
             # sort the driver's matches by pk alone, then read just the page's documents
             pks = self._select(
                 f"SELECT e.pk FROM {source} WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
