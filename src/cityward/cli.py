@@ -63,16 +63,7 @@ def serve(
     if workers > 1:
         # worker processes build their own app from the same settings (see app_from_env)
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        uvicorn.run(
-            "cityward.api.app:app_from_env",
-            factory=True,
-            workers=workers,
-            host=host,
-            port=port,
-            log_level=log_level,
-            access_log=False,
-            timeout_graceful_shutdown=5,
-        )
+        _serve_workers(host, port, workers, log_level)
         return
     uvicorn.run(
         create_app(settings),
@@ -82,6 +73,40 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def _serve_workers(host: str, port: int, workers: int, log_level: str) -> None:
+    """uvicorn's multi-process mode on a listening socket we open ourselves.
+
+    uvicorn opens it with protocol 0; the connections accepted from such a socket carry protocol
+    0 too, so asyncio skips TCP_NODELAY on them and every response waits ~40 ms for the peer's
+    delayed ACK (Nagle). Opening it with IPPROTO_TCP keeps NODELAY on.
+    """
+    import socket
+
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    config = uvicorn.Config(
+        "cityward.api.app:app_from_env",
+        factory=True,
+        workers=workers,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot listen on {host}:{port}: {exc}") from exc
+    sock.set_inheritable(True)
+    with contextlib.suppress(KeyboardInterrupt):
+        Multiprocess(config, sockets=[sock]).run()
 
 
 @app.command()

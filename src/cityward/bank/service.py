@@ -21,6 +21,7 @@ from cityward.bank.errors import (
 )
 from cityward.bank.model import NGSI_NULL, PAYLOAD, now_iso
 from cityward.bank.store import Store, WriteTxn
+from cityward.bank.store.base import Derived, derive
 
 Doc = dict[str, Any]
 Instance = dict[str, Any]
@@ -359,7 +360,14 @@ class Bank:
         items: Sequence[Doc | tuple[str | None, NgsiError]],
         create_tenant: bool,
         apply: Callable[[WriteTxn, list[Doc], BatchResult], None],
+        prepare: Callable[[list[Doc]], None] | None = None,
     ) -> BatchResult:
+        """Run ``apply`` on the well-formed items in one transaction.
+
+        ``prepare`` runs first, outside the write lock: whatever does not depend on the stored
+        state (new documents, their index rows) is built there, so that concurrent requests
+        build theirs while another one writes.
+        """
         result = BatchResult()
         good: list[Doc] = []
         for item in items:
@@ -369,6 +377,8 @@ class Bank:
                 good.append(item)
         if not create_tenant:
             self.check_tenant(tenant)
+        if good and prepare is not None:
+            prepare(good)
         if good:
             with self.store.write(tenant, create_tenant=create_tenant) as txn:
                 apply(txn, good, result)
@@ -377,24 +387,35 @@ class Bank:
     def batch_create(
         self, tenant: str, items: Sequence[Doc | tuple[str | None, NgsiError]]
     ) -> BatchResult:
+        now = now_iso()
+        built: dict[int, tuple[Doc, Derived]] = {}
+
+        def prepare(frags: list[Doc]) -> None:
+            for frag in frags:
+                doc = new_document(frag, now)
+                built[id(frag)] = (doc, derive(doc))
+
         def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
             existing = txn.get_many([f["id"] for f in frags])
-            now = now_iso()
             seen: set[str] = set()
-            new: list[Doc] = []
+            new: list[tuple[Doc, Derived]] = []
             for frag in frags:
                 eid = frag["id"]
                 if eid in existing or eid in seen:
                     result.fail(eid, AlreadyExists(f"entity {eid} already exists", field="id"))
                     continue
                 seen.add(eid)
-                new.append(new_document(frag, now))
+                new.append(built[id(frag)])
             pks = txn.new_pks(len(new))
-            txn.put(list(zip(pks, new, strict=True)), replacing=[])
-            result.success.extend(d["id"] for d in new)
-            result.created.extend(d["id"] for d in new)
+            txn.put(
+                [(pk, doc) for pk, (doc, _) in zip(pks, new, strict=True)],
+                replacing=[],
+                derived=[d for _, d in new],
+            )
+            result.success.extend(d["id"] for d, _ in new)
+            result.created.extend(d["id"] for d, _ in new)
 
-        return self._batch(tenant, items, True, apply)
+        return self._batch(tenant, items, True, apply, prepare)
 
     def batch_upsert(
         self,
@@ -402,50 +423,65 @@ class Bank:
         items: Sequence[Doc | tuple[str | None, NgsiError]],
         mode: Literal["replace", "update"],
     ) -> BatchResult:
+        now = now_iso()
+        built: dict[int, tuple[Doc, Derived]] = {}
+
+        def prepare(frags: list[Doc]) -> None:
+            # replace: the new document does not depend on the stored one (but for createdAt,
+            # which no index row holds); update: only entities that turn out new use it
+            if mode == "replace":
+                for frag in frags:
+                    doc = new_document(frag, now)
+                    built[id(frag)] = (doc, derive(doc))
+
         def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
             existing = txn.get_many([f["id"] for f in frags])
-            now = now_iso()
-            touched: dict[str, tuple[int | None, Doc]] = {}
+            touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
             for frag in frags:
                 eid = frag["id"]
+                ready = built.get(id(frag))
                 prior = touched.get(eid)
                 if prior is None and eid in existing:
-                    prior = existing[eid]
+                    prior = (*existing[eid], None)
                 if prior is None:
-                    touched[eid] = (None, new_document(frag, now))
+                    doc, derived = ready or (new_document(frag, now), None)
+                    touched[eid] = (None, doc, derived)
                     continue
-                pk, doc = prior
-                if mode == "replace":
-                    new = new_document(frag, now)
-                    new["createdAt"] = doc["createdAt"]
+                pk, old, _ = prior
+                if ready is not None:
+                    new, derived = ready
+                    new["createdAt"] = old["createdAt"]
                 else:
-                    new = self._append_doc(doc, frag, now, False, UpdateResult())
+                    new = self._append_doc(old, frag, now, False, UpdateResult())
                     new["modifiedAt"] = now
-                touched[eid] = (pk, new)
+                    derived = None
+                touched[eid] = (pk, new, derived)
             self._store_touched(txn, touched, result)
 
-        return self._batch(tenant, items, True, apply)
+        return self._batch(tenant, items, True, apply, prepare)
 
     @staticmethod
     def _store_touched(
         txn: WriteTxn,
-        touched: dict[str, tuple[int | None, Doc]],
+        touched: dict[str, tuple[int | None, Doc, Derived | None]],
         result: BatchResult,
     ) -> None:
         """Write the documents a batch produced: new ones get fresh pks, the rest replace."""
-        fresh = [eid for eid, (pk, _) in touched.items() if pk is None]
+        fresh = [eid for eid, (pk, _, _) in touched.items() if pk is None]
         pks = iter(txn.new_pks(len(fresh)))
         items: list[tuple[int, Doc]] = []
+        derived: list[Derived | None] = []
         replacing: list[int] = []
-        for eid, (pk, doc) in touched.items():
+        for eid, (pk, doc, d) in touched.items():
             if pk is None:
                 items.append((next(pks), doc))
                 result.created.append(eid)
             else:
                 items.append((pk, doc))
                 replacing.append(pk)
+            derived.append(d)
             result.success.append(eid)
-        txn.put(items, replacing=replacing)
+        txn.put(items, replacing=replacing, derived=derived)
 
     def batch_update(
         self,
@@ -457,16 +493,18 @@ class Bank:
         def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
             existing = txn.get_many([f["id"] for f in frags])
             now = now_iso()
-            touched: dict[str, tuple[int | None, Doc]] = {}
+            touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
             failed: set[str] = set()
             for frag in frags:
                 eid = frag["id"]
-                prior = touched.get(eid) or existing.get(eid)
+                prior = touched.get(eid)
+                if prior is None and eid in existing:
+                    prior = (*existing[eid], None)
                 if prior is None:
                     result.fail(eid, ResourceNotFound(f"entity {eid} not found", field="id"))
                     failed.add(eid)
                     continue
-                pk, doc = prior
+                pk, doc, _ = prior
                 upd = UpdateResult()
                 try:
                     if merge:
@@ -487,7 +525,7 @@ class Bank:
                     )
                     failed.add(eid)
                 new["modifiedAt"] = now
-                touched[eid] = (pk, new)
+                touched[eid] = (pk, new, None)
             sub = BatchResult()
             self._store_touched(txn, touched, sub)
             result.success.extend(e for e in sub.success if e not in failed)

@@ -48,20 +48,41 @@ def load_doc(raw: str | bytes) -> dict[str, Any]:
     return doc
 
 
-def derived_rows(
-    pk: int, doc: dict[str, Any]
-) -> tuple[list[tuple[int, str]], list[IndexRow], list[GeoRow]]:
-    """The rows of etypes, attr_index and geo that mirror one stored document."""
-    types = [(pk, t) for t in doc["type"]]
-    idx = [(pk, path_id(path), vt, num, txt) for path, vt, num, txt in index_rows(doc)]
-    geos: list[GeoRow] = []
+@dataclass(slots=True)
+class Derived:
+    """What a document adds to etypes, attr_index and geo, before it has a pk.
+
+    Computed outside the write lock (see Bank.batch_upsert): it depends on the attributes only,
+    not on the entity's system times or primary key.
+    """
+
+    types: list[str]
+    idx: list[tuple[int, int, float | None, str | None]]  # (path id, vt, num, txt)
+    geos: list[tuple[str, float, float, float, float, str]]  # (path, minx, miny, maxx, maxy, json)
+
+
+def derive(doc: dict[str, Any]) -> Derived:
+    idx = [(path_id(path), vt, num, txt) for path, vt, num, txt in index_rows(doc)]
+    geos: list[tuple[str, float, float, float, float, str]] = []
     for iri, instances in doc["attrs"].items():
         for inst in instances:
             if inst["type"] == "GeoProperty":
                 value = inst["value"]
                 minx, miny, maxx, maxy = geo.bbox(value)
-                geos.append((pk, iri, minx, miny, maxx, maxy, orjson.dumps(value).decode()))
-    return types, idx, geos
+                geos.append((iri, minx, miny, maxx, maxy, orjson.dumps(value).decode()))
+    return Derived(list(doc["type"]), idx, geos)
+
+
+def derived_rows(
+    pk: int, doc: dict[str, Any], derived: Derived | None = None
+) -> tuple[list[tuple[int, str]], list[IndexRow], list[GeoRow]]:
+    """The rows of etypes, attr_index and geo that mirror one stored document."""
+    d = derived or derive(doc)
+    return (
+        [(pk, t) for t in d.types],
+        [(pk, *row) for row in d.idx],
+        [(pk, *g) for g in d.geos],
+    )
 
 
 @dataclass
@@ -86,8 +107,16 @@ class WriteTxn(abc.ABC):
         """``n`` fresh primary keys for new entities."""
 
     @abc.abstractmethod
-    def put(self, items: Sequence[tuple[int, dict[str, Any]]], replacing: Sequence[int]) -> None:
-        """Store documents under their pks; ``replacing`` lists the pks that exist already."""
+    def put(
+        self,
+        items: Sequence[tuple[int, dict[str, Any]]],
+        replacing: Sequence[int],
+        derived: Sequence[Derived | None] = (),
+    ) -> None:
+        """Store documents under their pks; ``replacing`` lists the pks that exist already.
+
+        ``derived`` may carry each item's :func:`derive` result, computed beforehand.
+        """
 
     @abc.abstractmethod
     def delete(self, pks: Sequence[int]) -> None:

@@ -12,7 +12,15 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
-from cityward.bank.store.base import QuerySpec, Store, WriteTxn, derived_rows, dump_doc, load_doc
+from cityward.bank.store.base import (
+    Derived,
+    QuerySpec,
+    Store,
+    WriteTxn,
+    derived_rows,
+    dump_doc,
+    load_doc,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY);
@@ -159,14 +167,20 @@ class _PgTxn(WriteTxn):
         self.conn.execute("DELETE FROM attr_index WHERE e = ANY(%s)", [pk_list])
         self.conn.execute("DELETE FROM geo WHERE e = ANY(%s)", [pk_list])
 
-    def put(self, items: Sequence[tuple[int, dict[str, Any]]], replacing: Sequence[int]) -> None:
+    def put(
+        self,
+        items: Sequence[tuple[int, dict[str, Any]]],
+        replacing: Sequence[int],
+        derived: Sequence[Derived | None] = (),
+    ) -> None:
         if replacing:
             self._clear_derived(replacing)
             self.conn.execute("DELETE FROM entities WHERE pk = ANY(%s)", [list(replacing)])
         self.written += len(items)
         with self.conn.cursor() as cur:
             # COPY is several times faster than INSERT for the thousands of rows of a batch
-            derived = [(pk, *derived_rows(pk, doc)) for pk, doc in items]
+            pre = derived or [None] * len(items)
+            rows = [derived_rows(pk, doc, d) for (pk, doc), d in zip(items, pre, strict=True)]
             with cur.copy(
                 "COPY entities (pk, tenant, eid, created, modified, doc) FROM STDIN"
             ) as copy:
@@ -182,20 +196,17 @@ class _PgTxn(WriteTxn):
                         )
                     )
             with cur.copy("COPY etypes (e, type) FROM STDIN") as copy:
-                for _, types, _, _ in derived:
+                for types, _, _ in rows:
                     for row in types:
                         copy.write_row(row)
             with cur.copy("COPY attr_index (e, path, vt, num, txt) FROM STDIN") as copy:
-                for _, _, idx, _ in derived:
+                for _, idx, _ in rows:
                     for irow in idx:
                         copy.write_row(irow)
-            geo_rows = [g for _, _, _, geos in derived for g in geos]
-            if geo_rows:
-                cur.executemany(
-                    "INSERT INTO geo (e, path, bbox, geom) "
-                    "VALUES (%s, %s, box(point(%s, %s), point(%s, %s)), %s)",
-                    geo_rows,
-                )
+            with cur.copy("COPY geo (e, path, bbox, geom) FROM STDIN") as copy:
+                for _, _, geos in rows:
+                    for e, path, minx, miny, maxx, maxy, geom in geos:
+                        copy.write_row((e, path, f"({minx!r},{miny!r}),({maxx!r},{maxy!r})", geom))
 
     def delete(self, pks: Sequence[int]) -> None:
         self._clear_derived(pks)
