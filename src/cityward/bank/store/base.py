@@ -157,10 +157,11 @@ class Store(abc.ABC):
 
     # Counting how many entities a driver lists stops at this many index entries; a driver
     # under CLEARLY_SELECTIVE is taken without counting the others. Examining an entity from a
-    # driver costs about DRIVER_WEIGHT times a scanned one (distinct, lookup, sort).
+    # driver costs about DRIVER_WEIGHT times a scanned one (distinct, lookup, sort): measured
+    # ~7 us against ~1.4 us on SQLite at 100,000 entities.
     COUNT_CAP = 10_000
     CLEARLY_SELECTIVE = 500
-    DRIVER_WEIGHT = 2.5
+    DRIVER_WEIGHT = 4.0
 
     def plan(self, tenant: str, spec: QuerySpec, scan_ok: bool = True) -> Plan:
         """The cheapest starting point for a query and the conditions checked on top of it.
@@ -196,10 +197,17 @@ class Store(abc.ABC):
             scan_cost = min(total, (spec.offset + spec.limit) / selectivity)
             if best is not None and not spec.count and best_n * self.DRIVER_WEIGHT >= scan_cost:
                 best = None
+        if best is None and scan_ok and self.dialect == "sqlite":
+            return self._with_driver(tenant, spec, None, ordered_scan=True)
+        return self._with_driver(tenant, spec, best)
+
+    def _with_driver(
+        self, tenant: str, spec: QuerySpec, best: Conjunct | None, ordered_scan: bool = False
+    ) -> Plan:
+        """The plan that starts from ``best`` (None: from the entities) and probes the rest."""
         # SQLite: a unary + keeps the planner off the (tenant, eid) index when scanning, so the
         # scan runs in pk order and stops at the page's end instead of sorting everything.
-        scan = best is None and scan_ok and self.dialect == "sqlite"
-        parts = ["+e.tenant = ?" if scan else "e.tenant = ?"]
+        parts = ["+e.tenant = ?" if ordered_scan else "e.tenant = ?"]
         params: list[Any] = [tenant]
         for c in spec.conjuncts:
             if c is not best:
@@ -213,23 +221,28 @@ class Store(abc.ABC):
             return Plan(" AND ".join(parts), params)
         return Plan(" AND ".join(parts), params, best.driver, best.driver_params)
 
+    # A page query first scans a window of this many entities in pk order (see _adaptive)
+    FIRST_WINDOW = 2000
+    # Deeper pages than this use the planner alone: the adaptive path holds the pks in Python
+    ADAPTIVE_MAX_NEED = 5000
+
     def query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
         """One page of matching entities (in creation order) and the total when asked."""
         if spec.geo is not None:
             # the spatial index drives; every other condition is probed per candidate
             geo_plan = self.plan(tenant, spec, scan_ok=False)
             return self._geo_query(geo_plan.where, geo_plan.params, spec)
+        need = spec.offset + spec.limit
+        if (
+            not spec.count
+            and spec.limit > 0
+            and need <= self.ADAPTIVE_MAX_NEED
+            and any(c.driver is not None for c in spec.conjuncts)
+        ):
+            pks = self._adaptive(tenant, spec, need)
+            return self.docs_by_pk(pks[spec.offset : need]), None
         plan = self.plan(tenant, spec)
-        source, where, params = "entities e", plan.where, plan.params
-        if plan.driver is not None:
-            if self.dialect == "sqlite":
-                # CROSS JOIN makes SQLite loop over the driver's few pks; left to itself it
-                # prefers scanning every entity in pk order to avoid sorting the page.
-                source = f"(SELECT DISTINCT * FROM ({plan.driver})) d CROSS JOIN entities e"
-                where = f"e.pk = d.e AND {where}"
-            else:
-                where = f"e.pk IN ({plan.driver}) AND {where}"
-            params = [*plan.driver_params, *params]
+        source, where, params = self._source(plan)
         total: int | None = None
         if spec.count:
             total = int(self._select(f"SELECT count(*) FROM {source} WHERE {where}", params)[0][0])
@@ -247,6 +260,75 @@ class Store(abc.ABC):
             [*params, spec.limit, spec.offset],
         )
         return [load_doc(r[0]) for r in rows], total
+
+    def _source(self, plan: Plan) -> tuple[str, str, list[Any]]:
+        """FROM clause, WHERE clause and parameters that run a plan."""
+        if plan.driver is None:
+            return "entities e", plan.where, plan.params
+        if self.dialect == "sqlite":
+            # CROSS JOIN makes SQLite loop over the driver's few pks; left to itself it
+            # prefers scanning every entity in pk order to avoid sorting the page.
+            source = f"(SELECT DISTINCT * FROM ({plan.driver})) d CROSS JOIN entities e"
+            return source, f"e.pk = d.e AND {plan.where}", [*plan.driver_params, *plan.params]
+        return (
+            "entities e",
+            f"e.pk IN ({plan.driver}) AND {plan.where}",
+            [*plan.driver_params, *plan.params],
+        )
+
+    def _adaptive(self, tenant: str, spec: QuerySpec, need: int) -> list[int]:
+        """The first ``need`` matching pks: scan a first window, then scan on or drive.
+
+        Estimating a filter's selectivity from per-condition counts goes wrong exactly where it
+        matters (capped counts, correlated conditions), and a wrong guess costs several times
+        the right plan. So the query starts by scanning the first FIRST_WINDOW entities in pk
+        order, which is cheap (about a microsecond per entity on SQLite) and is useful work:
+        a common filter fills its page right there. Otherwise the window measured the
+        selectivity, which prices scanning on; a driver is taken for the rest only when its
+        count, capped at that price, says it is cheaper.
+        """
+        scan = self._with_driver(tenant, spec, None, ordered_scan=self.dialect == "sqlite")
+        window = max(self.FIRST_WINDOW, 2 * need)
+        top = int(self._select("SELECT coalesce(max(pk), 0) FROM entities", [])[0][0])
+        rows = self._select(
+            f"SELECT e.pk FROM entities e WHERE {scan.where} AND e.pk <= ? "
+            "ORDER BY e.pk LIMIT ?",
+            [*scan.params, window, need],
+        )
+        pks = [int(r[0]) for r in rows]
+        if len(pks) >= need or window >= top:
+            return pks
+        missing = need - len(pks)
+        selectivity = max(len(pks), 0.5) / window
+        scan_cost = min(top - window, missing / selectivity)
+        cap = int(scan_cost / self.DRIVER_WEIGHT)
+        best: Conjunct | None = None
+        best_n = cap
+        drivers = [c for c in spec.conjuncts if c.driver is not None]
+        # value conditions first: a type usually lists far more entities
+        drivers.sort(key=lambda c: "FROM etypes" in (c.driver or ""))
+        for c in drivers:
+            sql = f"SELECT count(*) FROM ({c.driver} LIMIT {cap}) d"
+            n = int(self._select(sql, c.driver_params)[0][0])
+            if n < best_n:
+                best, best_n = c, n
+            if n < self.CLEARLY_SELECTIVE:
+                break
+        if best is None:
+            rest = self._select(
+                f"SELECT e.pk FROM entities e WHERE {scan.where} AND e.pk > ? "
+                "ORDER BY e.pk LIMIT ?",
+                [*scan.params, window, missing],
+            )
+        else:
+            plan = self._with_driver(tenant, spec, best)
+            source, where, params = self._source(plan)
+            rest = self._select(
+                f"SELECT e.pk FROM {source} WHERE {where} AND e.pk > ? ORDER BY e.pk LIMIT ?",
+                [*params, window, missing],
+            )
+        pks.extend(int(r[0]) for r in rest)
+        return pks
 
     def _geo_query(
         self, where: str, params: list[Any], spec: QuerySpec

@@ -7,6 +7,7 @@ import math
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -27,6 +28,11 @@ from cityward.bank.store.base import (
 # Geo rows live in an R-tree whose integer id encodes the entity: id = pk * GEO_SLOTS + n, so an
 # entity's boxes are one id range (R-tree auxiliary columns cannot be indexed).
 GEO_SLOTS = 64
+# the background checkpointer runs at most every CHECKPOINT_PAUSE_S after a write, and every
+# CHECKPOINT_IDLE_S anyway; the WAL file is cut back to WAL_SIZE_LIMIT bytes once reset
+CHECKPOINT_PAUSE_S = 0.2
+CHECKPOINT_IDLE_S = 5.0
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY);
@@ -80,6 +86,36 @@ class SqliteStore(Store):
         # the writer touches index pages all over the file: give it the big cache
         self._writer.execute("PRAGMA cache_size=-65536")
         self._writer.executescript(SCHEMA)
+        # Checkpoints (copying the WAL back into the database, with an fsync) run on a thread
+        # of their own instead of inside whichever commit crosses the threshold: a batch
+        # commit then only appends to the WAL, and the copy overlaps the next batch's work.
+        self._writer.execute("PRAGMA wal_autocheckpoint=0")
+        self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
+        self._wal_dirty = threading.Event()
+        self._closing = False
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
+
+    def _checkpoint_loop(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute("PRAGMA busy_timeout=1000")
+            while not self._closing:
+                # after a write, or every few seconds for writes of other worker processes
+                self._wal_dirty.wait(CHECKPOINT_IDLE_S)
+                self._wal_dirty.clear()
+                if self._closing:
+                    break
+                with suppress(sqlite3.Error):
+                    # PASSIVE never blocks writers or readers; it copies what it can
+                    conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                time.sleep(CHECKPOINT_PAUSE_S)
+        finally:
+            with suppress(sqlite3.Error):
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            conn.close()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -125,6 +161,7 @@ class SqliteStore(Store):
                 raise
             else:
                 conn.execute("COMMIT")
+                self._wal_dirty.set()
 
     def _geo_candidates_sql(self, spec: QuerySpec) -> tuple[str, list[Any]]:
         from cityward.bank import geo
@@ -141,6 +178,9 @@ class SqliteStore(Store):
         )
 
     def close(self) -> None:
+        self._closing = True
+        self._wal_dirty.set()
+        self._checkpointer.join(timeout=30)
         with self._all_lock:
             for conn in self._all:
                 with suppress(sqlite3.Error):
