@@ -12,6 +12,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
+from cityward.bank.changes import Change, ChangeFeed
 from cityward.bank.errors import (
     AlreadyExists,
     BadRequestData,
@@ -34,6 +37,7 @@ class BatchResult:
     success: list[str] = field(default_factory=list)
     created: list[str] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
+    changes: list[Change] = field(default_factory=list, repr=False)  # for hooks and the feed
 
     def fail(self, entity_id: str | None, error: NgsiError) -> None:
         self.errors.append({"entityId": entity_id, "error": error.problem()})
@@ -66,6 +70,16 @@ def _clean(inst: Instance, now: str, created: str | None) -> Instance:
         for s in sub.values():
             _strip_flags(s)
     return inst
+
+
+def _copy(doc: Doc) -> Doc:
+    """A deep copy of a stored document (JSON data: orjson is several times deepcopy's speed)."""
+    out = orjson.loads(orjson.dumps(doc))
+    assert isinstance(out, dict)
+    return out
+
+
+WriteHook = Callable[[WriteTxn, list[Change]], None]
 
 
 def _find(instances: list[Instance], dataset_id: str | None) -> int:
@@ -144,6 +158,14 @@ class Bank:
         self.store = store
         self.default_limit = default_limit
         self.max_limit = max_limit
+        # run inside every write transaction, before it commits (history, notifications)
+        self.hooks: list[WriteHook] = []
+        # committed changes for in-process followers
+        self.feed = ChangeFeed()
+
+    def _after_write(self, txn: WriteTxn, changes: list[Change]) -> None:
+        for hook in self.hooks:
+            hook(txn, changes)
 
     # -- tenants ----------------------------------------------------------------------------
     def check_tenant(self, tenant: str) -> None:
@@ -177,6 +199,7 @@ class Bank:
             if found is None or (types is not None and not set(types) & set(found[1]["type"])):
                 raise ResourceNotFound(f"entity {eid} not found", field="id")
             pk, doc = found
+            before = _copy(doc)
             now = now_iso()
             new = change(doc, now)
             if new is None:
@@ -184,6 +207,9 @@ class Bank:
             else:
                 new["modifiedAt"] = now
                 txn.put([(pk, new)], replacing=[pk])
+            changes = [Change(tenant, pk, eid, before, new, now)]
+            self._after_write(txn, changes)
+        self.feed.publish(changes)
 
     def replace(self, tenant: str, eid: str, frag: Doc) -> None:
         def change(doc: Doc, now: str) -> Doc:
@@ -382,6 +408,8 @@ class Bank:
         if good:
             with self.store.write(tenant, create_tenant=create_tenant) as txn:
                 apply(txn, good, result)
+                self._after_write(txn, result.changes)
+            self.feed.publish(result.changes)
         return result
 
     def batch_create(
@@ -411,6 +439,10 @@ class Bank:
                 [(pk, doc) for pk, (doc, _) in zip(pks, new, strict=True)],
                 replacing=[],
                 derived=[d for _, d in new],
+            )
+            result.changes.extend(
+                Change(tenant, pk, doc["id"], None, doc, now)
+                for pk, (doc, _) in zip(pks, new, strict=True)
             )
             result.success.extend(d["id"] for d, _ in new)
             result.created.extend(d["id"] for d, _ in new)
@@ -452,11 +484,11 @@ class Bank:
                     new, derived = ready
                     new["createdAt"] = old["createdAt"]
                 else:
-                    new = self._append_doc(old, frag, now, False, UpdateResult())
+                    new = self._append_doc(_copy(old), frag, now, False, UpdateResult())
                     new["modifiedAt"] = now
                     derived = None
                 touched[eid] = (pk, new, derived)
-            self._store_touched(txn, touched, result)
+            self._store_touched(txn, touched, result, tenant, existing, now)
 
         return self._batch(tenant, items, True, apply, prepare)
 
@@ -465,8 +497,14 @@ class Bank:
         txn: WriteTxn,
         touched: dict[str, tuple[int | None, Doc, Derived | None]],
         result: BatchResult,
+        tenant: str,
+        existing: dict[str, tuple[int, Doc]],
+        now: str,
     ) -> None:
-        """Write the documents a batch produced: new ones get fresh pks, the rest replace."""
+        """Write the documents a batch produced: new ones get fresh pks, the rest replace.
+
+        ``existing`` holds the documents as stored before the batch (never modified in place).
+        """
         fresh = [eid for eid, (pk, _, _) in touched.items() if pk is None]
         pks = iter(txn.new_pks(len(fresh)))
         items: list[tuple[int, Doc]] = []
@@ -474,13 +512,15 @@ class Bank:
         replacing: list[int] = []
         for eid, (pk, doc, d) in touched.items():
             if pk is None:
-                items.append((next(pks), doc))
+                pk = next(pks)
                 result.created.append(eid)
             else:
-                items.append((pk, doc))
                 replacing.append(pk)
+            items.append((pk, doc))
             derived.append(d)
             result.success.append(eid)
+            before = existing.get(eid)
+            result.changes.append(Change(tenant, pk, eid, before[1] if before else None, doc, now))
         txn.put(items, replacing=replacing, derived=derived)
 
     def batch_update(
@@ -508,9 +548,9 @@ class Bank:
                 upd = UpdateResult()
                 try:
                     if merge:
-                        new = self._merge_doc(copy.deepcopy(doc), frag, now)
+                        new = self._merge_doc(_copy(doc), frag, now)
                     else:
-                        new = self._append_doc(copy.deepcopy(doc), frag, now, no_overwrite, upd)
+                        new = self._append_doc(_copy(doc), frag, now, no_overwrite, upd)
                 except NgsiError as exc:
                     result.fail(eid, exc)
                     failed.add(eid)
@@ -527,8 +567,9 @@ class Bank:
                 new["modifiedAt"] = now
                 touched[eid] = (pk, new, None)
             sub = BatchResult()
-            self._store_touched(txn, touched, sub)
+            self._store_touched(txn, touched, sub, tenant, existing, now)
             result.success.extend(e for e in sub.success if e not in failed)
+            result.changes.extend(sub.changes)
 
         return self._batch(tenant, items, False, apply)
 
@@ -557,6 +598,13 @@ class Bank:
                 pks.append(existing[eid][0])
                 result.success.append(eid)
             txn.delete(pks)
+            now = now_iso()
+            result.changes.extend(
+                Change(tenant, existing[eid][0], eid, existing[eid][1], None, now)
+                for eid in result.success
+            )
+            self._after_write(txn, result.changes)
+        self.feed.publish(result.changes)
         return result
 
 

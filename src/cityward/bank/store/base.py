@@ -250,11 +250,11 @@ class Store(abc.ABC):
             return [], total
         if plan.driver is not None:
             # sort the driver's matches by pk alone, then read just the page's documents
-            pks = self._select(
+            page = self._select(
                 f"SELECT e.pk FROM {source} WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
                 [*params, spec.limit, spec.offset],
             )
-            return self.docs_by_pk([int(r[0]) for r in pks]), total
+            return self.docs_by_pk([int(r[0]) for r in page]), total
         rows = self._select(
             f"SELECT e.doc FROM {source} WHERE {where} ORDER BY e.pk LIMIT ? OFFSET ?",
             [*params, spec.limit, spec.offset],
@@ -291,8 +291,7 @@ class Store(abc.ABC):
         window = max(self.FIRST_WINDOW, 2 * need)
         top = int(self._select("SELECT coalesce(max(pk), 0) FROM entities", [])[0][0])
         rows = self._select(
-            f"SELECT e.pk FROM entities e WHERE {scan.where} AND e.pk <= ? "
-            "ORDER BY e.pk LIMIT ?",
+            f"SELECT e.pk FROM entities e WHERE {scan.where} AND e.pk <= ? ORDER BY e.pk LIMIT ?",
             [*scan.params, window, need],
         )
         pks = [int(r[0]) for r in rows]
