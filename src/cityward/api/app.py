@@ -13,7 +13,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cityward.api.ngsi import Runtime
-from cityward.api.routes import batch, discovery, entities
+from cityward.api.routes import batch, contexts, discovery, entities
+from cityward.bank.contexts import ContextRegistry
 from cityward.bank.errors import InternalError, NgsiError
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.service import Bank
@@ -73,7 +74,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         contexts=resolver,
         max_body=settings.max_body_bytes,
     )
-    for module in (entities, batch, discovery):
+    app.state.context_registry = ContextRegistry(store, resolver)
+    for module in (entities, batch, discovery, contexts):
         app.include_router(module.router, prefix=NGSI_PREFIX)
 
     @app.exception_handler(NgsiError)

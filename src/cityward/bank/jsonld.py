@@ -11,7 +11,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -205,6 +205,8 @@ class ContextResolver:
         self._documents: dict[str, Any] = {}
         self._contexts: OrderedDict[bytes, Context] = OrderedDict()
         self._lock = threading.Lock()
+        # contexts this server hosts itself (/jsonldContexts): URL -> @context value or None
+        self.local: Callable[[str], Any | None] | None = None
         self.core = self._build(None)
 
     def resolve(self, source: Any) -> Context:
@@ -281,6 +283,10 @@ class ContextResolver:
 
     def fetch(self, url: str) -> Any:
         """The @context member of the document at ``url`` (preloaded, cached or fetched)."""
+        if self.local is not None:
+            hosted = self.local(url)
+            if hosted is not None:
+                return hosted
         with self._lock:
             if url in self._documents:
                 return self._documents[url]
@@ -306,6 +312,33 @@ class ContextResolver:
         value = doc["@context"]
         with self._lock:
             self._documents[url] = value
+        return value
+
+    def documents(self) -> dict[str, Any]:
+        """The remote context documents held in the cache (URL -> @context value)."""
+        with self._lock:
+            return dict(self._documents)
+
+    def forget(self, url: str) -> bool:
+        """Drop a cached document (and every context built on cached documents)."""
+        with self._lock:
+            found = self._documents.pop(url, None) is not None
+            self._contexts.clear()
+        return found
+
+    def refetch(self, url: str) -> Any:
+        """Fetch ``url`` again; on failure the cached copy stays and the error is raised."""
+        with self._lock:
+            old = self._documents.pop(url, None)
+        try:
+            value = self.fetch(url)
+        except Exception:
+            if old is not None:
+                with self._lock:
+                    self._documents.setdefault(url, old)
+            raise
+        with self._lock:
+            self._contexts.clear()
         return value
 
     def _download(self, url: str) -> bytes:

@@ -96,7 +96,18 @@ class Plan:
 
 
 class WriteTxn(abc.ABC):
-    """One atomic write: read the entities it changes, then put or delete them."""
+    """One atomic write: read the entities it changes, then put or delete them.
+
+    ``conn`` is the backend's connection (sqlite3 or psycopg) for write hooks that keep tables
+    of their own in the same transaction; ``dialect`` says which.
+    """
+
+    dialect: Dialect
+    conn: Any
+
+    @abc.abstractmethod
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement (``?`` placeholders) in this transaction; rows it returns."""
 
     @abc.abstractmethod
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
@@ -137,6 +148,10 @@ class Store(abc.ABC):
         if tenant == "":
             return True
         return bool(self._select("SELECT 1 FROM tenants WHERE name = ?", [tenant]))
+
+    def select(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a read query (``?`` placeholders) outside any write transaction."""
+        return self._select(sql, params)
 
     def get(self, tenant: str, eid: str) -> dict[str, Any] | None:
         """The stored document of one entity, or None."""

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS attr_index (
 CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, vt, num) WHERE num IS NOT NULL;
 CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, vt, txt);
 CREATE INDEX IF NOT EXISTS attr_index_e ON attr_index(e, path);
+CREATE TABLE IF NOT EXISTS jsonld_contexts (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+  created TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
 CREATE TABLE IF NOT EXISTS geo (e BIGINT NOT NULL, path TEXT NOT NULL, bbox BOX NOT NULL,
   geom TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS geo_bbox ON geo USING gist (bbox);
@@ -133,10 +137,16 @@ class PostgresStore(Store):
 
 
 class _PgTxn(WriteTxn):
+    dialect = "postgres"
+
     def __init__(self, conn: psycopg.Connection[Any], tenant: str) -> None:
         self.conn = conn
         self.tenant = tenant
         self.written = 0  # entities put, for the statistics refresh
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = self.conn.execute(to_pg(sql), list(params))
+        return cur.fetchall() if cur.description is not None else []
 
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         out: dict[str, tuple[int, dict[str, Any]]] = {}

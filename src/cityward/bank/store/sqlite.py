@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS attr_index (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS attr_index_num ON attr_index(path, vt, num) WHERE num IS NOT NULL;
 CREATE INDEX IF NOT EXISTS attr_index_txt ON attr_index(path, vt, txt);
+CREATE TABLE IF NOT EXISTS jsonld_contexts (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+  created TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
 CREATE VIRTUAL TABLE IF NOT EXISTS geo_rt USING rtree(
   id, minx, maxx, miny, maxy, +path TEXT, +geom TEXT
 );
@@ -217,9 +221,15 @@ class _FileLock:
 
 
 class _SqliteTxn(WriteTxn):
+    dialect = "sqlite"
+
     def __init__(self, conn: sqlite3.Connection, tenant: str) -> None:
         self.conn = conn
         self.tenant = tenant
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self.conn.execute(sql, list(params)).fetchall()
+        return rows
 
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         # one row holding a JSON array of every match: one sqlite3_step, see put()
