@@ -13,12 +13,23 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cityward.api.ngsi import Runtime
-from cityward.api.routes import batch, contexts, discovery, entities
+from cityward.api.routes import (
+    batch,
+    contexts,
+    discovery,
+    entities,
+    temporal,
+)
+from cityward.api.routes import (
+    subscriptions as subscription_routes,
+)
 from cityward.bank.contexts import ContextRegistry
 from cityward.bank.errors import InternalError, NgsiError
+from cityward.bank.history import History
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.service import Bank
 from cityward.bank.store import Store, open_store
+from cityward.bank.subscriptions.service import Subscriptions
 from cityward.config import Settings
 
 log = logging.getLogger("cityward.api")
@@ -61,21 +72,26 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         allow_fetch=settings.context_fetch,
     )
 
+    bank = Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit)
+    History(store, bank)
+    subscriptions = Subscriptions(store, bank, resolver)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        store.close()
+        await subscriptions.start()
+        try:
+            yield
+        finally:
+            await subscriptions.stop()
+            store.close()
 
     app = FastAPI(
         title="cityward", version="0.1.0", docs_url="/docs", redoc_url=None, lifespan=lifespan
     )
-    app.state.runtime = Runtime(
-        bank=Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit),
-        contexts=resolver,
-        max_body=settings.max_body_bytes,
-    )
+    app.state.runtime = Runtime(bank=bank, contexts=resolver, max_body=settings.max_body_bytes)
+    app.state.subscriptions = subscriptions
     app.state.context_registry = ContextRegistry(store, resolver)
-    for module in (entities, batch, discovery, contexts):
+    for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
 
     @app.exception_handler(NgsiError)

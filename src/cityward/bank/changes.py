@@ -126,6 +126,10 @@ class ChangeFeed:
     def active(self) -> bool:
         return bool(self._listeners)
 
+    @property
+    def listeners(self) -> int:
+        return len(self._listeners)
+
     def publish(self, changes: Sequence[Change]) -> None:
         if not changes:
             return

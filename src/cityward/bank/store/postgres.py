@@ -71,9 +71,12 @@ class PostgresStore(Store):
     def __init__(self, url: str, schema: str | None = None, max_size: int = 8) -> None:
         self.url = url
         self.schema = schema
-        kwargs: dict[str, Any] = {"autocommit": False}
+        # JIT off: the planner's row guesses for history aggregation trigger JIT compiling that
+        # costs far more than the query itself (1.5 s on small tables, +65 ms at 1M rows)
+        options = "-c jit=off"
         if schema:
-            kwargs["options"] = f"-c search_path={schema}"
+            options += f" -c search_path={schema}"
+        kwargs: dict[str, Any] = {"autocommit": False, "options": options}
         self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs=kwargs, open=True)
         self._stats_lock = threading.Lock()
         self._written = 0
@@ -118,6 +121,8 @@ class PostgresStore(Store):
             self._analyzed_at += self._written
             self._written = 0
         conn.execute("ANALYZE entities, etypes, attr_index, geo")
+        if conn.execute("SELECT to_regclass('attr_history')").fetchone() != (None,):
+            conn.execute("ANALYZE attr_history")
         conn.commit()
 
     def _geo_candidates_sql(self, spec: QuerySpec) -> tuple[str, list[Any]]:

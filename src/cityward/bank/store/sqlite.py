@@ -49,6 +49,8 @@ CREATE TABLE IF NOT EXISTS entities (
 CREATE UNIQUE INDEX IF NOT EXISTS entities_tenant_eid ON entities(tenant, eid);
 -- lets a query check the tenant of candidate entities without reading their documents
 CREATE INDEX IF NOT EXISTS entities_pk_tenant ON entities(pk, tenant);
+CREATE TABLE IF NOT EXISTS pk_seq (k INTEGER PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO pk_seq(k, v) SELECT 1, coalesce(max(pk), 0) FROM entities;
 CREATE TABLE IF NOT EXISTS etypes (e INTEGER NOT NULL, type TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS etypes_type ON etypes(type, e);
 CREATE INDEX IF NOT EXISTS etypes_e ON etypes(e);
@@ -241,11 +243,16 @@ class _SqliteTxn(WriteTxn):
         return {eid: (pk, doc) for pk, eid, doc in orjson.loads(row[0])}
 
     def new_pks(self, n: int) -> list[int]:
-        # Safe: we hold the only write transaction (BEGIN IMMEDIATE under the write lock).
-        top = self.conn.execute("SELECT coalesce(max(pk), 0) FROM entities").fetchone()[0]
-        start = int(top) + 1 + getattr(self, "_handed", 0)
-        self._handed = getattr(self, "_handed", 0) + n
-        return list(range(start, start + n))
+        # A counter, not max(pk) + 1: a pk is never handed out twice, even after the entity
+        # that had it was deleted (its history stays keyed by that pk).
+        if n == 0:
+            return []
+        top = int(
+            self.conn.execute(
+                "UPDATE pk_seq SET v = v + ? WHERE k = 1 RETURNING v", [n]
+            ).fetchone()[0]
+        )
+        return list(range(top - n + 1, top + 1))
 
     def _clear_derived(self, pks: Sequence[int]) -> None:
         keys = _json(pks)

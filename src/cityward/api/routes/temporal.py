@@ -1,0 +1,301 @@
+"""/ngsi-ld/v1/temporal: attribute history of entities, as instances, values or aggregates.
+
+The history lives in the data bank itself (``attr_history``, see cityward.bank.temporal): every
+write records the attribute instances it created or changed, stamped with their observedAt or,
+without one, the time the bank received them. Entity selection (type, id, q, geo, attrs,
+paging) works on the entities' current state, as in the entity query; the time window,
+``lastN`` and aggregation work on the history, in SQL.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+
+from cityward.api.ngsi import (
+    Runtime,
+    check_params,
+    header_context,
+    json_response,
+    negotiate,
+    read_json,
+    resolve_context,
+    runtime,
+    tenant_of,
+)
+from cityward.api.params import (
+    attr_iris,
+    compile_filter,
+    filter_from_body,
+    filter_from_params,
+    paging,
+)
+from cityward.api.routes.entities import QUERY_PARAMS, page_headers
+from cityward.bank.errors import BadRequestData, ResourceNotFound
+from cityward.bank.jsonld import Context
+from cityward.bank.render import View, render_instance
+from cityward.bank.store import QuerySpec, Store
+from cityward.bank.temporal import (
+    AggregateBucket,
+    HistoryInstance,
+    TemporalQuery,
+    aggregate_sql,
+    decode_aggregates,
+    decode_instances,
+    instances_sql,
+    parse_temporal_query,
+)
+
+router = APIRouter()
+
+TEMPORAL_PARAMS = (
+    "timerel",
+    "timeAt",
+    "endTimeAt",
+    "timeproperty",
+    "lastN",
+    "aggrMethods",
+    "aggrPeriodDuration",
+)
+# instances returned per attribute at most; more makes the answer a 206 Partial Content
+INSTANCE_LIMIT = 1000
+Shape = Literal["normalized", "temporalValues", "aggregatedValues"]
+
+# the member holding [value, time] pairs in the temporalValues form, per attribute kind
+_LIST_MEMBER = {
+    "Property": "values",
+    "GeoProperty": "values",
+    "Relationship": "objects",
+    "LanguageProperty": "languageMaps",
+    "ListProperty": "valueLists",
+    "ListRelationship": "objectLists",
+    "JsonProperty": "jsons",
+    "VocabProperty": "vocabs",
+}
+_PAYLOAD = {
+    "Property": "value",
+    "GeoProperty": "value",
+    "Relationship": "object",
+    "LanguageProperty": "languageMap",
+    "ListProperty": "valueList",
+    "ListRelationship": "objectList",
+    "JsonProperty": "json",
+    "VocabProperty": "vocab",
+}
+_WRAPPED = {"LanguageProperty", "JsonProperty", "VocabProperty"}
+
+
+def _shape(params: Mapping[str, str]) -> tuple[Shape, bool, dict[str, str]]:
+    """The temporal representation, sysAttrs, and the params left for the entity view."""
+    shape: Shape = "normalized"
+    rest = dict(params)
+    opts = [o.strip() for o in params.get("options", "").split(",") if o.strip()]
+    fmt = params.get("format")
+    for name in (*opts, fmt):
+        if name in ("temporalValues", "aggregatedValues"):
+            if shape != "normalized" and shape != name:
+                raise BadRequestData(
+                    "temporalValues and aggregatedValues exclude each other", field="options"
+                )
+            shape = name  # type: ignore[assignment]
+        elif name in ("keyValues", "simplified", "concise"):
+            raise BadRequestData(
+                f"{name} is not a temporal representation",
+                field="options" if name in opts else "format",
+            )
+        elif name not in (None, "normalized", "sysAttrs"):
+            raise BadRequestData(f"unknown option {name!r}", field="options")
+    rest.pop("format", None)
+    return shape, "sysAttrs" in opts, rest
+
+
+def _pks(store: Store, tenant: str, eids: list[str]) -> dict[str, int]:
+    if not eids:
+        return {}
+    marks = ",".join("?" * len(eids))
+    rows = store.select(
+        f"SELECT eid, pk FROM entities WHERE tenant = ? AND eid IN ({marks})", [tenant, *eids]
+    )
+    return {str(r[0]): int(r[1]) for r in rows}
+
+
+def _render_instances(
+    insts: list[HistoryInstance], ctx: Context, shape: Shape, sys_attrs: bool, tq: TemporalQuery
+) -> Any:
+    view = View(sys_attrs=sys_attrs)
+    if shape == "temporalValues":
+        kind = insts[-1].inst["type"]
+        member = _LIST_MEMBER.get(kind, "values")
+        payload = _PAYLOAD.get(kind, "value")
+        pairs = []
+        for h in insts:
+            value = h.inst.get(_PAYLOAD.get(h.inst["type"], "value"), "urn:ngsi-ld:null")
+            if h.inst["type"] == "ListRelationship":
+                value = list(value) if isinstance(value, list) else value
+            pairs.append([{payload: value} if kind in _WRAPPED else value, h.time])
+        return {"type": kind, member: pairs}
+    out = []
+    for h in insts:
+        rendered = render_instance(h.inst, ctx, view)
+        rendered["instanceId"] = f"urn:ngsi-ld:Instance:{h.id}"
+        if tq.timeproperty != "observedAt":
+            rendered[tq.timeproperty] = h.time
+        out.append(rendered)
+    return out
+
+
+def _render_buckets(buckets: list[AggregateBucket], kind: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"type": kind}
+    for b in buckets:
+        for method, value in b.values.items():
+            out.setdefault(method, []).append([value, b.start, b.end])
+    return out
+
+
+def _history(
+    store: Store,
+    tenant: str,
+    docs: list[dict[str, Any]],
+    tq: TemporalQuery,
+    shape: Shape,
+    attrs: list[str] | None,
+    ctx: Context,
+    sys_attrs: bool,
+) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
+    """The temporal representation of ``docs``; the time range returned when cut short."""
+    pks = _pks(store, tenant, [d["id"] for d in docs])
+    keys = list(pks.values())
+    by_entity: dict[int, dict[str, Any]] = defaultdict(dict)
+    cut: tuple[str, str] | None = None
+    if keys and shape == "aggregatedValues":
+        sql, params = aggregate_sql(store.dialect, tq, keys, attrs)
+        grouped: dict[tuple[int, str], list[AggregateBucket]] = defaultdict(list)
+        for b in decode_aggregates(store.dialect, tq, store.select(sql, params)):
+            grouped[(b.e, b.iri)].append(b)
+        kinds = {
+            (pks[d["id"]], iri): insts[0]["type"]
+            for d in docs
+            if d["id"] in pks
+            for iri, insts in d["attrs"].items()
+        }
+        for (e, iri), buckets in grouped.items():
+            by_entity[e][iri] = _render_buckets(buckets, kinds.get((e, iri), "Property"))
+    elif keys:
+        sql, params = instances_sql(store.dialect, tq, keys, attrs, limit=INSTANCE_LIMIT + 1)
+        series: dict[tuple[int, str], list[HistoryInstance]] = defaultdict(list)
+        for h in decode_instances(store.dialect, tq, store.select(sql, params)):
+            series[(h.e, h.iri)].append(h)
+        for (e, iri), insts in series.items():
+            if len(insts) > INSTANCE_LIMIT:
+                # lastN keeps the newest: drop the oldest; otherwise drop the newest
+                insts = insts[1:] if tq.last_n is not None else insts[:INSTANCE_LIMIT]
+                first, last = insts[0].time, insts[-1].time
+                cut = (min(cut[0], first), max(cut[1], last)) if cut is not None else (first, last)
+            by_entity[e][iri] = _render_instances(insts, ctx, shape, sys_attrs, tq)
+    out = []
+    for doc in docs:
+        types = [ctx.compact(t) for t in doc["type"]]
+        item: dict[str, Any] = {"id": doc["id"], "type": types[0] if len(types) == 1 else types}
+        for iri, rendered in by_entity.get(pks.get(doc["id"], -1), {}).items():
+            item[ctx.compact(iri)] = rendered
+        out.append(item)
+    return out, cut
+
+
+def _respond(
+    request: Request,
+    data: Any,
+    ctx: Context,
+    media: str,
+    cut: tuple[str, str] | None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    headers = dict(headers or {})
+    status = 200
+    if cut is not None:
+        status = 206
+        headers["Content-Range"] = f"date-time {cut[0]}-{cut[1]}/*"
+    return json_response(data, request, ctx, media, status=status, headers=headers)
+
+
+async def _query(
+    request: Request,
+    rt: Runtime,
+    ctx: Context,
+    flt_params: Mapping[str, str],
+    flt: Any,
+    temporal: Mapping[str, object],
+) -> Response:
+    media = negotiate(request)
+    shape, sys_attrs, rest = _shape(flt_params)
+    tq = parse_temporal_query(temporal, aggregated=shape == "aggregatedValues")
+    attrs = attr_iris(rest.get("attrs"), ctx)
+    spec = QuerySpec()
+    compile_filter(flt, ctx, rt.bank.store.dialect, spec)
+    paging(rest, spec, rt.bank.default_limit, rt.bank.max_limit)
+    tenant = tenant_of(request)
+    rt.bank.check_tenant(tenant)
+
+    def run() -> tuple[list[dict[str, Any]], int | None, list[dict[str, Any]], Any]:
+        docs, total = rt.bank.store.query(tenant, spec)
+        data, cut = _history(rt.bank.store, tenant, docs, tq, shape, attrs, ctx, sys_attrs)
+        return docs, total, data, cut
+
+    docs, total, data, cut = await run_in_threadpool(run)
+    return _respond(request, data, ctx, media, cut, page_headers(request, spec, len(docs), total))
+
+
+@router.get("/temporal/entities")
+async def query_temporal(request: Request) -> Response:
+    rt = runtime(request)
+    check_params(request, (*QUERY_PARAMS, *TEMPORAL_PARAMS))
+    ctx = await header_context(request, rt)
+    params = dict(request.query_params)
+    _, _, rest = _shape(params)
+    return await _query(request, rt, ctx, params, filter_from_params(rest, ctx), params)
+
+
+@router.get("/temporal/entities/{eid:path}")
+async def retrieve_temporal(request: Request, eid: str) -> Response:
+    rt = runtime(request)
+    check_params(request, ("attrs", "options", "format", "lang", *TEMPORAL_PARAMS))
+    ctx = await header_context(request, rt)
+    media = negotiate(request)
+    params = dict(request.query_params)
+    shape, sys_attrs, rest = _shape(params)
+    tq = parse_temporal_query(params, aggregated=shape == "aggregatedValues")
+    attrs = attr_iris(rest.get("attrs"), ctx)
+    tenant = tenant_of(request)
+
+    def run() -> tuple[list[dict[str, Any]], Any]:
+        doc = rt.bank.retrieve(tenant, eid)
+        return _history(rt.bank.store, tenant, [doc], tq, shape, attrs, ctx, sys_attrs)
+
+    data, cut = await run_in_threadpool(run)
+    if not data:
+        raise ResourceNotFound(f"entity {eid} not found", field="id")
+    return _respond(request, data[0], ctx, media, cut)
+
+
+@router.post("/temporal/entityOperations/query")
+async def query_temporal_post(request: Request) -> Response:
+    rt = runtime(request)
+    check_params(request, ("limit", "offset", "count", "options", "format"))
+    body, ctx, is_ld = await read_json(request, rt)
+    if is_ld and isinstance(body, dict):
+        if "@context" not in body:
+            raise BadRequestData("application/ld+json bodies need an @context", field="@context")
+        ctx = await resolve_context(rt, body["@context"])
+    if not isinstance(body, dict):
+        raise BadRequestData("a Query must be a JSON object", field="body")
+    temporal = body.get("temporalQ", {})
+    if not isinstance(temporal, dict):
+        raise BadRequestData("temporalQ must be an object", field="temporalQ")
+    flt, view_params = filter_from_body({k: v for k, v in body.items() if k != "temporalQ"}, ctx)
+    params = {**dict(request.query_params), **view_params}
+    return await _query(request, rt, ctx, params, flt, {str(k): v for k, v in temporal.items()})

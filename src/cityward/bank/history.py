@@ -1,0 +1,81 @@
+"""Attribute history kept by the data bank itself: a write hook that records every change.
+
+Every write that creates or changes an attribute instance records it in ``attr_history``
+(cityward.bank.temporal) in the same transaction, stamped with the instance's observedAt or,
+without one, the time of the write. So a committed write always has its history, and a write
+that fails leaves none.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+from cityward.bank.changes import Change
+from cityward.bank.service import Bank
+from cityward.bank.store import Store, WriteTxn
+from cityward.bank.temporal import (
+    copy_postgres,
+    create_postgres,
+    create_sqlite,
+    ensure_partitions,
+    history_rows,
+    insert_sqlite,
+)
+from cityward.bank.temporal.schema import partition_name
+from cityward.bank.temporal.times import iso_to_us, us_to_datetime
+
+
+class History:
+    """Creates the history tables of a store and records each write's changes in them."""
+
+    def __init__(self, store: Store, bank: Bank) -> None:
+        self.store = store
+        self.rows_written = 0
+        self._months: set[str] = set()  # PostgreSQL partitions known to exist
+        self._lock = threading.Lock()
+        if store.dialect == "sqlite":
+            # its own connection: executescript would commit a store transaction it ran in
+            conn = sqlite3.connect(Path(store.path), isolation_level=None)  # type: ignore[attr-defined]
+            try:
+                conn.execute("PRAGMA busy_timeout=10000")
+                create_sqlite(conn)
+            finally:
+                conn.close()
+        else:
+            with store.pool.connection() as pg:  # type: ignore[attr-defined]
+                create_postgres(pg)
+        bank.hooks.append(self)
+
+    def __call__(self, txn: WriteTxn, changes: list[Change]) -> None:
+        rows = [
+            row
+            for c in changes
+            if c.after is not None
+            for row in history_rows(c.pk, c.before, c.after, c.at)
+        ]
+        if not rows:
+            return
+        if txn.dialect == "sqlite":
+            insert_sqlite(txn.conn, rows)
+        else:
+            self._partitions([r.obs for r in rows])
+            copy_postgres(txn.conn, rows)
+        self.rows_written += len(rows)
+
+    def _partitions(self, times: list[str]) -> None:
+        """Month partitions for these times, made in a short transaction of their own."""
+        needed: dict[str, Any] = {}
+        for t in times:
+            dt = us_to_datetime(iso_to_us(t))
+            name = partition_name(dt)
+            if name not in self._months:
+                needed.setdefault(name, dt)
+        if not needed:
+            return
+        with self._lock, self.store.pool.connection() as pg:  # type: ignore[attr-defined]
+            ensure_partitions(pg, list(needed.values()))
+            pg.commit()
+            self._months.update(needed)

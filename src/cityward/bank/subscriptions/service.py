@@ -1,0 +1,218 @@
+"""Subscriptions as part of a running data bank: stored, matched on writes, delivered.
+
+Subscriptions live in the store's ``subscriptions`` table (so every worker process and a
+restart see them). ``subscriptions_version`` counts their changes; each write checks it in its
+own transaction and reloads the matching index when another process changed them. One process
+per database runs the dispatcher: the one that holds the dispatcher lock (a file lock next to
+the SQLite database, a PostgreSQL advisory lock); the others only enqueue, and the dispatcher
+picks their notifications up on its next poll.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cityward.bank.changes import Change
+from cityward.bank.errors import AlreadyExists, ResourceNotFound
+from cityward.bank.jsonld import ContextResolver
+from cityward.bank.service import Bank
+from cityward.bank.store import Store, WriteTxn
+from cityward.bank.subscriptions.dispatcher import DeliveryResult, Dispatcher
+from cityward.bank.subscriptions.hook import NotificationHook
+from cityward.bank.subscriptions.model import Subscription
+from cityward.bank.subscriptions.outbox import Outbox, PostgresOutboxDB, SqliteOutboxDB
+
+log = logging.getLogger(__name__)
+
+SQLITE_DDL = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
+CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO subscriptions_version(k, v) VALUES (1, 0);
+"""
+POSTGRES_DDL = """
+CREATE TABLE IF NOT EXISTS subscriptions (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
+CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v BIGINT NOT NULL);
+INSERT INTO subscriptions_version(k, v) VALUES (1, 0) ON CONFLICT DO NOTHING;
+"""
+DISPATCHER_LOCK = 0x63697479  # PostgreSQL advisory lock key ("city")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Subscriptions:
+    """CRUD of subscriptions plus the write hook and the dispatcher of one store."""
+
+    def __init__(self, store: Store, bank: Bank, resolver: ContextResolver) -> None:
+        self.store = store
+        self.bank = bank
+        with store.write("", create_tenant=False) as txn:
+            if txn.dialect == "sqlite":
+                # statement by statement: executescript would commit the open transaction
+                for stmt in SQLITE_DDL.split(";"):
+                    if stmt.strip():
+                        txn.execute(stmt)
+            else:
+                txn.conn.execute(POSTGRES_DDL)
+        if store.dialect == "sqlite":
+            path = Path(store.path)  # type: ignore[attr-defined]
+            self.outbox = Outbox(SqliteOutboxDB(path))
+            self._lock_path: Path | None = path.with_name(path.name + ".dispatcher")
+        else:
+            self.outbox = Outbox(PostgresOutboxDB(store.pool))  # type: ignore[attr-defined]
+            self._lock_path = None
+        self.dispatcher = Dispatcher(self.outbox, on_result=self._on_result)
+        self.hook = NotificationHook(self.outbox, resolver.resolve, self.dispatcher)
+        self._version = -1
+        self._lock_fd: int | None = None
+        self._lock_conn: Any = None
+        self.dispatching = False
+        self._reload(self._read_version())
+        bank.hooks.append(self._write_hook)
+        bank.feed.subscribe(self.hook.committed)
+
+    # -- keeping the index current ----------------------------------------------------------
+    def _read_version(self) -> int:
+        return int(self.store.select("SELECT v FROM subscriptions_version WHERE k = 1")[0][0])
+
+    def _reload(self, version: int) -> None:
+        by_tenant: dict[str, list[Subscription]] = {}
+        for tenant, body in self.store.select("SELECT tenant, body FROM subscriptions"):
+            try:
+                sub = Subscription.from_stored(orjson.loads(body))
+            except Exception:  # a row this version cannot read must not stop the others
+                log.exception("subscription row of tenant %r could not be read", tenant)
+                continue
+            old = self.hook.get(str(tenant), sub.id)
+            if old is not None:
+                sub.stats.__dict__.update(old.stats.__dict__)
+            by_tenant.setdefault(str(tenant), []).append(sub)
+        for tenant in set(by_tenant) | set(self.hook._indexes):
+            self.hook.load(tenant, by_tenant.get(tenant, []))
+        self._version = version
+
+    def _write_hook(self, txn: WriteTxn, changes: list[Change]) -> None:
+        version = int(txn.execute("SELECT v FROM subscriptions_version WHERE k = 1")[0][0])
+        if version != self._version:
+            self._reload(version)
+        self.hook(txn, changes)
+
+    def _bump(self, txn: WriteTxn) -> None:
+        txn.execute("UPDATE subscriptions_version SET v = v + 1 WHERE k = 1")
+
+    # -- CRUD -------------------------------------------------------------------------------
+    def create(self, tenant: str, sub: Subscription) -> None:
+        with self.store.write(tenant, create_tenant=True) as txn:
+            found = txn.execute(
+                "SELECT 1 FROM subscriptions WHERE tenant = ? AND id = ?", [tenant, sub.id]
+            )
+            if found:
+                raise AlreadyExists(f"subscription {sub.id} already exists", field="id")
+            txn.execute(
+                "INSERT INTO subscriptions(tenant, id, body) VALUES (?, ?, ?)",
+                [tenant, sub.id, orjson.dumps(sub.to_stored()).decode()],
+            )
+            self._bump(txn)
+        self.hook.put(tenant, sub)
+
+    def get(self, tenant: str, sid: str) -> Subscription:
+        live = self.hook.get(tenant, sid)
+        rows = self.store.select(
+            "SELECT body FROM subscriptions WHERE tenant = ? AND id = ?", [tenant, sid]
+        )
+        if not rows:
+            raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
+        sub = Subscription.from_stored(orjson.loads(rows[0][0]))
+        if live is not None:
+            sub.stats.__dict__.update(live.stats.__dict__)
+        return sub
+
+    def list(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
+        total = int(
+            self.store.select("SELECT count(*) FROM subscriptions WHERE tenant = ?", [tenant])[0][0]
+        )
+        rows = self.store.select(
+            "SELECT id FROM subscriptions WHERE tenant = ? ORDER BY id LIMIT ? OFFSET ?",
+            [tenant, limit, offset],
+        )
+        return [self.get(tenant, str(r[0])) for r in rows], total
+
+    def replace(self, tenant: str, sub: Subscription) -> None:
+        with self.store.write(tenant, create_tenant=False) as txn:
+            n = txn.execute(
+                "UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ? RETURNING id",
+                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id],
+            )
+            if not n:
+                raise ResourceNotFound(f"subscription {sub.id} not found", field="subscriptionId")
+            self._bump(txn)
+        self.hook.put(tenant, sub)
+
+    def delete(self, tenant: str, sid: str) -> None:
+        with self.store.write(tenant, create_tenant=False) as txn:
+            n = txn.execute(
+                "DELETE FROM subscriptions WHERE tenant = ? AND id = ? RETURNING id", [tenant, sid]
+            )
+            if not n:
+                raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
+            self._bump(txn)
+        self.hook.remove(tenant, sid)
+
+    # -- delivery ---------------------------------------------------------------------------
+    def _on_result(self, result: DeliveryResult) -> None:
+        sub = self.hook.get(result.item.tenant, result.item.subscription_id)
+        if sub is not None:
+            sub.stats.record(result.ok, result.at)
+
+    def _take_dispatcher_lock(self) -> bool:
+        if self._lock_path is not None:
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._lock_fd = fd
+            return True
+        pool = self.store.pool  # type: ignore[attr-defined]
+        conn = pool.getconn()
+        conn.autocommit = True
+        got = bool(conn.execute("SELECT pg_try_advisory_lock(%s)", [DISPATCHER_LOCK]).fetchone()[0])
+        if got:
+            self._lock_conn = conn
+        else:
+            pool.putconn(conn)
+        return got
+
+    async def start(self) -> None:
+        """Run the dispatcher here if no other process of this database does."""
+        if self._take_dispatcher_lock():
+            self.dispatching = True
+            await self.dispatcher.start()
+        else:
+            log.info("another process delivers this database's notifications")
+
+    async def stop(self) -> None:
+        if self.dispatching:
+            await self.dispatcher.stop()
+            self.dispatching = False
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._lock_conn is not None:
+            self._lock_conn.execute("SELECT pg_advisory_unlock(%s)", [DISPATCHER_LOCK])
+            self.store.pool.putconn(self._lock_conn)  # type: ignore[attr-defined]
+            self._lock_conn = None

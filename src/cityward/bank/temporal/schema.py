@@ -1,0 +1,175 @@
+"""DDL of the attribute history (``attr_history``) for SQLite and PostgreSQL.
+
+One row per version of an attribute instance. Layout choices, for hundreds of millions of rows:
+
+* ``e`` (entity pk) and ``path`` (``indexer.path_id`` of the attribute IRI) are 8-byte keys; the
+  IRI itself lives once per attribute in ``attr_history_attrs``: repeating a 40-100 byte IRI on
+  every row would be a third of the table, and the small table is read by a join per query.
+* Times are integer microseconds since the epoch on SQLite (exact, ordered, and bucketed by
+  integer arithmetic, which REAL seconds would round) and ``timestamptz`` on PostgreSQL.
+* ``obs`` is observedAt, or the receive time when the instance has none; ``created`` and
+  ``modified`` are the instance's system times. ``inst`` is the instance as JSON *without* its
+  ``createdAt``/``modifiedAt`` (they are the columns; ~90 bytes a row saved), keys sorted so
+  that equal values are equal texts (distinctCount compares texts).
+* ``num`` is the value as a number for aggregation: numbers, and booleans as 1/0 (so avg of a
+  boolean is the fraction of true; distinctCount then counts true and 1 as one value).
+* Each time column has an index ``(e, path, <time>, id)``: a time range or lastN of one
+  attribute is one index range. On SQLite the observedAt index also covers ``num`` and ``ds``
+  so aggregation never reads the table; on PostgreSQL it INCLUDEs them for index-only scans.
+* PostgreSQL: partitioned by range of ``obs``, one partition per month created on demand
+  (``ensure_partitions``) and a default partition so that an insert never fails. No unique
+  constraint, so the same table can be made a TimescaleDB hypertable (``partitioned=False``,
+  then ``create_hypertable('attr_history', 'obs')``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+
+from cityward.bank.temporal.times import iso_to_us, us_to_datetime
+
+TABLE = "attr_history"
+ATTRS = "attr_history_attrs"
+DEFAULT_PARTITION = "attr_history_default"
+# Partitions ensure_partitions creates in one call at most: a batch of instances with scattered
+# (possibly bogus) observedAt must not create hundreds of tables; the rest go to the default
+# partition and move out when their month's partition is created later.
+MAX_NEW_PARTITIONS = 12
+
+SQLITE_DDL = """
+CREATE TABLE IF NOT EXISTS attr_history (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: an instance id is never reused
+  e INTEGER NOT NULL,
+  path INTEGER NOT NULL,
+  ds TEXT,
+  obs INTEGER NOT NULL,
+  created INTEGER NOT NULL,
+  modified INTEGER NOT NULL,
+  num REAL,
+  inst TEXT NOT NULL
+);
+-- rows are appended in rowid order (cheap writes); the indexes hold the per-attribute order.
+-- id right after the time: ties order by insertion, and lastN reads the index backwards.
+CREATE INDEX IF NOT EXISTS attr_history_obs ON attr_history(e, path, obs, id, num, ds);
+CREATE INDEX IF NOT EXISTS attr_history_created ON attr_history(e, path, created);
+CREATE INDEX IF NOT EXISTS attr_history_modified ON attr_history(e, path, modified);
+-- tells cheaply whether an attribute has datasetIds (then aggregation groups by ds)
+CREATE INDEX IF NOT EXISTS attr_history_ds ON attr_history(e, path) WHERE ds IS NOT NULL;
+CREATE TABLE IF NOT EXISTS attr_history_attrs (path INTEGER PRIMARY KEY, iri TEXT NOT NULL);
+"""
+
+_PG_TABLE = """
+CREATE SEQUENCE IF NOT EXISTS attr_history_id_seq CACHE 100;
+CREATE TABLE IF NOT EXISTS attr_history (
+  id BIGINT NOT NULL DEFAULT nextval('attr_history_id_seq'),
+  e BIGINT NOT NULL,
+  path BIGINT NOT NULL,
+  ds TEXT,
+  obs TIMESTAMPTZ NOT NULL,
+  created TIMESTAMPTZ NOT NULL,
+  modified TIMESTAMPTZ NOT NULL,
+  num DOUBLE PRECISION,
+  inst TEXT NOT NULL
+){partition};
+"""
+
+_PG_REST = """
+CREATE INDEX IF NOT EXISTS attr_history_obs ON attr_history(e, path, obs, id) INCLUDE (num, ds);
+CREATE INDEX IF NOT EXISTS attr_history_created ON attr_history(e, path, created, id);
+CREATE INDEX IF NOT EXISTS attr_history_modified ON attr_history(e, path, modified, id);
+CREATE TABLE IF NOT EXISTS attr_history_attrs (path BIGINT PRIMARY KEY, iri TEXT NOT NULL);
+"""
+
+# Creates the month partition holding ``ts`` (UTC months), moving rows of that month out of
+# the default partition first: CREATE ... PARTITION OF would fail while the default holds any.
+# ATTACH takes a weaker lock on the parent than CREATE ... PARTITION OF, so readers go on.
+_PG_PARTITION_FN = """
+CREATE OR REPLACE FUNCTION attr_history_partition(ts timestamptz) RETURNS text
+LANGUAGE plpgsql AS $fn$
+DECLARE
+  month timestamp := date_trunc('month', ts AT TIME ZONE 'UTC');
+  lo timestamptz := month AT TIME ZONE 'UTC';
+  hi timestamptz := (month + interval '1 month') AT TIME ZONE 'UTC';
+  part text := 'attr_history_p' || to_char(month, 'YYYYMM');
+  sch text;
+BEGIN
+  SELECT n.nspname INTO sch FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = 'attr_history'::regclass;
+  IF to_regclass(format('%I.%I', sch, part)) IS NOT NULL THEN
+    RETURN part;
+  END IF;
+  -- one creator at a time; the loser finds the table made
+  PERFORM pg_advisory_xact_lock(74110002);
+  IF to_regclass(format('%I.%I', sch, part)) IS NOT NULL THEN
+    RETURN part;
+  END IF;
+  EXECUTE format('CREATE TABLE %I.%I (LIKE %I.attr_history INCLUDING DEFAULTS)', sch, part, sch);
+  EXECUTE format(
+    'WITH moved AS (DELETE FROM %I.attr_history_default WHERE obs >= %L AND obs < %L '
+    'RETURNING *) INSERT INTO %I.%I SELECT * FROM moved', sch, lo, hi, sch, part);
+  EXECUTE format('ALTER TABLE %I.attr_history ATTACH PARTITION %I.%I FOR VALUES FROM (%L) TO (%L)',
+    sch, sch, part, lo, hi);
+  RETURN part;
+END
+$fn$;
+"""
+
+
+def create_sqlite(conn: sqlite3.Connection) -> None:
+    """Create the history tables and indexes (idempotent)."""
+    conn.executescript(SQLITE_DDL)
+
+
+def create_postgres(conn: psycopg.Connection[Any], *, partitioned: bool = True) -> None:
+    """Create the history tables, indexes and partition function (idempotent).
+
+    Runs in the caller's transaction (commit it). ``partitioned=False`` makes a plain table,
+    the starting point for a TimescaleDB hypertable; ensure_partitions is then a no-op.
+    """
+    conn.execute("SELECT pg_advisory_xact_lock(74110002)")
+    conn.execute(_PG_TABLE.format(partition=" PARTITION BY RANGE (obs)" if partitioned else ""))
+    if partitioned:
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
+    conn.execute(_PG_REST)
+    conn.execute(_PG_PARTITION_FN)
+
+
+def partition_name(when: datetime) -> str:
+    """The name of the month partition holding ``when`` (an aware datetime)."""
+    utc = when.astimezone(UTC)
+    return f"attr_history_p{utc.year:04d}{utc.month:02d}"
+
+
+def ensure_partitions(conn: psycopg.Connection[Any], times: Iterable[str | datetime]) -> list[str]:
+    """Create the month partitions that rows with these ``obs`` times need; returns those made.
+
+    ``times`` are ``...Z`` texts or aware datetimes. One catalog query when all exist. Call it
+    in a short transaction of its own before the write that inserts the rows: attaching a
+    partition locks the default partition until commit, and doing it inside a long write
+    transaction that also holds row locks invites deadlocks with other writers.
+    """
+    months: dict[str, datetime] = {}
+    for t in times:
+        dt = us_to_datetime(iso_to_us(t)) if isinstance(t, str) else t
+        months.setdefault(partition_name(dt), dt)
+    if not months:
+        return []
+    row = conn.execute(
+        "SELECT c.relkind = 'p', array(SELECT k.relname::text FROM pg_inherits i "
+        "JOIN pg_class k ON k.oid = i.inhrelid WHERE i.inhparent = c.oid) "
+        "FROM pg_class c WHERE c.oid = 'attr_history'::regclass"
+    ).fetchone()
+    assert row is not None
+    is_partitioned, existing = row
+    if not is_partitioned:
+        return []
+    made: list[str] = []
+    for name in sorted(set(months) - set(existing))[:MAX_NEW_PARTITIONS]:
+        conn.execute("SELECT attr_history_partition(%s)", [months[name]])
+        made.append(name)
+    return made

@@ -1,0 +1,614 @@
+"""Query builders over ``attr_history``: instances and per-period aggregates, per dialect.
+
+Builders return ``(sql, params)`` with ``?`` placeholders for SQLite and ``%s`` for psycopg;
+``decode_*`` turn the fetched rows into dialect-neutral objects (times as ``...ffffffZ`` texts).
+
+Aggregation runs in SQL only. Periods ("buckets") are aligned to timeAt when the query has one
+(also for ``before``: timeAt is then the end of the last bucket), else to the first instance
+of each attribute in the window. Buckets without instances are left out. A bucket is reported
+clipped to the window (``between`` may end inside the last bucket). Without
+aggrPeriodDuration the whole window is one bucket, reported as [timeAt or first instance,
+endTimeAt/timeAt or last instance].
+
+* No GROUP BY over a computed bucket: SQLite sorts every row for it (~340 ms for 1M rows) and
+  PostgreSQL plans a sort too (it cannot estimate the bucket count). Instead a recursive CTE
+  walks the non-empty buckets of each attribute, one index seek each (the first time at or
+  after the previous bucket's end), and each bucket is aggregated over its own index range
+  (~80 ms for 1M rows on SQLite, index-only). SQLite has no multi-column scalar subquery: the
+  aggregates come packed in one text, REALs written with 17 digits so they round-trip.
+  PostgreSQL aggregates each bucket in a LATERAL subquery.
+* Calendar periods (P1M, P1Y): the bucket edges ``origin + k months`` (day clamped to the
+  month's end) are enumerated between the first and last instance, each bucket aggregated
+  over its index range. Same edges on both backends (PostgreSQL's timestamp + interval).
+* datasetId: each (attribute, datasetId) is aggregated separately. lastN keeps the last N
+  instances per (entity, attribute), all datasetIds together.
+* stddev is the population standard deviation. SQLite computes the variance from sums
+  shifted by a value of the same bucket (no catastrophic cancellation for values far from
+  0), the square root is taken here; PostgreSQL uses stddev_pop.
+* Run the PostgreSQL queries with ``POSTGRES_OPTIONS`` (JIT off).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeAlias
+
+import orjson
+
+from cityward.bank.errors import BadRequestData
+from cityward.bank.query.indexer import path_id
+from cityward.bank.temporal.params import AggrMethod, TemporalQuery
+from cityward.bank.temporal.times import datetime_to_us, iso_to_us, us_to_datetime, us_to_iso
+
+Dialect: TypeAlias = Literal["sqlite", "postgres"]
+Value: TypeAlias = int | float | None
+
+# libpq options for connections that run these queries on PostgreSQL. The planner's row
+# estimates for the bucket CTEs are guesses (a recursive CTE, generate_series, LATERAL per
+# bucket) that easily pass jit_above_cost, and JIT-compiling a plan that then reads a few
+# index ranges costs 0.1-1.5 s; these queries never gain from JIT.
+POSTGRES_OPTIONS = "-c jit=off"
+
+# the payload member of each attribute kind (an instance has exactly one of them)
+_PAYLOADS = ("value", "object", "languageMap", "valueList", "objectList", "json", "vocab")
+_MARK = re.compile(r":p_([a-z0-9_]+)")
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryInstance:
+    """One recorded instance; ``time`` is its timeproperty, ``inst`` the instance with its
+    createdAt/modifiedAt restored."""
+
+    e: int
+    path: int
+    iri: str
+    id: int
+    ds: str | None
+    time: str
+    inst: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class AggregateBucket:
+    """The aggregates of one attribute (and datasetId) over the period ``[start, end)``."""
+
+    e: int
+    path: int
+    iri: str
+    ds: str | None
+    start: str
+    end: str
+    values: dict[AggrMethod, Value]
+
+
+class _Sql:
+    """SQL written with ``:p_name`` markers, rendered to positional placeholders.
+
+    Fragments (the time window) appear several times in one statement; markers let them be
+    written once and still bind positionally (sqlite3 ``?``, psycopg ``%s``).
+    """
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.values: dict[str, Any] = {}
+
+    def time(self, iso: str) -> Any:
+        """A time parameter as the backend stores it."""
+        us = iso_to_us(iso)
+        return us if self.dialect == "sqlite" else us_to_datetime(us)
+
+    def render(self, sql: str) -> tuple[str, list[Any]]:
+        params: list[Any] = []
+        mark = "?" if self.dialect == "sqlite" else "%s"
+
+        def sub(m: re.Match[str]) -> str:
+            params.append(self.values[m.group(1)])
+            return mark
+
+        return _MARK.sub(sub, sql), params
+
+
+def _prepare(
+    dialect: Dialect, q: TemporalQuery, pks: Sequence[int], attrs: Sequence[str] | None
+) -> tuple[_Sql, str]:
+    """Bind the shared values; return the builder and the series CTEs (``s(e, path)``)."""
+    if dialect not in ("sqlite", "postgres"):
+        raise ValueError(f"unknown dialect {dialect!r}")
+    b = _Sql(dialect)
+    keys = sorted({int(pk) for pk in pks})
+    paths = None if attrs is None else sorted({path_id(iri) for iri in attrs})
+    if q.lower is not None:
+        b.values["lo"] = b.time(q.lower)
+    if q.upper is not None:
+        b.values["hi"] = b.time(q.upper)
+    if dialect == "sqlite":
+        b.values["pks"] = orjson.dumps(keys).decode()
+        pk_cte = "pk(e) AS (SELECT value FROM json_each(:p_pks))"
+        if paths is not None:
+            b.values["paths"] = orjson.dumps(paths).decode()
+            return b, (
+                f"{pk_cte}, s(e, path) AS (SELECT pk.e, a.value FROM pk, json_each(:p_paths) a)"
+            )
+    else:
+        b.values["pks"] = keys
+        pk_cte = "pk(e) AS (SELECT unnest(:p_pks::bigint[]))"
+        if paths is not None:
+            b.values["paths"] = paths
+            return b, (
+                f"{pk_cte}, s(e, path) AS "
+                "(SELECT pk.e, a.path FROM pk, unnest(:p_paths::bigint[]) a(path))"
+            )
+    # Every attribute of the entities: walk the distinct paths of each entity in the index,
+    # one seek per attribute, instead of reading all of its history.
+    return b, (
+        f"{pk_cte}, s0(e, path) AS ("
+        "SELECT pk.e, (SELECT min(x.path) FROM attr_history x WHERE x.e = pk.e) FROM pk "
+        "UNION ALL SELECT s0.e, (SELECT min(x.path) FROM attr_history x "
+        "WHERE x.e = s0.e AND x.path > s0.path) FROM s0 WHERE s0.path IS NOT NULL), "
+        "s(e, path) AS (SELECT e, path FROM s0 WHERE path IS NOT NULL)"
+    )
+
+
+def _window(q: TemporalQuery, alias: str) -> str:
+    """`` AND ...`` conditions of the time window on ``alias``'s time column."""
+    col = f"{alias}.{q.column}"
+    out = ""
+    if q.lower is not None:
+        out += f" AND {col} >= :p_lo"
+    if q.upper is not None:
+        out += f" AND {col} < :p_hi"
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# instances
+
+
+def instances_sql(
+    dialect: Dialect,
+    q: TemporalQuery,
+    pks: Sequence[int],
+    attrs: Sequence[str] | None = None,
+    *,
+    limit: int | None = None,
+) -> tuple[str, list[Any]]:
+    """Instances of the entities ``pks`` (of the attributes ``attrs``, IRIs; None: all) in the
+    time window, ascending by (e, path, time, id).
+
+    With ``q.last_n`` only the newest N of each (entity, attribute) are kept; ``limit`` caps
+    each (entity, attribute) too (the oldest ``limit``, or the newest when lastN is set), for
+    the caller's 206 paging: ask for one more than you send to know there is more.
+    Rows decode with ``decode_instances``.
+    """
+    b, series = _prepare(dialect, q, pks, attrs)
+    col = q.column
+    cap = q.last_n
+    if limit is not None:
+        cap = limit if cap is None else min(cap, limit)
+    order = "DESC" if q.last_n is not None else "ASC"
+    if cap is not None:
+        b.values["n"] = int(cap)
+    cols = "h.e, h.path, a.iri, h.id, h.ds, h.obs, h.created, h.modified, h.inst"
+    if dialect == "sqlite":
+        if cap is None:
+            body = (
+                f"FROM s CROSS JOIN attr_history h JOIN attr_history_attrs a ON a.path = h.path "
+                f"WHERE h.e = s.e AND h.path = s.path{_window(q, 'h')}"
+            )
+        else:
+            # The ids of each attribute's first/last N come from its index, newest first by
+            # reading it backwards; the rows are then fetched by rowid.
+            body = (
+                "FROM s CROSS JOIN attr_history h JOIN attr_history_attrs a ON a.path = h.path "
+                "WHERE h.id IN (SELECT x.id FROM attr_history x WHERE x.e = s.e "
+                f"AND x.path = s.path{_window(q, 'x')} "
+                f"ORDER BY x.{col} {order}, x.id {order} LIMIT :p_n)"
+            )
+    else:
+        tail = "" if cap is None else f" ORDER BY x.{col} {order}, x.id {order} LIMIT :p_n"
+        body = (
+            "FROM s CROSS JOIN LATERAL (SELECT x.* FROM attr_history x "
+            f"WHERE x.e = s.e AND x.path = s.path{_window(q, 'x')}{tail}) h "
+            "JOIN attr_history_attrs a ON a.path = h.path"
+        )
+    sql = f"WITH RECURSIVE {series} SELECT {cols} {body} ORDER BY h.e, h.path, h.{col}, h.id"
+    return b.render(sql)
+
+
+def _iso(dialect: Dialect, value: Any) -> str:
+    if dialect == "sqlite":
+        return us_to_iso(int(value))
+    assert isinstance(value, datetime)
+    return us_to_iso(datetime_to_us(value))
+
+
+def decode_instances(
+    dialect: Dialect, q: TemporalQuery, rows: Sequence[Sequence[Any]]
+) -> list[HistoryInstance]:
+    """The rows of ``instances_sql`` as HistoryInstance objects."""
+    out: list[HistoryInstance] = []
+    which = {"obs": 5, "created": 6, "modified": 7}[q.column]
+    for row in rows:
+        e, path, iri, id_, ds, _, created, modified, raw = row[:9]
+        inst = orjson.loads(raw)
+        inst["createdAt"] = _iso(dialect, created)
+        inst["modifiedAt"] = _iso(dialect, modified)
+        out.append(
+            HistoryInstance(
+                e=int(e),
+                path=int(path),
+                iri=str(iri),
+                id=int(id_),
+                ds=ds,
+                time=_iso(dialect, row[which]),
+                inst=inst,
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _fmt(expr: str) -> str:
+    """A REAL as text that parses back to the same double ('' for NULL)."""
+    return f"CASE WHEN {expr} IS NULL THEN '' ELSE printf('%!.17g', {expr}) END"
+
+
+def _sqlite_fields(methods: Sequence[AggrMethod], whole: bool, col: str) -> str:
+    """The packed aggregates of alias ``x`` (``bk.c`` is the stddev shift of the bucket)."""
+    payload = "json_extract(x.inst, " + ", ".join(f"'$.{p}'" for p in _PAYLOADS) + ")"
+    exprs = {
+        "totalCount": "count(*)",
+        "distinctCount": (
+            f"count(DISTINCT x.num) + count(DISTINCT CASE WHEN x.num IS NULL THEN {payload} END)"
+        ),
+        "sum": _fmt("sum(x.num)"),
+        "avg": _fmt("avg(x.num)"),
+        "min": _fmt("min(x.num)"),
+        "max": _fmt("max(x.num)"),
+        # the variance; sqrt is taken in decode (SQLite may lack math functions)
+        "stddev": _fmt(
+            "((sum((x.num - bk.c) * (x.num - bk.c)) - sum(x.num - bk.c) * sum(x.num - bk.c) "
+            "/ count(x.num)) / count(x.num))"
+        ),
+        "sumsq": _fmt("sum(x.num * x.num)"),
+    }
+    fields = [exprs[m] for m in methods]
+    if whole:  # the first and last instance time of each datasetId
+        fields += [f"min(x.{col})", f"max(x.{col})"]
+    # parenthesized: || binds tighter than + in SQLite
+    return " || ',' || ".join(f"({f})" for f in fields)
+
+
+def _first(q: TemporalQuery, alias: str, fn: str = "min") -> str:
+    """The first (or last) time of the attribute ``alias`` in the window: an index seek."""
+    return (
+        f"(SELECT {fn}(x.{q.column}) FROM attr_history x "
+        f"WHERE x.e = {alias}.e AND x.path = {alias}.path{_window(q, 'x')})"
+    )
+
+
+def _sqlite_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod]) -> str:
+    col = q.column
+    win = _window(q, "x")
+    period = q.aggr_period
+    whole = period is None
+    upper = f" AND x.{col} < :p_hi" if q.upper is not None else ""
+
+    # SQLite seeks an index on one lower and one upper bound only, picked when the statement is
+    # prepared: "t >= :lo AND t >= bucket_start" would scan each bucket from the window start.
+    # So a bucket's bounds and the window's are folded into one max()/min() each.
+    def above(expr: str) -> str:
+        return f"max({expr}, :p_lo)" if q.lower is not None else expr
+
+    def below(expr: str) -> str:
+        return f"min({expr}, :p_hi)" if q.upper is not None else expr
+
+    def shift(alias: str, lower: str | None) -> str:
+        """A number of the bucket that starts at ``lower``: stddev sums are taken relative to
+        it, so that their difference does not cancel out for values far from 0."""
+        if "stddev" not in methods:
+            return "0"
+        since = win if lower is None else f" AND x.{col} >= {above(lower)}{upper}"
+        return (
+            f"(SELECT x.num FROM attr_history x WHERE x.e = {alias}.e AND x.path = {alias}.path "
+            f"AND x.num IS NOT NULL{since} ORDER BY x.{col} LIMIT 1)"
+        )
+
+    if q.time_at is not None:
+        b.values["origin"] = b.time(q.time_at)
+        origin = ":p_origin"
+    else:
+        origin = _first(q, "s")
+    ctes = [
+        series,
+        "g(e, path, o, has_ds) AS (SELECT s.e, s.path, "
+        f"{origin}, EXISTS (SELECT 1 FROM attr_history x WHERE x.e = s.e AND x.path = s.path "
+        "AND x.ds IS NOT NULL) FROM s)",
+    ]
+    # bk: one row per bucket. MATERIALIZED: its c must be a value, not a subquery that SQLite
+    # could copy into the aggregates and run for every row.
+    bk = "bk(e, path, has_ds, bs, be, c) AS MATERIALIZED"
+    if period is None:
+        ctes.append(
+            f"{bk} (SELECT e, path, has_ds, 0, 0, {shift('g', None)} FROM g "
+            f"WHERE {_first(q, 'g')} IS NOT NULL)"
+        )
+    elif not period.calendar:
+        w = period.micros
+
+        def start(t: str) -> str:  # the start of the bucket holding t (floor, also before o)
+            return f"({t} - ((({t} - o) % {w}) + {w}) % {w})"
+
+        # one index seek per non-empty bucket: the first time at or after the bucket's end
+        ctes.append(
+            f"lp(e, path, o, has_ds, t) AS (SELECT e, path, o, has_ds, {_first(q, 'g')} "
+            "FROM g UNION ALL SELECT e, path, o, has_ds, "
+            f"(SELECT min(x.{col}) FROM attr_history x WHERE x.e = lp.e AND x.path = lp.path "
+            f"AND x.{col} >= {above(start('lp.t') + f' + {w}')}{upper}) "
+            "FROM lp WHERE lp.t IS NOT NULL)"
+        )
+        ctes.append(
+            f"{bk} (SELECT e, path, has_ds, {start('t')}, {start('t')} + {w}, "
+            f"{shift('lp', 't')} FROM lp WHERE t IS NOT NULL)"
+        )
+    else:
+        m = period.months
+
+        def secs(us: str) -> str:  # floor to whole seconds (times before 1970 are negative)
+            return f"(({us}) - ((({us}) % 1000000) + 1000000) % 1000000) / 1000000"
+
+        def month_no(us: str) -> str:  # year * 12 + month - 1
+            return (
+                f"(CAST(strftime('%Y', {secs(us)}, 'unixepoch') AS INTEGER) * 12 + "
+                f"CAST(strftime('%m', {secs(us)}, 'unixepoch') AS INTEGER) - 1)"
+            )
+
+        def fdiv(a: str) -> str:
+            return f"((({a}) - (((({a}) % {m}) + {m}) % {m})) / {m})"
+
+        def add_months(n: str) -> str:  # o + n months, the day clamped to the month's length
+            tm = f"(omn + {n})"
+            base = f"printf('%04d-%02d-01', {tm} / 12, {tm} % 12 + 1)"
+            dim = f"CAST(strftime('%d', {base}, '+1 month', '-1 day') AS INTEGER)"
+            return (
+                f"((CAST(strftime('%s', {base}) AS INTEGER) + (min(oday, {dim}) - 1) * 86400)"
+                " * 1000000 + otod)"
+            )
+
+        ctes.append(
+            "g2(e, path, o, has_ds, tf, tl) AS (SELECT * FROM (SELECT e, path, o, has_ds, "
+            f"{_first(q, 'g')} AS tf, {_first(q, 'g', 'max')} AS tl FROM g) WHERE tf IS NOT NULL)"
+        )
+        # k runs over every period between the first and last instance (a month or more
+        # each, so a few hundred at most); the bounds may add one empty bucket at each end
+        ctes.append(
+            "g3(e, path, has_ds, omn, oday, otod, k, kmax) AS (SELECT e, path, has_ds, "
+            f"{month_no('o')}, CAST(strftime('%d', {secs('o')}, 'unixepoch') AS INTEGER), "
+            "((o % 86400000000) + 86400000000) % 86400000000, "
+            f"{fdiv(month_no('tf') + ' - ' + month_no('o') + ' - 1')}, "
+            f"{fdiv(month_no('tl') + ' - ' + month_no('o'))} FROM g2 "
+            "UNION ALL SELECT e, path, has_ds, omn, oday, otod, k + 1, kmax FROM g3 "
+            "WHERE k < kmax)"
+        )
+        ctes.append(
+            f"b0(e, path, has_ds, bs, be) AS (SELECT e, path, has_ds, "
+            f"{add_months(f'k * {m}')}, {add_months(f'(k + 1) * {m}')} FROM g3)"
+        )
+        ctes.append(f"{bk} (SELECT e, path, has_ds, bs, be, {shift('b0', 'bs')} FROM b0)")
+    if whole:
+        cond = f"x.e = bk.e AND x.path = bk.path{win}"
+    else:
+        cond = (
+            f"x.e = bk.e AND x.path = bk.path AND x.{col} >= {above('bk.bs')} "
+            f"AND x.{col} < {below('bk.be')}"
+        )
+    fields = _sqlite_fields(methods, whole, col)
+    plain = (
+        f"(SELECT CASE WHEN count(*) > 0 THEN char(31) || {fields} END "
+        f"FROM attr_history x WHERE {cond})"
+    )
+    # only attributes with datasetIds pay for grouping (a sort of each bucket's rows)
+    grouped = (
+        "(SELECT group_concat(ifnull(y.ds, '') || char(31) || y.f, char(30)) FROM "
+        f"(SELECT x.ds AS ds, {fields} AS f FROM attr_history x WHERE {cond} GROUP BY x.ds) y)"
+    )
+    # MATERIALIZED: else SQLite may inline r and run the aggregate twice (WHERE and SELECT)
+    ctes.append(
+        "r AS MATERIALIZED (SELECT bk.e, bk.path, bk.bs, bk.be, "
+        f"CASE WHEN bk.has_ds THEN {grouped} ELSE {plain} END AS agg FROM bk)"
+    )
+    return (
+        "WITH RECURSIVE " + ", ".join(ctes) + " SELECT r.e, r.path, a.iri, r.bs, r.be, r.agg "
+        "FROM r JOIN attr_history_attrs a ON a.path = r.path WHERE r.agg IS NOT NULL "
+        "ORDER BY r.e, r.path, r.bs"
+    )
+
+
+def _pg_aggregates(methods: Sequence[AggrMethod]) -> str:
+    payload = "coalesce(" + ", ".join(f"x.inst::json -> '{p}'" for p in _PAYLOADS) + ")::text"
+    exprs = {
+        "totalCount": "count(*)",
+        "distinctCount": (
+            f"count(DISTINCT x.num) + count(DISTINCT CASE WHEN x.num IS NULL THEN {payload} END)"
+        ),
+        "sum": "sum(x.num)",
+        "avg": "avg(x.num)",
+        "min": "min(x.num)",
+        "max": "max(x.num)",
+        "stddev": "stddev_pop(x.num)",
+        "sumsq": "sum(x.num * x.num)",
+    }
+    return ", ".join(f"{exprs[m]} AS v{i}" for i, m in enumerate(methods))
+
+
+def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod]) -> str:
+    col = q.column
+    win = _window(q, "x")
+    period = q.aggr_period
+    if q.time_at is not None:
+        b.values["origin"] = b.time(q.time_at)
+        origin = ":p_origin::timestamptz"
+    else:
+        origin = _first(q, "s")
+    ctes = [series, f"g AS (SELECT s.e, s.path, {origin} AS o FROM s)"]
+    # Buckets are enumerated first and each is aggregated over its own index range, like on
+    # SQLite: a GROUP BY over computed buckets is planned with a sort of every row (the
+    # planner cannot estimate the bucket count), three times slower than this.
+    cond = f"x.e = bk.e AND x.path = bk.path{win}"
+    extra = ""
+    if period is None:
+        ctes.append("bk AS (SELECT e, path FROM g)")
+        extra = f"min(x.{col}) AS bs, max(x.{col}) AS be, "
+        bounds = "r.bs, r.be"
+    elif not period.calendar:
+        # hours and seconds, never days: timestamptz + '1 day' follows the session time zone's
+        # DST changes (23 or 25 hours); psycopg would send a timedelta as days
+        hours, rest = divmod(period.micros, 3_600_000_000)
+        b.values["w"] = f"{hours} hours {rest // 1_000_000}.{rest % 1_000_000:06d} seconds"
+
+        def start(t: str, o: str) -> str:
+            return f"date_bin(:p_w::interval, {t}, {o})"
+
+        # one index seek per non-empty bucket: the first time at or after the bucket's end
+        ctes.append(
+            f"lp AS (SELECT g.e, g.path, g.o, {_first(q, 'g')} AS t FROM g UNION ALL "
+            f"SELECT lp.e, lp.path, lp.o, (SELECT min(x.{col}) FROM attr_history x "
+            f"WHERE x.e = lp.e AND x.path = lp.path{win} "
+            f"AND x.{col} >= {start('lp.t', 'lp.o')} + :p_w::interval) "
+            "FROM lp WHERE lp.t IS NOT NULL)"
+        )
+        ctes.append(
+            f"bk AS (SELECT e, path, {start('t', 'o')} AS bs, "
+            f"{start('t', 'o')} + :p_w::interval AS be FROM lp WHERE t IS NOT NULL)"
+        )
+        cond += f" AND x.{col} >= bk.bs AND x.{col} < bk.be"
+        bounds = "bk.bs, bk.be"
+    else:
+        m = period.months
+
+        def month_no(ts: str) -> str:
+            return f"(extract(year FROM {ts})::int * 12 + extract(month FROM {ts})::int - 1)"
+
+        def fdiv(a: str) -> str:
+            return f"floor(({a})::numeric / {m})::int"
+
+        def add_months(n: str) -> str:  # in UTC: timestamp + interval clamps the day
+            return f"((g2.ou + make_interval(months => {n})) AT TIME ZONE 'UTC')"
+
+        ctes.append(
+            "g2 AS (SELECT e, path, o AT TIME ZONE 'UTC' AS ou, tf AT TIME ZONE 'UTC' AS tf, "
+            f"tl AT TIME ZONE 'UTC' AS tl FROM (SELECT g.e, g.path, g.o, {_first(q, 'g')} AS tf, "
+            f"{_first(q, 'g', 'max')} AS tl FROM g) g1 WHERE tf IS NOT NULL)"
+        )
+        # every period between the first and last instance; the bounds may add an empty one
+        # at each end
+        ctes.append(
+            f"bk AS (SELECT g2.e, g2.path, {add_months(f'k * {m}')} AS bs, "
+            f"{add_months(f'(k + 1) * {m}')} AS be FROM g2, generate_series("
+            f"{fdiv(month_no('g2.tf') + ' - ' + month_no('g2.ou') + ' - 1')}, "
+            f"{fdiv(month_no('g2.tl') + ' - ' + month_no('g2.ou'))}) k)"
+        )
+        cond += f" AND x.{col} >= bk.bs AND x.{col} < bk.be"
+        bounds = "bk.bs, bk.be"
+    vals = ", ".join(f"r.v{i}" for i in range(len(methods)))
+    return (
+        "WITH RECURSIVE " + ", ".join(ctes) + f" SELECT bk.e, bk.path, a.iri, r.ds, {bounds}, "
+        f"{vals} FROM bk CROSS JOIN LATERAL (SELECT x.ds, {extra}{_pg_aggregates(methods)} "
+        f"FROM attr_history x WHERE {cond} GROUP BY x.ds) r "
+        "JOIN attr_history_attrs a ON a.path = bk.path ORDER BY 1, 2, 4 NULLS FIRST, 5"
+    )
+
+
+def aggregate_sql(
+    dialect: Dialect,
+    q: TemporalQuery,
+    pks: Sequence[int],
+    attrs: Sequence[str] | None = None,
+) -> tuple[str, list[Any]]:
+    """``q.aggr_methods`` per period of ``q.aggr_period`` (None: the whole window) for each
+    (entity, attribute, datasetId) of the entities ``pks`` and attributes ``attrs`` (IRIs;
+    None: all). Rows decode with ``decode_aggregates``."""
+    if not q.aggr_methods:
+        raise BadRequestData("aggregatedValues needs aggrMethods", field="aggrMethods")
+    b, series = _prepare(dialect, q, pks, attrs)
+    if dialect == "sqlite":
+        sql = _sqlite_aggregate(b, q, series, q.aggr_methods)
+    else:
+        sql = _pg_aggregate(b, q, series, q.aggr_methods)
+    return b.render(sql)
+
+
+def _number(method: AggrMethod, text: str) -> Value:
+    if text == "":
+        return None
+    if method in ("totalCount", "distinctCount"):
+        return int(text)
+    v = float(text)
+    if method == "stddev":  # SQLite gives the variance; rounding can make it a hair below 0
+        return math.sqrt(max(v, 0.0))
+    return v
+
+
+def _clip(q: TemporalQuery, start: int, end: int, whole: bool) -> tuple[str, str]:
+    lo = None if q.lower is None else iso_to_us(q.lower)
+    hi = None if q.upper is None else iso_to_us(q.upper)
+    if whole:  # [lower or first instance, upper or last instance]
+        return us_to_iso(start if lo is None else lo), us_to_iso(end if hi is None else hi)
+    if lo is not None:
+        start = max(start, lo)
+    if hi is not None:
+        end = min(end, hi)
+    return us_to_iso(start), us_to_iso(end)
+
+
+def _us(value: Any) -> int:
+    if isinstance(value, datetime):
+        return datetime_to_us(value.astimezone(UTC))
+    return int(value)
+
+
+def decode_aggregates(
+    dialect: Dialect, q: TemporalQuery, rows: Sequence[Sequence[Any]]
+) -> list[AggregateBucket]:
+    """The rows of ``aggregate_sql`` as buckets ordered by (e, path, datasetId, start)."""
+    methods = q.aggr_methods
+    whole = q.aggr_period is None
+    out: list[tuple[tuple[int, int, bool, str, int], AggregateBucket]] = []
+
+    def add(e: int, path: int, iri: str, ds: str | None, s: int, t: int, vals: list[Value]) -> None:
+        start, end = _clip(q, s, t, whole)
+        bucket = AggregateBucket(
+            e=e,
+            path=path,
+            iri=iri,
+            ds=ds,
+            start=start,
+            end=end,
+            values=dict(zip(methods, vals, strict=True)),
+        )
+        out.append(((e, path, ds is not None, ds or "", s), bucket))
+
+    for row in rows:
+        if dialect == "sqlite":
+            e, path, iri, bs, be, packed = row
+            for entry in str(packed).split("\x1e"):
+                ds_text, _, fields = entry.partition("\x1f")
+                parts = fields.split(",")
+                vals = [_number(m, p) for m, p in zip(methods, parts, strict=False)]
+                s, t = (int(parts[-2]), int(parts[-1])) if whole else (int(bs), int(be))
+                add(int(e), int(path), str(iri), ds_text or None, s, t, vals)
+        else:
+            e, path, iri, ds, bs, be, *raw = row
+            vals = []
+            for m, v in zip(methods, raw, strict=True):
+                vals.append(None if v is None else int(v) if m.endswith("Count") else float(v))
+            add(int(e), int(path), str(iri), ds, _us(bs), _us(be), vals)
+    out.sort(key=lambda item: item[0])
+    return [bucket for _, bucket in out]

@@ -1,0 +1,112 @@
+"""/ngsi-ld/v1/subscriptions end to end: the API, the write path, real HTTP and MQTT delivery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from tests.bank.subscriptions.conftest import MqttSubscriber, Receiver
+
+S = "/ngsi-ld/v1/subscriptions"
+E = "/ngsi-ld/v1/entities"
+PROBLEM = "https://uri.etsi.org/ngsi-ld/errors/"
+V1 = "urn:ngsi-ld:Vehicle:V1"
+
+
+def wait(pred: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def subscription(sid: str, uri: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "id": sid,
+        "type": "Subscription",
+        "entities": [{"type": "Vehicle"}],
+        "watchedAttributes": ["speed"],
+        "notification": {"attributes": ["speed"], "endpoint": {"uri": uri}},
+        **extra,
+    }
+
+
+def test_subscription_lifecycle_and_http_delivery(client: TestClient, receiver: Receiver) -> None:
+    sid = "urn:ngsi-ld:Subscription:s1"
+    r = client.post(S, json=subscription(sid, receiver.url(), q="speed>40"))
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == f"{S}/{sid}"
+    r = client.post(S, json=subscription(sid, receiver.url()))
+    assert r.status_code == 409 and r.json()["type"] == PROBLEM + "AlreadyExists"
+
+    got = client.get(f"{S}/{sid}").json()
+    assert got["id"] == sid and got["status"] == "active"
+    assert got["watchedAttributes"] == ["speed"] and got["q"] == "speed>40"
+    assert [s["id"] for s in client.get(S).json()] == [sid]
+
+    slow = {"id": V1, "type": "Vehicle", "speed": {"type": "Property", "value": 10}}
+    assert client.post(E, json=slow).status_code == 201  # q does not match: no notification
+    r = client.patch(f"{E}/{V1}/attrs", json={"speed": {"type": "Property", "value": 55}})
+    assert r.status_code == 204, r.text
+    wait(lambda: len(receiver.requests) >= 1, "the HTTP notification")
+    note = receiver.requests[0].body
+    assert note["type"] == "Notification" and note["subscriptionId"] == sid
+    assert [(d["id"], d["speed"]["value"]) for d in note["data"]] == [(V1, 55)]
+    assert len(receiver.requests) == 1  # the create did not match q
+    wait(
+        lambda: client.get(f"{S}/{sid}").json()["notification"].get("timesSent") == 1,
+        "timesSent",
+    )
+
+    r = client.patch(f"{S}/{sid}", json={"isActive": False})
+    assert r.status_code == 204, r.text
+    assert client.get(f"{S}/{sid}").json()["status"] == "paused"
+    r = client.patch(f"{S}/{sid}", json={"notification": {"endpoint": {"uri": "nope"}}})
+    assert r.status_code == 400 and r.json()["type"] == PROBLEM + "BadRequestData"
+
+    assert client.delete(f"{S}/{sid}").status_code == 204
+    assert client.get(f"{S}/{sid}").status_code == 404
+    assert client.delete(f"{S}/{sid}").status_code == 404
+
+
+def test_mqtt_delivery_next_to_a_dead_endpoint(
+    client: TestClient, mqtt_subscriber: MqttSubscriber, closed_port: int
+) -> None:
+    dead = subscription("urn:ngsi-ld:Subscription:dead", f"http://127.0.0.1:{closed_port}/x")
+    live = subscription("urn:ngsi-ld:Subscription:mqtt", mqtt_subscriber.url())
+    for body in (dead, live):
+        assert client.post(S, json=body).status_code == 201
+    for n in range(3):
+        body = {"id": f"urn:ngsi-ld:Vehicle:{n}", "type": "Vehicle"}
+        body["speed"] = {"type": "Property", "value": n}
+        assert client.post(E, json=body).status_code == 201
+    wait(lambda: len(mqtt_subscriber.received()) == 3, "three MQTT notifications")
+    ids = sorted(m["body"]["data"][0]["id"] for m in mqtt_subscriber.received())
+    assert ids == [f"urn:ngsi-ld:Vehicle:{n}" for n in range(3)]
+    wait(
+        lambda: bool(
+            client.get(f"{S}/urn:ngsi-ld:Subscription:dead")
+            .json()["notification"]
+            .get("lastFailure")
+        ),
+        "the dead endpoint's failure",
+    )
+
+
+def test_bad_subscriptions(client: TestClient) -> None:
+    for body, field in [
+        ({"type": "Subscription"}, None),
+        (subscription("not a uri", "http://x/"), "id"),
+        (subscription("urn:x:1", "ftp://x/"), "notification.endpoint.uri"),
+    ]:
+        r = client.post(S, json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["type"] == PROBLEM + "BadRequestData"
+        if field is not None:
+            assert r.json()["field"] == field
+    assert client.get(f"{S}/urn:ngsi-ld:Subscription:none").status_code == 404
