@@ -122,3 +122,49 @@ def test_errors(client: TestClient) -> None:
         assert problem["field"] == field, params
     r = client.get(f"{T}/urn:ngsi-ld:Vehicle:nobody")
     assert r.status_code == 404 and r.json()["type"] == PROBLEM + "ResourceNotFound"
+
+
+def test_temporal_writes(client: TestClient) -> None:
+    V9 = "urn:ngsi-ld:Vehicle:V9"
+    body = {
+        "id": V9,
+        "type": "Vehicle",
+        "speed": [speed(30, TIMES[1]), speed(10, TIMES[0])],
+    }
+    r = client.post(T, json=body)
+    assert r.status_code == 201, r.text
+    assert r.headers["location"] == f"{T}/{V9}"
+    # the entity exists with the newest instance as its current state
+    assert client.get(f"{E}/{V9}").json()["speed"]["value"] == 30
+    r = client.post(f"{T}/{V9}/attrs", json={"speed": speed(50, TIMES[2])})
+    assert r.status_code == 204, r.text
+    r = client.post(
+        T, json={"id": V9, "type": "Vehicle", "speed": speed(5, "2024-04-30T00:00:00Z")}
+    )
+    assert r.status_code == 204, r.text
+    insts = client.get(f"{T}/{V9}").json()["speed"]
+    assert [i["value"] for i in insts] == [5, 10, 30, 50]
+    # the current state is untouched by appended history
+    assert client.get(f"{E}/{V9}").json()["speed"]["value"] == 30
+
+    r = client.delete(f"{T}/{V9}/attrs/speed/{insts[0]['instanceId']}")
+    assert r.status_code == 204, r.text
+    assert [i["value"] for i in client.get(f"{T}/{V9}").json()["speed"]] == [10, 30, 50]
+    r = client.delete(f"{T}/{V9}/attrs/speed/{insts[0]['instanceId']}")
+    assert r.status_code == 404
+    r = client.patch(f"{T}/{V9}/attrs/speed/{insts[1]['instanceId']}", json={})
+    assert r.status_code == 422 and r.json()["type"] == PROBLEM + "OperationNotSupported"
+
+    assert client.delete(f"{T}/{V9}/attrs/speed").status_code == 204
+    assert "speed" not in client.get(f"{T}/{V9}").json()
+    assert client.delete(f"{T}/{V9}/attrs/speed").status_code == 404
+    assert client.delete(f"{T}/{V9}").status_code == 204
+    assert client.get(f"{T}/{V9}").status_code == 404
+    assert client.get(f"{E}/{V9}").status_code == 404
+
+    r = client.post(f"{T}/urn:ngsi-ld:Vehicle:none/attrs", json={"speed": speed(1, TIMES[0])})
+    assert r.status_code == 404
+    r = client.post(T, json={"id": "not a uri", "type": "Vehicle", "speed": speed(1, TIMES[0])})
+    assert r.status_code == 400
+    r = client.post(T, json={"id": V9, "speed": speed(1, TIMES[0])})
+    assert r.status_code == 400 and r.json()["field"] == "type"

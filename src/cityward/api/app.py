@@ -73,7 +73,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     )
 
     bank = Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit)
-    History(store, bank)
+    history = History(store, bank)
     subscriptions = Subscriptions(store, bank, resolver)
 
     @asynccontextmanager
@@ -90,6 +90,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     )
     app.state.runtime = Runtime(bank=bank, contexts=resolver, max_body=settings.max_body_bytes)
     app.state.subscriptions = subscriptions
+    app.state.history = history
     app.state.context_registry = ContextRegistry(store, resolver)
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)

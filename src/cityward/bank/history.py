@@ -17,6 +17,7 @@ from cityward.bank.changes import Change
 from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
 from cityward.bank.temporal import (
+    HistoryRow,
     copy_postgres,
     create_postgres,
     create_sqlite,
@@ -48,6 +49,21 @@ class History:
             with store.pool.connection() as pg:  # type: ignore[attr-defined]
                 create_postgres(pg)
         bank.hooks.append(self)
+
+    def insert(self, txn: WriteTxn, rows: list[HistoryRow]) -> None:
+        """Insert history rows in ``txn`` (PostgreSQL partitions: see :meth:`prepare`)."""
+        if not rows:
+            return
+        if txn.dialect == "sqlite":
+            insert_sqlite(txn.conn, rows)
+        else:
+            copy_postgres(txn.conn, rows)
+        self.rows_written += len(rows)
+
+    def prepare(self, times: list[str]) -> None:
+        """Before a write transaction: make the PostgreSQL partitions these times need."""
+        if self.store.dialect == "postgres":
+            self._partitions(times)
 
     def __call__(self, txn: WriteTxn, changes: list[Change]) -> None:
         rows = [

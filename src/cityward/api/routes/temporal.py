@@ -19,7 +19,9 @@ from starlette.concurrency import run_in_threadpool
 
 from cityward.api.ngsi import (
     Runtime,
+    body_context,
     check_params,
+    empty_response,
     header_context,
     json_response,
     negotiate,
@@ -36,9 +38,13 @@ from cityward.api.params import (
     paging,
 )
 from cityward.api.routes.entities import QUERY_PARAMS, page_headers
-from cityward.bank.errors import BadRequestData, ResourceNotFound
+from cityward.bank.errors import BadRequestData, OperationNotSupported, ResourceNotFound
+from cityward.bank.history import History
 from cityward.bank.jsonld import Context
+from cityward.bank.model import EntityParser, check_uri, now_iso
+from cityward.bank.query.indexer import path_id
 from cityward.bank.render import View, render_instance
+from cityward.bank.service import new_document
 from cityward.bank.store import QuerySpec, Store
 from cityward.bank.temporal import (
     AggregateBucket,
@@ -47,6 +53,7 @@ from cityward.bank.temporal import (
     aggregate_sql,
     decode_aggregates,
     decode_instances,
+    instance_row,
     instances_sql,
     parse_temporal_query,
 )
@@ -299,3 +306,213 @@ async def query_temporal_post(request: Request) -> Response:
     flt, view_params = filter_from_body({k: v for k, v in body.items() if k != "temporalQ"}, ctx)
     params = {**dict(request.query_params), **view_params}
     return await _query(request, rt, ctx, params, flt, {str(k): v for k, v in temporal.items()})
+
+
+# -- writes -----------------------------------------------------------------------------------
+# The temporal API writes history directly: POST adds instances (creating the entity, with the
+# newest instance of each attribute as its current state, when it does not exist), DELETE
+# removes history. These writes bypass the write hooks, so they send no notifications.
+
+_CORE_MEMBERS = ("id", "type", "@id", "@type", "@context", "scope")
+
+
+def _history_of(request: Request) -> History:
+    h = request.app.state.history
+    assert isinstance(h, History)
+    return h
+
+
+def _parse_instances(
+    body: Any, ctx: Context, eid: str | None
+) -> tuple[str, list[str] | None, list[tuple[str, dict[str, Any]]]]:
+    """(entity id, expanded types or None, [(attribute IRI, instance)]) of a temporal body."""
+    if not isinstance(body, dict):
+        raise BadRequestData("a temporal entity must be a JSON object", field="body")
+    body_id = body.get("id", body.get("@id"))
+    if eid is None:
+        eid = check_uri(body_id, "id")
+    elif body_id is not None and body_id != eid:
+        raise BadRequestData("the body's id differs from the URL's", field="id")
+    raw_type = body.get("type", body.get("@type"))
+    parser = EntityParser(ctx)
+    types = parser.types(raw_type) if raw_type is not None else None
+    out: list[tuple[str, dict[str, Any]]] = []
+    for name, value in body.items():
+        if name in _CORE_MEMBERS:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            frag = parser.entity({"id": eid, "type": "Thing", name: item}, "create")
+            ((iri, insts),) = frag["attrs"].items()
+            for inst in insts:
+                for flag in ("_untyped", "_delete", "_name"):
+                    inst.pop(flag, None)
+                out.append((iri, inst))
+    if not out and eid is None:
+        raise BadRequestData("no attribute instances in the body", field="body")
+    return eid, types, out
+
+
+def _newest(instances: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Per attribute, the newest instance (by observedAt, else the last given) per datasetId."""
+    best: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for iri, inst in instances:
+        key = (iri, inst.get("datasetId"))
+        old = best.get(key)
+        if old is None or str(inst.get("observedAt", "")) >= str(old.get("observedAt", "")):
+            best[key] = inst
+    attrs: dict[str, list[dict[str, Any]]] = {}
+    for (iri, _), inst in best.items():
+        attrs.setdefault(iri, []).append(dict(inst))
+    return attrs
+
+
+def _append(
+    rt: Runtime,
+    history: History,
+    tenant: str,
+    eid: str,
+    types: list[str] | None,
+    instances: list[tuple[str, dict[str, Any]]],
+    must_exist: bool,
+) -> bool:
+    """Record ``instances``; True when the entity was created."""
+    now = now_iso()
+    history.prepare([str(i.get("observedAt", now)) for _, i in instances] + [now])
+    if must_exist:
+        rt.bank.check_tenant(tenant)
+    with rt.bank.store.write(tenant, create_tenant=not must_exist) as txn:
+        found = txn.get_many([eid]).get(eid)
+        created = False
+        if found is None:
+            if must_exist:
+                raise ResourceNotFound(f"entity {eid} not found", field="id")
+            if types is None:
+                raise BadRequestData("a new temporal entity needs a type", field="type")
+            doc = new_document({"id": eid, "type": types, "attrs": _newest(instances)}, now)
+            (pk,) = txn.new_pks(1)
+            txn.put([(pk, doc)], replacing=[])
+            created = True
+        else:
+            pk = found[0]
+        rows = [instance_row(pk, iri, inst, now) for iri, inst in instances]
+        history.insert(txn, rows)
+    return created
+
+
+@router.post("/temporal/entities")
+async def create_temporal(request: Request) -> Response:
+    rt = runtime(request)
+    check_params(request, ())
+    body, ctx, is_ld = await read_json(request, rt)
+    if is_ld:
+        ctx = body_context(body, rt, True, ctx)
+    eid, types, instances = _parse_instances(body, ctx, None)
+    created = await run_in_threadpool(
+        _append, rt, _history_of(request), tenant_of(request), eid, types, instances, False
+    )
+    if created:
+        return empty_response(request, 201, {"Location": f"/ngsi-ld/v1/temporal/entities/{eid}"})
+    return empty_response(request)
+
+
+@router.post("/temporal/entities/{eid:path}/attrs")
+async def append_temporal(request: Request, eid: str) -> Response:
+    rt = runtime(request)
+    check_params(request, ())
+    check_uri(eid, "id")
+    body, ctx, is_ld = await read_json(request, rt)
+    if is_ld:
+        ctx = body_context(body, rt, True, ctx)
+    _, _, instances = _parse_instances(body, ctx, eid)
+    if not instances:
+        raise BadRequestData("no attribute instances in the body", field="body")
+    await run_in_threadpool(
+        _append, rt, _history_of(request), tenant_of(request), eid, None, instances, True
+    )
+    return empty_response(request)
+
+
+def _pk_of(rt: Runtime, tenant: str, eid: str) -> int:
+    rt.bank.check_tenant(tenant)
+    pk = _pks(rt.bank.store, tenant, [eid]).get(eid)
+    if pk is None:
+        raise ResourceNotFound(f"entity {eid} not found", field="id")
+    return pk
+
+
+@router.delete("/temporal/entities/{eid:path}/attrs/{attr}/{instance_id:path}")
+async def delete_instance(request: Request, eid: str, attr: str, instance_id: str) -> Response:
+    rt = runtime(request)
+    check_params(request, ())
+    ctx = await header_context(request, rt)
+    iri = ctx.expand(attr)
+    prefix = "urn:ngsi-ld:Instance:"
+    if not instance_id.startswith(prefix) or not instance_id[len(prefix) :].isdigit():
+        raise ResourceNotFound(f"no instance {instance_id}", field="instanceId")
+    tenant = tenant_of(request)
+
+    def run() -> None:
+        pk = _pk_of(rt, tenant, eid)
+        with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            gone = txn.execute(
+                "DELETE FROM attr_history WHERE e = ? AND path = ? AND id = ? RETURNING id",
+                [pk, path_id(iri), int(instance_id[len(prefix) :])],
+            )
+            if not gone:
+                raise ResourceNotFound(f"no instance {instance_id} of {attr}", field="instanceId")
+
+    await run_in_threadpool(run)
+    return empty_response(request)
+
+
+@router.patch("/temporal/entities/{eid:path}/attrs/{attr}/{instance_id:path}")
+async def patch_instance(eid: str, attr: str, instance_id: str) -> Response:
+    raise OperationNotSupported(
+        "modifying a recorded instance is not supported: history is append-only here",
+        field="instanceId",
+    )
+
+
+@router.delete("/temporal/entities/{eid:path}/attrs/{attr}")
+async def delete_temporal_attr(request: Request, eid: str, attr: str) -> Response:
+    rt = runtime(request)
+    check_params(request, ("datasetId", "deleteAll"))
+    ctx = await header_context(request, rt)
+    iri = ctx.expand(attr)
+    params = request.query_params
+    delete_all = params.get("deleteAll", "false")
+    if delete_all not in ("true", "false"):
+        raise BadRequestData("deleteAll must be true or false", field="deleteAll")
+    ds = params.get("datasetId")
+    tenant = tenant_of(request)
+
+    def run() -> None:
+        pk = _pk_of(rt, tenant, eid)
+        sql = "DELETE FROM attr_history WHERE e = ? AND path = ?"
+        args: list[Any] = [pk, path_id(iri)]
+        if delete_all != "true":
+            sql += " AND ds = ?" if ds is not None else " AND ds IS NULL"
+            args += [ds] if ds is not None else []
+        with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            if not txn.execute(sql + " RETURNING id", args):
+                raise ResourceNotFound(f"no history of {attr} in {eid}", field="attrId")
+
+    await run_in_threadpool(run)
+    return empty_response(request)
+
+
+@router.delete("/temporal/entities/{eid:path}")
+async def delete_temporal(request: Request, eid: str) -> Response:
+    """The entity's history and the entity itself."""
+    rt = runtime(request)
+    check_params(request, ())
+    tenant = tenant_of(request)
+
+    def run() -> None:
+        pk = _pk_of(rt, tenant, eid)
+        with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            txn.execute("DELETE FROM attr_history WHERE e = ?", [pk])
+            txn.delete([pk])
+
+    await run_in_threadpool(run)
+    return empty_response(request)
