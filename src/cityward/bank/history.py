@@ -92,6 +92,8 @@ class History:
         if not needed:
             return
         with self._lock, self.store.pool.connection() as pg:  # type: ignore[attr-defined]
+            # worker processes race to make the same month: one at a time, each re-checks
+            pg.execute("SELECT pg_advisory_xact_lock(74110003)")
             ensure_partitions(pg, list(needed.values()))
             pg.commit()
             self._months.update(needed)
