@@ -110,3 +110,23 @@ def test_bad_subscriptions(client: TestClient) -> None:
         if field is not None:
             assert r.json()["field"] == field
     assert client.get(f"{S}/urn:ngsi-ld:Subscription:none").status_code == 404
+
+
+def test_one_notification_per_batch(client: TestClient, receiver: Receiver) -> None:
+    sub = subscription("urn:ngsi-ld:Subscription:batch", receiver.url())
+    assert client.post(S, json=sub).status_code == 201
+    batch = [
+        {
+            "id": f"urn:ngsi-ld:Vehicle:{n}",
+            "type": "Vehicle",
+            "speed": {"type": "Property", "value": n},
+        }
+        for n in range(5)
+    ]
+    r = client.post("/ngsi-ld/v1/entityOperations/create", json=batch)
+    assert r.status_code == 201, r.text
+    wait(lambda: len(receiver.requests) >= 1, "the batch notification")
+    time.sleep(0.3)  # a second notification would have been sent with the first
+    (req,) = receiver.requests
+    assert [d["id"] for d in req.body["data"]] == [b["id"] for b in batch]
+    assert [d["speed"]["value"] for d in req.body["data"]] == list(range(5))

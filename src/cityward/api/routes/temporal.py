@@ -396,6 +396,7 @@ def _append(
             pk = found[0]
         rows = [instance_row(pk, iri, inst, now) for iri, inst in instances]
         history.insert(txn, rows)
+    history.refresh_statistics()
     return created
 
 

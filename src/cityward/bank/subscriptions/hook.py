@@ -26,7 +26,9 @@ from cityward.bank.subscriptions.matcher import (
     ChangeEvent,
     Fire,
     SubscriptionIndex,
+    build_notification,
     notification_for,
+    render_data,
 )
 from cityward.bank.subscriptions.model import Subscription
 from cityward.bank.subscriptions.outbox import Outbox, OutboxItem
@@ -122,18 +124,36 @@ class NotificationHook:
                     fired.append((change.tenant, event, sub, fire))
         if not fired:
             return
-        items: list[OutboxItem] = []
+        # One notification per subscription and trigger for the whole write, its entities in
+        # ``data``: a batch of 1,000 changes watched by 10 subscriptions makes 10 deliveries,
+        # not 10,000 (NGSI-LD notifications carry an array of entities for this).
+        groups: dict[tuple[str, str, str], list[tuple[ChangeEvent, Subscription, Fire]]] = {}
         for tenant, event, sub, fire in fired:
+            groups.setdefault((tenant, sub.id, fire.trigger), []).append((event, sub, fire))
+        items: list[OutboxItem] = []
+        for (tenant, _, trigger), members in groups.items():
+            sub = members[0][1]
             try:
+                ctx = self._context(sub)
+                link = self.link_for(sub) if self.link_for is not None else None
+                if len(members) == 1:
+                    event, _, fire = members[0]
+                    items.append(
+                        notification_for(sub, event, fire, ctx, now=now, tenant=tenant, link=link)
+                    )
+                    continue
+                deleted = trigger in ("entityDeleted", "attributeDeleted")
                 items.append(
-                    notification_for(
+                    build_notification(
                         sub,
-                        event,
-                        fire,
-                        self._context(sub),
+                        members[0][2].trigger,
+                        [render_data(sub, event, fire, ctx) for event, _, fire in members],
+                        ctx,
                         now=now,
                         tenant=tenant,
-                        link=self.link_for(sub) if self.link_for is not None else None,
+                        link=link,
+                        key=sub.id,
+                        docs=[None if deleted else event.after for event, _, _ in members],
                     )
                 )
             except Exception:  # never fail the write because of one notification

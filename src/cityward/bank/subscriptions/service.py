@@ -73,7 +73,8 @@ class Subscriptions:
         else:
             self.outbox = Outbox(PostgresOutboxDB(store.pool))  # type: ignore[attr-defined]
             self._lock_path = None
-        self.dispatcher = Dispatcher(self.outbox, on_result=self._on_result)
+        # a 0.1 s poll bounds the delay of a missed wake-up and of other workers' writes
+        self.dispatcher = Dispatcher(self.outbox, on_result=self._on_result, poll_interval=0.1)
         self.hook = NotificationHook(self.outbox, resolver.resolve, self.dispatcher)
         self._version = -1
         self._lock_fd: int | None = None
