@@ -8,6 +8,7 @@ that fails leaves none.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from pathlib import Path
@@ -28,6 +29,8 @@ from cityward.bank.temporal import (
 from cityward.bank.temporal.schema import partition_name
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
+log = logging.getLogger(__name__)
+
 
 class History:
     """Creates the history tables of a store and records each write's changes in them."""
@@ -36,6 +39,7 @@ class History:
         self.store = store
         self.rows_written = 0
         self._analyzed_at = 0  # rows_written when PostgreSQL statistics were last refreshed
+        self._vacuuming = False
         self._months: set[str] = set()  # PostgreSQL partitions known to exist
         self._lock = threading.Lock()
         if store.dialect == "sqlite":
@@ -62,21 +66,36 @@ class History:
         self.rows_written += len(rows)
 
     def refresh_statistics(self) -> None:
-        """After bulk history writes (temporal appends), refresh PostgreSQL's statistics.
+        """After bulk history writes (temporal appends), VACUUM ANALYZE on PostgreSQL.
 
-        Right after a million rows arrive the planner still believes the table is empty and
-        picks plans that read all of it (lastN took 0.5 s instead of 1 ms).
+        Right after a million rows arrive the planner still believes the table is empty (lastN
+        took 0.5 s instead of 1 ms), and until a VACUUM sets the visibility map every
+        "index-only" scan reads the table too (an hourly avg over 1M rows: 313 ms, 181 ms
+        after). It runs on a thread of its own: a VACUUM must not hold up the request.
         """
         if self.store.dialect != "postgres":
             return
         with self._lock:
             grown = self.rows_written - self._analyzed_at
-            if grown < max(10_000, self._analyzed_at // 5):
+            if grown < max(10_000, self._analyzed_at // 5) or self._vacuuming:
                 return
             self._analyzed_at = self.rows_written
-        with self.store.pool.connection() as pg:  # type: ignore[attr-defined]
-            pg.execute("ANALYZE attr_history")
-            pg.commit()
+            self._vacuuming = True
+        threading.Thread(target=self._vacuum, name="history-vacuum", daemon=True).start()
+
+    def _vacuum(self) -> None:
+        try:
+            with self.store.pool.connection() as pg:  # type: ignore[attr-defined]
+                pg.autocommit = True  # VACUUM cannot run inside a transaction
+                try:
+                    pg.execute("VACUUM (ANALYZE) attr_history")
+                finally:
+                    pg.autocommit = False
+        except Exception:
+            log.exception("VACUUM ANALYZE of attr_history failed")
+        finally:
+            with self._lock:
+                self._vacuuming = False
 
     def prepare(self, times: list[str]) -> None:
         """Before a write transaction: make the PostgreSQL partitions these times need."""
