@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,8 @@ from cityward.bank.store.base import (
     dump_doc,
     load_doc,
 )
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants (name TEXT PRIMARY KEY);
@@ -81,6 +84,7 @@ class PostgresStore(Store):
         self._stats_lock = threading.Lock()
         self._written = 0
         self._analyzed_at = 0
+        self._analyzing = False
         with self.pool.connection() as conn:
             if schema:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
@@ -98,32 +102,44 @@ class PostgresStore(Store):
 
     @contextmanager
     def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
-        with self.pool.connection() as conn:
-            with conn.transaction():
-                if create_tenant and tenant:
-                    conn.execute(
-                        "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
-                    )
-                txn = _PgTxn(conn, tenant)
-                yield txn
-            self._maybe_analyze(conn, txn.written)
+        with self.pool.connection() as conn, conn.transaction():
+            if create_tenant and tenant:
+                conn.execute(
+                    "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
+                )
+            txn = _PgTxn(conn, tenant)
+            yield txn
+        self._maybe_analyze(txn.written)
 
-    def _maybe_analyze(self, conn: psycopg.Connection[Any], written: int) -> None:
+    def _maybe_analyze(self, written: int) -> None:
         """Refresh planner statistics after bulk loads instead of waiting for autovacuum.
 
         Right after a city's first import PostgreSQL still believes the tables are empty and
-        picks plans that read the whole index for every query.
+        picks plans that read the whole index for every query. The ANALYZE runs on a thread of
+        its own: with a million history rows it takes most of a second, which a write request
+        must not wait for (it showed as an 800 ms stall of every notification behind it).
         """
         with self._stats_lock:
             self._written += written
-            if self._written < max(10_000, self._analyzed_at // 5):
+            if self._written < max(10_000, self._analyzed_at // 5) or self._analyzing:
                 return
             self._analyzed_at += self._written
             self._written = 0
-        conn.execute("ANALYZE entities, etypes, attr_index, geo")
-        if conn.execute("SELECT to_regclass('attr_history')").fetchone() != (None,):
-            conn.execute("ANALYZE attr_history")
-        conn.commit()
+            self._analyzing = True
+        threading.Thread(target=self._analyze, name="pg-analyze", daemon=True).start()
+
+    def _analyze(self) -> None:
+        try:
+            with self.pool.connection() as conn:
+                conn.execute("ANALYZE entities, etypes, attr_index, geo")
+                if conn.execute("SELECT to_regclass('attr_history')").fetchone() != (None,):
+                    conn.execute("ANALYZE attr_history")
+                conn.commit()
+        except Exception:  # the pool may be closing; statistics are only an optimisation
+            log.debug("ANALYZE after a bulk load failed", exc_info=True)
+        finally:
+            with self._stats_lock:
+                self._analyzing = False
 
     def _geo_candidates_sql(self, spec: QuerySpec) -> tuple[str, list[Any]]:
         assert spec.geo is not None
