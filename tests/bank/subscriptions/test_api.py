@@ -130,3 +130,42 @@ def test_one_notification_per_batch(client: TestClient, receiver: Receiver) -> N
     (req,) = receiver.requests
     assert [d["id"] for d in req.body["data"]] == [b["id"] for b in batch]
     assert [d["speed"]["value"] for d in req.body["data"]] == list(range(5))
+
+
+def test_periodic_notifications(client: TestClient, receiver: Receiver) -> None:
+    for n, speed in [(1, 10), (2, 90)]:
+        body = {"id": f"urn:ngsi-ld:Vehicle:{n}", "type": "Vehicle"}
+        body["speed"] = {"type": "Property", "value": speed}
+        assert client.post(E, json=body).status_code == 201
+    sub = {
+        "id": "urn:ngsi-ld:Subscription:every-second",
+        "type": "Subscription",
+        "entities": [{"type": "Vehicle"}],
+        "q": "speed>50",
+        "timeInterval": 1,
+        "notification": {"attributes": ["speed"], "endpoint": {"uri": receiver.url()}},
+    }
+    r = client.post(S, json=sub)
+    assert r.status_code == 201, r.text
+    wait(lambda: len(receiver.requests) >= 2, "two periodic notifications")
+    first, second = receiver.requests[:2]
+    assert second.at - first.at >= 0.8  # one interval apart, give or take the tick
+    for req in (first, second):
+        assert req.body["subscriptionId"] == sub["id"]
+        assert [(d["id"], d["speed"]["value"]) for d in req.body["data"]] == [
+            ("urn:ngsi-ld:Vehicle:2", 90)
+        ]
+    # a change is not a trigger for a periodic subscription, the state it sends is current
+    r = client.patch(
+        f"{E}/urn:ngsi-ld:Vehicle:1/attrs", json={"speed": {"type": "Property", "value": 70}}
+    )
+    assert r.status_code == 204
+    wait(
+        lambda: any(len(q.body["data"]) == 2 for q in receiver.requests),
+        "a periodic notification with both vehicles",
+    )
+    assert client.patch(f"{S}/{sub['id']}", json={"isActive": False}).status_code == 204
+    time.sleep(2.0)  # a notification may have been on its way when it was paused
+    count = len(receiver.requests)
+    time.sleep(1.5)
+    assert len(receiver.requests) == count

@@ -83,7 +83,7 @@ async def list_subscriptions(request: Request) -> Response:
     if spec.limit > rt.bank.max_limit:
         raise BadRequestData(f"limit must be at most {rt.bank.max_limit}", field="limit")
     subs, total = await run_in_threadpool(
-        _subs(request).list, tenant_of(request), spec.limit, spec.offset
+        _subs(request).page, tenant_of(request), spec.limit, spec.offset
     )
     data = [s.to_json(ctx, sys_attrs=sys_attrs) for s in subs]
     headers = page_headers(request, spec, len(data), total if spec.count else None)

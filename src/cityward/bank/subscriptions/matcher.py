@@ -613,3 +613,19 @@ class SubscriptionIndex:
             )
             for sub, fire in self.match(event, now=t)
         ]
+
+
+# --------------------------------------------------------------------------------------------
+# Periodic (timeInterval) notifications: the current state, not a change
+
+
+def selects(sub: Subscription, entity_id: str, doc: Mapping[str, Any]) -> bool:
+    """Whether the entity, as it is now, is one the subscription selects (entities, q, geoQ,
+    scopeQ), whatever changed or did not."""
+    event = ChangeEvent(entity_id, doc, doc)
+    return _selected(sub, event) and _filters_pass(sub, event)
+
+
+def render_current(sub: Subscription, doc: Mapping[str, Any], ctx: Context) -> dict[str, Any]:
+    """An entity as a periodic notification shows it (the subscription's format and attrs)."""
+    return render_entity(dict(doc), ctx, _view(sub))

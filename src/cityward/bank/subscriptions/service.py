@@ -10,6 +10,8 @@ picks their notifications up on its next poll.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import logging
 import os
@@ -26,8 +28,14 @@ from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
 from cityward.bank.subscriptions.dispatcher import DeliveryResult, Dispatcher
 from cityward.bank.subscriptions.hook import NotificationHook
+from cityward.bank.subscriptions.matcher import build_notification, render_current, selects
 from cityward.bank.subscriptions.model import Subscription
-from cityward.bank.subscriptions.outbox import Outbox, PostgresOutboxDB, SqliteOutboxDB
+from cityward.bank.subscriptions.outbox import (
+    Outbox,
+    OutboxItem,
+    PostgresOutboxDB,
+    SqliteOutboxDB,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,8 @@ CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v BIGIN
 INSERT INTO subscriptions_version(k, v) VALUES (1, 0) ON CONFLICT DO NOTHING;
 """
 DISPATCHER_LOCK = 0x63697479  # PostgreSQL advisory lock key ("city")
+PERIODIC_TICK_S = 0.5  # how often timeInterval subscriptions are checked
+PERIODIC_MAX_ENTITIES = 1000  # entities in one periodic notification at most
 
 
 def _now() -> datetime:
@@ -77,6 +87,8 @@ class Subscriptions:
         self.dispatcher = Dispatcher(self.outbox, on_result=self._on_result, poll_interval=0.1)
         self.hook = NotificationHook(self.outbox, resolver.resolve, self.dispatcher)
         self._version = -1
+        self._periodic_task: asyncio.Task[None] | None = None
+        self._periodic_last: dict[tuple[str, str], datetime] = {}
         self._lock_fd: int | None = None
         self._lock_conn: Any = None
         self.dispatching = False
@@ -140,7 +152,7 @@ class Subscriptions:
             sub.stats.__dict__.update(live.stats.__dict__)
         return sub
 
-    def list(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
+    def page(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
         total = int(
             self.store.select("SELECT count(*) FROM subscriptions WHERE tenant = ?", [tenant])[0][0]
         )
@@ -171,6 +183,60 @@ class Subscriptions:
             self._bump(txn)
         self.hook.remove(tenant, sid)
 
+    # -- periodic notifications (timeInterval) ---------------------------------------------
+    async def _periodic_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PERIODIC_TICK_S)
+            try:
+                items = await asyncio.to_thread(self.periodic_due)
+                if items:
+                    await asyncio.to_thread(self.outbox.add, items)
+                    self.dispatcher.wake()
+            except Exception:  # a bad subscription must not stop the others' notifications
+                log.exception("periodic notifications failed")
+
+    def periodic_due(self, now: datetime | None = None) -> list[OutboxItem]:
+        """The notifications of timeInterval subscriptions that are due: the current state of
+        the entities each selects (at most PERIODIC_MAX_ENTITIES), one notification each."""
+        t = now or _now()
+        due: list[tuple[str, Subscription]] = []
+        with self.hook._lock:
+            for tenant, index in self.hook._indexes.items():
+                for sub in index:
+                    if sub.time_interval is None or not sub.is_live(t):
+                        continue
+                    last = self._periodic_last.get((tenant, sub.id))
+                    if last is not None and (t - last).total_seconds() < sub.time_interval:
+                        continue
+                    due.append((tenant, sub))
+        items: list[OutboxItem] = []
+        for tenant, sub in due:
+            self._periodic_last[(tenant, sub.id)] = t
+            ctx = self.hook._context(sub)
+            docs = []
+            # every entity of the tenant is looked at: fine for the minutes-scale intervals
+            # this is for; a city with millions of entities should filter by type first
+            for doc in self.store.iter_docs(tenant):
+                if selects(sub, doc["id"], doc):
+                    docs.append(doc)
+                    if len(docs) >= PERIODIC_MAX_ENTITIES:
+                        break
+            if not docs:
+                continue
+            items.append(
+                build_notification(
+                    sub,
+                    None,
+                    [render_current(sub, d, ctx) for d in docs],
+                    ctx,
+                    now=t,
+                    tenant=tenant,
+                    key=sub.id,
+                    docs=docs,
+                )
+            )
+        return items
+
     # -- delivery ---------------------------------------------------------------------------
     def _on_result(self, result: DeliveryResult) -> None:
         sub = self.hook.get(result.item.tenant, result.item.subscription_id)
@@ -198,14 +264,21 @@ class Subscriptions:
         return got
 
     async def start(self) -> None:
-        """Run the dispatcher here if no other process of this database does."""
+        """Run the dispatcher (and the periodic notifications) here if no other process of
+        this database does."""
         if self._take_dispatcher_lock():
             self.dispatching = True
             await self.dispatcher.start()
+            self._periodic_task = asyncio.create_task(self._periodic_loop())
         else:
             log.info("another process delivers this database's notifications")
 
     async def stop(self) -> None:
+        if self._periodic_task is not None:
+            self._periodic_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._periodic_task
+            self._periodic_task = None
         if self.dispatching:
             await self.dispatcher.stop()
             self.dispatching = False
