@@ -134,7 +134,7 @@ def test_one_notification_per_batch(client: TestClient, receiver: Receiver) -> N
 
 def test_periodic_notifications(client: TestClient, receiver: Receiver) -> None:
     for n, speed in [(1, 10), (2, 90)]:
-        body = {"id": f"urn:ngsi-ld:Vehicle:{n}", "type": "Vehicle"}
+        body: dict[str, Any] = {"id": f"urn:ngsi-ld:Vehicle:{n}", "type": "Vehicle"}
         body["speed"] = {"type": "Property", "value": speed}
         assert client.post(E, json=body).status_code == 201
     sub = {
