@@ -1074,11 +1074,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="keep the data folder, server log and PostgreSQL database, to look into them",
     )
+    p.add_argument(
+        "--history",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run bench/history.py (history and notifications; --no-history skips it)",
+    )
+    p.add_argument(
+        "--history-rows",
+        type=int,
+        default=1_000_000,
+        help="history rows for the aggregation figures (1,000,000)",
+    )
     p.add_argument("--py-spy", action="store_true", help="profile the server with py-spy")
     p.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second")
     args = p.parse_args(argv)
     if args.quick:
         args.entities = 10_000
+        args.history_rows = min(args.history_rows, 100_000)
     if args.entities < 1:
         p.error("--entities must be at least 1")
     if args.get_requests < 1 or args.query_requests < 1 or args.warmup < 0:
@@ -1122,7 +1135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         write_json(args.json, {"runs": [run_document(r, args) for r in runs]})
         console.print(f"wrote {args.json}")
-    return 1 if not runs or any(r.error for r in runs) else 0
+    failed = not runs or any(r.error for r in runs)
+    if args.history:
+        # the history and notification figures: bench/history.py, on fresh servers
+        import history
+
+        hist_args = ["--backend", args.backend, "--rows", str(args.history_rows)]
+        failed = history.main([*hist_args, "--pg-url", args.pg_url]) != 0 or failed
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
