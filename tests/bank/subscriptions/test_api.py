@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psycopg
+import pytest
 from fastapi.testclient import TestClient
 
+from cityward.api.app import create_app
+from cityward.bank.store import Store
+from cityward.bank.store.postgres import PostgresStore
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.config import Settings
 from tests.bank.subscriptions.conftest import MqttSubscriber, Receiver
+from tests.conftest import PG_URL
 
 S = "/ngsi-ld/v1/subscriptions"
 E = "/ngsi-ld/v1/entities"
@@ -169,3 +179,38 @@ def test_periodic_notifications(client: TestClient, receiver: Receiver) -> None:
     count = len(receiver.requests)
     time.sleep(1.5)
     assert len(receiver.requests) == count
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_delivery_counters_survive_a_restart(
+    backend: str, tmp_path: Path, receiver: Receiver
+) -> None:
+    settings = Settings(data_dir=tmp_path, context_fetch=False)
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+
+    def open_store() -> Store:
+        if backend == "sqlite":
+            return SqliteStore(tmp_path / "bank.db")
+        return PostgresStore(PG_URL, schema=schema, max_size=4)
+
+    sid = "urn:ngsi-ld:Subscription:counted"
+    with TestClient(create_app(settings, open_store())) as client:
+        assert client.post(S, json=subscription(sid, receiver.url())).status_code == 201
+        body = {"id": V1, "type": "Vehicle", "speed": {"type": "Property", "value": 1}}
+        assert client.post(E, json=body).status_code == 201
+        wait(lambda: len(receiver.requests) == 1, "the notification")
+        wait(
+            lambda: client.get(f"{S}/{sid}").json()["notification"].get("timesSent") == 1,
+            "timesSent",
+        )
+    store = open_store()
+    try:
+        with TestClient(create_app(settings, store)) as client:
+            got = client.get(f"{S}/{sid}").json()["notification"]
+            assert got["timesSent"] == 1 and got["lastSuccess"]
+            assert client.delete(f"{S}/{sid}").status_code == 204
+            assert store.select("SELECT count(*) FROM subscription_stats")[0][0] == 0
+    finally:
+        if backend == "postgres":
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from cityward.bank.store import Store, WriteTxn
 from cityward.bank.subscriptions.dispatcher import DeliveryResult, Dispatcher
 from cityward.bank.subscriptions.hook import NotificationHook
 from cityward.bank.subscriptions.matcher import build_notification, render_current, selects
-from cityward.bank.subscriptions.model import Subscription
+from cityward.bank.subscriptions.model import DeliveryStats, Subscription
 from cityward.bank.subscriptions.outbox import (
     Outbox,
     OutboxItem,
@@ -43,11 +44,17 @@ SQLITE_DDL = """
 CREATE TABLE IF NOT EXISTS subscriptions (
   tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
 );
+CREATE TABLE IF NOT EXISTS subscription_stats (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
 CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO subscriptions_version(k, v) VALUES (1, 0);
 """
 POSTGRES_DDL = """
 CREATE TABLE IF NOT EXISTS subscriptions (
+  tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
+);
+CREATE TABLE IF NOT EXISTS subscription_stats (
   tenant TEXT NOT NULL, id TEXT NOT NULL, body TEXT NOT NULL, PRIMARY KEY (tenant, id)
 );
 CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v BIGINT NOT NULL);
@@ -56,6 +63,7 @@ INSERT INTO subscriptions_version(k, v) VALUES (1, 0) ON CONFLICT DO NOTHING;
 DISPATCHER_LOCK = 0x63697479  # PostgreSQL advisory lock key ("city")
 PERIODIC_TICK_S = 0.5  # how often timeInterval subscriptions are checked
 PERIODIC_MAX_ENTITIES = 1000  # entities in one periodic notification at most
+STATS_FLUSH_S = 2.0  # delivery counters reach the database this often (and on stop)
 
 
 def _now() -> datetime:
@@ -89,6 +97,7 @@ class Subscriptions:
         self._version = -1
         self._periodic_task: asyncio.Task[None] | None = None
         self._periodic_last: dict[tuple[str, str], datetime] = {}
+        self._dirty: set[tuple[str, str]] = set()
         self._lock_fd: int | None = None
         self._lock_conn: Any = None
         self.dispatching = False
@@ -100,8 +109,15 @@ class Subscriptions:
     def _read_version(self) -> int:
         return int(self.store.select("SELECT v FROM subscriptions_version WHERE k = 1")[0][0])
 
+    def _stored_stats(self) -> dict[tuple[str, str], DeliveryStats]:
+        return {
+            (str(t), str(i)): DeliveryStats.from_dict(orjson.loads(b))
+            for t, i, b in self.store.select("SELECT tenant, id, body FROM subscription_stats")
+        }
+
     def _reload(self, version: int) -> None:
         by_tenant: dict[str, list[Subscription]] = {}
+        stored = self._stored_stats()
         for tenant, body in self.store.select("SELECT tenant, body FROM subscriptions"):
             try:
                 sub = Subscription.from_stored(orjson.loads(body))
@@ -111,6 +127,8 @@ class Subscriptions:
             old = self.hook.get(str(tenant), sub.id)
             if old is not None:
                 sub.stats.__dict__.update(old.stats.__dict__)
+            elif (str(tenant), sub.id) in stored:
+                sub.stats.__dict__.update(stored[(str(tenant), sub.id)].__dict__)
             by_tenant.setdefault(str(tenant), []).append(sub)
         for tenant in set(by_tenant) | set(self.hook._indexes):
             self.hook.load(tenant, by_tenant.get(tenant, []))
@@ -148,8 +166,16 @@ class Subscriptions:
         if not rows:
             raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
         sub = Subscription.from_stored(orjson.loads(rows[0][0]))
-        if live is not None:
+        if live is not None and self.dispatching:
             sub.stats.__dict__.update(live.stats.__dict__)
+        else:  # another process delivers: its counters, as last flushed
+            stats = self.store.select(
+                "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid]
+            )
+            if stats:
+                sub.stats.__dict__.update(
+                    DeliveryStats.from_dict(orjson.loads(stats[0][0])).__dict__
+                )
         return sub
 
     def page(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
@@ -180,13 +206,21 @@ class Subscriptions:
             )
             if not n:
                 raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
+            txn.execute("DELETE FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid])
             self._bump(txn)
         self.hook.remove(tenant, sid)
 
     # -- periodic notifications (timeInterval) ---------------------------------------------
     async def _periodic_loop(self) -> None:
+        flushed = time.monotonic()
         while True:
             await asyncio.sleep(PERIODIC_TICK_S)
+            if time.monotonic() - flushed >= STATS_FLUSH_S:
+                flushed = time.monotonic()
+                try:
+                    await asyncio.to_thread(self.flush_stats)
+                except Exception:
+                    log.exception("saving delivery counters failed")
             try:
                 items = await asyncio.to_thread(self.periodic_due)
                 if items:
@@ -242,6 +276,26 @@ class Subscriptions:
         sub = self.hook.get(result.item.tenant, result.item.subscription_id)
         if sub is not None:
             sub.stats.record(result.ok, result.at)
+            self._dirty.add((result.item.tenant, sub.id))
+
+    def flush_stats(self) -> None:
+        """Save the delivery counters that changed since the last flush."""
+        dirty, self._dirty = self._dirty, set()
+        rows = []
+        for tenant, sid in dirty:
+            sub = self.hook.get(tenant, sid)
+            if sub is not None:
+                rows.append((tenant, sid, orjson.dumps(sub.stats.to_dict()).decode()))
+        if not rows:
+            return
+        with self.store.write("", create_tenant=False) as txn:
+            for tenant, sid, body in rows:
+                txn.execute(
+                    "INSERT INTO subscription_stats(tenant, id, body) SELECT ?, ?, ? "
+                    "WHERE EXISTS (SELECT 1 FROM subscriptions WHERE tenant = ? AND id = ?) "
+                    "ON CONFLICT (tenant, id) DO UPDATE SET body = excluded.body",
+                    [tenant, sid, body, tenant, sid],
+                )
 
     def _take_dispatcher_lock(self) -> bool:
         if self._lock_path is not None:
@@ -281,6 +335,10 @@ class Subscriptions:
             self._periodic_task = None
         if self.dispatching:
             await self.dispatcher.stop()
+            try:
+                await asyncio.to_thread(self.flush_stats)
+            except Exception:
+                log.exception("saving delivery counters failed")
             self.dispatching = False
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
