@@ -26,7 +26,6 @@ from cityward.bank.temporal import (
     history_rows,
     insert_sqlite,
 )
-from cityward.bank.temporal.schema import partition_name
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
 log = logging.getLogger(__name__)
@@ -40,7 +39,7 @@ class History:
         self.rows_written = 0
         self._analyzed_at = 0  # rows_written when PostgreSQL statistics were last refreshed
         self._vacuuming = False
-        self._months: set[str] = set()  # PostgreSQL partitions known to exist
+        self._months: set[str] = set()  # months (YYYY-MM) whose partition exists
         self._lock = threading.Lock()
         if store.dialect == "sqlite":
             # its own connection: executescript would commit a store transaction it ran in
@@ -109,24 +108,22 @@ class History:
             if c.after is not None
             for row in history_rows(c.pk, c.before, c.after, c.at)
         ]
-        if not rows:
-            return
-        if txn.dialect == "sqlite":
-            insert_sqlite(txn.conn, rows)
-        else:
-            self._partitions([r.obs for r in rows])
-            copy_postgres(txn.conn, rows)
-        self.rows_written += len(rows)
+        if rows:
+            self.prepare([r.obs for r in rows])
+            self.insert(txn, rows)
         # (the entity write path refreshes statistics itself: PostgresStore._maybe_analyze)
 
     def _partitions(self, times: list[str]) -> None:
-        """Month partitions for these times, made in a short transaction of their own."""
+        """Month partitions for these times, made in a short transaction of their own.
+
+        This runs for every write: a time's month is its first 7 characters (the times are
+        UTC ``YYYY-MM-...Z`` texts), so only a month not seen before is parsed.
+        """
         needed: dict[str, Any] = {}
         for t in times:
-            dt = us_to_datetime(iso_to_us(t))
-            name = partition_name(dt)
-            if name not in self._months:
-                needed.setdefault(name, dt)
+            month = t[:7]
+            if month not in self._months and month not in needed:
+                needed[month] = us_to_datetime(iso_to_us(t))
         if not needed:
             return
         with self._lock, self.store.pool.connection() as pg:  # type: ignore[attr-defined]

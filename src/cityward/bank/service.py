@@ -54,7 +54,7 @@ class UpdateResult:
 _PARSER_FLAGS = ("_untyped", "_delete", "_name")
 
 
-def _strip_flags(inst: Instance) -> Instance:
+def strip_flags(inst: Instance) -> Instance:
     for flag in _PARSER_FLAGS:
         inst.pop(flag, None)
     return inst
@@ -62,13 +62,13 @@ def _strip_flags(inst: Instance) -> Instance:
 
 def _clean(inst: Instance, now: str, created: str | None) -> Instance:
     """Drop parser flags and stamp system times (createdAt kept from the replaced instance)."""
-    _strip_flags(inst)
+    strip_flags(inst)
     inst["createdAt"] = created or now
     inst["modifiedAt"] = now
     sub = inst.get("sub")
     if sub:
         for s in sub.values():
-            _strip_flags(s)
+            strip_flags(s)
     return inst
 
 
@@ -130,7 +130,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
                 elif iri in subs:
                     subs[iri] = _merge_instance(subs[iri], s, now)
                 else:
-                    subs[iri] = _strip_flags(s)
+                    subs[iri] = strip_flags(s)
             if not subs:
                 out.pop("sub")
         elif val == NGSI_NULL:

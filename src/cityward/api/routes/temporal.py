@@ -41,10 +41,10 @@ from cityward.api.routes.entities import QUERY_PARAMS, page_headers
 from cityward.bank.errors import BadRequestData, OperationNotSupported, ResourceNotFound
 from cityward.bank.history import History
 from cityward.bank.jsonld import Context
-from cityward.bank.model import EntityParser, check_uri, now_iso
+from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
 from cityward.bank.query.indexer import path_id
 from cityward.bank.render import View, render_instance
-from cityward.bank.service import new_document
+from cityward.bank.service import new_document, strip_flags
 from cityward.bank.store import QuerySpec, Store
 from cityward.bank.temporal import (
     AggregateBucket,
@@ -83,16 +83,6 @@ _LIST_MEMBER = {
     "ListRelationship": "objectLists",
     "JsonProperty": "jsons",
     "VocabProperty": "vocabs",
-}
-_PAYLOAD = {
-    "Property": "value",
-    "GeoProperty": "value",
-    "Relationship": "object",
-    "LanguageProperty": "languageMap",
-    "ListProperty": "valueList",
-    "ListRelationship": "objectList",
-    "JsonProperty": "json",
-    "VocabProperty": "vocab",
 }
 _WRAPPED = {"LanguageProperty", "JsonProperty", "VocabProperty"}
 
@@ -138,12 +128,10 @@ def _render_instances(
     if shape == "temporalValues":
         kind = insts[-1].inst["type"]
         member = _LIST_MEMBER.get(kind, "values")
-        payload = _PAYLOAD.get(kind, "value")
+        payload = PAYLOAD.get(kind, "value")
         pairs = []
         for h in insts:
-            value = h.inst.get(_PAYLOAD.get(h.inst["type"], "value"), "urn:ngsi-ld:null")
-            if h.inst["type"] == "ListRelationship":
-                value = list(value) if isinstance(value, list) else value
+            value = h.inst.get(PAYLOAD.get(h.inst["type"], "value"), "urn:ngsi-ld:null")
             pairs.append([{payload: value} if kind in _WRAPPED else value, h.time])
         return {"type": kind, member: pairs}
     out = []
@@ -343,10 +331,7 @@ def _parse_instances(
         for item in value if isinstance(value, list) else [value]:
             frag = parser.entity({"id": eid, "type": "Thing", name: item}, "create")
             ((iri, insts),) = frag["attrs"].items()
-            for inst in insts:
-                for flag in ("_untyped", "_delete", "_name"):
-                    inst.pop(flag, None)
-                out.append((iri, inst))
+            out.extend((iri, strip_flags(inst)) for inst in insts)
     if not out and eid is None:
         raise BadRequestData("no attribute instances in the body", field="body")
     return eid, types, out

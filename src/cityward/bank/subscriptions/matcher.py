@@ -38,7 +38,7 @@ from typing import Any, Final, Literal, Protocol
 
 from cityward.bank import geo
 from cityward.bank.jsonld import Context, link_header
-from cityward.bank.model import NGSI_NULL
+from cityward.bank.model import NGSI_NULL, PAYLOAD
 from cityward.bank.query.evaluate import DocIndex, matches, scope_matches, type_matches
 from cityward.bank.render import View, render_entity, render_instance
 from cityward.bank.subscriptions.model import Subscription, Trigger, _now, format_ts, parse_ts
@@ -66,16 +66,6 @@ _PREVIOUS: Final = {
     "objectList": "previousObjectList",
     "json": "previousJson",
     "vocab": "previousVocab",
-}
-_PAYLOAD: Final = {
-    "Property": "value",
-    "GeoProperty": "value",
-    "Relationship": "object",
-    "LanguageProperty": "languageMap",
-    "ListProperty": "valueList",
-    "ListRelationship": "objectList",
-    "JsonProperty": "json",
-    "VocabProperty": "vocab",
 }
 _NULL_PAYLOAD: Final[dict[str, Any]] = {
     "value": NGSI_NULL,
@@ -309,7 +299,7 @@ def _instances(instances: Iterable[dict[str, Any]], view: View) -> list[dict[str
 
 
 def _previous(inst: dict[str, Any], ctx: Context) -> tuple[str, Any]:
-    member = _PAYLOAD.get(inst["type"], "value")
+    member = PAYLOAD.get(inst["type"], "value")
     payload = inst[member]
     if member == "vocab":
         payload = (
@@ -347,7 +337,7 @@ def _rendered_attr(
     for inst in instances:
         shown = inst
         if null:
-            member = _PAYLOAD.get(inst["type"], "value")
+            member = PAYLOAD.get(inst["type"], "value")
             shown = {"type": inst["type"], member: _NULL_PAYLOAD[member]}
             if "datasetId" in inst:
                 shown["datasetId"] = inst["datasetId"]

@@ -66,6 +66,11 @@ PERIODIC_MAX_ENTITIES = 1000  # entities in one periodic notification at most
 STATS_FLUSH_S = 2.0  # delivery counters reach the database this often (and on stop)
 
 
+def _adopt(sub: Subscription, stats: DeliveryStats) -> None:
+    """Give ``sub`` (frozen, with a mutable stats member) the counters of ``stats``."""
+    sub.stats.__dict__.update(stats.__dict__)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -126,9 +131,9 @@ class Subscriptions:
                 continue
             old = self.hook.get(str(tenant), sub.id)
             if old is not None:
-                sub.stats.__dict__.update(old.stats.__dict__)
+                _adopt(sub, old.stats)
             elif (str(tenant), sub.id) in stored:
-                sub.stats.__dict__.update(stored[(str(tenant), sub.id)].__dict__)
+                _adopt(sub, stored[(str(tenant), sub.id)])
             by_tenant.setdefault(str(tenant), []).append(sub)
         for tenant in set(by_tenant) | set(self.hook._indexes):
             self.hook.load(tenant, by_tenant.get(tenant, []))
@@ -167,15 +172,13 @@ class Subscriptions:
             raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
         sub = Subscription.from_stored(orjson.loads(rows[0][0]))
         if live is not None and self.dispatching:
-            sub.stats.__dict__.update(live.stats.__dict__)
+            _adopt(sub, live.stats)
         else:  # another process delivers: its counters, as last flushed
             stats = self.store.select(
                 "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid]
             )
             if stats:
-                sub.stats.__dict__.update(
-                    DeliveryStats.from_dict(orjson.loads(stats[0][0])).__dict__
-                )
+                _adopt(sub, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
         return sub
 
     def page(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
