@@ -6,10 +6,61 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cityward.governance.sources import DataSource
+
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
+
+
+class GovernanceSettings(BaseModel):
+    """Identities, audit and retention ([governance] in the TOML file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] | None = Field(
+        default=None,
+        description="Declared data sources; unset uses the built-in demo catalog.",
+    )
+    jwt_issuer: str = Field(default="cityward", description="Expected `iss` of bearer tokens.")
+    jwt_audience: str | None = Field(default=None, description="Expected `aud`, when set.")
+    jwt_public_keys: list[Path] = Field(
+        default_factory=list,
+        description="PEM public keys (RS256/ES256/EdDSA) that sign accepted tokens.",
+    )
+    jwks_file: Path | None = Field(default=None, description="An OIDC provider's JWKS file.")
+    jwks_url: str | None = Field(
+        default=None, description="An OIDC provider's JWKS URL (fetched and cached)."
+    )
+    role_claim: str = Field(default="role", description="Claim holding the cityward role.")
+    purposes_claim: str = Field(default="purposes", description="Claim holding the purposes.")
+    local_tokens: bool = Field(
+        default=True,
+        description="Accept HS256 tokens signed with the local key (cityward token create).",
+    )
+    token_ttl_days: float = Field(default=30, gt=0, le=3650, description="Default token life.")
+    audit_seal_every: int = Field(
+        default=1000, ge=1, description="Seal the audit chain after this many records."
+    )
+    audit_seal_interval_s: float = Field(
+        default=60, gt=0, description="... and at least this often while records arrive."
+    )
+    audit_key_file: Path | None = Field(
+        default=None,
+        description="HMAC key that seals the audit chain; default DATA_DIR/governance/audit.key."
+        " Keep a copy away from the database.",
+    )
+    retention_interval_s: float = Field(
+        default=3600, gt=0, description="How often the retention scheduler runs."
+    )
+    retention_batch: int = Field(
+        default=5000, ge=1, le=1_000_000, description="History rows deleted per transaction."
+    )
+    site_name: str = Field(default="cityward", description="The city's name in the register.")
+    site_contact: str = Field(
+        default="privacy@city.example", description="Data-protection contact in the register."
+    )
 
 
 class Settings(BaseSettings):
@@ -41,6 +92,11 @@ class Settings(BaseSettings):
         le=512 * 1024 * 1024,
         description="Largest accepted request body.",
     )
+    no_auth: bool = Field(
+        default=False,
+        description="Development only: serve without tokens (loopback addresses only).",
+    )
+    governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
     default_limit: int = Field(default=20, ge=1, le=1000, description="Page size by default.")
     max_limit: int = Field(default=1000, ge=1, le=100_000, description="Largest page size.")
 

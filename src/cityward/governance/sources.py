@@ -1,0 +1,306 @@
+"""Declared data sources: what each kind of entity is for, its legal basis and retention.
+
+One catalog drives the access checks, the retention scheduler, the public register and the DPIA
+draft, so none of them can drift from the others.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cached_property
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from cityward.bank.errors import BadRequestData
+from cityward.bank.temporal.duration import Duration, parse_duration
+
+# The purpose every admin token carries: all purposes.
+ALL_PURPOSES = "*"
+UNDECLARED = "undeclared"
+_PURPOSE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class PersonalData(StrEnum):
+    """Personal-data category of a source (GDPR art. 4(1))."""
+
+    NONE = "none"  # no information about people at all (air quality, vehicle counts)
+    INDIRECT = "indirect"  # about people only in aggregate or when combined (crowd counts)
+    PERSONAL = "personal"  # relates to identifiable people (a complaint with a name)
+
+
+class SourceKind(StrEnum):
+    SENSOR = "sensor"
+    CAMERA = "camera"
+    SIGNAL = "signal"
+    DERIVED = "derived"  # computed by cityward itself (alerts, anomaly scores)
+    OTHER = "other"
+
+
+def check_purpose(name: str) -> str:
+    if not _PURPOSE.match(name):
+        raise ValueError(
+            f"purpose {name!r} must be lower-case letters, digits, '.', '_' or '-' (max 64)"
+        )
+    return name
+
+
+class DataSource(BaseModel):
+    """One declared data source: a set of entity types and/or entity id patterns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="Short name.")
+    name: str = Field(min_length=1, description="What citizens read in the register.")
+    kind: SourceKind = SourceKind.SENSOR
+    types: tuple[str, ...] = Field(
+        default=(), description="Entity types (short names or IRIs) of this source."
+    )
+    id_patterns: tuple[str, ...] = Field(
+        default=(), description="Regular expressions on entity ids (full match)."
+    )
+    purposes: tuple[str, ...] = Field(min_length=1, description="Purposes the data serves.")
+    legal_basis: str = Field(min_length=1, description="e.g. GDPR art. 6(1)(e), public task.")
+    personal_data: PersonalData = PersonalData.NONE
+    retention: str = Field(description="How long history is kept, ISO 8601 (P90D, P1Y).")
+    owner: str = Field(min_length=1, description="Department responsible.")
+    contact: str = Field(default="", description="Where citizens ask questions.")
+    description: str = ""
+    computes: tuple[str, ...] = Field(default=(), description="What is computed from it.")
+    never_computes: tuple[str, ...] = Field(
+        default=(
+            "identification of people",
+            "face recognition",
+            "licence-plate reading",
+            "tracking of people or devices",
+        ),
+        description="What is never computed from it.",
+    )
+
+    @field_validator("purposes")
+    @classmethod
+    def _purposes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for p in value:
+            check_purpose(p)
+        return value
+
+    @field_validator("id_patterns")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for p in value:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"id pattern {p!r} is not a valid regex: {exc}") from exc
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, value: str) -> str:
+        try:
+            d = parse_duration(value)
+        except BadRequestData as exc:
+            raise ValueError(f"retention {value!r}: {exc.detail}") from exc
+        if d.months == 0 and d.micros <= 0:
+            raise ValueError("retention must be longer than zero")
+        return value
+
+    @model_validator(mode="after")
+    def _selects(self) -> DataSource:
+        if not self.types and not self.id_patterns:
+            raise ValueError(f"source {self.id!r} needs types or id_patterns")
+        return self
+
+    @cached_property
+    def retention_period(self) -> Duration:
+        return parse_duration(self.retention)
+
+    @cached_property
+    def compiled_patterns(self) -> tuple[re.Pattern[str], ...]:
+        return tuple(re.compile(p) for p in self.id_patterns)
+
+
+def default_sources() -> list[DataSource]:
+    """The catalog used when the configuration declares none: the demo city's sources."""
+    common = {
+        "legal_basis": "GDPR art. 6(1)(e): task in the public interest (municipal traffic and "
+        "environment management); no personal data is processed",
+        "owner": "City operations department",
+        "contact": "privacy@city.example",
+    }
+    return [
+        DataSource(
+            id="traffic-detectors",
+            name="Traffic flow detectors",
+            types=("TrafficFlowObserved",),
+            purposes=("traffic-management",),
+            retention="P1Y",
+            computes=("vehicle counts", "lane occupancy", "average speed", "congestion level"),
+            description="Induction loops and radar counters at junctions.",
+            **common,
+        ),
+        DataSource(
+            id="traffic-signals",
+            name="Traffic signal controllers",
+            kind=SourceKind.SIGNAL,
+            types=("TrafficSignal", "TrafficLight"),
+            purposes=("traffic-management",),
+            retention="P90D",
+            computes=("signal phase", "green-wave priority for emergency vehicles"),
+            **common,
+        ),
+        DataSource(
+            id="air-quality",
+            name="Air quality stations",
+            types=("AirQualityObserved",),
+            purposes=("environment-monitoring",),
+            retention="P5Y",
+            computes=("NO2, PM10, PM2.5 concentrations", "exceedance alerts"),
+            **common,
+        ),
+        DataSource(
+            id="noise",
+            name="Noise level meters",
+            types=("NoiseLevelObserved",),
+            purposes=("environment-monitoring",),
+            retention="P1Y",
+            computes=("A-weighted sound level (LAeq)",),
+            never_computes=(
+                "recording or analysis of speech",
+                "identification of people",
+                "tracking of people or devices",
+            ),
+            **common,
+        ),
+        DataSource(
+            id="traffic-cameras",
+            name="Traffic cameras (counts only, anonymized at the edge)",
+            kind=SourceKind.CAMERA,
+            types=("ItemFlowObserved", "CrowdFlowObserved"),
+            purposes=("traffic-management", "public-safety"),
+            personal_data=PersonalData.INDIRECT,
+            retention="P30D",
+            computes=(
+                "counts of vehicles, cyclists and pedestrians",
+                "stopped vehicles, wrong-way driving, people on the carriageway, crowd density",
+            ),
+            description="Frames are processed inside the camera worker; faces and plates are "
+            "blurred before any snapshot leaves it; only counts and events are stored.",
+            **common,
+        ),
+        DataSource(
+            id="alerts",
+            name="Alerts and incidents",
+            kind=SourceKind.DERIVED,
+            types=("Alert", "RoadAccident"),
+            purposes=("traffic-management", "environment-monitoring", "public-safety"),
+            retention="P2Y",
+            computes=("incident alerts from sensors, cameras and anomaly detection",),
+            **common,
+        ),
+    ]
+
+
+def undeclared_source() -> DataSource:
+    """Where entities that match no declared source belong: readable only with its purpose.
+
+    Undeclared data is treated as personal until someone declares it, so every read of it is
+    audited and only tokens that carry the ``undeclared`` purpose (or admin) can see it.
+    """
+    return DataSource(
+        id=UNDECLARED,
+        name="Undeclared data (not yet classified)",
+        kind=SourceKind.OTHER,
+        id_patterns=(".*",),
+        purposes=(UNDECLARED,),
+        legal_basis="none declared: classify this data before using it",
+        personal_data=PersonalData.PERSONAL,
+        retention="P30D",
+        owner="Data protection officer",
+        description="Entities whose type or id matches no declared source.",
+    )
+
+
+@dataclass
+class Selection:
+    """Which entities a set of purposes may see, in the terms a query can test.
+
+    ``everything``: no restriction. Otherwise an entity is visible when its type is one of
+    ``types`` or its id fully matches one of ``patterns`` — or, with ``negate``, when neither holds
+    (used when the undeclared source is visible and only a few declared ones are not).
+    """
+
+    everything: bool = False
+    types: list[str] = field(default_factory=list)  # short names, expanded by the caller
+    patterns: list[str] = field(default_factory=list)
+    negate: bool = False
+
+
+class Catalog:
+    """The declared sources, with a fast lookup from an entity's types and id to its source."""
+
+    def __init__(self, sources: list[DataSource], expand: dict[str, str] | None = None) -> None:
+        ids = [s.id for s in sources]
+        dupes = {i for i in ids if ids.count(i) > 1}
+        if dupes:
+            raise ValueError(f"data source ids must be unique; repeated: {sorted(dupes)}")
+        if UNDECLARED in ids:
+            raise ValueError(f"{UNDECLARED!r} is reserved for data that matches no source")
+        self.sources = list(sources)
+        self.undeclared = undeclared_source()
+        self._expand = expand or {}
+        self._by_type: dict[str, DataSource] = {}
+        for s in sources:
+            for t in s.types:
+                for key in {t, self._expand.get(t, t)}:
+                    other = self._by_type.get(key)
+                    if other is not None and other.id != s.id:
+                        raise ValueError(
+                            f"entity type {t!r} is declared by two sources: {other.id!r}, {s.id!r}"
+                        )
+                    self._by_type[key] = s
+        self._patterned = [s for s in sources if s.id_patterns]
+        self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
+
+    def get(self, source_id: str) -> DataSource | None:
+        if source_id == UNDECLARED:
+            return self.undeclared
+        return next((s for s in self.sources if s.id == source_id), None)
+
+    def source_of(self, eid: str, types: list[str] | tuple[str, ...]) -> DataSource:
+        """The source an entity belongs to: its id pattern first, then its type."""
+        for s in self._patterned:
+            if any(p.fullmatch(eid) for p in s.compiled_patterns):
+                return s
+        for t in types:
+            s = self._by_type.get(t)
+            if s is not None:
+                return s
+        return self.undeclared
+
+    def all_sources(self) -> list[DataSource]:
+        return [*self.sources, self.undeclared]
+
+    @staticmethod
+    def allows(purposes: frozenset[str], source: DataSource) -> bool:
+        return ALL_PURPOSES in purposes or not purposes.isdisjoint(source.purposes)
+
+    def selection(self, purposes: frozenset[str]) -> Selection:
+        """The query restriction for a token with these purposes."""
+        if ALL_PURPOSES in purposes:
+            return Selection(everything=True)
+        visible = [s for s in self.sources if self.allows(purposes, s)]
+        hidden = [s for s in self.sources if not self.allows(purposes, s)]
+        if self.allows(purposes, self.undeclared):
+            if not hidden:
+                return Selection(everything=True)
+            return Selection(
+                types=[t for s in hidden for t in s.types],
+                patterns=[p for s in hidden for p in s.id_patterns],
+                negate=True,
+            )
+        return Selection(
+            types=[t for s in visible for t in s.types],
+            patterns=[p for s in visible for p in s.id_patterns],
+        )
