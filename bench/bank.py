@@ -318,14 +318,55 @@ def stop_server(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> str:
         return "killed after SIGINT timed out"
 
 
+# Headers every request to the server carries: an operator token when governance is on.
+AUTH: dict[str, str] = {}
+
+
+def governance_setup(
+    workdir: Path, data_dir: Path, database_url: str | None, on: bool, role: str = "operator"
+) -> list[str]:
+    """Server options for a governed run (a token of ``role``) or an ungoverned baseline."""
+    AUTH.clear()
+    if not on:
+        # the baseline: no authentication and no audit trail (allowed only together)
+        config = workdir / "baseline.toml"
+        config.write_text(
+            "no_auth = true\n[governance]\naudit = false\nretention_enabled = false\n"
+        )
+        return ["--config", str(config)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cityward.cli",
+        "token",
+        "create",
+        "--role",
+        role,
+        *(["--purpose", "traffic-management"] if role != "admin" else []),
+        "--data-dir",
+        str(data_dir),
+    ]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
+    AUTH["Authorization"] = "Bearer " + out.stdout.strip().splitlines()[-1]
+    return []
+
+
 @contextlib.contextmanager
 def running_server(
-    workdir: Path, database_url: str | None, workers: int = 1, startup_timeout_s: float = 60.0
+    workdir: Path,
+    database_url: str | None,
+    workers: int = 1,
+    startup_timeout_s: float = 60.0,
+    governance: bool = True,
+    role: str = "operator",
 ) -> Iterator[Server]:
     port = free_port()
     data_dir = workdir / "data"
     data_dir.mkdir()
     log_path = workdir / "server.log"
+    extra = governance_setup(workdir, data_dir, database_url, governance, role)
     cmd = [
         sys.executable,
         "-m",
@@ -344,6 +385,7 @@ def running_server(
         cmd += ["--database-url", database_url]
     if workers > 1:
         cmd += ["--workers", str(workers)]
+    cmd += extra
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log_path.open("wb") as log:
         # Its own session: a Ctrl-C on the terminal reaches us, and we stop it in order.
@@ -363,7 +405,7 @@ def wait_ready(server: Server, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     url = f"{server.base_url}{API}/entities"
     params = {"type": ENTITY_TYPE, "limit": "1"}
-    with httpx.Client(timeout=2.0) as client:
+    with httpx.Client(timeout=2.0, headers=AUTH) as client:
         while True:
             if server.proc.poll() is not None:
                 raise RuntimeError(
@@ -521,7 +563,7 @@ def load(base_url: str, total: int, seed: int) -> dict[str, Any]:
     batch_ms: list[float] = []
     lock = threading.Lock()
     url = f"{base_url}{API}/entityOperations/upsert"
-    headers = {"Content-Type": "application/json"}
+    headers = {"Content-Type": "application/json", **AUTH}
 
     progress = Progress(
         TextColumn("  loading"),
@@ -540,7 +582,7 @@ def load(base_url: str, total: int, seed: int) -> dict[str, Any]:
     def worker() -> None:
         nonlocal done
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        with httpx.Client(timeout=600.0, limits=limits) as client:
+        with httpx.Client(timeout=600.0, limits=limits, headers=AUTH) as client:
             while not errors:
                 try:
                     index = todo.get_nowait()
@@ -670,7 +712,9 @@ def measure_queries(base_url: str, ds: Dataset, args: argparse.Namespace) -> dic
         except (RuntimeError, httpx.HTTPError, KeyError, TypeError, ValueError) as exc:
             problems.insert(0, f"{kind} failed: {exc}")
 
-    with httpx.Client(base_url=base_url, timeout=60.0, limits=limits, headers=accept) as client:
+    with httpx.Client(
+        base_url=base_url, timeout=60.0, limits=limits, headers={**accept, **AUTH}
+    ) as client:
         # -- GET by id ---------------------------------------------------------------------
         def by_id(r: random.Random) -> Request:
             n = r.randrange(total)
@@ -772,6 +816,11 @@ class Run:
     entities: int
     result: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    governance: bool = True
+
+    @property
+    def label(self) -> str:
+        return self.backend if self.governance else f"{self.backend}, no governance"
 
 
 def show_log_tail(server: Server) -> None:
@@ -781,9 +830,11 @@ def show_log_tail(server: Server) -> None:
         console.print(tail, markup=False, highlight=False)
 
 
-def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
-    run = Run(backend, args.entities)
-    console.rule(f"[bold]{backend}[/]: {args.entities:,} entities")
+def run_backend(
+    backend: str, args: argparse.Namespace, ds: Dataset, governance: bool = True
+) -> Run:
+    run = Run(backend, args.entities, governance=governance)
+    console.rule(f"[bold]{run.label}[/]: {args.entities:,} entities")
     busy0 = machine_busy_s()
     time.sleep(1.0)
     run.result["machine_busy_cores_before"] = idle = machine_busy_s() - busy0
@@ -801,7 +852,9 @@ def run_backend(backend: str, args: argparse.Namespace, ds: Dataset) -> Run:
         if backend == "postgres":
             database_url = stack.enter_context(fresh_pg_database(args.pg_url, args.keep))
             console.print(f"  database {urlsplit(database_url).path.lstrip('/')}")
-        server = stack.enter_context(running_server(workdir, database_url, args.workers))
+        server = stack.enter_context(
+            running_server(workdir, database_url, args.workers, governance=governance)
+        )
         console.print(f"  server pid {server.proc.pid} at {server.base_url}")
         prof_dir = RESULTS_DIR / f"pyspy-{backend}-{args.stamp}"
         spy = find_py_spy() if args.py_spy else None
@@ -954,7 +1007,7 @@ def print_table(runs: Sequence[Run]) -> None:
     table.add_column("metric")
     table.add_column("target", style="dim")
     for r in runs:
-        table.add_column(r.backend, justify="right")
+        table.add_column(r.label, justify="right")
     for row in ROWS:
         cells = []
         for r in runs:
@@ -974,6 +1027,50 @@ def print_table(runs: Sequence[Run]) -> None:
     for r in runs:
         if r.error:
             console.print(f"[red]{r.backend} failed:[/] {r.error}")
+
+
+# (label, path into Run.result, True when higher is better)
+OVERHEAD_ROWS: tuple[tuple[str, tuple[str, ...], bool], ...] = (
+    ("batch upsert, attribute values/s", ("load", "attr_values_per_s"), True),
+    ("batch of 1,000 entities p50 (ms)", ("load", "batch_latency", "p50_ms"), False),
+    ("GET by id p50 (ms)", ("get_by_id", "p50_ms"), False),
+    ("type+q p50 (ms)", ("type_q", "p50_ms"), False),
+    ("geo near p50 (ms)", ("geo_near", "p50_ms"), False),
+)
+
+
+def print_overhead(runs: Sequence[Run]) -> None:
+    """Governed vs ungoverned runs of one backend: throughput lost and p50 latency added."""
+    for backend in dict.fromkeys(r.backend for r in runs):
+        pair = {r.governance: r for r in runs if r.backend == backend and not r.error}
+        if len(pair) != 2:
+            continue
+        table = Table(
+            title=f"governance overhead, {backend} (target: <= 15% throughput, <= 1 ms p50)"
+        )
+        table.add_column("metric")
+        table.add_column("without", justify="right")
+        table.add_column("with", justify="right")
+        table.add_column("change", justify="right")
+        overhead: dict[str, float] = {}
+        for label, path, higher_better in OVERHEAD_ROWS:
+            off, on = _dig(*path)(pair[False].result), _dig(*path)(pair[True].result)
+            if off is None or on is None or off == 0:
+                continue
+            if higher_better:
+                change = (off - on) / off
+                text = f"{change:+.1%} lower" if change >= 0 else f"{-change:.1%} higher"
+                ok = change <= 0.15
+            else:
+                change = on - off
+                text = f"{change:+.2f} ms"
+                ok = change <= 1.0 or "batch" in label
+            overhead[label] = change
+            table.add_row(
+                label, f"{off:,.2f}", f"{on:,.2f}", f"[green]{text}[/]" if ok else f"[red]{text}[/]"
+            )
+        pair[True].result["governance_overhead"] = overhead
+        console.print(table)
 
 
 def print_profiles(runs: Sequence[Run]) -> None:
@@ -1086,6 +1183,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=1_000_000,
         help="history rows for the aggregation figures (1,000,000)",
     )
+    p.add_argument(
+        "--governance",
+        choices=("on", "off", "both"),
+        default="on",
+        help="on: an operator token and the audit trail (as shipped); off: --no-auth without "
+        "audit; both: each backend twice, with the overhead table",
+    )
     p.add_argument("--py-spy", action="store_true", help="profile the server with py-spy")
     p.add_argument("--py-spy-rate", type=int, default=100, help="py-spy samples per second")
     args = p.parse_args(argv)
@@ -1115,22 +1219,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     runs: list[Run] = []
     ds = Dataset.build(args.entities, args.seed)  # to check the answers; not timed
     try:
+        modes = {"on": [True], "off": [False], "both": [False, True]}[args.governance]
         for backend in backends:
-            try:
-                run = run_backend(backend, args, ds)
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # e.g. PostgreSQL unreachable, server did not start
-                run = Run(backend, args.entities, error=f"{exc.__class__.__name__}: {exc}")
-                console.print(f"  [red]failed:[/] {run.error}")
-            runs.append(run)
-            path = RESULTS_DIR / f"bank-{backend}-{args.stamp}.json"
-            write_json(path, run_document(run, args))
-            console.print(f"  wrote {path.relative_to(BENCH_DIR.parent)}")
+            for governed in modes:
+                try:
+                    run = run_backend(backend, args, ds, governed)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:  # e.g. PostgreSQL unreachable, server did not start
+                    run = Run(
+                        backend,
+                        args.entities,
+                        error=f"{exc.__class__.__name__}: {exc}",
+                        governance=governed,
+                    )
+                    console.print(f"  [red]failed:[/] {run.error}")
+                runs.append(run)
+                suffix = "" if governed else "-nogov"
+                path = RESULTS_DIR / f"bank-{backend}{suffix}-{args.stamp}.json"
+                write_json(path, run_document(run, args))
+                console.print(f"  wrote {path.relative_to(BENCH_DIR.parent)}")
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
     if runs:
         print_table(runs)
+        print_overhead(runs)
         print_profiles(runs)
     if args.json is not None:
         write_json(args.json, {"runs": [run_document(r, args) for r in runs]})

@@ -38,6 +38,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bank import (
+    AUTH,
     DEFAULT_PG,
     RESULTS_DIR,
     console,
@@ -184,7 +185,7 @@ def fan_out(base: str, rate: int, seconds: float, batch: int, warmup: float) -> 
     """
     receiver = Receiver()
     try:
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with httpx.Client(base_url=base, timeout=60, headers=AUTH) as client:
             for s in range(SUBSCRIPTIONS):
                 sub = {
                     "id": f"urn:ngsi-ld:Subscription:bench-{s}",
@@ -274,8 +275,8 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         url = None
         if backend == "postgres":
             url = stack.enter_context(fresh_pg_database(args.pg_url))
-        server = stack.enter_context(running_server(workdir, url))
-        with httpx.Client(base_url=server.base_url, timeout=600) as client:
+        server = stack.enter_context(running_server(workdir, url, role="admin"))
+        with httpx.Client(base_url=server.base_url, timeout=600, headers=AUTH) as client:
             result["append"] = load_history(client, args.rows, args.per_request)
             t_end = iso(T0 + dt.timedelta(seconds=args.rows))
             path = f"{API}/temporal/entities/{EID}"

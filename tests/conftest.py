@@ -76,6 +76,6 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
 def client(store: Store, tmp_path: Path) -> Iterator[TestClient]:
     """An API client over a fresh store; Smart Data Models contexts preloaded when present."""
     contexts = sdm_context_map() if SDM.exists() else {}
-    settings = Settings(data_dir=tmp_path, contexts=contexts, context_fetch=False)
+    settings = Settings(data_dir=tmp_path, contexts=contexts, context_fetch=False, no_auth=True)
     with TestClient(create_app(settings, store)) as c:
         yield c

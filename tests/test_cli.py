@@ -42,14 +42,27 @@ def test_serve_answers_on_sqlite_with_no_configuration(tmp_path: Path) -> None:
                 assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
                 assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
                 time.sleep(0.2)
+        # closed by default: no token, no data; the public register needs none
+        r = httpx.get(f"{base}/types", timeout=10)
+        assert r.status_code == 401, r.text
+        assert r.json()["field"] == "Authorization"
+        assert httpx.get(f"http://127.0.0.1:{port}/register", timeout=10).status_code == 200
+        # the first start wrote an admin token, and said where
+        token_file = tmp_path / "from-env" / "governance" / "admin.token"
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
         entity = {"id": "urn:ngsi-ld:Sensor:s1", "type": "Sensor", "level": 3}
-        r = httpx.post(f"{base}/entities", json=entity, timeout=10)
+        r = httpx.post(f"{base}/entities", json=entity, timeout=10, headers=auth)
         assert r.status_code == 201, r.text
-        r = httpx.get(f"{base}/entities", params={"type": "Sensor", "options": "keyValues"})
+        r = httpx.get(
+            f"{base}/entities", params={"type": "Sensor", "options": "keyValues"}, headers=auth
+        )
         assert r.json() == [entity]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=30)
+    output = proc.stdout.read().decode() if proc.stdout else ""
+    assert str(token_file.resolve()) in output.replace("\n", ""), output
     # the data went where CITYWARD_DATA_DIR said, and survives the restart
     store = SqliteStore(tmp_path / "from-env" / "cityward.db")
     try:

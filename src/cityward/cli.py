@@ -6,12 +6,12 @@ import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from cityward.config import SETTINGS_ENV, load_settings
+from cityward.config import SETTINGS_ENV, Settings, load_settings
 
 app = typer.Typer(help="cityward: privacy-by-design city operations.", no_args_is_help=True)
 console = Console()
@@ -47,6 +47,13 @@ def serve(
         ),
     ] = 1,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--no-auth",
+            help="DEVELOPMENT ONLY: no tokens, every request is admin. Loopback addresses only.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the NGSI-LD API (SQLite in the data folder unless --database-url is given)."""
     import uvicorn
@@ -56,10 +63,27 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = load_settings(config, data_dir=data_dir, database_url=database_url)
+    settings = load_settings(
+        config, data_dir=data_dir, database_url=database_url, no_auth=no_auth or None
+    )
+    no_auth = settings.no_auth  # the flag, or no_auth in the configuration
+    if no_auth and not _is_loopback(host):
+        raise typer.BadParameter(
+            f"--no-auth is refused on {host}: it is allowed only on a loopback address "
+            "(127.0.0.1, ::1, localhost)",
+            param_hint="--no-auth",
+        )
     backend = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir.resolve()}"
     console.print(f"[bold green]cityward[/] data bank on {backend}")
     console.print(f"NGSI-LD API at http://{host}:{port}/ngsi-ld/v1/entities")
+    console.print(f"Public register at http://{host}:{port}/register")
+    if no_auth:
+        console.print(
+            "[bold red on white] AUTHENTICATION DISABLED (--no-auth): every request is admin. "
+            "Development only. [/]"
+        )
+    else:
+        _bootstrap_admin(settings)
     if workers > 1:
         # worker processes build their own app from the same settings (see app_from_env)
         os.environ[SETTINGS_ENV] = settings.model_dump_json()
@@ -73,6 +97,30 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bootstrap_admin(settings: Settings) -> None:
+    """Create the admin token of a first start (before any worker starts) and say where it is."""
+    from cityward.governance.identity import Identities
+
+    ids = Identities(settings.governance, settings.data_dir, None)
+    path = ids.bootstrap_admin() or settings.data_dir / "governance" / "admin.token"
+    if path.exists():
+        console.print(
+            f"Admin token in {path.resolve()} (mode 0600). Use it as "
+            f"'Authorization: Bearer $(cat {path})'; create others with 'cityward token create'."
+        )
 
 
 def _serve_workers(host: str, port: int, workers: int, log_level: str) -> None:
@@ -135,16 +183,200 @@ def demo(
         f"[bold green]cityward demo[/]: {created} new entities in {directory.resolve()} "
         "(SQLite; run again to resume)"
     )
+    from cityward.governance.policy import Role
+
+    governance = application.state.governance
+    purposes = [p for p in governance.catalog.purposes if p != "undeclared"]
+    token = governance.identities.issue(
+        Role.OPERATOR, purposes, subject="demo-operator", ttl_s=7 * 86400
+    )
     url = f"http://127.0.0.1:{port}/ngsi-ld/v1/entities?type=TrafficFlowObserved&limit=5"
-    console.print(f"Try: curl '{url}'")
+    console.print(f"Public register: http://127.0.0.1:{port}/register")
+    console.print(f"Operator token (7 days; purposes {', '.join(purposes)}):")
+    console.print(token, soft_wrap=True)
+    console.print(f"Try: curl -H 'Authorization: Bearer {token[:12]}...' '{url}'")
     if seed_only:
         return
     if not no_browser:
         import webbrowser
 
         with contextlib.suppress(webbrowser.Error):
-            webbrowser.open(url)
+            webbrowser.open(f"http://127.0.0.1:{port}/register")
     uvicorn.run(application, host="127.0.0.1", port=port, log_level="info", access_log=False)
+
+
+token_app = typer.Typer(help="Bearer tokens for people and services.", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
+device_key_app = typer.Typer(help="API keys of devices.", no_args_is_help=True)
+app.add_typer(device_key_app, name="device-key")
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", help="postgresql://... when the bank runs on PostgreSQL."),
+]
+
+
+def _open(config: Path | None, data_dir: Path | None, database_url: str | None) -> Any:
+    from cityward.bank.store import open_store
+
+    settings = load_settings(config, data_dir=data_dir, database_url=database_url)
+    return settings, open_store(settings.database_url, settings.data_dir)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="operator, analyst, auditor or admin.")],
+    purpose: Annotated[
+        list[str] | None,
+        typer.Option("--purpose", help="A purpose the token carries (repeat for several)."),
+    ] = None,
+    subject: Annotated[str | None, typer.Option(help="Who the token is for.")] = None,
+    ttl_days: Annotated[float | None, typer.Option(help="Lifetime in days.")] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create a local bearer token; the token alone is printed on the last line."""
+    from cityward.governance.events import Action, AuditRecord
+    from cityward.governance.identity import Identities
+    from cityward.governance.policy import Role
+    from cityward.governance.runtime import build_catalog, open_audit
+
+    try:
+        r = Role(role)
+    except ValueError as exc:
+        raise typer.BadParameter(
+            f"{role!r} is not a role; use one of {', '.join(x.value for x in Role)}",
+            param_hint="--role",
+        ) from exc
+    if r in (Role.DEVICE, Role.PUBLIC):
+        raise typer.BadParameter(
+            "devices use 'cityward device-key create'; the public needs no token",
+            param_hint="--role",
+        )
+    purposes = list(purpose or (["*"] if r is Role.ADMIN else []))
+    if not purposes and r is not Role.AUDITOR:
+        raise typer.BadParameter("give at least one --purpose", param_hint="--purpose")
+    settings, store = _open(config, data_dir, database_url)
+    try:
+        from cityward.bank.jsonld import ContextResolver
+
+        catalog = build_catalog(settings.governance.sources, ContextResolver(allow_fetch=False))
+        unknown = [p for p in purposes if p != "*" and p not in catalog.purposes]
+        if unknown:
+            console.print(
+                f"[yellow]warning[/]: no declared data source has the purpose(s) "
+                f"{', '.join(unknown)}; known: {', '.join(catalog.purposes)}"
+            )
+        ids = Identities(settings.governance, settings.data_dir, None)
+        ttl = ttl_days * 86400 if ttl_days is not None else None
+        try:
+            token = ids.issue(r, purposes, subject=subject, ttl_s=ttl)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--purpose") from exc
+        audit = open_audit(settings, store)
+        audit.record_nowait(
+            AuditRecord(
+                action=Action.CONFIG,
+                actor="cli",
+                detail=f"token created for role {r.value}",
+                purposes=tuple(sorted(purposes)),
+                extra={"subject": subject or "", "ttl_days": ttl_days or 0},
+            )
+        )
+        audit.close()
+    finally:
+        store.close()
+    console.print(f"Token for role {r.value}, purposes {', '.join(purposes) or '-'}:")
+    print(token)
+
+
+@device_key_app.command("create")
+def device_key_create(
+    device: Annotated[str, typer.Option(help="The device's name.")],
+    pattern: Annotated[
+        list[str], typer.Option("--pattern", help="Entity id regex the device may write.")
+    ],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Create a device key (shown once, on the last line); only its hash is stored."""
+    from cityward.governance.events import Action, AuditRecord
+    from cityward.governance.identity import Identities
+    from cityward.governance.runtime import open_audit
+
+    settings, store = _open(config, data_dir, database_url)
+    try:
+        ids = Identities(settings.governance, settings.data_dir, store)
+        key_id, key = ids.create_device_key(device, list(pattern), [])
+        audit = open_audit(settings, store)
+        audit.record_nowait(
+            AuditRecord(
+                action=Action.CONFIG,
+                actor="cli",
+                detail=f"device key {key_id} created for {device}",
+                extra={"patterns": list(pattern)},
+            )
+        )
+        audit.close()
+    finally:
+        store.close()
+    console.print(f"Device key {key_id} for {device} (store it now; it is not shown again):")
+    print(key)
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Check the audit chain and its seals; exit 1 and name the first bad record on tampering."""
+    from cityward.governance.audit import verify_report
+    from cityward.governance.runtime import open_audit
+
+    settings, store = _open(config, data_dir, database_url)
+    try:
+        audit = open_audit(settings, store)
+        try:
+            result = audit.verify()
+        finally:
+            audit.close(seal=False)
+    finally:
+        store.close()
+    console.print(verify_report(result))
+    if not result.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+def dpia(
+    out: Annotated[Path, typer.Option("--out", help="Folder for dpia.md and dpia.pdf.")] = Path(
+        "."
+    ),
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    config: ConfigFile = None,
+) -> None:
+    """Write a data-protection impact assessment draft (Markdown and PDF) from the config."""
+    from cityward.bank.jsonld import ContextResolver
+    from cityward.bank.model import now_iso
+    from cityward.governance.dpia import dpia_markdown, write_dpia
+    from cityward.governance.runtime import build_catalog
+
+    settings = load_settings(config, data_dir=data_dir, database_url=database_url)
+    catalog = build_catalog(settings.governance.sources, ContextResolver(allow_fetch=False))
+    text = dpia_markdown(
+        catalog,
+        site_name=settings.governance.site_name,
+        generated_at=now_iso(),
+        backend="PostgreSQL" if settings.database_url else "SQLite",
+        retention_interval_s=settings.governance.retention_interval_s,
+    )
+    md, pdf = write_dpia(out, text)
+    console.print(f"DPIA draft written: {md} and {pdf}")
 
 
 def main() -> None:

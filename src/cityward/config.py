@@ -51,6 +51,12 @@ class GovernanceSettings(BaseModel):
         description="HMAC key that seals the audit chain; default DATA_DIR/governance/audit.key."
         " Keep a copy away from the database.",
     )
+    audit: bool = Field(
+        default=True,
+        description="Keep the audit trail. Turning it off is allowed only with no_auth "
+        "(development and the benchmark baseline).",
+    )
+    retention_enabled: bool = Field(default=True, description="Run the retention scheduler.")
     retention_interval_s: float = Field(
         default=3600, gt=0, description="How often the retention scheduler runs."
     )

@@ -1393,7 +1393,7 @@ def make_client(store: Store, tmp_path: Path) -> Iterator[Callable[..., TestClie
     with ExitStack() as stack:
 
         def make(**settings: Any) -> TestClient:
-            app = create_app(Settings(data_dir=tmp_path, **settings), store)
+            app = create_app(Settings(data_dir=tmp_path, no_auth=True, **settings), store)
             return stack.enter_context(TestClient(app))
 
         yield make

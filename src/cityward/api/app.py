@@ -20,6 +20,7 @@ from cityward.api.routes import (
     entities,
     temporal,
 )
+from cityward.api.routes import governance as governance_routes
 from cityward.api.routes import (
     subscriptions as subscription_routes,
 )
@@ -31,6 +32,10 @@ from cityward.bank.service import Bank
 from cityward.bank.store import Store, open_store
 from cityward.bank.subscriptions.service import Subscriptions
 from cityward.config import Settings
+from cityward.governance.events import Action, AuditRecord
+from cityward.governance.middleware import GovernanceMiddleware
+from cityward.governance.retention import Retention
+from cityward.governance.runtime import Governance, open_audit
 
 log = logging.getLogger("cityward.api")
 NGSI_PREFIX = "/ngsi-ld/v1"
@@ -75,14 +80,42 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     bank = Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit)
     history = History(store, bank)
     subscriptions = Subscriptions(store, bank, resolver)
+    gov_settings = settings.governance
+    if not gov_settings.audit and not settings.no_auth:
+        raise ValueError("governance.audit = false is only allowed together with no_auth")
+    governance = Governance(
+        settings, store, resolver, open_audit(settings, store) if gov_settings.audit else None
+    )
+    if not settings.no_auth:
+        created = governance.identities.bootstrap_admin()
+        if created is not None:
+            log.warning("first start: an admin token was written to %s (mode 0600)", created)
+    else:
+        log.warning(
+            "AUTHENTICATION IS DISABLED (--no-auth): every request is treated as admin; "
+            "development only"
+        )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        governance.record_start()
         await subscriptions.start()
+        retention = Retention(
+            store, governance.catalog, governance.audit, batch=gov_settings.retention_batch
+        )
+        governance.retention = retention
+        if gov_settings.retention_enabled:
+            retention.start(gov_settings.retention_interval_s)
         try:
             yield
         finally:
+            retention.stop()
             await subscriptions.stop()
+            if governance.audit is not None:
+                governance.audit.record_nowait(
+                    AuditRecord(action=Action.SYSTEM, actor="cityward", detail="API process stopped")
+                )
+                governance.audit.close()
             store.close()
 
     app = FastAPI(
@@ -92,8 +125,11 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.subscriptions = subscriptions
     app.state.history = history
     app.state.context_registry = ContextRegistry(store, resolver)
+    app.state.governance = governance
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
+    app.include_router(governance_routes.router)
+    app.add_middleware(GovernanceMiddleware, governance=governance)
 
     @app.exception_handler(NgsiError)
     async def _ngsi_error(request: Request, exc: NgsiError) -> Response:

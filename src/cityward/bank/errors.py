@@ -114,3 +114,44 @@ class PayloadTooLarge(NgsiError):
 class MethodNotAllowed(NgsiError):
     name = "MethodNotAllowed"
     status = 405
+
+
+class Unauthorized(NgsiError):
+    """HTTP 401: no credentials, or credentials that do not verify."""
+
+    name = "Unauthorized"
+    status = 401
+
+    @property
+    def type_uri(self) -> str:
+        return "urn:cityward:problem:Unauthorized"
+
+
+class Forbidden(NgsiError):
+    """HTTP 403: the caller is known but lacks a permission or a purpose."""
+
+    name = "Forbidden"
+    status = 403
+
+    def __init__(self, detail: str, *, field: str | None = None, missing: str = "") -> None:
+        super().__init__(detail, field=field)
+        self.missing = missing
+
+    @property
+    def type_uri(self) -> str:
+        return "urn:cityward:problem:Forbidden"
+
+    def problem(self) -> dict[str, Any]:
+        body = super().problem()
+        if self.missing:
+            body["missingPermission"] = self.missing
+        return body
+
+
+class ServiceUnavailable(NgsiError):
+    name = "ServiceUnavailable"
+    status = 503
+
+    @property
+    def type_uri(self) -> str:
+        return "urn:cityward:problem:ServiceUnavailable"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import orjson
 
+from cityward.bank.access import check_read, write_error
 from cityward.bank.changes import Change, ChangeFeed
 from cityward.bank.errors import (
     AlreadyExists,
@@ -183,6 +184,7 @@ class Bank:
         doc = self.store.get(tenant, eid)
         if doc is None or (types is not None and not set(types) & set(doc["type"])):
             raise ResourceNotFound(f"entity {eid} not found", field="id")
+        check_read(eid, doc["type"])
         return doc
 
     def _modify(
@@ -199,9 +201,12 @@ class Bank:
             if found is None or (types is not None and not set(types) & set(found[1]["type"])):
                 raise ResourceNotFound(f"entity {eid} not found", field="id")
             pk, doc = found
+            _check_write(eid, doc["type"])
             before = _copy(doc)
             now = now_iso()
             new = change(doc, now)
+            if new is not None and new["type"] != before["type"]:
+                _check_write(eid, new["type"])
             if new is None:
                 txn.delete([pk])
             else:
@@ -399,6 +404,8 @@ class Bank:
         for item in items:
             if isinstance(item, tuple):
                 result.fail(item[0], item[1])
+            elif "type" in item and (denied := write_error(item["id"], item["type"])):
+                result.fail(item["id"], denied)
             else:
                 good.append(item)
         if not create_tenant:
@@ -480,6 +487,9 @@ class Bank:
                     touched[eid] = (None, doc, derived)
                     continue
                 pk, old, _ = prior
+                if (denied := write_error(eid, old["type"])) is not None:
+                    result.fail(eid, denied)
+                    continue
                 if ready is not None:
                     new, derived = ready
                     new["createdAt"] = old["createdAt"]
@@ -545,6 +555,10 @@ class Bank:
                     failed.add(eid)
                     continue
                 pk, doc, _ = prior
+                if (denied := write_error(eid, doc["type"])) is not None:
+                    result.fail(eid, denied)
+                    failed.add(eid)
+                    continue
                 upd = UpdateResult()
                 try:
                     if merge:
@@ -594,6 +608,9 @@ class Bank:
                 if eid not in existing or eid in seen:
                     result.fail(eid, ResourceNotFound(f"entity {eid} not found", field="id"))
                     continue
+                if (denied := write_error(eid, existing[eid][1]["type"])) is not None:
+                    result.fail(eid, denied)
+                    continue
                 seen.add(eid)
                 pks.append(existing[eid][0])
                 result.success.append(eid)
@@ -606,6 +623,12 @@ class Bank:
             self._after_write(txn, result.changes)
         self.feed.publish(result.changes)
         return result
+
+
+def _check_write(eid: str, types: Sequence[str]) -> None:
+    denied = write_error(eid, types)
+    if denied is not None:
+        raise denied
 
 
 def _error_from(problem: dict[str, Any]) -> NgsiError:

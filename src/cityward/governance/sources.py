@@ -263,6 +263,9 @@ class Catalog:
         self._patterned = [s for s in sources if s.id_patterns]
         self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
 
+    def expand(self, name: str) -> str:
+        return self._expand.get(name, name)
+
     def get(self, source_id: str) -> DataSource | None:
         if source_id == UNDECLARED:
             return self.undeclared

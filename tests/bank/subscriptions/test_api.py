@@ -185,7 +185,7 @@ def test_periodic_notifications(client: TestClient, receiver: Receiver) -> None:
 def test_delivery_counters_survive_a_restart(
     backend: str, tmp_path: Path, receiver: Receiver
 ) -> None:
-    settings = Settings(data_dir=tmp_path, context_fetch=False)
+    settings = Settings(data_dir=tmp_path, context_fetch=False, no_auth=True)
     schema = f"test_{uuid.uuid4().hex[:12]}"
 
     def open_store() -> Store:

@@ -32,7 +32,7 @@ def serve(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
     out = log.open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port), *args],
+        [sys.executable, "-m", "cityward.cli", "serve", "--no-auth", "--port", str(port), *args],
         env=env,
         stdout=out,
         stderr=subprocess.STDOUT,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import orjson
 
 from cityward.bank import geo
+from cityward.bank.access import current_access
 from cityward.bank.query.indexer import index_rows, path_id
 from cityward.bank.query.sqlgen import Conjunct
 
@@ -243,6 +244,11 @@ class Store(abc.ABC):
 
     def query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
         """One page of matching entities (in creation order) and the total when asked."""
+        access = current_access.get()
+        if access is not None:
+            restriction = access.conjunct(self.dialect)
+            if restriction is not None:
+                spec.conjuncts.append(restriction)
         if spec.geo is not None:
             # the spatial index drives; every other condition is probed per candidate
             geo_plan = self.plan(tenant, spec, scan_ok=False)

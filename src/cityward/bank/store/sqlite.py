@@ -130,6 +130,7 @@ class SqliteStore(Store):
         # last transactions, and never corrupts the file.
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA secure_delete=ON")  # deleted rows are overwritten (retention)
         # Every request thread has its own reader connection: keep each one's page cache and
         # memory map modest so the server stays small (the OS page cache is shared anyway).
         conn.execute("PRAGMA cache_size=-8192")

@@ -1,0 +1,190 @@
+"""Everything governance needs at run time, built once per API process from the settings."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from cityward.bank.access import Access, selection_conjunct
+from cityward.bank.errors import Forbidden, NgsiError
+from cityward.bank.jsonld import ContextResolver
+from cityward.bank.query.sqlgen import Conjunct
+from cityward.bank.store import Store
+from cityward.config import Settings
+from cityward.governance.events import Action, AuditRecord
+from cityward.governance.identity import Identities, Principal
+from cityward.governance.policy import Role
+from cityward.governance.sources import Catalog, DataSource, PersonalData, default_sources
+
+if TYPE_CHECKING:
+    from cityward.governance.audit import AuditLog
+    from cityward.governance.retention import Retention
+
+log = logging.getLogger("cityward.governance")
+
+
+class RequestTrail:
+    """What one request touched, for its audit record."""
+
+    __slots__ = ("count", "entity_ids", "sensitive")
+
+    def __init__(self) -> None:
+        self.entity_ids: list[str] = []
+        self.count = 0
+        self.sensitive = False  # read data marked personal or indirect
+
+    def add(self, eid: str) -> None:
+        self.count += 1
+        if len(self.entity_ids) < MAX_IDS_PER_RECORD:
+            self.entity_ids.append(eid)
+
+
+MAX_IDS_PER_RECORD = 100
+
+
+def build_catalog(sources: list[DataSource] | None, resolver: ContextResolver) -> Catalog:
+    declared = sources if sources is not None else default_sources()
+    names = {t for s in declared for t in s.types}
+    return Catalog(declared, {t: resolver.core.expand(t) for t in names})
+
+
+class Governance:
+    """Identities, catalog, audit log and retention of one API process."""
+
+    def __init__(
+        self, settings: Settings, store: Store, resolver: ContextResolver, audit: AuditLog | None
+    ) -> None:
+        self.settings = settings
+        self.gov = settings.governance
+        self.no_auth = settings.no_auth
+        self.catalog = build_catalog(self.gov.sources, resolver)
+        self.identities = Identities(self.gov, settings.data_dir, store)
+        self.audit = audit
+        self.retention: Retention | None = None
+        self._expanded = {
+            s.id: [resolver.core.expand(t) for t in s.types] for s in self.catalog.sources
+        }
+        self._selection_cache: dict[frozenset[str], Any] = {}
+
+    # -- the access of one request ------------------------------------------------------------
+    def access_for(self, principal: Principal, trail: RequestTrail) -> Access:
+        catalog = self.catalog
+        purposes = principal.purposes
+
+        def read(eid: str, types: Sequence[str]) -> NgsiError | None:
+            source = catalog.source_of(eid, types)
+            if not catalog.allows(purposes, source):
+                return Forbidden(
+                    f"{eid} belongs to data source {source.id!r}, readable for the purposes "
+                    f"{', '.join(source.purposes)}; this token carries "
+                    f"{', '.join(sorted(purposes)) or 'none'}",
+                    field="id",
+                    missing="purpose:" + "|".join(source.purposes),
+                )
+            if source.personal_data is not PersonalData.NONE:
+                trail.sensitive = True
+            trail.add(eid)
+            return None
+
+        def write(eid: str, types: Sequence[str]) -> NgsiError | None:
+            if principal.role is Role.DEVICE:
+                if not principal.owns(eid):
+                    return Forbidden(
+                        f"device {principal.subject!r} may only write its own entities, "
+                        f"not {eid}",
+                        field="id",
+                        missing="device:own-entity",
+                    )
+                trail.add(eid)
+                return None
+            source = catalog.source_of(eid, types)
+            if not catalog.allows(purposes, source):
+                return Forbidden(
+                    f"{eid} belongs to data source {source.id!r}; changing it needs one of the "
+                    f"purposes {', '.join(source.purposes)}",
+                    field="id",
+                    missing="purpose:" + "|".join(source.purposes),
+                )
+            trail.add(eid)
+            return None
+
+        def conjunct(dialect: Any) -> Conjunct | None:
+            sel = catalog.selection(purposes)
+            if sel.everything:
+                return None
+            types = [catalog.expand(t) for t in sel.types]
+            return selection_conjunct(types, sel.patterns, sel.negate, dialect)
+
+        return Access(read=read, write=write, conjunct=conjunct)
+
+    # -- audit -----------------------------------------------------------------------------
+    def record(self, rec: AuditRecord) -> None:
+        if self.audit is not None:
+            self.audit.record_nowait(rec)
+
+    def config_fingerprint(self) -> str:
+        doc = {
+            "sources": [s.model_dump(mode="json") for s in self.catalog.sources],
+            "issuer": self.gov.jwt_issuer,
+            "audience": self.gov.jwt_audience,
+            "public_keys": [str(p) for p in self.gov.jwt_public_keys],
+            "jwks_url": self.gov.jwks_url,
+            "jwks_file": str(self.gov.jwks_file) if self.gov.jwks_file else None,
+            "no_auth": self.no_auth,
+        }
+        return hashlib.sha256(orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+    def record_start(self) -> None:
+        """Audit the start, and a configuration change since the last start."""
+        fingerprint = self.config_fingerprint()
+        marker = self.settings.data_dir / "governance" / "config.sha256"
+        previous = marker.read_text().strip() if marker.exists() else None
+        if previous != fingerprint:
+            self.record(
+                AuditRecord(
+                    action=Action.CONFIG,
+                    actor="cityward",
+                    detail="governance configuration loaded"
+                    + (" (first start)" if previous is None else f" (changed from {previous[:12]})"),
+                    extra={"sha256": fingerprint, "sources": [s.id for s in self.catalog.sources]},
+                )
+            )
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(fingerprint + "\n")
+        self.record(
+            AuditRecord(
+                action=Action.SYSTEM,
+                actor="cityward",
+                detail="API process started" + (" WITHOUT AUTHENTICATION" if self.no_auth else ""),
+                extra={"sha256": fingerprint},
+            )
+        )
+
+
+def open_audit(settings: Settings, store: Store) -> AuditLog:
+    from cityward.governance.audit import AuditLog, load_or_create_key
+
+    gov = settings.governance
+    key = load_or_create_key(gov.audit_key_file or settings.data_dir / "governance" / "audit.key")
+    if store.dialect == "postgres":
+        url = store.url  # type: ignore[attr-defined]
+        schema = store.schema or "public"  # type: ignore[attr-defined]
+        return AuditLog.postgres(
+            url,
+            key,
+            schema=schema,
+            seal_every=gov.audit_seal_every,
+            seal_interval_s=gov.audit_seal_interval_s,
+        )
+    path = Path(store.path)  # type: ignore[attr-defined]
+    return AuditLog.sqlite(
+        path.with_name("audit.db"),
+        key,
+        seal_every=gov.audit_seal_every,
+        seal_interval_s=gov.audit_seal_interval_s,
+    )

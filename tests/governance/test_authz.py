@@ -1,0 +1,343 @@
+"""The authorization matrix: every route x every role, purposes, devices, tokens and denials."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jwt
+import pytest
+from typer.testing import CliRunner
+
+from cityward.cli import app as cli_app
+from cityward.governance.policy import FALLBACK, MATRIX, Role, route_for
+from tests.governance.conftest import (
+    AIR,
+    CROWD,
+    DEVICE_OWN,
+    TRAFFIC,
+    UNDECLARED,
+    E,
+    Governed,
+)
+
+SAMPLE = {
+    "eid": TRAFFIC,
+    "attr": "intensity",
+    "instance_id": "urn:ngsi-ld:Instance:x",
+    "sid": "urn:ngsi-ld:Subscription:none",
+    "local_id": "none",
+    "key_id": "000000000000",
+    "type_name": "TrafficFlowObserved",
+}
+WHO = ["public", "device", "operator", "analyst", "auditor", "admin"]
+ROLE_OF = {w: Role(w) for w in WHO}
+
+
+def concrete(path: str) -> str:
+    for name, value in SAMPLE.items():
+        path = path.replace("{" + name + "}", value)
+    assert "{" not in path, f"no sample value for a parameter of {path}"
+    return path
+
+
+def api_routes(governed: Governed) -> list[tuple[str, str]]:
+    out = []
+    for path, ops in governed.app.openapi()["paths"].items():
+        for m in sorted(ops):
+            out.append((m.upper(), concrete(path)))
+    assert len(out) > 40
+    return out
+
+
+def test_every_route_has_an_entry_in_the_table(governed: Governed) -> None:
+    missing = [(m, p) for m, p in api_routes(governed) if route_for(m, p) is FALLBACK]
+    assert missing == []
+
+
+def test_every_route_for_every_role(governed: Governed) -> None:
+    """A role without the route's permission is refused by the middleware; others get past it."""
+    checked = 0
+    for method, path in api_routes(governed):
+        perm = route_for(method, path).permission
+        for who in WHO:
+            r = governed.client.request(
+                method,
+                path,
+                headers={**governed.as_(who), "Content-Type": "application/json"},
+                content=b"{}" if method in ("POST", "PATCH", "PUT") else None,
+            )
+            allowed = perm in MATRIX[ROLE_OF[who]]
+            body: Any = r.json() if r.headers.get("content-type", "").endswith("json") else {}
+            if not allowed:
+                want = 401 if who == "public" else 403
+                assert r.status_code == want, (who, method, path, r.status_code, r.text)
+                assert body["status"] == want and body["field"] == "Authorization"
+                if want == 403:
+                    assert body["missingPermission"] == perm.value
+            else:
+                assert r.status_code != 401, (who, method, path, r.text)
+                if r.status_code == 403:
+                    # past the middleware: only a purpose or ownership may still refuse
+                    assert body.get("missingPermission", "").startswith(("purpose:", "device:")), (
+                        who,
+                        method,
+                        path,
+                        r.text,
+                    )
+            checked += 1
+    assert checked > 250
+
+
+def ids_of(resp: Any) -> set[str]:
+    assert resp.status_code == 200, resp.text
+    return {e["id"] for e in resp.json()}
+
+
+def test_a_token_sees_only_the_data_of_its_purposes(governed: Governed) -> None:
+    c = governed.client
+    everything = {"local": "true", "type": "*"}
+    assert ids_of(c.get(E, params=everything, headers=governed.as_("admin"))) == {
+        TRAFFIC,
+        AIR,
+        CROWD,
+        UNDECLARED,
+    }
+    # traffic-management covers detectors and (counting) cameras, not air quality
+    assert ids_of(c.get(E, params=everything, headers=governed.as_("operator"))) == {
+        TRAFFIC,
+        CROWD,
+    }
+    assert ids_of(c.get(E, params=everything, headers=governed.as_("operator-air"))) == {AIR}
+    # counts follow the restriction too
+    r = c.get(E, params={**everything, "count": "true"}, headers=governed.as_("operator"))
+    assert r.headers["NGSILD-Results-Count"] == "2"
+    # a query for another purpose's type is empty, not an error
+    assert (
+        ids_of(c.get(E, params={"type": "AirQualityObserved"}, headers=governed.as_("operator")))
+        == set()
+    )
+    geo = {"georel": "near;maxDistance==1000", "geometry": "Point", "coordinates": "[3.72,51.05]"}
+    assert ids_of(c.get(E, params=geo, headers=governed.as_("operator-air"))) == {AIR}
+    r = c.post(
+        "/ngsi-ld/v1/entityOperations/query",
+        json={"type": "Query", "entities": [{"type": "AirQualityObserved"}]},
+        headers=governed.as_("analyst"),
+    )
+    assert r.status_code == 200 and r.json() == []
+    # by id: a clear 403 naming the purpose
+    r = c.get(f"{E}/{AIR}", headers=governed.as_("operator"))
+    assert r.status_code == 403
+    assert r.json()["missingPermission"] == "purpose:environment-monitoring"
+    assert c.get(f"{E}/{AIR}", headers=governed.as_("operator-air")).status_code == 200
+    # undeclared data: admin only (or the 'undeclared' purpose)
+    assert c.get(f"{E}/{UNDECLARED}", headers=governed.as_("operator")).status_code == 403
+    assert c.get(f"{E}/{UNDECLARED}", headers=governed.as_("admin")).status_code == 200
+    # history follows the same rule
+    r = c.get(
+        "/ngsi-ld/v1/temporal/entities",
+        params={"type": "AirQualityObserved,TrafficFlowObserved"},
+        headers=governed.as_("analyst"),
+    )
+    assert ids_of(r) == {TRAFFIC}
+    r = c.get(f"/ngsi-ld/v1/temporal/entities/{AIR}", headers=governed.as_("analyst"))
+    assert r.status_code == 403
+
+
+def test_writes_need_the_purpose_and_a_refused_item_spares_its_neighbours(
+    governed: Governed,
+) -> None:
+    c = governed.client
+    op = governed.as_("operator")
+    r = c.patch(f"{E}/{AIR}/attrs", json={"no2": 99}, headers=op)
+    assert r.status_code == 403 and "environment-monitoring" in r.json()["detail"]
+    assert c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 11}, headers=op).status_code == 204
+    assert c.delete(f"{E}/{AIR}", headers=op).status_code == 403
+    batch = [
+        {"id": TRAFFIC, "type": "TrafficFlowObserved", "intensity": 12},
+        {"id": AIR, "type": "AirQualityObserved", "no2": 99},
+        {"id": "urn:ngsi-ld:TrafficFlowObserved:t2", "type": "TrafficFlowObserved", "intensity": 1},
+    ]
+    r = c.post("/ngsi-ld/v1/entityOperations/upsert", json=batch, headers=op)
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert set(body["success"]) == {TRAFFIC, "urn:ngsi-ld:TrafficFlowObserved:t2"}
+    assert [e["entityId"] for e in body["errors"]] == [AIR]
+    assert body["errors"][0]["error"]["status"] == 403
+    admin = governed.as_("admin")
+    assert c.get(f"{E}/{AIR}", headers=admin).json()["no2"]["value"] == 30
+    assert c.get(f"{E}/{TRAFFIC}", headers=admin).json()["intensity"]["value"] == 12
+    # upserting another purpose's entity under an allowed type does not take it over
+    r = c.post(
+        "/ngsi-ld/v1/entityOperations/upsert",
+        json=[{"id": AIR, "type": "TrafficFlowObserved", "intensity": 1}],
+        headers=op,
+    )
+    assert r.status_code == 207 and r.json()["errors"][0]["entityId"] == AIR
+    # the analyst writes nothing at all
+    r = c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 1}, headers=governed.as_("analyst"))
+    assert r.status_code == 403 and r.json()["missingPermission"] == "data:write"
+
+
+def test_a_device_writes_only_its_own_entities(governed: Governed) -> None:
+    c = governed.client
+    dev = governed.as_("device")
+    own = {"id": DEVICE_OWN, "type": "TrafficFlowObserved", "intensity": 5}
+    assert c.post(E, json=own, headers=dev).status_code == 201
+    assert c.patch(f"{E}/{DEVICE_OWN}/attrs", json={"intensity": 6}, headers=dev).status_code == 204
+    r = c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 6}, headers=dev)
+    assert r.status_code == 403 and r.json()["missingPermission"] == "device:own-entity"
+    r = c.post(
+        "/ngsi-ld/v1/entityOperations/upsert",
+        json=[{**own, "intensity": 7}, {"id": TRAFFIC, "type": "TrafficFlowObserved"}],
+        headers=dev,
+    )
+    assert r.status_code == 207 and r.json()["success"] == [DEVICE_OWN]
+    # and reads nothing, not even its own entity
+    r = c.get(f"{E}/{DEVICE_OWN}", headers=dev)
+    assert r.status_code == 403 and r.json()["missingPermission"] == "data:read"
+    # a revoked key stops working
+    gov = governed.gov
+    key_id = gov.identities.list_device_keys()[0]["keyId"]
+    admin = governed.as_("admin")
+    assert c.delete(f"/cityward/v1/device-keys/{key_id}", headers=admin).status_code == 204
+    assert c.post(E, json={**own, "id": DEVICE_OWN + "b"}, headers=dev).status_code == 401
+
+
+def _local_claims(governed: Governed, **over: Any) -> dict[str, Any]:
+    now = int(time.time())
+    claims = {
+        "iss": "cityward",
+        "sub": "mallory",
+        "iat": now,
+        "exp": now + 600,
+        "role": "admin",
+        "purposes": ["*"],
+    }
+    claims.update(over)
+    return claims
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["expired", "wrong-signature", "alg-none", "wrong-issuer", "bad-role", "garbage", "no-exp"],
+)
+def test_bad_tokens_get_401(governed: Governed, case: str) -> None:
+    key = governed.gov.identities._local_key
+    assert key is not None
+    if case == "expired":
+        token = jwt.encode(_local_claims(governed, exp=int(time.time()) - 3600), key, "HS256")
+    elif case == "wrong-signature":
+        token = jwt.encode(_local_claims(governed), b"x" * 32, "HS256")
+    elif case == "alg-none":
+        token = jwt.encode(_local_claims(governed), None, algorithm="none")  # type: ignore[arg-type]
+    elif case == "wrong-issuer":
+        token = jwt.encode(_local_claims(governed, iss="evil"), key, "HS256")
+    elif case == "bad-role":
+        token = jwt.encode(_local_claims(governed, role="root"), key, "HS256")
+    elif case == "no-exp":
+        claims = _local_claims(governed)
+        del claims["exp"]
+        token = jwt.encode(claims, key, "HS256")
+    else:
+        token = "not.a.token"
+    r = governed.client.get(
+        E, params={"type": "Thing"}, headers={"Authorization": f"Bearer {token}"}
+    )
+    assert r.status_code == 401, r.text
+    body = r.json()
+    assert body["field"] == "Authorization" and body["status"] == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_an_asymmetric_token_from_an_oidc_provider(store: Any, tmp_path: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from fastapi.testclient import TestClient
+
+    from cityward.api.app import create_app
+    from cityward.config import GovernanceSettings, Settings
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "idp.pem"
+    pem.write_bytes(
+        private.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    gov = GovernanceSettings(
+        jwt_issuer="https://keycloak.city.example/realms/city",
+        jwt_audience="cityward",
+        jwt_public_keys=[pem],
+        role_claim="cityward_role",
+        purposes_claim="scope",
+    )
+    settings = Settings(data_dir=tmp_path, context_fetch=False, governance=gov)
+    now = int(time.time())
+    claims = {
+        "iss": gov.jwt_issuer,
+        "aud": "cityward",
+        "sub": "jane",
+        "iat": now,
+        "exp": now + 60,
+        "cityward_role": "analyst",
+        "scope": "traffic-management environment-monitoring",
+    }
+    with TestClient(create_app(settings, store)) as c:
+        token = jwt.encode(claims, private, algorithm="ES256")
+        r = c.get("/cityward/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200, r.text
+        assert r.json()["role"] == "analyst"
+        assert r.json()["purposes"] == ["environment-monitoring", "traffic-management"]
+        other = ec.generate_private_key(ec.SECP256R1())
+        forged = jwt.encode(claims, other, algorithm="ES256")
+        r = c.get("/cityward/v1/whoami", headers={"Authorization": f"Bearer {forged}"})
+        assert r.status_code == 401
+        wrong_aud = jwt.encode({**claims, "aud": "other"}, private, algorithm="ES256")
+        r = c.get("/cityward/v1/whoami", headers={"Authorization": f"Bearer {wrong_aud}"})
+        assert r.status_code == 401
+
+
+def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Governed) -> None:
+    c = governed.client
+    audit = governed.gov.audit
+    assert audit is not None
+    op = governed.as_("operator")
+    assert c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 13}, headers=op).status_code == 204
+    assert c.get(f"{E}/{TRAFFIC}", headers=op).status_code == 200  # not personal: not audited
+    assert c.get(f"{E}/{CROWD}", headers=op).status_code == 200  # indirect: audited
+    assert c.get(f"{E}/{AIR}", headers=op).status_code == 403
+    assert c.get(E, params={"type": "Thing"}).status_code == 401
+    records = c.get(
+        "/cityward/v1/audit", params={"limit": "1000"}, headers=governed.as_("auditor")
+    ).json()
+    mine = [r for r in records if r["actor"] != "cityward" and r["role"] != "admin"]
+    kinds = [(r["action"], r["method"], r["path"].split("?")[0], r["result"]) for r in mine]
+    assert ("write", "PATCH", f"{E}/{TRAFFIC}/attrs", 204) in kinds
+    assert ("read", "GET", f"{E}/{CROWD}", 200) in kinds
+    assert ("denied", "GET", f"{E}/{AIR}", 403) in kinds
+    assert ("denied", "GET", E, 401) in kinds
+    assert not any(k[0] == "read" and k[2] == f"{E}/{TRAFFIC}" for k in kinds)
+    write = next(r for r in mine if r["action"] == "write")
+    assert write["entity_ids"] == [TRAFFIC] and write["purposes"] == ["traffic-management"]
+    # nobody can change the log through the API
+    for method in ("POST", "PUT", "PATCH", "DELETE"):
+        r = c.request(method, "/cityward/v1/audit", headers=governed.as_("admin"))
+        assert r.status_code in (404, 405), (method, r.status_code)
+    r = c.get("/cityward/v1/audit/verify", headers=governed.as_("auditor"))
+    assert r.status_code == 200 and r.json()["ok"] is True, r.text
+
+
+def test_no_auth_is_loud_and_loopback_only(tmp_path: Any) -> None:
+    result = CliRunner().invoke(
+        cli_app, ["serve", "--no-auth", "--host", "0.0.0.0", "--data-dir", str(tmp_path)]
+    )
+    assert result.exit_code == 2
+    assert "loopback" in result.output
+
+
+def test_no_auth_header_on_every_response(client: Any) -> None:
+    r = client.get("/ngsi-ld/v1/types")
+    assert r.headers["x-cityward-auth"].startswith("DISABLED")
+    r = client.get("/ngsi-ld/v1/entities/urn:ngsi-ld:X:nope")
+    assert r.status_code == 404 and r.headers["x-cityward-auth"].startswith("DISABLED")

@@ -1,0 +1,266 @@
+"""Retention deletes exactly the history past each source's retention, on both backends."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from cityward.bank.history import History
+from cityward.bank.jsonld import ContextResolver
+from cityward.bank.model import EntityParser
+from cityward.bank.service import Bank
+from cityward.bank.store import Store
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.bank.temporal.times import us_to_datetime
+from cityward.governance.events import Action, AuditRecord
+from cityward.governance.retention import Retention
+from cityward.governance.sources import UNDECLARED, Catalog, DataSource
+
+NOW = datetime(2026, 3, 15, 12, 0, tzinfo=UTC)
+CORE = ContextResolver(allow_fetch=False).core
+AIR = "urn:ngsi-ld:AirQualityObserved:A1"
+CAM = "urn:ngsi-ld:Camera:C1"
+CAM_AIR = "urn:ngsi-ld:Camera:C2"  # an air type, but the camera id pattern wins
+NOISE_AIR = "urn:ngsi-ld:Mixed:M1"  # types of two sources: the first one decides (noise)
+AIR_NOISE = "urn:ngsi-ld:Mixed:M2"  # (air)
+THING = "urn:ngsi-ld:Thing:T1"  # undeclared
+GONE = "urn:ngsi-ld:AirQualityObserved:GONE"  # deleted later: its history is undeclared
+
+
+class ListSink:
+    def __init__(self) -> None:
+        self.records: list[AuditRecord] = []
+
+    def record_nowait(self, rec: AuditRecord) -> None:
+        self.records.append(rec)
+
+
+def source(sid: str, retention: str, **kw: Any) -> DataSource:
+    return DataSource(
+        id=sid,
+        name=sid,
+        purposes=("test",),
+        legal_basis="test",
+        owner="test",
+        retention=retention,
+        **kw,
+    )
+
+
+def catalog() -> Catalog:
+    sources = [
+        source("air", "P1Y", types=("AirQualityObserved",)),
+        source("cams", "P90D", id_patterns=(r"urn:ngsi-ld:Camera:.*",)),
+        source("noise", "P2Y", types=("NoiseLevelObserved",)),
+    ]
+    expand = {t: CORE.expand(t) for s in sources for t in s.types}
+    return Catalog(sources, expand)
+
+
+def cutoffs() -> dict[str, datetime]:
+    return {
+        "air": NOW.replace(year=NOW.year - 1),
+        "cams": NOW - timedelta(days=90),
+        "noise": NOW.replace(year=NOW.year - 2),
+        UNDECLARED: NOW - timedelta(days=30),
+    }
+
+
+def iso(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_city(store: Store) -> Bank:
+    """Entities of every kind with history every 20 days over the past 3 years."""
+    bank = Bank(store)
+    History(store, bank)
+    parser = EntityParser(CORE)
+    kinds = {
+        AIR: ["AirQualityObserved"],
+        CAM: ["Device"],
+        CAM_AIR: ["AirQualityObserved"],
+        NOISE_AIR: ["NoiseLevelObserved", "AirQualityObserved"],
+        AIR_NOISE: ["AirQualityObserved", "NoiseLevelObserved"],
+        THING: ["Thing"],
+        GONE: ["AirQualityObserved"],
+    }
+    start = NOW - timedelta(days=3 * 365)
+    step = 0
+    while (t := start + timedelta(days=20 * step, hours=step % 24)) < NOW:
+        stamp = iso(t)
+        docs = [
+            parser.entity(
+                {
+                    "id": eid,
+                    "type": types,
+                    "reading": {"type": "Property", "value": step, "observedAt": stamp},
+                    # a second attribute, two instances: several paths and datasetIds
+                    "level": [
+                        {"type": "Property", "value": step * 2, "observedAt": stamp},
+                        {
+                            "type": "Property",
+                            "value": step * 3,
+                            "observedAt": stamp,
+                            "datasetId": "urn:ngsi-ld:Dataset:b",
+                        },
+                    ],
+                }
+            )
+            for eid, types in kinds.items()
+        ]
+        bank.batch_upsert("", docs, "update")
+        # the same id in another tenant: a different entity, retention covers it too
+        other = parser.entity(
+            {
+                "id": AIR,
+                "type": "AirQualityObserved",
+                "reading": {"type": "Property", "value": step, "observedAt": stamp},
+            }
+        )
+        bank.batch_upsert("city2", [other], "update")
+        step += 1
+    bank.delete("", GONE)
+    return bank
+
+
+def history(store: Store) -> dict[int, tuple[str, datetime]]:
+    """Every history row: id -> (expected source id, obs)."""
+    cat = catalog()
+    ents = {
+        int(pk): (eid, doc)
+        for pk, eid, doc in store.select("SELECT pk, eid, doc FROM entities", [])
+    }
+    out: dict[int, tuple[str, datetime]] = {}
+    for rid, e, obs in store.select("SELECT id, e, obs FROM attr_history", []):
+        when = us_to_datetime(obs) if isinstance(obs, int) else obs
+        ent = ents.get(int(e))
+        if ent is None:
+            sid = UNDECLARED
+        else:
+            sid = cat.source_of(ent[0], orjson.loads(ent[1])["type"]).id
+        out[int(rid)] = (sid, when)
+    return out
+
+
+def test_retention_deletes_exactly_the_expired_rows(store: Store) -> None:
+    write_city(store)
+    before = history(store)
+    cuts = cutoffs()
+    expired = {rid for rid, (sid, obs) in before.items() if obs < cuts[sid]}
+    kept = set(before) - expired
+    by_source = {sid: 0 for sid in cuts}
+    for rid in expired:
+        by_source[before[rid][0]] += 1
+    # every source has rows on both sides of its cutoff, so the test can fail both ways
+    for sid in cuts:
+        assert by_source[sid] > 0, sid
+        assert any(s == sid for s, _ in (before[r] for r in kept)), sid
+
+    sink = ListSink()
+    retention = Retention(store, catalog(), sink, batch=7)
+    report = retention.run_once(now=NOW)
+
+    after = {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])}
+    assert after == kept
+    assert report.deleted == by_source
+    assert report.total == len(expired)
+    assert report.cutoffs == cuts
+    assert not report.interrupted and report.error is None
+
+    assert len(sink.records) == 1
+    rec = sink.records[0]
+    assert rec.action is Action.RETENTION and rec.actor == "cityward"
+    assert rec.count == len(expired)
+    assert rec.extra == {**by_source, "partitions_dropped": report.partitions_dropped}
+
+    if store.dialect == "postgres":
+        # the oldest cutoff is noise's 2 years: whole months before it go as partitions
+        assert "attr_history_p202304" in report.partitions_dropped
+        assert "attr_history_p202303" in report.partitions_dropped
+        assert all(p < "attr_history_p202403" for p in report.partitions_dropped)
+        assert report.partition_rows > 0
+        assert store.select("SELECT to_regclass('attr_history_p202304')", []) == [(None,)]
+        assert store.select("SELECT to_regclass('attr_history_p202503')", []) != [(None,)]
+    else:
+        assert report.partitions_dropped == []
+
+    # a second run finds nothing more, and is audited all the same
+    again = retention.run_once(now=NOW)
+    assert again.total == 0
+    assert len(sink.records) == 2 and sink.records[1].count == 0
+    assert {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])} == kept
+
+
+def test_scheduler_runs_and_stops_promptly(store: Store) -> None:
+    sink = ListSink()
+    retention = Retention(store, catalog(), sink)
+    retention.start(interval_s=0.05)
+    deadline = time.monotonic() + 5
+    while len(sink.records) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(sink.records) >= 2
+    t0 = time.monotonic()
+    retention.stop()
+    assert time.monotonic() - t0 < 2
+    assert not retention.running
+    assert not any(t.name == "cityward-retention" for t in threading.enumerate())
+    n = len(sink.records)
+    time.sleep(0.15)
+    assert len(sink.records) == n
+    # a direct run after stop() works normally
+    assert not retention.run_once(now=NOW).interrupted
+
+
+def _raw(path: Path) -> bytes:
+    data = b""
+    for f in (path, path.with_name(path.name + "-wal")):
+        if f.exists():
+            data += f.read_bytes()
+    return data
+
+
+def test_sqlite_deleted_values_leave_no_bytes_behind(tmp_path: Path) -> None:
+    path = tmp_path / "bank.db"
+    store = SqliteStore(path)
+    bank = Bank(store)
+    History(store, bank)
+    parser = EntityParser(CORE)
+
+    def secret(n: int) -> str:
+        return f"SECRET-RETAINED-XYZ-{n:03d}-END"
+
+    # ten values of one camera, 200 down to 20 days old: cams keep 90 days
+    ages = [200 - 20 * n for n in range(10)]
+    for n, age in enumerate(ages):
+        body = {
+            "id": CAM,
+            "type": "Device",
+            "note": {
+                "type": "Property",
+                "value": secret(n),
+                "observedAt": iso(NOW - timedelta(age)),
+            },
+        }
+        bank.batch_upsert("", [parser.entity(body)], "update")
+    old = [n for n, age in enumerate(ages) if age > 90]
+    recent = [n for n, age in enumerate(ages) if age < 90]
+    assert old and recent
+
+    sink = ListSink()
+    report = Retention(store, catalog(), sink, batch=3).run_once(now=NOW)
+    assert report.deleted["cams"] == len(old)
+    raw = _raw(path)
+    for n in old:
+        assert secret(n).encode() not in raw, n
+    store.close()
+    raw = _raw(path)
+    for n in old:
+        assert secret(n).encode() not in raw, n
+    for n in recent:
+        assert secret(n).encode() in raw, n
+    assert len(sink.records) == 1
