@@ -196,6 +196,41 @@ def test_retention_deletes_exactly_the_expired_rows(store: Store) -> None:
     assert {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])} == kept
 
 
+def test_concurrent_runs_delete_each_row_once(store: Store) -> None:
+    """Two retention workers (as in two processes) at once: same result, rows counted once."""
+    write_city(store)
+    before = history(store)
+    cuts = cutoffs()
+    kept = {rid for rid, (sid, obs) in before.items() if obs >= cuts[sid]}
+    expected = {sid: 0 for sid in cuts}
+    for rid, (sid, _) in before.items():
+        if rid not in kept:
+            expected[sid] += 1
+    sinks = [ListSink(), ListSink()]
+    workers = [Retention(store, catalog(), sink, batch=5) for sink in sinks]
+    reports: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run(w: Retention) -> None:
+        try:
+            reports.append(w.run_once(now=NOW))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors
+    assert {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])} == kept
+    total = {sid: sum(r.deleted[sid] for r in reports) for sid in cuts}
+    assert total == expected
+    dropped = [p for r in reports for p in r.partitions_dropped]
+    assert len(dropped) == len(set(dropped))
+    assert all(len(s.records) == 1 for s in sinks)
+
+
 def test_scheduler_runs_and_stops_promptly(store: Store) -> None:
     sink = ListSink()
     retention = Retention(store, catalog(), sink)

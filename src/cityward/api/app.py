@@ -113,7 +113,9 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             await subscriptions.stop()
             if governance.audit is not None:
                 governance.audit.record_nowait(
-                    AuditRecord(action=Action.SYSTEM, actor="cityward", detail="API process stopped")
+                    AuditRecord(
+                        action=Action.SYSTEM, actor="cityward", detail="API process stopped"
+                    )
                 )
                 governance.audit.close()
             store.close()

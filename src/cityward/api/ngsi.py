@@ -51,9 +51,12 @@ def tenant_of(request: Request) -> str:
 def check_params(request: Request, allowed: Iterable[str]) -> None:
     """Unknown query parameters are an InvalidRequest (ETSI GS CIM 009, 6.3.x)."""
     allowed_set = set(allowed)
-    for key in request.query_params:
+    for key, value in request.query_params.multi_items():
         if key not in allowed_set:
             raise InvalidRequest(f"unknown query parameter {key!r}", field=key)
+        if "\x00" in value:
+            # no stored text holds NUL (PostgreSQL cannot): such a value can only be an attack
+            raise BadRequestData(f"{key} contains a NUL character", field=key)
 
 
 async def resolve_context(rt: Runtime, source: Any) -> Context:

@@ -1,1 +1,1 @@
-"""Governance: identities, roles and purposes, the audit trail, retention and the public register."""
+"""Governance: identities, roles and purposes, audit trail, retention, public register."""

@@ -392,7 +392,7 @@ class _PostgresBackend:
                 "SELECT 1 FROM pg_namespace WHERE nspname = %s", [schema]
             ).fetchone():
                 conn.execute(f'CREATE SCHEMA "{schema}"')
-            conn.execute(_PG_SCHEMA.format(s=prefix).encode())
+            conn.execute(_PG_SCHEMA.format(s=prefix))
 
     def _connect(self) -> psycopg.Connection[TupleRow]:
         return psycopg.connect(

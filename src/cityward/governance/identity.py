@@ -101,9 +101,7 @@ CREATE TABLE IF NOT EXISTS device_keys (
 class Identities:
     """Issues and verifies tokens and device keys."""
 
-    def __init__(
-        self, settings: GovernanceSettings, data_dir: Path, store: Store | None
-    ) -> None:
+    def __init__(self, settings: GovernanceSettings, data_dir: Path, store: Store | None) -> None:
         self.settings = settings
         self.dir = data_dir / "governance"
         self.store = store
@@ -179,7 +177,7 @@ class Identities:
         except jwt.InvalidTokenError as exc:
             raise AuthError(f"the bearer token is not a JWT: {exc}") from exc
         alg = header.get("alg")
-        options = {"require": ["exp", "iat", "sub"]}
+        options: dict[str, Any] = {"require": ["exp", "iat", "sub"]}
         kwargs: dict[str, Any] = {
             "issuer": self.settings.jwt_issuer,
             "options": options,

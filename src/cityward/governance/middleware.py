@@ -7,6 +7,7 @@ checks themselves.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from typing import Any
@@ -33,6 +34,7 @@ log = logging.getLogger("cityward.governance")
 NO_AUTH_HEADER = (b"x-cityward-auth", b"DISABLED: development mode, every request is admin")
 _ENTITY_IN_PATH = re.compile(r"/(?:entities|subscriptions|jsonldContexts)/([^/]+)")
 _AUDITED_ALWAYS = {"write", "export"}
+AUDIT_WAIT_S = 10.0
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -108,9 +110,8 @@ class GovernanceMiddleware:
                 if no_auth:
                     message["headers"] = [*message.get("headers", []), NO_AUTH_HEADER]
                 rec = self._record_for(scope, route, principal, trail, int(message["status"]))
-                if rec is not None and self.gov.audit is not None:
-                    # the answer leaves only once its audit record is on disk
-                    await self.gov.audit.record(rec)
+                if rec is not None:
+                    await self._audit(rec)
             await send(message)
 
         try:
@@ -150,6 +151,22 @@ class GovernanceMiddleware:
             result=status,
         )
 
+    async def _audit(self, rec: AuditRecord) -> None:
+        """Append a record; the answer leaves once it is committed (shared group commits).
+
+        If the audit database stays unreachable the record stays queued (the log retries it)
+        and the answer goes out after AUDIT_WAIT_S rather than hanging the client.
+        """
+        audit = self.gov.audit
+        if audit is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(audit.record(rec)), AUDIT_WAIT_S)
+        except TimeoutError:
+            log.error(
+                "audit record not committed after %.0f s; still queued: %s", AUDIT_WAIT_S, rec
+            )
+
     async def _refuse(
         self, scope: Scope, send: Send, route: Route, principal: Principal, err: NgsiError
     ) -> None:
@@ -160,11 +177,10 @@ class GovernanceMiddleware:
         ]
         if err.status == 401:
             headers.append((b"www-authenticate", b'Bearer realm="cityward"'))
-        if self.gov.audit is not None:
-            rec = self._record_for(scope, route, principal, RequestTrail(), err.status)
-            assert rec is not None
+        rec = self._record_for(scope, route, principal, RequestTrail(), err.status)
+        if rec is not None:
             rec.detail = err.detail
-            await self.gov.audit.record(rec)
+            await self._audit(rec)
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

@@ -90,8 +90,11 @@ ROUTES: tuple[Route, ...] = (
     _r("GET", r"/cityward/v1/whoami", P.SELF, "none"),
     _r("GET", r"/cityward/v1/audit(/verify)?", P.AUDIT_READ, "read"),
     _r("GET", r"/cityward/v1/(policy|sources|dpia)", P.POLICY_READ, "none"),
-    _r("POST GET DELETE", r"/cityward/v1/(tokens|device-keys)(/[^/]+)?", P.IDENTITY_ADMIN, "config"),
-    _r("GET HEAD", r"/(docs|openapi\.json|docs/oauth2-redirect)", P.SELF, "none"),
+    _r(
+        "POST GET DELETE", r"/cityward/v1/(tokens|device-keys)(/[^/]+)?", P.IDENTITY_ADMIN, "config"
+    ),
+    # the API description of open-source software is no secret
+    _r("GET HEAD", r"/(docs|openapi\.json|docs/oauth2-redirect)", P.REGISTER_READ, "none"),
     # temporal: reads are exports of history
     _r("GET", NGSI + r"/temporal/entities(/[^/]+)?", P.HISTORY_READ, "export"),
     _r("POST", NGSI + r"/temporal/entityOperations/query", P.HISTORY_READ, "export"),

@@ -77,7 +77,13 @@ _PG_DELETE = (
     # no index on id alone: the rows are found again by the whole key of attr_history_obs
     "DELETE FROM attr_history h USING (SELECT e, path, obs, id FROM attr_history "
     "WHERE e = ANY(?::bigint[]) AND obs < ? LIMIT ?) d "
-    "WHERE h.e = d.e AND h.path = d.path AND h.obs = d.obs AND h.id = d.id RETURNING 1"
+    "WHERE h.obs < ? AND h.e = d.e AND h.path = d.path AND h.obs = d.obs AND h.id = d.id "
+    "RETURNING 1"
+)
+# Without this the planner hash-joins a batch against every expired row of the table (a seq
+# scan: 320 ms a batch at 2M rows); the nested loop probes the index per row, pruned (23 ms).
+_PG_NESTED_LOOP = (
+    "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
 )
 # the distinct entities with history (a loose index scan: one index seek each) without an entity
 _ORPHANS = (
@@ -374,7 +380,12 @@ class Retention:
             while True:
                 self._check_stop()
                 with self.store.write("", create_tenant=False) as txn:
-                    n = len(txn.execute(sql, [keys, bound, self.batch]))
+                    if not sqlite:
+                        txn.execute(_PG_NESTED_LOOP)
+                    params = (
+                        [keys, bound, self.batch] if sqlite else [keys, bound, self.batch, bound]
+                    )
+                    n = len(txn.execute(sql, params))
                 report.deleted[source_id] += n
                 batches += 1
                 if n < self.batch:
@@ -472,7 +483,7 @@ class Retention:
             for _ in range(5):
                 busy, frames, done = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
                 if not busy:
-                    log.info("retention: WAL checkpointed and truncated (%d frames)", done)
+                    log.info("retention: WAL checkpointed and truncated")
                     return
                 log.debug("retention: WAL checkpoint busy (%d of %d frames)", done, frames)
                 if self._stop.wait(0.2):

@@ -95,8 +95,7 @@ class Governance:
             if principal.role is Role.DEVICE:
                 if not principal.owns(eid):
                     return Forbidden(
-                        f"device {principal.subject!r} may only write its own entities, "
-                        f"not {eid}",
+                        f"device {principal.subject!r} may only write its own entities, not {eid}",
                         field="id",
                         missing="device:own-entity",
                     )
@@ -150,7 +149,9 @@ class Governance:
                     action=Action.CONFIG,
                     actor="cityward",
                     detail="governance configuration loaded"
-                    + (" (first start)" if previous is None else f" (changed from {previous[:12]})"),
+                    + (
+                        " (first start)" if previous is None else f" (changed from {previous[:12]})"
+                    ),
                     extra={"sha256": fingerprint, "sources": [s.id for s in self.catalog.sources]},
                 )
             )

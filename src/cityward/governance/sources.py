@@ -7,6 +7,7 @@ draft, so none of them can drift from the others.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
@@ -271,15 +272,15 @@ class Catalog:
             return self.undeclared
         return next((s for s in self.sources if s.id == source_id), None)
 
-    def source_of(self, eid: str, types: list[str] | tuple[str, ...]) -> DataSource:
+    def source_of(self, eid: str, types: Sequence[str]) -> DataSource:
         """The source an entity belongs to: its id pattern first, then its type."""
         for s in self._patterned:
             if any(p.fullmatch(eid) for p in s.compiled_patterns):
                 return s
         for t in types:
-            s = self._by_type.get(t)
-            if s is not None:
-                return s
+            hit = self._by_type.get(t)
+            if hit is not None:
+                return hit
         return self.undeclared
 
     def all_sources(self) -> list[DataSource]:

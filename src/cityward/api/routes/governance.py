@@ -192,7 +192,7 @@ async def create_token(request: Request) -> Response:
     gov = _gov(request)
     body = await _body(request)
     try:
-        role = Role(body.get("role"))
+        role = Role(str(body.get("role")))
     except ValueError as exc:
         raise BadRequestData(
             f"role must be one of {', '.join(r.value for r in Role)}", field="role"
@@ -242,6 +242,3 @@ async def revoke_device_key(request: Request, key_id: str) -> Response:
     if not await run_in_threadpool(_gov(request).identities.revoke_device_key, key_id):
         raise ResourceNotFound(f"no active device key {key_id!r}", field="keyId")
     return Response(status_code=204)
-
-
-
