@@ -8,6 +8,7 @@ half-written, and a batch reports each entity's failure without dropping its nei
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -634,7 +635,10 @@ def _check_write(eid: str, types: Sequence[str]) -> None:
 def _error_from(problem: dict[str, Any]) -> NgsiError:
     from cityward.bank import errors
 
-    name = str(problem["type"]).rsplit("/", 1)[-1]
+    name = re.split(r"[/:]", str(problem["type"]))[-1]
     cls = getattr(errors, name, errors.InternalError)
     assert issubclass(cls, NgsiError)
-    return cls(str(problem.get("detail", "")), field=problem.get("field"))
+    err = cls(str(problem.get("detail", "")), field=problem.get("field"))
+    if isinstance(err, errors.Forbidden):
+        err.missing = str(problem.get("missingPermission", ""))
+    return err
