@@ -105,7 +105,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         )
         governance.retention = retention
         if gov_settings.retention_enabled:
-            retention.start(gov_settings.retention_interval_s)
+            # the first run waits a little: a start is busy enough (migrations, caches)
+            retention.start(gov_settings.retention_interval_s, first_delay_s=30.0)
         try:
             yield
         finally:
