@@ -109,6 +109,14 @@ def test_a_token_sees_only_the_data_of_its_purposes(governed: Governed) -> None:
         CROWD,
     }
     assert ids_of(c.get(E, params=everything, headers=governed.as_("operator-air"))) == {AIR}
+    # with the 'undeclared' purpose: all but the hidden declared sources
+    token = governed.gov.identities.issue(Role.ANALYST, ["undeclared", "environment-monitoring"])
+    wide = {"Authorization": f"Bearer {token}"}
+    assert ids_of(c.get(E, params=everything, headers=wide)) == {AIR, UNDECLARED}
+    assert ids_of(c.get(E, params={"type": "Thing"}, headers=wide)) == {UNDECLARED}
+    assert ids_of(c.get(E, params={"type": "Thing,CrowdFlowObserved"}, headers=wide)) == {
+        UNDECLARED
+    }
     # counts follow the restriction too
     r = c.get(E, params={**everything, "count": "true"}, headers=governed.as_("operator"))
     assert r.headers["NGSILD-Results-Count"] == "2"
@@ -341,3 +349,102 @@ def test_no_auth_header_on_every_response(client: Any) -> None:
     assert r.headers["x-cityward-auth"].startswith("DISABLED")
     r = client.get("/ngsi-ld/v1/entities/urn:ngsi-ld:X:nope")
     assert r.status_code == 404 and r.headers["x-cityward-auth"].startswith("DISABLED")
+
+
+def test_notifications_carry_only_the_data_of_the_owners_purposes(governed: Governed) -> None:
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    got: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        c = governed.client
+        sub = {
+            "id": "urn:ngsi-ld:Subscription:everything",
+            "type": "Subscription",
+            "watchedAttributes": ["no2", "intensity"],
+            "notification": {"endpoint": {"uri": f"http://127.0.0.1:{server.server_address[1]}/n"}},
+        }
+        r = c.post("/ngsi-ld/v1/subscriptions", json=sub, headers=governed.as_("operator"))
+        assert r.status_code == 201, r.text
+        admin = governed.as_("admin")
+        assert c.patch(f"{E}/{AIR}/attrs", json={"no2": 41}, headers=admin).status_code == 204
+        assert (
+            c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 9}, headers=admin).status_code == 204
+        )
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # a notification of the air-quality change would have come first
+        ids = [e["id"] for n in got for e in n["data"]]
+        assert ids == [TRAFFIC]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_id_pattern_sources_win_over_types_in_queries(store: Any, tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from cityward.api.app import create_app
+    from cityward.config import GovernanceSettings, Settings
+    from cityward.governance.sources import DataSource
+
+    common = {"legal_basis": "public task", "retention": "P30D", "owner": "city"}
+    sources = [
+        DataSource(
+            id="counts",
+            name="Counts",
+            types=("CrowdFlowObserved",),
+            purposes=("mobility",),
+            **common,
+        ),
+        DataSource(
+            id="station",
+            name="Station exit cameras",
+            id_patterns=("urn:ngsi-ld:CrowdFlowObserved:station-.*",),
+            purposes=("public-safety",),
+            personal_data="indirect",
+            **common,
+        ),
+    ]
+    settings = Settings(
+        data_dir=tmp_path, context_fetch=False, governance=GovernanceSettings(sources=sources)
+    )
+    app = create_app(settings, store)
+    ids = app.state.governance.identities
+    admin = {"Authorization": f"Bearer {ids.issue(Role.ADMIN, ['*'])}"}
+    mobility = {"Authorization": f"Bearer {ids.issue(Role.ANALYST, ['mobility'])}"}
+    safety = {"Authorization": f"Bearer {ids.issue(Role.ANALYST, ['public-safety'])}"}
+    with TestClient(app) as c:
+        batch = [
+            {"id": f"urn:ngsi-ld:CrowdFlowObserved:{n}", "type": "CrowdFlowObserved", "people": 1}
+            for n in ("street-1", "station-1", "station-2")
+        ]
+        assert (
+            c.post("/ngsi-ld/v1/entityOperations/create", json=batch, headers=admin).status_code
+            == 201
+        )
+        q = {"type": "CrowdFlowObserved"}
+        assert ids_of(c.get(E, params=q, headers=mobility)) == {
+            "urn:ngsi-ld:CrowdFlowObserved:street-1"
+        }
+        assert ids_of(c.get(E, params=q, headers=safety)) == {
+            "urn:ngsi-ld:CrowdFlowObserved:station-1",
+            "urn:ngsi-ld:CrowdFlowObserved:station-2",
+        }
+        r = c.get(f"{E}/urn:ngsi-ld:CrowdFlowObserved:station-1", headers=mobility)
+        assert r.status_code == 403
+        assert r.json()["missingPermission"] == "purpose:public-safety"

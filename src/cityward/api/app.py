@@ -86,6 +86,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     governance = Governance(
         settings, store, resolver, open_audit(settings, store) if gov_settings.audit else None
     )
+    subscriptions.hook.visible = governance.subscription_visible
     if not settings.no_auth:
         created = governance.identities.bootstrap_admin()
         if created is not None:

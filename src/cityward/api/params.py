@@ -17,6 +17,8 @@ from cityward.bank.query import (
     And,
     Or,
     QExpr,
+    TypeAnd,
+    TypeName,
     parse_q,
     parse_scope_q,
     parse_type_expr,
@@ -212,7 +214,11 @@ def compile_filter(
     if f.type == "*" and not f.local:
         raise BadRequestData("type=* (all entity types) needs local=true", field="type")
     if f.type is not None and f.type != "*":
-        spec.conjuncts.extend(type_conjuncts(parse_type_expr(f.type), ctx.expand, dialect))
+        texpr = parse_type_expr(f.type)
+        spec.conjuncts.extend(type_conjuncts(texpr, ctx.expand, dialect))
+        names = [texpr] if isinstance(texpr, TypeName) else getattr(texpr, "items", ())
+        if not isinstance(texpr, TypeAnd) and all(isinstance(n, TypeName) for n in names):
+            spec.type_names = frozenset(ctx.expand(n.name) for n in names)
     if f.id is not None:
         marks = ",".join("?" * len(f.id))
         spec.conjuncts.append(

@@ -29,35 +29,54 @@ class Access:
 
     read: Callable[[str, Sequence[str]], NgsiError | None]
     write: Callable[[str, Sequence[str]], NgsiError | None]
-    conjunct: Callable[[Dialect], Conjunct | None]
+    # (dialect, the query's own type list or None) -> the restriction, None when not needed
+    conjunct: Callable[[Dialect, frozenset[str] | None], Conjunct | None]
 
 
 current_access: ContextVar[Access | None] = ContextVar("cityward_access", default=None)
 
 
 def selection_conjunct(
-    types: Sequence[str], patterns: Sequence[str], negate: bool, dialect: Dialect
+    visible_types: Sequence[str],
+    hidden_types: Sequence[str],
+    visible_patterns: Sequence[str],
+    hidden_patterns: Sequence[str],
+    undeclared: bool,
+    dialect: Dialect,
 ) -> Conjunct:
-    """Entities of one of ``types`` (expanded IRIs) or with an id fully matching a pattern.
+    """The entities a token may see (see governance.sources.Selection), as a per-entity probe.
 
-    With ``negate``: entities of none of them. Always a per-entity probe: it restricts a query
-    that something else drives.
+    Types are expanded IRIs. Always a probe, never a driver: it restricts a query that its
+    own conditions drive.
     """
-    parts: list[str] = []
     params: list[object] = []
     per_row = " OFFSET 0" if dialect == "postgres" else ""
-    if types:
-        marks = ", ".join("?" * len(types))
-        parts.append(
-            f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks}){per_row})"
-        )
-        params.extend(types)
-    for p in patterns:
-        parts.append("e.eid ~ ?" if dialect == "postgres" else "regexp(?, e.eid)")
-        params.append(f"^(?:{p})$")
-    body = " OR ".join(parts) if parts else "1 = 0"
-    probe = f"NOT ({body})" if negate else f"({body})"
-    return Conjunct(probe, list(params))
+
+    def patterns(items: Sequence[str]) -> str:
+        if not items:
+            return "0 = 1"
+        parts = []
+        for p in items:
+            parts.append("e.eid ~ ?" if dialect == "postgres" else "regexp(?, e.eid)")
+            params.append(f"^(?:{p})$")
+        return "(" + " OR ".join(parts) + ")"
+
+    def types(items: Sequence[str]) -> str:
+        if not items:
+            return "0 = 1"
+        params.extend(items)
+        marks = ", ".join("?" * len(items))
+        return f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks}){per_row})"
+
+    # built in text order, so that the parameters line up with their marks
+    vp = patterns(visible_patterns)
+    hp = patterns(hidden_patterns)
+    vt = types(visible_types)
+    rest = "1 = 1" if undeclared else "0 = 1"
+    ht = types(hidden_types) if undeclared else ""
+    fallback = f"(NOT {ht})" if undeclared and hidden_types else rest
+    sql = f"({vp} OR (NOT {hp} AND ({vt} OR {fallback})))"
+    return Conjunct(sql, list(params))
 
 
 def check_read(eid: str, types: Sequence[str]) -> None:

@@ -112,14 +112,37 @@ class Governance:
             trail.add(eid)
             return None
 
-        def conjunct(dialect: Any) -> Conjunct | None:
+        def conjunct(dialect: Any, query_types: frozenset[str] | None) -> Conjunct | None:
             sel = catalog.selection(purposes)
             if sel.everything:
                 return None
-            types = [catalog.expand(t) for t in sel.types]
-            return selection_conjunct(types, sel.patterns, sel.negate, dialect)
+            visible = [catalog.expand(t) for t in sel.visible_types]
+            hidden = [catalog.expand(t) for t in sel.hidden_types]
+            if query_types is not None and not catalog.has_patterns:
+                # without id patterns an entity's source follows from its type alone, so a
+                # query already limited to visible types needs no per-entity check (it costs
+                # an index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
+                if query_types <= set(visible):
+                    return None
+                if sel.undeclared and query_types.isdisjoint(hidden):
+                    return None
+            return selection_conjunct(
+                visible,
+                hidden,
+                sel.visible_patterns,
+                sel.hidden_patterns,
+                sel.undeclared,
+                dialect,
+            )
 
         return Access(read=read, write=write, conjunct=conjunct)
+
+    def subscription_visible(self, sub: Any, eid: str, types: Sequence[str]) -> bool:
+        """Whether a subscription's owner may receive this entity in a notification."""
+        purposes = sub.owner_purposes
+        if purposes is None:
+            return True
+        return self.catalog.allows(frozenset(purposes), self.catalog.source_of(eid, types))
 
     # -- audit -----------------------------------------------------------------------------
     def record(self, rec: AuditRecord) -> None:

@@ -227,15 +227,18 @@ def undeclared_source() -> DataSource:
 class Selection:
     """Which entities a set of purposes may see, in the terms a query can test.
 
-    ``everything``: no restriction. Otherwise an entity is visible when its type is one of
-    ``types`` or its id fully matches one of ``patterns`` — or, with ``negate``, when neither holds
-    (used when the undeclared source is visible and only a few declared ones are not).
+    ``everything``: no restriction. Otherwise, as in :meth:`Catalog.source_of`, id patterns
+    decide first and types next: an entity is visible when its id fully matches a visible
+    pattern; else not when it matches a hidden one; else when one of its types is visible; else
+    not when one is hidden; else (undeclared data) when ``undeclared`` is.
     """
 
     everything: bool = False
-    types: list[str] = field(default_factory=list)  # short names, expanded by the caller
-    patterns: list[str] = field(default_factory=list)
-    negate: bool = False
+    visible_types: list[str] = field(default_factory=list)  # short names or IRIs
+    hidden_types: list[str] = field(default_factory=list)
+    visible_patterns: list[str] = field(default_factory=list)
+    hidden_patterns: list[str] = field(default_factory=list)
+    undeclared: bool = False
 
 
 class Catalog:
@@ -262,6 +265,7 @@ class Catalog:
                         )
                     self._by_type[key] = s
         self._patterned = [s for s in sources if s.id_patterns]
+        self.has_patterns = bool(self._patterned)
         self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
 
     def expand(self, name: str) -> str:
@@ -296,15 +300,13 @@ class Catalog:
             return Selection(everything=True)
         visible = [s for s in self.sources if self.allows(purposes, s)]
         hidden = [s for s in self.sources if not self.allows(purposes, s)]
-        if self.allows(purposes, self.undeclared):
-            if not hidden:
-                return Selection(everything=True)
-            return Selection(
-                types=[t for s in hidden for t in s.types],
-                patterns=[p for s in hidden for p in s.id_patterns],
-                negate=True,
-            )
+        undeclared = self.allows(purposes, self.undeclared)
+        if undeclared and not hidden:
+            return Selection(everything=True)
         return Selection(
-            types=[t for s in visible for t in s.types],
-            patterns=[p for s in visible for p in s.id_patterns],
+            visible_types=[t for s in visible for t in s.types],
+            hidden_types=[t for s in hidden for t in s.types],
+            visible_patterns=[p for s in visible for p in s.id_patterns],
+            hidden_patterns=[p for s in hidden for p in s.id_patterns],
+            undeclared=undeclared,
         )

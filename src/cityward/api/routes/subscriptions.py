@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
@@ -23,8 +25,9 @@ from cityward.api.routes.entities import page_headers
 from cityward.bank.errors import BadRequestData
 from cityward.bank.jsonld import Context
 from cityward.bank.store import QuerySpec
-from cityward.bank.subscriptions.model import apply_patch, parse_subscription
+from cityward.bank.subscriptions.model import Subscription, apply_patch, parse_subscription
 from cityward.bank.subscriptions.service import Subscriptions
+from cityward.governance.sources import ALL_PURPOSES
 
 router = APIRouter()
 PATH = "/ngsi-ld/v1/subscriptions/"
@@ -57,12 +60,21 @@ def _sys_attrs(request: Request) -> bool:
     return "sysAttrs" in opts
 
 
+def _owned(request: Request, sub: Subscription) -> Subscription:
+    """Bind the subscription to the purposes of the caller who creates or changes it."""
+    principal = request.scope.get("state", {}).get("principal")
+    purposes = getattr(principal, "purposes", None)
+    if purposes is None or ALL_PURPOSES in purposes:
+        return dataclasses.replace(sub, owner_purposes=None)
+    return dataclasses.replace(sub, owner_purposes=tuple(sorted(purposes)))
+
+
 @router.post("/subscriptions")
 async def create_subscription(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, ())
     body, ctx = await _body(request, rt)
-    sub = parse_subscription(body, ctx)
+    sub = _owned(request, parse_subscription(body, ctx))
     await run_in_threadpool(_subs(request).create, tenant_of(request), sub)
     return empty_response(request, status=201, headers={"Location": PATH + sub.id})
 
@@ -109,7 +121,7 @@ async def update_subscription(request: Request, sid: str) -> Response:
     subs = _subs(request)
     tenant = tenant_of(request)
     current = await run_in_threadpool(subs.get, tenant, sid)
-    updated = apply_patch(current, body, ctx)
+    updated = _owned(request, apply_patch(current, body, ctx))
     await run_in_threadpool(subs.replace, tenant, updated)
     return empty_response(request)
 

@@ -33,6 +33,9 @@ class QuerySpec:
     limit: int = 20
     offset: int = 0
     count: bool = False
+    # the expanded entity types the query is limited to (one of them), when ``type`` is a plain
+    # list: lets an access restriction that those types already satisfy be left out
+    type_names: frozenset[str] | None = None
 
     def add(self, sql: str, params: Sequence[Any] = ()) -> None:
         self.where.append(sql)
@@ -246,7 +249,7 @@ class Store(abc.ABC):
         """One page of matching entities (in creation order) and the total when asked."""
         access = current_access.get()
         if access is not None:
-            restriction = access.conjunct(self.dialect)
+            restriction = access.conjunct(self.dialect, spec.type_names)
             if restriction is not None:
                 spec.conjuncts.append(restriction)
         if spec.geo is not None:

@@ -82,6 +82,8 @@ class NotificationHook:
         # @context the broker hosts under /jsonldContexts); None: Context.link_url
         self.link_for = link_for
         self._indexes: dict[str, SubscriptionIndex] = {}
+        # governance: whether a subscription's owner may see an entity (id, types)
+        self.visible: Callable[[Subscription, str, Sequence[str]], bool] | None = None
         self._lock = threading.Lock()
         self.enqueued = 0
         self.dropped = 0
@@ -121,6 +123,11 @@ class NotificationHook:
                     continue
                 event = ChangeEvent.from_change(change)
                 for sub, fire in index.match(event, now=now):
+                    if self.visible is not None and sub.owner_purposes is not None:
+                        doc = event.after if event.after is not None else event.before
+                        assert doc is not None
+                        if not self.visible(sub, event.entity_id, doc["type"]):
+                            continue
                     fired.append((change.tenant, event, sub, fire))
         if not fired:
             return

@@ -318,6 +318,9 @@ class Subscription:
     is_active: bool = True
     created_at: str | None = None
     modified_at: str | None = None
+    # the purposes of whoever created or last changed it: notifications carry only entities
+    # those purposes may read (None: no restriction, e.g. created without governance)
+    owner_purposes: tuple[str, ...] | None = None
     stats: DeliveryStats = field(default_factory=DeliveryStats, compare=False)
 
     # -- derived ----------------------------------------------------------------------------
@@ -447,6 +450,7 @@ class Subscription:
             "isActive": self.is_active,
             "createdAt": self.created_at,
             "modifiedAt": self.modified_at,
+            "ownerPurposes": _list_or_none(self.owner_purposes),
             "notification": {
                 "attributes": _list_or_none(n.attributes),
                 "format": n.format,
@@ -502,6 +506,7 @@ class Subscription:
             is_active=bool(d.get("isActive", True)),
             created_at=d.get("createdAt"),
             modified_at=d.get("modifiedAt"),
+            owner_purposes=_tuple_or_none(d.get("ownerPurposes")),
             notification=NotificationParams(
                 endpoint=Endpoint(
                     uri=e["uri"],

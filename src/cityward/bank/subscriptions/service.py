@@ -253,8 +253,11 @@ class Subscriptions:
             docs = []
             # every entity of the tenant is looked at: fine for the minutes-scale intervals
             # this is for; a city with millions of entities should filter by type first
+            visible = self.hook.visible if sub.owner_purposes is not None else None
             for doc in self.store.iter_docs(tenant):
-                if selects(sub, doc["id"], doc):
+                if selects(sub, doc["id"], doc) and (
+                    visible is None or visible(sub, doc["id"], doc["type"])
+                ):
                     docs.append(doc)
                     if len(docs) >= PERIODIC_MAX_ENTITIES:
                         break
