@@ -327,6 +327,11 @@ def governance_setup(
 ) -> list[str]:
     """Server options for a governed run (a token of ``role``) or an ungoverned baseline."""
     AUTH.clear()
+    # The generated data is dated 2024: the retention scheduler (a run 30 s after the start)
+    # would delete it under the demo catalog's 1-year retention in the middle of the run.
+    if on:
+        config = workdir / "governed.toml"
+        config.write_text("[governance]\nretention_enabled = false\n")
     if not on:
         # the baseline: no authentication and no audit trail (allowed only together)
         config = workdir / "baseline.toml"
@@ -350,7 +355,7 @@ def governance_setup(
         cmd += ["--database-url", database_url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=120)
     AUTH["Authorization"] = "Bearer " + out.stdout.strip().splitlines()[-1]
-    return []
+    return ["--config", str(config)]
 
 
 @contextlib.contextmanager
@@ -1115,6 +1120,7 @@ def run_document(run: Run, args: argparse.Namespace) -> dict[str, Any]:
     return {
         "benchmark": "bank",
         "backend": run.backend,
+        "governance": run.governance,
         "timestamp": args.stamp,
         "entities": run.entities,
         "params": {
