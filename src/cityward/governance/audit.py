@@ -250,6 +250,8 @@ class _Db(Protocol):
 
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None: ...
 
+    def entity_rows(self, table: str, rows: Sequence[tuple[str, int]]) -> None: ...
+
 
 class _Backend(Protocol):
     records: str
@@ -301,6 +303,9 @@ CREATE TABLE IF NOT EXISTS {s}audit_seals (
 
 
 class _SqliteDb:
+    def entity_rows(self, table: str, rows: Sequence[tuple[str, int]]) -> None:
+        self.many(f"INSERT OR IGNORE INTO {table} (entity_id, seq) VALUES (?, ?)", rows)
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
 
@@ -371,6 +376,15 @@ class _PgDb:
     def many(self, sql: str, params: Sequence[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
             cur.executemany(_PLACEHOLDER.sub("%s", sql), params)
+
+    def entity_rows(self, table: str, rows: Sequence[tuple[str, int]]) -> None:
+        # one statement for the whole batch: a record of a 100-entity write has 100 rows, and
+        # a round trip per row costs ~2 ms of the audited request's wait
+        self.conn.execute(
+            f"INSERT INTO {table} (entity_id, seq) "
+            "SELECT * FROM unnest(%s::text[], %s::bigint[]) ON CONFLICT DO NOTHING",
+            [[e for e, _ in rows], [q for _, q in rows]],
+        )
 
 
 class _PostgresBackend:
@@ -762,11 +776,7 @@ class AuditLog:
             marks = ", ".join("?" * len(COLUMNS))
             db.many(f"INSERT INTO {self._b.records} ({_COLS}) VALUES ({marks})", rows)
             if entity_rows:
-                db.many(
-                    f"INSERT INTO {self._b.entities} (entity_id, seq) VALUES (?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    entity_rows,
-                )
+                db.entity_rows(self._b.entities, entity_rows)
             last = head_seq + len(batch)
             self._add_seals(
                 db, head_seq + 1, last, lambda s: hashes[s - head_seq - 1], seal_seq, seal_ts, False
