@@ -275,7 +275,9 @@ def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         url = None
         if backend == "postgres":
             url = stack.enter_context(fresh_pg_database(args.pg_url))
-        server = stack.enter_context(running_server(workdir, url, role="admin"))
+        server = stack.enter_context(
+            running_server(workdir, url, role="admin", governance=args.governance == "on")
+        )
         with httpx.Client(base_url=server.base_url, timeout=600, headers=AUTH) as client:
             result["append"] = load_history(client, args.rows, args.per_request)
             t_end = iso(T0 + dt.timedelta(seconds=args.rows))
@@ -357,6 +359,12 @@ def main(argv: list[str] | None = None) -> int:
         "--warmup", type=float, default=2.0, help="first seconds of the fan-out not timed"
     )
     p.add_argument("--pg-url", default=DEFAULT_PG)
+    p.add_argument(
+        "--governance",
+        choices=("on", "off"),
+        default="on",
+        help="on: an admin token and the audit trail (as shipped); off: no auth, no audit",
+    )
     args = p.parse_args(argv)
     backends = ["sqlite", "postgres"] if args.backend == "both" else [args.backend]
     results = []
