@@ -1,0 +1,1 @@
+"""Traffic signal control: backends, safety, controllers and the SUMO benchmark."""

@@ -1,0 +1,129 @@
+"""Safety below every controller: the only code that sets signal states.
+
+A controller asks for a green phase; the guard decides when and how the signals get there:
+
+- only the network's own green phases are ever shown, and in between only their clearance
+  (links that stay green in both phases keep green, the others show yellow, then red), so no
+  two conflicting links are green together whatever a controller asks;
+- a green lasts at least ``min_green`` before a switch;
+- every switch goes through ``yellow`` seconds of yellow and ``all_red`` seconds of red;
+- an approach with vehicles waiting is never kept red longer than ``max_red``: the guard then
+  serves it whatever the controller wants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cityward.traffic.backend import GREEN, Intersection, Phase, SignalBackend
+
+
+class SafetyRules(BaseModel):
+    """Limits no controller can override. Yellow and all-red default to the network's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_green: float = Field(default=5.0, ge=1.0, le=120.0)
+    yellow: float | None = Field(default=None, ge=2.0, le=10.0)
+    all_red: float | None = Field(default=None, ge=0.0, le=10.0)
+    max_red: float = Field(default=120.0, ge=30.0, le=600.0)
+
+
+@dataclass
+class _Transition:
+    target: Phase
+    started: float
+    forced: bool = False
+
+
+class SafetyGuard:
+    """The signal state of one intersection, moved only by safe steps."""
+
+    def __init__(
+        self, backend: SignalBackend, intersection: Intersection, rules: SafetyRules, now: float
+    ) -> None:
+        if not intersection.greens:
+            raise ValueError(f"intersection {intersection.id} has no green phase in its program")
+        self.backend = backend
+        self.x = intersection
+        self.rules = rules
+        self.yellow = rules.yellow if rules.yellow is not None else intersection.yellow_time
+        self.all_red = rules.all_red if rules.all_red is not None else intersection.all_red_time
+        self.current: Phase = intersection.greens[0]
+        self.green_since = now
+        self.transition: _Transition | None = None
+        # when each incoming lane last had green (or had nobody waiting)
+        self._served: dict[str, float] = dict.fromkeys(intersection.in_lanes, now)
+        self._shown = ""
+        self.forced_switches = 0
+        self._show(self.current.state)
+
+    # -- what controllers see ---------------------------------------------------------------
+    @property
+    def in_green(self) -> bool:
+        return self.transition is None
+
+    def green_for(self, now: float) -> float:
+        return now - self.green_since if self.transition is None else 0.0
+
+    def can_switch(self, now: float) -> bool:
+        return self.transition is None and now - self.green_since >= self.rules.min_green
+
+    def request(self, phase: Phase, now: float, *, force: bool = False) -> bool:
+        """Ask for ``phase``; granted only from a green that has lasted ``min_green``."""
+        if phase.index not in {g.index for g in self.x.greens}:
+            raise ValueError(f"{phase.index} is not a green phase of {self.x.id}")
+        if phase.green_links() == self.current.green_links() or not self.can_switch(now):
+            return False
+        self.transition = _Transition(phase, now, force)
+        self._show(self._clearance(self.current, phase, "y"))
+        return True
+
+    # -- every step -------------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        """Advance transitions and enforce max red; call once per simulation step."""
+        t = self.transition
+        if t is not None:
+            elapsed = now - t.started
+            if elapsed >= self.yellow + self.all_red:
+                self.current = t.target
+                self.green_since = now
+                self.transition = None
+                self._show(self.current.state)
+            elif elapsed >= self.yellow:
+                self._show(self._clearance(self.current, t.target, "r"))
+        green_lanes = {i for i, _ in self.x.lanes_of(self.current)} if t is None else set()
+        starving: str | None = None
+        oldest = now
+        for lane, since in self._served.items():
+            if lane in green_lanes or self.backend.queue(lane) == 0:
+                self._served[lane] = now
+            elif since < oldest:
+                oldest, starving = since, lane
+        if starving is not None and now - oldest > self.rules.max_red and self.can_switch(now):
+            target = next(
+                (g for g in self.x.greens if starving in {i for i, _ in self.x.lanes_of(g)}), None
+            )
+            if target is not None and self.request(target, now, force=True):
+                self.forced_switches += 1
+
+    # -- internals --------------------------------------------------------------------------
+    def _clearance(self, old: Phase, new: Phase, ending: str) -> str:
+        """Links green in both stay green; the rest show ``ending`` (y, then r) or red."""
+        keep = old.green_links() & new.green_links()
+        out = []
+        for i, c in enumerate(old.state):
+            if i in keep:
+                out.append(c)
+            elif c in GREEN:
+                out.append(ending)
+            else:
+                out.append("r")
+        return "".join(out)
+
+    def _show(self, state: str) -> None:
+        if state != self._shown:
+            self.backend.set_state(self.x.id, state)
+            self._shown = state
