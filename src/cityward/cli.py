@@ -379,6 +379,132 @@ def dpia(
     console.print(f"DPIA draft written: {md} and {pdf}")
 
 
+traffic_app = typer.Typer(help="Traffic signal control in SUMO.", no_args_is_help=True)
+app.add_typer(traffic_app, name="traffic")
+
+
+@traffic_app.command("controllers")
+def traffic_controllers() -> None:
+    """List the registered signal controllers."""
+    from rich.table import Table
+
+    from cityward.traffic.controllers import load_builtin
+
+    table = Table(title="signal controllers")
+    table.add_column("name")
+    table.add_column("what it does")
+    table.add_column("settings")
+    for name, cls in sorted(load_builtin().items()):
+        fields = ", ".join(f"{k}={v.default}" for k, v in cls.Config.model_fields.items())
+        table.add_row(name, cls.summary, fields or "-")
+    console.print(table)
+
+
+def _default_scenarios() -> Path:
+    """../shared/data/traffic beside the checkout (or beside the current folder)."""
+    candidates = [
+        Path(__file__).resolve().parents[3] / "shared" / "data" / "traffic",
+        Path.cwd().parent / "shared" / "data" / "traffic",
+    ]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+@traffic_app.command("bench")
+def traffic_bench(
+    scenario: Annotated[
+        list[str] | None, typer.Option("--scenario", help="Scenario name (repeatable).")
+    ] = None,
+    all_scenarios: Annotated[bool, typer.Option("--all", help="Every scenario found.")] = False,
+    controller: Annotated[
+        list[str] | None,
+        typer.Option("--controller", help="Controller (repeatable; default: all registered)."),
+    ] = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated SUMO seeds.")] = "1,2,3",
+    ev_per_hour: Annotated[
+        float, typer.Option("--ev-per-hour", help="Emergency vehicles added per hour.")
+    ] = 0.0,
+    scenarios: Annotated[
+        Path | None,
+        typer.Option("--scenarios", help="Folder of scenarios (default ../shared/data/traffic)."),
+    ] = None,
+    output: Annotated[Path, typer.Option("--output", help="Results folder.")] = Path(
+        "traffic-bench"
+    ),
+    end: Annotated[
+        float | None,
+        typer.Option(help="Stop after this simulated time (s) instead of the scenario's end."),
+    ] = None,
+) -> None:
+    """Run controllers on SUMO scenarios; write results.json/csv and keep SUMO's tripinfo."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    from cityward.traffic.bench import (
+        PUBLISHED_BEST,
+        find_scenarios,
+        run_one,
+        summary,
+        write_results,
+    )
+    from cityward.traffic.controllers import load_builtin
+
+    if ev_per_hour > 0:
+        raise typer.BadParameter(
+            "emergency vehicles are not implemented yet", param_hint="--ev-per-hour"
+        )
+    root = scenarios or _default_scenarios()
+    if not root.is_dir():
+        raise typer.BadParameter(f"no scenario folder at {root}", param_hint="--scenarios")
+    found = find_scenarios(root)
+    names = sorted(found) if all_scenarios else list(scenario or [])
+    if not names:
+        raise typer.BadParameter("give --scenario NAME or --all", param_hint="--scenario")
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown scenario(s) {', '.join(unknown)}; found: {', '.join(sorted(found))}",
+            param_hint="--scenario",
+        )
+    registry = load_builtin()
+    ctrls = list(controller or sorted(registry))
+    bad = [c for c in ctrls if c not in registry]
+    if bad:
+        raise typer.BadParameter(
+            f"unknown controller(s) {', '.join(bad)}; registered: {', '.join(sorted(registry))}",
+            param_hint="--controller",
+        )
+    try:
+        seed_list = [int(x) for x in seeds.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(
+            "seeds must be integers, e.g. 1,2,3", param_hint="--seeds"
+        ) from exc
+    rows = []
+    jobs = [(n, c, sd) for n in names for c in ctrls for sd in seed_list]
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as progress:
+        task = progress.add_task("runs", total=len(jobs))
+        for n, c, sd in jobs:
+            progress.update(task, description=f"{n} / {c} / seed {sd}")
+            run_dir = output / n / c / str(sd)
+            rows.append(run_one(found[n], c, sd, run_dir, end=end, ev_per_hour=ev_per_hour))
+            write_results(output, rows)
+            progress.advance(task)
+    table = Table(title=f"average delay (s), median of seeds {seeds}")
+    table.add_column("scenario")
+    table.add_column("published best", justify="right")
+    for c in ctrls:
+        table.add_column(c, justify="right")
+    med = summary(rows)
+    for n in names:
+        best = PUBLISHED_BEST.get(n)
+        cells = [f"{med[(n, c)]['avg_delay_s']:.2f}" for c in ctrls]
+        table.add_row(n, f"{best:.2f}" if best is not None else "-", *cells)
+    console.print(table)
+    console.print(f"results: {output / 'results.json'}, {output / 'results.csv'}")
+
+
 def main() -> None:
     app()
 

@@ -15,7 +15,8 @@ from cityward.traffic.controllers import load_builtin
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
 
-RULES = SafetyRules(min_green=6, yellow=3, all_red=2, max_red=90)
+YELLOW, ALL_RED = 3.0, 2.0
+RULES = SafetyRules(min_green=6, yellow=YELLOW, all_red=ALL_RED, max_red=90)
 END = 600.0
 GREEN = set("Gg")
 
@@ -83,7 +84,7 @@ def test_controller_respects_the_safety_rules(controller: str, grid_cfg: Path) -
                     # 3. it ends in yellow, for the yellow time
                     assert nxt == "y", f"{tls} link {link} went from green to red at {first}"
                 if kind == "y" and nxt is not None:
-                    assert length == RULES.yellow, (tls, link, first, length)
+                    assert length == YELLOW, (tls, link, first, length)
                     assert nxt == "r"
             # 4. all-red: after any link's yellow, no conflicting link turns green within all_red
         for n in range(1, len(states)):
@@ -91,7 +92,7 @@ def test_controller_respects_the_safety_rules(controller: str, grid_cfg: Path) -
                 i for i, c in enumerate(states[n]) if c in GREEN and states[n - 1][i] not in GREEN
             }
             for i in newly:
-                for back in range(1, int(RULES.all_red) + 1):
+                for back in range(1, int(ALL_RED) + 1):
                     if n - back < 0:
                         break
                     prev = states[n - back]
@@ -100,7 +101,7 @@ def test_controller_respects_the_safety_rules(controller: str, grid_cfg: Path) -
                     ]
                     assert not foes_yellow, f"{tls} step {n}: {i} green right after yellow"
         # 5. no lane with vehicles waiting stays red longer than max_red (plus the clearance)
-        limit = RULES.max_red + RULES.yellow + RULES.all_red + 2
+        limit = RULES.max_red + YELLOW + ALL_RED + 2
         waiting_red: dict[str, int] = defaultdict(int)
         for n, s in enumerate(states):
             green_lanes = {x.links[i][0] for i, c in enumerate(s) if c in GREEN}

@@ -1,0 +1,75 @@
+"""`cityward traffic bench`, short: every registered controller on a real RESCO scenario."""
+
+from __future__ import annotations
+
+import csv
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from cityward.cli import app
+from cityward.traffic.bench import COLUMNS
+from cityward.traffic.controllers import load_builtin
+from tests.conftest import shared_path
+
+
+def test_bench_runs_every_controller_and_keeps_sumos_outputs(tmp_path: Path) -> None:
+    scenarios = shared_path("data", "traffic")
+    out = tmp_path / "bench"
+    # ten simulated minutes of cologne1 (its hour starts at 25200 s)
+    result = CliRunner().invoke(
+        app,
+        [
+            "traffic",
+            "bench",
+            "--scenario",
+            "cologne1",
+            "--seeds",
+            "1",
+            "--end",
+            "25800",
+            "--scenarios",
+            str(scenarios),
+            "--output",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())
+    assert {r["controller"] for r in rows} == set(load_builtin())
+    with (out / "results.csv").open() as fh:
+        assert list(csv.DictReader(fh).fieldnames or []) == COLUMNS
+    for r in rows:
+        assert list(r) == COLUMNS
+        trip = out / "cologne1" / r["controller"] / "1" / "tripinfo.xml"
+        root = ET.parse(trip).getroot()
+        finished = [t for t in root.iter("tripinfo") if float(t.get("arrival", "-1")) >= 0]
+        assert r["completed"] == len(finished) > 50
+        assert 0 < r["avg_delay_s"] < 600
+        assert r["co2_kg"] > 0
+    assert "published best" in result.output
+
+
+def test_bench_refuses_unknown_names(tmp_path: Path) -> None:
+    scenarios = shared_path("data", "traffic")
+    runner = CliRunner()
+    r = runner.invoke(
+        app, ["traffic", "bench", "--scenario", "nowhere", "--scenarios", str(scenarios)]
+    )
+    assert r.exit_code == 2 and "unknown scenario" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "traffic",
+            "bench",
+            "--scenario",
+            "cologne1",
+            "--controller",
+            "magic",
+            "--scenarios",
+            str(scenarios),
+        ],
+    )
+    assert r.exit_code == 2 and "unknown controller" in r.output
