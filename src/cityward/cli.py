@@ -224,6 +224,16 @@ def _open(config: Path | None, data_dir: Path | None, database_url: str | None) 
     return settings, open_store(settings.database_url, settings.data_dir)
 
 
+def _audit_cli(settings: Settings, store: Any, detail: str, **fields: Any) -> None:
+    """Append one configuration record for a command-line change (committed and sealed)."""
+    from cityward.governance.events import Action, AuditRecord
+    from cityward.governance.runtime import open_audit
+
+    audit = open_audit(settings, store)
+    audit.record_nowait(AuditRecord(action=Action.CONFIG, actor="cli", detail=detail, **fields))
+    audit.close()
+
+
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="operator, analyst, auditor or admin.")],
@@ -238,10 +248,9 @@ def token_create(
     config: ConfigFile = None,
 ) -> None:
     """Create a local bearer token; the token alone is printed on the last line."""
-    from cityward.governance.events import Action, AuditRecord
     from cityward.governance.identity import Identities
     from cityward.governance.policy import Role
-    from cityward.governance.runtime import build_catalog, open_audit
+    from cityward.governance.runtime import build_catalog
 
     try:
         r = Role(role)
@@ -275,17 +284,13 @@ def token_create(
             token = ids.issue(r, purposes, subject=subject, ttl_s=ttl)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--purpose") from exc
-        audit = open_audit(settings, store)
-        audit.record_nowait(
-            AuditRecord(
-                action=Action.CONFIG,
-                actor="cli",
-                detail=f"token created for role {r.value}",
-                purposes=tuple(sorted(purposes)),
-                extra={"subject": subject or "", "ttl_days": ttl_days or 0},
-            )
+        _audit_cli(
+            settings,
+            store,
+            f"token created for role {r.value}",
+            purposes=tuple(sorted(purposes)),
+            extra={"subject": subject or "", "ttl_days": ttl_days or 0},
         )
-        audit.close()
     finally:
         store.close()
     console.print(f"Token for role {r.value}, purposes {', '.join(purposes) or '-'}:")
@@ -303,24 +308,18 @@ def device_key_create(
     config: ConfigFile = None,
 ) -> None:
     """Create a device key (shown once, on the last line); only its hash is stored."""
-    from cityward.governance.events import Action, AuditRecord
     from cityward.governance.identity import Identities
-    from cityward.governance.runtime import open_audit
 
     settings, store = _open(config, data_dir, database_url)
     try:
         ids = Identities(settings.governance, settings.data_dir, store)
         key_id, key = ids.create_device_key(device, list(pattern), [])
-        audit = open_audit(settings, store)
-        audit.record_nowait(
-            AuditRecord(
-                action=Action.CONFIG,
-                actor="cli",
-                detail=f"device key {key_id} created for {device}",
-                extra={"patterns": list(pattern)},
-            )
+        _audit_cli(
+            settings,
+            store,
+            f"device key {key_id} created for {device}",
+            extra={"patterns": list(pattern)},
         )
-        audit.close()
     finally:
         store.close()
     console.print(f"Device key {key_id} for {device} (store it now; it is not shown again):")

@@ -22,12 +22,12 @@ from cityward.governance.audit import (
     AuditLog,
     AuditLogClosed,
     VerifyResult,
-    load_or_create_key,
     record_hash,
     seal_mac,
     verify_report,
 )
 from cityward.governance.events import Action, AuditRecord
+from cityward.governance.keys import load_or_create_key
 from tests.conftest import PG_URL
 
 KEY = bytes(range(32))

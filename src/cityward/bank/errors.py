@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 ERROR_BASE = "https://uri.etsi.org/ngsi-ld/errors/"
+CITYWARD_BASE = "urn:cityward:problem:"
 
 
 class NgsiError(Exception):
@@ -12,6 +13,8 @@ class NgsiError(Exception):
 
     name = "InternalError"
     status = 500
+    # ETSI's error types; cityward's own (401, 403, 503: NGSI-LD defines none) use a URN
+    type_base = ERROR_BASE
 
     def __init__(self, detail: str, *, field: str | None = None, title: str | None = None) -> None:
         super().__init__(detail)
@@ -21,7 +24,7 @@ class NgsiError(Exception):
 
     @property
     def type_uri(self) -> str:
-        return ERROR_BASE + self.name
+        return self.type_base + self.name
 
     def problem(self) -> dict[str, Any]:
         body: dict[str, Any] = {
@@ -121,10 +124,7 @@ class Unauthorized(NgsiError):
 
     name = "Unauthorized"
     status = 401
-
-    @property
-    def type_uri(self) -> str:
-        return "urn:cityward:problem:Unauthorized"
+    type_base = CITYWARD_BASE
 
 
 class Forbidden(NgsiError):
@@ -132,14 +132,11 @@ class Forbidden(NgsiError):
 
     name = "Forbidden"
     status = 403
+    type_base = CITYWARD_BASE
 
     def __init__(self, detail: str, *, field: str | None = None, missing: str = "") -> None:
         super().__init__(detail, field=field)
         self.missing = missing
-
-    @property
-    def type_uri(self) -> str:
-        return "urn:cityward:problem:Forbidden"
 
     def problem(self) -> dict[str, Any]:
         body = super().problem()
@@ -151,7 +148,4 @@ class Forbidden(NgsiError):
 class ServiceUnavailable(NgsiError):
     name = "ServiceUnavailable"
     status = 503
-
-    @property
-    def type_uri(self) -> str:
-        return "urn:cityward:problem:ServiceUnavailable"
+    type_base = CITYWARD_BASE

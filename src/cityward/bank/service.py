@@ -8,7 +8,6 @@ half-written, and a batch reports each entity's failure without dropping its nei
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -40,9 +39,12 @@ class BatchResult:
     created: list[str] = field(default_factory=list)
     errors: list[dict[str, Any]] = field(default_factory=list)
     changes: list[Change] = field(default_factory=list, repr=False)  # for hooks and the feed
+    # the errors themselves, in the order of ``errors`` (single-entity calls re-raise them)
+    raised: list[NgsiError] = field(default_factory=list, repr=False)
 
     def fail(self, entity_id: str | None, error: NgsiError) -> None:
         self.errors.append({"entityId": entity_id, "error": error.problem()})
+        self.raised.append(error)
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Bank:
     def create(self, tenant: str, frag: Doc) -> None:
         result = self.batch_create(tenant, [frag])
         if result.errors:
-            raise _error_from(result.errors[0]["error"])
+            raise result.raised[0]
 
     def retrieve(self, tenant: str, eid: str, types: Sequence[str] | None = None) -> Doc:
         self.check_tenant(tenant)
@@ -630,15 +632,3 @@ def _check_write(eid: str, types: Sequence[str]) -> None:
     denied = write_error(eid, types)
     if denied is not None:
         raise denied
-
-
-def _error_from(problem: dict[str, Any]) -> NgsiError:
-    from cityward.bank import errors
-
-    name = re.split(r"[/:]", str(problem["type"]))[-1]
-    cls = getattr(errors, name, errors.InternalError)
-    assert issubclass(cls, NgsiError)
-    err = cls(str(problem.get("detail", "")), field=problem.get("field"))
-    if isinstance(err, errors.Forbidden):
-        err.missing = str(problem.get("missingPermission", ""))
-    return err

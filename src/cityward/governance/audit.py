@@ -21,9 +21,7 @@ import hashlib
 import hmac
 import itertools
 import logging
-import os
 import re
-import secrets
 import sqlite3
 import threading
 import time
@@ -124,33 +122,6 @@ def _norm_bound(ts: str | None) -> str | None:
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def load_or_create_key(path: Path) -> bytes:
-    """The sealing key in ``path`` (hex); 32 random bytes in a new 0600 file when missing."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                fh.write(secrets.token_hex(32) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            # link is atomic and never overwrites: when processes start together, one key wins
-            with suppress(FileExistsError):
-                os.link(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    try:
-        key = bytes.fromhex(path.read_text().strip())
-    except ValueError:
-        raise ValueError(f"{path} does not hold a hex-encoded audit key") from None
-    if len(key) < 16:
-        raise ValueError(f"the audit key in {path} is shorter than 16 bytes")
-    if path.stat().st_mode & 0o077:
-        log.warning("the audit key %s is readable by other users; chmod 600 it", path)
-    return key
 
 
 # -- records as they are queued ---------------------------------------------------------------
@@ -507,51 +478,17 @@ class AuditLog:
         atexit.register(self.close)
 
     @classmethod
-    def sqlite(
-        cls,
-        path: Path,
-        key: bytes,
-        seal_every: int = 1000,
-        seal_interval_s: float = 60.0,
-        *,
-        max_queue: int = 100_000,
-        batch_max: int = 2000,
-        full_timeout_s: float = 1.0,
-    ) -> AuditLog:
-        """A log in its own SQLite file (WAL), apart from the data bank's writer."""
-        return cls(
-            _SqliteBackend(path),
-            key,
-            seal_every=seal_every,
-            seal_interval_s=seal_interval_s,
-            max_queue=max_queue,
-            batch_max=batch_max,
-            full_timeout_s=full_timeout_s,
-        )
+    def sqlite(cls, path: Path, key: bytes, **options: Any) -> AuditLog:
+        """A log in its own SQLite file (WAL), apart from the data bank's writer.
+
+        ``options`` are those of the constructor (seal_every, seal_interval_s, ...).
+        """
+        return cls(_SqliteBackend(path), key, **options)
 
     @classmethod
-    def postgres(
-        cls,
-        url: str,
-        key: bytes,
-        schema: str = "public",
-        seal_every: int = 1000,
-        seal_interval_s: float = 60.0,
-        *,
-        max_queue: int = 100_000,
-        batch_max: int = 2000,
-        full_timeout_s: float = 1.0,
-    ) -> AuditLog:
+    def postgres(cls, url: str, key: bytes, schema: str = "public", **options: Any) -> AuditLog:
         """A log in tables ``audit_records``, ``audit_entities``, ``audit_seals`` of ``schema``."""
-        return cls(
-            _PostgresBackend(url, schema),
-            key,
-            seal_every=seal_every,
-            seal_interval_s=seal_interval_s,
-            max_queue=max_queue,
-            batch_max=batch_max,
-            full_timeout_s=full_timeout_s,
-        )
+        return cls(_PostgresBackend(url, schema), key, **options)
 
     # -- writing --------------------------------------------------------------------------
     @property

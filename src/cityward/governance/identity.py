@@ -27,6 +27,7 @@ import jwt
 
 from cityward.bank.store import Store
 from cityward.config import GovernanceSettings
+from cityward.governance.keys import load_or_create_key
 from cityward.governance.policy import Role
 from cityward.governance.sources import ALL_PURPOSES, check_purpose
 
@@ -64,18 +65,6 @@ ANONYMOUS = Principal("anonymous", Role.PUBLIC, frozenset(), kind="anonymous")
 DEVELOPER = Principal("no-auth", Role.ADMIN, frozenset({ALL_PURPOSES}), kind="dev")
 
 
-def _secret_file(path: Path, nbytes: int = 32) -> bytes:
-    """A random key in ``path`` (hex, mode 0600), created on first use."""
-    if path.exists():
-        return bytes.fromhex(path.read_text().strip())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_bytes(nbytes)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(key.hex() + "\n")
-    return key
-
-
 def _claim_list(value: Any) -> list[str]:
     if value is None:
         return []
@@ -105,7 +94,11 @@ class Identities:
         self.settings = settings
         self.dir = data_dir / "governance"
         self.store = store
-        self._local_key = _secret_file(self.dir / "jwt.key") if settings.local_tokens else None
+        self._local_key = (
+            load_or_create_key(self.dir / "jwt.key", "token signing key")
+            if settings.local_tokens
+            else None
+        )
         self._public_keys: list[Any] = [_load_pem(p) for p in settings.jwt_public_keys]
         self._jwks: dict[str, Any] = {}
         if settings.jwks_file is not None:

@@ -18,6 +18,7 @@ from cityward.bank.store import Store
 from cityward.config import Settings
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Identities, Principal
+from cityward.governance.keys import load_or_create_key
 from cityward.governance.policy import Role
 from cityward.governance.sources import Catalog, DataSource, PersonalData, default_sources
 
@@ -66,26 +67,25 @@ class Governance:
         self.identities = Identities(self.gov, settings.data_dir, store)
         self.audit = audit
         self.retention: Retention | None = None
-        self._expanded = {
-            s.id: [resolver.core.expand(t) for t in s.types] for s in self.catalog.sources
-        }
-        self._selection_cache: dict[frozenset[str], Any] = {}
 
     # -- the access of one request ------------------------------------------------------------
     def access_for(self, principal: Principal, trail: RequestTrail) -> Access:
         catalog = self.catalog
         purposes = principal.purposes
 
+        def denied(eid: str, source: DataSource, doing: str) -> Forbidden:
+            return Forbidden(
+                f"{eid} belongs to data source {source.id!r}; {doing} it needs one of the "
+                f"purposes {', '.join(source.purposes)}, and this token carries "
+                f"{', '.join(sorted(purposes)) or 'none'}",
+                field="id",
+                missing="purpose:" + "|".join(source.purposes),
+            )
+
         def read(eid: str, types: Sequence[str]) -> NgsiError | None:
             source = catalog.source_of(eid, types)
             if not catalog.allows(purposes, source):
-                return Forbidden(
-                    f"{eid} belongs to data source {source.id!r}, readable for the purposes "
-                    f"{', '.join(source.purposes)}; this token carries "
-                    f"{', '.join(sorted(purposes)) or 'none'}",
-                    field="id",
-                    missing="purpose:" + "|".join(source.purposes),
-                )
+                return denied(eid, source, "reading")
             if source.personal_data is not PersonalData.NONE:
                 trail.sensitive = True
             trail.add(eid)
@@ -103,12 +103,7 @@ class Governance:
                 return None
             source = catalog.source_of(eid, types)
             if not catalog.allows(purposes, source):
-                return Forbidden(
-                    f"{eid} belongs to data source {source.id!r}; changing it needs one of the "
-                    f"purposes {', '.join(source.purposes)}",
-                    field="id",
-                    missing="purpose:" + "|".join(source.purposes),
-                )
+                return denied(eid, source, "changing")
             trail.add(eid)
             return None
 
@@ -116,8 +111,7 @@ class Governance:
             sel = catalog.selection(purposes)
             if sel.everything:
                 return None
-            visible = [catalog.expand(t) for t in sel.visible_types]
-            hidden = [catalog.expand(t) for t in sel.hidden_types]
+            visible, hidden = sel.visible_types, sel.hidden_types
             if query_types is not None and not catalog.has_patterns:
                 # without id patterns an entity's source follows from its type alone, so a
                 # query already limited to visible types needs no per-entity check (it costs
@@ -191,10 +185,12 @@ class Governance:
 
 
 def open_audit(settings: Settings, store: Store) -> AuditLog:
-    from cityward.governance.audit import AuditLog, load_or_create_key
+    from cityward.governance.audit import AuditLog
 
     gov = settings.governance
-    key = load_or_create_key(gov.audit_key_file or settings.data_dir / "governance" / "audit.key")
+    key = load_or_create_key(
+        gov.audit_key_file or settings.data_dir / "governance" / "audit.key", "audit key"
+    )
     if store.dialect == "postgres":
         url = store.url  # type: ignore[attr-defined]
         schema = store.schema or "public"  # type: ignore[attr-defined]

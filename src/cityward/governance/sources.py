@@ -234,7 +234,7 @@ class Selection:
     """
 
     everything: bool = False
-    visible_types: list[str] = field(default_factory=list)  # short names or IRIs
+    visible_types: list[str] = field(default_factory=list)  # expanded IRIs
     hidden_types: list[str] = field(default_factory=list)
     visible_patterns: list[str] = field(default_factory=list)
     hidden_patterns: list[str] = field(default_factory=list)
@@ -267,6 +267,7 @@ class Catalog:
         self._patterned = [s for s in sources if s.id_patterns]
         self.has_patterns = bool(self._patterned)
         self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
+        self._selections: dict[frozenset[str], Selection] = {}
 
     def expand(self, name: str) -> str:
         return self._expand.get(name, name)
@@ -295,7 +296,13 @@ class Catalog:
         return ALL_PURPOSES in purposes or not purposes.isdisjoint(source.purposes)
 
     def selection(self, purposes: frozenset[str]) -> Selection:
-        """The query restriction for a token with these purposes."""
+        """The query restriction for a token with these purposes (computed once per set)."""
+        hit = self._selections.get(purposes)
+        if hit is None:
+            hit = self._selections[purposes] = self._selection(purposes)
+        return hit
+
+    def _selection(self, purposes: frozenset[str]) -> Selection:
         if ALL_PURPOSES in purposes:
             return Selection(everything=True)
         visible = [s for s in self.sources if self.allows(purposes, s)]
@@ -304,8 +311,8 @@ class Catalog:
         if undeclared and not hidden:
             return Selection(everything=True)
         return Selection(
-            visible_types=[t for s in visible for t in s.types],
-            hidden_types=[t for s in hidden for t in s.types],
+            visible_types=[self.expand(t) for s in visible for t in s.types],
+            hidden_types=[self.expand(t) for s in hidden for t in s.types],
             visible_patterns=[p for s in visible for p in s.id_patterns],
             hidden_patterns=[p for s in hidden for p in s.id_patterns],
             undeclared=undeclared,

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypeAlias, cast, get_args
+from typing import Any, Final, Literal, TypeAlias, TypeVar, cast, get_args
 from urllib.parse import unquote, urlsplit
 
 from cityward.bank import geo
@@ -582,36 +582,31 @@ def _notification_json(
 # --------------------------------------------------------------------------------------------
 # Expressions: parsed once per text, names walked for expansion and compaction
 
+_T = TypeVar("_T")
 _Q_CACHE: dict[str, QExpr] = {}
 _TYPE_CACHE: dict[str, TypeExpr] = {}
 _SCOPE_CACHE: dict[str, ScopeExpr] = {}
 
 
-def _cached_q(text: str) -> QExpr:
-    hit = _Q_CACHE.get(text)
+def _cached(cache: dict[str, _T], parse: Callable[[str], _T], text: str) -> _T:
+    hit = cache.get(text)
     if hit is None:
-        hit = parse_q(text)
-        if len(_Q_CACHE) < 10_000:
-            _Q_CACHE[text] = hit
+        hit = parse(text)
+        if len(cache) < 10_000:
+            cache[text] = hit
     return hit
+
+
+def _cached_q(text: str) -> QExpr:
+    return _cached(_Q_CACHE, parse_q, text)
 
 
 def _cached_type_expr(text: str) -> TypeExpr:
-    hit = _TYPE_CACHE.get(text)
-    if hit is None:
-        hit = parse_type_expr(text)
-        if len(_TYPE_CACHE) < 10_000:
-            _TYPE_CACHE[text] = hit
-    return hit
+    return _cached(_TYPE_CACHE, parse_type_expr, text)
 
 
 def _cached_scope(text: str) -> ScopeExpr:
-    hit = _SCOPE_CACHE.get(text)
-    if hit is None:
-        hit = parse_scope_q(text)
-        if len(_SCOPE_CACHE) < 10_000:
-            _SCOPE_CACHE[text] = hit
-    return hit
+    return _cached(_SCOPE_CACHE, parse_scope_q, text)
 
 
 def _type_names(expr: TypeExpr) -> Iterator[str]:
