@@ -312,8 +312,14 @@ def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Go
     assert audit is not None
     op = governed.as_("operator")
     assert c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 13}, headers=op).status_code == 204
+    upsert = [{"id": TRAFFIC, "type": "TrafficFlowObserved", "intensity": 14}]
+    r = c.post("/ngsi-ld/v1/entityOperations/upsert", json=upsert, headers=op)
+    assert r.status_code == 204
     assert c.get(f"{E}/{TRAFFIC}", headers=op).status_code == 200  # not personal: not audited
     assert c.get(f"{E}/{CROWD}", headers=op).status_code == 200  # indirect: audited
+    # a query answering with indirect data is an audited read too, of those entities only
+    r = c.get(E, params={"type": "CrowdFlowObserved,TrafficFlowObserved"}, headers=op)
+    assert {e["id"] for e in r.json()} == {TRAFFIC, CROWD}
     assert c.get(f"{E}/{AIR}", headers=op).status_code == 403
     assert c.get(E, params={"type": "Thing"}).status_code == 401
     records = c.get(
@@ -323,9 +329,14 @@ def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Go
     kinds = [(r["action"], r["method"], r["path"].split("?")[0], r["result"]) for r in mine]
     assert ("write", "PATCH", f"{E}/{TRAFFIC}/attrs", 204) in kinds
     assert ("read", "GET", f"{E}/{CROWD}", 200) in kinds
+    query_read = [r for r in mine if r["action"] == "read" and r["path"].startswith(E + "?")]
+    assert [r["entity_ids"] for r in query_read] == [[CROWD]]
+    assert query_read[0]["count"] == 1
     assert ("denied", "GET", f"{E}/{AIR}", 403) in kinds
     assert ("denied", "GET", E, 401) in kinds
     assert not any(k[0] == "read" and k[2] == f"{E}/{TRAFFIC}" for k in kinds)
+    upserted = next(r for r in mine if r["path"].endswith("entityOperations/upsert"))
+    assert upserted["entity_ids"] == [TRAFFIC] and upserted["count"] == 1
     write = next(r for r in mine if r["action"] == "write")
     assert write["entity_ids"] == [TRAFFIC] and write["purposes"] == ["traffic-management"]
     # nobody can change the log through the API

@@ -7,10 +7,10 @@ retention, tests of the bank itself) leave it unset and are not restricted.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from cityward.bank.errors import NgsiError
 from cityward.bank.query.sqlgen import Conjunct
@@ -31,6 +31,8 @@ class Access:
     write: Callable[[str, Sequence[str]], NgsiError | None]
     # (dialect, the query's own type list or None) -> the restriction, None when not needed
     conjunct: Callable[[Dialect, frozenset[str] | None], Conjunct | None]
+    # the documents a query answered with (for the audit of personal data)
+    returned: Callable[[Sequence[Mapping[str, Any]]], None]
 
 
 current_access: ContextVar[Access | None] = ContextVar("cityward_access", default=None)

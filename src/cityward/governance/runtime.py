@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,14 +32,19 @@ log = logging.getLogger("cityward.governance")
 class RequestTrail:
     """What one request touched, for its audit record."""
 
-    __slots__ = ("count", "entity_ids", "sensitive")
+    __slots__ = ("_seen", "count", "entity_ids", "sensitive")
 
     def __init__(self) -> None:
         self.entity_ids: list[str] = []
-        self.count = 0
+        self.count = 0  # distinct entities
         self.sensitive = False  # read data marked personal or indirect
+        self._seen: set[str] = set()
 
     def add(self, eid: str) -> None:
+        # an upsert checks an entity twice (its new and its stored type): count it once
+        if eid in self._seen:
+            return
+        self._seen.add(eid)
         self.count += 1
         if len(self.entity_ids) < MAX_IDS_PER_RECORD:
             self.entity_ids.append(eid)
@@ -129,7 +134,16 @@ class Governance:
                 dialect,
             )
 
-        return Access(read=read, write=write, conjunct=conjunct)
+        def returned(docs: Sequence[Mapping[str, Any]]) -> None:
+            # a query's answer: its personal or indirect entities make the request a read
+            # that the audit trail records
+            for doc in docs:
+                source = catalog.source_of(doc["id"], doc["type"])
+                if source.personal_data is not PersonalData.NONE:
+                    trail.sensitive = True
+                    trail.add(doc["id"])
+
+        return Access(read=read, write=write, conjunct=conjunct, returned=returned)
 
     def subscription_visible(self, sub: Any, eid: str, types: Sequence[str]) -> bool:
         """Whether a subscription's owner may receive this entity in a notification."""

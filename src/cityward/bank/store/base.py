@@ -246,12 +246,22 @@ class Store(abc.ABC):
     ADAPTIVE_MAX_NEED = 5000
 
     def query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
-        """One page of matching entities (in creation order) and the total when asked."""
+        """One page of matching entities (in creation order) and the total when asked.
+
+        Under an access restriction (see cityward.bank.access) only what may be read matches,
+        and the answer is reported back for the audit trail.
+        """
         access = current_access.get()
-        if access is not None:
-            restriction = access.conjunct(self.dialect, spec.type_names)
-            if restriction is not None:
-                spec.conjuncts.append(restriction)
+        if access is None:
+            return self._query(tenant, spec)
+        restriction = access.conjunct(self.dialect, spec.type_names)
+        if restriction is not None:
+            spec.conjuncts.append(restriction)
+        docs, total = self._query(tenant, spec)
+        access.returned(docs)
+        return docs, total
+
+    def _query(self, tenant: str, spec: QuerySpec) -> tuple[list[dict[str, Any]], int | None]:
         if spec.geo is not None:
             # the spatial index drives; every other condition is probed per candidate
             geo_plan = self.plan(tenant, spec, scan_ok=False)
