@@ -104,6 +104,25 @@ class EmergencyVehicle:
     first_seen: float = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class Override:
+    """An operator's instruction for one intersection, until ``until`` (None: until cleared).
+
+    Either hold one green phase (``phase``, an index into the program) or run another
+    controller (``controller``, a registered name). Safety still applies: the switch waits for
+    the minimum green and goes through yellow and all-red, and the maximum red still serves a
+    waiting approach.
+    """
+
+    phase: int | None = None
+    controller: str | None = None
+    until: float | None = None
+    by: str = ""  # who asked (for the record)
+
+    def active(self, now: float) -> bool:
+        return self.until is None or now < self.until
+
+
 class SignalBackend(abc.ABC):
     """Signals and detectors of a set of intersections."""
 
@@ -130,6 +149,28 @@ class SignalBackend(abc.ABC):
     @abc.abstractmethod
     def count(self, lane: str) -> int:
         """Vehicles on a lane."""
+
+    def approach(self, lane: str) -> Sequence[tuple[str, float]]:
+        """The lanes that feed a signal's incoming lane, with their distance to its stop line.
+
+        The lane itself comes first (distance 0), then the lanes upstream of it that reach it
+        without crossing another signal, up to the backend's detection reach. A queue that
+        starts on a short lane right before the stop line grows onto them; controllers and the
+        safety layer read the whole approach. Field: the detectors configured for the approach.
+        """
+        return ((lane, 0.0),)
+
+    def approaching(self, lane: str) -> Sequence[tuple[float, float]]:
+        """(distance to the stop line in m, speed in m/s) of each vehicle on a lane.
+
+        Field: from radar or camera detectors (positions only, no identities). The default, for
+        backends with queue counters only, reports the halted vehicles at the stop line.
+        """
+        return [(0.0, 0.0)] * self.queue(lane)
+
+    def lane_length(self, lane: str) -> float:
+        """Length of a lane in m (from the network)."""
+        return 100.0
 
     def emergency_vehicles(self) -> Sequence[EmergencyVehicle]:
         """Emergency vehicles approaching (field: from their GPS feed); none by default."""

@@ -98,7 +98,7 @@ class SafetyGuard:
         starving: str | None = None
         oldest = now
         for lane, since in self._served.items():
-            if lane in green_lanes or self.backend.queue(lane) == 0:
+            if lane in green_lanes or not self._waiting(lane):
                 self._served[lane] = now
             elif since < oldest:
                 oldest, starving = since, lane
@@ -110,6 +110,10 @@ class SafetyGuard:
                 self.forced_switches += 1
 
     # -- internals --------------------------------------------------------------------------
+    def _waiting(self, lane: str) -> bool:
+        """Anyone halted on the lane's approach (the lane or the lanes feeding it)."""
+        return any(self.backend.queue(part) for part, _ in self.backend.approach(lane))
+
     def _clearance(self, old: Phase, new: Phase, ending: str) -> str:
         """Links green in both stay green; the rest show ``ending`` (y, then r) or red."""
         keep = old.green_links() & new.green_links()

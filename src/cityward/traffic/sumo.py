@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cityward.traffic.backend import EmergencyVehicle, Intersection, Phase, SignalBackend
+from cityward.traffic.backend import (
+    EmergencyVehicle,
+    Intersection,
+    Override,
+    Phase,
+    SignalBackend,
+)
 from cityward.traffic.controllers import Controller, create
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 
@@ -36,14 +42,52 @@ def _api(kind: Api) -> Any:
 
 
 class SumoBackend(SignalBackend):
-    """Signals and lane detectors of a running SUMO simulation."""
+    """Signals and lane detectors of a running SUMO simulation.
 
-    def __init__(self, args: Sequence[str], api: Api = "libsumo") -> None:
+    ``reach`` is how far upstream of a stop line vehicles are seen (the approach of a lane:
+    the lane and the lanes feeding it, up to the previous signal), like a radar or a chain of
+    loop detectors in the field.
+    """
+
+    def __init__(self, args: Sequence[str], api: Api = "libsumo", reach: float = 150.0) -> None:
+        self.reach = reach
         self.api_kind = api
         self.t = _api(api)
         self.t.start([sumo_binary(), *args])
         self._closed = False
+        self._lengths: dict[str, float] = {}
         self._intersections = [self._read(tls) for tls in self.t.trafficlight.getIDList()]
+        self._approaches = self._find_approaches()
+
+    def _find_approaches(self) -> dict[str, tuple[tuple[str, float], ...]]:
+        """Walk upstream from every signal's incoming lane, stopping at other signals."""
+        ln = self.t.lane
+        signalled = {i for x in self._intersections for i in x.in_lanes}
+        feeders: dict[str, list[str]] = {}
+        for lane in ln.getIDList():
+            if lane.startswith(":") or lane in signalled:
+                continue
+            for link in ln.getLinks(lane):
+                feeders.setdefault(link[0], []).append(lane)
+        out: dict[str, tuple[tuple[str, float], ...]] = {}
+        for start in signalled:
+            chain = [(start, 0.0)]
+            seen = {start}
+            frontier = [(start, self.lane_length(start))]
+            while frontier:
+                lane, dist = frontier.pop()
+                if dist >= self.reach:
+                    continue
+                for up in feeders.get(lane, ()):
+                    if up not in seen:
+                        seen.add(up)
+                        chain.append((up, dist))
+                        frontier.append((up, dist + self.lane_length(up)))
+            out[start] = tuple(chain)
+        return out
+
+    def approach(self, lane: str) -> Sequence[tuple[str, float]]:
+        return self._approaches.get(lane, ((lane, 0.0),))
 
     def _read(self, tls: str) -> Intersection:
         tl = self.t.trafficlight
@@ -85,6 +129,21 @@ class SumoBackend(SignalBackend):
 
     def count(self, lane: str) -> int:
         return int(self.t.lane.getLastStepVehicleNumber(lane))
+
+    def approaching(self, lane: str) -> Sequence[tuple[float, float]]:
+        v = self.t.vehicle
+        ids = self.t.lane.getLastStepVehicleIDs
+        out = []
+        for part, offset in self.approach(lane):
+            end = self.lane_length(part) + offset
+            out += [(end - float(v.getLanePosition(i)), float(v.getSpeed(i))) for i in ids(part)]
+        return out
+
+    def lane_length(self, lane: str) -> float:
+        n = self._lengths.get(lane)
+        if n is None:
+            n = self._lengths[lane] = float(self.t.lane.getLength(lane))
+        return n
 
     def emergency_vehicles(self) -> Sequence[EmergencyVehicle]:
         v = self.t.vehicle
@@ -137,8 +196,16 @@ def control_loop(
     config: dict[str, Any] | None = None,
     on_step: Callable[[float, dict[str, SafetyGuard]], None] | None = None,
     record_states: bool = False,
+    overrides: dict[str, Override] | None = None,
 ) -> RunStats:
-    """Run ``controller`` on every intersection of ``backend`` until time ``end``."""
+    """Run ``controller`` on every intersection of ``backend`` until time ``end``.
+
+    ``overrides`` (tls id -> :class:`Override`) may be changed by ``on_step`` or another
+    thread while the loop runs: an active override replaces the controller's choice at that
+    intersection; an expired one is dropped and normal control resumes.
+    """
+    overrides = overrides if overrides is not None else {}
+    plans: dict[tuple[str, str], Controller] = {}
     rules = rules or SafetyRules()
     now = backend.time()
     guards: dict[str, SafetyGuard] = {}
@@ -154,10 +221,25 @@ def control_loop(
     while now < end:
         for tls, guard in guards.items():
             if guard.can_switch(now):
-                t0 = time.perf_counter()
-                want = controllers[tls].decide(now, guard.current, guard.green_for(now))
-                stats.decide_s += time.perf_counter() - t0
-                stats.decisions += 1
+                ov = overrides.get(tls)
+                if ov is not None and not ov.active(now):
+                    overrides.pop(tls, None)
+                    ov = None
+                if ov is not None and ov.phase is not None:
+                    want: Phase | None = next(
+                        (g for g in guard.x.greens if g.index == ov.phase), None
+                    )
+                else:
+                    ctl = controllers[tls]
+                    if ov is not None and ov.controller is not None:
+                        key = (tls, ov.controller)
+                        if key not in plans:
+                            plans[key] = create(ov.controller, guard.x, backend)
+                        ctl = plans[key]
+                    t0 = time.perf_counter()
+                    want = ctl.decide(now, guard.current, guard.green_for(now))
+                    stats.decide_s += time.perf_counter() - t0
+                    stats.decisions += 1
                 if want is not None:
                     guard.request(want, now)
             guard.tick(now)

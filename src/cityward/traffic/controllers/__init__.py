@@ -69,6 +69,6 @@ def create(
 
 def load_builtin() -> dict[str, type[Controller]]:
     """Import the built-in controllers (they register themselves)."""
-    from cityward.traffic.controllers import fixed_time, max_pressure  # noqa: F401
+    from cityward.traffic.controllers import adaptive, fixed_time, max_pressure  # noqa: F401
 
     return REGISTRY

@@ -1,9 +1,10 @@
 """Max pressure (Varaiya 2013): serve the phase whose movements have the most pressure.
 
-The pressure of a movement is the number of vehicles on its incoming lane minus those on its
-outgoing lane; a phase's pressure is the sum over the movements it gives green. Each time the
-current green may end (after the minimum green, every ``interval`` seconds), the phase with the
-highest pressure is chosen; ties keep the current phase.
+The pressure of a movement is the number of vehicles on its incoming lane (and the lanes
+feeding it, up to the detection reach of the backend) minus those on its outgoing lane; a
+phase's pressure is the sum over the movements it gives green. Each time the current green may
+end (after the minimum green, every ``interval`` seconds), the phase with the highest pressure
+is chosen; ties keep the current phase.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ class MaxPressure(Controller):
 
     def pressure(self, phase: Phase) -> int:
         b = self.backend
-        return sum(b.count(i) - (b.count(o) if o else 0) for i, o in self.x.lanes_of(phase))
+        return sum(
+            sum(b.count(lane) for lane, _ in b.approach(i)) - (b.count(o) if o else 0)
+            for i, o in self.x.lanes_of(phase)
+        )
 
     def decide(self, now: float, current: Phase, green_for: float) -> Phase | None:
         assert isinstance(self.config, MaxPressureConfig)
