@@ -504,6 +504,227 @@ def traffic_bench(
     console.print(f"results: {output / 'results.json'}, {output / 'results.csv'}")
 
 
+def _run_scenario(
+    scenario: str | None, sumocfg: Path | None, scenarios: Path | None
+) -> tuple[str, Path, float, float]:
+    """(name, .sumocfg, begin, end) of --scenario NAME or --sumocfg FILE."""
+    import re
+    import xml.etree.ElementTree as ET
+
+    from cityward.traffic.bench import find_scenarios
+
+    if (scenario is None) == (sumocfg is None):
+        raise typer.BadParameter("give --scenario NAME or --sumocfg FILE", param_hint="--scenario")
+    if scenario is not None:
+        root = scenarios or _default_scenarios()
+        if not root.is_dir():
+            raise typer.BadParameter(f"no scenario folder at {root}", param_hint="--scenarios")
+        found = find_scenarios(root)
+        if scenario not in found:
+            raise typer.BadParameter(
+                f"unknown scenario {scenario!r}; found: {', '.join(sorted(found)) or 'none'}",
+                param_hint="--scenario",
+            )
+        s = found[scenario]
+        return s.name, s.cfg, s.begin, s.end
+    assert sumocfg is not None
+    try:
+        tree = ET.parse(sumocfg).getroot()
+    except ET.ParseError as exc:
+        raise typer.BadParameter(
+            f"{sumocfg} is not valid XML: {exc}", param_hint="--sumocfg"
+        ) from exc
+    begin, end = tree.find("./time/begin"), tree.find("./time/end")
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", sumocfg.name.removesuffix(".sumocfg"))
+    name = stem.lstrip("-._")[:64] or "sim"
+    return (
+        name,
+        sumocfg,
+        float(begin.get("value", "0")) if begin is not None else 0.0,
+        float(end.get("value", "3600")) if end is not None else 3600.0,
+    )
+
+
+@traffic_app.command("run")
+def traffic_run(
+    scenario: Annotated[
+        str | None, typer.Option("--scenario", help="Scenario name (under --scenarios).")
+    ] = None,
+    sumocfg: Annotated[
+        Path | None,
+        typer.Option("--sumocfg", help="A SUMO configuration file.", exists=True, dir_okay=False),
+    ] = None,
+    controller: Annotated[
+        str, typer.Option("--controller", help="Signal controller (see 'traffic controllers').")
+    ] = "max-pressure",
+    bank: Annotated[
+        str | None,
+        typer.Option(
+            "--bank", help="Data bank URL (http://host:port); without it the simulation only runs."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", envvar="CITYWARD_TOKEN", help="Bearer token for --bank (operator role)."
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="SUMO random seed.")] = 1,
+    end: Annotated[
+        float | None,
+        typer.Option(help="Stop at this simulated time (s) instead of the scenario's end."),
+    ] = None,
+    speed: Annotated[
+        float,
+        typer.Option(min=0.0, help="Simulated seconds per wall second; 0 = as fast as possible."),
+    ] = 0.0,
+    period: Annotated[
+        float,
+        typer.Option(min=1.0, max=3600.0, help="Simulated seconds per TrafficFlowObserved period."),
+    ] = 60.0,
+    start_instant: Annotated[
+        str | None,
+        typer.Option(
+            "--start-instant",
+            help="The instant (ISO 8601) the simulation's start maps to (default: now).",
+        ),
+    ] = None,
+    scenarios: Annotated[
+        Path | None,
+        typer.Option("--scenarios", help="Folder of scenarios (default ../shared/data/traffic)."),
+    ] = None,
+) -> None:
+    """Run one scenario in SUMO; with --bank, write it to the data bank and take overrides."""
+    import time
+    from datetime import UTC, datetime
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from cityward.traffic.bankfeed import BankError, BankFeed
+    from cityward.traffic.controllers import load_builtin
+    from cityward.traffic.safety import SafetyGuard
+    from cityward.traffic.sumo import RunStats, SumoBackend, control_loop, scenario_args
+
+    name, cfg, begin, cfg_end = _run_scenario(scenario, sumocfg, scenarios)
+    stop = end if end is not None else cfg_end
+    if stop <= begin:
+        raise typer.BadParameter(
+            f"--end {stop:g} is not after the begin {begin:g}", param_hint="--end"
+        )
+    registry = load_builtin()
+    if controller not in registry:
+        raise typer.BadParameter(
+            f"unknown controller {controller!r}; registered: {', '.join(sorted(registry))}",
+            param_hint="--controller",
+        )
+    instant: datetime | None = None
+    if start_instant is not None:
+        try:
+            instant = datetime.fromisoformat(start_instant.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise typer.BadParameter(
+                f"{start_instant!r} is not an ISO 8601 instant", param_hint="--start-instant"
+            ) from exc
+        if instant.tzinfo is None:
+            instant = instant.replace(tzinfo=UTC)
+    try:
+        backend = SumoBackend([*scenario_args(cfg, seed), "--end", str(stop)])
+    except Exception as exc:  # libsumo reports a bad configuration as a TraCIException
+        console.print(f"[red]SUMO could not load {cfg}[/]: {exc}")
+        raise typer.Exit(1) from exc
+    feed: BankFeed | None = None
+    if bank is not None:
+        try:
+            feed = BankFeed(
+                backend,
+                bank,
+                token,
+                scenario=name,
+                controller=controller,
+                period_s=period,
+                start_instant=instant,
+            )
+            feed.start()
+        except (BankError, ValueError) as exc:
+            backend.close()
+            console.print(f"[red]data bank[/]: {exc}")
+            raise typer.Exit(1) from exc
+        console.print(
+            f"writing to {feed.base} as {feed.subject or 'anonymous'}; overrides on "
+            f"urn:ngsi-ld:TrafficSignal:{name}:<signal> (attribute 'override')"
+        )
+    stats: RunStats | None = None
+    interrupted = False
+    reached = begin
+    wall0 = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s simulated"),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"{name} / {controller}", total=stop - begin)
+        shown = 0.0
+
+        def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+            nonlocal reached, shown
+            reached = now
+            if feed is not None:
+                feed.on_step(now, guards)
+            wall = time.perf_counter()
+            if wall - shown >= 0.1:
+                shown = wall
+                progress.update(task, completed=now - begin)
+            if speed > 0:
+                delay = wall0 + (now - begin) / speed - wall
+                if delay > 0:
+                    time.sleep(delay)
+
+        try:
+            stats = control_loop(
+                backend,
+                controller,
+                stop,
+                on_step=on_step,
+                overrides=feed.overrides if feed is not None else None,
+            )
+            progress.update(task, completed=stop - begin)
+            reached = stop
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            backend.close()
+            if feed is not None:
+                progress.update(task, description="flushing to the data bank")
+                feed.close()
+    table = Table(title=f"{name} / {controller} / seed {seed}", show_header=False)
+    note = " (interrupted)" if interrupted else ""
+    table.add_row("simulated", f"{reached - begin:.0f} s{note}")
+    table.add_row("wall time", f"{time.perf_counter() - wall0:.1f} s")
+    if stats is not None:
+        table.add_row("forced switches (max red)", str(stats.forced_switches))
+    if feed is not None:
+        s = feed.stats
+        table.add_row("entity updates written", str(s.written))
+        table.add_row("rejected by the bank", str(s.rejected))
+        table.add_row("dropped / coalesced", f"{s.dropped} / {s.coalesced}")
+        table.add_row(
+            "overrides applied / rejected", f"{s.overrides_applied} / {s.overrides_rejected}"
+        )
+    console.print(table)
+    if feed is not None:
+        for reason in feed.stats.rejections[:5]:
+            console.print(f"[yellow]rejected[/]: {reason}")
+        if feed.fatal:
+            console.print(f"[red]data bank[/]: {feed.fatal}")
+    if interrupted:
+        raise typer.Exit(130)
+    if feed is not None and feed.fatal:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

@@ -68,7 +68,8 @@ class SumoBackend(SignalBackend):
             if lane.startswith(":") or lane in signalled:
                 continue
             for link in ln.getLinks(lane):
-                feeders.setdefault(link[0], []).append(lane)
+                if link[6] != "t":  # a turnaround feeds the opposite direction
+                    feeders.setdefault(link[0], []).append(lane)
         out: dict[str, tuple[tuple[str, float], ...]] = {}
         for start in signalled:
             chain = [(start, 0.0)]

@@ -1,18 +1,25 @@
-"""cityward's adaptive controller: keep a green while it still serves vehicles, then serve the
-movement with the most pressure, never feeding a movement whose exit is full.
+"""cityward's adaptive controller: serve the green that moves the most vehicles over the next
+few seconds, counting the lost time of a switch, and never feed a movement whose exit is full.
 
-Each step after the minimum green it compares, from the vehicles on the approaches:
+Each step after the minimum green it looks ``horizon`` seconds ahead, ``horizon`` being
+``horizon_factor`` times the intersection's own lost time per switch (yellow + all-red, from the
+network's program, so nothing is tuned per scenario):
 
-- the *running demand* of the current green: vehicles on its lanes that are queued at the stop
-  line or will reach it within ``horizon`` seconds (they would cross if the green is kept);
-- the *queue pressure* of every other green: vehicles halted on its approach lanes minus the
-  vehicles queued on the exits they feed (Varaiya's pressure, on queues rather than counts).
+- *keep*: how many vehicles on the current green's approaches would cross the stop line within
+  the horizon if the green is kept;
+- *switch to p*: how many vehicles on p's approaches would cross within the horizon if p got
+  green after the lost time.
 
-It keeps the current green while its running demand is at least the best pressure elsewhere
-(Advanced-MP, Zhang et al. 2022), and switches to the phase of highest pressure otherwise.
-Movements whose exit lane is nearly full are left out of both sides: a green there moves
-nobody and only blocks the junction (spillback), which is how plain max pressure gridlocks
-larger networks. ``max_green`` bounds a green while others wait.
+Vehicles cross in a queue-discharge model: each accelerates from its speed toward 50 km/h, and
+one vehicle per lane passes at most every 2 s (saturation headway). The green switches to the
+best p when p would move more vehicles than keeping does (or after ``max_green`` while others
+wait). Under light traffic this gaps out as soon as the current approach empties; under heavy
+traffic it keeps greens long enough that switching losses do not eat the capacity, which a
+count-based rule such as max pressure does not see.
+
+Approaches are read upstream of the stop line (see ``SignalBackend.approach``). A movement whose
+exit lane is nearly full is left out of both sides: a green there moves nobody and only blocks
+the junction (spillback).
 """
 
 from __future__ import annotations
@@ -23,11 +30,44 @@ from cityward.traffic.backend import Intersection, Phase, SignalBackend
 from cityward.traffic.controllers import Controller, ControllerConfig
 
 VEHICLE_SPACE_M = 7.5  # a stopped car and its gap
+HEADWAY_S = 2.0  # saturation headway: one vehicle per lane every 2 s at best
+ACCEL = 2.6  # m/s2, a passenger car's typical acceleration
+CRUISE = 13.9  # m/s, 50 km/h
+
+
+def time_to(dist: float, speed: float) -> float:
+    """Seconds to cover ``dist`` from ``speed``, accelerating up to the cruise speed."""
+    if speed >= CRUISE:
+        return dist / speed
+    ramp = (CRUISE * CRUISE - speed * speed) / (2 * ACCEL)
+    if dist <= ramp:
+        return float((-speed + (speed * speed + 2 * ACCEL * dist) ** 0.5) / ACCEL)
+    return (CRUISE - speed) / ACCEL + (dist - ramp) / CRUISE
+
+
+def crossing(vehicles: list[tuple[float, float]], delay: float, horizon: float) -> int:
+    """Vehicles (distance to stop line, speed) over the line within ``horizon`` seconds when
+    the green starts after ``delay`` seconds; one per ``HEADWAY_S`` at most."""
+    n = 0
+    last = -HEADWAY_S
+    for dist, speed in sorted(vehicles):
+        t = time_to(dist, speed)
+        if delay:
+            # a moving vehicle reaches the line and waits; a stopped one starts at green
+            t = max(t, delay) if speed >= 0.1 else delay + t
+        last = max(t, last + HEADWAY_S)
+        if last > horizon:
+            break
+        n += 1
+    return n
 
 
 class AdaptiveConfig(ControllerConfig):
-    horizon: float = Field(
-        default=8.0, ge=1.0, le=60.0, description="Seconds ahead a moving vehicle counts."
+    horizon_factor: float = Field(
+        default=2.5,
+        ge=1.0,
+        le=10.0,
+        description="Look-ahead, in multiples of the intersection's lost time per switch.",
     )
     max_green: float = Field(
         default=90.0, ge=10.0, le=300.0, description="Longest green while others wait."
@@ -40,8 +80,8 @@ class AdaptiveConfig(ControllerConfig):
 class Adaptive(Controller):
     name = "adaptive"
     summary = (
-        "cityward's own: keeps a green while vehicles still use it, then the highest queue "
-        "pressure; never feeds a full exit"
+        "cityward's own: the green that moves the most vehicles over the next seconds, "
+        "counting switch losses; never feeds a full exit"
     )
     Config = AdaptiveConfig
 
@@ -56,64 +96,45 @@ class Adaptive(Controller):
             for i, o in intersection.lanes_of(g):
                 m.setdefault(i, []).append(o)
             self.moves[g.index] = {i: tuple(dict.fromkeys(os)) for i, os in m.items()}
+        self.lost_time = intersection.yellow_time + intersection.all_red_time
 
     def decide(self, now: float, current: Phase, green_for: float) -> Phase | None:
         assert isinstance(self.config, AdaptiveConfig)
         cfg = self.config
         b = self.backend
-        lane_cache: dict[str, tuple[int, int]] = {}
-        exit_cache: dict[str, tuple[int, bool]] = {}
+        horizon = cfg.horizon_factor * max(self.lost_time, 1.0)
+        seen: dict[str, list[tuple[float, float]]] = {}
+        full: dict[str, bool] = {}
 
-        def lane(lane_id: str) -> tuple[int, int]:
-            """(halted, arriving within the horizon) on an approach lane."""
-            got = lane_cache.get(lane_id)
+        def vehicles(lane: str) -> list[tuple[float, float]]:
+            got = seen.get(lane)
             if got is None:
-                halted = arriving = 0
-                for dist, speed in b.approaching(lane_id):
-                    if speed < 0.1:
-                        halted += 1
-                    elif dist <= speed * cfg.horizon:
-                        arriving += 1
-                got = lane_cache[lane_id] = (halted, arriving)
+                got = seen[lane] = list(b.approaching(lane))
             return got
 
-        def exit_(lane_id: str) -> tuple[int, bool]:
-            """(halted, full) on an exit lane."""
-            got = exit_cache.get(lane_id)
+        def blocked(lane: str) -> bool:
+            got = full.get(lane)
             if got is None:
-                if not lane_id:
-                    got = (0, False)
-                else:
-                    n = b.count(lane_id)
-                    full = n * VEHICLE_SPACE_M >= cfg.full_exit * b.lane_length(lane_id)
-                    got = (b.queue(lane_id), full)
-                exit_cache[lane_id] = got
+                got = full[lane] = bool(lane) and (
+                    b.count(lane) * VEHICLE_SPACE_M >= cfg.full_exit * b.lane_length(lane)
+                )
             return got
 
-        def open_lanes(phase: Phase) -> list[tuple[str, tuple[str, ...]]]:
-            out = []
-            for i, outs in self.moves[phase.index].items():
-                free = tuple(o for o in outs if not exit_(o)[1])
-                if free:
-                    out.append((i, free))
-            return out
+        def moved(phase: Phase, delay: float) -> int:
+            return sum(
+                crossing(vehicles(i), delay, horizon)
+                for i, outs in self.moves[phase.index].items()
+                if not all(blocked(o) for o in outs)
+            )
 
-        running = 0
-        for i, _ in open_lanes(current):
-            h, a = lane(i)
-            running += h + a
-        best, best_p = current, 0.0
+        best, best_n = current, 0
         for g in self.x.greens:
-            if g.index == current.index:
-                continue
-            p = 0.0
-            for i, outs in open_lanes(g):
-                h, _ = lane(i)
-                p += h - sum(exit_(o)[0] for o in outs) / len(outs)
-            if p > best_p:
-                best, best_p = g, p
+            if g.index != current.index:
+                n = moved(g, self.lost_time)
+                if n > best_n:
+                    best, best_n = g, n
         if best is current:
             return None
-        if running >= best_p and green_for < cfg.max_green:
+        if moved(current, 0.0) >= best_n and green_for < cfg.max_green:
             return None
         return best

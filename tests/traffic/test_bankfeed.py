@@ -1,0 +1,435 @@
+"""The simulation's connection to a real data bank: live entities out, operator overrides in.
+
+A real ``cityward serve`` (SQLite, governance on) and a real SUMO grid; the operator's override
+goes through the ordinary, audited NGSI-LD API.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from cityward.cli import app
+from cityward.config import Settings
+from cityward.governance.identity import Identities
+from cityward.governance.policy import Role
+from cityward.traffic.backend import GREEN, Intersection, Phase
+from cityward.traffic.bankfeed import (
+    NO_OVERRIDE,
+    BankError,
+    BankFeed,
+    CoalescingQueue,
+    OverrideError,
+    OverrideSpec,
+    parse_override,
+)
+from cityward.traffic.safety import SafetyGuard, SafetyRules
+from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
+from tests.conftest import shared_path
+
+NGSI = "/ngsi-ld/v1"
+OPERATOR = "operator-anna"
+RULES = SafetyRules(min_green=5)
+END = 240.0
+OVERRIDE_AT = 60
+OVERRIDE_S = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Bank:
+    url: str
+    tokens: dict[str, str]  # admin, operator, feed (an operator), auditor
+
+    def headers(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    def get(self, who: str, path: str, **params: Any) -> Any:
+        r = httpx.get(self.url + path, params=params, headers=self.headers(who), timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
+    """``cityward serve`` on SQLite with authentication on, and a token per role."""
+    data = tmp_path_factory.mktemp("bank") / "data"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    log = data.parent / "server.log"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cityward.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data),
+        ],
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
+                time.sleep(0.1)
+        ids = Identities(Settings(data_dir=data).governance, data, None)
+        tokens = {
+            "admin": (data / "governance" / "admin.token").read_text().strip(),
+            "operator": ids.issue(Role.OPERATOR, ["traffic-management"], subject=OPERATOR),
+            "feed": ids.issue(Role.OPERATOR, ["traffic-management"], subject="traffic-sim"),
+            "auditor": ids.issue(Role.AUDITOR, [], subject="dpo"),
+        }
+        yield Bank(url, tokens)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def add_emergency_vehicle(t: Any) -> None:
+    """An ambulance on the route of a vehicle already driving (SUMO's own vClass)."""
+    donor = next(iter(t.vehicle.getIDList()))
+    t.route.add("ev-route", t.vehicle.getRoute(donor))
+    t.vehicletype.copy("DEFAULT_VEHTYPE", "ev-type")
+    t.vehicletype.setVehicleClass("ev-type", "emergency")
+    t.vehicle.add("ev-1", "ev-route", typeID="ev-type", depart="now")
+
+
+def green_runs(states: list[str], link: int) -> list[tuple[int, int]]:
+    """(first step, length) of each green run of one link."""
+    out: list[tuple[int, int]] = []
+    for n, s in enumerate(states):
+        if s[link] in GREEN:
+            if out and out[-1][0] + out[-1][1] == n:
+                out[-1] = (out[-1][0], out[-1][1] + 1)
+            else:
+                out.append((n, 1))
+    return out
+
+
+def patch_override(bank: Bank, eid: str, value: object) -> None:
+    r = httpx.patch(
+        f"{bank.url}{NGSI}/entities/{quote(eid, safe=':')}/attrs",
+        json={"override": {"type": "Property", "value": value}},
+        headers=bank.headers("operator"),
+        timeout=30,
+    )
+    assert r.status_code == 204, r.text
+
+
+def test_feed_writes_the_simulation_and_applies_an_operators_override(
+    bank: Bank, grid_cfg: Path
+) -> None:
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=3), "--end", str(END)])
+    xs = {x.id: x for x in backend.intersections()}
+    forced_tls, bad_tls = "B1", "A0"
+    bad_phase = next(p.index for p in xs[bad_tls].phases if not p.is_green)
+    seen: dict[str, Any] = {"applied_at": None, "bad_ever": False, "forced": None}
+    # the feed reads the audit trail to name who set an override: the admin token can
+    feed = BankFeed(
+        backend,
+        bank.url + NGSI,  # the API root is accepted too
+        bank.tokens["admin"],
+        scenario="grid",
+        controller="max-pressure",
+        poll_interval_s=0.2,
+    )
+
+    def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+        feed.on_step(now, guards)
+        if int(now) == 5:
+            add_emergency_vehicle(backend.t)
+        if int(now) == OVERRIDE_AT:
+            current = guards[forced_tls].current.index
+            want = next(g.index for g in xs[forced_tls].greens if g.index != current)
+            seen["forced"] = want
+            patch_override(bank, feed.signal_id(forced_tls), {"phase": want, "durationS": 60})
+            patch_override(bank, feed.signal_id(bad_tls), {"phase": bad_phase, "durationS": 30})
+            polls, deadline = feed.stats.polls, time.monotonic() + 30
+            while feed.stats.polls < polls + 2:  # a whole poll after both PATCHes
+                assert time.monotonic() < deadline, "the feed did not poll the bank"
+                time.sleep(0.02)
+        if forced_tls in feed.overrides and seen["applied_at"] is None:
+            seen["applied_at"] = int(now)
+        seen["bad_ever"] |= bad_tls in feed.overrides
+
+    try:
+        feed.start()
+        run = control_loop(
+            backend,
+            "max-pressure",
+            END,
+            rules=RULES,
+            on_step=on_step,
+            record_states=True,
+            overrides=feed.overrides,
+        )
+    finally:
+        backend.close()
+        stats = feed.close()
+    assert stats.rejected == 0 and stats.dropped == 0, stats
+    assert stats.written == stats.queued - stats.coalesced
+    assert (stats.overrides_applied, stats.overrides_rejected) == (1, 1)
+
+    # the forced phase: green within min green + clearance, then held until the override ends
+    x, want, applied = xs[forced_tls], seen["forced"], seen["applied_at"]
+    assert applied is not None and applied <= OVERRIDE_AT + 1
+    forced = sorted(x.phases[want].green_links())
+    states = [s[forced_tls] for s in run.states]
+    all_green = [all(s[i] in GREEN for i in forced) for s in states]
+    first = next(n for n in range(applied, len(states)) if all_green[n])
+    clearance = RULES.min_green + x.yellow_time + x.all_red_time
+    assert first - applied <= clearance + 1
+    held = next((n for n in range(first, len(states)) if not all_green[n]), len(states))
+    assert held - first >= applied + OVERRIDE_S - first - 1
+    for link in range(len(x.links)):  # and no green was cut short of the minimum green
+        for start, length in green_runs(states, link)[1:-1]:
+            assert length >= RULES.min_green, (link, start, length)
+
+    # one TrafficSignal per intersection, with a valid state
+    signals = bank.get(
+        "operator", NGSI + "/entities", type="TrafficSignal", idPattern="^urn:ngsi-ld:Traff.*:grid:"
+    )
+    assert sorted(e["name"]["value"] for e in signals) == sorted(xs)
+    for e in signals:
+        sx: Intersection = xs[e["name"]["value"]]
+        assert re.fullmatch(r"[rRyYgGsuoO]+", e["signalState"]["value"])
+        assert len(e["signalState"]["value"]) == len(sx.links)
+        assert e["currentPhase"]["value"] in e["greenPhases"]["value"]
+        assert e["greenPhases"]["value"] == [g.index for g in sx.greens]
+        assert e["controller"]["value"] == "max-pressure"
+        assert e["signalState"]["observedAt"].endswith("Z")
+    by_name = {e["name"]["value"]: e for e in signals}
+    status = by_name[forced_tls]["overrideStatus"]["value"]
+    assert status.startswith("ended at "), status  # 60 s of 240: over by the end
+    greens = ", ".join(str(g.index) for g in xs[bad_tls].greens)
+    assert by_name[bad_tls]["overrideStatus"]["value"] == (
+        f"rejected: phase {bad_phase} is not a green phase of {bad_tls}; green phases: {greens}"
+    )
+    assert not seen["bad_ever"]
+    assert by_name[bad_tls]["activeOverride"]["value"] == NO_OVERRIDE
+
+    # the override's history: applied, by whom, then ended
+    history = bank.get(
+        "operator", f"{NGSI}/temporal/entities/{feed.signal_id(forced_tls)}", lastN="50"
+    )
+    statuses = [i["value"] for i in history["overrideStatus"]]
+    assert any(s.startswith("applied until ") for s in statuses), statuses
+    active = [i["value"] for i in history["activeOverride"] if i["value"].get("active")]
+    assert active and active[0]["phase"] == want and active[0]["by"] == OPERATOR
+
+    # the operator's PATCH is in the audit trail, with the operator's identity
+    records = bank.get(
+        "auditor", "/cityward/v1/audit", entity=feed.signal_id(forced_tls), action="write"
+    )
+    patches = [r for r in records if r["method"] == "PATCH"]
+    assert len(patches) == 1, records
+    assert patches[0]["actor"] == OPERATOR and patches[0]["role"] == "operator"
+    assert patches[0]["result"] == 204 and patches[0]["path"].endswith("/attrs")
+
+    # lane flows: plausible values, and their history
+    flows = bank.get("operator", NGSI + "/entities", type="TrafficFlowObserved", limit="1000")
+    lanes = {lane for x in xs.values() for lane in x.in_lanes}
+    assert sorted(f["name"]["value"] for f in flows) == sorted(lanes)
+    assert sum(f["intensity"]["value"] for f in flows) > 0
+    for f in flows:
+        assert 0.0 <= f["occupancy"]["value"] <= 1.0
+        assert f["laneId"]["value"] >= 1
+        assert 0.0 <= f.get("averageVehicleSpeed", {}).get("value", 0.0) < 200.0
+        assert f["dateObservedFrom"]["value"]["@value"] < f["dateObservedTo"]["value"]["@value"]
+        assert f["refRoadSegment"]["object"].startswith("urn:ngsi-ld:RoadSegment:grid:")
+    busiest = max(flows, key=lambda f: f["intensity"]["value"])
+    history = bank.get("operator", f"{NGSI}/temporal/entities/{quote(busiest['id'], safe=':')}")
+    assert len(history["intensity"]) == END // 60  # 60 s periods
+    assert sum(i["value"] for i in history["intensity"]) > 0
+
+    # the emergency run: a position while under way, its travel time on arrival, nothing more
+    runs = bank.get("operator", NGSI + "/entities", type="Alert")
+    assert len(runs) == 1
+    ev = runs[0]
+    assert ev["runStatus"]["value"] == "arrived" and ev["travelTime"]["value"] > 0
+    assert ev["vehicleRef"]["value"] == "ev-1" and ev["category"]["value"] == "traffic"
+    assert ev["validFrom"]["value"]["@value"] < ev["validTo"]["value"]["@value"]
+    assert set(ev) - {"id", "type"} == {
+        "category",
+        "description",
+        "alertSource",
+        "vehicleRef",
+        "dateIssued",
+        "validFrom",
+        "validTo",
+        "runStatus",
+        "currentLane",
+        "speed",
+        "remainingRoute",
+        "travelTime",
+    }
+    trail = bank.get("operator", f"{NGSI}/temporal/entities/{ev['id']}", attrs="currentLane")
+    assert len(trail["currentLane"]) > 1
+
+
+def test_an_operator_token_is_enough_and_a_bad_one_is_refused_clearly(
+    bank: Bank, grid_cfg: Path
+) -> None:
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=4), "--end", "30"])
+    try:
+        with pytest.raises(BankError, match="refused the token"):
+            BankFeed(backend, bank.url, "not-a-token", scenario="g2", controller="x").start()
+        with pytest.raises(BankError, match="cannot reach the data bank"):
+            BankFeed(
+                backend, f"http://127.0.0.1:{free_port()}", "t", scenario="g2", controller="x"
+            ).start()
+        with pytest.raises(BankError, match="lacks data:read, data:write"):
+            BankFeed(
+                backend, bank.url, bank.tokens["auditor"], scenario="g2", controller="x"
+            ).start()
+        with BankFeed(
+            backend, bank.url, bank.tokens["feed"], scenario="g2", controller="fixed-time"
+        ) as feed:
+            assert feed.subject == "traffic-sim" and not feed.can_read_audit
+            control_loop(backend, "fixed-time", 30, on_step=feed.on_step, overrides=feed.overrides)
+    finally:
+        backend.close()
+    assert feed.stats.written > 0 and feed.stats.rejected == 0
+
+
+def test_cli_runs_a_scenario_into_the_bank(bank: Bank, grid_cfg: Path) -> None:
+    args = ["traffic", "run", "--sumocfg", str(grid_cfg), "--end", "30", "--seed", "2"]
+    result = CliRunner().invoke(
+        app, [*args, "--bank", bank.url], env={"CITYWARD_TOKEN": bank.tokens["feed"]}
+    )
+    assert result.exit_code == 0, result.output
+    assert "entity updates written" in result.output
+    assert re.search(r"rejected by the bank\s*│\s*0\s", result.output), result.output
+    result = CliRunner().invoke(app, [*args, "--bank", bank.url, "--token", "nope"])
+    assert result.exit_code == 1
+    assert "refused the token" in result.output and "Traceback" not in result.output
+
+
+def test_full_queue_coalesces_and_never_blocks() -> None:
+    q = CoalescingQueue(maxsize=4)
+    for n in range(1000):  # nobody takes: put must return every time
+        q.put(f"e{n % 3}", {"id": f"e{n % 3}", "a": n, **({"first": True} if n < 3 else {})})
+    items = q.take(10, timeout=0)
+    assert len(items) <= 4
+    merged: dict[str, dict[str, Any]] = {}
+    for eid, frag in items:  # what the bank ends up with, applying them in order
+        merged[eid] = {**merged.get(eid, {}), **frag}
+    assert {k: v["a"] for k, v in merged.items()} == {"e0": 999, "e1": 997, "e2": 998}
+    assert all(v["first"] for v in merged.values())  # older attributes merged, not lost
+    assert q.coalesced == 1000 - len(items) and q.dropped == 0
+    for n in range(6):  # more distinct entities than room: the oldest go
+        q.put(f"x{n}", {"id": f"x{n}"})
+    assert [eid for eid, _ in q.take(10, timeout=0)] == ["x2", "x3", "x4", "x5"]
+    assert q.dropped == 2
+
+
+X = Intersection(
+    "J1",
+    (
+        Phase(0, "GGrr", 30, 30, 30),
+        Phase(1, "yyrr", 3, 3, 3),
+        Phase(2, "rrGG", 30, 30, 30),
+        Phase(3, "rryy", 3, 3, 3),
+    ),
+    (("a_0", "b_0"), ("a_1", "c_0"), ("d_0", "e_0"), ("d_1", "f_0")),
+)
+CONTROLLERS = ("fixed-time", "max-pressure")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ({"phase": 2, "durationS": 120}, OverrideSpec(120.0, phase=2)),
+        (
+            {"controller": "fixed-time", "durationS": 600},
+            OverrideSpec(600.0, controller="fixed-time"),
+        ),
+        ({"phase": 0, "durationS": 3600}, OverrideSpec(3600.0, phase=0)),
+        (None, None),
+        ({}, None),
+        ({"clear": True}, None),
+        (NO_OVERRIDE, None),
+        ("none", None),
+    ],
+)
+def test_valid_overrides(value: object, expected: OverrideSpec | None) -> None:
+    assert parse_override(value, X, CONTROLLERS) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"phase": 7, "durationS": 60}, "phase 7 is not a green phase of J1; green phases: 0, 2"),
+        ({"phase": 1, "durationS": 60}, "phase 1 is not a green phase of J1; green phases: 0, 2"),
+        ({"phase": "2", "durationS": 60}, "phase must be an integer; green phases of J1: 0, 2"),
+        ({"phase": 2}, "durationS is required: seconds, more than 0 and at most 3600"),
+        ({"phase": 2, "durationS": 0}, "durationS 0 must be more than 0 and at most 3600"),
+        ({"phase": 2, "durationS": 3601}, "durationS 3601 must be more than 0 and at most 3600"),
+        ({"phase": 2, "durationS": True}, "durationS is required: seconds, more than 0"),
+        (
+            {"controller": "magic", "durationS": 60},
+            "controller 'magic' is not registered; registered: fixed-time, max-pressure",
+        ),
+        ({"phase": 0, "controller": "fixed-time", "durationS": 5}, "give either phase or"),
+        ({"durationS": 5}, "give either phase or controller (one of them)"),
+        ({"phase": 0, "durationS": 5, "by": "me"}, "unknown key(s) by; expected phase"),
+        ({"clear": False}, 'to clear an override, write {"clear": true} alone'),
+        (2, "the override must be a JSON object such as"),
+    ],
+)
+def test_invalid_overrides_say_why(value: object, message: str) -> None:
+    with pytest.raises(OverrideError) as err:
+        parse_override(value, X, CONTROLLERS)
+    assert str(err.value).startswith(message)
+
+
+def test_georeferenced_network_gives_wgs84_locations() -> None:
+    from cityward.traffic.bankfeed import _Geo
+
+    cfg = shared_path("data", "traffic", "resco", "cologne1", "cologne1.sumocfg")
+    backend = SumoBackend([*scenario_args(cfg, seed=1), "--begin", "25200", "--end", "25201"])
+    try:
+        geo = _Geo(backend.t)
+        assert geo.enabled
+        x = backend.intersections()[0]
+        loc = geo.signal(x)
+        assert loc is not None and loc["type"] == "Point"
+        lon, lat = loc["coordinates"]
+        assert 6.8 < lon < 7.1 and 50.8 < lat < 51.1  # Cologne
+        line = geo.lane(x.in_lanes[0])
+        assert line is not None and line["type"] == "LineString"
+    finally:
+        backend.close()
