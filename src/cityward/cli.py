@@ -447,9 +447,9 @@ def traffic_bench(
     )
     from cityward.traffic.controllers import load_builtin
 
-    if ev_per_hour > 0:
+    if ev_per_hour < 0 or ev_per_hour > 120:
         raise typer.BadParameter(
-            "emergency vehicles are not implemented yet", param_hint="--ev-per-hour"
+            "give 0 to 120 emergency vehicles per hour", param_hint="--ev-per-hour"
         )
     root = scenarios or _default_scenarios()
     if not root.is_dir():
@@ -479,15 +479,19 @@ def traffic_bench(
             "seeds must be integers, e.g. 1,2,3", param_hint="--seeds"
         ) from exc
     rows = []
-    jobs = [(n, c, sd) for n in names for c in ctrls for sd in seed_list]
+    # with emergency vehicles, each run is paired with the same run without them
+    evs = [0.0, ev_per_hour] if ev_per_hour > 0 else [0.0]
+    jobs = [(n, c, sd, ev) for n in names for c in ctrls for sd in seed_list for ev in evs]
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
     ) as progress:
         task = progress.add_task("runs", total=len(jobs))
-        for n, c, sd in jobs:
-            progress.update(task, description=f"{n} / {c} / seed {sd}")
+        for n, c, sd, ev in jobs:
+            progress.update(task, description=f"{n} / {c} / seed {sd} / {ev:g} EV/h")
             run_dir = output / n / c / str(sd)
-            rows.append(run_one(found[n], c, sd, run_dir, end=end, ev_per_hour=ev_per_hour))
+            if ev:
+                run_dir = run_dir / f"ev{ev:g}"
+            rows.append(run_one(found[n], c, sd, run_dir, end=end, ev_per_hour=ev))
             write_results(output, rows)
             progress.advance(task)
     table = Table(title=f"average delay (s), median of seeds {seeds}")
@@ -495,12 +499,39 @@ def traffic_bench(
     table.add_column("published best", justify="right")
     for c in ctrls:
         table.add_column(c, justify="right")
-    med = summary(rows)
+    med = summary([r for r in rows if not r["ev_per_hour"]])
     for n in names:
         best = PUBLISHED_BEST.get(n)
         cells = [f"{med[(n, c)]['avg_delay_s']:.2f}" for c in ctrls]
         table.add_row(n, f"{best:.2f}" if best is not None else "-", *cells)
     console.print(table)
+    if ev_per_hour > 0:
+        from cityward.traffic.bench import ev_summary
+
+        ev_table = Table(title=f"emergency vehicles, {ev_per_hour:g} per hour (median of seeds)")
+        for col in (
+            "scenario",
+            "controller",
+            "EV travel s",
+            "free-flow s",
+            "ratio",
+            "worst EV ratio",
+            "others' delay +%",
+        ):
+            ev_table.add_column(
+                col, justify="left" if col in ("scenario", "controller") else "right"
+            )
+        for (n, c), e in sorted(ev_summary(rows).items()):
+            ev_table.add_row(
+                n,
+                c,
+                f"{e['ev_travel_time_s']:.1f}",
+                f"{e['ev_free_flow_time_s']:.1f}",
+                f"{e['ratio']:.2f}",
+                f"{e['worst_ratio']:.2f}",
+                f"{e['delay_change_pct']:+.1f}",
+            )
+        console.print(ev_table)
     console.print(f"results: {output / 'results.json'}, {output / 'results.csv'}")
 
 

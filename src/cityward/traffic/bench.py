@@ -17,6 +17,13 @@ from typing import Any
 
 import orjson
 
+from cityward.traffic.emergency import (
+    add_runs,
+    free_flow_times,
+    net_file,
+    plan_runs,
+    travel_times,
+)
 from cityward.traffic.metrics import parse_tripinfo
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
 
@@ -88,11 +95,24 @@ def run_one(
     stop = end if end is not None else scenario.end
     backend = SumoBackend([*scenario_args(scenario.cfg, seed, out_dir), "--end", str(stop)])
     try:
+        runs = plan_runs(backend, ev_per_hour, backend.time(), stop, seed)
+        add_runs(backend, runs)
         stats = control_loop(backend, controller, stop)
         n_x = len(backend.intersections())
     finally:
         backend.close()
     m = parse_tripinfo(out_dir / "tripinfo.xml", stop)
+    ev_travel: float | None = None
+    ev_free: float | None = None
+    ev_worst: float | None = None
+    if runs:
+        done = travel_times(out_dir / "tripinfo.xml")
+        free = free_flow_times(net_file(scenario.cfg), runs, out_dir)
+        both = [r.id for r in runs if r.id in done and r.id in free]
+        if both:
+            ev_travel = statistics.mean(done[i] for i in both)
+            ev_free = statistics.mean(free[i] for i in both)
+            ev_worst = max(done[i] / free[i] for i in both)
     row: dict[str, Any] = {
         "scenario": scenario.name,
         "controller": controller,
@@ -107,8 +127,11 @@ def run_one(
         "co2_kg": m.co2_kg,
         "fuel_l": m.fuel_l,
         "ev_count": m.ev_count,
-        "ev_travel_time_s": m.ev_travel_time_s,
-        "ev_free_flow_time_s": None,
+        "ev_travel_time_s": ev_travel,
+        "ev_free_flow_time_s": ev_free,
+        "_ev_worst_ratio": ev_worst,
+        "_ev_completed": m.ev_completed,
+        "_ev_served": len(stats.preemption.served) if stats.preemption else 0,
         # not in the results columns: the cost of control
         "_decide_ms_per_intersection": (
             stats.decide_s * 1000 / stats.decisions if stats.decisions else 0.0
@@ -142,4 +165,37 @@ def summary(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, f
         }
         out[key]["decide_ms"] = statistics.median(r["_decide_ms_per_intersection"] for r in rs)
         out[key]["wall_s"] = statistics.median(r["_wall_s"] for r in rs)
+    return out
+
+
+def ev_summary(rows: Iterable[dict[str, Any]]) -> dict[tuple[str, str], dict[str, float]]:
+    """Per (scenario, controller), medians over seeds of the emergency-vehicle figures, and the
+    change of the other vehicles' average delay against the same seed without emergency
+    vehicles (in %)."""
+    rows = list(rows)
+    base = {
+        (r["scenario"], r["controller"], r["seed"]): r["avg_delay_s"]
+        for r in rows
+        if not r["ev_per_hour"]
+    }
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["ev_per_hour"] and r["ev_travel_time_s"] is not None:
+            groups.setdefault((r["scenario"], r["controller"]), []).append(r)
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for key, rs in groups.items():
+        changes = [
+            100.0 * (r["avg_delay_s"] / base[(r["scenario"], r["controller"], r["seed"])] - 1.0)
+            for r in rs
+            if (r["scenario"], r["controller"], r["seed"]) in base
+        ]
+        out[key] = {
+            "ev_travel_time_s": statistics.median(r["ev_travel_time_s"] for r in rs),
+            "ev_free_flow_time_s": statistics.median(r["ev_free_flow_time_s"] for r in rs),
+            "ratio": statistics.median(
+                r["ev_travel_time_s"] / r["ev_free_flow_time_s"] for r in rs
+            ),
+            "worst_ratio": max(r["_ev_worst_ratio"] for r in rs),
+            "delay_change_pct": statistics.median(changes) if changes else float("nan"),
+        }
     return out

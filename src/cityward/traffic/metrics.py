@@ -36,7 +36,8 @@ Definitions (all times in seconds):
   (case-insensitive) or listed in ``emergency_vtypes`` (tripinfo carries no
   vClass; use :func:`emergency_vtypes_from_files` to collect the vTypes with
   ``vClass="emergency"``). ``ev_travel_time_s`` is the mean ``duration`` of the
-  completed ones.
+  completed ones. The average delay is that of all *other* vehicles, so runs with and
+  without emergency vehicles compare directly.
 
 Averages over an empty set are ``nan``.
 """
@@ -161,10 +162,11 @@ def parse_tripinfo(path: Path, end_time: float, emergency_vtypes: Iterable[str] 
         vehicles += 1
         depart = _time(elem.get("depart"))
         delay = _time(elem.get("timeLoss")) + _time(elem.get("departDelay"))
-        delay_sum += delay
         vtype = elem.get("vType", "")
         is_ev = vtype in ev_types or "emergency" in vtype.lower()
         ev_count += is_ev
+        if not is_ev:
+            delay_sum += delay
 
         if depart < 0:
             never_inserted += 1
@@ -192,7 +194,7 @@ def parse_tripinfo(path: Path, end_time: float, emergency_vtypes: Iterable[str] 
         root.clear()
 
     return RunMetrics(
-        avg_delay_s=_mean(delay_sum, vehicles),
+        avg_delay_s=_mean(delay_sum, vehicles - ev_count),
         avg_trip_time_s=_mean(trip_sum, completed),
         avg_waiting_time_s=_mean(wait_sum, inserted),
         completed=completed,

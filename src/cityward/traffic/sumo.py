@@ -18,6 +18,7 @@ from cityward.traffic.backend import (
     SignalBackend,
 )
 from cityward.traffic.controllers import Controller, create
+from cityward.traffic.preemption import Preemption, PreemptionStats
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 
 log = logging.getLogger("cityward.traffic")
@@ -56,6 +57,8 @@ class SumoBackend(SignalBackend):
         self.t.start([sumo_binary(), *args])
         self._closed = False
         self._lengths: dict[str, float] = {}
+        self._evs: dict[str, float] = {}  # emergency vehicle id -> first seen
+        self._watch_departures(self.t.vehicle.getIDList())
         self._intersections = [self._read(tls) for tls in self.t.trafficlight.getIDList()]
         self._approaches = self._find_approaches()
 
@@ -146,14 +149,20 @@ class SumoBackend(SignalBackend):
             n = self._lengths[lane] = float(self.t.lane.getLength(lane))
         return n
 
+    def _watch_departures(self, ids: Sequence[str]) -> None:
+        v = self.t.vehicle
+        now = self.time()
+        for vid in ids:
+            if v.getVehicleClass(vid) == "emergency":
+                self._evs.setdefault(vid, now)
+
     def emergency_vehicles(self) -> Sequence[EmergencyVehicle]:
         v = self.t.vehicle
         out = []
-        for vid in v.getIDList():
-            if v.getVehicleClass(vid) != "emergency":
-                continue
+        for vid, since in self._evs.items():
             route = v.getRoute(vid)
             idx = v.getRouteIndex(vid)
+            prio = v.getParameter(vid, "priority")
             out.append(
                 EmergencyVehicle(
                     vid,
@@ -161,6 +170,8 @@ class SumoBackend(SignalBackend):
                     float(v.getLanePosition(vid)),
                     float(v.getSpeed(vid)),
                     tuple(route[max(idx, 0) :]),
+                    priority=int(prio) if prio.lstrip("-").isdigit() else 0,
+                    first_seen=since,
                 )
             )
         return out
@@ -171,6 +182,11 @@ class SumoBackend(SignalBackend):
 
     def advance(self) -> None:
         self.t.simulationStep()
+        sim = self.t.simulation
+        self._watch_departures(sim.getDepartedIDList())
+        if self._evs:
+            for vid in sim.getArrivedIDList():
+                self._evs.pop(vid, None)
 
     def close(self) -> None:
         if not self._closed:
@@ -186,6 +202,7 @@ class RunStats:
     forced_switches: int = 0
     wall_s: float = 0.0
     states: list[dict[str, str]] = field(default_factory=list)  # per step, when recorded
+    preemption: PreemptionStats | None = None
 
 
 def control_loop(
@@ -198,6 +215,7 @@ def control_loop(
     on_step: Callable[[float, dict[str, SafetyGuard]], None] | None = None,
     record_states: bool = False,
     overrides: dict[str, Override] | None = None,
+    preemption: bool = True,
 ) -> RunStats:
     """Run ``controller`` on every intersection of ``backend`` until time ``end``.
 
@@ -218,10 +236,19 @@ def control_loop(
         guards[x.id] = SafetyGuard(backend, x, rules, now)
         controllers[x.id] = create(controller, x, backend, config)
     stats = RunStats()
+    pre = Preemption(backend, guards) if preemption else None
+    stats.preemption = pre.stats if pre is not None else None
     start = time.perf_counter()
     while now < end:
+        if pre is not None:
+            pre.update(now)
         for tls, guard in guards.items():
-            if guard.can_switch(now):
+            green = pre.phase_for(tls) if pre is not None and pre.requests else None
+            if green is not None:
+                # an emergency vehicle is coming: its green first, whatever else is asked
+                if guard.can_switch(now):
+                    guard.request(green, now)
+            elif guard.can_switch(now):
                 ov = overrides.get(tls)
                 if ov is not None and not ov.active(now):
                     overrides.pop(tls, None)

@@ -69,6 +69,11 @@ def create(
 
 def load_builtin() -> dict[str, type[Controller]]:
     """Import the built-in controllers (they register themselves)."""
-    from cityward.traffic.controllers import adaptive, fixed_time, max_pressure  # noqa: F401
+    from cityward.traffic.controllers import (  # noqa: F401
+        actuated,
+        adaptive,
+        fixed_time,
+        max_pressure,
+    )
 
     return REGISTRY

@@ -1,0 +1,164 @@
+"""Emergency-vehicle preemption: a green wave ahead of every emergency vehicle, on top of any
+controller.
+
+Every step, for each emergency vehicle the backend reports (SUMO: vClass ``emergency``; field:
+the vehicle's GPS feed matched to the network), the signalised intersections on the rest of its
+route are found from the links that lead from one route edge to the next. For the next such
+intersection, the vehicle's arrival time is estimated from its distance at free-flow speed. The
+green for its movement is requested early enough to clear the queue in front of it:
+
+    lead time = lost time of a switch + minimum green + 2 s per vehicle queued + margin
+
+and held until the vehicle has crossed; then the intersection goes back to its controller
+(recovery is the controller's normal choice from the queues it now sees). Requests go through
+the safety guard like any other: clearance and minimum green still apply, so no conflicting
+green is ever shown.
+
+Two emergency vehicles wanting conflicting greens at one intersection are served one after
+the other: the first to request goes first, then the higher priority; two that a single green
+serves share it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cityward.traffic.backend import EmergencyVehicle, Intersection, Phase, SignalBackend
+from cityward.traffic.safety import SafetyGuard
+
+FREE_FLOW_MS = 13.9  # m/s used to estimate arrival (50 km/h; EVs drive at least that)
+HEADWAY_S = 2.0
+MARGIN_S = 5.0
+MAX_LEAD_S = 90.0
+MAX_HOLD_S = 60.0  # a request held this long without the vehicle crossing is dropped
+
+
+def edge_of(lane: str) -> str:
+    """The edge of a SUMO-style lane id (``edge_index``)."""
+    return lane.rsplit("_", 1)[0]
+
+
+@dataclass
+class Request:
+    vehicle: str
+    phase: Phase
+    since: float
+    priority: int
+    in_edge: str
+
+
+@dataclass
+class PreemptionStats:
+    requests: int = 0
+    conflicts: int = 0  # steps a request waited for another emergency vehicle's green
+    expired: int = 0  # requests dropped after MAX_HOLD_S
+    served: set[str] = field(default_factory=set)  # vehicles that got a preemption green
+
+
+class Preemption:
+    """Green waves for emergency vehicles over a set of safety guards."""
+
+    def __init__(self, backend: SignalBackend, guards: Mapping[str, SafetyGuard]) -> None:
+        self.backend = backend
+        self.guards = guards
+        # (in edge, out edge) -> [(intersection, its link indices for that movement)]
+        self.movements: dict[tuple[str, str], list[tuple[Intersection, frozenset[int]]]] = {}
+        for tls, g in guards.items():
+            per: dict[tuple[str, str], set[int]] = {}
+            for n, (i, o) in enumerate(g.x.links):
+                if i and o:
+                    per.setdefault((edge_of(i), edge_of(o)), set()).add(n)
+            for key, links in per.items():
+                self.movements.setdefault(key, []).append((guards[tls].x, frozenset(links)))
+        self.requests: dict[str, list[Request]] = {}  # tls -> requests, in serving order
+        self.stats = PreemptionStats()
+        self._edge_len: dict[str, float] = {}
+
+    # -- the loop calls these -----------------------------------------------------------------
+    def update(self, now: float) -> None:
+        """Recompute the requests from the emergency vehicles now on the road."""
+        active: dict[str, list[Request]] = {}
+        for ev in self.backend.emergency_vehicles():
+            for tls, r in self._requests(ev, now):
+                active.setdefault(tls, []).append(r)
+        for tls, reqs in active.items():
+            old = {r.vehicle: r for r in self.requests.get(tls, [])}
+            merged = []
+            for r in reqs:
+                prev = old.get(r.vehicle)
+                if prev is None:
+                    self.stats.requests += 1
+                kept = prev if prev is not None and prev.phase == r.phase else r
+                if now - kept.since > MAX_HOLD_S:
+                    # the vehicle is not getting through (blocked ahead): stop holding for it
+                    self.stats.expired += 1
+                    merged.append(Request(kept.vehicle, kept.phase, kept.since, -1, ""))
+                    continue
+                merged.append(kept)
+            merged.sort(key=lambda r: (r.since, -r.priority, r.vehicle))
+            self.requests[tls] = merged
+        for tls in list(self.requests):
+            if tls not in active:
+                del self.requests[tls]
+
+    def phase_for(self, tls: str) -> Phase | None:
+        """The green an emergency vehicle needs at ``tls`` now (None: no preemption there)."""
+        reqs = [r for r in self.requests.get(tls, ()) if r.in_edge]
+        if not reqs:
+            return None
+        first = reqs[0]
+        if any(r.phase.index != first.phase.index for r in reqs[1:]):
+            self.stats.conflicts += 1
+        self.stats.served.add(first.vehicle)
+        return first.phase
+
+    # -- internals ----------------------------------------------------------------------------
+    def _requests(self, ev: EmergencyVehicle, now: float) -> list[tuple[str, Request]]:
+        """Every intersection ahead of ``ev`` whose green must start now to be in time."""
+        route = ev.route_edges
+        out: list[tuple[str, Request]] = []
+        if len(route) < 2 or not ev.lane:
+            return out
+        dist = max(0.0, self.backend.lane_length(ev.lane) - ev.position_m)
+        first = 0
+        if ev.lane.startswith(":"):
+            # inside the junction after route[0]: that movement is done; next is route[1]
+            first = 1
+            dist += self._edge_length(route[1])
+        for k in range(first, len(route) - 1):
+            if k > first:
+                dist += self._edge_length(route[k])
+            found = self.movements.get((route[k], route[k + 1]))
+            if not found:
+                continue
+            x, links = found[0]
+            guard = self.guards[x.id]
+            phase = self._phase_serving(x, links)
+            eta = dist / max(ev.speed_ms, FREE_FLOW_MS)
+            if phase is None or eta > MAX_LEAD_S:
+                break
+            queued = max(
+                sum(self.backend.queue(part) for part, _ in self.backend.approach(x.links[n][0]))
+                for n in links
+            )
+            lead = guard.yellow + guard.all_red + guard.rules.min_green
+            lead += HEADWAY_S * queued + MARGIN_S
+            if eta <= min(lead, MAX_LEAD_S):
+                out.append((x.id, Request(ev.id, phase, now, ev.priority, route[k])))
+        return out
+
+    def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:
+        """The green phase giving priority green (G) to most of the movement's links."""
+        best, best_score = None, 0
+        for g in x.greens:
+            score = sum(2 if g.state[n] == "G" else 1 for n in links if g.state[n] in "Gg")
+            if score > best_score:
+                best, best_score = g, score
+        return best
+
+    def _edge_length(self, edge: str) -> float:
+        n = self._edge_len.get(edge)
+        if n is None:
+            n = self._edge_len[edge] = self.backend.lane_length(f"{edge}_0")
+        return n
