@@ -7,7 +7,7 @@ route are found from the links that lead from one route edge to the next. For th
 intersection, the vehicle's arrival time is estimated from its distance at free-flow speed. The
 green for its movement is requested early enough to clear the queue in front of it:
 
-    lead time = lost time of a switch + minimum green + 2 s per vehicle queued + margin
+    lead time = 2 x lost time of a switch + minimum green + 2 s per vehicle queued + margin
 
 and held until the vehicle has crossed; then the intersection goes back to its controller
 (recovery is the controller's normal choice from the queues it now sees). Requests go through
@@ -142,7 +142,9 @@ class Preemption:
                 sum(self.backend.queue(part) for part, _ in self.backend.approach(x.links[n][0]))
                 for n in links
             )
-            lead = guard.yellow + guard.all_red + guard.rules.min_green
+            # worst case: a switch to another green has just begun; it must finish, that green
+            # must last its minimum, then the switch to ours
+            lead = 2 * (guard.yellow + guard.all_red) + guard.rules.min_green
             lead += HEADWAY_S * queued + MARGIN_S
             if eta <= min(lead, MAX_LEAD_S):
                 out.append((x.id, Request(ev.id, phase, now, ev.priority, route[k])))
