@@ -45,6 +45,9 @@ def _ensure_type(backend: SumoBackend) -> None:
         vt.setSpeedFactor(EV_TYPE, 1.0)
         vt.setSpeedDeviation(EV_TYPE, 0.0)
         vt.setColor(EV_TYPE, (255, 0, 0, 255))
+        # siren on: at junctions without signals others give way (SUMO's impatience 1 makes
+        # it take the right of way when others can brake); red lights it still obeys
+        vt.setImpatience(EV_TYPE, 1.0)
 
 
 def plan_runs(

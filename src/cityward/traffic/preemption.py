@@ -31,7 +31,7 @@ FREE_FLOW_MS = 13.9  # m/s used to estimate arrival (50 km/h; EVs drive at least
 HEADWAY_S = 2.0
 MARGIN_S = 5.0
 MAX_LEAD_S = 90.0
-MAX_HOLD_S = 60.0  # a request held this long without the vehicle crossing is dropped
+STALL_S = 30.0  # a request whose vehicle has not moved closer for this long is dropped
 
 
 def edge_of(lane: str) -> str:
@@ -46,13 +46,16 @@ class Request:
     since: float
     priority: int
     in_edge: str
+    dist: float = 0.0  # closest the vehicle has been to the stop line
+    progress_at: float = 0.0  # when it last got closer
+    expired: bool = False
 
 
 @dataclass
 class PreemptionStats:
     requests: int = 0
     conflicts: int = 0  # steps a request waited for another emergency vehicle's green
-    expired: int = 0  # requests dropped after MAX_HOLD_S
+    expired: int = 0  # requests dropped after STALL_S without progress
     served: set[str] = field(default_factory=set)  # vehicles that got a preemption green
 
 
@@ -90,11 +93,12 @@ class Preemption:
                 if prev is None:
                     self.stats.requests += 1
                 kept = prev if prev is not None and prev.phase == r.phase else r
-                if now - kept.since > MAX_HOLD_S:
-                    # the vehicle is not getting through (blocked ahead): stop holding for it
+                if r.dist < kept.dist - 1.0 or kept is r:
+                    kept.dist, kept.progress_at = r.dist, now
+                elif not kept.expired and now - kept.progress_at > STALL_S:
+                    # the vehicle is not getting closer (blocked further on): stop holding
+                    kept.expired = True
                     self.stats.expired += 1
-                    merged.append(Request(kept.vehicle, kept.phase, kept.since, -1, ""))
-                    continue
                 merged.append(kept)
             merged.sort(key=lambda r: (r.since, -r.priority, r.vehicle))
             self.requests[tls] = merged
@@ -104,7 +108,7 @@ class Preemption:
 
     def phase_for(self, tls: str) -> Phase | None:
         """The green an emergency vehicle needs at ``tls`` now (None: no preemption there)."""
-        reqs = [r for r in self.requests.get(tls, ()) if r.in_edge]
+        reqs = [r for r in self.requests.get(tls, ()) if not r.expired]
         if not reqs:
             return None
         first = reqs[0]
@@ -147,7 +151,7 @@ class Preemption:
             lead = 2 * (guard.yellow + guard.all_red) + guard.rules.min_green
             lead += HEADWAY_S * queued + MARGIN_S
             if eta <= min(lead, MAX_LEAD_S):
-                out.append((x.id, Request(ev.id, phase, now, ev.priority, route[k])))
+                out.append((x.id, Request(ev.id, phase, now, ev.priority, route[k], dist, now)))
         return out
 
     def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:
