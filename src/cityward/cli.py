@@ -587,7 +587,7 @@ def traffic_run(
     ] = None,
     controller: Annotated[
         str, typer.Option("--controller", help="Signal controller (see 'traffic controllers').")
-    ] = "max-pressure",
+    ] = "adaptive",
     bank: Annotated[
         str | None,
         typer.Option(

@@ -7,6 +7,7 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cityward.cli import app
@@ -73,3 +74,54 @@ def test_bench_refuses_unknown_names(tmp_path: Path) -> None:
         ],
     )
     assert r.exit_code == 2 and "unknown controller" in r.output
+
+
+def test_bench_with_emergency_vehicles_pairs_each_run_and_reports_free_flow(
+    tmp_path: Path,
+) -> None:
+    scenarios = shared_path("data", "traffic")
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(
+        app,
+        [
+            "traffic",
+            "bench",
+            "--scenario",
+            "cologne3",
+            "--controller",
+            "adaptive",
+            "--seeds",
+            "2",
+            "--ev-per-hour",
+            "12",
+            "--end",
+            "26400",
+            "--scenarios",
+            str(scenarios),
+            "--output",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads((out / "results.json").read_text())
+    assert [r["ev_per_hour"] for r in rows] == [0.0, 12.0]
+    plain, with_ev = rows
+    assert plain["ev_count"] == 0 and plain["ev_travel_time_s"] is None
+    assert with_ev["ev_count"] == 4
+    run = out / "cologne3" / "adaptive" / "2" / "ev12"
+    free = ET.parse(run / "free_flow_tripinfo.xml").getroot()
+    free_by_id = {t.get("id"): float(t.get("duration", "nan")) for t in free.iter("tripinfo")}
+    assert len(free_by_id) == 4
+    # compared over the runs that finished within the simulated time
+    main = ET.parse(run / "tripinfo.xml").getroot()
+    done = [
+        t.get("id")
+        for t in main.iter("tripinfo")
+        if t.get("vType") == "cw_emergency" and float(t.get("arrival", "-1")) >= 0
+    ]
+    assert done
+    free_times = [free_by_id[i] for i in done]
+    assert with_ev["ev_free_flow_time_s"] == pytest.approx(sum(free_times) / len(free_times))
+    # with preemption they get through at close to free-flow time
+    assert with_ev["ev_free_flow_time_s"] <= with_ev["ev_travel_time_s"] < 2 * max(free_times)
+    assert "emergency vehicles, 12 per hour" in result.output
