@@ -601,6 +601,9 @@ def traffic_run(
         ),
     ] = None,
     seed: Annotated[int, typer.Option(help="SUMO random seed.")] = 1,
+    api: Annotated[
+        str, typer.Option("--api", help="How to drive SUMO: libsumo (in process) or traci.")
+    ] = "libsumo",
     end: Annotated[
         float | None,
         typer.Option(help="Stop at this simulated time (s) instead of the scenario's end."),
@@ -659,8 +662,13 @@ def traffic_run(
             ) from exc
         if instant.tzinfo is None:
             instant = instant.replace(tzinfo=UTC)
+    if api not in ("libsumo", "traci"):
+        raise typer.BadParameter("libsumo or traci", param_hint="--api")
     try:
-        backend = SumoBackend([*scenario_args(cfg, seed), "--end", str(stop)])
+        backend = SumoBackend(
+            [*scenario_args(cfg, seed), "--end", str(stop)],
+            api="traci" if api == "traci" else "libsumo",
+        )
     except Exception as exc:  # libsumo reports a bad configuration as a TraCIException
         console.print(f"[red]SUMO could not load {cfg}[/]: {exc}")
         raise typer.Exit(1) from exc
