@@ -160,6 +160,11 @@ class SignalBackend(abc.ABC):
         """
         return ((lane, 0.0),)
 
+    def exit_lanes(self, lane: str) -> Sequence[str]:
+        """The lanes a vehicle leaving on ``lane`` may be stopped on: the lane itself, and the
+        lanes right after it when it is too short to hold a queue (a junction stub)."""
+        return (lane,)
+
     def approaching(self, lane: str) -> Sequence[tuple[float, float]]:
         """(distance to the stop line in m, speed in m/s) of each vehicle on a lane.
 

@@ -23,6 +23,7 @@ from cityward.traffic.safety import SafetyGuard, SafetyRules
 
 log = logging.getLogger("cityward.traffic")
 Api = Literal["libsumo", "traci"]
+SHORT_LANE_M = 30.0  # a lane shorter than this is a stub: its exits count with it
 
 
 def sumo_binary(name: str = "sumo") -> str:
@@ -57,6 +58,7 @@ class SumoBackend(SignalBackend):
         self.t.start([sumo_binary(), *args])
         self._closed = False
         self._lengths: dict[str, float] = {}
+        self._next: dict[str, list[str]] = {}
         self._evs: dict[str, float] = {}  # emergency vehicle id -> first seen
         self._watch_departures(self.t.vehicle.getIDList())
         self._intersections = [self._read(tls) for tls in self.t.trafficlight.getIDList()]
@@ -68,11 +70,13 @@ class SumoBackend(SignalBackend):
         signalled = {i for x in self._intersections for i in x.in_lanes}
         feeders: dict[str, list[str]] = {}
         for lane in ln.getIDList():
-            if lane.startswith(":") or lane in signalled:
+            if lane.startswith(":"):
                 continue
             for link in ln.getLinks(lane):
                 if link[6] != "t":  # a turnaround feeds the opposite direction
-                    feeders.setdefault(link[0], []).append(lane)
+                    self._next.setdefault(lane, []).append(link[0])
+                    if lane not in signalled:
+                        feeders.setdefault(link[0], []).append(lane)
         out: dict[str, tuple[tuple[str, float], ...]] = {}
         for start in signalled:
             chain = [(start, 0.0)]
@@ -89,6 +93,11 @@ class SumoBackend(SignalBackend):
                         frontier.append((up, dist + self.lane_length(up)))
             out[start] = tuple(chain)
         return out
+
+    def exit_lanes(self, lane: str) -> Sequence[str]:
+        if self.lane_length(lane) >= SHORT_LANE_M:
+            return (lane,)
+        return (lane, *self._next.get(lane, ()))
 
     def approach(self, lane: str) -> Sequence[tuple[str, float]]:
         return self._approaches.get(lane, ((lane, 0.0),))

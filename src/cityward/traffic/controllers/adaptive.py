@@ -18,8 +18,8 @@ traffic it keeps greens long enough that switching losses do not eat the capacit
 count-based rule such as max pressure does not see.
 
 Approaches are read upstream of the stop line (see ``SignalBackend.approach``). A movement whose
-exit lane is nearly full is left out of both sides: a green there moves nobody and only blocks
-the junction (spillback).
+exit is nearly full (the exit lane, with the lanes after it when it is only a junction stub) is
+left out of both sides: a green there moves nobody and only blocks the junction (spillback).
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ class AdaptiveConfig(ControllerConfig):
         description="Look-ahead, in multiples of the intersection's lost time per switch.",
     )
     max_green: float = Field(
-        default=90.0, ge=10.0, le=300.0, description="Longest green while others wait."
+        default=45.0, ge=10.0, le=300.0, description="Longest green while others wait."
     )
     full_exit: float = Field(
         default=0.85, gt=0.0, le=1.0, description="Exit occupancy (0-1) that blocks a movement."
@@ -115,8 +115,10 @@ class Adaptive(Controller):
         def blocked(lane: str) -> bool:
             got = full.get(lane)
             if got is None:
-                got = full[lane] = bool(lane) and (
-                    b.count(lane) * VEHICLE_SPACE_M >= cfg.full_exit * b.lane_length(lane)
+                chain = b.exit_lanes(lane) if lane else ()
+                got = full[lane] = bool(chain) and (
+                    sum(b.count(x) for x in chain) * VEHICLE_SPACE_M
+                    >= cfg.full_exit * sum(b.lane_length(x) for x in chain)
                 )
             return got
 
