@@ -276,16 +276,15 @@ def test_feed_writes_the_simulation_and_applies_an_operators_override(
     assert sum(i["value"] for i in history["intensity"]) > 0
 
     # the emergency run: a position while under way, its travel time on arrival, nothing more
-    runs = bank.get("operator", NGSI + "/entities", type="Alert")
+    runs = bank.get("operator", NGSI + "/entities", type="EmergencyVehicleRun")
     assert len(runs) == 1
     ev = runs[0]
     assert ev["runStatus"]["value"] == "arrived" and ev["travelTime"]["value"] > 0
-    assert ev["vehicleRef"]["value"] == "ev-1" and ev["category"]["value"] == "traffic"
+    assert ev["vehicleRef"]["value"] == "ev-1"
     assert ev["validFrom"]["value"]["@value"] < ev["validTo"]["value"]["@value"]
     assert set(ev) - {"id", "type"} == {
-        "category",
         "description",
-        "alertSource",
+        "dataProvider",
         "vehicleRef",
         "dateIssued",
         "validFrom",

@@ -152,6 +152,19 @@ def default_sources() -> list[DataSource]:
             **common,
         ),
         DataSource(
+            id="emergency-runs",
+            name="Emergency vehicle runs",
+            types=("EmergencyVehicleRun",),
+            purposes=("traffic-management", "public-safety"),
+            personal_data=PersonalData.INDIRECT,
+            retention="P90D",
+            computes=("route, position and speed of an emergency vehicle while on a run",),
+            never_computes=("identification of the crew", "tracking of vehicles off a run"),
+            description="From the vehicle's GPS feed while on a run, for signal priority and "
+            "the control room's map; the crew is not recorded.",
+            **common,
+        ),
+        DataSource(
             id="air-quality",
             name="Air quality stations",
             types=("AirQualityObserved",),

@@ -9,8 +9,9 @@ others wrote are kept):
   active override; written when it changes, at most once per simulated second;
 - one ``TrafficFlowObserved`` per incoming lane, aggregated over ``period_s`` simulated seconds
   (Smart Data Model attributes: intensity, occupancy, averageVehicleSpeed, laneId, ...);
-- one ``Alert`` per emergency-vehicle run (the catalog's "alerts" source covers it): where the
-  vehicle is, its speed and remaining route, when it started and, on arrival, its travel time.
+- one ``EmergencyVehicleRun`` per emergency-vehicle run (the catalog's "emergency-runs" source):
+  where the vehicle is, its speed and remaining route, when it started and, on arrival, its
+  travel time.
 
 Every attribute carries ``observedAt`` = the simulated time mapped to an instant:
 ``start_instant + (t - t0)``, with ``t0`` the simulation time when the feed starts.
@@ -55,9 +56,8 @@ log = logging.getLogger("cityward.traffic.bankfeed")
 
 SIGNAL_TYPE = "TrafficSignal"
 FLOW_TYPE = "TrafficFlowObserved"
-# No declared source covers a "Vehicle"; the "alerts" source (traffic-management,
-# public-safety) does cover Alert, and an emergency run is what the control room acts on.
-EV_TYPE = "Alert"
+# the catalog's "emergency-runs" source (traffic-management, public-safety)
+EV_TYPE = "EmergencyVehicleRun"
 MAX_OVERRIDE_S = 3600.0
 MAX_S = f"{MAX_OVERRIDE_S:g}"
 OVERRIDE_KEYS = ("phase", "controller", "durationS", "clear")
@@ -751,11 +751,10 @@ class BankFeed:
                 doc = {
                     "id": eid,
                     "type": self.ev_type,
-                    "category": self._prop("traffic", now),
                     "description": self._prop(
                         "emergency vehicle run (simulated): signals may give it priority", now
                     ),
-                    "alertSource": self._prop(f"cityward traffic simulation {self.scenario}", now),
+                    "dataProvider": self._prop(f"cityward traffic simulation {self.scenario}", now),
                     "vehicleRef": self._prop(ev.id, now),
                     "dateIssued": self._prop(_dt(self.at(now)), now),
                     "validFrom": self._prop(_dt(self.at(now)), now),
