@@ -155,10 +155,19 @@ class Preemption:
         return out
 
     def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:
-        """The green phase giving priority green (G) to most of the movement's links."""
-        best, best_score = None, 0
+        """The green phase for the vehicle's movement that also lets the vehicles ahead of it
+        go: among the phases giving its links green, the one giving green to the most links of
+        the lanes it drives in (a through car ahead in a shared lane must move too), then the
+        one giving it priority green (G) rather than permissive (g)."""
+        lanes = {x.links[n][0] for n in links}
+        shared = [n for n, (i, _) in enumerate(x.links) if i in lanes]
+        best: Phase | None = None
+        best_score = (0, 0)
         for g in x.greens:
-            score = sum(2 if g.state[n] == "G" else 1 for n in links if g.state[n] in "Gg")
+            mine = sum(2 if g.state[n] == "G" else 1 for n in links if g.state[n] in "Gg")
+            if not mine:
+                continue
+            score = (sum(1 for n in shared if g.state[n] in "Gg"), mine)
             if score > best_score:
                 best, best_score = g, score
         return best
