@@ -122,6 +122,8 @@ def test_bench_with_emergency_vehicles_pairs_each_run_and_reports_free_flow(
     assert done
     free_times = [free_by_id[i] for i in done]
     assert with_ev["ev_free_flow_time_s"] == pytest.approx(sum(free_times) / len(free_times))
-    # with preemption they get through at close to free-flow time
-    assert with_ev["ev_free_flow_time_s"] <= with_ev["ev_travel_time_s"] < 2 * max(free_times)
+    # with preemption they get through at close to free-flow time (a run can beat the free-flow
+    # run by a second or two: insertion and lane choice differ)
+    free_mean = with_ev["ev_free_flow_time_s"]
+    assert 0.9 * free_mean <= with_ev["ev_travel_time_s"] < 2 * max(free_times)
     assert "emergency vehicles, 12 per hour" in result.output
