@@ -31,6 +31,8 @@ def free_port() -> int:
 def serve(args: list[str], port: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
     out = log.open("ab")
+    if "--data-dir" not in args:  # never the default ./cityward-data of the checkout
+        args = [*args, "--data-dir", str(log.parent / "data")]
     proc = subprocess.Popen(
         [sys.executable, "-m", "cityward.cli", "serve", "--no-auth", "--port", str(port), *args],
         env=env,
