@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from cityward.cli import app
 from cityward.traffic.bench import COLUMNS
@@ -16,27 +16,19 @@ from cityward.traffic.controllers import load_builtin
 from tests.conftest import shared_path
 
 
-def test_bench_runs_every_controller_and_keeps_sumos_outputs(tmp_path: Path) -> None:
+def bench(out: Path, *args: str) -> Result:
+    """``cityward traffic bench`` on the shared scenarios, results to ``out``."""
     scenarios = shared_path("data", "traffic")
+    return CliRunner().invoke(
+        app,
+        ["traffic", "bench", *args, "--scenarios", str(scenarios), "--output", str(out)],
+    )
+
+
+def test_bench_runs_every_controller_and_keeps_sumos_outputs(tmp_path: Path) -> None:
     out = tmp_path / "bench"
     # ten simulated minutes of cologne1 (its hour starts at 25200 s)
-    result = CliRunner().invoke(
-        app,
-        [
-            "traffic",
-            "bench",
-            "--scenario",
-            "cologne1",
-            "--seeds",
-            "1",
-            "--end",
-            "25800",
-            "--scenarios",
-            str(scenarios),
-            "--output",
-            str(out),
-        ],
-    )
+    result = bench(out, "--scenario", "cologne1", "--seeds", "1", "--end", "25800")
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())
     assert {r["controller"] for r in rows} == set(load_builtin())
@@ -79,28 +71,19 @@ def test_bench_refuses_unknown_names(tmp_path: Path) -> None:
 def test_bench_with_emergency_vehicles_pairs_each_run_and_reports_free_flow(
     tmp_path: Path,
 ) -> None:
-    scenarios = shared_path("data", "traffic")
     out = tmp_path / "bench"
-    result = CliRunner().invoke(
-        app,
-        [
-            "traffic",
-            "bench",
-            "--scenario",
-            "cologne3",
-            "--controller",
-            "adaptive",
-            "--seeds",
-            "2",
-            "--ev-per-hour",
-            "12",
-            "--end",
-            "26400",
-            "--scenarios",
-            str(scenarios),
-            "--output",
-            str(out),
-        ],
+    result = bench(
+        out,
+        "--scenario",
+        "cologne3",
+        "--controller",
+        "adaptive",
+        "--seeds",
+        "2",
+        "--ev-per-hour",
+        "12",
+        "--end",
+        "26400",
     )
     assert result.exit_code == 0, result.output
     rows = json.loads((out / "results.json").read_text())

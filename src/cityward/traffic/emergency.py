@@ -58,21 +58,17 @@ def plan_runs(
         return []
     t = backend.t
     _ensure_type(backend)
-    succ: dict[str, set[str]] = {}
+    succ: dict[str, set[str]] = {}  # edge -> edges it leads to (no turnarounds)
     pred: dict[str, set[str]] = {}
-    turnarounds: set[tuple[str, str]] = set()
     for lane in t.lane.getIDList():
         if lane.startswith(":"):
             continue
         e = edge_of(lane)
         succ.setdefault(e, set())
         pred.setdefault(e, set())
-        for link in t.lane.getLinks(lane):
-            if link[6] == "t":
-                turnarounds.add((e, edge_of(link[0])))
-            else:
-                succ[e].add(edge_of(link[0]))
-                pred.setdefault(edge_of(link[0]), set()).add(e)
+        for nxt in backend.successors(lane):
+            succ[e].add(edge_of(nxt))
+            pred.setdefault(edge_of(nxt), set()).add(e)
     edges = sorted(succ)
     sources = [e for e in edges if not pred[e]] or edges
     sinks = [e for e in edges if not succ[e]] or edges
@@ -88,7 +84,7 @@ def plan_runs(
         found = t.simulation.findRoute(a, b, vType=EV_TYPE)
         route = tuple(found.edges)
         pairs = [(route[k], route[k + 1]) for k in range(len(route) - 1)]
-        if len(route) < 2 or any(p in turnarounds for p in pairs):
+        if len(route) < 2 or any(y not in succ.get(x, ()) for x, y in pairs):  # a U-turn
             continue
         crossings = sum(p in signalled for p in pairs)
         if crossings:

@@ -45,7 +45,6 @@ class Request:
     phase: Phase
     since: float
     priority: int
-    in_edge: str
     dist: float = 0.0  # closest the vehicle has been to the stop line
     progress_at: float = 0.0  # when it last got closer
     expired: bool = False
@@ -151,7 +150,7 @@ class Preemption:
             lead = 2 * (guard.yellow + guard.all_red) + guard.rules.min_green
             lead += HEADWAY_S * queued + MARGIN_S
             if eta <= min(lead, MAX_LEAD_S):
-                out.append((x.id, Request(ev.id, phase, now, ev.priority, route[k], dist, now)))
+                out.append((x.id, Request(ev.id, phase, now, ev.priority, dist, now)))
         return out
 
     def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:

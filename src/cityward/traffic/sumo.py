@@ -94,10 +94,14 @@ class SumoBackend(SignalBackend):
             out[start] = tuple(chain)
         return out
 
+    def successors(self, lane: str) -> Sequence[str]:
+        """The lanes a lane leads to (turnarounds left out)."""
+        return self._next.get(lane, ())
+
     def exit_lanes(self, lane: str) -> Sequence[str]:
         if self.lane_length(lane) >= SHORT_LANE_M:
             return (lane,)
-        return (lane, *self._next.get(lane, ()))
+        return (lane, *self.successors(lane))
 
     def approach(self, lane: str) -> Sequence[tuple[str, float]]:
         return self._approaches.get(lane, ((lane, 0.0),))

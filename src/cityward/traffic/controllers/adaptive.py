@@ -46,11 +46,11 @@ def time_to(dist: float, speed: float) -> float:
 
 
 def crossing(vehicles: list[tuple[float, float]], delay: float, horizon: float) -> int:
-    """Vehicles (distance to stop line, speed) over the line within ``horizon`` seconds when
-    the green starts after ``delay`` seconds; one per ``HEADWAY_S`` at most."""
+    """Vehicles (distance to stop line, speed; nearest first) over the line within ``horizon``
+    seconds when the green starts after ``delay`` seconds; one per ``HEADWAY_S`` at most."""
     n = 0
     last = -HEADWAY_S
-    for dist, speed in sorted(vehicles):
+    for dist, speed in vehicles:
         t = time_to(dist, speed)
         if delay:
             # a moving vehicle reaches the line and waits; a stopped one starts at green
@@ -109,7 +109,7 @@ class Adaptive(Controller):
         def vehicles(lane: str) -> list[tuple[float, float]]:
             got = seen.get(lane)
             if got is None:
-                got = seen[lane] = list(b.approaching(lane))
+                got = seen[lane] = sorted(b.approaching(lane))  # nearest first, once
             return got
 
         def blocked(lane: str) -> bool:
