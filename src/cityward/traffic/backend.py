@@ -126,6 +126,10 @@ class Override:
 class SignalBackend(abc.ABC):
     """Signals and detectors of a set of intersections."""
 
+    #: whether :meth:`approaching` reports each vehicle's real distance and speed (radar,
+    #: camera, simulator) rather than the coarse default built from queue counters
+    positions: bool = False
+
     @abc.abstractmethod
     def intersections(self) -> Sequence[Intersection]:
         """Every signalised intersection this backend drives."""

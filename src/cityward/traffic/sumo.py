@@ -51,6 +51,8 @@ class SumoBackend(SignalBackend):
     loop detectors in the field.
     """
 
+    positions = True
+
     def __init__(self, args: Sequence[str], api: Api = "libsumo", reach: float = 150.0) -> None:
         self.reach = reach
         self.api_kind = api

@@ -20,6 +20,16 @@ count-based rule such as max pressure does not see.
 Approaches are read upstream of the stop line (see ``SignalBackend.approach``). A movement whose
 exit is nearly full (the exit lane, with the lanes after it when it is only a junction stub) is
 left out of both sides: a green there moves nobody and only blocks the junction (spillback).
+
+What the model cannot see, the stop line shows: a lane of the current green whose first vehicle
+has stood at the line for ``stuck_s`` seconds is not moving, whatever the model predicts (a
+permissive turn finding no gap in the oncoming flow, a blocked exit beyond the detection reach,
+a vehicle that cannot change into its turning lane). Such a lane counts for nothing on the keep
+side, and for nothing on the side of any other green that gives it no more than it has now (no
+new link and no protected green where it had permissive green), so the green goes to a phase
+that can actually move someone instead of ping-ponging between two that cannot. (Only with a
+backend that reports positions and speeds: queue counters alone cannot tell a standing first
+vehicle from a discharging queue.)
 """
 
 from __future__ import annotations
@@ -33,6 +43,8 @@ VEHICLE_SPACE_M = 7.5  # a stopped car and its gap
 HEADWAY_S = 2.0  # saturation headway: one vehicle per lane every 2 s at best
 ACCEL = 2.6  # m/s2, a passenger car's typical acceleration
 CRUISE = 13.9  # m/s, 50 km/h
+AT_LINE_M = 5.0  # a vehicle this close to the stop line and standing is waiting at the line
+STANDING = 0.1  # m/s
 
 
 def time_to(dist: float, speed: float) -> float:
@@ -75,6 +87,13 @@ class AdaptiveConfig(ControllerConfig):
     full_exit: float = Field(
         default=0.85, gt=0.0, le=1.0, description="Exit occupancy (0-1) that blocks a movement."
     )
+    stuck_s: float = Field(
+        default=3.0,
+        ge=0.0,
+        le=60.0,
+        description="Seconds the first vehicle of a green lane may stand at the stop line "
+        "before the lane counts as blocked.",
+    )
 
 
 class Adaptive(Controller):
@@ -96,7 +115,27 @@ class Adaptive(Controller):
             for i, o in intersection.lanes_of(g):
                 m.setdefault(i, []).append(o)
             self.moves[g.index] = {i: tuple(dict.fromkeys(os)) for i, os in m.items()}
+        # per green phase: {incoming lane: {link index: "G" or "g"}}
+        self.signals: dict[int, dict[str, dict[int, str]]] = {}
+        for g in intersection.greens:
+            sig: dict[str, dict[int, str]] = {}
+            for k in sorted(g.green_links()):
+                lane = intersection.links[k][0]
+                if lane:
+                    sig.setdefault(lane, {})[k] = g.state[k]
+            self.signals[g.index] = sig
         self.lost_time = intersection.yellow_time + intersection.all_red_time
+        # lane of the current green -> since when its first vehicle stands at the stop line
+        self._standing: dict[str, float] = {}
+
+    def offers_more(self, phase: Phase, current: Phase, lane: str) -> bool:
+        """Whether ``phase`` gives ``lane`` a link it has no green for now, or protected green
+        where it now has permissive green."""
+        now = self.signals[current.index].get(lane, {})
+        return any(
+            k not in now or (c == "G" and now[k] == "g")
+            for k, c in self.signals[phase.index].get(lane, {}).items()
+        )
 
     def decide(self, now: float, current: Phase, green_for: float) -> Phase | None:
         assert isinstance(self.config, AdaptiveConfig)
@@ -122,11 +161,26 @@ class Adaptive(Controller):
                 )
             return got
 
+        # lanes of the current green whose first vehicle has stood at the line for stuck_s
+        stuck: set[str] = set()
+        standing = self._standing
+        for lane in self.moves[current.index] if b.positions else ():
+            v = vehicles(lane)
+            if v and v[0][0] < AT_LINE_M and v[0][1] < STANDING:
+                if now - standing.setdefault(lane, now) >= cfg.stuck_s:
+                    stuck.add(lane)
+            else:
+                standing.pop(lane, None)
+        for lane in [x for x in standing if x not in self.moves[current.index]]:
+            del standing[lane]  # a lane's wait at red is no sign of blockage
+
         def moved(phase: Phase, delay: float) -> int:
+            keep = phase.index == current.index
             return sum(
                 crossing(vehicles(i), delay, horizon)
                 for i, outs in self.moves[phase.index].items()
                 if not all(blocked(o) for o in outs)
+                and not (i in stuck and (keep or not self.offers_more(phase, current, i)))
             )
 
         best, best_n = current, 0
