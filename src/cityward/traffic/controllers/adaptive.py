@@ -88,7 +88,7 @@ class AdaptiveConfig(ControllerConfig):
         default=0.85, gt=0.0, le=1.0, description="Exit occupancy (0-1) that blocks a movement."
     )
     stuck_s: float = Field(
-        default=3.0,
+        default=4.0,
         ge=0.0,
         le=60.0,
         description="Seconds the first vehicle of a green lane may stand at the stop line "
