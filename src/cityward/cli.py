@@ -378,6 +378,9 @@ def dpia(
     console.print(f"DPIA draft written: {md} and {pdf}")
 
 
+from cityward.anomaly.cli import app as anomaly_app  # noqa: E402
+
+app.add_typer(anomaly_app, name="anomaly")
 traffic_app = typer.Typer(help="Traffic signal control in SUMO.", no_args_is_help=True)
 app.add_typer(traffic_app, name="traffic")
 

@@ -1,0 +1,81 @@
+"""Anomaly detectors: self-registering plugins with a typed configuration.
+
+A detector watches one stream of numbers (one attribute of one entity). For every new value it
+first gives a score (:meth:`Detector.score_one`: in [0, 1], higher is more anomalous, computed
+from the past only) and then learns the value (:meth:`Detector.learn_one`). Nothing a detector
+does may depend on values it has not been given yet (no look-ahead), the same seed gives the
+same scores, and its memory does not grow with the length of the stream.
+
+``cityward anomaly detectors`` lists what is registered here.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REGISTRY: dict[str, type[Detector]] = {}
+#: the platform's default detector (``--detector default``)
+DEFAULT = "windowed-gaussian"
+
+
+class DetectorConfig(BaseModel):
+    """Settings of a detector."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    seed: int = Field(default=0, description="Seed of any randomness (same seed, same scores).")
+
+
+class Detector(abc.ABC):
+    """Scores one stream of values, one value at a time."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+                raise ValueError(f"two detectors are named {cls.name!r}")
+            REGISTRY[cls.name] = cls
+
+    def __init__(self, config: DetectorConfig) -> None:
+        self.config = config
+
+    @abc.abstractmethod
+    def score_one(self, x: float, t: float) -> float:
+        """How anomalous value ``x`` at time ``t`` (Unix seconds) is, in [0, 1], given the
+        values learnt so far. Does not change the detector."""
+
+    @abc.abstractmethod
+    def learn_one(self, x: float, t: float) -> None:
+        """Take value ``x`` at time ``t`` into the detector's model of normal."""
+
+    def process(self, x: float, t: float) -> float:
+        """Score ``x``, then learn it: one step of a stream."""
+        s = self.score_one(x, t)
+        self.learn_one(x, t)
+        return s
+
+
+def create(name: str, config: dict[str, Any] | None = None) -> Detector:
+    """A registered detector by name (``default``: the platform's default), config validated."""
+    load_builtin()
+    if name == "default":
+        name = DEFAULT
+    cls = REGISTRY.get(name)
+    if cls is None:
+        known = ", ".join(sorted(REGISTRY))
+        raise KeyError(f"no detector named {name!r}; registered: {known}, default")
+    return cls(cls.Config.model_validate(config or {}))
+
+
+def load_builtin() -> dict[str, type[Detector]]:
+    """Import the built-in detectors (they register themselves)."""
+    from cityward.anomaly.detectors import ensemble, gaussian, robust  # noqa: F401
+
+    return REGISTRY
