@@ -101,7 +101,7 @@ def test_controller_respects_the_safety_rules(controller: str, grid_cfg: Path) -
                     ]
                     assert not foes_yellow, f"{tls} step {n}: {i} green right after yellow"
         # 5. no lane with vehicles waiting stays red longer than max_red (plus the clearance)
-        limit = RULES.max_red + YELLOW + ALL_RED + 2
+        limit = RULES.max_red + YELLOW + ALL_RED + RULES.clearance_extension + 2
         waiting_red: dict[str, int] = defaultdict(int)
         for n, s in enumerate(states):
             green_lanes = {x.links[i][0] for i, c in enumerate(s) if c in GREEN}
@@ -129,3 +129,39 @@ def test_a_controller_cannot_show_a_phase_outside_the_program(grid_cfg: Path) ->
         assert guard.request(x.greens[1], backend.time() + RULES.min_green)
     finally:
         backend.close()
+
+
+def test_no_green_starts_across_a_vehicle_standing_in_the_junction() -> None:
+    """ingolstadt21's gneJ257: left turners wait inside the junction for a gap. A green that
+    crosses their path starts only once they have left (or after the longest extension)."""
+    from tests.conftest import shared_path
+
+    cfg = shared_path("data", "traffic", "resco", "ingolstadt21", "ingolstadt21.sumocfg")
+    backend = SumoBackend([*scenario_args(cfg, seed=2), "--end", "58500"])
+    extended: dict[str, int] = defaultdict(int)
+    held_before: dict[str, bool] = defaultdict(bool)  # the all-red was extended last step
+    crossed: list[tuple[float, str]] = []
+    shown: dict[str, str] = {}
+
+    def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+        for tls, g in guards.items():
+            state = backend.state(tls)
+            before = shown.get(tls, state)
+            shown[tls] = state
+            starting = frozenset(
+                i for i, c in enumerate(state) if c in GREEN and before[i] not in GREEN
+            )
+            ended = frozenset(i for i, c in enumerate(before) if c in "yY")
+            # a green starting now must not cross a vehicle standing on an ended movement's
+            # path, unless the guard had held the all-red up to the longest extension
+            if starting and not held_before[tls] and backend.conflict_in_box(tls, ended, starting):
+                crossed.append((now, tls))
+            held_before[tls] = g.extensions > extended[tls]
+            extended[tls] = g.extensions
+
+    try:
+        control_loop(backend, "adaptive", 58500.0, on_step=on_step)
+    finally:
+        backend.close()
+    assert not crossed, crossed[:5]
+    assert sum(extended.values()) > 0, "no all-red was extended: the check saw nothing"

@@ -181,6 +181,15 @@ class SignalBackend(abc.ABC):
         """Length of a lane in m (from the network)."""
         return 100.0
 
+    def conflict_in_box(self, tls: str, ending: frozenset[int], starting: frozenset[int]) -> bool:
+        """Whether a vehicle stands inside the junction on the path of one of the ``ending``
+        links that crosses the path of one of the ``starting`` links (link indices).
+
+        Field: a camera or radar watching the junction box. Backends that cannot see it say
+        False, and the guard keeps the network's all-red.
+        """
+        return False
+
     def emergency_vehicles(self) -> Sequence[EmergencyVehicle]:
         """Emergency vehicles approaching (field: from their GPS feed); none by default."""
         return ()

@@ -7,6 +7,9 @@ A controller asks for a green phase; the guard decides when and how the signals 
   two conflicting links are green together whatever a controller asks;
 - a green lasts at least ``min_green`` before a switch;
 - every switch goes through ``yellow`` seconds of yellow and ``all_red`` seconds of red;
+- the red lasts longer, up to ``clearance_extension`` seconds, while a vehicle stands inside the
+  junction on the path of an ending movement that crosses the path of a starting one (a left
+  turner still waiting for its gap when its green ends): the next green does not drive into it;
 - an approach with vehicles waiting is never kept red longer than ``max_red``: the guard then
   serves it whatever the controller wants.
 """
@@ -29,6 +32,13 @@ class SafetyRules(BaseModel):
     yellow: float | None = Field(default=None, ge=2.0, le=10.0)
     all_red: float | None = Field(default=None, ge=0.0, le=10.0)
     max_red: float = Field(default=120.0, ge=30.0, le=600.0)
+    clearance_extension: float = Field(
+        default=5.0,
+        ge=0.0,
+        le=30.0,
+        description="Longest extra all-red while a vehicle stands in the junction on a path "
+        "that the next green crosses (backends that can see the junction box).",
+    )
 
 
 @dataclass
@@ -58,6 +68,7 @@ class SafetyGuard:
         self._served: dict[str, float] = dict.fromkeys(intersection.in_lanes, now)
         self._shown = ""
         self.forced_switches = 0
+        self.extensions = 0  # steps of all-red added while a vehicle stood in the junction
         self._show(self.current.state)
 
     # -- what controllers see ---------------------------------------------------------------
@@ -87,7 +98,18 @@ class SafetyGuard:
         t = self.transition
         if t is not None:
             elapsed = now - t.started
-            if elapsed >= self.yellow + self.all_red:
+            clear = self.yellow + self.all_red
+            hold = clear <= elapsed < clear + self.rules.clearance_extension and (
+                self.backend.conflict_in_box(
+                    self.x.id,
+                    self.current.green_links() - t.target.green_links(),
+                    t.target.green_links() - self.current.green_links(),
+                )
+            )
+            if hold:
+                self.extensions += 1  # steps of all-red added
+                self._show(self._clearance(self.current, t.target, "r"))
+            elif elapsed >= clear:
                 self.current = t.target
                 self.green_since = now
                 self.transition = None

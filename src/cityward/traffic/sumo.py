@@ -65,6 +65,8 @@ class SumoBackend(SignalBackend):
         self._watch_departures(self.t.vehicle.getIDList())
         self._intersections = [self._read(tls) for tls in self.t.trafficlight.getIDList()]
         self._approaches = self._find_approaches()
+        # per signal: per link, the junction's internal lanes on its path, and their foes
+        self._boxes: dict[str, tuple[list[frozenset[str]], list[frozenset[str]]]] = {}
 
     def _find_approaches(self) -> dict[str, tuple[tuple[str, float], ...]]:
         """Walk upstream from every signal's incoming lane, stopping at other signals."""
@@ -157,6 +159,32 @@ class SumoBackend(SignalBackend):
             end = self.lane_length(part) + offset
             out += [(end - float(v.getLanePosition(i)), float(v.getSpeed(i))) for i in ids(part)]
         return out
+
+    def _box(self, tls: str) -> tuple[list[frozenset[str]], list[frozenset[str]]]:
+        got = self._boxes.get(tls)
+        if got is None:
+            ln = self.t.lane
+            paths: list[frozenset[str]] = []
+            foes: list[frozenset[str]] = []
+            for links in self.t.trafficlight.getControlledLinks(tls):
+                path: set[str] = set()
+                for _, _, via in links:
+                    if via:
+                        # the link's internal lane, and the one after an internal stop line
+                        path.add(via)
+                        path.update(nxt[0] for nxt in ln.getLinks(via) if nxt[0].startswith(":"))
+                paths.append(frozenset(path))
+                foes.append(frozenset(f for p in path for f in ln.getInternalFoes(p)))
+            got = self._boxes[tls] = (paths, foes)
+        return got
+
+    def conflict_in_box(self, tls: str, ending: frozenset[int], starting: frozenset[int]) -> bool:
+        if not ending or not starting:
+            return False
+        paths, foes = self._box(tls)
+        halted = self.t.lane.getLastStepHaltingNumber
+        standing = {p for k in ending for p in paths[k] if halted(p)}
+        return bool(standing) and any(standing & foes[k] for k in starting)
 
     def lane_length(self, lane: str) -> float:
         n = self._lengths.get(lane)
