@@ -9,6 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cityward.anomaly.settings import AnomalySettings
 from cityward.governance.sources import DataSource
 
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
@@ -103,6 +104,10 @@ class Settings(BaseSettings):
         description="Development only: serve without tokens (loopback addresses only).",
     )
     governance: GovernanceSettings = Field(default_factory=GovernanceSettings)
+    anomaly: AnomalySettings = Field(
+        default_factory=AnomalySettings,
+        description="The anomaly service: watches, detectors, alert hysteresis (docs/anomaly.md).",
+    )
     default_limit: int = Field(default=20, ge=1, le=1000, description="Page size by default.")
     max_limit: int = Field(default=1000, ge=1, le=100_000, description="Largest page size.")
 

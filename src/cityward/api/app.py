@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cityward.anomaly.service import AnomalyService
 from cityward.api.ngsi import Runtime
 from cityward.api.routes import (
     batch,
@@ -68,8 +70,15 @@ def _allowed_methods(request: Request) -> set[str]:
     return methods or {"GET"}
 
 
-def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
-    """The FastAPI app over a store (opened from ``settings`` when not given)."""
+def create_app(
+    settings: Settings, store: Store | None = None, *, single_process: bool = True
+) -> FastAPI:
+    """The FastAPI app over a store (opened from ``settings`` when not given).
+
+    ``single_process``: False in the processes of ``cityward serve --workers N``; each of
+    them sees only its own writes on the in-process change feed, so none runs the anomaly
+    service.
+    """
     store = store or open_store(settings.database_url, settings.data_dir)
     resolver = ContextResolver(
         preload=settings.contexts,
@@ -97,10 +106,25 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
             "development only"
         )
 
+    anomaly: AnomalyService | None = None
+    if settings.anomaly.enabled and not single_process:
+        log.error(
+            "the anomaly service does not run with --workers > 1: each worker process sees only "
+            "its own writes on the change feed; serve with one worker to raise alerts"
+        )
+    elif settings.anomaly.enabled:
+        # built here, so that a configuration it cannot run with stops the start at once
+        anomaly = AnomalyService(
+            bank, settings.anomaly, governance=governance, context=resolver.core
+        )
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         governance.record_start()
         await subscriptions.start()
+        if anomaly is not None:
+            # reads back the open alerts first: a thread, not the event loop
+            await asyncio.to_thread(anomaly.start)
         retention = Retention(
             store, governance.catalog, governance.audit, batch=gov_settings.retention_batch
         )
@@ -111,6 +135,8 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
         try:
             yield
         finally:
+            if anomaly is not None:
+                await asyncio.to_thread(anomaly.stop)
             retention.stop()
             await subscriptions.stop()
             if governance.audit is not None:
@@ -130,6 +156,7 @@ def create_app(settings: Settings, store: Store | None = None) -> FastAPI:
     app.state.history = history
     app.state.context_registry = ContextRegistry(store, resolver)
     app.state.governance = governance
+    app.state.anomaly = anomaly
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
     app.include_router(governance_routes.router)
@@ -178,4 +205,4 @@ def app_from_env() -> FastAPI:
 
     raw = os.environ.get(SETTINGS_ENV)
     settings = Settings.model_validate_json(raw) if raw else Settings()
-    return create_app(settings)
+    return create_app(settings, single_process=False)

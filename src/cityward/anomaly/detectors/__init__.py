@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 REGISTRY: dict[str, type[Detector]] = {}
 #: the platform's default detector (``--detector default``)
-DEFAULT = "windowed-gaussian"
+DEFAULT = "ensemble"
 
 
 class DetectorConfig(BaseModel):
@@ -35,6 +35,11 @@ class Detector(abc.ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    #: how the alert service reads the scores by default: the score of an alarm, and how many
+    #: values in a row must reach it (a smooth tail probability needs a run to be believed; a
+    #: detector that reports one spike per incident, then stays quiet, needs 1)
+    alert_threshold: ClassVar[float] = 0.999
+    alert_open_after: ClassVar[int] = 3
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -54,6 +59,13 @@ class Detector(abc.ABC):
     @abc.abstractmethod
     def learn_one(self, x: float, t: float) -> None:
         """Take value ``x`` at time ``t`` into the detector's model of normal."""
+
+    def level(self, x: float, t: float) -> float:
+        """How anomalous ``x`` is with any alarm suppression set aside (a detector that goes
+        quiet after an alarm still tells here whether the incident goes on). The alert service
+        closes an incident once this has been normal for a while. Does not change the
+        detector; by default the score itself."""
+        return self.score_one(x, t)
 
     def process(self, x: float, t: float) -> float:
         """Score ``x``, then learn it: one step of a stream."""

@@ -124,13 +124,15 @@ class Ensemble(Detector):
         "incident"
     )
     Config = EnsembleConfig
+    alert_threshold = 0.5  # the alarm level that starts the dead time
+    alert_open_after = 1  # one value per incident scores high
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
         assert isinstance(config, EnsembleConfig)
         self.cfg = config
         self.n = 0
-        self.level = 0.0
+        self.mean = 0.0
         self.prev = 0.0
         self.profile: list[float | None] = [None] * config.slots
         self.first_t: float | None = None
@@ -143,13 +145,16 @@ class Ensemble(Detector):
         p = self.profile[slot]
         day = p is not None and self.first_t is not None and t - self.first_t >= DAY_S
         return (
-            abs(x - self.level),
+            abs(x - self.mean),
             abs(x - self.prev),
             abs(x - p) if day and p is not None else None,
         )
 
     def score_one(self, x: float, t: float) -> float:
-        if self.n < self.cfg.warmup or self.quiet > 0:
+        return 0.0 if self.quiet > 0 else self.level(x, t)
+
+    def level(self, x: float, t: float) -> float:
+        if self.n < self.cfg.warmup:
             return 0.0
         errs = self._errors(x, t)
         got = [v.surprise(e) for v, e in zip(self.views, errs, strict=True) if e is not None]
@@ -175,7 +180,7 @@ class Ensemble(Detector):
     def _learn(self, x: float, t: float, score: float) -> None:
         cfg = self.cfg
         if self.n == 0:
-            self.level = self.prev = x
+            self.mean = self.prev = x
             self.first_t = t
         if self.quiet > 0:
             self.quiet -= 1
@@ -185,7 +190,7 @@ class Ensemble(Detector):
         for v, e in zip(self.views, errs, strict=True):
             if e is not None:
                 v.learn(e, cfg.err_rate, cfg.long_rate)
-        self.level += cfg.slow * (x - self.level)
+        self.mean += cfg.slow * (x - self.mean)
         self.prev = x
         slot = int((t % DAY_S) / DAY_S * cfg.slots)
         p = self.profile[slot]

@@ -32,6 +32,8 @@ class RobustZ(Detector):
     name = "robust-z"
     summary = "robust: distance from the rolling median in MADs (outliers do not move it)"
     Config = RobustZConfig
+    alert_threshold = 0.5  # the alarm level that starts the dead time
+    alert_open_after = 1  # one value per incident scores high
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
@@ -52,7 +54,10 @@ class RobustZ(Detector):
         self._learn(x, self.score_one(x, t))
 
     def score_one(self, x: float, t: float) -> float:
-        if len(self.values) < 8 or self.quiet > 0:
+        return 0.0 if self.quiet > 0 else self.level(x, t)
+
+    def level(self, x: float, t: float) -> float:
+        if len(self.values) < 8:
             return 0.0
         z = abs(x - self.median) / self.mad
         # two-sided normal tail of the robust z, on a log scale: 0.5 at a tail of 1e-5
