@@ -404,11 +404,9 @@ def traffic_controllers() -> None:
 
 def _default_scenarios() -> Path:
     """../shared/data/traffic beside the checkout (or beside the current folder)."""
-    candidates = [
-        Path(__file__).resolve().parents[3] / "shared" / "data" / "traffic",
-        Path.cwd().parent / "shared" / "data" / "traffic",
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    from cityward.shared import shared_data
+
+    return shared_data("traffic")
 
 
 @traffic_app.command("bench")

@@ -11,17 +11,15 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cityward.shared import shared_data
+
 app = typer.Typer(help="Streaming anomaly detection.", no_args_is_help=True)
 console = Console()
 
 
 def default_nab() -> Path:
     """../shared/data/nab beside the checkout (or beside the current folder)."""
-    candidates = [
-        Path(__file__).resolve().parents[4] / "shared" / "data" / "nab",
-        Path.cwd().parent / "shared" / "data" / "nab",
-    ]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
+    return shared_data("nab")
 
 
 @app.command("detectors")
