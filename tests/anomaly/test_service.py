@@ -571,3 +571,53 @@ def test_serve_refuses_to_write_alerts_no_source_declares(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigurationError, match="declares the type 'Alert'"):
         create_app(settings)
+
+
+def test_a_strong_incident_in_the_quiet_after_an_earlier_one_still_opens(bank: Bank) -> None:
+    # the ensemble stays quiet for dead_time values after an alarm, whatever it sees; once the
+    # first alert has closed, a second incident whose level reaches the high threshold opens a
+    # second alert even though the detector's score is still 0
+    dead_time = 300
+    watch = speed_watch(detector="ensemble", detector_config={"dead_time": dead_time})
+    _, high, _ = watch.levels
+    rng = random.Random(11)
+    reference = create(watch.detector, watch.detector_config)
+    seen: list[tuple[datetime, float, float]] = []
+
+    def feed(t: datetime, x: float) -> None:
+        observe(bank, SENSOR, t, averageVehicleSpeed=x)
+        ts = t.timestamp()
+        seen.append((t, reference.score_one(x, ts), reference.level(x, ts)))
+        reference.learn_one(x, ts)
+
+    service = run_service(bank, watch)
+    try:
+        t = T0
+        for _ in range(2 * 288):
+            feed(t, normal_speed(rng, t))
+            t += STEP
+        for _ in range(3):  # a short slowdown: one alert
+            feed(t, round(20 + rng.gauss(0, 1), 2))
+            t += STEP
+        for _ in range(30):
+            feed(t, normal_speed(rng, t))
+            t += STEP
+        second = t
+        for _ in range(12):  # the road stops, well inside the first alarm's quiet time
+            feed(t, 0.0)
+            t += STEP
+        for _ in range(30):
+            feed(t, normal_speed(rng, t))
+            t += STEP
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    # the premise: the detector is quiet (score 0) through the second incident, but its level
+    # reaches the high threshold
+    during = [(score, level) for at, score, level in seen if second <= at < second + 12 * STEP]
+    assert all(score == 0.0 for score, _ in during)
+    assert max(level for _, level in during) >= high
+    got = sorted(alerts(bank), key=lambda a: when(a["validFrom"]))
+    assert len(got) == 2, [(a["validFrom"], a["alertStatus"]) for a in got]
+    assert got[0]["alertStatus"] == "closed"
+    assert second <= when(got[1]["validFrom"]) < second + 12 * STEP

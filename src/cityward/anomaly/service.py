@@ -687,6 +687,10 @@ class AnomalyService:
         s = point.score
         incident = self._open.get(key)
         if incident is None:
+            if point.level is not None and point.level >= high:
+                # a detector still quiet after an earlier alarm whose alert has closed: a new
+                # incident strong enough to reach the high threshold opens all the same
+                s = max(s, point.level)
             if s < threshold:
                 stream.run = 0
                 return
