@@ -76,7 +76,7 @@ def crossing(vehicles: list[tuple[float, float]], delay: float, horizon: float) 
 
 class AdaptiveConfig(ControllerConfig):
     horizon_factor: float = Field(
-        default=2.5,
+        default=2.0,
         ge=1.0,
         le=10.0,
         description="Look-ahead, in multiples of the intersection's lost time per switch.",
