@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import sqlite3
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,7 @@ from cityward.bank.changes import Change
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.model import EntityParser
 from cityward.bank.service import Bank
-from cityward.bank.store import WriteTxn
-from cityward.bank.store.sqlite import SqliteStore
+from cityward.bank.store import Store, WriteTxn
 from cityward.config import GovernanceSettings, Settings
 from cityward.governance.sources import DataSource
 from tests.conftest import shared_path
@@ -49,10 +47,9 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)  # a Monday
 
 
 @pytest.fixture
-def bank(tmp_path: Path) -> Iterator[Bank]:
-    store = SqliteStore(tmp_path / "bank.db")
-    yield Bank(store)
-    store.close()
+def bank(store: Store) -> Bank:
+    """A bank on each backend (SQLite and PostgreSQL: the ``store`` fixture)."""
+    return Bank(store)
 
 
 def iso(t: datetime) -> str:
