@@ -341,7 +341,10 @@ def test_full_queue_coalesces_and_never_blocks() -> None:
     q = CoalescingQueue(maxsize=4)
     for n in range(1000):  # nobody takes: put must return every time
         q.put(f"e{n % 3}", {"id": f"e{n % 3}", "a": n, **({"first": True} if n < 3 else {})})
-    items = q.take(10, timeout=0)
+    items: list[tuple[str, dict[str, Any]]] = []
+    while batch := q.take(10, timeout=0):
+        assert len({eid for eid, _ in batch}) == len(batch)  # no entity twice in a batch
+        items += batch
     assert len(items) <= 4
     merged: dict[str, dict[str, Any]] = {}
     for eid, frag in items:  # what the bank ends up with, applying them in order
@@ -353,6 +356,21 @@ def test_full_queue_coalesces_and_never_blocks() -> None:
         q.put(f"x{n}", {"id": f"x{n}"})
     assert [eid for eid, _ in q.take(10, timeout=0)] == ["x2", "x3", "x4", "x5"]
     assert q.dropped == 2
+
+
+def test_a_batch_never_holds_one_entity_twice() -> None:
+    # the bank keeps one state per entity of a batch upsert: two updates of one entity in one
+    # batch would reach its history as one instance
+    q = CoalescingQueue(maxsize=100)
+    for n in range(5):
+        q.put("ev", {"id": "ev", "currentLane": f"lane{n}"})
+        q.put(f"s{n}", {"id": f"s{n}"})
+    batches = []
+    while batch := q.take(50, timeout=0):
+        batches.append([(eid, frag.get("currentLane")) for eid, frag in batch])
+    assert [b[0] for b in batches] == [("ev", f"lane{n}") for n in range(5)]
+    assert all(len({eid for eid, _ in b}) == len(b) for b in batches)
+    assert sum(len(b) for b in batches) == 10  # nothing lost, order kept
 
 
 X = Intersection(

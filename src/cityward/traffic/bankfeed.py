@@ -144,13 +144,18 @@ class CoalescingQueue:
             self._cond.notify()
 
     def take(self, n: int, timeout: float) -> list[tuple[str, Doc]]:
-        """Up to ``n`` updates, oldest first; waits up to ``timeout`` s for the first."""
+        """Up to ``n`` updates, oldest first, no entity twice; waits up to ``timeout`` s for the
+        first. (A batch upsert leaves one state per entity: two updates of one entity in a
+        batch would reach the bank's history as one.)"""
         with self._cond:
             if not self._items and timeout > 0:
                 self._cond.wait(timeout)
             out: list[tuple[str, Doc]] = []
-            while self._items and len(out) < n:
-                out.append(self._items.popleft())
+            ids: set[str] = set()
+            while self._items and len(out) < n and self._items[0][0] not in ids:
+                eid, frag = self._items.popleft()
+                ids.add(eid)
+                out.append((eid, frag))
             return out
 
     def counters(self) -> tuple[int, int]:
