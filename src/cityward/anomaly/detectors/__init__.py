@@ -74,6 +74,63 @@ class Detector(abc.ABC):
         return s
 
 
+class AlarmConfig(DetectorConfig):
+    """Settings of a detector that reports one alarm per incident."""
+
+    alarm: float = Field(default=0.5, gt=0.0, le=1.0, description="Score that starts dead time.")
+    dead_time: int = Field(
+        default=100, ge=0, le=100_000, description="Quiet values after an alarm."
+    )
+
+
+class OneAlarmPerIncident(Detector):
+    """A detector that reports one alarm per incident: after a score of at least ``alarm`` it
+    scores 0 for ``dead_time`` values (the repeats add nothing for an operator), while
+    :meth:`level` still tells whether the stream is anomalous.
+
+    Subclasses compute the level (:meth:`surprise`) and learn a value (:meth:`update`). The
+    level of a value is computed once, however many of ``level``, ``score_one``, ``learn_one``
+    ask for it (the alert service asks all three).
+    """
+
+    Config: ClassVar[type[DetectorConfig]] = AlarmConfig
+    alert_threshold: ClassVar[float] = 0.5  # the alarm level that starts the dead time
+    alert_open_after: ClassVar[int] = 1  # one value per incident scores high
+
+    def __init__(self, config: DetectorConfig) -> None:
+        super().__init__(config)
+        assert isinstance(config, AlarmConfig)
+        self.alarm_cfg = config
+        self.quiet = 0
+        self._last: tuple[float, float, float] | None = None  # x, t, its level
+
+    @abc.abstractmethod
+    def surprise(self, x: float, t: float) -> float:
+        """The level of ``x`` at ``t``, in [0, 1]. Does not change the detector."""
+
+    @abc.abstractmethod
+    def update(self, x: float, t: float) -> None:
+        """Learn ``x`` at ``t``."""
+
+    def level(self, x: float, t: float) -> float:
+        last = self._last
+        if last is None or last[0] != x or last[1] != t:
+            last = self._last = (x, t, self.surprise(x, t))
+        return last[2]
+
+    def score_one(self, x: float, t: float) -> float:
+        return 0.0 if self.quiet > 0 else self.level(x, t)
+
+    def learn_one(self, x: float, t: float) -> None:
+        score = self.score_one(x, t)
+        if self.quiet > 0:
+            self.quiet -= 1
+        elif score >= self.alarm_cfg.alarm:
+            self.quiet = self.alarm_cfg.dead_time
+        self.update(x, t)
+        self._last = None
+
+
 def create(name: str, config: dict[str, Any] | None = None) -> Detector:
     """A registered detector by name (``default``: the platform's default), config validated."""
     load_builtin()

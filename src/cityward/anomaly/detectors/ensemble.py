@@ -35,13 +35,13 @@ from typing import Literal
 
 from pydantic import Field
 
-from cityward.anomaly.detectors import Detector, DetectorConfig
+from cityward.anomaly.detectors import AlarmConfig, DetectorConfig, OneAlarmPerIncident
 
 DAY_S = 86_400.0
 LOG_FLOOR = math.log(1e-10)  # -log of the smallest tail probability told apart
 
 
-class EnsembleConfig(DetectorConfig):
+class EnsembleConfig(AlarmConfig):
     warmup: int = Field(default=150, ge=10, le=100_000, description="Values learnt before scoring.")
     slow: float = Field(
         default=0.01, gt=0.0, lt=1.0, description="Weight of a new value in the level."
@@ -54,10 +54,6 @@ class EnsembleConfig(DetectorConfig):
         default=0.0005, gt=0.0, lt=1.0, description="Weight of a new value in the long-run stats."
     )
     slots: int = Field(default=96, ge=4, le=10_000, description="Slots of the day (96: 15 min).")
-    alarm: float = Field(default=0.5, gt=0.0, le=1.0, description="Score that starts dead time.")
-    dead_time: int = Field(
-        default=100, ge=0, le=100_000, description="Quiet values after an alarm."
-    )
     combine: Literal["best", "max"] = Field(
         default="best",
         description="'best': the time-of-day view alone once it forecasts better than the "
@@ -116,7 +112,7 @@ class _View:
         self.long_var = (1.0 - long_rate) * (self.long_var + long_rate * d * d)
 
 
-class Ensemble(Detector):
+class Ensemble(OneAlarmPerIncident):
     name = "ensemble"
     summary = (
         "cityward's own: level, step and time-of-day forecasts, each error's likelihood "
@@ -124,8 +120,6 @@ class Ensemble(Detector):
         "incident"
     )
     Config = EnsembleConfig
-    alert_threshold = 0.5  # the alarm level that starts the dead time
-    alert_open_after = 1  # one value per incident scores high
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
@@ -138,8 +132,6 @@ class Ensemble(Detector):
         self.first_t: float | None = None
         self.views = [_View(config.short) for _ in range(3)]
 
-        self.quiet = 0
-
     def _errors(self, x: float, t: float) -> tuple[float, float, float | None]:
         slot = int((t % DAY_S) / DAY_S * self.cfg.slots)
         p = self.profile[slot]
@@ -150,10 +142,7 @@ class Ensemble(Detector):
             abs(x - p) if day and p is not None else None,
         )
 
-    def score_one(self, x: float, t: float) -> float:
-        return 0.0 if self.quiet > 0 else self.level(x, t)
-
-    def level(self, x: float, t: float) -> float:
+    def surprise(self, x: float, t: float) -> float:
         if self.n < self.cfg.warmup:
             return 0.0
         errs = self._errors(x, t)
@@ -169,23 +158,11 @@ class Ensemble(Detector):
         # -log tail probability 0..23 -> 0..1; 0.5 at a tail of 1e-5
         return min(best / -LOG_FLOOR, 1.0)
 
-    def process(self, x: float, t: float) -> float:
-        s = self.score_one(x, t)
-        self._learn(x, t, s)
-        return s
-
-    def learn_one(self, x: float, t: float) -> None:
-        self._learn(x, t, self.score_one(x, t))
-
-    def _learn(self, x: float, t: float, score: float) -> None:
+    def update(self, x: float, t: float) -> None:
         cfg = self.cfg
         if self.n == 0:
             self.mean = self.prev = x
             self.first_t = t
-        if self.quiet > 0:
-            self.quiet -= 1
-        elif score >= cfg.alarm:
-            self.quiet = cfg.dead_time
         errs = self._errors(x, t)
         for v, e in zip(self.views, errs, strict=True):
             if e is not None:

@@ -11,29 +11,23 @@ from collections import deque
 import numpy as np
 from pydantic import Field
 
-from cityward.anomaly.detectors import Detector, DetectorConfig
+from cityward.anomaly.detectors import AlarmConfig, DetectorConfig, OneAlarmPerIncident
 
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution x 1.4826 = its standard deviation
 LOG_SPAN = -math.log(1e-10)
 
 
-class RobustZConfig(DetectorConfig):
-    alarm: float = Field(default=0.5, gt=0.0, le=1.0, description="Score that starts dead time.")
-    dead_time: int = Field(
-        default=100, ge=0, le=100_000, description="Quiet values after an alarm."
-    )
+class RobustZConfig(AlarmConfig):
     window: int = Field(default=1000, ge=8, le=100_000, description="Values kept.")
     step: int = Field(
         default=32, ge=1, le=10_000, description="Recompute median and MAD every step values."
     )
 
 
-class RobustZ(Detector):
+class RobustZ(OneAlarmPerIncident):
     name = "robust-z"
     summary = "robust: distance from the rolling median in MADs (outliers do not move it)"
     Config = RobustZConfig
-    alert_threshold = 0.5  # the alarm level that starts the dead time
-    alert_open_after = 1  # one value per incident scores high
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__(config)
@@ -43,20 +37,8 @@ class RobustZ(Detector):
         self.since = 0
         self.median = 0.0
         self.mad = 0.0
-        self.quiet = 0
 
-    def process(self, x: float, t: float) -> float:
-        s = self.score_one(x, t)
-        self._learn(x, s)
-        return s
-
-    def learn_one(self, x: float, t: float) -> None:
-        self._learn(x, self.score_one(x, t))
-
-    def score_one(self, x: float, t: float) -> float:
-        return 0.0 if self.quiet > 0 else self.level(x, t)
-
-    def level(self, x: float, t: float) -> float:
+    def surprise(self, x: float, t: float) -> float:
         if len(self.values) < 8:
             return 0.0
         z = abs(x - self.median) / self.mad
@@ -65,11 +47,7 @@ class RobustZ(Detector):
         tail = math.erfc(z / math.sqrt(2.0))
         return min(-math.log(tail) / LOG_SPAN, 1.0) if tail > 0.0 else 1.0
 
-    def _learn(self, x: float, score: float) -> None:
-        if self.quiet > 0:
-            self.quiet -= 1
-        elif score >= self.cfg.alarm:
-            self.quiet = self.cfg.dead_time  # one alarm per incident
+    def update(self, x: float, t: float) -> None:
         self.values.append(x)
         self.since += 1
         if self.since >= self.cfg.step or len(self.values) <= 8:
