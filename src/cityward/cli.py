@@ -388,18 +388,10 @@ app.add_typer(traffic_app, name="traffic")
 @traffic_app.command("controllers")
 def traffic_controllers() -> None:
     """List the registered signal controllers."""
-    from rich.table import Table
-
+    from cityward.plugins import settings_table
     from cityward.traffic.controllers import load_builtin
 
-    table = Table(title="signal controllers")
-    table.add_column("name")
-    table.add_column("what it does")
-    table.add_column("settings")
-    for name, cls in sorted(load_builtin().items()):
-        fields = ", ".join(f"{k}={v.default}" for k, v in cls.Config.model_fields.items())
-        table.add_row(name, cls.summary, fields or "-")
-    console.print(table)
+    console.print(settings_table("signal controllers", load_builtin()))
 
 
 def _default_scenarios() -> Path:

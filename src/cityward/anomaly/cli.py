@@ -25,18 +25,10 @@ def default_nab() -> Path:
 @app.command("detectors")
 def detectors() -> None:
     """List the registered detectors and their settings."""
-    from rich.table import Table
-
     from cityward.anomaly.detectors import DEFAULT, load_builtin
+    from cityward.plugins import settings_table
 
-    table = Table(title=f"anomaly detectors (default: {DEFAULT})")
-    table.add_column("name")
-    table.add_column("what it does")
-    table.add_column("settings")
-    for name, cls in sorted(load_builtin().items()):
-        fields = ", ".join(f"{k}={v.default}" for k, v in cls.Config.model_fields.items())
-        table.add_row(name, cls.summary, fields or "-")
-    console.print(table)
+    console.print(settings_table(f"anomaly detectors (default: {DEFAULT})", load_builtin()))
 
 
 def _config(raw: str | None) -> dict[str, Any] | None:

@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cityward.plugins import register
+
 RULES: dict[str, type[Rule]] = {}
 
 
@@ -48,10 +50,7 @@ class Rule(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            if cls.name in RULES and RULES[cls.name] is not cls:
-                raise ValueError(f"two rules are named {cls.name!r}")
-            RULES[cls.name] = cls
+        register(RULES, cls, "rule")
 
     def __init__(self, config: RuleConfig) -> None:
         self.config = config

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cityward.plugins import register
+
 REGISTRY: dict[str, type[Detector]] = {}
 #: the platform's default detector (``--detector default``)
 DEFAULT = "ensemble"
@@ -43,10 +45,7 @@ class Detector(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-                raise ValueError(f"two detectors are named {cls.name!r}")
-            REGISTRY[cls.name] = cls
+        register(REGISTRY, cls, "detector")
 
     def __init__(self, config: DetectorConfig) -> None:
         self.config = config

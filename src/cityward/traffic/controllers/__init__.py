@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from cityward.plugins import register
 from cityward.traffic.backend import Intersection, Phase, SignalBackend
 
 REGISTRY: dict[str, type[Controller]] = {}
@@ -31,10 +32,7 @@ class Controller(abc.ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        if cls.name:
-            if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
-                raise ValueError(f"two controllers are named {cls.name!r}")
-            REGISTRY[cls.name] = cls
+        register(REGISTRY, cls, "controller")
 
     def __init__(
         self, intersection: Intersection, backend: SignalBackend, config: ControllerConfig
