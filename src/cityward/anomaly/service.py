@@ -37,7 +37,6 @@ import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from cityward.anomaly.detectors import Detector, create
@@ -54,7 +53,7 @@ from cityward.bank.access import current_access
 from cityward.bank.changes import Change, Unsubscribe
 from cityward.bank.errors import NgsiError
 from cityward.bank.jsonld import Context, ContextResolver
-from cityward.bank.model import EntityParser, now_iso
+from cityward.bank.model import EntityParser, epoch_of, iso_at, now_iso
 from cityward.bank.query.qlang import parse_q, parse_type_expr
 from cityward.bank.query.sqlgen import q_conjuncts, type_conjuncts
 from cityward.bank.service import Bank
@@ -178,22 +177,6 @@ class _Point:
     sub_category: str | None = None
     severity: str | None = None
     attrs: tuple[str, ...] = ()
-
-
-def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _parse_time(value: object) -> float | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
 
 
 def _prop(value: object, **extra: object) -> Doc:
@@ -539,13 +522,13 @@ class AnomalyService:
             self._skip("non-numeric value", watch, change.entity_id, f"{name} = {value!r}")
             return None
         observed = inst.get("observedAt")
-        t = _parse_time(observed)
+        t = epoch_of(observed)
         if t is None:
             if observed is not None:
                 self._skip("unreadable observedAt", watch, change.entity_id, repr(observed))
                 return None
             self.stats.skipped["no observedAt (write time used)"] += 1
-            t = _parse_time(change.at)
+            t = epoch_of(change.at)
             if t is None:  # pragma: no cover - the bank stamps valid times
                 return None
         unit = inst.get("unitCode")
@@ -713,14 +696,16 @@ class AnomalyService:
             if incident.normal_run == 1:
                 incident.normal_since = point.t
             if incident.normal_run >= watch.close_after:
-                self._close_alert(incident, _iso(incident.normal_since or point.t), "normal again")
+                self._close_alert(
+                    incident, iso_at(incident.normal_since or point.t), "normal again"
+                )
             return
         incident.normal_run = 0
         incident.normal_since = None
         severity = self._severity(watch, s, point.severity)
         if s > incident.peak:
             incident.peak = s
-            incident.peak_at = _iso(point.t)
+            incident.peak_at = iso_at(point.t)
             incident.data["peakScore"] = round(s, 6)
         if _severity_rank(severity) > _severity_rank(incident.severity):
             incident.severity = severity
@@ -747,7 +732,7 @@ class AnomalyService:
         self, watch: WatchT, change: Change, key: StreamKey, stream: _Stream, point: _Point
     ) -> None:
         tenant, source, name = key
-        valid_from = _iso(stream.run_since)
+        valid_from = iso_at(stream.run_since)
         digest = hashlib.sha256(f"{tenant}\n{source}\n{name}\n{valid_from}".encode()).hexdigest()
         alert_id = f"{ALERT_ID_PREFIX}{name}:{digest[:20]}"
         peak = max(stream.run_peak, point.score)
@@ -777,7 +762,7 @@ class AnomalyService:
             "dateIssued": _dt(now_iso()),
             "validFrom": _dt(valid_from),
             "alertStatus": _prop("open"),
-            "anomalyScore": _prop(round(peak, 6), observedAt=_iso(point.t)),
+            "anomalyScore": _prop(round(peak, 6), observedAt=iso_at(point.t)),
             "anomalousProperty": _prop(", ".join(point.attrs)),
             "dataProvider": _prop(SERVICE_ID),
             "data": _prop(data),
@@ -789,7 +774,7 @@ class AnomalyService:
         if loc is not None and loc.get("type") == "GeoProperty":
             frag["location"] = {"type": "GeoProperty", "value": loc["value"]}
         self._open[key] = Incident(
-            alert_id, tenant, source, name, valid_from, peak, severity, data, _iso(point.t)
+            alert_id, tenant, source, name, valid_from, peak, severity, data, iso_at(point.t)
         )
         self.stats.opened += 1
         log.info("anomaly alert opened: %s on %s (%s): %s", alert_id, source, name, reason)

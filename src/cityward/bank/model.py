@@ -121,9 +121,30 @@ _FORBIDDEN = {
 _VALID_DATETIMES: dict[str, bool] = {}
 
 
+INSTANT_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
+
+
 def now_iso() -> str:
     """Current UTC time, fixed width with microseconds, so string order is time order."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return datetime.now(UTC).strftime(INSTANT_FORMAT)
+
+
+def iso_at(t: float) -> str:
+    """Unix time ``t`` as an instant in the same format as :func:`now_iso`."""
+    return datetime.fromtimestamp(t, UTC).strftime(INSTANT_FORMAT)
+
+
+def epoch_of(value: object) -> float | None:
+    """An ISO 8601 date-time (naive: UTC) as Unix time; None for anything else."""
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
 
 
 def is_uri(value: object) -> bool:

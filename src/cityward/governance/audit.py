@@ -38,6 +38,7 @@ import orjson
 import psycopg
 from psycopg.rows import TupleRow
 
+from cityward.bank.model import epoch_of
 from cityward.governance.events import AuditRecord
 
 log = logging.getLogger(__name__)
@@ -97,18 +98,6 @@ def seal_mac(key: bytes, seq: int, hash_: str) -> str:
 def utc_now() -> str:
     """Now as UTC ISO 8601 with microseconds and Z; these sort as strings."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def _epoch(ts: str | None) -> float | None:
-    if not ts:
-        return None
-    try:
-        dt = datetime.fromisoformat(ts)
-    except ValueError:
-        return None
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=UTC)
-    return dt.timestamp()
 
 
 def _norm_bound(ts: str | None) -> str | None:
@@ -742,7 +731,7 @@ class AuditLog:
         start = -(-first // every) * every
         points = [s for s in range(start, last + 1, every) if s > seal_seq]
         top = points[-1] if points else seal_seq
-        sealed_at = self._started if seal_ts is None else (_epoch(seal_ts) or 0.0)
+        sealed_at = self._started if seal_ts is None else (epoch_of(seal_ts) or 0.0)
         overdue = time.time() - sealed_at >= self._seal_interval
         if last > top and (force or (not points and overdue)):
             points.append(last)
