@@ -171,6 +171,23 @@ def test_one_incident_raises_one_alert_and_closes_it(bank: Bank) -> None:
     assert 1 <= stats.writes <= 2
 
 
+class Mirrored:
+    """Writes speeds of SENSOR into the bank and feeds the same values to a detector of the
+    watch's settings: what the service's stream sees, as (time, score, level)."""
+
+    def __init__(self, bank: Bank, watch: DetectorWatch) -> None:
+        self.bank = bank
+        self.reference = create(watch.detector, watch.detector_config)
+        self.seen: list[tuple[datetime, float, float]] = []
+
+    def feed(self, t: datetime, x: float) -> None:
+        observe(self.bank, SENSOR, t, averageVehicleSpeed=x)
+        ts = t.timestamp()
+        r = self.reference
+        self.seen.append((t, r.score_one(x, ts), r.level(x, ts)))
+        r.learn_one(x, ts)
+
+
 def test_an_incident_longer_than_the_dead_time_is_one_alert(bank: Bank) -> None:
     # the ensemble alarms once, then is quiet for dead_time values whatever it sees: the open
     # alert must live on its level (the score with the quiet set aside), neither closing in
@@ -180,15 +197,8 @@ def test_an_incident_longer_than_the_dead_time_is_one_alert(bank: Bank) -> None:
     threshold, _, clear = watch.levels
     assert (threshold, clear, watch.opens_after) == (0.5, 0.5, 1)  # the ensemble's own
     rng = random.Random(7)
-    # the same values through a detector of the same settings: what the service's stream sees
-    reference = create(watch.detector, watch.detector_config)
-    seen: list[tuple[datetime, float, float]] = []  # time, score, level
-
-    def feed(t: datetime, x: float) -> None:
-        observe(bank, SENSOR, t, averageVehicleSpeed=x)
-        ts = t.timestamp()
-        seen.append((t, reference.score_one(x, ts), reference.level(x, ts)))
-        reference.learn_one(x, ts)
+    mirror = Mirrored(bank, watch)
+    feed, seen = mirror.feed, mirror.seen
 
     service = run_service(bank, watch)
     try:
@@ -578,14 +588,8 @@ def test_a_strong_incident_in_the_quiet_after_an_earlier_one_still_opens(bank: B
     watch = speed_watch(detector="ensemble", detector_config={"dead_time": dead_time})
     _, high, _ = watch.levels
     rng = random.Random(11)
-    reference = create(watch.detector, watch.detector_config)
-    seen: list[tuple[datetime, float, float]] = []
-
-    def feed(t: datetime, x: float) -> None:
-        observe(bank, SENSOR, t, averageVehicleSpeed=x)
-        ts = t.timestamp()
-        seen.append((t, reference.score_one(x, ts), reference.level(x, ts)))
-        reference.learn_one(x, ts)
+    mirror = Mirrored(bank, watch)
+    feed, seen = mirror.feed, mirror.seen
 
     service = run_service(bank, watch)
     try:

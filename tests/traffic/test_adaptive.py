@@ -58,14 +58,16 @@ X = Intersection(
     (("a", "out1"), ("a", "out2"), ("b", "out3")),
 )
 QUEUE = [(1.0 + 7.5 * k, 0.0) for k in range(6)]  # six cars standing, the first at the line
+# two approaches, a green each: a (link 0) and b (link 1)
+TWO_WAY = Intersection(
+    "x",
+    (phase(0, "Gr"), phase(1, "yr"), phase(2, "rG"), phase(3, "ry")),
+    (("a", "o1"), ("b", "o2")),
+)
 
 
 def test_a_lane_whose_first_car_stands_at_green_stops_counting() -> None:
-    x = Intersection(
-        "x",
-        (phase(0, "Gr"), phase(1, "yr"), phase(2, "rG"), phase(3, "ry")),
-        (("a", "o1"), ("b", "o2")),
-    )
+    x = TWO_WAY
     b = Readings(x)
     ctl = create("adaptive", x, b, {"stuck_s": 3.0})
     b.vehicles = {"a": list(QUEUE), "b": [(1.0, 0.0), (8.5, 0.0)]}
@@ -79,11 +81,7 @@ def test_a_lane_whose_first_car_stands_at_green_stops_counting() -> None:
 
 
 def test_a_moving_first_car_resets_the_wait() -> None:
-    x = Intersection(
-        "x",
-        (phase(0, "Gr"), phase(1, "yr"), phase(2, "rG"), phase(3, "ry")),
-        (("a", "o1"), ("b", "o2")),
-    )
+    x = TWO_WAY
     b = Readings(x)
     ctl = create("adaptive", x, b, {"stuck_s": 3.0})
     b.vehicles = {"a": list(QUEUE), "b": [(1.0, 0.0)]}
@@ -109,11 +107,7 @@ def test_a_stuck_lane_counts_only_where_it_gets_more() -> None:
 
 
 def test_without_positions_the_stop_line_rule_is_off() -> None:
-    x = Intersection(
-        "x",
-        (phase(0, "Gr"), phase(1, "yr"), phase(2, "rG"), phase(3, "ry")),
-        (("a", "o1"), ("b", "o2")),
-    )
+    x = TWO_WAY
     b = Readings(x)
     b.positions = False  # queue counters only: a standing car and a discharging queue look alike
     ctl = create("adaptive", x, b, {"stuck_s": 0.0})
