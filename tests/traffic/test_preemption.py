@@ -15,7 +15,7 @@ import pytest
 
 from cityward.traffic.controllers import load_builtin
 from cityward.traffic.emergency import EV_TYPE, PlannedRun, add_runs, free_flow_times
-from cityward.traffic.preemption import edge_of
+from cityward.traffic.preemption import Preemption, edge_of
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
 
@@ -110,3 +110,42 @@ def test_free_flow_time_is_measured_on_the_empty_network(grid_cfg: Path) -> None
     assert set(free) == {"ev0", "ev1"}
     # at most the speed limit (13.89 m/s), not much slower with no one else and no signals
     assert length / 13.89 <= free["ev0"] + 1.0 <= 1.5 * length / 13.89 + 10.0
+
+
+def test_the_switch_waits_for_the_latest_moment_and_no_other_green_starts_meanwhile(
+    grid_cfg: Path,
+) -> None:
+    """A signal showing another green when an emergency vehicle's request starts keeps serving
+    it until the switch must begin; meanwhile it starts no green that does not serve the
+    vehicle, and the vehicle still meets green (the test above)."""
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", str(END)])
+    deferred = 0  # steps a request was on while another green kept running
+    wrong: list[tuple[float, str]] = []  # greens started while reserved, not serving the EV
+    watcher: dict[str, Preemption] = {}
+    switching: dict[str, bool] = {}
+    try:
+        routes = straight_routes(backend)
+        add_runs(backend, [PlannedRun(f"ev{n}", 120.0 + 70.0 * n, r) for n, r in enumerate(routes)])
+
+        def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+            nonlocal deferred
+            # a second view of the state the loop saw this step: preemption's requests
+            pre = watcher.setdefault("p", Preemption(backend, guards))
+            pre.update(now)
+            for tls, g in guards.items():
+                t = g.transition
+                d = pre.decide(tls, now) if pre.requests else None
+                began = t is not None and not switching.get(tls)
+                if began and d is not None and not d.links <= t.target.green_links():  # type: ignore[union-attr]
+                    # a switch began this step while reserved, to a green not serving it
+                    wrong.append((now, tls))
+                switching[tls] = t is not None
+                other = g.in_green and d is not None and not d.links <= g.current.green_links()
+                if other and d is not None and not d.switch:
+                    deferred += 1
+
+        control_loop(backend, "adaptive", END, rules=RULES, on_step=on_step)
+    finally:
+        backend.close()
+    assert deferred > 0, "some requests should find another green that can run on a while"
+    assert not wrong, f"greens started for others while reserved: {wrong}"

@@ -4,15 +4,21 @@ controller.
 Every step, for each emergency vehicle the backend reports (SUMO: vClass ``emergency``; field:
 the vehicle's GPS feed matched to the network), the signalised intersections on the rest of its
 route are found from the links that lead from one route edge to the next. For the next such
-intersection, the vehicle's arrival time is estimated from its distance at free-flow speed. The
-green for its movement is requested early enough to clear the queue in front of it:
+intersection, the vehicle's arrival time is estimated from its distance at free-flow speed. A
+request starts at the worst-case lead time:
 
-    lead time = 2 x lost time of a switch + minimum green + 2 s per vehicle queued + margin
+    lead time = 2 x lost time of a switch + minimum green + 2 s per vehicle queued ahead of it
+                + margin
 
-and held until the vehicle has crossed; then the intersection goes back to its controller
-(recovery is the controller's normal choice from the queues it now sees). Requests go through
-the safety guard like any other: clearance and minimum green still apply, so no conflicting
-green is ever shown.
+(a switch to another green has just begun, must finish and last its minimum, then switch
+again). From then on the intersection is reserved: a green that serves the vehicle is held, and
+no other green may start. The switch itself waits for the latest moment that is still in time
+from the state the signal is actually in (what is left of the current green's minimum, one
+lost time, the queue ahead, the margin), so the green that was running keeps serving its
+traffic meanwhile. The vehicle's green is held until it has crossed; then the intersection goes
+back to its controller (recovery is the controller's normal choice from the queues it now sees).
+Requests go through the safety guard like any other: clearance and minimum green still apply,
+so no conflicting green is ever shown.
 
 Two emergency vehicles wanting conflicting greens at one intersection are served one after
 the other: the first to request goes first, then the higher priority; two that a single green
@@ -31,6 +37,7 @@ FREE_FLOW_MS = 13.9  # m/s used to estimate arrival (50 km/h; EVs drive at least
 HEADWAY_S = 2.0
 MARGIN_S = 5.0
 MAX_LEAD_S = 90.0
+STANDING_MS = 0.1  # slower than this counts as queued
 STALL_S = 30.0  # a request whose vehicle has not moved closer for this long is dropped
 
 
@@ -48,6 +55,27 @@ class Request:
     dist: float = 0.0  # closest the vehicle has been to the stop line
     progress_at: float = 0.0  # when it last got closer
     expired: bool = False
+    links: frozenset[int] = frozenset()  # links that must be green for it (and those ahead)
+    eta: float = 0.0  # seconds to its arrival at free-flow speed (latest estimate)
+    clear_s: float = 0.0  # seconds the vehicles queued ahead of it need to clear the line
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What preemption wants at one intersection now: ``phase`` is the emergency vehicle's
+    green; with ``switch`` it must be requested now, without it the intersection is reserved:
+    a green serving the vehicle is held, any other may only give way to ``phase``."""
+
+    phase: Phase
+    switch: bool
+    links: frozenset[int]
+
+    def allows(self, current: Phase, want: Phase | None) -> bool:
+        """Whether a reserved intersection may go from ``current`` to ``want``: only to a
+        green that serves the vehicle, and never away from one."""
+        if self.links <= current.green_links():
+            return False
+        return want is not None and self.links <= want.green_links()
 
 
 @dataclass
@@ -92,6 +120,7 @@ class Preemption:
                 if prev is None:
                     self.stats.requests += 1
                 kept = prev if prev is not None and prev.phase == r.phase else r
+                kept.eta, kept.clear_s = r.eta, r.clear_s
                 if r.dist < kept.dist - 1.0 or kept is r:
                     kept.dist, kept.progress_at = r.dist, now
                 elif not kept.expired and now - kept.progress_at > STALL_S:
@@ -115,6 +144,33 @@ class Preemption:
             self.stats.conflicts += 1
         self.stats.served.add(first.vehicle)
         return first.phase
+
+    def decide(self, tls: str, now: float) -> Decision | None:
+        """Preemption's say at ``tls`` now, from the signal's actual state (None: none).
+
+        The request starts at the worst-case lead time; from then on no green other than the
+        vehicle's may start, and a green that serves it is held. The switch itself waits until
+        the latest moment that is still in time from the state the signal is in: what is left
+        of the current green's minimum, the lost time of one switch, the queue ahead of the
+        vehicle and the margin. The green that was running keeps serving its traffic meanwhile.
+        """
+        phase = self.phase_for(tls)
+        if phase is None:
+            return None
+        first = next(r for r in self.requests[tls] if not r.expired)
+        g = self.guards[tls]
+        t = g.transition
+        if t is not None:
+            if first.links <= t.target.green_links():
+                return Decision(phase, False, first.links)
+            # a switch elsewhere has begun: it must finish and last its minimum first
+            wait = g.yellow + g.all_red - (now - t.started) + g.rules.min_green
+        else:
+            if first.links <= g.current.green_links():
+                return Decision(phase, False, first.links)
+            wait = max(0.0, g.rules.min_green - (now - g.green_since))
+        need = wait + g.yellow + g.all_red + first.clear_s + MARGIN_S
+        return Decision(phase, first.eta <= need, first.links)
 
     # -- internals ----------------------------------------------------------------------------
     def _requests(self, ev: EmergencyVehicle, now: float) -> list[tuple[str, Request]]:
@@ -141,8 +197,13 @@ class Preemption:
             eta = dist / max(ev.speed_ms, FREE_FLOW_MS)
             if phase is None or eta > MAX_LEAD_S:
                 break
+            # halted vehicles ahead of it (the queue behind it does not delay it)
             queued = max(
-                sum(self.backend.queue(part) for part, _ in self.backend.approach(x.links[n][0]))
+                sum(
+                    1
+                    for d, v in self.backend.approaching(x.links[n][0])
+                    if v < STANDING_MS and d < dist
+                )
                 for n in links
             )
             # worst case: a switch to another green has just begun; it must finish, that green
@@ -150,7 +211,26 @@ class Preemption:
             lead = 2 * (guard.yellow + guard.all_red) + guard.rules.min_green
             lead += HEADWAY_S * queued + MARGIN_S
             if eta <= min(lead, MAX_LEAD_S):
-                out.append((x.id, Request(ev.id, phase, now, ev.priority, dist, now)))
+                # what must be green: its green's links from the lanes it drives in (a car
+                # ahead of it in a shared lane must move too)
+                lanes = {x.links[n][0] for n in links}
+                need = frozenset(n for n in phase.green_links() if x.links[n][0] in lanes)
+                out.append(
+                    (
+                        x.id,
+                        Request(
+                            ev.id,
+                            phase,
+                            now,
+                            ev.priority,
+                            dist,
+                            now,
+                            links=need,
+                            eta=eta,
+                            clear_s=HEADWAY_S * queued,
+                        ),
+                    )
+                )
         return out
 
     def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:

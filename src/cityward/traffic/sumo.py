@@ -286,11 +286,11 @@ def control_loop(
         if pre is not None:
             pre.update(now)
         for tls, guard in guards.items():
-            green = pre.phase_for(tls) if pre is not None and pre.requests else None
-            if green is not None:
-                # an emergency vehicle is coming: its green first, whatever else is asked
+            ev = pre.decide(tls, now) if pre is not None and pre.requests else None
+            if ev is not None and ev.switch:
+                # an emergency vehicle is coming: its green now, whatever else is asked
                 if guard.can_switch(now):
-                    guard.request(green, now)
+                    guard.request(ev.phase, now)
             elif guard.can_switch(now):
                 ov = overrides.get(tls)
                 if ov is not None and not ov.active(now):
@@ -311,6 +311,10 @@ def control_loop(
                     want = ctl.decide(now, guard.current, guard.green_for(now))
                     stats.decide_s += time.perf_counter() - t0
                     stats.decisions += 1
+                if ev is not None and not ev.allows(guard.current, want):
+                    # reserved for an emergency vehicle: hold a green that serves it, start
+                    # none but one that does
+                    want = None
                 if want is not None:
                     guard.request(want, now)
             guard.tick(now)
