@@ -90,13 +90,17 @@ def run_one(
     *,
     end: float | None = None,
     ev_per_hour: float = 0.0,
+    ev_as_cars: bool = False,
 ) -> dict[str, Any]:
-    """One simulation; returns a results row (and writes SUMO's outputs to ``out_dir``)."""
+    """One simulation; returns a results row (and writes SUMO's outputs to ``out_dir``).
+
+    ``ev_as_cars`` drives the emergency runs as ordinary cars: a control run that shows what
+    adding the same vehicles, with no preemption, does to the others' delay."""
     stop = end if end is not None else scenario.end
     backend = SumoBackend([*scenario_args(scenario.cfg, seed, out_dir), "--end", str(stop)])
     try:
         runs = plan_runs(backend, ev_per_hour, backend.time(), stop, seed)
-        add_runs(backend, runs)
+        add_runs(backend, runs, as_cars=ev_as_cars)
         stats = control_loop(backend, controller, stop)
         n_x = len(backend.intersections())
     finally:
@@ -105,7 +109,7 @@ def run_one(
     ev_travel: float | None = None
     ev_free: float | None = None
     ev_worst: float | None = None
-    if runs:
+    if runs and not ev_as_cars:
         done = travel_times(out_dir / "tripinfo.xml")
         free = free_flow_times(net_file(scenario.cfg), runs, out_dir)
         both = [r.id for r in runs if r.id in done and r.id in free]

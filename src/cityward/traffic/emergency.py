@@ -18,6 +18,9 @@ from cityward.traffic.preemption import edge_of
 from cityward.traffic.sumo import SumoBackend
 
 EV_TYPE = "cw_emergency"  # metrics recognise emergency vehicles by "emergency" in the vType
+# the same runs driven as ordinary cars (a control: what adding any six vehicles does to the
+# others' delay); "emergency" in the id keeps them out of the others' figures too
+CONTROL_TYPE = "cw_emergency_as_car"
 FINISH_S = 900.0  # the last run departs this long before the end
 
 
@@ -39,6 +42,10 @@ def net_file(cfg: Path) -> Path:
 
 def _ensure_type(backend: SumoBackend) -> None:
     vt = backend.t.vehicletype
+    if CONTROL_TYPE not in vt.getIDList():
+        vt.copy("DEFAULT_VEHTYPE", CONTROL_TYPE)
+        vt.setSpeedFactor(CONTROL_TYPE, 1.0)
+        vt.setSpeedDeviation(CONTROL_TYPE, 0.0)
     if EV_TYPE not in vt.getIDList():
         vt.copy("DEFAULT_VEHTYPE", EV_TYPE)
         vt.setVehicleClass(EV_TYPE, "emergency")
@@ -100,8 +107,9 @@ def plan_runs(
     ]
 
 
-def add_runs(backend: SumoBackend, runs: Sequence[PlannedRun]) -> None:
-    """Put planned runs into a running simulation."""
+def add_runs(backend: SumoBackend, runs: Sequence[PlannedRun], *, as_cars: bool = False) -> None:
+    """Put planned runs into a running simulation (``as_cars``: as ordinary cars, which no
+    signal preempts for, instead of emergency vehicles)."""
     _ensure_type(backend)
     t = backend.t
     for r in runs:
@@ -109,7 +117,7 @@ def add_runs(backend: SumoBackend, runs: Sequence[PlannedRun]) -> None:
         t.vehicle.add(
             r.id,
             f"{r.id}_route",
-            typeID=EV_TYPE,
+            typeID=CONTROL_TYPE if as_cars else EV_TYPE,
             depart=str(r.depart),
             departLane="best",
             departSpeed="max",
