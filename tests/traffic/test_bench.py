@@ -110,3 +110,31 @@ def test_bench_with_emergency_vehicles_pairs_each_run_and_reports_free_flow(
     free_mean = with_ev["ev_free_flow_time_s"]
     assert 0.9 * free_mean <= with_ev["ev_travel_time_s"] < 2 * max(free_times)
     assert "emergency vehicles, 12 per hour" in result.output
+
+
+def test_the_control_run_drives_the_same_runs_as_ordinary_cars(tmp_path: Path) -> None:
+    """``run_one(ev_as_cars=True)``: the emergency runs' routes and departures, as cars that no
+    signal preempts for, left out of the others' figures like emergency vehicles."""
+    from cityward.traffic.bench import find_scenarios, run_one
+    from cityward.traffic.emergency import CONTROL_TYPE, EV_TYPE
+
+    sc = find_scenarios(shared_path("data", "traffic"))["cologne3"]
+    rows = {
+        cars: run_one(
+            sc, "adaptive", 2, tmp_path / str(cars), end=26400, ev_per_hour=12, ev_as_cars=cars
+        )
+        for cars in (False, True)
+    }
+    trips = {
+        cars: {
+            t.get("id"): t.get("vType")
+            for t in ET.parse(tmp_path / str(cars) / "tripinfo.xml").getroot().iter("tripinfo")
+            if str(t.get("id")).startswith("emergency_")
+        }
+        for cars in rows
+    }
+    assert set(trips[True]) == set(trips[False]) and len(trips[True]) == 4
+    assert set(trips[True].values()) == {CONTROL_TYPE}
+    assert set(trips[False].values()) == {EV_TYPE}
+    assert rows[False]["_ev_served"] == 4 and rows[True]["_ev_served"] == 0
+    assert rows[True]["ev_travel_time_s"] is None and rows[True]["ev_count"] == 4
