@@ -149,10 +149,15 @@ class Preemption:
         """Preemption's say at ``tls`` now, from the signal's actual state (None: none).
 
         The request starts at the worst-case lead time; from then on no green other than the
-        vehicle's may start, and a green that serves it is held. The switch itself waits until
-        the latest moment that is still in time from the state the signal is in: what is left
-        of the current green's minimum, the lost time of one switch, the queue ahead of the
-        vehicle and the margin. The green that was running keeps serving its traffic meanwhile.
+        vehicle's may start. The switch itself waits until the latest moment that is still in
+        time from the state the signal is in: what is left of the current green's minimum, the
+        lost time of one switch, the queue ahead of the vehicle and the margin. The green that
+        was running keeps serving its traffic meanwhile.
+
+        A green that already serves the vehicle is held from the last moment a switch away
+        could still come back in time (two lost times, a minimum green, the queue ahead; no
+        margin): until then its controller may still end it, and the vehicle's green is then
+        requested again like any other.
         """
         phase = self.phase_for(tls)
         if phase is None:
@@ -160,16 +165,19 @@ class Preemption:
         first = next(r for r in self.requests[tls] if not r.expired)
         g = self.guards[tls]
         t = g.transition
+        lost = g.yellow + g.all_red
+        serving = first.links <= (t.target if t is not None else g.current).green_links()
+        if serving:
+            # holding costs the others; hold only once a switch away could not come back
+            if first.eta > 2 * lost + g.rules.min_green + first.clear_s:
+                return None
+            return Decision(phase, False, first.links)
         if t is not None:
-            if first.links <= t.target.green_links():
-                return Decision(phase, False, first.links)
             # a switch elsewhere has begun: it must finish and last its minimum first
-            wait = g.yellow + g.all_red - (now - t.started) + g.rules.min_green
+            wait = lost - (now - t.started) + g.rules.min_green
         else:
-            if first.links <= g.current.green_links():
-                return Decision(phase, False, first.links)
             wait = max(0.0, g.rules.min_green - (now - g.green_since))
-        need = wait + g.yellow + g.all_red + first.clear_s + MARGIN_S
+        need = wait + lost + first.clear_s + MARGIN_S
         return Decision(phase, first.eta <= need, first.links)
 
     # -- internals ----------------------------------------------------------------------------
