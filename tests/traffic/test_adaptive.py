@@ -4,6 +4,7 @@ readings are what a radar would report)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from cityward.traffic.backend import Intersection, Phase, SignalBackend
 from cityward.traffic.controllers import create
@@ -115,3 +116,67 @@ def test_without_positions_the_stop_line_rule_is_off() -> None:
     green_a, _ = x.greens
     assert ctl.decide(10.0, green_a, 10.0) is None
     assert ctl.decide(30.0, green_a, 30.0) is None
+
+
+class Network(Readings):
+    """Readings plus lane lengths and which lanes are network entries."""
+
+    def __init__(self, x: Intersection, lengths: dict[str, float], entries: set[str]) -> None:
+        super().__init__(x)
+        self.lengths = lengths
+        self.entries = entries
+
+    def lane_length(self, lane: str) -> float:
+        return self.lengths.get(lane, 300.0)
+
+    def is_entry(self, lane: str) -> bool:
+        return lane in self.entries
+
+
+def spill_choice(
+    length: float, entries: set[str], weight: float, driving: int = 20, spill_length: float = 100.0
+) -> Phase | None:
+    """a: a lane of ``length`` m packed with standing cars; b, on green: ``driving`` cars
+    driving in. What the controller does after b's minimum green."""
+    x = TWO_WAY
+    b = Network(x, {"a": length}, entries)
+    ctl = create("adaptive", x, b, {"spill_weight": weight, "spill_length": spill_length})
+    packed = int(length // 7.5)
+    b.vehicles = {
+        "a": [(1.0 + 7.5 * k, 0.0) for k in range(packed)],
+        "b": [(5.0 + 12.0 * k, 13.0) for k in range(driving)],
+    }
+    return ctl.decide(10.0, x.greens[1], 10.0)
+
+
+def test_a_full_lane_fed_by_others_weighs_more_than_its_own_crossings() -> None:
+    green_a = TWO_WAY.greens[0]
+    # b moves more vehicles over the look-ahead than a would: without the weight, keep b
+    assert spill_choice(120.0, set(), weight=0.0) is None
+    # a is full and other lanes feed it: each car it lets go frees room upstream
+    assert spill_choice(120.0, set(), weight=1.0) == green_a
+    # a network entry backs up outside the network: no spillback inside
+    assert spill_choice(120.0, {"a"}, weight=1.0) is None
+    # a short lane fills in normal traffic: not spillback under the default length...
+    assert spill_choice(60.0, set(), weight=1.0, driving=12) is None
+    # ...though the same readings would count with a shorter threshold
+    assert spill_choice(60.0, set(), weight=1.0, driving=12, spill_length=50.0) == green_a
+
+
+def test_sumo_knows_which_lanes_are_network_entries(grid_cfg: Path) -> None:
+    """On the grid (real SUMO), the lanes from the fringe into the first signals are entries;
+    the lanes between two signals are fed by others."""
+    from cityward.traffic.sumo import SumoBackend, scenario_args
+
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=1), "--end", "10"])
+    try:
+        lanes = {i for x in backend.intersections() for i in x.in_lanes}
+        entries = {lane for lane in lanes if backend.is_entry(lane)}
+        inner = lanes - entries
+        assert entries and inner
+        # an inner lane leaves another signal; an entry lane leaves no lane of the network
+        out_of_signals = {o for x in backend.intersections() for _, o in x.links if o}
+        assert all(any(o == lane for o in out_of_signals) for lane in inner)
+        assert not entries & out_of_signals
+    finally:
+        backend.close()

@@ -181,6 +181,11 @@ class SignalBackend(abc.ABC):
         """Length of a lane in m (from the network)."""
         return 100.0
 
+    def is_entry(self, lane: str) -> bool:
+        """Whether no other lane leads into ``lane`` (vehicles join it from outside the
+        network). Field: from the network model; unknown counts as an entry."""
+        return True
+
     def conflict_in_box(self, tls: str, ending: frozenset[int], starting: frozenset[int]) -> bool:
         """Whether a vehicle stands inside the junction on the path of one of the ``ending``
         links that crosses the path of one of the ``starting`` links (link indices).

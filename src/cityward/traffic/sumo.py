@@ -65,6 +65,7 @@ class SumoBackend(SignalBackend):
         self._watch_departures(self.t.vehicle.getIDList())
         self._intersections = [self._read(tls) for tls in self.t.trafficlight.getIDList()]
         self._approaches = self._find_approaches()
+        self._fed = {n for nxt in self._next.values() for n in nxt}  # lanes other lanes enter
         # per signal: per link, the junction's internal lanes on its path, and their foes
         self._boxes: dict[str, tuple[list[frozenset[str]], list[frozenset[str]]]] = {}
 
@@ -109,6 +110,9 @@ class SumoBackend(SignalBackend):
 
     def approach(self, lane: str) -> Sequence[tuple[str, float]]:
         return self._approaches.get(lane, ((lane, 0.0),))
+
+    def is_entry(self, lane: str) -> bool:
+        return lane not in self._fed
 
     def _read(self, tls: str) -> Intersection:
         tl = self.t.trafficlight

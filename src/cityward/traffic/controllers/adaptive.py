@@ -21,6 +21,13 @@ Approaches are read upstream of the stop line (see ``SignalBackend.approach``). 
 exit is nearly full (the exit lane, with the lanes after it when it is only a junction stub) is
 left out of both sides: a green there moves nobody and only blocks the junction (spillback).
 
+A lane that is full and fed by other lanes (``spill_weight``: its queue reaches back to the
+junction before it, on a lane of at least ``spill_length`` m) counts its crossings double:
+each vehicle it lets go also frees room for the movements upstream that feed it. Without this,
+a full left-turn lane loses the count against two moving lanes of a side street again and
+again while its queue shuts the junctions behind it. A network entry backs up outside the
+network and short lanes fill in normal traffic, so neither counts.
+
 What the model cannot see, the stop line shows: a lane of the current green whose first vehicle
 has stood at the line for ``stuck_s`` seconds is not moving, whatever the model predicts (a
 permissive turn finding no gap in the oncoming flow, a blocked exit beyond the detection reach,
@@ -86,6 +93,20 @@ class AdaptiveConfig(ControllerConfig):
     )
     full_exit: float = Field(
         default=0.85, gt=0.0, le=1.0, description="Exit occupancy (0-1) that blocks a movement."
+    )
+    spill_weight: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=10.0,
+        description="Extra weight of a crossing from an incoming lane that is full (spilling "
+        "back) and fed by other lanes: each vehicle it lets go also frees room upstream.",
+    )
+    spill_length: float = Field(
+        default=100.0,
+        ge=0.0,
+        le=1000.0,
+        description="Shortest incoming lane (m) whose filling counts as spillback; shorter "
+        "lanes fill with a few vehicles in normal traffic.",
     )
     stuck_s: float = Field(
         default=4.0,
@@ -174,16 +195,31 @@ class Adaptive(Controller):
         for lane in [x for x in standing if x not in self.moves[current.index]]:
             del standing[lane]  # a lane's wait at red is no sign of blockage
 
-        def moved(phase: Phase, delay: float) -> int:
+        weights: dict[str, float] = {}
+
+        def weight(lane: str) -> float:
+            """1, or 1 + spill_weight for a long lane, fed by others, that is full."""
+            got = weights.get(lane)
+            if got is None:
+                n = b.lane_length(lane)
+                spilling = (
+                    n >= cfg.spill_length
+                    and b.count(lane) * VEHICLE_SPACE_M >= cfg.full_exit * n
+                    and not b.is_entry(lane)
+                )
+                got = weights[lane] = 1.0 + cfg.spill_weight if spilling else 1.0
+            return got
+
+        def moved(phase: Phase, delay: float) -> float:
             keep = phase.index == current.index
             return sum(
-                crossing(vehicles(i), delay, horizon)
+                crossing(vehicles(i), delay, horizon) * weight(i)
                 for i, outs in self.moves[phase.index].items()
                 if not all(blocked(o) for o in outs)
                 and not (i in stuck and (keep or not self.offers_more(phase, current, i)))
             )
 
-        best, best_n = current, 0
+        best, best_n = current, 0.0
         for g in self.x.greens:
             if g.index != current.index:
                 n = moved(g, self.lost_time)
