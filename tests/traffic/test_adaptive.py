@@ -134,14 +134,21 @@ class Network(Readings):
 
 
 def spill_choice(
-    length: float, entries: set[str], weight: float, driving: int = 20, spill_length: float = 100.0
+    length: float,
+    entries: set[str],
+    weight: float,
+    driving: int = 20,
+    spill_length: float = 100.0,
+    filled: float = 1.0,
+    spill_fill: float = 0.6,
 ) -> Phase | None:
-    """a: a lane of ``length`` m packed with standing cars; b, on green: ``driving`` cars
-    driving in. What the controller does after b's minimum green."""
+    """a: a lane of ``length`` m, its first ``filled`` share packed with standing cars; b, on
+    green: ``driving`` cars driving in. What the controller does after b's minimum green."""
     x = TWO_WAY
     b = Network(x, {"a": length}, entries)
-    ctl = create("adaptive", x, b, {"spill_weight": weight, "spill_length": spill_length})
-    packed = int(length // 7.5)
+    config = {"spill_weight": weight, "spill_length": spill_length, "spill_fill": spill_fill}
+    ctl = create("adaptive", x, b, config)
+    packed = int(length * filled // 7.5)
     b.vehicles = {
         "a": [(1.0 + 7.5 * k, 0.0) for k in range(packed)],
         "b": [(5.0 + 12.0 * k, 13.0) for k in range(driving)],
@@ -161,6 +168,10 @@ def test_a_full_lane_fed_by_others_weighs_more_than_its_own_crossings() -> None:
     assert spill_choice(60.0, set(), weight=1.0, driving=12) is None
     # ...though the same readings would count with a shorter threshold
     assert spill_choice(60.0, set(), weight=1.0, driving=12, spill_length=50.0) == green_a
+    # a queue over 65 % of a 200 m lane is spilling back from 60 %, not yet from 85 %
+    assert spill_choice(200.0, set(), weight=0.0, filled=0.65) is None
+    assert spill_choice(200.0, set(), weight=1.0, filled=0.65) == green_a
+    assert spill_choice(200.0, set(), weight=1.0, filled=0.65, spill_fill=0.85) is None
 
 
 def test_sumo_knows_which_lanes_are_network_entries(grid_cfg: Path) -> None:

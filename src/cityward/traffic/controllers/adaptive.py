@@ -21,8 +21,8 @@ Approaches are read upstream of the stop line (see ``SignalBackend.approach``). 
 exit is nearly full (the exit lane, with the lanes after it when it is only a junction stub) is
 left out of both sides: a green there moves nobody and only blocks the junction (spillback).
 
-A lane that is full and fed by other lanes (``spill_weight``: its queue reaches back to the
-junction before it, on a lane of at least ``spill_length`` m) counts its crossings double:
+A lane fed by other lanes whose queue reaches back over ``spill_fill`` (60 %) of its length (a
+lane of at least ``spill_length`` m) counts its crossings with weight 1 + ``spill_weight`` (2):
 each vehicle it lets go also frees room for the movements upstream that feed it. Without this,
 a full left-turn lane loses the count against two moving lanes of a side street again and
 again while its queue shuts the junctions behind it. A network entry backs up outside the
@@ -100,6 +100,13 @@ class AdaptiveConfig(ControllerConfig):
         le=10.0,
         description="Extra weight of a crossing from an incoming lane that is full (spilling "
         "back) and fed by other lanes: each vehicle it lets go also frees room upstream.",
+    )
+    spill_fill: float = Field(
+        default=0.6,
+        gt=0.0,
+        le=1.0,
+        description="Share of a lane's length holding vehicles from which it counts as "
+        "spilling back.",
     )
     spill_length: float = Field(
         default=100.0,
@@ -198,13 +205,13 @@ class Adaptive(Controller):
         weights: dict[str, float] = {}
 
         def weight(lane: str) -> float:
-            """1, or 1 + spill_weight for a long lane, fed by others, that is full."""
+            """1, or 1 + spill_weight for a long lane, fed by others, that is filling up."""
             got = weights.get(lane)
             if got is None:
                 n = b.lane_length(lane)
                 spilling = (
                     n >= cfg.spill_length
-                    and b.count(lane) * VEHICLE_SPACE_M >= cfg.full_exit * n
+                    and b.count(lane) * VEHICLE_SPACE_M >= cfg.spill_fill * n
                     and not b.is_entry(lane)
                 )
                 got = weights[lane] = 1.0 + cfg.spill_weight if spilling else 1.0
