@@ -38,7 +38,7 @@ import orjson
 import psycopg
 from psycopg.rows import TupleRow
 
-from cityward.bank.model import epoch_of
+from cityward.bank.model import INSTANT_FORMAT, epoch_of, now_iso
 from cityward.governance.events import AuditRecord
 
 log = logging.getLogger(__name__)
@@ -95,11 +95,6 @@ def seal_mac(key: bytes, seq: int, hash_: str) -> str:
     return hmac.new(key, f"{seq}:{hash_}".encode(), hashlib.sha256).hexdigest()
 
 
-def utc_now() -> str:
-    """Now as UTC ISO 8601 with microseconds and Z; these sort as strings."""
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def _norm_bound(ts: str | None) -> str | None:
     """A since/until bound in the stored format, so string comparison is time comparison."""
     if not ts:
@@ -110,7 +105,7 @@ def _norm_bound(ts: str | None) -> str | None:
         raise ValueError(f"{ts!r} is not an ISO 8601 date or time") from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return dt.astimezone(UTC).strftime(INSTANT_FORMAT)
 
 
 # -- records as they are queued ---------------------------------------------------------------
@@ -164,7 +159,7 @@ def _prepare(
     entity_ids = _texts(rec.entity_ids)
     extra = _plain(rec.extra)
     fields: dict[str, Any] = {
-        "ts": _text(rec.ts) if rec.ts else utc_now(),
+        "ts": _text(rec.ts) if rec.ts else now_iso(),
         "action": _text(rec.action),
         "actor": _text(rec.actor),
         "role": _text(rec.role),
@@ -736,7 +731,7 @@ class AuditLog:
         if last > top and (force or (not points and overdue)):
             points.append(last)
         if points:
-            now = utc_now()
+            now = now_iso()
             db.many(
                 f"INSERT INTO {self._b.seals} (seq, hash, ts, mac) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT DO NOTHING",  # a seal left beyond a truncated tail stays as evidence

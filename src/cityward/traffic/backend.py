@@ -16,6 +16,9 @@ from functools import cached_property
 GREEN = frozenset("Gg")
 
 
+HALTED_MS = 0.1  # a vehicle slower than this is halted (SUMO's own threshold)
+
+
 @dataclass(frozen=True, slots=True)
 class Phase:
     """One phase of an intersection's program: a state per controlled link."""

@@ -11,14 +11,15 @@ request starts at the worst-case lead time:
                 + margin
 
 (a switch to another green has just begun, must finish and last its minimum, then switch
-again). From then on the intersection is reserved: a green that serves the vehicle is held, and
-no other green may start. The switch itself waits for the latest moment that is still in time
-from the state the signal is actually in (what is left of the current green's minimum, one
-lost time, the queue ahead, the margin), so the green that was running keeps serving its
-traffic meanwhile. The vehicle's green is held until it has crossed; then the intersection goes
-back to its controller (recovery is the controller's normal choice from the queues it now sees).
-Requests go through the safety guard like any other: clearance and minimum green still apply,
-so no conflicting green is ever shown.
+again). From then on the intersection is reserved: no green that does not serve the vehicle
+may start. The switch itself waits for the latest moment that is still in time from the state
+the signal is actually in (what is left of the current green's minimum, one lost time, the
+queue ahead, the margin), so the green that was running keeps serving its traffic meanwhile. A
+green that already serves the vehicle is held from the last moment a switch away could still
+come back in time; once held, the vehicle's green lasts until it has crossed. Then the
+intersection goes back to its controller (recovery is the controller's normal choice from the
+queues it now sees). Requests go through the safety guard like any other: clearance and minimum
+green still apply, so no conflicting green is ever shown.
 
 Two emergency vehicles wanting conflicting greens at one intersection are served one after
 the other: the first to request goes first, then the higher priority; two that a single green
@@ -30,14 +31,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from cityward.traffic.backend import EmergencyVehicle, Intersection, Phase, SignalBackend
+from cityward.traffic.backend import (
+    HALTED_MS,
+    EmergencyVehicle,
+    Intersection,
+    Phase,
+    SignalBackend,
+)
 from cityward.traffic.safety import SafetyGuard
 
 FREE_FLOW_MS = 13.9  # m/s used to estimate arrival (50 km/h; EVs drive at least that)
 HEADWAY_S = 2.0
 MARGIN_S = 5.0
 MAX_LEAD_S = 90.0
-STANDING_MS = 0.1  # slower than this counts as queued
 STALL_S = 30.0  # a request whose vehicle has not moved closer for this long is dropped
 
 
@@ -134,17 +140,6 @@ class Preemption:
             if tls not in active:
                 del self.requests[tls]
 
-    def phase_for(self, tls: str) -> Phase | None:
-        """The green an emergency vehicle needs at ``tls`` now (None: no preemption there)."""
-        reqs = [r for r in self.requests.get(tls, ()) if not r.expired]
-        if not reqs:
-            return None
-        first = reqs[0]
-        if any(r.phase.index != first.phase.index for r in reqs[1:]):
-            self.stats.conflicts += 1
-        self.stats.served.add(first.vehicle)
-        return first.phase
-
     def decide(self, tls: str, now: float) -> Decision | None:
         """Preemption's say at ``tls`` now, from the signal's actual state (None: none).
 
@@ -159,10 +154,14 @@ class Preemption:
         margin): until then its controller may still end it, and the vehicle's green is then
         requested again like any other.
         """
-        phase = self.phase_for(tls)
-        if phase is None:
+        reqs = [r for r in self.requests.get(tls, ()) if not r.expired]
+        if not reqs:
             return None
-        first = next(r for r in self.requests[tls] if not r.expired)
+        first = reqs[0]
+        if any(r.phase.index != first.phase.index for r in reqs[1:]):
+            self.stats.conflicts += 1
+        self.stats.served.add(first.vehicle)
+        phase = first.phase
         g = self.guards[tls]
         t = g.transition
         lost = g.yellow + g.all_red
@@ -210,7 +209,7 @@ class Preemption:
                 sum(
                     1
                     for d, v in self.backend.approaching(x.links[n][0])
-                    if v < STANDING_MS and d < dist
+                    if v < HALTED_MS and d < dist
                 )
                 for n in links
             )

@@ -41,9 +41,11 @@ vehicle from a discharging queue.)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import Field
 
-from cityward.traffic.backend import Intersection, Phase, SignalBackend
+from cityward.traffic.backend import HALTED_MS, Intersection, Phase, SignalBackend
 from cityward.traffic.controllers import Controller, ControllerConfig
 
 VEHICLE_SPACE_M = 7.5  # a stopped car and its gap
@@ -51,7 +53,6 @@ HEADWAY_S = 2.0  # saturation headway: one vehicle per lane every 2 s at best
 ACCEL = 2.6  # m/s2, a passenger car's typical acceleration
 CRUISE = 13.9  # m/s, 50 km/h
 AT_LINE_M = 5.0  # a vehicle this close to the stop line and standing is waiting at the line
-STANDING = 0.1  # m/s
 
 
 def time_to(dist: float, speed: float) -> float:
@@ -179,14 +180,17 @@ class Adaptive(Controller):
                 got = seen[lane] = sorted(b.approaching(lane))  # nearest first, once
             return got
 
+        def packed(lanes: Sequence[str], share: float) -> bool:
+            """Whether vehicles cover ``share`` of the lanes' length."""
+            return sum(b.count(x) for x in lanes) * VEHICLE_SPACE_M >= share * sum(
+                b.lane_length(x) for x in lanes
+            )
+
         def blocked(lane: str) -> bool:
             got = full.get(lane)
             if got is None:
                 chain = b.exit_lanes(lane) if lane else ()
-                got = full[lane] = bool(chain) and (
-                    sum(b.count(x) for x in chain) * VEHICLE_SPACE_M
-                    >= cfg.full_exit * sum(b.lane_length(x) for x in chain)
-                )
+                got = full[lane] = bool(chain) and packed(chain, cfg.full_exit)
             return got
 
         # lanes of the current green whose first vehicle has stood at the line for stuck_s
@@ -194,7 +198,7 @@ class Adaptive(Controller):
         standing = self._standing
         for lane in self.moves[current.index] if b.positions else ():
             v = vehicles(lane)
-            if v and v[0][0] < AT_LINE_M and v[0][1] < STANDING:
+            if v and v[0][0] < AT_LINE_M and v[0][1] < HALTED_MS:
                 if now - standing.setdefault(lane, now) >= cfg.stuck_s:
                     stuck.add(lane)
             else:
@@ -208,10 +212,9 @@ class Adaptive(Controller):
             """1, or 1 + spill_weight for a long lane, fed by others, that is filling up."""
             got = weights.get(lane)
             if got is None:
-                n = b.lane_length(lane)
                 spilling = (
-                    n >= cfg.spill_length
-                    and b.count(lane) * VEHICLE_SPACE_M >= cfg.spill_fill * n
+                    b.lane_length(lane) >= cfg.spill_length
+                    and packed((lane,), cfg.spill_fill)
                     and not b.is_entry(lane)
                 )
                 got = weights[lane] = 1.0 + cfg.spill_weight if spilling else 1.0
