@@ -161,14 +161,29 @@ def _serve_workers(host: str, port: int, workers: int, log_level: str) -> None:
 def demo(
     port: Annotated[int, typer.Option(help="TCP port.")] = 1026,
     data_dir: DataDir = None,
+    speed: Annotated[
+        float, typer.Option(min=0.1, max=1000.0, help="Simulated seconds per wall second.")
+    ] = 1.0,
+    osm: Annotated[
+        Path | None,
+        typer.Option(
+            "--osm",
+            help="Build the city from this OpenStreetMap extract (.osm).",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     no_browser: Annotated[
         bool, typer.Option("--no-browser", help="Do not open a browser.")
     ] = False,
     seed_only: Annotated[
         bool, typer.Option("--seed-only", help="Create the demo city's entities and exit.")
     ] = False,
+    no_traffic: Annotated[
+        bool, typer.Option("--no-traffic", help="Serve the seeded city without the simulation.")
+    ] = False,
 ) -> None:
-    """An embedded demo city on SQLite: sensors and signals in the data bank, served locally."""
+    """An embedded demo city on SQLite: live traffic in SUMO, sensors and alerts in the bank."""
     import uvicorn
 
     from cityward.api.app import create_app
@@ -176,6 +191,7 @@ def demo(
 
     directory = data_dir or Path(os.environ.get("CITYWARD_DATA_DIR", "cityward-demo"))
     settings = load_settings(None, data_dir=directory)
+    settings.anomaly.enabled = True
     application = create_app(settings)
     bank = application.state.runtime.bank
     created = seed_city(bank)
@@ -190,19 +206,46 @@ def demo(
     token = governance.identities.issue(
         Role.OPERATOR, purposes, subject="demo-operator", ttl_s=7 * 86400
     )
-    url = f"http://127.0.0.1:{port}/ngsi-ld/v1/entities?type=TrafficFlowObserved&limit=5"
-    console.print(f"Public register: http://127.0.0.1:{port}/register")
-    console.print(f"Operator token (7 days; purposes {', '.join(purposes)}):")
+    token_file = directory / "operator.token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token + "\n")
+    base = f"http://127.0.0.1:{port}"
+    url = f"{base}/ngsi-ld/v1/entities?type=TrafficSignal&limit=5"
+    console.print(f"Public register: {base}/register")
+    console.print(f"Operator token (7 days; purposes {', '.join(purposes)}; also in {token_file}):")
     console.print(token, soft_wrap=True)
     console.print(f"Try: curl -H 'Authorization: Bearer {token[:12]}...' '{url}'")
     if seed_only:
         return
+    live = None
+    if not no_traffic:
+        from cityward.demo.city import build_city
+        from cityward.demo.live import LiveTraffic, data_files
+
+        with console.status("building the demo city (SUMO network and demand)"):
+            try:
+                city = build_city(data_files(directory), osm=osm)
+            except (RuntimeError, ValueError) as exc:
+                console.print(f"[red]demo city[/]: {exc}")
+                raise typer.Exit(1) from exc
+        live = LiveTraffic(city, base, token, speed=speed)
+        live.start()
+        console.print(
+            f"traffic: {city.net.name}, adaptive control, speed {speed:g}x, an ambulance every "
+            f"{live.ev_every_s / 60:g} simulated minutes"
+        )
     if not no_browser:
         import webbrowser
 
         with contextlib.suppress(webbrowser.Error):
-            webbrowser.open(f"http://127.0.0.1:{port}/register")
-    uvicorn.run(application, host="127.0.0.1", port=port, log_level="info", access_log=False)
+            webbrowser.open(f"{base}/register")
+    try:
+        uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    finally:
+        if live is not None:
+            live.stop()
+            if live.error:
+                console.print(f"[red]traffic simulation[/]: {live.error}")
 
 
 token_app = typer.Typer(help="Bearer tokens for people and services.", no_args_is_help=True)

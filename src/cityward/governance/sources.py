@@ -165,6 +165,17 @@ def default_sources() -> list[DataSource]:
             **common,
         ),
         DataSource(
+            id="traffic-kpis",
+            name="Traffic performance indicators",
+            kind=SourceKind.DERIVED,
+            types=("KeyPerformanceIndicator",),
+            purposes=("traffic-management",),
+            retention="P1Y",
+            computes=("average delay and CO2 of the traffic, against fixed-time control",),
+            description="Aggregates over all vehicles of the network; no single vehicle.",
+            **common,
+        ),
+        DataSource(
             id="air-quality",
             name="Air quality stations",
             types=("AirQualityObserved",),
