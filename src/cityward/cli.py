@@ -194,7 +194,7 @@ def demo(
     settings.anomaly.enabled = True
     application = create_app(settings)
     bank = application.state.runtime.bank
-    created = seed_city(bank)
+    created = seed_city(bank, detectors=seed_only or no_traffic)
     console.print(
         f"[bold green]cityward demo[/]: {created} new entities in {directory.resolve()} "
         "(SQLite; run again to resume)"

@@ -18,8 +18,11 @@ from cityward.bank.service import Bank
 CENTRE = (3.7215, 51.0543)
 
 
-def demo_entities(n_junctions: int = 36, seed: int = 7) -> list[dict[str, Any]]:
-    """Traffic detectors, air-quality and noise stations on a grid around the centre."""
+def demo_entities(
+    n_junctions: int = 36, seed: int = 7, *, detectors: bool = True
+) -> list[dict[str, Any]]:
+    """Traffic detectors (unless ``detectors`` is false: the live simulation writes its own),
+    air-quality and noise stations on a grid around the centre."""
     rng = random.Random(seed)
     now = now_iso()[:19] + "Z"
     side = max(1, int(math.sqrt(n_junctions)))
@@ -28,26 +31,31 @@ def demo_entities(n_junctions: int = 36, seed: int = 7) -> list[dict[str, Any]]:
         lon = CENTRE[0] + ((n % side) - side / 2) * 0.004
         lat = CENTRE[1] + ((n // side) - side / 2) * 0.0028
         point = {"type": "Point", "coordinates": [round(lon, 6), round(lat, 6)]}
-        out.append(
-            {
-                "id": f"urn:ngsi-ld:TrafficFlowObserved:demo-{n:03d}",
-                "type": "TrafficFlowObserved",
-                "location": {"type": "GeoProperty", "value": point},
-                "intensity": {"type": "Property", "value": rng.randint(40, 900), "observedAt": now},
-                "occupancy": {
-                    "type": "Property",
-                    "value": round(rng.uniform(0.02, 0.6), 3),
-                    "observedAt": now,
-                },
-                "averageVehicleSpeed": {
-                    "type": "Property",
-                    "value": round(rng.uniform(12, 55), 1),
-                    "unitCode": "KMH",
-                    "observedAt": now,
-                },
-                "laneId": {"type": "Property", "value": n % 3 + 1},
-            }
-        )
+        if detectors:
+            out.append(
+                {
+                    "id": f"urn:ngsi-ld:TrafficFlowObserved:demo-{n:03d}",
+                    "type": "TrafficFlowObserved",
+                    "location": {"type": "GeoProperty", "value": point},
+                    "intensity": {
+                        "type": "Property",
+                        "value": rng.randint(40, 900),
+                        "observedAt": now,
+                    },
+                    "occupancy": {
+                        "type": "Property",
+                        "value": round(rng.uniform(0.02, 0.6), 3),
+                        "observedAt": now,
+                    },
+                    "averageVehicleSpeed": {
+                        "type": "Property",
+                        "value": round(rng.uniform(12, 55), 1),
+                        "unitCode": "KMH",
+                        "observedAt": now,
+                    },
+                    "laneId": {"type": "Property", "value": n % 3 + 1},
+                }
+            )
         if n % 6 == 0:
             out.append(
                 {
@@ -85,9 +93,9 @@ def demo_entities(n_junctions: int = 36, seed: int = 7) -> list[dict[str, Any]]:
     return out
 
 
-def seed_city(bank: Bank) -> int:
+def seed_city(bank: Bank, *, detectors: bool = True) -> int:
     """Write the demo entities (creating the ones that are missing); returns how many were new."""
     parser = EntityParser(ContextResolver(allow_fetch=False).core)
-    docs = [parser.entity(e) for e in demo_entities()]
+    docs = [parser.entity(e) for e in demo_entities(detectors=detectors)]
     result = bank.batch_upsert("", docs, "update")
     return len(result.created)
