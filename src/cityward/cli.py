@@ -240,7 +240,14 @@ def demo(
         with contextlib.suppress(webbrowser.Error):
             webbrowser.open(f"{base}/register")
     try:
-        uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        uvicorn.run(
+            application,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=5,  # open dashboards (live streams) do not hold Ctrl-C
+        )
     finally:
         if live is not None:
             live.stop()

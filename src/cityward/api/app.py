@@ -38,6 +38,8 @@ from cityward.governance.events import Action, AuditRecord
 from cityward.governance.middleware import GovernanceMiddleware
 from cityward.governance.retention import Retention
 from cityward.governance.runtime import Governance, open_audit
+from cityward.web import routes as web_routes
+from cityward.web.live import LiveHub
 
 log = logging.getLogger("cityward.api")
 NGSI_PREFIX = "/ngsi-ld/v1"
@@ -118,9 +120,12 @@ def create_app(
             bank, settings.anomaly, governance=governance, context=resolver.core
         )
 
+    live = LiveHub(bank.feed, governance.catalog, resolver.core)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         governance.record_start()
+        live.start()
         await subscriptions.start()
         if anomaly is not None:
             # reads back the open alerts first: a thread, not the event loop
@@ -135,6 +140,7 @@ def create_app(
         try:
             yield
         finally:
+            await live.stop()
             if anomaly is not None:
                 await asyncio.to_thread(anomaly.stop)
             retention.stop()
@@ -157,9 +163,11 @@ def create_app(
     app.state.context_registry = ContextRegistry(store, resolver)
     app.state.governance = governance
     app.state.anomaly = anomaly
+    app.state.live = live
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
     app.include_router(governance_routes.router)
+    app.include_router(web_routes.router)
     app.add_middleware(GovernanceMiddleware, governance=governance)
 
     @app.exception_handler(NgsiError)

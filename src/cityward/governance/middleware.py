@@ -129,7 +129,10 @@ class GovernanceMiddleware:
             action = Action.WRITE if route.audit == "write" else Action.EXPORT
         elif route.audit == "config" and method not in ("GET", "HEAD"):
             action = Action.CONFIG
-        elif route.audit == "read" and (trail.sensitive or route.permission.value == "audit:read"):
+        elif route.audit == "stream" or (
+            route.audit == "read" and (trail.sensitive or route.permission.value == "audit:read")
+        ):
+            # a stream is audited when it opens: what it will carry is not known yet
             action = Action.READ
         else:
             return None

@@ -75,7 +75,7 @@ class Route:
     methods: frozenset[str]
     pattern: re.Pattern[str]
     permission: Permission
-    audit: str  # the audit action class: read, write, export, config, none
+    audit: str  # the audit action class: read, write, export, config, stream, none
 
 
 def _r(methods: str, path: str, permission: Permission, audit: str) -> Route:
@@ -95,6 +95,8 @@ ROUTES: tuple[Route, ...] = (
     ),
     # the API description of open-source software is no secret
     _r("GET HEAD", r"/(docs|openapi\.json|docs/oauth2-redirect)", P.REGISTER_READ, "none"),
+    # the dashboard's live stream: audited when it opens (what it carries is not known yet)
+    _r("GET", r"/dashboard/v1/events", P.DATA_READ, "stream"),
     # temporal: reads are exports of history
     _r("GET", NGSI + r"/temporal/entities(/[^/]+)?", P.HISTORY_READ, "export"),
     _r("POST", NGSI + r"/temporal/entityOperations/query", P.HISTORY_READ, "export"),

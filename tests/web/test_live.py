@@ -1,0 +1,172 @@
+"""The dashboard's live stream against a real ``cityward serve`` (SQLite, governance on).
+
+A change written through the API reaches a connected dashboard within 2 s; a token sees only
+the data sources of its purposes; no token, no stream; every connection is audited.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from cityward.config import Settings
+from cityward.governance.identity import Identities
+from cityward.governance.policy import Role
+
+EVENTS = "/dashboard/v1/events"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    admin: str
+    operator: str  # traffic-management only
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    data = tmp_path_factory.mktemp("live") / "data"
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    log = data.parent / "server.log"
+    cmd = [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port)]
+    proc = subprocess.Popen(
+        [*cmd, "--data-dir", str(data)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=2)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
+                time.sleep(0.1)
+        ids = Identities(Settings(data_dir=data).governance, data, None)
+        yield Server(
+            url,
+            (data / "governance" / "admin.token").read_text().strip(),
+            ids.issue(Role.OPERATOR, ["traffic-management"], subject="operator-live"),
+        )
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def follow(
+    url: str, token: str, out: queue.Queue[tuple[float, str, Any]], stop: threading.Event
+) -> None:
+    """Parse the SSE stream into (arrival time, event, data) until ``stop``."""
+    headers = {"Authorization": f"Bearer {token}"}
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=30)) as client,
+        client.stream("GET", url, headers=headers) as r,
+    ):
+        assert r.status_code == 200, r.read()
+        assert r.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in r.iter_lines():
+            if stop.is_set():
+                return
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                out.put((time.monotonic(), event, orjson.loads(line[6:])))
+
+
+def entity(eid: str, type_: str, **attrs: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"id": eid, "type": type_}
+    for k, v in attrs.items():
+        doc[k] = {"type": "Property", "value": v}
+    return doc
+
+
+def test_changes_reach_a_dashboard_within_two_seconds_by_purpose(server: Server) -> None:
+    got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+    stop = threading.Event()
+    url = server.url + EVENTS + "?type=TrafficSignal,AirQualityObserved"
+    reader = threading.Thread(target=follow, args=(url, server.operator, got, stop), daemon=True)
+    reader.start()
+    first = got.get(timeout=10)
+    assert first[1] == "hello"
+    admin = {"Authorization": f"Bearer {server.admin}"}
+    air = entity("urn:ngsi-ld:AirQualityObserved:live-1", "AirQualityObserved", no2=41.0)
+    sig = entity("urn:ngsi-ld:TrafficSignal:live:J1", "TrafficSignal", phase=2)
+    r = httpx.post(server.url + "/ngsi-ld/v1/entities", json=air, headers=admin, timeout=10)
+    assert r.status_code == 201, r.text
+    written = time.monotonic()
+    r = httpx.post(server.url + "/ngsi-ld/v1/entities", json=sig, headers=admin, timeout=10)
+    assert r.status_code == 201, r.text
+    seen: list[tuple[float, str, Any]] = []
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            item = got.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        seen.append(item)
+        if item[1] == "entity" and item[2]["id"] == sig["id"]:
+            break
+    stop.set()
+    entities = {d["id"]: (at, d) for at, ev, d in seen if ev == "entity"}
+    assert sig["id"] in entities, seen
+    at, doc = entities[sig["id"]]
+    assert doc["type"] == "TrafficSignal" and doc["phase"] == 2  # keyValues
+    assert at - written < 2.0
+    # the operator's token carries traffic-management only: no air quality
+    assert air["id"] not in entities
+    assert any(ev == "stats" and d["ingestRate"] >= 0 for _, ev, d in seen)
+
+
+def test_no_token_no_stream_and_bad_types_say_which_field(server: Server) -> None:
+    r = httpx.get(server.url + EVENTS, timeout=10)
+    assert r.status_code == 401
+    assert r.json()["field"] == "Authorization"
+    headers = {"Authorization": f"Bearer {server.operator}"}
+    r = httpx.get(server.url + EVENTS, params={"type": " , "}, headers=headers, timeout=10)
+    assert r.status_code == 400
+    assert r.headers["content-type"].startswith("application/")
+    assert r.json()["field"] == "type"
+
+
+def test_every_connection_is_audited(server: Server) -> None:
+    got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+    stop = threading.Event()
+    url = server.url + EVENTS
+    reader = threading.Thread(target=follow, args=(url, server.operator, got, stop), daemon=True)
+    reader.start()
+    assert got.get(timeout=10)[1] == "hello"
+    stop.set()
+    r = httpx.get(
+        server.url + "/cityward/v1/audit",
+        params={"actor": "operator-live", "action": "read", "limit": 1000},
+        headers={"Authorization": f"Bearer {server.admin}"},
+        timeout=10,
+    )
+    assert r.status_code == 200, r.text
+    paths = [row["path"] for row in r.json()]
+    assert any(p.startswith(EVENTS) for p in paths), paths
