@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,21 @@ def test_demo_runs_a_living_city_and_resumes(tmp_path: Path) -> None:
         )[0]
         assert kpi["averageDelay"] >= 0 and kpi["baselineAverageDelay"] >= 0
         assert kpi["co2"] > 0 and kpi["controller"] == "adaptive"
+        # the environment stations report on the simulated clock, once a simulated minute
+        aq = url + NGSI + "/entities/urn:ngsi-ld:AirQualityObserved:demo-000"
+
+        def observed() -> datetime:
+            r = httpx.get(aq, headers=headers, timeout=10)
+            assert r.status_code == 200, r.text
+            return datetime.fromisoformat(r.json()["no2"]["observedAt"].replace("Z", "+00:00"))
+
+        first = observed()
+        wait_for(
+            "a second reading of an air-quality station",
+            lambda: (observed() - first).total_seconds() >= 59,
+            proc,
+            log,
+        )
         # without a token: the register, nothing else
         assert httpx.get(url + "/register", timeout=10).status_code == 200
         anon = httpx.get(url + NGSI + "/entities", params={"type": "TrafficSignal"}, timeout=10)

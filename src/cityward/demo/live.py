@@ -12,7 +12,9 @@
    takes) and taking operator overrides back;
 3. an ambulance (vClass ``emergency``) is dispatched every ``ev_every_s`` simulated seconds on a
    route across the city; the controllers' preemption gives it its green wave;
-4. a :class:`~cityward.demo.kpi.KpiMeter` measures delay and CO2, and one
+4. the air-quality and noise stations (:mod:`cityward.demo.environment`) report once a
+   simulated minute, with the day's rhythm and now and then an injected incident;
+5. a :class:`~cityward.demo.kpi.KpiMeter` measures delay and CO2, and one
    ``KeyPerformanceIndicator`` entity carries them next to the same figures of SUMO's
    fixed-time programs on the same demand (:func:`~cityward.demo.kpi.run_baseline`, computed
    in a separate process while the demo runs).
@@ -35,7 +37,9 @@ from typing import Any
 
 import httpx
 
+from cityward.demo import demo_entities
 from cityward.demo.city import DemoCity
+from cityward.demo.environment import Stations, demo_stations, fragment
 from cityward.demo.kpi import KpiMeter, KpiSample, baseline_at, load_baseline, run_baseline
 from cityward.traffic.bankfeed import BankFeed, iso
 from cityward.traffic.emergency import EV_TYPE, _ensure_type
@@ -47,6 +51,7 @@ log = logging.getLogger("cityward.demo")
 SCENARIO = "demo"
 KPI_ID = "urn:ngsi-ld:KeyPerformanceIndicator:demo:traffic"
 BASELINE_HOURS = 3.0  # how far ahead of the start the fixed-time baseline is computed
+ENV_PERIOD_S = 60.0  # simulated seconds between two readings of an environment station
 
 
 def time_of_day_s(instant: datetime | None = None, step: float = 10.0) -> float:
@@ -181,9 +186,11 @@ class LiveTraffic:
             feed.start()
             wall0 = time.perf_counter()
             next_ev = warm_end + 30.0  # the first ambulance soon after the start
+            stations = Stations(demo_stations(demo_entities(detectors=False)), seed=self.seed)
+            next_env = warm_end
 
             def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
-                nonlocal next_ev
+                nonlocal next_ev, next_env
                 if self.stop_event.is_set():
                     raise _Stopped
                 self.now = now
@@ -191,6 +198,11 @@ class LiveTraffic:
                 if now >= next_ev:
                     next_ev = now + self.ev_every_s
                     self._dispatch(backend, now)
+                if now >= next_env:  # the environment stations, once a simulated minute
+                    next_env = now + ENV_PERIOD_S
+                    at = iso(feed.instant(now))
+                    for station, values in stations.read(now, ENV_PERIOD_S):
+                        feed.queue.put(station.id, fragment(station, values, at))
                 sample = meter.step(backend.t, now)
                 if sample is not None:
                     self._write_kpi(feed, sample, now)
