@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,13 +18,9 @@ from typing import Any
 
 import httpx
 
+from tests.servers import free_port
+
 NGSI = "/ngsi-ld/v1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_demo(data: Path, port: int, log: Path) -> subprocess.Popen[bytes]:

@@ -6,12 +6,7 @@ goes through the ordinary, audited NGSI-LD API.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -40,6 +35,7 @@ from cityward.traffic.bankfeed import (
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
 from tests.conftest import shared_path
+from tests.servers import cityward_serve, free_port
 
 NGSI = "/ngsi-ld/v1"
 OPERATOR = "operator-anna"
@@ -47,12 +43,6 @@ RULES = SafetyRules(min_green=5)
 END = 240.0
 OVERRIDE_AT = 60
 OVERRIDE_S = 60
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -73,35 +63,7 @@ class Bank:
 def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
     """``cityward serve`` on SQLite with authentication on, and a token per role."""
     data = tmp_path_factory.mktemp("bank") / "data"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-    log = data.parent / "server.log"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "cityward.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data),
-        ],
-        env=env,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
-                time.sleep(0.1)
+    with cityward_serve(data, free_port(), data.parent / "server.log") as url:
         ids = Identities(Settings(data_dir=data).governance, data, None)
         tokens = {
             "admin": (data / "governance" / "admin.token").read_text().strip(),
@@ -110,12 +72,6 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
             "auditor": ids.issue(Role.AUDITOR, [], subject="dpo"),
         }
         yield Bank(url, tokens)
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def add_emergency_vehicle(t: Any) -> None:

@@ -6,12 +6,7 @@ the data sources of its purposes; no token, no stream; every connection is audit
 
 from __future__ import annotations
 
-import os
 import queue
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,14 +20,9 @@ import pytest
 from cityward.config import Settings
 from cityward.governance.identity import Identities
 from cityward.governance.policy import Role
+from tests.servers import cityward_serve, free_port
 
 EVENTS = "/dashboard/v1/events"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -45,36 +35,13 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     data = tmp_path_factory.mktemp("live") / "data"
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-    log = data.parent / "server.log"
-    cmd = [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--data-dir", str(data)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
-                time.sleep(0.1)
+    with cityward_serve(data, free_port(), data.parent / "server.log") as url:
         ids = Identities(Settings(data_dir=data).governance, data, None)
         yield Server(
             url,
             (data / "governance" / "admin.token").read_text().strip(),
             ids.issue(Role.OPERATOR, ["traffic-management"], subject="operator-live"),
         )
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def follow(

@@ -41,8 +41,8 @@ from cityward.demo import demo_entities
 from cityward.demo.city import DemoCity
 from cityward.demo.environment import Stations, demo_stations, fragment
 from cityward.demo.kpi import KpiMeter, KpiSample, baseline_at, load_baseline, run_baseline
-from cityward.traffic.bankfeed import BankFeed, iso
-from cityward.traffic.emergency import EV_TYPE, _ensure_type
+from cityward.traffic.bankfeed import BankFeed
+from cityward.traffic.emergency import PlannedRun, add_runs, run_routes
 from cityward.traffic.safety import SafetyGuard
 from cityward.traffic.sumo import SumoBackend, control_loop
 
@@ -167,8 +167,7 @@ class LiveTraffic:
             return
         backend = SumoBackend(self._args())
         try:
-            _ensure_type(backend)
-            self._fringe = self._fringe_edges(backend)
+            routes = run_routes(backend, self._rng)
             meter = KpiMeter()
             warm_end = self.begin + self.warmup_s
             control_loop(backend, self.controller, warm_end)  # as fast as it goes
@@ -197,12 +196,12 @@ class LiveTraffic:
                 feed.on_step(now, guards)
                 if now >= next_ev:
                     next_ev = now + self.ev_every_s
-                    self._dispatch(backend, now)
+                    self._dispatch(backend, routes, now)
                 if now >= next_env:  # the environment stations, once a simulated minute
                     next_env = now + ENV_PERIOD_S
-                    at = iso(feed.instant(now))
+                    at = feed.at(now)
                     for station, values in stations.read(now, ENV_PERIOD_S):
-                        feed.queue.put(station.id, fragment(station, values, at))
+                        feed.put(fragment(station, values, at))
                 sample = meter.step(backend.t, now)
                 if sample is not None:
                     self._write_kpi(feed, sample, now)
@@ -222,69 +221,36 @@ class LiveTraffic:
         finally:
             backend.close()
 
-    @staticmethod
-    def _fringe_edges(backend: SumoBackend) -> tuple[list[str], list[str]]:
-        """Edges where vehicles enter (no edge leads into them) and leave (none out)."""
-        t = backend.t
-        edges = [e for e in t.edge.getIDList() if not e.startswith(":")]
-        into: set[str] = set()
-        out_of: set[str] = set()
-        for e in edges:
-            for n in range(t.edge.getLaneNumber(e)):
-                for link in t.lane.getLinks(f"{e}_{n}"):
-                    nxt = str(link[0]).rsplit("_", 1)[0]
-                    into.add(nxt)
-                    out_of.add(e)
-        return [e for e in edges if e not in into], [e for e in edges if e not in out_of]
-
-    def _dispatch(self, backend: SumoBackend, now: float) -> None:
-        """An ambulance on the longest of a few random entry-to-exit routes."""
-        t = backend.t
-        entries, exits = self._fringe
-        best: tuple[str, ...] = ()
-        for _ in range(8):
-            a, b = self._rng.choice(entries), self._rng.choice(exits)
-            with contextlib.suppress(Exception):
-                edges = tuple(t.simulation.findRoute(a, b).edges)
-                if len(edges) > len(best):
-                    best = edges
-        if len(best) < 3:
-            return
+    def _dispatch(self, backend: SumoBackend, routes: list[tuple[str, ...]], now: float) -> None:
+        """An ambulance, now, on one of the city's long routes across its signals."""
         self.dispatched += 1
-        vid = f"ambulance-{int(now)}-{self.dispatched}"
-        t.route.add(f"r-{vid}", list(best))
-        t.vehicle.add(vid, f"r-{vid}", typeID=EV_TYPE, departLane="best", departSpeed="max")
+        run = PlannedRun(f"ambulance-{int(now)}-{self.dispatched}", now, self._rng.choice(routes))
+        add_runs(backend, [run])
 
     def _write_kpi(self, feed: BankFeed, sample: KpiSample, now: float) -> None:
         self.kpi = sample
         base = baseline_at(self._baseline, now) if self._baseline else None
-        at = iso(feed.instant(now))
-
-        def prop(value: object, unit: str | None = None) -> dict[str, Any]:
-            out: dict[str, Any] = {"type": "Property", "value": value, "observedAt": at}
-            if unit:
-                out["unitCode"] = unit
-            return out
 
         def num(x: float | None) -> float | None:
             return None if x is None or math.isnan(x) else round(x, 2)
 
-        doc: dict[str, Any] = {
-            "id": KPI_ID,
-            "type": "KeyPerformanceIndicator",
-            "name": prop("Traffic in the demo city: adaptive control vs fixed time"),
-            "averageDelay": prop(num(sample.mean_delay_s), "SEC"),
-            "co2": prop(num(sample.co2_g_per_s), "GSP"),
-            "vehicles": prop(sample.vehicles),
-            "controller": prop(self.controller),
-            "emergencyRunsDispatched": prop(self.dispatched),
+        figures: dict[str, tuple[object, str | None]] = {
+            "name": ("Traffic in the demo city: adaptive control vs fixed time", None),
+            "averageDelay": (num(sample.mean_delay_s), "SEC"),
+            "co2": (num(sample.co2_g_per_s), "GSP"),
+            "vehicles": (sample.vehicles, None),
+            "controller": (self.controller, None),
+            "emergencyRunsDispatched": (self.dispatched, None),
         }
         if base is not None:
-            doc["baselineAverageDelay"] = prop(num(base.mean_delay_s), "SEC")
-            doc["baselineCo2"] = prop(num(base.co2_g_per_s), "GSP")
-        # NGSI-LD has no null values: a figure without data (no arrivals yet) is left out
-        doc = {k: v for k, v in doc.items() if not isinstance(v, dict) or v["value"] is not None}
-        feed.queue.put(KPI_ID, doc)
+            figures["baselineAverageDelay"] = (num(base.mean_delay_s), "SEC")
+            figures["baselineCo2"] = (num(base.co2_g_per_s), "GSP")
+        doc: dict[str, Any] = {"id": KPI_ID, "type": "KeyPerformanceIndicator"}
+        for name, (value, unit) in figures.items():
+            # NGSI-LD has no null values: a figure without data (no arrivals yet) is left out
+            if value is not None:
+                doc[name] = feed.prop(value, now, unit)
+        feed.put(doc)
 
 
 class _Stopped(Exception):

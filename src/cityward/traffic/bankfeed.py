@@ -430,7 +430,8 @@ class BankFeed:
     def at(self, sim_s: float) -> str:
         return iso(self.instant(sim_s))
 
-    def _prop(self, value: object, sim_s: float, unit: str | None = None) -> Doc:
+    def prop(self, value: object, sim_s: float, unit: str | None = None) -> Doc:
+        """An NGSI-LD Property observed at simulation time ``sim_s``."""
         out: Doc = {"type": "Property", "value": value, "observedAt": self.at(sim_s)}
         if unit is not None:
             out["unitCode"] = unit
@@ -521,13 +522,13 @@ class BankFeed:
             doc: Doc = {
                 "id": self.signal_id(x.id),
                 "type": SIGNAL_TYPE,
-                "name": self._prop(x.id, now),
-                "greenPhases": self._prop([g.index for g in x.greens], now),
-                "controller": self._prop(self.controller, now),
-                "override": self._prop(dict(NO_OVERRIDE), now),
-                "overrideStatus": self._prop("none", now),
-                "activeOverride": self._prop(dict(NO_OVERRIDE), now),
-                "source": self._prop(f"cityward traffic simulation {self.scenario}", now),
+                "name": self.prop(x.id, now),
+                "greenPhases": self.prop([g.index for g in x.greens], now),
+                "controller": self.prop(self.controller, now),
+                "override": self.prop(dict(NO_OVERRIDE), now),
+                "overrideStatus": self.prop("none", now),
+                "activeOverride": self.prop(dict(NO_OVERRIDE), now),
+                "source": self.prop(f"cityward traffic simulation {self.scenario}", now),
             }
             with contextlib.suppress(Exception):
                 loc = self._geo.signal(x)
@@ -568,7 +569,8 @@ class BankFeed:
             self._ev_at = now
             self._emergency(now)
 
-    def _queue(self, doc: Doc) -> None:
+    def put(self, doc: Doc) -> None:
+        """Queue an entity update (the simulation's own, or another writer's riding along)."""
         self.queue.put(doc["id"], doc)
         with self._lock:
             self.stats.queued += 1
@@ -587,14 +589,14 @@ class BankFeed:
             return  # changed again within the interval: written once the interval has passed
         self._sig_last[tls] = snap
         self._sig_at[tls] = now
-        self._queue(
+        self.put(
             {
                 "id": self.signal_id(tls),
                 "type": SIGNAL_TYPE,
-                "signalState": self._prop(state, now),
-                "currentPhase": self._prop(guard.current.index, now),
-                "inTransition": self._prop(guard.transition is not None, now),
-                "activeOverride": self._prop(self._active_override_value(tls, now), now),
+                "signalState": self.prop(state, now),
+                "currentPhase": self.prop(guard.current.index, now),
+                "inTransition": self.prop(guard.transition is not None, now),
+                "activeOverride": self.prop(self._active_override_value(tls, now), now),
             }
         )
 
@@ -614,12 +616,12 @@ class BankFeed:
         return out
 
     def _status(self, tls: str, now: float, status: str) -> None:
-        self._queue(
+        self.put(
             {
                 "id": self.signal_id(tls),
                 "type": SIGNAL_TYPE,
-                "overrideStatus": self._prop(status, now),
-                "activeOverride": self._prop(self._active_override_value(tls, now), now),
+                "overrideStatus": self.prop(status, now),
+                "activeOverride": self.prop(self._active_override_value(tls, now), now),
             }
         )
         self._sig_last.pop(tls, None)  # the next step writes the signal with its new override
@@ -700,7 +702,7 @@ class BankFeed:
         for lane, agg in self._lanes.items():
             if agg.steps == 0 or (final and now <= agg.since):
                 continue
-            self._queue(self._flow_doc(lane, agg, now))
+            self.put(self._flow_doc(lane, agg, now))
             agg.since = now
             agg.passed = agg.steps = agg.vehicle_steps = 0
             agg.occupancy_sum = agg.speed_sum = 0.0
@@ -710,23 +712,23 @@ class BankFeed:
         doc: Doc = {
             "id": self.flow_id(lane),
             "type": FLOW_TYPE,
-            "intensity": self._prop(agg.passed, now),
+            "intensity": self.prop(agg.passed, now),
             # mean over the period of the lane's share covered by vehicles (SUMO's occupancy)
-            "occupancy": self._prop(
+            "occupancy": self.prop(
                 round(min(1.0, max(0.0, agg.occupancy_sum / agg.steps)), 4), now
             ),
-            "dateObserved": self._prop(_dt(self.at(now)), now),
-            "dateObservedFrom": self._prop(_dt(self.at(agg.since)), now),
-            "dateObservedTo": self._prop(_dt(self.at(now)), now),
+            "dateObserved": self.prop(_dt(self.at(now)), now),
+            "dateObservedFrom": self.prop(_dt(self.at(agg.since)), now),
+            "dateObservedTo": self.prop(_dt(self.at(now)), now),
         }
         if agg.vehicle_steps:
             kmh = agg.speed_sum / agg.vehicle_steps * 3.6
-            doc["averageVehicleSpeed"] = self._prop(round(kmh, 2), now, "KMH")
+            doc["averageVehicleSpeed"] = self.prop(round(kmh, 2), now, "KMH")
         if lane not in self._lane_static_sent:
             self._lane_static_sent.add(lane)
-            doc["name"] = self._prop(lane, now)
+            doc["name"] = self.prop(lane, now)
             if index.isdigit():
-                doc["laneId"] = self._prop(int(index) + 1, now)  # SUMO counts from 0
+                doc["laneId"] = self.prop(int(index) + 1, now)  # SUMO counts from 0
             if edge:
                 doc["refRoadSegment"] = {
                     "type": "Relationship",
@@ -756,35 +758,35 @@ class BankFeed:
                 doc = {
                     "id": eid,
                     "type": self.ev_type,
-                    "description": self._prop(
+                    "description": self.prop(
                         "emergency vehicle run (simulated): signals may give it priority", now
                     ),
-                    "dataProvider": self._prop(f"cityward traffic simulation {self.scenario}", now),
-                    "vehicleRef": self._prop(ev.id, now),
-                    "dateIssued": self._prop(_dt(self.at(now)), now),
-                    "validFrom": self._prop(_dt(self.at(now)), now),
+                    "dataProvider": self.prop(f"cityward traffic simulation {self.scenario}", now),
+                    "vehicleRef": self.prop(ev.id, now),
+                    "dateIssued": self.prop(_dt(self.at(now)), now),
+                    "validFrom": self.prop(_dt(self.at(now)), now),
                 }
             else:
                 doc = {"id": known[1], "type": self.ev_type}
-            doc["runStatus"] = self._prop("en-route", now)
-            doc["currentLane"] = self._prop(ev.lane, now)
-            doc["speed"] = self._prop(round(ev.speed_ms * 3.6, 2), now, "KMH")
-            doc["remainingRoute"] = self._prop(list(ev.route_edges), now)
+            doc["runStatus"] = self.prop("en-route", now)
+            doc["currentLane"] = self.prop(ev.lane, now)
+            doc["speed"] = self.prop(round(ev.speed_ms * 3.6, 2), now, "KMH")
+            doc["remainingRoute"] = self.prop(list(ev.route_edges), now)
             if self._geo.enabled:
                 with contextlib.suppress(Exception):
                     px, py = self._t.vehicle.getPosition(ev.id)
                     doc["location"] = {"type": "GeoProperty", "value": self._geo.point(px, py)}
-            self._queue(doc)
+            self.put(doc)
         for vid in [v for v in self._evs if v not in present]:
             start, eid = self._evs.pop(vid)
-            self._queue(
+            self.put(
                 {
                     "id": eid,
                     "type": self.ev_type,
-                    "runStatus": self._prop("arrived", now),
-                    "validTo": self._prop(_dt(self.at(now)), now),
-                    "travelTime": self._prop(round(now - start, 1), now, "SEC"),
-                    "remainingRoute": self._prop([], now),
+                    "runStatus": self.prop("arrived", now),
+                    "validTo": self.prop(_dt(self.at(now)), now),
+                    "travelTime": self.prop(round(now - start, 1), now, "SEC"),
+                    "remainingRoute": self.prop([], now),
                 }
             )
 
@@ -922,11 +924,11 @@ class BankFeed:
                 if self._seen.get(tls) != key:
                     self._seen[tls] = key
                     self._requests.put(_OverrideRequest(tls, None, ""))
-                    self._queue(
+                    self.put(
                         {
                             "id": eid,
                             "type": SIGNAL_TYPE,
-                            "override": self._prop(dict(NO_OVERRIDE), self._now),
+                            "override": self.prop(dict(NO_OVERRIDE), self._now),
                         }
                     )
                 continue

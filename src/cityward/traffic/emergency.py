@@ -63,6 +63,18 @@ def plan_runs(
     """``per_hour`` emergency runs per simulated hour between ``begin`` and ``end``."""
     if per_hour <= 0:
         return []
+    rng = random.Random(seed)
+    best = run_routes(backend, rng)
+    count = max(1, round(per_hour * (end - begin) / 3600.0))
+    last = max(begin + 60.0, end - FINISH_S)
+    times = sorted(rng.uniform(begin + 60.0, last) for _ in range(count))
+    return [
+        PlannedRun(f"emergency_{n}", round(dep), rng.choice(best)) for n, dep in enumerate(times)
+    ]
+
+
+def run_routes(backend: SumoBackend, rng: random.Random) -> list[tuple[str, ...]]:
+    """Up to five entry-to-exit routes, those crossing the most signals first (ties: longest)."""
     t = backend.t
     _ensure_type(backend)
     succ: dict[str, set[str]] = {}  # edge -> edges it leads to (no turnarounds)
@@ -82,7 +94,6 @@ def plan_runs(
     signalled = {
         (edge_of(i), edge_of(o)) for x in backend.intersections() for i, o in x.links if i and o
     }
-    rng = random.Random(seed)
     scored: dict[tuple[str, ...], tuple[int, float]] = {}
     for _ in range(60):
         a, b = rng.choice(sources), rng.choice(sinks)
@@ -98,13 +109,7 @@ def plan_runs(
             scored[route] = (crossings, float(found.travelTime))
     if not scored:
         raise ValueError("no route for emergency vehicles crosses a signalised intersection")
-    best = sorted(scored, key=lambda r: scored[r], reverse=True)[:5]
-    count = max(1, round(per_hour * (end - begin) / 3600.0))
-    last = max(begin + 60.0, end - FINISH_S)
-    times = sorted(rng.uniform(begin + 60.0, last) for _ in range(count))
-    return [
-        PlannedRun(f"emergency_{n}", round(dep), rng.choice(best)) for n, dep in enumerate(times)
-    ]
+    return sorted(scored, key=lambda r: scored[r], reverse=True)[:5]
 
 
 def add_runs(backend: SumoBackend, runs: Sequence[PlannedRun], *, as_cars: bool = False) -> None:
