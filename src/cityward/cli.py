@@ -211,6 +211,7 @@ def demo(
     token_file.write_text(token + "\n")
     base = f"http://127.0.0.1:{port}"
     url = f"{base}/ngsi-ld/v1/entities?type=TrafficSignal&limit=5"
+    console.print(f"Dashboard: [bold]{base}/[/] (log in with the operator token below)")
     console.print(f"Public register: {base}/register")
     console.print(f"Operator token (7 days; purposes {', '.join(purposes)}; also in {token_file}):")
     console.print(token, soft_wrap=True)
@@ -238,7 +239,9 @@ def demo(
         import webbrowser
 
         with contextlib.suppress(webbrowser.Error):
-            webbrowser.open(f"{base}/register")
+            # the token rides in the fragment, which never reaches a server; the page keeps it
+            # in the tab and clears it from the address bar
+            webbrowser.open(f"{base}/#token={token}")
     try:
         uvicorn.run(
             application,

@@ -108,8 +108,30 @@ class Settings(BaseSettings):
         default_factory=AnomalySettings,
         description="The anomaly service: watches, detectors, alert hysteresis (docs/anomaly.md).",
     )
+    dashboard_tiles: str | None = Field(
+        default=None,
+        description="The dashboard map's raster tile server, an XYZ URL template with {z}, {x} "
+        "and {y} (unset: an offline blank map with the city's network drawn from the bank).",
+    )
+    dashboard_tiles_attribution: str = Field(
+        default="", description="The attribution the tile server's licence asks for."
+    )
     default_limit: int = Field(default=20, ge=1, le=1000, description="Page size by default.")
     max_limit: int = Field(default=1000, ge=1, le=100_000, description="Largest page size.")
+
+    @field_validator("dashboard_tiles")
+    @classmethod
+    def _tiles(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        if not value.startswith(("http://", "https://")) or not all(
+            k in value for k in ("{z}", "{x}", "{y}")
+        ):
+            raise ValueError(
+                "dashboard_tiles must be an http(s) URL template with {z}, {x} and {y}, "
+                "such as https://tiles.example.org/{z}/{x}/{y}.png"
+            )
+        return value
 
     @field_validator("contexts", mode="before")
     @classmethod

@@ -164,6 +164,7 @@ def create_app(
     app.state.governance = governance
     app.state.anomaly = anomaly
     app.state.live = live
+    app.state.settings = settings
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
     app.include_router(governance_routes.router)

@@ -183,6 +183,7 @@ class LiveTraffic:
             )
             self.feed = feed
             feed.start()
+            self._close_stale_runs(feed, warm_end)
             wall0 = time.perf_counter()
             next_ev = warm_end + 30.0  # the first ambulance soon after the start
             stations = Stations(demo_stations(demo_entities(detectors=False)), seed=self.seed)
@@ -220,6 +221,41 @@ class LiveTraffic:
             feed.close()
         finally:
             backend.close()
+
+    def _close_stale_runs(self, feed: BankFeed, now: float) -> None:
+        """Runs a previous demo process left en route end as ``interrupted``: their vehicles
+        went with that process's simulation, so a map must not show them driving."""
+        import httpx
+
+        try:
+            r = httpx.get(
+                f"{self.base_url}/ngsi-ld/v1/entities",
+                params={
+                    "type": feed.ev_type,
+                    "q": 'runStatus=="en-route"',
+                    "options": "keyValues",
+                    "attrs": "runStatus",
+                    "limit": "1000",
+                },
+                headers={"Authorization": f"Bearer {self.token}"},
+                timeout=10,
+            )
+            r.raise_for_status()
+            stale = [e["id"] for e in r.json()]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            log.warning("could not look up earlier emergency runs: %s", exc)
+            return
+        mine = f":{SCENARIO}:"
+        for eid in stale:
+            if mine in eid:
+                feed.put(
+                    {
+                        "id": eid,
+                        "type": feed.ev_type,
+                        "runStatus": feed.prop("interrupted", now),
+                        "remainingRoute": feed.prop([], now),
+                    }
+                )
 
     def _dispatch(self, backend: SumoBackend, routes: list[tuple[str, ...]], now: float) -> None:
         """An ambulance, now, on one of the city's long routes across its signals."""

@@ -95,6 +95,9 @@ ROUTES: tuple[Route, ...] = (
     ),
     # the API description of open-source software is no secret
     _r("GET HEAD", r"/(docs|openapi\.json|docs/oauth2-redirect)", P.REGISTER_READ, "none"),
+    # the dashboard's page and files: public (the page holds no data; a visitor without a
+    # token sees the login and the public register)
+    _r("GET HEAD", r"/(ui/[A-Za-z0-9._-]+)?", P.REGISTER_READ, "none"),
     # the dashboard's live stream: audited when it opens (what it carries is not known yet)
     _r("GET", r"/dashboard/v1/events", P.DATA_READ, "stream"),
     # temporal: reads are exports of history

@@ -1,4 +1,10 @@
-"""HTTP routes of the dashboard: ``GET /dashboard/v1/events``, the live stream (SSE).
+"""HTTP routes of the dashboard: the page at ``/``, its files under ``/ui/``, and
+``GET /dashboard/v1/events``, the live stream (SSE).
+
+The page and its files are public: they hold no data. The page asks for a token and reads
+everything through the API with it, so what an operator sees and does is exactly what the
+token allows, and every write is audited like any API write. A visitor without a token sees
+the login and the public register.
 
 The stream needs ``data:read`` (an operator's or analyst's token) and carries only the entities
 of the data sources the token's purposes may read. Every connection is audited as a read (the
@@ -7,15 +13,64 @@ policy's ``stream`` audit class), since what it will carry is not known when it 
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+import gzip
+import hashlib
 
-from cityward.bank.errors import BadRequestData
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from cityward.bank.errors import BadRequestData, ResourceNotFound
+from cityward.config import Settings
 from cityward.governance.middleware import principal_of
+from cityward.web.assets import Asset, asset
 from cityward.web.live import LiveHub
 
 router = APIRouter()
 MAX_TYPES = 50
+CONFIG_MARK = b"__CITYWARD_CONFIG__"
+
+
+def _serve(request: Request, item: Asset, body: bytes | None = None) -> Response:
+    """One file, gzipped when the client takes it, 304 when its ETag still matches."""
+    raw = item.body if body is None else body
+    etag = item.etag if body is None else '"' + hashlib.sha256(raw).hexdigest()[:20] + '"'
+    cache = f"public, max-age={item.max_age}" if item.max_age else "no-cache"
+    headers = {"ETag": etag, "Cache-Control": cache, "Vary": "Accept-Encoding"}
+    if request.headers.get("if-none-match") == etag:
+        return Response(status_code=304, headers=headers)
+    if "gzip" in request.headers.get("accept-encoding", ""):
+        headers["Content-Encoding"] = "gzip"
+        packed = item.gzipped if body is None else gzip.compress(raw, 6, mtime=0)
+        return Response(packed, media_type=item.media_type, headers=headers)
+    return Response(raw, media_type=item.media_type, headers=headers)
+
+
+def _page_config(settings: Settings) -> bytes:
+    config = {
+        "tiles": settings.dashboard_tiles,
+        "attribution": settings.dashboard_tiles_attribution,
+        "site": settings.governance.site_name,
+    }
+    # inside a <script> element: no "</" may appear
+    return orjson.dumps(config).replace(b"<", b"\\u003c")
+
+
+@router.get("/", include_in_schema=False)
+async def dashboard(request: Request) -> Response:
+    """The operations room (HTML; it logs in with a token and reads the API with it)."""
+    page = asset("index.html")
+    assert page is not None
+    body = page.body.replace(CONFIG_MARK, _page_config(request.app.state.settings))
+    return _serve(request, page, body)
+
+
+@router.get("/ui/{name}", include_in_schema=False)
+async def ui_file(request: Request, name: str) -> Response:
+    item = asset(name)
+    if item is None:
+        raise ResourceNotFound(f"no dashboard file {name!r}")
+    return _serve(request, item)
 
 
 # not in the OpenAPI description: an endless event stream is not a request/response operation
