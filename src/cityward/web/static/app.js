@@ -624,12 +624,22 @@ async function alertAction(id, action, text) {
   }
 }
 
+// what an operator has chosen in the override forms, kept across re-renders (the table is
+// rebuilt whenever a signal changes, several times a second)
+const draft = new Map(); // signal id -> {phase, durationS}
+
 function renderSignals() {
   const body = $("signals");
   const canWrite = S.me && S.me.permissions.includes("data:write");
   const sigs = byType("TrafficSignal").sort((a, b) => title(a).localeCompare(title(b), undefined, { numeric: true }));
   const active = document.activeElement;
-  if (active && body.contains(active) && active.matches("input, select")) return; // do not yank a control being used
+  // not while a control is being used (a list open, a number half typed): the next change redraws
+  if (active && body.contains(active) && active.matches("input, select")) { S.dirty.add("signalTable"); return; }
+  let refocus = null;
+  if (active && body.contains(active)) {
+    const row = active.closest("tr[data-id]");
+    refocus = row && { id: row.dataset.id, role: active.dataset.role };
+  }
   const rows = sigs.map((s) => {
     const ov = plain(s.activeOverride) || {};
     const status = plain(s.overrideStatus) || "none";
@@ -640,20 +650,26 @@ function renderSignals() {
     if (ov.active) cell.append(el("span", { class: "badge on" }, ov.phase !== undefined ? `phase ${ov.phase}` : ov.controller || "on"));
     cell.append(el("span", { class: "muted small" }, status));
     if (canWrite) {
-      const phase = el("select", { "aria-label": `Phase for ${title(s)}` },
-        ...(s.greenPhases || []).map((p) => el("option", { value: p }, `phase ${p}`)));
-      const dur = el("input", { type: "number", min: "5", max: "3600", value: "120", "aria-label": `Override seconds for ${title(s)}`, class: "dur" });
-      cell.append(el("form", { class: "override", onsubmit: (ev) => { ev.preventDefault(); override(s.id, { phase: Number(phase.value), durationS: Number(dur.value) }); } },
-        phase, dur, el("button", { type: "submit" }, "Override")));
-      if (ov.active) cell.append(el("button", { type: "button", class: "clear", onclick: () => override(s.id, { clear: true }) }, "Clear"));
+      const d = draft.get(s.id) || { phase: (s.greenPhases || [0])[0], durationS: 120 };
+      const keep = () => draft.set(s.id, { phase: Number(phase.value), durationS: Number(dur.value) });
+      const phase = el("select", { "aria-label": `Phase for ${title(s)}`, "data-role": "phase", onchange: keep },
+        ...(s.greenPhases || []).map((p) => el("option", { value: p, selected: p === d.phase }, `phase ${p}`)));
+      const dur = el("input", { type: "number", min: "5", max: "3600", value: String(d.durationS), "aria-label": `Override seconds for ${title(s)}`, class: "dur", "data-role": "dur", oninput: keep });
+      cell.append(el("form", { class: "override", onsubmit: (ev) => { ev.preventDefault(); keep(); override(s.id, { phase: Number(phase.value), durationS: Number(dur.value) }); } },
+        phase, dur, el("button", { type: "submit", "data-role": "apply" }, "Override")));
+      if (ov.active) cell.append(el("button", { type: "button", class: "clear", "data-role": "clear", onclick: () => override(s.id, { clear: true }) }, "Clear"));
     }
     return el("tr", { "data-id": s.id },
-      el("th", { scope: "row" }, el("button", { type: "button", class: "link", onclick: () => select(s.id) }, title(s))),
+      el("th", { scope: "row" }, el("button", { type: "button", class: "link", "data-role": "open", onclick: () => select(s.id) }, title(s))),
       el("td", {}, lamps),
       el("td", {}, `${fmt(s.currentPhase)}${s.inTransition ? " →" : ""}`),
       cell);
   });
   body.replaceChildren(...rows);
+  if (refocus && refocus.role) {
+    const again = body.querySelector(`tr[data-id="${CSS.escape(refocus.id)}"] [data-role="${refocus.role}"]`);
+    if (again) again.focus();
+  }
 }
 
 async function override(id, value) {
