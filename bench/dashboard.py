@@ -107,7 +107,15 @@ def token_of(data: Path, proc: subprocess.Popen[bytes], timeout_s: float = 60) -
 
 def open_room(browser: Browser, url: str, token: str, timeout_ms: float = 60_000) -> Page:
     page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-    page.goto(f"{url}/#token={token}")
+    deadline = time.monotonic() + 30
+    while True:  # the server may not answer yet
+        try:
+            page.goto(f"{url}/#token={token}")
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     page.wait_for_function(POPULATED, timeout=timeout_ms, polling=50)
     return page
 
@@ -118,15 +126,7 @@ def start_to_populated(browser: Browser, tmp: Path, runs: int) -> list[float]:
         data = tmp / f"start{i}"
         with demo(data, 1.0) as (proc, url, t0):
             token = token_of(data, proc)
-            # the server may not answer yet: the page retries like an operator would
-            page = browser.new_context(viewport={"width": 1280, "height": 800}).new_page()
-            while True:
-                try:
-                    page.goto(f"{url}/#token={token}")
-                    break
-                except Exception:
-                    time.sleep(0.05)
-            page.wait_for_function(POPULATED, timeout=60_000, polling=50)
+            page = open_room(browser, url, token)
             out.append(time.perf_counter() - t0)
             page.context.close()
         console.print(f"  start to populated, run {i + 1}: {out[-1]:.2f} s")

@@ -179,6 +179,7 @@ class LiveTraffic:
                 scenario=SCENARIO,
                 controller=self.controller,
                 period_s=self.period_s,
+                first_period_s=2.0,  # the roads on the map within seconds of the start
                 start_instant=datetime.now(UTC),
             )
             self.feed = feed

@@ -355,6 +355,7 @@ class BankFeed:
         scenario: str,
         controller: str,
         period_s: float = 60.0,
+        first_period_s: float | None = None,
         start_instant: datetime | None = None,
         overrides: dict[str, Override] | None = None,
         queue_size: int = 5000,
@@ -375,6 +376,10 @@ class BankFeed:
         self.controller = controller
         self.ev_type = ev_type
         self.period_s = period_s
+        # the first observation may cover a shorter window, so that a map shows the roads at
+        # once (the demo: 2 s); it says so in its dateObservedFrom / dateObservedTo
+        self.first_period_s = min(first_period_s or period_s, period_s)
+        self._lanes_flushed = False
         self.start_instant = start_instant or datetime.now(UTC)
         if self.start_instant.tzinfo is None:
             self.start_instant = self.start_instant.replace(tzinfo=UTC)
@@ -695,8 +700,10 @@ class BankFeed:
                     agg.speed_sum += float(lane_api.getLastStepMeanSpeed(lane)) * len(ids)
                     agg.vehicle_steps += len(ids)
         first = next(iter(self._lanes.values()), None)
-        if first is not None and now - first.since >= self.period_s:
+        period = self.period_s if self._lanes_flushed else self.first_period_s
+        if first is not None and now - first.since >= period:
             self._flush_lanes(now)
+            self._lanes_flushed = True
 
     def _flush_lanes(self, now: float, *, final: bool = False) -> None:
         for lane, agg in self._lanes.items():
