@@ -128,6 +128,23 @@ def test_demo_runs_a_living_city_and_resumes(tmp_path: Path) -> None:
             proc,
             log,
         )
+        # the stations' past hours were written first, so the anomaly service's detectors are
+        # past their warm-up and the injected incidents raise alerts (the first comes from the
+        # history, a few seconds after the start)
+        alerts = wait_for(
+            "an anomaly alert on an environment station",
+            lambda: [
+                a
+                for a in entities("Alert")
+                if str(a.get("alertSource", "")).startswith(
+                    ("urn:ngsi-ld:AirQualityObserved:demo-", "urn:ngsi-ld:NoiseLevelObserved:demo-")
+                )
+            ],
+            proc,
+            log,
+            timeout_s=120,
+        )
+        assert alerts[0]["dataProvider"] == "cityward-anomaly"
         # without a token: the register, nothing else
         assert httpx.get(url + "/register", timeout=10).status_code == 200
         anon = httpx.get(url + NGSI + "/entities", params={"type": "TrafficSignal"}, timeout=10)

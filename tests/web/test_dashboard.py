@@ -147,11 +147,6 @@ def room(demo: Demo, browser: Any) -> Iterator[Page]:
         p.close()
 
 
-def counts(p: Page) -> dict[str, int]:
-    out: dict[str, int] = p.page.evaluate("({...window.cityward.state.counts})")
-    return out
-
-
 def test_a_visitor_without_a_token_sees_only_the_register(demo: Demo, browser: Any) -> None:
     p = Page(browser)
     try:
@@ -225,7 +220,6 @@ def test_an_alert_written_into_the_bank_appears_in_the_panel(demo: Demo, room: P
         "dateIssued": {"type": "Property", "value": {"@type": "DateTime", "@value": _now()}},
     }
     room.page.click("#tab-alerts")
-    before = counts(room).get("alerts", 0)
     r = httpx.post(
         demo.url + f"{NGSI}/entities",
         json=alert,
@@ -236,8 +230,11 @@ def test_an_alert_written_into_the_bank_appears_in_the_panel(demo: Demo, room: P
     item = room.page.locator(f'#alerts li[data-id="{ALERT_ID}"]')
     item.wait_for(timeout=10_000)  # live, without a reload (the target of 2 s: bench)
     assert "Collision reported at B2" in item.inner_text()
-    room.page.wait_for_function(f"window.cityward.state.counts.alerts === {before + 1}")
-    assert room.page.inner_text("#kpi-alerts") == str(before + 1)
+    # the KPI strip counts what the panel shows (the demo's own alerts come and go meanwhile)
+    room.page.wait_for_function(
+        "document.querySelectorAll('#alerts li').length"
+        " === Number(document.getElementById('kpi-alerts').textContent)"
+    )
     path = room.shot("3-alert-arrived")
     if os.environ.get("CITYWARD_UPDATE_DOCS_SCREENSHOT"):
         shutil.copy(path, ROOT / "docs" / "dashboard.png")

@@ -13,7 +13,9 @@
 3. an ambulance (vClass ``emergency``) is dispatched every ``ev_every_s`` simulated seconds on a
    route across the city; the controllers' preemption gives it its green wave;
 4. the air-quality and noise stations (:mod:`cityward.demo.environment`) report once a
-   simulated minute, with the day's rhythm and now and then an injected incident;
+   simulated minute, with the day's rhythm and now and then an injected incident; at the start
+   their past six simulated hours are written first (oldest first), so that the anomaly
+   service's detectors have learnt them and the incidents raise alerts from the first minutes;
 5. a :class:`~cityward.demo.kpi.KpiMeter` measures delay and CO2, and one
    ``KeyPerformanceIndicator`` entity carries them next to the same figures of SUMO's
    fixed-time programs on the same demand (:func:`~cityward.demo.kpi.run_baseline`, computed
@@ -52,6 +54,10 @@ SCENARIO = "demo"
 KPI_ID = "urn:ngsi-ld:KeyPerformanceIndicator:demo:traffic"
 BASELINE_HOURS = 3.0  # how far ahead of the start the fixed-time baseline is computed
 ENV_PERIOD_S = 60.0  # simulated seconds between two readings of an environment station
+# the stations' past hours, written when the demo starts: the anomaly service's detectors learn
+# them (a stream needs 288 points before it may raise an alert), so the injected incidents
+# raise alerts from the first minutes instead of after five simulated hours
+BACKFILL_S = 6 * 3600.0
 
 
 def time_of_day_s(instant: datetime | None = None, step: float = 10.0) -> float:
@@ -108,6 +114,8 @@ class LiveTraffic:
         # leave room for the warm-up and at least an hour within the city's demand
         self.begin = max(city.begin, min(start - warmup_s, city.end - warmup_s - 3600.0))
         self.stop_event = threading.Event()
+        self.backfilled = threading.Event()
+        self.backfill_points = 0
         self.error: str | None = None
         self.now = self.begin
         self.feed: BankFeed | None = None
@@ -189,6 +197,12 @@ class LiveTraffic:
             next_ev = warm_end + 30.0  # the first ambulance soon after the start
             stations = Stations(demo_stations(demo_entities(detectors=False)), seed=self.seed)
             next_env = warm_end
+            threading.Thread(
+                target=self._backfill_stations,
+                args=(feed, stations, warm_end),
+                name="demo-backfill",
+                daemon=True,
+            ).start()
 
             def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
                 nonlocal next_ev, next_env
@@ -199,7 +213,8 @@ class LiveTraffic:
                 if now >= next_ev:
                     next_ev = now + self.ev_every_s
                     self._dispatch(backend, routes, now)
-                if now >= next_env:  # the environment stations, once a simulated minute
+                # the environment stations, once a simulated minute, after their past hours
+                if now >= next_env and self.backfilled.is_set():
                     next_env = now + ENV_PERIOD_S
                     at = feed.at(now)
                     for station, values in stations.read(now, ENV_PERIOD_S):
@@ -223,11 +238,37 @@ class LiveTraffic:
         finally:
             backend.close()
 
+    def _backfill_stations(self, feed: BankFeed, stations: Stations, until: float) -> None:
+        """The stations' readings of the ``BACKFILL_S`` before ``until``, one simulated minute
+        per request, oldest first (the anomaly service learns them in order)."""
+        headers = {"Authorization": f"Bearer {self.token}"}
+        try:
+            with httpx.Client(base_url=self.base_url, headers=headers, timeout=10) as client:
+                t = until - BACKFILL_S
+                while t < until and not self.stop_event.is_set():
+                    at = feed.at(t)
+                    docs = [
+                        fragment(station, values, at)
+                        for station, values in stations.read(t % 86400.0, ENV_PERIOD_S)
+                    ]
+                    r = client.post(
+                        "/ngsi-ld/v1/entityOperations/upsert",
+                        params={"options": "update"},
+                        json=docs,
+                    )
+                    if r.status_code >= 300:
+                        log.warning("station history refused (%s): %s", r.status_code, r.text)
+                        return
+                    self.backfill_points += len(docs)
+                    t += ENV_PERIOD_S
+        except httpx.HTTPError as exc:
+            log.warning("station history not written: %s", exc)
+        finally:
+            self.backfilled.set()  # the live readings go on in any case
+
     def _close_stale_runs(self, feed: BankFeed, now: float) -> None:
         """Runs a previous demo process left en route end as ``interrupted``: their vehicles
         went with that process's simulation, so a map must not show them driving."""
-        import httpx
-
         try:
             r = httpx.get(
                 f"{self.base_url}/ngsi-ld/v1/entities",
