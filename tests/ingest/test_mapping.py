@@ -1,0 +1,167 @@
+"""The declarative payload mapping: valid configs map real-looking payloads exactly; bad configs
+fail on load with the offending setting; bad payloads raise MappingError naming the field."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from cityward.ingest.mapping import Mapping, MappingConfig, MappingError, compile_path, resolve
+
+AIR: dict[str, Any] = {
+    "entity_type": "AirQualityObserved",
+    "id": "urn:ngsi-ld:AirQualityObserved:{$.dev}",
+    "timestamp": {"path": "$.ts", "format": "epoch_s"},
+    "message_id": "$.seq",
+    "attributes": {
+        "no2": {"path": "$.r.no2", "unit": "GQ"},
+        "pm10": {"path": '$.r["pm-10"]', "unit": "GQ"},
+        "temperature": {"path": "$.r.t_dk", "unit": "CEL", "scale": 0.1, "offset": -273.15},
+        "battery": {"path": "$.bat[0]", "kind": "integer"},
+    },
+    "location": {"lon": "$.gps[0]", "lat": "$.gps[1]"},
+}
+PAYLOAD: dict[str, Any] = {
+    "dev": "aq-17",
+    "ts": 1795400000,
+    "seq": 991,
+    "r": {"no2": 41.5, "pm-10": "23", "t_dk": 2931.5},
+    "bat": [87, "ok"],
+    "gps": [3.7215, 51.0543],
+}
+
+
+def test_paths_compile_and_resolve() -> None:
+    assert compile_path("$") == ()
+    assert compile_path('$.a.b[0]["c.d"][-1]') == ("a", "b", 0, "c.d", -1)
+    doc = {"a": {"b": [{"c.d": [1, 2, 3]}]}}
+    assert resolve(doc, compile_path('$.a.b[0]["c.d"][-1]')) == 3
+    assert resolve(doc, compile_path("$.a.x")) is not None  # the missing marker, not None
+    for bad in ("a.b", "$.a..b", "$[x]", "$.a[", '$["a]'):
+        with pytest.raises(ValueError, match="path"):
+            compile_path(bad)
+
+
+def test_a_payload_maps_to_one_exact_update() -> None:
+    m = Mapping(MappingConfig.model_validate(AIR))
+    u = m.apply(PAYLOAD)
+    at = "2026-11-23T02:13:20.000Z"  # 1795400000 s after 1970-01-01T00:00:00Z
+    assert u.entity_id == "urn:ngsi-ld:AirQualityObserved:aq-17"
+    assert u.entity_type == "AirQualityObserved"
+    assert u.observed_at == at
+    assert u.message_key == "m:991"
+    assert u.attrs["no2"] == {"type": "Property", "value": 41.5, "observedAt": at, "unitCode": "GQ"}
+    assert u.attrs["pm10"]["value"] == 23.0  # a number sent as a string
+    assert u.attrs["temperature"]["value"] == pytest.approx(293.15 - 273.15)
+    assert u.attrs["battery"]["value"] == 87
+    assert "unitCode" not in u.attrs["battery"]
+    assert u.attrs["location"] == {
+        "type": "GeoProperty",
+        "value": {"type": "Point", "coordinates": [3.7215, 51.0543]},
+    }
+    frag = u.fragment()
+    assert frag["id"] == u.entity_id and frag["type"] == "AirQualityObserved"
+
+
+def test_topic_levels_time_formats_and_defaults() -> None:
+    cfg = {
+        "entity_type": "NoiseLevelObserved",
+        "id": "urn:ngsi-ld:NoiseLevelObserved:{topic[1]}:{topic[-1]}",
+        "timestamp": {"path": "$.when", "format": "iso8601"},
+        "attributes": {"LAeq": {"path": "$.db"}},
+    }
+    m = Mapping(MappingConfig.model_validate(cfg))
+    u = m.apply({"db": 55, "when": "2026-11-23T10:00:00+01:00"}, topic="city/ghent/noise/n4")
+    assert u.entity_id == "urn:ngsi-ld:NoiseLevelObserved:ghent:n4"
+    assert u.observed_at == "2026-11-23T09:00:00.000Z"
+    # no message id: the key is the entity and the observation time (a retry maps the same)
+    assert u.message_key == "t:urn:ngsi-ld:NoiseLevelObserved:ghent:n4@2026-11-23T09:00:00.000Z"
+    ms = dict(cfg, timestamp={"path": "$.when", "format": "epoch_ms"})
+    u2 = Mapping(MappingConfig.model_validate(ms)).apply(
+        {"db": 1, "when": 1795400000123}, topic="a/b"
+    )
+    assert u2.observed_at == "2026-11-23T02:13:20.123Z"
+    # no timestamp configured: the time of receipt
+    plain = dict(cfg)
+    del plain["timestamp"]
+    got = Mapping(MappingConfig.model_validate(plain)).apply(
+        {"db": 1}, topic="a/b", received_at=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    )
+    assert got.observed_at == "2026-01-02T03:04:05.000Z"
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "reason"),
+    [
+        ({"dev": None}, "$.dev", "id is missing"),
+        ({"dev": {"x": 1}}, "$.dev", "string or an integer"),
+        ({"dev": "a b"}, "id", "cannot go into an entity id"),
+        ({"ts": "yesterday"}, "$.ts", "not a time in epoch_s"),
+        ({"ts": None}, "$.ts", "time is missing"),
+        ({"seq": None}, "$.seq", "message id is missing"),
+        ({"r": {"no2": "n/a"}}, "$.r.no2", "expected a number"),
+        ({"r": {"no2": True}}, "$.r.no2", "expected a number"),
+        ({"bat": [87.5]}, "$.bat[0]", "expected an integer"),
+        ({"gps": [3.7, 99.0]}, "location", "not a WGS84"),
+        ({"gps": ["x", 1]}, "location", "must be numbers"),
+        ({"r": {}, "bat": [], "gps": []}, "$", "none of the mapped attributes"),
+    ],
+)
+def test_a_bad_payload_names_the_field(change: dict[str, Any], field: str, reason: str) -> None:
+    m = Mapping(MappingConfig.model_validate(AIR))
+    with pytest.raises(MappingError) as err:
+        m.apply({**PAYLOAD, **change})
+    assert err.value.field == field
+    assert reason in err.value.reason
+
+
+def test_not_an_object_and_missing_required_and_topic() -> None:
+    m = Mapping(MappingConfig.model_validate(AIR))
+    with pytest.raises(MappingError, match="expected a JSON object"):
+        m.apply([1, 2])
+    cfg = dict(AIR, attributes={"no2": {"path": "$.r.no2", "required": True}, "x": {"path": "$.x"}})
+    with pytest.raises(MappingError) as err:
+        Mapping(MappingConfig.model_validate(cfg)).apply({**PAYLOAD, "r": {}, "x": 1})
+    assert err.value.field == "$.r.no2" and "required" in err.value.reason
+    by_topic = dict(AIR, id="urn:ngsi-ld:AirQualityObserved:{topic[3]}")
+    with pytest.raises(MappingError, match="no level 3"):
+        Mapping(MappingConfig.model_validate(by_topic)).apply(PAYLOAD, topic="a/b")
+
+
+def test_naive_iso_time_is_refused() -> None:
+    cfg = dict(AIR, timestamp={"path": "$.ts", "format": "iso8601"})
+    with pytest.raises(MappingError, match="no time zone"):
+        Mapping(MappingConfig.model_validate(cfg)).apply({**PAYLOAD, "ts": "2026-11-23T10:00:00"})
+
+
+@pytest.mark.parametrize(
+    ("change", "where", "message"),
+    [
+        ({"id": "AirQualityObserved:{$.dev}"}, "id", "URN"),
+        ({"id": "urn:ngsi-ld:AirQualityObserved:one"}, "id", "placeholder"),
+        ({"id": "urn:x:{dev}"}, "id", "path starts with"),
+        ({"entity_type": "Air Quality"}, "entity_type", "letters"),
+        ({"attributes": {}}, "attributes", "at least one"),
+        ({"attributes": {"id": {"path": "$.x"}}}, "attributes", "not one of"),
+        ({"attributes": {"no2": {"path": "$.r..no2"}}}, "attributes.no2.path", "cannot read"),
+        (
+            {"attributes": {"s": {"path": "$.s", "kind": "string", "scale": 2}}},
+            "attributes.s",
+            "numbers",
+        ),
+        ({"timestamp": {"path": "$.ts", "format": "unix"}}, "timestamp.format", ""),
+        ({"colour": "red"}, "colour", "Extra inputs"),
+    ],
+)
+def test_a_bad_config_fails_on_load_with_the_setting(
+    change: dict[str, Any], where: str, message: str
+) -> None:
+    with pytest.raises(ValidationError) as err:
+        MappingConfig.model_validate({**AIR, **change})
+    errors = err.value.errors()
+    locs = [".".join(str(p) for p in e["loc"]) for e in errors]
+    assert any(loc.startswith(where) for loc in locs), locs
+    assert message in str(err.value)
