@@ -47,7 +47,10 @@ BENIGN = ("GL Driver Message", "WebGL", "GPU stall")
 
 
 class Demo:
-    def __init__(self, url: str, token: str, admin: str, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(
+        self, url: str, token: str, admin: str, proc: subprocess.Popen[bytes], data: Path
+    ) -> None:
+        self.data = data
         self.url = url
         self.token = token
         self.admin = admin
@@ -82,7 +85,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Demo]:
             log,
         )
         admin = (data / "governance" / "admin.token").read_text().strip()
-        d = Demo(f"http://127.0.0.1:{port}", token, admin, proc)
+        d = Demo(f"http://127.0.0.1:{port}", token, admin, proc, data)
         wait_for(
             "the simulated city in the bank",
             lambda: (
@@ -361,6 +364,31 @@ def test_keyboard_and_a_4k_wall(demo: Demo, browser: Any, room: Page) -> None:
         assert wall.errors == [], wall.errors
     finally:
         wall.close()
+
+
+def test_an_analyst_sees_the_city_but_cannot_act(demo: Demo, browser: Any) -> None:
+    from cityward.config import Settings
+    from cityward.governance.identity import Identities
+    from cityward.governance.policy import Role
+
+    ids = Identities(Settings(data_dir=demo.data).governance, demo.data, None)
+    token = ids.issue(Role.ANALYST, ["traffic-management"], subject="analyst-dash")
+    p = Page(browser)
+    try:
+        p.page.goto(f"{demo.url}/#token={token}")
+        p.page.wait_for_function("window.cityward.state.counts.signals === 16", timeout=30_000)
+        assert "analyst" in p.page.inner_text("#who-name")
+        p.page.click("#tab-signals")
+        p.page.wait_for_selector("#signals tr")
+        # no override controls, no alert actions: reading only
+        assert p.page.locator("#signals form.override").count() == 0
+        assert p.page.locator("#alerts .actions").count() == 0
+        # and the traffic-management purpose does not reach the environment stations
+        assert p.page.evaluate("window.cityward.state.counts.sensors") == 0
+        p.shot("8-analyst")
+        assert p.errors == [], p.errors
+    finally:
+        p.close()
 
 
 def _now() -> str:
