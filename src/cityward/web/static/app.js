@@ -312,6 +312,8 @@ function initMap() {
   if (CFG.tiles) map.addControl(new maplibregl.AttributionControl({ compact: true }));
   S.map = map;
   map.on("load", () => {
+    // symbols grow with the page's type (a 4K wall is read from across the room)
+    const k = parseFloat(getComputedStyle(document.documentElement).fontSize) / 15 || 1;
     for (const id of ["roads", "ev-routes", "signals", "sensors", "cameras", "alerts", "evs"]) {
       map.addSource(id, { type: "geojson", data: EMPTY });
     }
@@ -319,46 +321,46 @@ function initMap() {
       id: "roads", type: "line", source: "roads",
       layout: { "line-cap": "round" },
       paint: {
-        "line-width": ["interpolate", ["linear"], ["zoom"], 12, 2, 17, 7],
+        "line-width": ["interpolate", ["linear"], ["zoom"], 12, 2 * k, 17, 7 * k],
         "line-color": ["case", ["<", ["get", "occ"], 0], "#4b5563",
           ["interpolate", ["linear"], ["get", "occ"], 0, "#22c55e", 0.15, "#eab308", 0.3, "#f97316", 0.5, "#dc2626"]],
       },
     });
     map.addLayer({
       id: "ev-routes", type: "line", source: "ev-routes",
-      paint: { "line-color": "#38bdf8", "line-width": 5, "line-opacity": 0.7, "line-dasharray": [1, 1] },
+      paint: { "line-color": "#38bdf8", "line-width": 5 * k, "line-opacity": 0.7, "line-dasharray": [1, 1] },
     });
     map.addLayer({
       id: "signals", type: "circle", source: "signals",
       paint: {
-        "circle-radius": ["interpolate", ["linear"], ["zoom"], 12, 4, 17, 10],
+        "circle-radius": ["interpolate", ["linear"], ["zoom"], 12, 4 * k, 17, 10 * k],
         "circle-color": ["get", "color"],
         "circle-stroke-color": ["case", ["get", "override"], "#ffffff", "#0b1118"],
-        "circle-stroke-width": ["case", ["get", "override"], 3, 1],
+        "circle-stroke-width": ["case", ["get", "override"], 3 * k, k],
       },
     });
     map.addLayer({
       id: "sensors", type: "circle", source: "sensors",
       paint: {
-        "circle-radius": 7,
+        "circle-radius": 7 * k,
         "circle-color": ["case", ["get", "alert"], "#ef4444", "#a78bfa"],
-        "circle-stroke-color": "#0b1118", "circle-stroke-width": 1.5,
+        "circle-stroke-color": "#0b1118", "circle-stroke-width": 1.5 * k,
       },
     });
     map.addLayer({
       id: "cameras", type: "circle", source: "cameras",
-      paint: { "circle-radius": 7, "circle-color": "#f472b6", "circle-stroke-color": "#0b1118", "circle-stroke-width": 1.5 },
+      paint: { "circle-radius": 7 * k, "circle-color": "#f472b6", "circle-stroke-color": "#0b1118", "circle-stroke-width": 1.5 * k },
     });
     map.addLayer({
       id: "alerts", type: "circle", source: "alerts",
       paint: {
-        "circle-radius": 13, "circle-color": "rgba(239,68,68,0.25)",
-        "circle-stroke-color": "#ef4444", "circle-stroke-width": 3,
+        "circle-radius": 13 * k, "circle-color": "rgba(239,68,68,0.25)",
+        "circle-stroke-color": "#ef4444", "circle-stroke-width": 3 * k,
       },
     });
     map.addLayer({
       id: "evs", type: "circle", source: "evs",
-      paint: { "circle-radius": 8, "circle-color": "#38bdf8", "circle-stroke-color": "#ffffff", "circle-stroke-width": 2.5 },
+      paint: { "circle-radius": 8 * k, "circle-color": "#38bdf8", "circle-stroke-color": "#ffffff", "circle-stroke-width": 2.5 * k },
     });
     for (const layer of ["roads", "signals", "sensors", "cameras", "alerts", "evs"]) {
       map.on("click", layer, (ev) => { if (ev.features.length) select(ev.features[0].properties.id); });
