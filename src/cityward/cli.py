@@ -434,6 +434,9 @@ def dpia(
 from cityward.anomaly.cli import app as anomaly_app  # noqa: E402
 
 app.add_typer(anomaly_app, name="anomaly")
+from cityward.ingest.cli import app as ingest_app  # noqa: E402
+
+app.add_typer(ingest_app, name="ingest")
 traffic_app = typer.Typer(help="Traffic signal control in SUMO.", no_args_is_help=True)
 app.add_typer(traffic_app, name="traffic")
 
