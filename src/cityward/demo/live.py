@@ -115,7 +115,6 @@ class LiveTraffic:
         self.begin = max(city.begin, min(start - warmup_s, city.end - warmup_s - 3600.0))
         self.stop_event = threading.Event()
         self.backfilled = threading.Event()
-        self.backfill_points = 0
         self.error: str | None = None
         self.now = self.begin
         self.feed: BankFeed | None = None
@@ -259,7 +258,6 @@ class LiveTraffic:
                     if r.status_code >= 300:
                         log.warning("station history refused (%s): %s", r.status_code, r.text)
                         return
-                    self.backfill_points += len(docs)
                     t += ENV_PERIOD_S
         except httpx.HTTPError as exc:
             log.warning("station history not written: %s", exc)

@@ -20,9 +20,16 @@ import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 Key = str | int
 _MISSING = object()
@@ -80,12 +87,21 @@ def resolve(doc: Any, keys: tuple[Key, ...]) -> Any:
     return doc
 
 
+def _valid_path(value: str) -> str:
+    compile_path(value)
+    return value
+
+
+# a setting holding a path: checked when the config loads
+JsonPath = Annotated[str, AfterValidator(_valid_path)]
+
+
 class AttributeMap(BaseModel):
     """One attribute of the entity, read from the payload."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="Where the value is, e.g. $.readings.no2.")
+    path: JsonPath = Field(description="Where the value is, e.g. $.readings.no2.")
     kind: Literal["number", "integer", "string", "boolean", "json"] = Field(
         default="number", description="What the value must be; numbers in strings are accepted."
     )
@@ -93,12 +109,6 @@ class AttributeMap(BaseModel):
     scale: float = Field(default=1.0, description="Multiply a number by this (unit conversion).")
     offset: float = Field(default=0.0, description="Then add this.")
     required: bool = Field(default=False, description="A payload without it is rejected.")
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        compile_path(value)
-        return value
 
     @model_validator(mode="after")
     def _numeric_only(self) -> AttributeMap:
@@ -112,27 +122,15 @@ class AttributeMap(BaseModel):
 class TimestampMap(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="Where the observation time is.")
+    path: JsonPath = Field(description="Where the observation time is.")
     format: Literal["iso8601", "epoch_s", "epoch_ms"] = "iso8601"
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        compile_path(value)
-        return value
 
 
 class LocationMap(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    lon: str = Field(description="Path of the longitude (WGS84 degrees).")
-    lat: str = Field(description="Path of the latitude.")
-
-    @field_validator("lon", "lat")
-    @classmethod
-    def _path(cls, value: str) -> str:
-        compile_path(value)
-        return value
+    lon: JsonPath = Field(description="Path of the longitude (WGS84 degrees).")
+    lat: JsonPath = Field(description="Path of the latitude.")
 
 
 class MappingConfig(BaseModel):
@@ -147,7 +145,7 @@ class MappingConfig(BaseModel):
     timestamp: TimestampMap | None = Field(
         default=None, description="The observation time (unset: the time of receipt)."
     )
-    message_id: str | None = Field(
+    message_id: JsonPath | None = Field(
         default=None,
         description="Path of the device's message id; with the source it makes a delivery "
         "idempotent (unset: the source, entity and observation time do).",
@@ -176,13 +174,6 @@ class MappingConfig(BaseModel):
         for hole in holes:
             if not _TOPIC.fullmatch(hole):
                 compile_path(hole)
-        return value
-
-    @field_validator("message_id")
-    @classmethod
-    def _msg(cls, value: str | None) -> str | None:
-        if value is not None:
-            compile_path(value)
         return value
 
     @field_validator("attributes")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
-# name under /ui/ -> (package, path inside the package, media type, cache seconds)
+# name under /ui/ -> (package, path inside the package, media type); cached VENDOR_MAX_AGE s
 VENDOR: dict[str, tuple[str, str, str]] = {
     "maplibre-gl.js": ("maplibre", "srcjs/maplibre-gl.js", "text/javascript; charset=utf-8"),
     "maplibre-gl.css": ("maplibre", "srcjs/maplibre-gl.css", "text/css; charset=utf-8"),
@@ -53,7 +53,10 @@ class Asset:
 
 
 def _load(source: Traversable | Path, media_type: str, max_age: int) -> Asset:
-    body = source.read_bytes()
+    return _make(source.read_bytes(), media_type, max_age)
+
+
+def _make(body: bytes, media_type: str, max_age: int) -> Asset:
     return Asset(
         body=body,
         gzipped=gzip.compress(body, compresslevel=6, mtime=0),
@@ -70,6 +73,11 @@ def _package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(package)
     return Path(next(iter(spec.submodule_search_locations)))
+
+
+def with_config(page: Asset, mark: bytes, config: bytes) -> Asset:
+    """``page`` with ``mark`` replaced by ``config``: the page of one app, made once."""
+    return _make(page.body.replace(mark, config), page.media_type, page.max_age)
 
 
 _cache: dict[str, Asset] = {}

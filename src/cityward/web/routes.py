@@ -13,9 +13,6 @@ policy's ``stream`` audit class), since what it will carry is not known when it 
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -23,7 +20,7 @@ from fastapi.responses import Response, StreamingResponse
 from cityward.bank.errors import BadRequestData, ResourceNotFound
 from cityward.config import Settings
 from cityward.governance.middleware import principal_of
-from cityward.web.assets import Asset, asset
+from cityward.web.assets import Asset, asset, with_config
 from cityward.web.live import LiveHub
 
 router = APIRouter()
@@ -31,19 +28,16 @@ MAX_TYPES = 50
 CONFIG_MARK = b"__CITYWARD_CONFIG__"
 
 
-def _serve(request: Request, item: Asset, body: bytes | None = None) -> Response:
+def _serve(request: Request, item: Asset) -> Response:
     """One file, gzipped when the client takes it, 304 when its ETag still matches."""
-    raw = item.body if body is None else body
-    etag = item.etag if body is None else '"' + hashlib.sha256(raw).hexdigest()[:20] + '"'
     cache = f"public, max-age={item.max_age}" if item.max_age else "no-cache"
-    headers = {"ETag": etag, "Cache-Control": cache, "Vary": "Accept-Encoding"}
-    if request.headers.get("if-none-match") == etag:
+    headers = {"ETag": item.etag, "Cache-Control": cache, "Vary": "Accept-Encoding"}
+    if request.headers.get("if-none-match") == item.etag:
         return Response(status_code=304, headers=headers)
     if "gzip" in request.headers.get("accept-encoding", ""):
         headers["Content-Encoding"] = "gzip"
-        packed = item.gzipped if body is None else gzip.compress(raw, 6, mtime=0)
-        return Response(packed, media_type=item.media_type, headers=headers)
-    return Response(raw, media_type=item.media_type, headers=headers)
+        return Response(item.gzipped, media_type=item.media_type, headers=headers)
+    return Response(item.body, media_type=item.media_type, headers=headers)
 
 
 def _page_config(settings: Settings) -> bytes:
@@ -59,10 +53,14 @@ def _page_config(settings: Settings) -> bytes:
 @router.get("/", include_in_schema=False)
 async def dashboard(request: Request) -> Response:
     """The operations room (HTML; it logs in with a token and reads the API with it)."""
-    page = asset("index.html")
-    assert page is not None
-    body = page.body.replace(CONFIG_MARK, _page_config(request.app.state.settings))
-    return _serve(request, page, body)
+    state = request.app.state
+    page: Asset | None = getattr(state, "dashboard_page", None)
+    if page is None:  # the app's settings do not change: the page is made once
+        template = asset("index.html")
+        assert template is not None
+        page = with_config(template, CONFIG_MARK, _page_config(state.settings))
+        state.dashboard_page = page
+    return _serve(request, page)
 
 
 @router.get("/ui/{name}", include_in_schema=False)

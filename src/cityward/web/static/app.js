@@ -31,6 +31,7 @@ const S = {
   stream: null, // AbortController of the live stream
   streamGen: 0,
   lastEvent: 0,
+  counts: {}, // features drawn per map source (the browser tests read them)
 };
 window.cityward = { state: S }; // for the browser tests and the curious
 
@@ -397,28 +398,28 @@ function setSource(id, features) {
   if (src) src.setData({ type: "FeatureCollection", features });
 }
 
-function drawRoads() {
+// one map source from the located entities that pass `test`, each with `props(e)`
+function drawLayer(source, test, props = () => ({})) {
   const feats = [];
-  for (const e of byType("TrafficFlowObserved")) {
-    const g = located(e);
-    if (!g) continue;
-    const occ = typeof e.occupancy === "number" ? e.occupancy : -1;
-    feats.push(feature(e, g, { occ }));
+  for (const e of S.entities.values()) {
+    const g = test(e) && located(e);
+    if (g) feats.push(feature(e, g, props(e)));
   }
-  setSource("roads", feats);
-  S.counts.roads = feats.length;
+  setSource(source, feats);
+  S.counts[source] = feats.length;
+}
+const ofType = (type) => (e) => shortType(e) === type;
+
+function drawRoads() {
+  drawLayer("roads", ofType("TrafficFlowObserved"),
+    (e) => ({ occ: typeof e.occupancy === "number" ? e.occupancy : -1 }));
 }
 
 function drawSignals() {
-  const feats = [];
-  for (const e of byType("TrafficSignal")) {
-    const g = located(e);
-    if (!g) continue;
+  drawLayer("signals", ofType("TrafficSignal"), (e) => {
     const ov = plain(e.activeOverride);
-    feats.push(feature(e, g, { color: signalColor(e.signalState), override: !!(ov && ov.active) }));
-  }
-  setSource("signals", feats);
-  S.counts.signals = feats.length;
+    return { color: signalColor(e.signalState), override: !!(ov && ov.active) };
+  });
 }
 
 function alertSources() {
@@ -429,24 +430,11 @@ function alertSources() {
 
 function drawSensors() {
   const flagged = alertSources();
-  const feats = [];
-  for (const e of S.entities.values()) {
-    if (!SENSOR_TYPES.has(shortType(e))) continue;
-    const g = located(e);
-    if (g) feats.push(feature(e, g, { alert: flagged.has(e.id) }));
-  }
-  setSource("sensors", feats);
-  S.counts.sensors = feats.length;
+  drawLayer("sensors", (e) => SENSOR_TYPES.has(shortType(e)), (e) => ({ alert: flagged.has(e.id) }));
 }
 
 function drawCameras() {
-  const feats = [];
-  for (const e of byType("Camera")) {
-    const g = located(e);
-    if (g) feats.push(feature(e, g, {}));
-  }
-  setSource("cameras", feats);
-  S.counts.cameras = feats.length;
+  drawLayer("cameras", ofType("Camera"));
 }
 
 function centroid(g) {
@@ -535,7 +523,6 @@ function render() {
   if (d.has("kpi")) renderKpis();
   if (d.has("entity")) renderEntity();
 }
-S.counts = {};
 
 function renderKpis() {
   const kpi = byType("KeyPerformanceIndicator")[0];
