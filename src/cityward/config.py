@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cityward.anomaly.settings import AnomalySettings
+from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
+from cityward.ingest.settings import IngestSettings
 
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
 
@@ -107,6 +109,15 @@ class Settings(BaseSettings):
     anomaly: AnomalySettings = Field(
         default_factory=AnomalySettings,
         description="The anomaly service: watches, detectors, alert hysteresis (docs/anomaly.md).",
+    )
+    bus: BusSettings = Field(
+        default_factory=BusSettings,
+        description="How committed changes reach every process: memory (one process) or NATS "
+        "JetStream (docs/bus.md).",
+    )
+    ingest: IngestSettings = Field(
+        default_factory=IngestSettings,
+        description="Device ingestion: MQTT, HTTP push and file sources (docs/ingest.md).",
     )
     dashboard_tiles: str | None = Field(
         default=None,

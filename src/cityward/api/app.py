@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import orjson
 from fastapi import FastAPI, Request
@@ -38,8 +40,14 @@ from cityward.governance.events import Action, AuditRecord
 from cityward.governance.middleware import GovernanceMiddleware
 from cityward.governance.retention import Retention
 from cityward.governance.runtime import Governance, open_audit
+from cityward.ingest import routes as ingest_routes
+from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.worker import IngestWorker
 from cityward.web import routes as web_routes
 from cityward.web.live import LiveHub
+
+if TYPE_CHECKING:
+    from cityward.bus.feed import ChangeBus
 
 log = logging.getLogger("cityward.api")
 NGSI_PREFIX = "/ngsi-ld/v1"
@@ -108,6 +116,17 @@ def create_app(
             "development only"
         )
 
+    # [bus] kind = "nats": every process sees every committed change (docs/bus.md). The
+    # outbox hook and the relay carry this process's writes to JetStream; an ordered
+    # consumer feeds bank.feed (live hub, notification wake-ups) with every node's changes.
+    bus: ChangeBus | None = None
+    anomaly_bank = bank
+    if settings.bus.kind == "nats":
+        from cityward.bus.feed import ChangeBus
+
+        bus = ChangeBus(settings.bus, store, bank, name=f"cityward-{os.getpid()}")
+        bus.follow(bank.feed)
+
     anomaly: AnomalyService | None = None
     if settings.anomaly.enabled and not single_process:
         log.error(
@@ -115,12 +134,23 @@ def create_app(
             "its own writes on the change feed; serve with one worker to raise alerts"
         )
     elif settings.anomaly.enabled:
+        if bus is not None:
+            # the anomaly service follows the durable consumer instead: a restart (or the
+            # node that takes over) goes on from the last change it handled. Its own bank
+            # object shares the store and the write hooks; only its feed differs.
+            anomaly_bank = Bank(
+                store, default_limit=settings.default_limit, max_limit=settings.max_limit
+            )
+            anomaly_bank.hooks = bank.hooks
+            anomaly_bank.publish_local = False
+            bus.follow(anomaly_bank.feed, durable=settings.bus.anomaly_durable)
         # built here, so that a configuration it cannot run with stops the start at once
         anomaly = AnomalyService(
-            bank, settings.anomaly, governance=governance, context=resolver.core
+            anomaly_bank, settings.anomaly, governance=governance, context=resolver.core
         )
 
     live = LiveHub(bank.feed, governance.catalog, resolver.core)
+    ingest = _ingest_worker(settings, bank, resolver) if settings.ingest.enabled else None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -130,6 +160,10 @@ def create_app(
         if anomaly is not None:
             # reads back the open alerts first: a thread, not the event loop
             await asyncio.to_thread(anomaly.start)
+        if bus is not None:
+            # after the followers' listeners subscribed: a durable follower acknowledges
+            # what it hands on, so nothing may reach it before its listener is there
+            await asyncio.to_thread(bus.start)
         retention = Retention(
             store, governance.catalog, governance.audit, batch=gov_settings.retention_batch
         )
@@ -137,12 +171,22 @@ def create_app(
         if gov_settings.retention_enabled:
             # the first run waits a little: a start is busy enough (migrations, caches)
             retention.start(gov_settings.retention_interval_s, first_delay_s=30.0)
+        if ingest is not None:
+            ingest.start()
         try:
             yield
         finally:
+            if ingest is not None:
+                # adapters first: what they received is written before the bank closes
+                await asyncio.to_thread(ingest.stop)
+                ingest.dead_letters.close()
             await live.stop()
+            if bus is not None:
+                await asyncio.to_thread(bus.stop_followers)
             if anomaly is not None:
                 await asyncio.to_thread(anomaly.stop)
+            if bus is not None:
+                await asyncio.to_thread(bus.stop)  # publishes what is left in the outbox once
             retention.stop()
             await subscriptions.stop()
             if governance.audit is not None:
@@ -164,11 +208,14 @@ def create_app(
     app.state.governance = governance
     app.state.anomaly = anomaly
     app.state.live = live
+    app.state.ingest = ingest
+    app.state.bus = bus
     app.state.settings = settings
     for module in (entities, batch, discovery, contexts, subscription_routes, temporal):
         app.include_router(module.router, prefix=NGSI_PREFIX)
     app.include_router(governance_routes.router)
     app.include_router(web_routes.router)
+    app.include_router(ingest_routes.router)
     app.add_middleware(GovernanceMiddleware, governance=governance)
 
     @app.exception_handler(NgsiError)
@@ -204,6 +251,15 @@ def create_app(
         return problem_response(InternalError(f"internal error: {exc.__class__.__name__}"), request)
 
     return app
+
+
+def _ingest_worker(settings: Settings, bank: Bank, resolver: ContextResolver) -> IngestWorker:
+    """The ``[ingest]`` sources inside this process, writing through its bank."""
+    dead = DeadLetters(
+        settings.data_dir / "ingest" / "deadletter.db",
+        max_payload=settings.ingest.deadletter_max_payload,
+    )
+    return IngestWorker(bank, settings.ingest, dead, context=resolver.core)
 
 
 def app_from_env() -> FastAPI:

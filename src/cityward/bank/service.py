@@ -166,6 +166,9 @@ class Bank:
         self.hooks: list[WriteHook] = []
         # committed changes for in-process followers
         self.feed = ChangeFeed()
+        # False when a bus (cityward.bus) feeds ``feed`` instead: followers would see each
+        # change twice otherwise
+        self.publish_local = True
 
     def _after_write(self, txn: WriteTxn, changes: list[Change]) -> None:
         for hook in self.hooks:
@@ -217,7 +220,8 @@ class Bank:
                 txn.put([(pk, new)], replacing=[pk])
             changes = [Change(tenant, pk, eid, before, new, now)]
             self._after_write(txn, changes)
-        self.feed.publish(changes)
+        if self.publish_local:
+            self.feed.publish(changes)
 
     def replace(self, tenant: str, eid: str, frag: Doc) -> None:
         def change(doc: Doc, now: str) -> Doc:
@@ -419,7 +423,8 @@ class Bank:
             with self.store.write(tenant, create_tenant=create_tenant) as txn:
                 apply(txn, good, result)
                 self._after_write(txn, result.changes)
-            self.feed.publish(result.changes)
+            if self.publish_local:
+                self.feed.publish(result.changes)
         return result
 
     def batch_create(
@@ -464,7 +469,14 @@ class Bank:
         tenant: str,
         items: Sequence[Doc | tuple[str | None, NgsiError]],
         mode: Literal["replace", "update"],
+        gate: Callable[[WriteTxn, list[Doc]], list[Doc]] | None = None,
     ) -> BatchResult:
+        """Create or change entities (``mode``: replace them, or update their attributes).
+
+        ``gate`` runs first inside the write transaction and returns the items to apply: the
+        ingest writer drops deliveries it has applied before and records the new ones there,
+        so the record commits or rolls back with the write (exactly-once ingest).
+        """
         now = now_iso()
         built: dict[int, tuple[Doc, Derived]] = {}
 
@@ -477,6 +489,8 @@ class Bank:
                     built[id(frag)] = (doc, derive(doc))
 
         def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
+            if gate is not None:
+                frags = gate(txn, frags)
             existing = txn.get_many([f["id"] for f in frags])
             touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
             for frag in frags:
@@ -624,7 +638,8 @@ class Bank:
                 for eid in result.success
             )
             self._after_write(txn, result.changes)
-        self.feed.publish(result.changes)
+        if self.publish_local:
+            self.feed.publish(result.changes)
         return result
 
 

@@ -100,6 +100,8 @@ ROUTES: tuple[Route, ...] = (
     _r("GET HEAD", r"/(ui/[A-Za-z0-9._-]+)?", P.REGISTER_READ, "none"),
     # the dashboard's live stream: audited when it opens (what it carries is not known yet)
     _r("GET", r"/dashboard/v1/events", P.DATA_READ, "stream"),
+    # device pushes (the ingest http adapter): writes of the device's own entities
+    _r("POST", r"/ingest/[A-Za-z0-9_-]+", P.DATA_WRITE, "write"),
     # temporal: reads are exports of history
     _r("GET", NGSI + r"/temporal/entities(/[^/]+)?", P.HISTORY_READ, "export"),
     _r("POST", NGSI + r"/temporal/entityOperations/query", P.HISTORY_READ, "export"),

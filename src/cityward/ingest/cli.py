@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,10 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
-app = typer.Typer(help="Device ingestion (mappings; adapters to come).", no_args_is_help=True)
+app = typer.Typer(
+    help="Device ingestion: run the sources, check mappings, see dead letters.",
+    no_args_is_help=True,
+)
 console = Console()
 
 
@@ -91,3 +95,155 @@ def check(
         console.print_json(orjson.dumps(update.fragment()).decode())
     if bad:
         raise typer.Exit(1)
+
+
+def _settings(config: Path | None, data_dir: Path | None, database_url: str | None) -> Any:
+    from cityward.config import load_settings
+
+    try:
+        return load_settings(config, data_dir=data_dir, database_url=database_url)
+    except ValidationError as exc:
+        console.print(f"[red]{config}[/]: {exc.error_count()} error(s)")
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            console.print(f"  {where}: {err['msg']}")
+        raise typer.Exit(2) from exc
+
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", exists=True, help="The TOML configuration with [ingest] sources."),
+]
+DataDirOpt = Annotated[
+    Path | None, typer.Option("--data-dir", help="Data folder (SQLite bank, dead letters).")
+]
+DbOpt = Annotated[
+    str | None, typer.Option("--database-url", help="postgresql://... for a PostgreSQL bank.")
+]
+
+
+@app.command("run")
+def run(
+    config: ConfigOpt = None,
+    data_dir: DataDirOpt = None,
+    database_url: DbOpt = None,
+    status_every: Annotated[
+        float, typer.Option(help="Seconds between status lines (0: none).")
+    ] = 10.0,
+    exit_when_done: Annotated[
+        bool,
+        typer.Option(help="Stop once every replay source has finished (batch loads, tests)."),
+    ] = False,
+) -> None:
+    """Run the configured sources in this process until SIGINT or SIGTERM.
+
+    Readings are written into the bank with their history; subscriptions are notified by the
+    `cityward serve` process of the same bank.
+    """
+    import logging
+    import signal
+    import threading
+
+    from cityward.bank.history import History
+    from cityward.bank.jsonld import ContextResolver
+    from cityward.bank.service import Bank
+    from cityward.bank.store import open_store
+    from cityward.bank.subscriptions.service import Subscriptions
+    from cityward.ingest.adapters.replay import ReplayAdapter
+    from cityward.ingest.deadletter import DeadLetters
+    from cityward.ingest.worker import IngestWorker
+
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = _settings(config, data_dir, database_url)
+    ingest = settings.ingest
+    if not [s for s in ingest.sources if s.enabled]:
+        console.print("[red]no enabled [[ingest.sources]] in the configuration[/]")
+        raise typer.Exit(2)
+    store = open_store(settings.database_url, settings.data_dir)
+    resolver = ContextResolver(
+        preload=settings.contexts,
+        fetch_timeout=settings.context_timeout_s,
+        allow_fetch=settings.context_fetch,
+    )
+    bank = Bank(store)
+    History(store, bank)
+    Subscriptions(store, bank, resolver)  # queues notifications; `serve` delivers them
+    dead = DeadLetters(
+        settings.data_dir / "ingest" / "deadletter.db", max_payload=ingest.deadletter_max_payload
+    )
+    worker = IngestWorker(bank, ingest, dead, context=resolver.core)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    names = ", ".join(f"{n} ({a.name})" for n, a in worker.adapters.items())
+    console.print(f"[green]ingest[/] running: {names}")
+    replays = [a for a in worker.adapters.values() if isinstance(a, ReplayAdapter)]
+    try:
+        while not stop.wait(min(status_every, 0.5) if status_every > 0 else 0.5):
+            if exit_when_done and replays and all(r.finished.is_set() for r in replays):
+                break
+            if status_every > 0 and int(time.monotonic() * 2) % int(status_every * 2) == 0:
+                _status_line(worker.status())
+    finally:
+        worker.stop()
+        _status_line(worker.status())
+        dead.close()
+        store.close()
+
+
+def _status_line(status: dict[str, Any]) -> None:
+    w = status["writer"]
+    console.print(
+        f"written {w['written']:,} ({status['rate_per_s']:,.0f}/s), "
+        f"duplicates {w['duplicates']:,}, "
+        f"dead letters {sum(s['dead_letters'] for s in status['sources'].values()):,}, "
+        f"pending {status['pending']:,}, write failures {w['write_failures']:,}"
+    )
+
+
+@app.command("adapters")
+def adapters() -> None:
+    """List the device adapters and their options."""
+    from cityward.ingest.adapters import load_builtin
+    from cityward.plugins import settings_table
+
+    console.print(settings_table("ingest adapters", load_builtin()))
+
+
+@app.command("dead-letters")
+def dead_letters(
+    data_dir: DataDirOpt = None,
+    config: ConfigOpt = None,
+    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="How many to show.")] = 20,
+    purge: Annotated[bool, typer.Option(help="Delete them (of --source, or all).")] = False,
+) -> None:
+    """Show the messages the sources could not use, with the reason (or purge them)."""
+    from cityward.ingest.deadletter import DeadLetters
+
+    settings = _settings(config, data_dir, None)
+    path = settings.data_dir / "ingest" / "deadletter.db"
+    if not path.exists():
+        console.print(f"no dead letters ({path} does not exist)")
+        return
+    dead = DeadLetters(path)
+    try:
+        if purge:
+            console.print(f"purged {dead.purge(source)} dead letter(s)")
+            return
+        counts = dead.counts()
+        console.print(
+            "dead letters per source: "
+            + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none")
+        )
+        for d in dead.entries(source, limit=limit):
+            text = d.payload.decode("utf-8", "replace")
+            console.print(
+                f"#{d.seq} {d.received_at} [bold]{d.source}[/] {d.topic} "
+                f"[red]{d.field}: {d.reason}[/]\n   {text[:200]}{' (cut)' if d.truncated else ''}",
+                highlight=False,
+                markup=True,
+            )
+    finally:
+        dead.close()

@@ -1,0 +1,340 @@
+"""The batching writer: every adapter's readings go into the bank through one of these.
+
+Readings queue up (at most ``max_pending``: a full queue makes :meth:`BatchWriter.put` wait,
+which is the backpressure the adapters pass on: an MQTT adapter stops reading its socket, so
+the broker keeps the messages; an HTTP push waits). A writer thread takes up to
+``batch_size`` of them, or what came within ``max_delay_ms`` of the first, and writes them in
+one bank transaction; only after the commit does it tell each reading's adapter, which then
+acknowledges the delivery (MQTT PUBACK, the HTTP response). A process killed before the commit
+leaves the messages unacknowledged at the broker, which delivers them again.
+
+Exactly once: every reading carries a key (source, the device's message id or its entity and
+observation time). Inside the write transaction the keys are inserted into ``ingest_keys``
+with ``ON CONFLICT DO NOTHING RETURNING``; a reading whose key was there already is a repeat
+and is left out. The keys commit with the readings or not at all, so a crash between the
+commit and the acknowledgement makes the redelivery a no-op rather than a second reading.
+
+A batch with several readings of one entity is written in rounds, one reading per entity per
+round: the bank keeps one change per entity and transaction, and the attribute history must
+get every reading, not only the last.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cityward.bank.errors import NgsiError
+from cityward.bank.service import Bank
+from cityward.bank.store import Store, WriteTxn
+from cityward.ingest.settings import WriterSettings
+
+log = logging.getLogger("cityward.ingest")
+Doc = dict[str, Any]
+
+KEYS_SQL = (
+    "CREATE TABLE IF NOT EXISTS ingest_keys ("
+    " source TEXT NOT NULL, key TEXT NOT NULL, at BIGINT NOT NULL,"
+    " PRIMARY KEY (source, key))",
+    "CREATE INDEX IF NOT EXISTS ingest_keys_at ON ingest_keys (at)",
+)
+# rows per INSERT statement (3 parameters each; SQLite allows 32,766 parameters)
+_KEY_CHUNK = 2000
+
+#: what an adapter is told once its reading is settled: None when it is in the bank (or was
+#: already), otherwise "field: reason" why it was refused (it is then a dead letter)
+Done = Callable[[str | None], None]
+
+
+@dataclass(slots=True)
+class Reading:
+    source: str
+    key: str
+    fragment: Doc  # stored form (expanded), as EntityParser makes it
+    done: Done | None = None
+    received: float = field(default_factory=time.monotonic)
+    raw: bytes = b""  # for the dead-letter store, should the bank refuse it
+    topic: str = ""
+
+
+@dataclass
+class WriterStats:
+    received: int = 0
+    written: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    batches: int = 0
+    write_failures: int = 0
+    waits: int = 0  # puts that had to wait for room (backpressure)
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def create_tables(store: Store) -> None:
+    """The key table, in the bank's own database (its rows commit with the readings)."""
+    if store.dialect == "sqlite":
+        import sqlite3
+
+        conn = sqlite3.connect(Path(store.path), isolation_level=None)  # type: ignore[attr-defined]
+        try:
+            conn.execute("PRAGMA busy_timeout=10000")
+            for sql in KEYS_SQL:
+                conn.execute(sql)
+        finally:
+            conn.close()
+    else:
+        with store.pool.connection() as pg:  # type: ignore[attr-defined]
+            for sql in KEYS_SQL:
+                pg.execute(sql)
+
+
+class BatchWriter:
+    """Writes readings into ``bank`` in batches, each reading once; see the module's text.
+
+    ``refused`` is called with a reading the bank refused for good (a 4xx: the entity's type
+    clashes, a device may not write it); the caller stores it as a dead letter.
+    """
+
+    def __init__(
+        self,
+        bank: Bank,
+        settings: WriterSettings,
+        *,
+        tenant: str = "",
+        refused: Callable[[Reading, str, str], None] | None = None,
+        context: Callable[[], Any] | None = None,
+    ) -> None:
+        self.bank = bank
+        self.settings = settings
+        self.tenant = tenant
+        self.stats = WriterStats()
+        self._refused = refused
+        self._context = context  # a context manager factory the writes run in (governance)
+        self._queue: queue.Queue[Reading] = queue.Queue(settings.max_pending)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Condition()
+        self._in_hand = 0  # readings taken from the queue and not yet settled
+        self._purged_at = 0.0
+        create_tables(bank.store)
+
+    # -- adapters' side ---------------------------------------------------------------------
+    def put(self, reading: Reading, timeout: float | None = None) -> bool:
+        """Queue a reading; waits while ``max_pending`` are queued (False: timed out)."""
+        self.stats.received += 1
+        try:
+            self._queue.put_nowait(reading)
+            return True
+        except queue.Full:
+            self.stats.waits += 1
+        try:
+            self._queue.put(reading, timeout=timeout)
+        except queue.Full:
+            self.stats.received -= 1
+            return False
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + self._in_hand
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued reading is settled (tests, a clean stop)."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    # -- the writer thread ------------------------------------------------------------------
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Write what is queued (for at most ``drain_s``), then stop. What is left unwritten
+        is not acknowledged: the broker delivers it again after a restart."""
+        self.wait_idle(drain_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=drain_s + 5)
+            self._thread = None
+
+    def _run(self) -> None:
+        s = self.settings
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                self._maybe_purge()
+                continue
+            batch = [first]
+            deadline = time.monotonic() + s.max_delay_ms / 1000
+            while len(batch) < s.batch_size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(self._queue.get(timeout=left))
+                    except queue.Empty:
+                        break
+            self._in_hand = len(batch)
+            try:
+                self._write(batch)
+            finally:
+                self._in_hand = 0
+                with self._idle:
+                    self._idle.notify_all()
+            self._maybe_purge()
+
+    def _write(self, batch: list[Reading]) -> None:
+        """Write one batch, retrying while the store fails; settle each reading."""
+        unique: dict[tuple[str, str], Reading] = {}
+        repeats: list[Reading] = []
+        for r in batch:
+            k = (r.source, r.key)
+            if k in unique:
+                repeats.append(r)
+            else:
+                unique[k] = r
+        outcome: dict[int, str | None] = {}
+        for chunk in _rounds(list(unique.values())):
+            self._write_round(chunk, outcome)
+            if self._stop.is_set() and any(id(r) not in outcome for r in chunk):
+                return  # stopping while the store fails: leave the rest unacknowledged
+        self.stats.duplicates += len(repeats)
+        self.stats.batches += 1
+        for r in batch:
+            if r.done is not None:
+                try:
+                    r.done(outcome.get(id(r)))
+                except Exception:
+                    log.exception("ingest: acknowledging a reading of %s failed", r.source)
+
+    def _write_round(self, readings: list[Reading], outcome: dict[int, str | None]) -> None:
+        by_frag = {id(r.fragment): r for r in readings}
+        fresh: set[int] = set()
+
+        def gate(txn: WriteTxn, frags: list[Doc]) -> list[Doc]:
+            fresh.clear()
+            new = _insert_keys(txn, [by_frag[id(f)] for f in frags])
+            keep = [f for f in frags if (by_frag[id(f)].source, by_frag[id(f)].key) in new]
+            fresh.update(id(f) for f in keep)
+            return keep
+
+        attempt = 0
+        while True:
+            try:
+                if self._context is not None:
+                    with self._context():
+                        result = self.bank.batch_upsert(
+                            self.tenant, [r.fragment for r in readings], "update", gate=gate
+                        )
+                else:
+                    result = self.bank.batch_upsert(
+                        self.tenant, [r.fragment for r in readings], "update", gate=gate
+                    )
+                break
+            except NgsiError as exc:
+                if exc.status < 500:  # the tenant or the whole batch is refused: no retry helps
+                    for r in readings:
+                        self._refuse(r, exc.field or "$", str(exc), outcome)
+                    return
+                attempt = self._failed(exc, attempt)
+            except Exception as exc:  # locked, unreachable, disk full: wait and try again
+                attempt = self._failed(exc, attempt)
+            if self._stop.is_set() and attempt > 3:
+                return
+        errors = {e["entityId"]: e["error"] for e in result.errors}
+        for r in readings:
+            eid = r.fragment["id"]
+            if eid in errors:
+                err = errors[eid]
+                self._refuse(r, str(err.get("field") or "id"), str(err.get("detail", err)), outcome)
+            elif id(r.fragment) in fresh:
+                outcome[id(r)] = None
+                self.stats.written += 1
+            else:
+                outcome[id(r)] = None
+                self.stats.duplicates += 1
+
+    def _refuse(self, r: Reading, where: str, why: str, outcome: dict[int, str | None]) -> None:
+        self.stats.refused += 1
+        outcome[id(r)] = f"{where}: the bank refused it: {why}"
+        if self._refused is not None:
+            self._refused(r, where, why)
+
+    def _failed(self, exc: BaseException, attempt: int) -> int:
+        attempt += 1
+        self.stats.write_failures += 1
+        self.stats.last_error = f"{type(exc).__name__}: {exc}"
+        delay = min(0.05 * 2**attempt, self.settings.retry_max_s)
+        if attempt in (1, 3) or attempt % 20 == 0:
+            log.warning(
+                "ingest: writing a batch failed (attempt %d): %s; retrying in %.1f s",
+                attempt,
+                self.stats.last_error,
+                delay,
+            )
+        self._stop.wait(delay)
+        return attempt
+
+    def _maybe_purge(self) -> None:
+        """Forget keys older than the dedupe window (once a minute, in small steps)."""
+        now = time.time()
+        if now - self._purged_at < 60:
+            return
+        self._purged_at = now
+        cutoff = int(now - self.settings.dedupe_window_s)
+        try:
+            with self.bank.store.write(self.tenant, create_tenant=True) as txn:
+                txn.execute("DELETE FROM ingest_keys WHERE at < ?", [cutoff])
+        except Exception as exc:
+            log.warning("ingest: forgetting old delivery keys failed: %s", exc)
+
+
+def _rounds(readings: list[Reading]) -> list[list[Reading]]:
+    """Split so that no round has two readings of one entity (their order kept)."""
+    rounds: list[list[Reading]] = []
+    seen: dict[str, int] = {}
+    for r in readings:
+        n = seen.get(r.fragment["id"], 0)
+        seen[r.fragment["id"]] = n + 1
+        if n == len(rounds):
+            rounds.append([])
+        rounds[n].append(r)
+    return rounds
+
+
+def _insert_keys(txn: WriteTxn, readings: Sequence[Reading]) -> set[tuple[str, str]]:
+    """Insert the readings' keys; returns the ones that were not there (the new deliveries)."""
+    now = int(time.time())
+    new: set[tuple[str, str]] = set()
+    for start in range(0, len(readings), _KEY_CHUNK):
+        chunk = readings[start : start + _KEY_CHUNK]
+        params: list[Any] = []
+        for r in chunk:
+            params.extend((r.source, r.key, now))
+        values = ",".join(["(?, ?, ?)"] * len(chunk))
+        rows = txn.execute(
+            f"INSERT INTO ingest_keys (source, key, at) VALUES {values} "
+            "ON CONFLICT DO NOTHING RETURNING source, key",
+            params,
+        )
+        new.update((str(s), str(k)) for s, k in rows)
+    return new

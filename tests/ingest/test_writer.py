@@ -1,0 +1,182 @@
+"""The batching writer on real SQLite (and PostgreSQL): each reading once, in order, bounded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from cityward.bank.access import Access, current_access
+from cityward.bank.errors import Forbidden, NgsiError
+from cityward.bank.store import Store, WriteTxn
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.worker import IngestWorker
+from tests.conftest import drop_pg_store, make_pg_store
+from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+
+
+def _worker(store: Store, tmp: Path, **writer: Any) -> IngestWorker:
+    bank = bank_with_history(store)
+    return IngestWorker(bank, settings("http", {}, **writer), DeadLetters(tmp / "dl.db"))
+
+
+def _feed(worker: IngestWorker, msgs: list[dict[str, Any]]) -> list[str | None]:
+    outcomes: list[str | None] = [None] * len(msgs)
+    settled = threading.Semaphore(0)
+
+    def done_for(i: int) -> Any:
+        def done(why: str | None) -> None:
+            outcomes[i] = why
+            settled.release()
+
+        return done
+
+    for i, m in enumerate(msgs):
+        worker.intakes["air"].receive(orjson.dumps(m), done=done_for(i))
+    for _ in msgs:
+        assert settled.acquire(timeout=30)
+    return outcomes
+
+
+@pytest.fixture
+def sqlite(tmp_path: Path) -> Iterator[Store]:
+    store = SqliteStore(tmp_path / "bank.db")
+    yield store
+    store.close()
+
+
+def test_every_reading_once_with_its_history(sqlite: Store, tmp_path: Path) -> None:
+    w = _worker(sqlite, tmp_path)
+    w.start()
+    try:
+        msgs = [message(n, devices=7) for n in range(300)]
+        assert _feed(w, msgs) == [None] * 300
+        # the same messages again (a broker's redelivery, a device's retry) change nothing
+        assert _feed(w, msgs[:120]) == [None] * 120
+    finally:
+        w.stop()
+    got = stored_readings(sqlite)
+    assert sorted(got) == sorted(
+        (f"urn:ngsi-ld:AirQualityObserved:s{n % 7}", float(n)) for n in range(300)
+    )
+    assert w.writer.stats.written == 300
+    assert w.writer.stats.duplicates == 120
+    # the current value is each device's last reading (a batch holds several per entity)
+    doc = sqlite.get("", "urn:ngsi-ld:AirQualityObserved:s3")
+    assert doc is not None
+    no2 = doc["attrs"]["https://uri.etsi.org/ngsi-ld/default-context/no2"][0]
+    assert no2["value"] == max(n for n in range(300) if n % 7 == 3)
+
+
+def test_a_failed_write_leaves_no_key_and_is_retried(sqlite: Store, tmp_path: Path) -> None:
+    w = _worker(sqlite, tmp_path)
+    failures = [2]
+
+    def flaky(txn: WriteTxn, changes: Any) -> None:
+        if failures[0]:
+            failures[0] -= 1
+            raise RuntimeError("disk I/O error (simulated)")
+
+    w.bank.hooks.append(flaky)
+    w.start()
+    try:
+        assert _feed(w, [message(n) for n in range(40)]) == [None] * 40
+    finally:
+        w.stop()
+    assert w.writer.stats.write_failures == 2
+    assert len(stored_readings(sqlite)) == 40
+    keys = sqlite.select("SELECT count(*) FROM ingest_keys")[0][0]
+    assert keys == 40
+
+
+def test_a_refused_reading_is_a_dead_letter_and_its_neighbours_are_written(
+    sqlite: Store, tmp_path: Path
+) -> None:
+    def write(eid: str, types: Any) -> NgsiError | None:
+        if eid.endswith(":s3"):
+            return Forbidden(f"{eid} is not yours", field="id")
+        return None
+
+    access = Access(
+        read=lambda e, t: None, write=write, conjunct=lambda d, q: None, returned=lambda d: None
+    )
+
+    @contextmanager
+    def as_device() -> Iterator[None]:
+        token = current_access.set(access)
+        try:
+            yield
+        finally:
+            current_access.reset(token)
+
+    bank = bank_with_history(sqlite)
+    w = IngestWorker(
+        bank, settings("http", {}), DeadLetters(tmp_path / "dl.db"), write_context=as_device
+    )
+    w.start()
+    try:
+        outcomes = _feed(w, [message(n, devices=10) for n in range(30)])
+    finally:
+        w.stop()
+    refused = [n for n, why in enumerate(outcomes) if why is not None]
+    assert refused == [3, 13, 23]
+    assert all("is not yours" in (outcomes[n] or "") for n in refused)
+    assert len(stored_readings(sqlite)) == 27
+    letters = w.dead_letters.entries("air")
+    assert [orjson.loads(d.payload)["n"] for d in letters] == [3, 13, 23]
+
+
+def test_a_slow_store_holds_the_adapters_back(sqlite: Store, tmp_path: Path) -> None:
+    """Backpressure: a store that writes slowly makes put() wait; memory stays bounded."""
+    w = _worker(sqlite, tmp_path, max_pending=50, batch_size=20)
+
+    def slow(txn: WriteTxn, changes: Any) -> None:
+        time.sleep(0.02)
+
+    w.bank.hooks.append(slow)
+    w.start()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], w.writer.pending)
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        assert _feed(w, [message(n, devices=500) for n in range(600)]) == [None] * 600
+    finally:
+        stop.set()
+        watcher.join()
+        w.stop()
+    assert w.writer.stats.waits > 0  # the intake had to wait for room
+    assert peak[0] <= 50 + 20  # queued + the batch in hand: never more
+    assert len(stored_readings(sqlite)) == 600
+
+
+@pytest.mark.postgres
+def test_exactly_once_on_postgres(tmp_path: Path) -> None:
+    store = make_pg_store()
+    try:
+        w = _worker(store, tmp_path)
+        w.start()
+        try:
+            msgs = [message(n, devices=9) for n in range(200)]
+            assert _feed(w, msgs) == [None] * 200
+            assert _feed(w, msgs[50:150]) == [None] * 100
+        finally:
+            w.stop()
+        got = stored_readings(store)
+        assert len(got) == 200
+        assert sum(v for _, v in got) == sum(range(200))
+    finally:
+        drop_pg_store(store)
