@@ -1,0 +1,72 @@
+"""The synchronous JetStream facade against the real server."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from cityward.bus.nats import BusError, BusUnavailable, JetStream
+from cityward.bus.settings import BusSettings
+
+
+def test_unreachable_server_is_named_after_the_timeout() -> None:
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"nats://127.0.0.1:{port}"
+    js = JetStream(url, connect_timeout_s=1.0)
+    started = time.monotonic()
+    try:
+        with pytest.raises(BusUnavailable, match=url):
+            js.connect()
+    finally:
+        js.close()
+    assert time.monotonic() - started < 5
+
+
+def test_publish_is_acked_and_deduplicated_by_msg_id(
+    js: JetStream, bus_settings: BusSettings
+) -> None:
+    subject = bus_settings.changes_subject + ".a"
+    first = js.publish(subject, b"one", msg_id="m-1")
+    assert js.publish(subject, b"one again", msg_id="m-1") == first  # the repeat is dropped
+    second = js.publish(subject, b"two")
+    assert second == first + 1
+    assert js.publish_many([(subject, b"three", "m-3"), (subject, b"x", "m-1")]) == [
+        second + 1,
+        first,
+    ]
+    assert js.stream_messages(bus_settings.changes_stream) == 3
+    with pytest.raises(BusError, match=r"nowhere\.x"):
+        js.publish_many([("nowhere.x", b"lost", None)], timeout=1)
+
+
+def test_pull_ack_nak_and_ordered(js: JetStream, bus_settings: BusSettings) -> None:
+    stream, prefix = bus_settings.changes_stream, bus_settings.changes_subject
+    ordered = js.subscribe_ordered(stream, prefix + ".>", deliver="all")
+    js.publish_many([(f"{prefix}.t{i % 2}", str(i).encode(), None) for i in range(10)])
+
+    got = js.pull(stream, "workers", prefix + ".>", batch=4, timeout=2)
+    assert [m.data for m in got] == [b"0", b"1", b"2", b"3"]
+    assert got[1].subject == prefix + ".t1" and got[0].delivered == 1
+    got[0].ack()
+    got[1].in_progress()
+    got[1].ack(confirm=True)
+    got[2].nak()  # again at once
+    got[3].nak(delay=30)  # not within this test
+    js.ack_all([])
+    again = js.pull(stream, "workers", prefix + ".>", batch=10, timeout=2)
+    assert [m.data for m in again][:1] == [b"2"] and again[0].delivered == 2
+    assert {m.data for m in again} == {b"2", b"4", b"5", b"6", b"7", b"8", b"9"}
+    js.ack_all(again)
+    assert js.pull(stream, "workers", prefix + ".>", batch=10, timeout=0.3) == []
+
+    seen: list[bytes] = []
+    deadline = time.monotonic() + 5
+    while len(seen) < 10 and time.monotonic() < deadline:
+        seen.extend(m.data for m in ordered.fetch(100, timeout=0.5))
+    assert seen == [str(i).encode() for i in range(10)]
+    ordered.close()
+    assert js.delete_consumer(stream, "workers")
