@@ -1,0 +1,251 @@
+"""MQTT ingest against real Mosquitto: malformed messages, killed workers, a restarted broker.
+
+Every reading the broker acknowledged to the publisher must end up in the bank exactly once:
+counted and checksummed in the attribute history.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from cityward.bank.store import open_store
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.worker import IngestWorker
+from tests.ingest.brokers import Mosquitto, require_shared_broker
+from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+
+
+class Publisher:
+    """paho at QoS 1 on a persistent session; remembers which messages the broker acknowledged."""
+
+    def __init__(self, port: int, root: str) -> None:
+        self.root = root
+        # no lock of ours: paho calls on_publish holding its own, which publish() takes too
+        self.acked_mids: set[int] = set()
+        self.sent: dict[int, int] = {}  # mid -> message number
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"pub-{root}", clean_session=False
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(200)
+        self.client.reconnect_delay_set(0.1, 1)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acked_mids.add(mid)
+
+    @property
+    def acked(self) -> set[int]:
+        """The numbers of the valid messages the broker acknowledged."""
+        return {self.sent[m] for m in list(self.acked_mids) if m in self.sent}
+
+    def publish(self, n: int, payload: bytes | None = None) -> None:
+        body = payload if payload is not None else orjson.dumps(message(n))
+        info = self.client.publish(f"{self.root}/{n % 50}", body, qos=1)
+        if payload is None:
+            self.sent[info.mid] = n
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _wait(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path: Path) -> None:
+    """1% malformed payloads among valid ones, through the machine's broker at :1883."""
+    require_shared_broker()
+    root = f"cw-test-{uuid.uuid4().hex[:8]}"
+    store = SqliteStore(tmp_path / "bank.db")
+    bank = bank_with_history(store)
+    opts = {"port": 1883, "topics": [f"{root}/+"], "client_id": f"ingest-{root}"}
+    worker = IngestWorker(bank, settings("mqtt", opts), DeadLetters(tmp_path / "dl.db"))
+    worker.start()
+    adapter: Any = worker.adapters["air"]
+    assert adapter.subscribed.wait(10), adapter.status()
+    bad = {
+        100: b"{not json",
+        200: orjson.dumps({"dev": "s1", "n": 99_200, "ts": 1_790_000_000_000}),  # no no2
+        300: orjson.dumps({"dev": "s1", "n": 99_300, "ts": 1_790_000_000_000, "no2": "high"}),
+        400: orjson.dumps({"dev": "bad id!", "n": 99_400, "ts": 1, "no2": 1}),
+        500: orjson.dumps([1, 2, 3]),
+    }
+    pub = Publisher(1883, root)
+    try:
+        for n in range(600):
+            pub.publish(n, bad.get(n))
+        valid = 600 - len(bad)
+        _wait(lambda: len(pub.acked) == valid, 30, "the broker did not acknowledge everything")
+        _wait(
+            lambda: (
+                worker.writer.stats.written == valid and len(worker.dead_letters.entries()) == 5
+            ),
+            30,
+            f"not everything arrived: {worker.status()}",
+        )
+    finally:
+        pub.close()
+        worker.stop()
+    got = stored_readings(store)
+    assert sorted(v for _, v in got) == [float(n) for n in range(600) if n not in bad]
+    letters = worker.dead_letters.entries("air")
+    reasons = {d.payload: (d.field, d.reason) for d in letters}
+    assert reasons[bad[100]][0] == "$" and "not JSON" in reasons[bad[100]][1]
+    assert reasons[bad[200]] == ("$.no2", "required attribute no2 is missing")
+    assert reasons[bad[300]][0] == "$.no2"
+    assert reasons[bad[400]][0] == "id"
+    assert all(d.topic.startswith(root + "/") for d in letters)
+    store.close()
+
+
+# -- the fault tests: `cityward ingest run` killed, the broker restarted ----------------------
+CONFIG = """
+[ingest]
+[ingest.writer]
+max_delay_ms = 20
+[[ingest.sources]]
+name = "air"
+adapter = "mqtt"
+[ingest.sources.options]
+port = {port}
+topics = ["{root}/+"]
+client_id = "ingest-{root}"
+[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
+message_id = "$.n"
+timestamp = {{ path = "$.ts", format = "epoch_ms" }}
+attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
+"""
+
+
+class IngestProcess:
+    def __init__(self, config: Path, data: Path, log: Path) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cityward.cli",
+            "ingest",
+            "run",
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--status-every",
+            "0",
+        ]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.kills += 1
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path / "broker")
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_restart(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    root = f"cw-fault-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "ingest.toml"
+    config.write_text(CONFIG.format(port=broker.port, root=root))
+    data = tmp_path / "data"
+    ingest = IngestProcess(config, data, tmp_path / "ingest.log")
+    ingest.start()
+    # the session must exist before the first message, or the broker has no one to keep it for
+    store = open_store(None, data)
+    _wait(lambda: (data / "ingest" / "deadletter.db").exists(), 30, "ingest run did not start")
+    time.sleep(1.0)
+    total = 6000
+    pub = Publisher(broker.port, root)
+    faults: list[str] = []
+
+    def publish_all() -> None:
+        for n in range(total):
+            pub.publish(n)
+            if n % 40 == 39:
+                time.sleep(0.05)  # about 800 a second: the faults land mid-stream
+
+    def count() -> int:
+        return int(store.select("SELECT count(*) FROM attr_history")[0][0])
+
+    def progress(more: int, what: str) -> None:
+        # the fault must hit a worker that is busy writing, not one still starting
+        target = count() + more
+        _wait(lambda: count() >= target, 60, f"no progress before {what}: {faults}")
+
+    publisher = threading.Thread(target=publish_all)
+    publisher.start()
+    try:
+        progress(400, "the first kill")
+        ingest.kill()  # SIGKILL: batches in hand are neither written nor acknowledged
+        faults.append(f"ingest SIGKILL after {count()} readings")
+        ingest.start()
+        progress(400, "the broker restart")
+        broker.restart()  # the session and its queue survive on disk
+        faults.append(f"broker restart after {count()} readings")
+        progress(400, "the second kill")
+        ingest.kill()
+        faults.append(f"ingest SIGKILL after {count()} readings")
+        ingest.start()
+        publisher.join()
+        _wait(lambda: len(pub.acked) == total, 60, f"broker acked {len(pub.acked)} of {total}")
+        _wait(lambda: count() >= total, 90, f"only {count()} readings arrived after {faults}")
+        time.sleep(0.5)  # anything doubled would arrive now
+    finally:
+        publisher.join()
+        pub.close()
+        ingest.stop()
+    got = stored_readings(store)
+    values = sorted(v for _, v in got)
+    assert len(values) == len(set(values)), "a reading was stored twice"
+    assert set(values) == {float(n) for n in pub.acked}
+    assert sum(values) == sum(range(total))  # the checksum
+    assert ingest.kills == 2 and broker.restarts == 1
+    store.close()
