@@ -29,6 +29,7 @@ SAMPLE = {
     "local_id": "none",
     "key_id": "000000000000",
     "type_name": "TrafficFlowObserved",
+    "source": "air",
 }
 WHO = ["public", "device", "operator", "analyst", "auditor", "admin"]
 ROLE_OF = {w: Role(w) for w in WHO}

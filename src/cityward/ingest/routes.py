@@ -37,11 +37,8 @@ def _messages(body: bytes) -> list[tuple[bytes, Any]]:
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError:
-        lines = [line for line in body.splitlines() if line.strip()]
-        if len(lines) < 2:
-            raise BadRequestData(
-                "the body is not JSON (an object, an array or JSON lines)", field="$"
-            ) from None
+        # JSON lines, or one malformed message: each undecodable one becomes a dead letter
+        lines = [line for line in body.splitlines() if line.strip()] or [body]
         out: list[tuple[bytes, Any]] = []
         for line in lines:
             try:

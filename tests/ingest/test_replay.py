@@ -1,0 +1,107 @@
+"""File replay (CSV and JSON lines) into the bank, in process and with `cityward ingest run`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from cityward.bank.store import open_store
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.worker import IngestWorker
+from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+
+
+def _run(worker: IngestWorker) -> None:
+    worker.start()
+    adapter = worker.adapters["air"]
+    assert adapter.finished.wait(30)  # type: ignore[attr-defined]
+    assert worker.writer.wait_idle(30)
+    worker.stop()
+
+
+def test_json_lines_with_a_bad_line_and_a_second_replay(tmp_path: Path) -> None:
+    path = tmp_path / "readings.jsonl"
+    lines = [orjson.dumps(message(n)) for n in range(200)]
+    lines[50] = b'{"dev": "s1", "n": 50'  # cut short
+    path.write_bytes(b"\n".join(lines) + b"\n\n")
+    store = SqliteStore(tmp_path / "bank.db")
+    bank = bank_with_history(store)
+    for _ in range(2):  # the second replay of the same file writes nothing again
+        worker = IngestWorker(
+            bank, settings("replay", {"path": str(path)}), DeadLetters(tmp_path / "dl.db")
+        )
+        _run(worker)
+    values = sorted(v for _, v in stored_readings(store))
+    assert values == [float(n) for n in range(200) if n != 50]
+    assert worker.writer.stats.duplicates == 199 and worker.writer.stats.written == 0
+    dead = worker.dead_letters.entries("air")
+    assert len(dead) == 2 and all("not JSON" in d.reason for d in dead)
+    store.close()
+
+
+def test_a_csv_file_paced_by_its_time_column(tmp_path: Path) -> None:
+    path = tmp_path / "readings.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["dev", "n", "ts", "no2"])
+        for n in range(30):
+            m = message(n)
+            w.writerow([m["dev"], m["n"], m["ts"], m["no2"]])
+    store = SqliteStore(tmp_path / "bank.db")
+    opts = {"path": str(path), "time_field": "$.ts", "time_format": "epoch_ms", "speed": 1000}
+    worker = IngestWorker(
+        bank_with_history(store), settings("replay", opts), DeadLetters(tmp_path / "dl.db")
+    )
+    _run(worker)
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(30)]
+    store.close()
+
+
+def test_ingest_run_until_the_replay_is_done(tmp_path: Path) -> None:
+    path = tmp_path / "readings.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(100)))
+    config = tmp_path / "cityward.toml"
+    config.write_text(
+        f"""
+[ingest]
+[[ingest.sources]]
+name = "air"
+adapter = "replay"
+options = {{ path = "{path}" }}
+[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
+message_id = "$.n"
+attributes = {{ no2 = {{ path = "$.no2" }} }}
+"""
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    data = tmp_path / "data"
+    cmd = [sys.executable, "-m", "cityward.cli", "ingest", "run", "--config", str(config)]
+    out = subprocess.run(
+        [*cmd, "--data-dir", str(data), "--exit-when-done"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "written 100" in out.stdout
+    store = open_store(None, data)
+    assert len(stored_readings(store)) == 100
+    store.close()
+    # a configuration error names the setting
+    config.write_text(
+        config.read_text().replace('adapter = "replay"', 'adapter = "carrier-pigeon"')
+    )
+    out = subprocess.run(
+        [*cmd, "--data-dir", str(data)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "carrier-pigeon" in out.stdout and "ingest.sources.0" in out.stdout
