@@ -192,6 +192,13 @@ def demo(
     directory = data_dir or Path(os.environ.get("CITYWARD_DATA_DIR", "cityward-demo"))
     settings = load_settings(None, data_dir=directory)
     settings.anomaly.enabled = True
+    # the environment stations are devices pushing their own JSON (docs/ingest.md)
+    from cityward.demo.environment import ingest_sources
+    from cityward.ingest.settings import IngestSettings
+
+    settings.ingest = IngestSettings.model_validate(
+        {"enabled": True, "sources": ingest_sources(), "writer": {"max_delay_ms": 20}}
+    )
     application = create_app(settings)
     bank = application.state.runtime.bank
     created = seed_city(bank, detectors=seed_only or no_traffic)
@@ -229,7 +236,8 @@ def demo(
             except (RuntimeError, ValueError) as exc:
                 console.print(f"[red]demo city[/]: {exc}")
                 raise typer.Exit(1) from exc
-        live = LiveTraffic(city, base, token, speed=speed)
+        station_key = _demo_station_key(governance.identities, directory)
+        live = LiveTraffic(city, base, token, speed=speed, station_key=station_key)
         live.start()
         console.print(
             f"traffic: {city.net.name}, adaptive control, speed {speed:g}x, an ambulance every "
@@ -256,6 +264,23 @@ def demo(
             live.stop()
             if live.error:
                 console.print(f"[red]traffic simulation[/]: {live.error}")
+
+
+def _demo_station_key(identities: Any, directory: Path) -> str:
+    """The demo stations' device key: kept in DIR/stations.key, made on the first start."""
+    from cityward.demo.environment import STATION_PATTERNS
+    from cityward.governance.identity import AuthError
+
+    path = directory / "stations.key"
+    if path.exists():
+        key = path.read_text().strip()
+        with contextlib.suppress(AuthError):
+            identities.verify_api_key(key)
+            return key
+    _, key = identities.create_device_key("demo-stations", STATION_PATTERNS, [])
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return str(key)
 
 
 token_app = typer.Typer(help="Bearer tokens for people and services.", no_args_is_help=True)

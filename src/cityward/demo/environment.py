@@ -113,3 +113,44 @@ def demo_stations(entities: list[dict[str, Any]]) -> list[Station]:
         for e in entities
         if e["type"] in (AIR, NOISE)
     ]
+
+
+# -- the stations as devices: they push their own JSON to /ingest/{source} ----------------------
+AIR_SOURCE = "air-stations"
+NOISE_SOURCE = "noise-stations"
+SOURCE_OF = {AIR: AIR_SOURCE, NOISE: NOISE_SOURCE}
+STATION_PATTERNS = [
+    r"urn:ngsi-ld:AirQualityObserved:demo-\d+",
+    r"urn:ngsi-ld:NoiseLevelObserved:demo-\d+",
+]
+
+
+def payload(station: Station, values: dict[str, float], at: str) -> dict[str, Any]:
+    """What a station sends: its own short JSON, not NGSI-LD (the ingest mapping makes that)."""
+    return {
+        "station": station.id.rsplit(":", 1)[1],
+        "at": at,
+        **{name: round(value, 1) for name, value in values.items()},
+    }
+
+
+def ingest_sources() -> list[dict[str, Any]]:
+    """The ``[ingest]`` sources of the demo's stations (HTTP push, one per entity type)."""
+
+    def source(name: str, entity_type: str, attrs: dict[str, str]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "adapter": "http",
+            "options": {"max_messages": 5000},
+            "mapping": {
+                "entity_type": entity_type,
+                "id": f"urn:ngsi-ld:{entity_type}:{{$.station}}",
+                "timestamp": {"path": "$.at", "format": "iso8601"},
+                "attributes": {a: {"path": f"$.{a}", "unit": u} for a, u in attrs.items()},
+            },
+        }
+
+    return [
+        source(AIR_SOURCE, AIR, {"no2": UNITS["no2"], "pm10": UNITS["pm10"]}),
+        source(NOISE_SOURCE, NOISE, {"LAeq": UNITS["LAeq"]}),
+    ]

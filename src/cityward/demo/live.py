@@ -13,9 +13,12 @@
 3. an ambulance (vClass ``emergency``) is dispatched every ``ev_every_s`` simulated seconds on a
    route across the city; the controllers' preemption gives it its green wave;
 4. the air-quality and noise stations (:mod:`cityward.demo.environment`) report once a
-   simulated minute, with the day's rhythm and now and then an injected incident; at the start
-   their past six simulated hours are written first (oldest first), so that the anomaly
-   service's detectors have learnt them and the incidents raise alerts from the first minutes;
+   simulated minute, with the day's rhythm and now and then an injected incident. They are
+   devices: each pushes its own short JSON to ``/ingest/air-stations`` or
+   ``/ingest/noise-stations`` with the stations' device key, and the ingest mapping makes the
+   NGSI-LD updates (docs/ingest.md). At the start their past six simulated hours are pushed
+   first (oldest first), so that the anomaly service's detectors have learnt them and the
+   incidents raise alerts from the first minutes;
 5. a :class:`~cityward.demo.kpi.KpiMeter` measures delay and CO2, and one
    ``KeyPerformanceIndicator`` entity carries them next to the same figures of SUMO's
    fixed-time programs on the same demand (:func:`~cityward.demo.kpi.run_baseline`, computed
@@ -30,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import queue
 import random
 import threading
 import time
@@ -41,7 +45,7 @@ import httpx
 
 from cityward.demo import demo_entities
 from cityward.demo.city import DemoCity
-from cityward.demo.environment import Stations, demo_stations, fragment
+from cityward.demo.environment import SOURCE_OF, Station, Stations, demo_stations, payload
 from cityward.demo.kpi import KpiMeter, KpiSample, baseline_at, load_baseline, run_baseline
 from cityward.traffic.bankfeed import BankFeed
 from cityward.traffic.emergency import PlannedRun, add_runs, run_routes
@@ -98,12 +102,15 @@ class LiveTraffic:
         warmup_s: float = 300.0,
         begin: float | None = None,
         seed: int = 1,
+        station_key: str | None = None,
     ) -> None:
         if speed <= 0:
             raise ValueError("--speed must be above 0 (simulated seconds per wall second)")
         self.city = city
         self.base_url = base_url
         self.token = token
+        # the stations' device key (X-API-Key) for their pushes; None: the operator token
+        self.station_key = station_key
         self.speed = speed
         self.controller = controller
         self.ev_every_s = ev_every_s
@@ -123,6 +130,9 @@ class LiveTraffic:
         self._baseline: list[KpiSample] = []
         self._thread: threading.Thread | None = None
         self._rng = random.Random(seed)
+        # the stations' live readings, pushed by a thread of their own (a push waits for its
+        # readings to be committed; the simulation must not)
+        self._pushes: queue.Queue[list[tuple[Station, dict[str, float], str]]] = queue.Queue(1000)
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,8 +226,9 @@ class LiveTraffic:
                 if now >= next_env and self.backfilled.is_set():
                     next_env = now + ENV_PERIOD_S
                     at = feed.at(now)
-                    for station, values in stations.read(now, ENV_PERIOD_S):
-                        feed.put(fragment(station, values, at))
+                    readings = [(s, v, at) for s, v in stations.read(now, ENV_PERIOD_S)]
+                    with contextlib.suppress(queue.Full):  # a bank that lags loses a minute
+                        self._pushes.put_nowait(readings)
                 sample = meter.step(backend.t, now)
                 if sample is not None:
                     self._write_kpi(feed, sample, now)
@@ -237,32 +248,54 @@ class LiveTraffic:
         finally:
             backend.close()
 
+    def _station_client(self) -> httpx.Client:
+        headers = (
+            {"X-API-Key": self.station_key}
+            if self.station_key
+            else {"Authorization": f"Bearer {self.token}"}
+        )
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30)
+
+    @staticmethod
+    def _push(client: httpx.Client, readings: list[tuple[Station, dict[str, float], str]]) -> bool:
+        """Push readings as the stations do: their own JSON, per source, oldest first."""
+        by_source: dict[str, list[dict[str, Any]]] = {}
+        for station, values, at in readings:
+            by_source.setdefault(SOURCE_OF[station.type], []).append(payload(station, values, at))
+        for source, messages in by_source.items():
+            r = client.post(f"/ingest/{source}", json=messages)
+            if r.status_code >= 300:
+                log.warning("station readings refused (%s): %s", r.status_code, r.text[:500])
+                return False
+        return True
+
     def _backfill_stations(self, feed: BankFeed, stations: Stations, until: float) -> None:
-        """The stations' readings of the ``BACKFILL_S`` before ``until``, one simulated minute
-        per request, oldest first (the anomaly service learns them in order)."""
-        headers = {"Authorization": f"Bearer {self.token}"}
+        """The stations' readings of the ``BACKFILL_S`` before ``until``, oldest first (the
+        anomaly service learns them in order), half an hour of them per push; then the live
+        readings as the simulation makes them."""
         try:
-            with httpx.Client(base_url=self.base_url, headers=headers, timeout=10) as client:
+            with self._station_client() as client:
                 t = until - BACKFILL_S
+                chunk: list[tuple[Station, dict[str, float], str]] = []
                 while t < until and not self.stop_event.is_set():
                     at = feed.at(t)
-                    docs = [
-                        fragment(station, values, at)
-                        for station, values in stations.read(t % 86400.0, ENV_PERIOD_S)
-                    ]
-                    r = client.post(
-                        "/ngsi-ld/v1/entityOperations/upsert",
-                        params={"options": "update"},
-                        json=docs,
-                    )
-                    if r.status_code >= 300:
-                        log.warning("station history refused (%s): %s", r.status_code, r.text)
-                        return
+                    chunk.extend((s, v, at) for s, v in stations.read(t % 86400.0, ENV_PERIOD_S))
                     t += ENV_PERIOD_S
+                    if len(chunk) >= 30 * len(stations.stations) or t >= until:
+                        if not self._push(client, chunk):
+                            break
+                        chunk = []
+                self.backfilled.set()
+                while not self.stop_event.is_set():
+                    try:
+                        readings = self._pushes.get(timeout=0.5)
+                    except queue.Empty:
+                        continue
+                    self._push(client, readings)
         except httpx.HTTPError as exc:
-            log.warning("station history not written: %s", exc)
+            log.warning("station readings not pushed: %s", exc)
         finally:
-            self.backfilled.set()  # the live readings go on in any case
+            self.backfilled.set()  # the simulation goes on in any case
 
     def _close_stale_runs(self, feed: BankFeed, now: float) -> None:
         """Runs a previous demo process left en route end as ``interrupted``: their vehicles
