@@ -249,3 +249,50 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
     assert sum(values) == sum(range(total))  # the checksum
     assert ingest.kills == 2 and broker.restarts == 1
     store.close()
+
+
+def test_a_slow_store_leaves_the_messages_at_the_broker(tmp_path: Path, broker: Mosquitto) -> None:
+    """Backpressure over MQTT: with a throttled store the worker holds at most max_pending
+    readings (plus the batch in hand); the rest waits at the broker and arrives later."""
+    root = f"cw-slow-{uuid.uuid4().hex[:8]}"
+    store = SqliteStore(tmp_path / "bank.db")
+    bank = bank_with_history(store)
+
+    def slow(txn: Any, changes: Any) -> None:
+        time.sleep(0.03)  # a store that takes 30 ms a transaction
+
+    bank.hooks.append(slow)
+    opts = {"port": broker.port, "topics": [f"{root}/+"], "client_id": f"ingest-{root}"}
+    cfg = settings("mqtt", opts, max_pending=100, batch_size=50)
+    worker = IngestWorker(bank, cfg, DeadLetters(tmp_path / "dl.db"))
+    worker.start()
+    adapter: Any = worker.adapters["air"]
+    assert adapter.subscribed.wait(10), adapter.status()
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], worker.writer.pending)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    pub = Publisher(broker.port, root)
+    total = 2000
+    try:
+        for n in range(total):
+            pub.publish(n)
+        _wait(lambda: len(pub.acked) == total, 30, "the broker did not take everything")
+        # the broker has everything; the worker has taken only a part of it
+        assert len(stored_readings(store)) < total
+        _wait(lambda: worker.writer.stats.written == total, 120, f"{worker.status()}")
+    finally:
+        stop.set()
+        watcher.join()
+        pub.close()
+        worker.stop()
+    assert worker.writer.stats.waits > 0  # the adapter had to wait for room
+    assert peak[0] <= 100 + 50
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(total)]
+    store.close()
