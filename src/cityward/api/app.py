@@ -254,12 +254,20 @@ def create_app(
 
 
 def _ingest_worker(settings: Settings, bank: Bank, resolver: ContextResolver) -> IngestWorker:
-    """The ``[ingest]`` sources inside this process, writing through its bank."""
+    """The ``[ingest]`` sources inside this process, writing through its bank (with ``[bus]
+    kind = "nats"`` through the ingest stream: this process is a front and a writer)."""
     dead = DeadLetters(
         settings.data_dir / "ingest" / "deadletter.db",
         max_payload=settings.ingest.deadletter_max_payload,
     )
-    return IngestWorker(bank, settings.ingest, dead, context=resolver.core)
+    return IngestWorker(
+        bank,
+        settings.ingest,
+        dead,
+        context=resolver.core,
+        bus=settings.bus,
+        name=f"cityward-ingest-{os.getpid()}",
+    )
 
 
 def app_from_env() -> FastAPI:

@@ -462,7 +462,9 @@ class JetStream:
         async def fetch() -> list[Msg]:
             try:
                 return list(await sub.fetch(batch, timeout=timeout))
-            except nats.errors.TimeoutError:
+            except TimeoutError:
+                # nats.errors.TimeoutError, or now and then the plain asyncio one from inside
+                # nats-py's fetch: either way no message came in time (not a server failure)
                 return []
 
         msgs = self._run(fetch(), timeout + self.timeout)

@@ -127,6 +127,13 @@ def run(
     config: ConfigOpt = None,
     data_dir: DataDirOpt = None,
     database_url: DbOpt = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            help='With [bus] kind = "nats": front (the adapters, publishing readings to '
+            "JetStream), writer (readings from JetStream into the bank) or all (both).",
+        ),
+    ] = "all",
     status_every: Annotated[
         float, typer.Option(help="Seconds between status lines (0: none).")
     ] = 10.0,
@@ -138,46 +145,78 @@ def run(
     """Run the configured sources in this process until SIGINT or SIGTERM.
 
     Readings are written into the bank with their history; subscriptions are notified by the
-    `cityward serve` process of the same bank.
+    `cityward serve` process of the same bank. With [bus] kind = "nats" the work can be split
+    over processes and machines with --role (docs/bus.md).
     """
     import logging
+    import os
     import signal
     import threading
 
     from cityward.bank.history import History
     from cityward.bank.jsonld import ContextResolver
     from cityward.bank.service import Bank
-    from cityward.bank.store import open_store
+    from cityward.bank.store import Store, open_store
     from cityward.bank.subscriptions.service import Subscriptions
+    from cityward.bus.feed import ChangeBus
     from cityward.ingest.adapters.replay import ReplayAdapter
     from cityward.ingest.deadletter import DeadLetters
-    from cityward.ingest.worker import IngestWorker
+    from cityward.ingest.worker import ROLES, IngestWorker
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(config, data_dir, database_url)
     ingest = settings.ingest
-    if not [s for s in ingest.sources if s.enabled]:
+    nats = settings.bus.kind == "nats"
+    if role not in ROLES:
+        console.print(f"[red]--role {role}[/]: front, writer or all")
+        raise typer.Exit(2)
+    if role != "all" and not nats:
+        console.print(
+            f'[red]--role {role}[/] needs \\[bus] kind = "nats" (docs/bus.md); in memory mode '
+            "one process receives and writes"
+        )
+        raise typer.Exit(2)
+    if role != "writer" and not [s for s in ingest.sources if s.enabled]:
         console.print("[red]no enabled [[ingest.sources]] in the configuration[/]")
         raise typer.Exit(2)
-    store = open_store(settings.database_url, settings.data_dir)
     resolver = ContextResolver(
         preload=settings.contexts,
         fetch_timeout=settings.context_timeout_s,
         allow_fetch=settings.context_fetch,
     )
-    bank = Bank(store)
-    History(store, bank)
-    Subscriptions(store, bank, resolver)  # queues notifications; `serve` delivers them
+    store: Store | None = None
+    bank: Bank | None = None
+    changes: ChangeBus | None = None
+    if role != "front":  # a front only publishes: it needs no database
+        store = open_store(settings.database_url, settings.data_dir)
+        bank = Bank(store)
+        History(store, bank)
+        Subscriptions(store, bank, resolver)  # queues notifications; `serve` delivers them
+        if nats:
+            # the writes' changes go through the outbox to every process's feed, as with
+            # `cityward serve`'s own writes (no followers here: nobody listens in this process)
+            changes = ChangeBus(settings.bus, store, bank, name=f"cityward-ingest-{os.getpid()}")
     dead = DeadLetters(
         settings.data_dir / "ingest" / "deadletter.db", max_payload=ingest.deadletter_max_payload
     )
-    worker = IngestWorker(bank, ingest, dead, context=resolver.core)
+    worker = IngestWorker(
+        bank,
+        ingest,
+        dead,
+        context=resolver.core,
+        bus=settings.bus,
+        role=role,  # checked against ROLES above
+        name=f"cityward-ingest-{role}-{os.getpid()}",
+    )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    if changes is not None:
+        changes.start()
     worker.start()
     names = ", ".join(f"{n} ({a.name})" for n, a in worker.adapters.items())
-    console.print(f"[green]ingest[/] running: {names}")
+    what = f"{role}: " if nats else ""
+    console.print(f"[green]ingest[/] running: {what}{names or 'the stream into the bank'}")
     replays = [a for a in worker.adapters.values() if isinstance(a, ReplayAdapter)]
     try:
         while not stop.wait(min(status_every, 0.5) if status_every > 0 else 0.5):
@@ -188,18 +227,30 @@ def run(
     finally:
         worker.stop()
         _status_line(worker.status())
+        if changes is not None:
+            changes.stop()
         dead.close()
-        store.close()
+        if store is not None:
+            store.close()
 
 
 def _status_line(status: dict[str, Any]) -> None:
+    dead = sum(s["dead_letters"] for s in status["sources"].values())
+    parts = []
+    if "published" in status:
+        parts.append(f"published {status['published']['published']:,}")
     w = status["writer"]
-    console.print(
-        f"written {w['written']:,} ({status['rate_per_s']:,.0f}/s), "
-        f"duplicates {w['duplicates']:,}, "
-        f"dead letters {sum(s['dead_letters'] for s in status['sources'].values()):,}, "
-        f"pending {status['pending']:,}, write failures {w['write_failures']:,}"
-    )
+    if w:
+        parts.append(
+            f"written {w['written']:,} ({status['rate_per_s']:,.0f}/s), "
+            f"duplicates {w['duplicates']:,}"
+        )
+    if "pulled" in status:
+        parts.append(f"redelivered {status['pulled']['redelivered']:,}")
+    parts.append(f"dead letters {dead:,}, pending {status['pending']:,}")
+    if w:
+        parts.append(f"write failures {w['write_failures']:,}")
+    console.print(", ".join(parts))
 
 
 @app.command("adapters")

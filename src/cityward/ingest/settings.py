@@ -10,6 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from cityward.ingest.mapping import MappingConfig
 
 _SOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 
 class WriterSettings(BaseModel):
@@ -43,6 +45,69 @@ class WriterSettings(BaseModel):
     retry_max_s: float = Field(
         default=30, gt=0, le=3600, description="Longest pause between retries of a failed write."
     )
+
+
+class IngestStreamSettings(BaseModel):
+    """``[ingest.jetstream]``: the readings' stream when ``[bus] kind = "nats"`` splits ingest
+    into fronts (adapters publishing readings) and writers (docs/bus.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: str = Field(default="CITYWARD_INGEST", description="The JetStream stream of readings.")
+    subject: str = Field(
+        default="cityward.ingest",
+        description="Subject prefix; a reading goes to <prefix>.<source>.",
+    )
+    durable: str = Field(
+        default="ingest-writers",
+        description="The durable pull consumer every writer shares (each reading to one writer).",
+    )
+    max_age_s: float = Field(
+        default=7 * 86400,
+        gt=0,
+        description="How long the stream keeps a reading no writer took (how long the writers "
+        "may all be away).",
+    )
+    duplicate_window_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="The stream drops a reading published again within this window (a front "
+        "that retried a publish, an MQTT redelivery); the bank's delivery keys catch the rest.",
+    )
+    ack_wait_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=3600,
+        description="A writer's unacknowledged readings go to another writer after this long "
+        "(a killed writer's batch); a live writer keeps extending it for readings it holds.",
+    )
+    max_ack_pending: int = Field(
+        default=50_000,
+        ge=1,
+        le=10_000_000,
+        description="Readings handed to writers and not yet acknowledged, all writers together.",
+    )
+    publish_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Readings a front publishes per round trip."
+    )
+    pull_batch: int = Field(
+        default=1000, ge=1, le=10_000, description="Readings a writer asks for per pull."
+    )
+
+    @field_validator("stream", "durable")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.fullmatch(value):
+            raise ValueError("must be letters, digits, '_' or '-'")
+        return value
+
+    @field_validator("subject")
+    @classmethod
+    def _subject(cls, value: str) -> str:
+        if not _SUBJECT.fullmatch(value):
+            raise ValueError("must be dot-separated tokens of letters, digits, '_' or '-'")
+        return value
 
 
 class SourceSettings(BaseModel):
@@ -99,6 +164,10 @@ class IngestSettings(BaseModel):
     tenant: str = Field(default="", description="The NGSI-LD tenant readings are written to.")
     sources: list[SourceSettings] = Field(default_factory=list)
     writer: WriterSettings = Field(default_factory=WriterSettings)
+    jetstream: IngestStreamSettings = Field(
+        default_factory=IngestStreamSettings,
+        description='Only with [bus] kind = "nats": the stream between fronts and writers.',
+    )
     deadletter_max_payload: int = Field(
         default=64 * 1024, ge=256, le=16 * 1024 * 1024, description="Bytes of a message kept."
     )

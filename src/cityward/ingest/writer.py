@@ -17,10 +17,18 @@ commit and the acknowledgement makes the redelivery a no-op rather than a second
 A batch with several readings of one entity is written in rounds, one reading per entity per
 round: the bank keeps one change per entity and transaction, and the attribute history must
 get every reading, not only the last.
+
+Several writers on one PostgreSQL database (``entity_locks``, the JetStream writers of
+cityward.ingest.jetstream) first take a transaction advisory lock per entity, in one order:
+two writers of one entity then take turns. Without it, the second one's ``SELECT ... FOR
+UPDATE`` waits for the first one's commit, which replaced the entity's row, finds no row, and
+tries to create the entity again (a unique violation, retried, and again while the first keeps
+writing that entity).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import queue
 import threading
@@ -28,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cityward.bank.errors import NgsiError
 from cityward.bank.service import Bank
@@ -46,6 +54,8 @@ KEYS_SQL = (
 )
 # rows per INSERT statement (3 parameters each; SQLite allows 32,766 parameters)
 _KEY_CHUNK = 2000
+# the first key of the writers' per-entity advisory locks (others use 74110001, 74110009)
+_ENTITY_LOCKS = 74110017
 
 #: what an adapter is told once its reading is settled: None when it is in the bank (or was
 #: already), otherwise "field: reason" why it was refused (it is then a dead letter)
@@ -61,6 +71,17 @@ class Reading:
     received: float = field(default_factory=time.monotonic)
     raw: bytes = b""  # for the dead-letter store, should the bank refuse it
     topic: str = ""
+
+
+class Sink(Protocol):
+    """Where an :class:`~cityward.ingest.adapters.Intake` hands its readings: a
+    :class:`BatchWriter` into the bank, or with ``[bus] kind = "nats"`` a front's
+    :class:`~cityward.ingest.jetstream.JetStreamSink` into the ingest stream."""
+
+    def put(self, reading: Reading, timeout: float | None = None) -> bool: ...
+
+    @property
+    def pending(self) -> int: ...
 
 
 @dataclass
@@ -111,10 +132,13 @@ class BatchWriter:
         tenant: str = "",
         refused: Callable[[Reading, str, str], None] | None = None,
         context: Callable[[], Any] | None = None,
+        entity_locks: bool = False,
     ) -> None:
         self.bank = bank
         self.settings = settings
         self.tenant = tenant
+        # only PostgreSQL has several writers at once (SQLite writes one transaction at a time)
+        self._entity_locks = entity_locks and bank.store.dialect == "postgres"
         self.stats = WriterStats()
         self._refused = refused
         self._context = context  # a context manager factory the writes run in (governance)
@@ -232,6 +256,8 @@ class BatchWriter:
 
         def gate(txn: WriteTxn, frags: list[Doc]) -> list[Doc]:
             fresh.clear()
+            if self._entity_locks:
+                _lock_entities(txn, self.tenant, [f["id"] for f in frags])
             new = _insert_keys(txn, [by_frag[id(f)] for f in frags])
             keep = [f for f in frags if (by_frag[id(f)].source, by_frag[id(f)].key) in new]
             fresh.update(id(f) for f in keep)
@@ -338,3 +364,22 @@ def _insert_keys(txn: WriteTxn, readings: Sequence[Reading]) -> set[tuple[str, s
         )
         new.update((str(s), str(k)) for s, k in rows)
     return new
+
+
+def _lock_entities(txn: WriteTxn, tenant: str, eids: Sequence[str]) -> None:
+    """Take the writers' advisory lock of each entity, sorted so that two writers never wait
+    for each other in a circle; they are released at the commit or rollback."""
+    keys = sorted(
+        {
+            int.from_bytes(
+                hashlib.blake2b(f"{tenant}\0{eid}".encode(), digest_size=4).digest(),
+                "big",
+                signed=True,
+            )
+            for eid in eids
+        }
+    )
+    # unnest yields the array in order, and the locks are taken row by row in that order
+    txn.execute(
+        "SELECT pg_advisory_xact_lock(?::int, k) FROM unnest(?::int[]) AS k", [_ENTITY_LOCKS, keys]
+    )

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
@@ -77,6 +78,11 @@ class PostgresStore(Store):
         # JIT off: the planner's row guesses for history aggregation trigger JIT compiling that
         # costs far more than the query itself (1.5 s on small tables, +65 ms at 1M rows)
         options = "-c jit=off"
+        # the URL's own options (?options=-csearch_path%3Dcity: a schema of its own) would be
+        # replaced by these otherwise; a ``schema`` given here comes after them and wins
+        own = conninfo_to_dict(url).get("options")
+        if own:
+            options = f"{own} {options}"
         if schema:
             options += f" -c search_path={schema}"
         kwargs: dict[str, Any] = {"autocommit": False, "options": options}

@@ -26,7 +26,7 @@ from cityward.bank.errors import NgsiError
 from cityward.bank.model import EntityParser
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.mapping import Mapping, MappingError
-from cityward.ingest.writer import BatchWriter, Done, Reading
+from cityward.ingest.writer import Done, Reading, Sink
 from cityward.plugins import register
 
 log = logging.getLogger("cityward.ingest")
@@ -51,7 +51,7 @@ class Intake:
         self,
         name: str,
         mapping: Mapping,
-        writer: BatchWriter,
+        writer: Sink,
         dead_letters: DeadLetters,
         parser: EntityParser,
     ) -> None:

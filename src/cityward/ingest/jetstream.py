@@ -1,0 +1,430 @@
+"""Ingest scaled out over NATS JetStream: fronts publish readings, writers write them.
+
+With ``[bus] kind = "nats"`` an ingest process takes one role or both (docs/bus.md):
+
+* **front**: the adapters map device messages as in memory mode, but each :class:`Reading`
+  goes to a :class:`JetStreamSink`, which publishes it to the stream ``CITYWARD_INGEST``
+  (subject ``cityward.ingest.<source>``, file storage) and tells the adapter it is settled only
+  once JetStream acknowledged it. So the MQTT PUBACK (or the HTTP answer) follows the stream's
+  acknowledgement: a front killed at any point leaves every unacknowledged message with the
+  broker or the device. Each message's ``Nats-Msg-Id`` is ``<source>:<key>``: a reading
+  published again within the stream's duplicate window (a retried publish, an MQTT
+  redelivery) is stored once.
+* **writer**: :class:`JetStreamWriter` pulls from a durable consumer that every writer shares
+  (each message goes to one of them), turns each message back into a Reading and puts it into
+  a normal :class:`BatchWriter`. The Reading's ``done`` acknowledges the message, which the
+  BatchWriter calls after its bank commit (a refused reading: after its dead letter is
+  stored). A writer killed mid-stream leaves its messages unacknowledged; JetStream delivers
+  them to another writer after ``ack_wait_s``, and the delivery keys the BatchWriter commits
+  with the readings make that redelivery a no-op for what was committed: each reading once.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from cityward.bus.nats import BusError, JetStream, Message
+from cityward.ingest.settings import IngestStreamSettings
+from cityward.ingest.writer import BatchWriter, Reading
+
+log = logging.getLogger("cityward.ingest")
+
+
+def encode_reading(reading: Reading, max_raw: int | None = None) -> bytes:
+    """The stream's form of a reading. ``raw`` only serves a dead letter, which keeps
+    ``max_raw`` bytes of it: one byte more travels, so that it is still marked truncated."""
+    raw = reading.raw if max_raw is None else reading.raw[: max_raw + 1]
+    return orjson.dumps(
+        {
+            "source": reading.source,
+            "key": reading.key,
+            "fragment": reading.fragment,
+            "raw": base64.b64encode(raw).decode("ascii"),
+            "topic": reading.topic,
+        }
+    )
+
+
+def decode_reading(data: bytes) -> Reading:
+    """A Reading from :func:`encode_reading` (ValueError, KeyError or TypeError if it is not)."""
+    d = orjson.loads(data)
+    fragment = d["fragment"]
+    if not isinstance(fragment, dict) or not isinstance(fragment.get("id"), str):
+        raise ValueError("the fragment is not an entity")
+    return Reading(
+        str(d["source"]),
+        str(d["key"]),
+        fragment,
+        raw=base64.b64decode(d.get("raw", "")),
+        topic=str(d.get("topic", "")),
+    )
+
+
+def ensure_stream(js: JetStream, settings: IngestStreamSettings) -> None:
+    """Create the readings' stream, or bring it to this configuration (fronts and writers
+    both do, so either may start first)."""
+    js.ensure_stream(
+        settings.stream,
+        [settings.subject + ".>"],
+        max_age_s=settings.max_age_s,
+        duplicate_window_s=settings.duplicate_window_s,
+    )
+
+
+@dataclass
+class SinkStats:
+    received: int = 0
+    published: int = 0  # acknowledged by the stream (a repeat within the window included)
+    batches: int = 0
+    publish_failures: int = 0
+    waits: int = 0  # puts that had to wait for room (backpressure)
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class JetStreamSink:
+    """A front's writer: publishes readings to the ingest stream, in batches, in order.
+
+    The same ``put``/``pending``/``start``/``stop`` as :class:`BatchWriter`. At most
+    ``max_pending`` readings wait (a full queue makes ``put`` wait: the adapters' backpressure);
+    a sender thread publishes what is queued, up to ``settings.publish_batch`` per round trip,
+    and retries while NATS is away. A reading's ``done(None)`` is called after JetStream
+    acknowledged it, never earlier.
+    """
+
+    def __init__(
+        self,
+        js: JetStream,
+        settings: IngestStreamSettings,
+        *,
+        max_pending: int = 20_000,
+        max_raw: int | None = None,
+        retry_max_s: float = 5.0,
+    ) -> None:
+        self.js = js
+        self.settings = settings
+        self.max_raw = max_raw
+        self.retry_max_s = retry_max_s
+        self.stats = SinkStats()
+        self._queue: queue.Queue[Reading] = queue.Queue(max_pending)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._idle = threading.Condition()
+        self._in_hand = 0
+
+    def put(self, reading: Reading, timeout: float | None = None) -> bool:
+        """Queue a reading for publishing; waits while ``max_pending`` are queued."""
+        self.stats.received += 1
+        try:
+            self._queue.put_nowait(reading)
+            return True
+        except queue.Full:
+            self.stats.waits += 1
+        try:
+            self._queue.put(reading, timeout=timeout)
+        except queue.Full:
+            self.stats.received -= 1
+            return False
+        return True
+
+    @property
+    def pending(self) -> int:
+        return self._queue.qsize() + self._in_hand
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until every queued reading is acknowledged by the stream."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self.pending:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(min(left, 0.05))
+        return True
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="ingest-publisher", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Publish what is queued (for at most ``drain_s``), then stop. What is left is not
+        acknowledged to the adapters: the broker delivers it again after a restart."""
+        self.wait_idle(drain_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.js.timeout + 10)
+            self._thread = None
+
+    def _run(self) -> None:
+        size = self.settings.publish_batch
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            # no lingering for a batch to fill: while a round trip is on its way, the queue
+            # fills by itself, so batches grow with the load and a lone reading goes at once
+            batch = [first]
+            while len(batch) < size:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._in_hand = len(batch)
+            try:
+                self._publish(batch)
+            finally:
+                self._in_hand = 0
+                with self._idle:
+                    self._idle.notify_all()
+
+    def _publish(self, batch: list[Reading]) -> None:
+        prefix = self.settings.subject
+        messages = [
+            (f"{prefix}.{r.source}", encode_reading(r, self.max_raw), f"{r.source}:{r.key}")
+            for r in batch
+        ]
+        attempt = 0
+        while True:
+            try:
+                self.js.publish_many(messages)
+                break
+            except BusError as exc:
+                # some may be stored already: publishing them again with the same ids is
+                # safe, the stream drops the repeats
+                attempt += 1
+                self.stats.publish_failures += 1
+                self.stats.last_error = str(exc)
+                delay = min(0.05 * 2**attempt, self.retry_max_s)
+                if attempt in (1, 3) or attempt % 20 == 0:
+                    log.warning(
+                        "ingest: publishing %d readings failed (attempt %d): %s; retrying in "
+                        "%.1f s",
+                        len(batch),
+                        attempt,
+                        exc,
+                        delay,
+                    )
+                if self._stop.wait(delay):
+                    return  # stopping while NATS is away: left unacknowledged to the adapters
+        self.stats.published += len(batch)
+        self.stats.batches += 1
+        for r in batch:
+            if r.done is not None:
+                try:
+                    r.done(None)
+                except Exception:
+                    log.exception("ingest: acknowledging a reading of %s failed", r.source)
+
+
+@dataclass
+class PullStats:
+    pulled: int = 0
+    redelivered: int = 0  # messages delivered more than once (a writer died, an ack was lost)
+    acked: int = 0
+    undecodable: int = 0
+    pull_failures: int = 0
+    ack_failures: int = 0
+    last_error: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class JetStreamWriter:
+    """A writer: pulls readings from the shared durable consumer into ``writer``.
+
+    :meth:`start` creates the consumer (if missing) and starts ``writer`` and two threads:
+    the puller, which takes at most what the BatchWriter has room for, and the acker, which
+    acknowledges settled readings in batches (the last one confirmed by the server). Readings
+    held longer than a third of ``ack_wait_s`` (a slow bank, a full queue) are marked in
+    progress, so JetStream does not hand a live writer's readings to another one.
+    """
+
+    def __init__(
+        self,
+        js: JetStream,
+        settings: IngestStreamSettings,
+        writer: BatchWriter,
+        *,
+        fetch_timeout_s: float = 0.5,
+    ) -> None:
+        self.js = js
+        self.settings = settings
+        self.writer = writer
+        self.fetch_timeout_s = fetch_timeout_s
+        self.stats = PullStats()
+        self._filter = settings.subject + ".>"
+        self._stop = threading.Event()  # stop pulling once a pull comes back empty
+        self._deadline = 0.0  # ... or at this time
+        self._closing = threading.Event()  # the acker's last round
+        self._lock = threading.Condition()
+        self._settled: list[Message] = []
+        self._held: dict[int, tuple[Message, float]] = {}  # stream seq -> (message, since)
+        self._puller: threading.Thread | None = None
+        self._acker: threading.Thread | None = None
+
+    @property
+    def held(self) -> int:
+        """Messages pulled and not yet acknowledged."""
+        with self._lock:
+            return len(self._held)
+
+    def start(self) -> None:
+        s = self.settings
+        self.js.ensure_consumer(
+            s.stream,
+            s.durable,
+            self._filter,
+            ack_wait_s=s.ack_wait_s,
+            max_ack_pending=s.max_ack_pending,
+        )
+        self._stop.clear()
+        self._closing.clear()
+        self.writer.start()
+        self._acker = threading.Thread(target=self._ack_loop, name="ingest-acker", daemon=True)
+        self._acker.start()
+        self._puller = threading.Thread(target=self._pull_loop, name="ingest-puller", daemon=True)
+        self._puller.start()
+
+    def stop(self, drain_s: float = 10.0) -> None:
+        """Take what the consumer still has for this writer (until a pull comes back empty,
+        for at most ``drain_s``), write it, acknowledge it, stop. Anything left unwritten is
+        not acknowledged and goes to another writer (or this one's restart)."""
+        deadline = time.monotonic() + drain_s
+        self._deadline = deadline
+        self._stop.set()
+        if self._puller is not None:
+            self._puller.join(timeout=drain_s + self.fetch_timeout_s + self.js.timeout + 1)
+            self._puller = None
+        self.writer.stop(max(0.5, deadline - time.monotonic()))
+        self._closing.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._acker is not None:
+            self._acker.join(timeout=self.js.timeout + 5)
+            self._acker = None
+
+    # -- pulling ----------------------------------------------------------------------------
+    def _pull_loop(self) -> None:
+        s = self.settings
+        room_max = self.writer.settings.max_pending
+        failures = 0
+        touched = time.monotonic()
+        while True:
+            if self._stop.is_set() and time.monotonic() >= self._deadline:
+                return
+            now = time.monotonic()
+            if now - touched >= s.ack_wait_s / 3:
+                touched = now
+                self._keep_alive(now)
+            room = room_max - self.writer.pending
+            if room <= 0:
+                # the bank is slower than the stream: pull nothing until the writer has room
+                self.writer.wait_idle(0.05)
+                continue
+            try:
+                msgs = self.js.pull(
+                    s.stream, s.durable, self._filter, min(s.pull_batch, room), self.fetch_timeout_s
+                )
+                failures = 0
+            except BusError as exc:
+                failures += 1
+                self.stats.pull_failures += 1
+                self.stats.last_error = str(exc)
+                if failures in (1, 10) or failures % 100 == 0:
+                    log.warning("ingest: pulling readings failed: %s", exc)
+                if self._stop.is_set():
+                    return
+                time.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            if not msgs:
+                if self._stop.is_set():
+                    return  # drained: the consumer has nothing more for this writer now
+                continue
+            self._hand_over(msgs)
+
+    def _hand_over(self, msgs: list[Message]) -> None:
+        now = time.monotonic()
+        for msg in msgs:
+            self.stats.pulled += 1
+            if msg.delivered > 1:
+                self.stats.redelivered += 1
+            try:
+                reading = decode_reading(msg.data)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                # not a reading (something else published on the subjects): never again
+                self.stats.undecodable += 1
+                log.error("ingest: not a reading on %s (seq %d): %s", msg.subject, msg.seq, exc)
+                try:
+                    msg.term()
+                except BusError as err:
+                    log.warning("ingest: dropping seq %d failed: %s", msg.seq, err)
+                continue
+            reading.done = self._done_for(msg)
+            with self._lock:
+                self._held[msg.seq] = (msg, now)
+            # there was room for these when they were pulled; only the adapters of an "all"
+            # process, putting into the same writer, can make this wait
+            self.writer.put(reading)
+
+    def _done_for(self, msg: Message) -> Any:
+        def done(_why: str | None) -> None:
+            # the BatchWriter calls this after its commit (or after storing the dead letter):
+            # only now may the stream forget the message
+            with self._lock:
+                self._settled.append(msg)
+                self._lock.notify_all()
+
+        return done
+
+    def _keep_alive(self, now: float) -> None:
+        """Restart the ack wait of readings held a third of it (a slow commit, a long queue)."""
+        limit = self.settings.ack_wait_s / 3
+        with self._lock:
+            old = [m for m, since in self._held.values() if now - since >= limit]
+        for msg in old:
+            try:
+                msg.in_progress()
+            except BusError as exc:  # then it goes to another writer: a repeat, not a loss
+                log.warning("ingest: extending the ack wait failed: %s", exc)
+                return
+        if old:
+            with self._lock:
+                for msg in old:
+                    if msg.seq in self._held:
+                        self._held[msg.seq] = (msg, now)
+
+    # -- acknowledging ----------------------------------------------------------------------
+    def _ack_loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._settled and not self._closing.is_set():
+                    self._lock.wait(0.2)
+                batch, self._settled = self._settled, []
+                closing = self._closing.is_set()
+            if batch:
+                try:
+                    self.js.ack_all(batch)
+                    self.stats.acked += len(batch)
+                except BusError as exc:
+                    # they come again after ack_wait; the delivery keys make that a no-op
+                    self.stats.ack_failures += 1
+                    self.stats.last_error = str(exc)
+                    log.warning("ingest: acknowledging %d readings failed: %s", len(batch), exc)
+                with self._lock:
+                    for msg in batch:
+                        self._held.pop(msg.seq, None)
+            if closing and not batch:
+                return

@@ -1,0 +1,376 @@
+"""Ingest over NATS JetStream (issue 9): fronts publish readings, writers write them.
+
+Against the real NATS server at 127.0.0.1:4222 and the real PostgreSQL: a test that cannot
+reach either fails. Each test has a stream (and change stream) of its own and deletes them.
+Every reading must be in the bank's attribute history exactly once: counted and checksummed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from cityward.bank.access import Access, current_access
+from cityward.bank.errors import Forbidden, NgsiError
+from cityward.bank.store.postgres import PostgresStore
+from cityward.bus.nats import JetStream
+from cityward.bus.settings import BusSettings
+from cityward.cli import app
+from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.jetstream import encode_reading
+from cityward.ingest.settings import IngestSettings, IngestStreamSettings
+from cityward.ingest.worker import IngestWorker
+from cityward.ingest.writer import Reading
+from tests.conftest import PG_URL, drop_pg_store, make_pg_store
+from tests.ingest.helpers import MAPPING, bank_with_history, message, stored_readings
+
+NATS_URL = os.environ.get("CITYWARD_TEST_NATS", "nats://127.0.0.1:4222")
+pytestmark = pytest.mark.postgres
+
+
+def _wait(cond: Callable[[], bool], timeout: float, what: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what()
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def tag() -> Iterator[str]:
+    """A name of this test's own; its streams (readings and changes) are deleted after."""
+    t = uuid.uuid4().hex[:10]
+    yield t
+    js = JetStream(NATS_URL, name="cityward-test-cleanup", connect_timeout_s=5)
+    try:
+        js.connect()
+        js.delete_stream(f"TEST_INGEST_{t}")
+        js.delete_stream(f"TEST_CHANGES_{t}")
+    finally:
+        js.close()
+
+
+@pytest.fixture
+def pg() -> Iterator[PostgresStore]:
+    store = make_pg_store()
+    yield store
+    drop_pg_store(store)
+
+
+def _settings(tag: str, **stream: Any) -> IngestSettings:
+    return IngestSettings.model_validate(
+        {
+            "sources": [{"name": "air", "adapter": "http", "options": {}, "mapping": MAPPING}],
+            "writer": {"max_delay_ms": 20, "max_pending": 3000},
+            "jetstream": {
+                "stream": f"TEST_INGEST_{tag}",
+                "subject": f"test.{tag}.ingest",
+                "ack_wait_s": 5,
+                **stream,
+            },
+        }
+    )
+
+
+def _bus() -> BusSettings:
+    return BusSettings(kind="nats", nats_url=NATS_URL, connect_timeout_s=5)
+
+
+def test_front_and_writer_in_process_each_reading_once(
+    tag: str, pg: PostgresStore, tmp_path: Path
+) -> None:
+    """A front (no bank) and a writer (the bank on PostgreSQL) in this process, over the
+    stream: readings acknowledged only after JetStream took them, each once in the bank;
+    repeats dropped by the stream (same message id) or by the bank's delivery keys (a repeat
+    outside the stream's window); a refused reading a dead letter at the writer, raw intact."""
+    settings = _settings(tag)
+
+    def write(eid: str, types: Any) -> NgsiError | None:
+        return Forbidden(f"{eid} is not yours", field="id") if eid.endswith(":s3") else None
+
+    access = Access(
+        read=lambda e, t: None, write=write, conjunct=lambda d, q: None, returned=lambda d: None
+    )
+
+    @contextmanager
+    def as_device() -> Iterator[None]:
+        token = current_access.set(access)
+        try:
+            yield
+        finally:
+            current_access.reset(token)
+
+    front = IngestWorker(
+        None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
+    )
+    writer = IngestWorker(
+        bank_with_history(pg),
+        settings,
+        DeadLetters(tmp_path / "writer-dl.db"),
+        bus=_bus(),
+        role="writer",
+        write_context=as_device,
+    )
+    assert front.adapters and not writer.adapters  # a writer receives from the stream only
+    total, devices = 2000, 37
+    refused = {n for n in range(total) if n % devices == 3}
+    # the front first, alone: its acknowledgements must not wait for any writer
+    front.start()
+    outcomes: dict[int, str | None] = {}
+    settled = threading.Semaphore(0)
+
+    def feed(numbers: range) -> None:
+        for n in numbers:
+
+            def done(why: str | None, n: int = n) -> None:
+                outcomes[n] = why
+                settled.release()
+
+            front.intakes["air"].receive(orjson.dumps(message(n, devices)), done=done)
+        for _ in numbers:
+            assert settled.acquire(timeout=30), f"not acknowledged: {front.status()}"
+
+    js = JetStream(NATS_URL, name="cityward-test", connect_timeout_s=5)
+    js.connect()
+    try:
+        feed(range(total))
+        # every reading settled as stored by JetStream (the front cannot know of refusals)
+        assert outcomes == dict.fromkeys(range(total))
+        feed(range(300))  # a device's retry: the stream drops the repeats by message id
+        assert js.stream_messages(settings.jetstream.stream) == total
+        # repeats the stream cannot know (outside its window): only the bank's keys stop them
+        # (of a device the bank accepts: a refused reading is refused again, key or not)
+        late = [n for n in range(500, 700) if n not in refused]
+        js.publish_many(
+            [
+                (
+                    f"{settings.jetstream.subject}.air",
+                    encode_reading(
+                        Reading(
+                            "air",
+                            f"m:{n}",
+                            front.parser.entity(
+                                front.intakes["air"].mapping.apply(message(n, devices)).fragment(),
+                                "create",
+                            ),
+                        )
+                    ),
+                    f"late:{n}",
+                )
+                for n in late
+            ]
+        )
+        writer.start()
+        stats = writer.writer.stats
+        _wait(
+            lambda: (
+                stats.written + stats.refused == total
+                and stats.duplicates == len(late)
+                and writer.puller is not None
+                and writer.puller.stats.acked == total + len(late)
+            ),
+            60,
+            lambda: f"not everything arrived: {writer.status()}",
+        )
+    finally:
+        front.stop()
+        writer.stop()
+    got = stored_readings(pg)
+    values = sorted(v for _, v in got)
+    assert values == [float(n) for n in range(total) if n not in refused]  # once each
+    assert sum(values) == sum(range(total)) - sum(refused)  # the checksum
+    letters = writer.dead_letters.entries("air", limit=1000)
+    assert sorted(orjson.loads(d.payload)["n"] for d in letters) == sorted(refused)
+    assert all("is not yours" in d.reason for d in letters)
+    # everything was acknowledged: the shared consumer has nothing left for anyone
+    try:
+        s = settings.jetstream
+        left = js.pull(s.stream, s.durable, s.subject + ".>", batch=10, timeout=0.5)
+        assert left == []
+    finally:
+        js.close()
+
+
+def test_roles_need_nats_and_names_are_checked(tmp_path: Path) -> None:
+    settings = _settings("x")
+    with pytest.raises(ValueError, match='needs \\[bus\\] kind = "nats"'):
+        IngestWorker(None, settings, DeadLetters(tmp_path / "dl.db"), role="front")
+    with pytest.raises(ValueError, match="writes into a bank"):
+        IngestWorker(None, settings, DeadLetters(tmp_path / "dl.db"), bus=_bus(), role="writer")
+    with pytest.raises(ValidationError, match="letters, digits"):
+        IngestStreamSettings(stream="INGEST.X")
+    with pytest.raises(ValidationError, match="dot-separated"):
+        IngestStreamSettings(subject="cityward.ingest.>")
+    # the command line: in memory mode there is one role
+    config = tmp_path / "c.toml"
+    config.write_text(CONFIG.format(tag="x", kind="memory", replay=tmp_path / "r.jsonl"))
+    result = CliRunner().invoke(
+        app,
+        ["ingest", "run", "--config", str(config), "--role", "writer"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 2, result.output
+    assert 'needs [bus] kind = "nats"' in result.output
+
+
+# -- the fault test: `cityward ingest run --role writer` SIGKILLed mid-stream ------------------
+CONFIG = """
+[bus]
+kind = "{kind}"
+nats_url = "nats://127.0.0.1:4222"
+connect_timeout_s = 5
+changes_stream = "TEST_CHANGES_{tag}"
+changes_subject = "test.{tag}.changes"
+changes_max_age_s = 600
+
+[ingest]
+[ingest.writer]
+max_delay_ms = 20
+batch_size = 500
+max_pending = 1500
+[ingest.jetstream]
+stream = "TEST_INGEST_{tag}"
+subject = "test.{tag}.ingest"
+max_age_s = 600
+ack_wait_s = 2
+pull_batch = 500
+[[ingest.sources]]
+name = "air"
+adapter = "replay"
+[ingest.sources.options]
+path = "{replay}"
+[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
+message_id = "$.n"
+timestamp = {{ path = "$.ts", format = "epoch_ms" }}
+attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
+"""
+
+
+class IngestRun:
+    """One ``cityward ingest run --role ...`` process (no CITYWARD_* settings inherited)."""
+
+    def __init__(self, role: str, config: Path, data: Path, log: Path, *extra: str) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cityward.cli",
+            "ingest",
+            "run",
+            "--role",
+            role,
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--status-every",
+            "0.5",
+            *extra,
+        ]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+        self.env["COLUMNS"] = "250"  # one status line per line
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def last(self, what: str) -> int:
+        """The last status line's count of ``what`` (written, redelivered ...), 0 if none."""
+        found = re.findall(rf"{what} ([\d,]+)", self.text())
+        return int(found[-1].replace(",", "")) if found else 0
+
+    def kill(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, self.text()[-3000:]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return None if self.proc is None else self.proc.returncode
+
+
+def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(
+    tag: str, pg: PostgresStore, tmp_path: Path
+) -> None:
+    total = 12_000
+    bank_with_history(pg)  # the history tables, so that counting works before a writer runs
+    replay = tmp_path / "readings.jsonl"
+    replay.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(total)) + b"\n")
+    config = tmp_path / "ingest.toml"
+    config.write_text(CONFIG.format(tag=tag, kind="nats", replay=replay))
+    # the writers write into the test's schema, selected by the URL as a deployment would
+    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{pg.schema}"
+
+    def writer(name: str) -> IngestRun:
+        data = tmp_path / name
+        return IngestRun("writer", config, data, tmp_path / f"{name}.log", "--database-url", url)
+
+    a, b = writer("writer-a"), writer("writer-b")
+    front = IngestRun(
+        "front", config, tmp_path / "front", tmp_path / "front.log", "--exit-when-done"
+    )
+
+    def count() -> int:
+        return int(pg.select("SELECT count(*) FROM attr_history")[0][0])
+
+    def state() -> str:
+        return (
+            f"{count()} of {total} in the bank\nA: {a.text()[-1500:]}\nB: {b.text()[-1500:]}\n"
+            f"front: {front.text()[-1500:]}"
+        )
+
+    try:
+        a.start()
+        b.start()
+        front.start()
+        # the kill must hit a writer that is busy writing, not one still starting
+        _wait(lambda: count() >= total // 4 and a.last("written") > 0, 40, state)
+        a.kill()  # SIGKILL: its batch in hand is neither written nor acknowledged
+        killed_after = count()
+        a.start()  # the same writer back (as a supervisor would), beside B
+        assert front.proc is not None
+        front.proc.wait(40)  # --exit-when-done: the whole file is in the stream
+        assert front.proc.returncode == 0, front.text()[-3000:]
+        assert f"published {total:,}" in front.text()
+        _wait(lambda: count() >= total, 40, state)
+        time.sleep(2.5)  # past ack_wait: anything redelivered and doubled would land now
+    finally:
+        front.stop()
+        for w in (a, b):
+            w.stop()
+    got = stored_readings(pg)
+    values = sorted(v for _, v in got)
+    assert len(values) == len(set(values)), "a reading was stored twice"
+    assert values == [float(n) for n in range(total)]
+    assert sum(values) == sum(range(total))  # the checksum
+    assert 0 < killed_after < total, state()
+    # the killed writer's unacknowledged readings went round again (B or A's restart took
+    # them); their delivery keys turned the ones it had committed into duplicates
+    assert a.last("redelivered") + b.last("redelivered") > 0, state()
+    assert pg.select("SELECT count(*) FROM ingest_keys")[0][0] == total
