@@ -83,6 +83,8 @@ class Sink(Protocol):
     @property
     def pending(self) -> int: ...
 
+    def wait_idle(self, timeout: float) -> bool: ...
+
 
 @dataclass
 class WriterStats:

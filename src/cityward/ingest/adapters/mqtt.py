@@ -1,4 +1,4 @@
-"""MQTT devices (paho-mqtt): QoS 1 on a persistent session, acknowledged after the write.
+"""MQTT devices: QoS 1 on a persistent session, acknowledged after the write.
 
 The adapter connects with a fixed client id and a session that outlives the connection (MQTT
 3.1.1 clean session off; MQTT 5 clean start off and a session expiry), so the broker keeps
@@ -9,9 +9,11 @@ where the writer's delivery keys make the repeat a no-op.
 
 Flow control: with MQTT 5 the adapter announces a Receive Maximum, so the broker never has
 more unacknowledged messages in flight to it than the writer may hold; when the writer is full
-the callback waits, paho stops reading the socket, and the rest stays at the broker. With
-MQTT 3.1.1 the broker's own ``max_inflight_messages`` (Mosquitto: 20 by default) bounds the
-flight and with it the rate: use MQTT 5 where the broker has it.
+the callback waits, the socket is not read, and the rest stays at the broker. With MQTT
+3.1.1 the broker's own ``max_inflight_messages`` (Mosquitto: 20 by default) bounds the flight
+and with it the rate: use MQTT 5 where the broker has it.
+
+The protocol is spoken by :mod:`cityward.ingest.adapters.mqttwire` (why not paho: see there).
 """
 
 from __future__ import annotations
@@ -19,17 +21,13 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-import time
 from pathlib import Path
 from typing import Any, Literal
 
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 from pydantic import Field, model_validator
 
 from cityward.ingest.adapters import Adapter, AdapterConfig, Intake
+from cityward.ingest.adapters.mqttwire import MqttSubscriber, WireOptions
 
 log = logging.getLogger("cityward.ingest.mqtt")
 
@@ -91,126 +89,100 @@ class MqttAdapter(Adapter):
         super().__init__(config, intake)
         c = self.config
         self.client_id = c.client_id or f"cityward-ingest-{intake.name}"
-        v5 = c.protocol == "5"
-        self._client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=None if v5 else False,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            manual_ack=True,
-        )
-        self._client.reconnect_delay_set(1, int(max(1, c.reconnect_max_s)))
-        # paho's own queue of outgoing packets (our PUBACKs): unbounded is right here, it only
-        # ever holds as many as the broker has in flight to us
-        self._client.max_inflight_messages_set(65535)
-        if c.username:
-            password = c.password_file.read_text().strip() if c.password_file else c.password
-            self._client.username_pw_set(c.username, password)
+        topics = [f"$share/{c.share_group}/{t}" if c.share_group else t for t in c.topics]
+        tls = None
         if c.tls:
-            self._client.tls_set(
-                ca_certs=str(c.ca_file) if c.ca_file else None,
-                certfile=str(c.cert_file) if c.cert_file else None,
-                keyfile=str(c.key_file) if c.key_file else None,
-                tls_version=ssl.PROTOCOL_TLS_CLIENT,
-            )
-        self._client.on_connect = self._on_connect
-        self._client.on_disconnect = self._on_disconnect
-        self._client.on_message = self._on_message
-        self.connected = threading.Event()
-        self.subscribed = threading.Event()
-        self.connects = 0
-        self.last_error = ""
+            tls = ssl.create_default_context(cafile=str(c.ca_file) if c.ca_file else None)
+            if c.cert_file and c.key_file:
+                tls.load_cert_chain(str(c.cert_file), str(c.key_file))
+        password = c.password_file.read_text().strip() if c.password_file else c.password
+        self._wire = MqttSubscriber(
+            WireOptions(
+                host=c.host,
+                port=c.port,
+                client_id=self.client_id,
+                topics=[(t, int(c.qos)) for t in topics],
+                v5=c.protocol == "5",
+                session_expiry_s=c.session_expiry_s,
+                receive_maximum=c.receive_maximum,
+                keepalive_s=c.keepalive_s,
+                username=c.username,
+                password=password if c.username else None,
+                tls=tls,
+                reconnect_max_s=c.reconnect_max_s,
+            ),
+            self._on_message,
+        )
+        self.connected = self._wire.status.connected
+        self.subscribed = self._wire.status.subscribed
+        # settled readings' packet ids, acknowledged in one write per round (a committed batch
+        # settles hundreds at once)
+        self._acks: list[tuple[int, int]] = []
+        self._ack_cond = threading.Condition()
         self._stopping = False
+        self._acker: threading.Thread | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        c = self.config
-        props = None
-        if c.protocol == "5":
-            props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-            props.SessionExpiryInterval = c.session_expiry_s
-            props.ReceiveMaximum = c.receive_maximum
-        # connect_async: a broker that is down at start is retried by the loop, not fatal
-        self._client.connect_async(
-            c.host,
-            c.port,
-            keepalive=c.keepalive_s,
-            clean_start=False if c.protocol == "5" else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
-            properties=props,
-        )
-        self._client.loop_start()
+        self._stopping = False
+        self._acker = threading.Thread(target=self._ack_loop, name="ingest-mqtt-ack", daemon=True)
+        self._acker.start()
+        self._wire.start()  # a broker that is down at start is retried, not fatal
 
     def stop(self) -> None:
+        """Take no more messages, let the writer commit what it holds, acknowledge that, then
+        disconnect (the session stays with the broker); what is left comes again later."""
         self._stopping = True
-        self._client.disconnect()
-        self._client.loop_stop()
+        self.intake.writer.wait_idle(10.0)
+        with self._ack_cond:
+            self._ack_cond.notify_all()
+        if self._acker is not None:
+            self._acker.join(timeout=5)
+        self._wire.stop()
 
     def status(self) -> dict[str, Any]:
+        st = self._wire.status
         return {
-            "connected": self.connected.is_set(),
-            "connects": self.connects,
+            "connected": st.connected.is_set(),
+            "connects": st.connects,
             "client_id": self.client_id,
-            "last_error": self.last_error,
+            "last_error": st.last_error,
         }
 
-    # -- callbacks (paho's network thread) ---------------------------------------------------
-    def _on_connect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.ConnectFlags,
-        reason: Any,
-        properties: Properties | None,
-    ) -> None:
-        if reason.is_failure:
-            self.last_error = f"connection refused: {reason}"
-            log.warning(
-                "ingest %s: broker %s refused: %s", self.intake.name, self.config.host, reason
-            )
-            return
-        self.connects += 1
-        self.connected.set()
-        c = self.config
-        topics = [f"$share/{c.share_group}/{t}" if c.share_group else t for t in c.topics]
-        log.info(
-            "ingest %s: connected to %s:%d (session present: %s)",
-            self.intake.name,
-            c.host,
-            c.port,
-            flags.session_present,
-        )
-        # subscribing again on a kept session changes nothing and heals a lost one
-        client.subscribe([(t, int(c.qos)) for t in topics])
-        self.subscribed.set()
-
-    def _on_disconnect(
-        self,
-        client: mqtt.Client,
-        userdata: Any,
-        flags: mqtt.DisconnectFlags,
-        reason: Any,
-        properties: Properties | None,
-    ) -> None:
-        self.connected.clear()
-        if not self._stopping:
-            self.last_error = f"disconnected: {reason}"
-            log.warning("ingest %s: lost the broker (%s); reconnecting", self.intake.name, reason)
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        mid, qos = msg.mid, msg.qos
+    # -- messages (the wire's reader thread) -------------------------------------------------
+    def _on_message(self, topic: str, payload: bytes, pid: int, qos: int) -> None:
+        if self._stopping:
+            return  # not taken, not acknowledged: the broker sends it again after a restart
+        generation = self._wire.generation
 
         def ack(_: str | None) -> None:
-            # settled: in the bank, already there, or a dead letter; either way the broker may
-            # forget it now
+            # settled: in the bank, already there, or a dead letter; the broker may forget it
             if qos:
-                client.ack(mid, qos)
+                with self._ack_cond:
+                    self._acks.append((generation, pid))
+                    self._ack_cond.notify()
 
         while True:
             try:
-                # waits while the writer is full: paho stops reading the socket meanwhile
-                self.intake.receive(bytes(msg.payload), topic=msg.topic, done=ack, timeout=1.0)
+                # waits while the writer is full: the socket is not read meanwhile
+                self.intake.receive(payload, topic=topic, done=ack, timeout=1.0)
                 return
             except TimeoutError:
                 if self._stopping:
                     return  # left unacknowledged: the broker sends it again
-                time.sleep(0)
+
+    def _ack_loop(self) -> None:
+        while True:
+            with self._ack_cond:
+                while not self._acks and not self._stopping:
+                    self._ack_cond.wait(0.5)
+                acks, self._acks = self._acks, []
+            if not acks:
+                if self._stopping:
+                    return
+                continue
+            by_generation: dict[int, list[int]] = {}
+            for generation, pid in acks:
+                by_generation.setdefault(generation, []).append(pid)
+            for generation, pids in by_generation.items():
+                self._wire.ack(pids, generation)
