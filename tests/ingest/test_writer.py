@@ -180,3 +180,52 @@ def test_exactly_once_on_postgres(tmp_path: Path) -> None:
         assert sum(v for _, v in got) == sum(range(200))
     finally:
         drop_pg_store(store)
+
+
+def test_the_intake_builds_what_the_request_parser_builds() -> None:
+    """The intake's own stored form of a mapped update equals the general parser's."""
+    from cityward.bank.jsonld import ContextResolver
+    from cityward.bank.model import EntityParser
+    from cityward.ingest.adapters import Intake
+    from cityward.ingest.mapping import Mapping, MappingConfig
+
+    config = MappingConfig.model_validate(
+        {
+            "entity_type": "AirQualityObserved",
+            "id": "urn:ngsi-ld:AirQualityObserved:{$.dev}",
+            "timestamp": {"path": "$.ts", "format": "epoch_s"},
+            "location": {"lon": "$.gps[0]", "lat": "$.gps[1]"},
+            "attributes": {
+                "no2": {"path": "$.no2", "unit": "GQ"},
+                "count": {"path": "$.c", "kind": "integer"},
+                "status": {"path": "$.s", "kind": "string"},
+                "ok": {"path": "$.ok", "kind": "boolean"},
+            },
+        }
+    )
+    parser = EntityParser(ContextResolver(allow_fetch=False).core)
+    got: list[Any] = []
+
+    class Catch:
+        def put(self, reading: Any, timeout: float | None = None) -> bool:
+            got.append(reading.fragment)
+            return True
+
+        pending = 0
+
+        def wait_idle(self, timeout: float) -> bool:
+            return True
+
+    intake = Intake("t", Mapping(config), Catch(), None, parser)  # type: ignore[arg-type]
+    msg = {
+        "dev": "a1",
+        "ts": 1_790_000_000,
+        "gps": [3.7, 51.0],
+        "no2": "4.5",
+        "c": 3,
+        "s": 7,
+        "ok": True,
+    }
+    intake.receive(orjson.dumps(msg))
+    update = Mapping(config).apply(msg)
+    assert got == [parser.entity(update.fragment(), "create")]

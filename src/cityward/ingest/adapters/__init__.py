@@ -62,6 +62,14 @@ class Intake:
         self.parser = parser
         self.stats = IntakeStats()
         self._lock = threading.Lock()
+        # The stored form of an update, built here for mappings of plain values: the general
+        # request parser took a tenth of an ingest worker's CPU per message (expanding the same
+        # type and names again, validating what the mapping has already checked). A mapping
+        # with a ``json`` attribute (any JSON value) still goes through the parser.
+        attrs = mapping.config.attributes
+        self._fast = all(a.kind != "json" for a in attrs.values())
+        self._type = parser.types(mapping.config.entity_type)
+        self._iris = {name: parser.ctx.expand(name) for name in [*attrs, "location"]}
 
     def receive(
         self,
@@ -84,7 +92,15 @@ class Intake:
         try:
             doc = orjson.loads(payload) if decoded is None else decoded
             update = self.mapping.apply(doc, topic=topic, received_at=datetime.now(UTC))
-            fragment = self.parser.entity(update.fragment(), "create")
+            if self._fast:
+                iris = self._iris
+                fragment: dict[str, Any] = {
+                    "id": update.entity_id,
+                    "type": list(self._type),
+                    "attrs": {iris[name]: [inst] for name, inst in update.attrs.items()},
+                }
+            else:
+                fragment = self.parser.entity(update.fragment(), "create")
             if check is not None and (denied := check(fragment["id"], fragment["type"])):
                 raise denied
         except orjson.JSONDecodeError as exc:
