@@ -77,7 +77,7 @@ def test_a_bad_message_is_refused_and_its_neighbours_are_written(api: Any) -> No
     assert errors[2]["field"] == "$.no2" and "missing" in errors[2]["reason"]
     assert errors[4]["field"] == "id" and "s9" in errors[4]["reason"]
     assert sorted(v for _, v in stored_readings(store)) == [0.0, 1.0, 3.0, 5.0]
-    dead = client.app.state.ingest.dead_letters.entries("air")  # type: ignore[attr-defined]
+    dead = client.app.state.ingest.dead_letters.entries("air")
     assert [d.field for d in dead] == ["$.no2", "id"]
 
 

@@ -43,7 +43,7 @@ class Publisher:
         )
         self.client.max_queued_messages_set(0)
         self.client.max_inflight_messages_set(200)
-        self.client.reconnect_delay_set(0.1, 1)
+        self.client.reconnect_delay_set(1, 2)
         self.client.on_publish = self._on_publish
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
