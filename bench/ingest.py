@@ -369,9 +369,9 @@ def _pg_schema(url: str, keep: bool = False) -> Iterator[str]:
     finally:
         if keep:
             console.print(f"kept schema {schema}")
-            return
-        with psycopg.connect(url, autocommit=True) as c:
-            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        else:
+            with psycopg.connect(url, autocommit=True) as c:
+                c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 if __name__ == "__main__":
