@@ -613,52 +613,64 @@ async function alertAction(id, action, text) {
   }
 }
 
-// what an operator has chosen in the override forms, kept across re-renders (the table is
-// rebuilt whenever a signal changes, several times a second)
-const draft = new Map(); // signal id -> {phase, durationS}
+// The signals table changes several times a second. Its rows and controls are made once per
+// signal and then updated in place: a row rebuilt between an operator's mouse-down and
+// mouse-up would swallow the click, and a rebuilt form would lose what was being chosen.
+const signalRows = new Map(); // signal id -> the row and the parts that change
+
+function signalRow(s, canWrite) {
+  let r = signalRows.get(s.id);
+  if (!r || r.canWrite !== canWrite) {
+    const badge = el("span", { class: "badge on", hidden: true });
+    const status = el("span", { class: "muted small" });
+    const cell = el("td", { class: "ov" }, badge, status);
+    r = { canWrite, badge, status, lamps: el("td", {}), phaseText: el("td", {}), phases: null };
+    if (canWrite) {
+      const phase = el("select", { "aria-label": `Phase for ${title(s)}`, "data-role": "phase" });
+      const dur = el("input", { type: "number", min: "5", max: "3600", value: "120", "aria-label": `Override seconds for ${title(s)}`, class: "dur", "data-role": "dur" });
+      cell.append(el("form", { class: "override", onsubmit: (ev) => { ev.preventDefault(); override(s.id, { phase: Number(phase.value), durationS: Number(dur.value) }); } },
+        phase, dur, el("button", { type: "submit", "data-role": "apply" }, "Override")));
+      r.clear = el("button", { type: "button", class: "clear", "data-role": "clear", hidden: true, onclick: () => override(s.id, { clear: true }) }, "Clear");
+      cell.append(r.clear);
+      r.phase = phase;
+    }
+    r.tr = el("tr", { "data-id": s.id },
+      el("th", { scope: "row" }, el("button", { type: "button", class: "link", "data-role": "open", onclick: () => select(s.id) }, title(s))),
+      r.lamps, r.phaseText, cell);
+    signalRows.set(s.id, r);
+  }
+  const ov = plain(s.activeOverride) || {};
+  const state = String(plain(s.signalState) || "");
+  if (r.lamps.dataset.state !== state) {
+    r.lamps.dataset.state = state;
+    r.lamps.replaceChildren(el("span", { class: "lamps", "aria-label": `signal state ${state}` },
+      ...[...state].map((c) => el("i", { class: `l-${/[gG]/.test(c) ? "g" : /[yY]/.test(c) ? "y" : "r"}` }))));
+  }
+  r.phaseText.textContent = `${fmt(s.currentPhase)}${s.inTransition ? " →" : ""}`;
+  r.badge.hidden = !ov.active;
+  r.badge.textContent = ov.phase !== undefined ? `phase ${ov.phase}` : ov.controller || "on";
+  r.status.textContent = plain(s.overrideStatus) || "none";
+  if (r.clear) r.clear.hidden = !ov.active;
+  const phases = (s.greenPhases || []).join(",");
+  if (r.phase && phases !== r.phases) {
+    // the choice survives a change of the list where it still exists
+    const chosen = r.phases === null ? String((s.greenPhases || [0])[0]) : r.phase.value;
+    r.phase.replaceChildren(...(s.greenPhases || []).map((p) => el("option", { value: p, selected: String(p) === chosen }, `phase ${p}`)));
+    r.phases = phases;
+  }
+  return r.tr;
+}
 
 function renderSignals() {
   const body = $("signals");
-  const canWrite = S.me && S.me.permissions.includes("data:write");
+  const canWrite = !!(S.me && S.me.permissions.includes("data:write"));
   const sigs = byType("TrafficSignal").sort((a, b) => title(a).localeCompare(title(b), undefined, { numeric: true }));
-  const active = document.activeElement;
-  // not while a control is being used (a list open, a number half typed): the next change redraws
-  if (active && body.contains(active) && active.matches("input, select")) { S.dirty.add("signalTable"); return; }
-  let refocus = null;
-  if (active && body.contains(active)) {
-    const row = active.closest("tr[data-id]");
-    refocus = row && { id: row.dataset.id, role: active.dataset.role };
-  }
-  const rows = sigs.map((s) => {
-    const ov = plain(s.activeOverride) || {};
-    const status = plain(s.overrideStatus) || "none";
-    const state = String(plain(s.signalState) || "");
-    const lamps = el("span", { class: "lamps", "aria-label": `signal state ${state}` },
-      ...[...state].map((c) => el("i", { class: `l-${/[gG]/.test(c) ? "g" : /[yY]/.test(c) ? "y" : "r"}` })));
-    const cell = el("td", { class: "ov" });
-    if (ov.active) cell.append(el("span", { class: "badge on" }, ov.phase !== undefined ? `phase ${ov.phase}` : ov.controller || "on"));
-    cell.append(el("span", { class: "muted small" }, status));
-    if (canWrite) {
-      const d = draft.get(s.id) || { phase: (s.greenPhases || [0])[0], durationS: 120 };
-      const keep = () => draft.set(s.id, { phase: Number(phase.value), durationS: Number(dur.value) });
-      const phase = el("select", { "aria-label": `Phase for ${title(s)}`, "data-role": "phase", onchange: keep },
-        ...(s.greenPhases || []).map((p) => el("option", { value: p, selected: p === d.phase }, `phase ${p}`)));
-      const dur = el("input", { type: "number", min: "5", max: "3600", value: String(d.durationS), "aria-label": `Override seconds for ${title(s)}`, class: "dur", "data-role": "dur", oninput: keep });
-      cell.append(el("form", { class: "override", onsubmit: (ev) => { ev.preventDefault(); keep(); override(s.id, { phase: Number(phase.value), durationS: Number(dur.value) }); } },
-        phase, dur, el("button", { type: "submit", "data-role": "apply" }, "Override")));
-      if (ov.active) cell.append(el("button", { type: "button", class: "clear", "data-role": "clear", onclick: () => override(s.id, { clear: true }) }, "Clear"));
-    }
-    return el("tr", { "data-id": s.id },
-      el("th", { scope: "row" }, el("button", { type: "button", class: "link", "data-role": "open", onclick: () => select(s.id) }, title(s))),
-      el("td", {}, lamps),
-      el("td", {}, `${fmt(s.currentPhase)}${s.inTransition ? " →" : ""}`),
-      cell);
-  });
-  body.replaceChildren(...rows);
-  if (refocus && refocus.role) {
-    const again = body.querySelector(`tr[data-id="${CSS.escape(refocus.id)}"] [data-role="${refocus.role}"]`);
-    if (again) again.focus();
-  }
+  const rows = sigs.map((s) => signalRow(s, canWrite));
+  const ids = new Set(sigs.map((s) => s.id));
+  for (const id of [...signalRows.keys()]) if (!ids.has(id)) signalRows.delete(id);
+  // rows move only when the set of signals changes: moving a row would take its focus away
+  const current = [...body.children];
+  if (current.length !== rows.length || current.some((node, i) => node !== rows[i])) body.replaceChildren(...rows);
 }
 
 async function override(id, value) {
