@@ -229,3 +229,53 @@ def test_the_intake_builds_what_the_request_parser_builds() -> None:
     intake.receive(orjson.dumps(msg))
     update = Mapping(config).apply(msg)
     assert got == [parser.entity(update.fragment(), "create")]
+
+
+@pytest.mark.postgres
+def test_nodes_starting_together_on_a_new_database() -> None:
+    """Several processes creating their tables at once on a new PostgreSQL schema (an ingest
+    writer, an API node...) must not trip over each other in the catalog."""
+    import uuid
+
+    from cityward.bank.jsonld import ContextResolver
+    from cityward.bank.store.postgres import PostgresStore
+    from cityward.bank.subscriptions.service import Subscriptions
+    from cityward.bus.feed import ChangeOutbox
+    from cityward.config import GovernanceSettings
+    from cityward.governance.identity import Identities
+    from cityward.ingest.writer import create_tables
+    from tests.conftest import PG_URL
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+    stores: list[PostgresStore] = []
+
+    def node(tmp: Path) -> None:
+        try:
+            barrier.wait(10)
+            store = PostgresStore(PG_URL, schema=schema, max_size=2)
+            stores.append(store)
+            bank = bank_with_history(store)
+            Subscriptions(store, bank, ContextResolver(allow_fetch=False))
+            Identities(GovernanceSettings(), tmp, store)
+            ChangeOutbox(store)
+            create_tables(store)
+        except BaseException as exc:
+            errors.append(exc)
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        threads = [threading.Thread(target=node, args=(Path(tmp) / str(n),)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    try:
+        assert errors == []
+    finally:
+        for s in stores[1:]:
+            s.close()
+        if stores:
+            drop_pg_store(stores[0])

@@ -110,6 +110,7 @@ class ChangeOutbox:
         self._listeners: list[Callable[[], None]] = []
         schema = SQLITE_SCHEMA if store.dialect == "sqlite" else POSTGRES_SCHEMA
         with store.write("", create_tenant=False) as txn:
+            txn.lock_migrations()
             for sql in schema:
                 txn.execute(sql)
             # the same id on every node of this database, so that any node's relay publishes

@@ -110,6 +110,7 @@ class Identities:
         self._revoked_at = 0.0
         if store is not None:
             with store.write("", create_tenant=False) as txn:
+                txn.lock_migrations()
                 txn.execute(DEVICE_KEYS_DDL)
 
     @property

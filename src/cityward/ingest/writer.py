@@ -41,6 +41,7 @@ from typing import Any, Protocol
 from cityward.bank.errors import NgsiError
 from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
+from cityward.bank.store.base import MIGRATION_LOCK
 from cityward.ingest.settings import WriterSettings
 
 log = logging.getLogger("cityward.ingest")
@@ -115,6 +116,8 @@ def create_tables(store: Store) -> None:
             conn.close()
     else:
         with store.pool.connection() as pg:  # type: ignore[attr-defined]
+            # one node at a time: concurrent CREATE TABLE IF NOT EXISTS race in the catalog
+            pg.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             for sql in KEYS_SQL:
                 pg.execute(sql)
 

@@ -99,6 +99,10 @@ class Plan:
     driver_params: list[Any] = field(default_factory=list)
 
 
+#: the advisory lock of PostgreSQL table creation (the store's own migration takes it too)
+MIGRATION_LOCK = 74110001
+
+
 class WriteTxn(abc.ABC):
     """One atomic write: read the entities it changes, then put or delete them.
 
@@ -112,6 +116,14 @@ class WriteTxn(abc.ABC):
     @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run one statement (``?`` placeholders) in this transaction; rows it returns."""
+
+    def lock_migrations(self) -> None:
+        """Wait for other processes creating tables at this moment, until this transaction
+        ends. PostgreSQL: two nodes starting together on a new database otherwise race in
+        ``CREATE TABLE IF NOT EXISTS`` (a unique violation in the catalog, seen when two
+        ingest writers started at once); SQLite's write lock serialises them already."""
+        if self.dialect == "postgres":
+            self.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
 
     @abc.abstractmethod
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:

@@ -15,6 +15,7 @@ from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
 from cityward.bank.store.base import (
+    MIGRATION_LOCK,
     Derived,
     QuerySpec,
     Store,
@@ -92,10 +93,11 @@ class PostgresStore(Store):
         self._analyzed_at = 0
         self._analyzing = False
         with self.pool.connection() as conn:
+            # one migration at a time when several nodes start together (the schema too:
+            # CREATE ... IF NOT EXISTS races in the catalog)
+            conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             if schema:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            # one migration at a time when several nodes start together
-            conn.execute("SELECT pg_advisory_xact_lock(74110001)")
             conn.execute(SCHEMA)
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:

@@ -82,6 +82,7 @@ class Subscriptions:
         self.store = store
         self.bank = bank
         with store.write("", create_tenant=False) as txn:
+            txn.lock_migrations()
             if txn.dialect == "sqlite":
                 # statement by statement: executescript would commit the open transaction
                 for stmt in SQLITE_DDL.split(";"):
