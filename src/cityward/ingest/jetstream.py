@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import orjson
 
 from cityward.bus.nats import BusError, JetStream, Message
 from cityward.ingest.settings import IngestStreamSettings
-from cityward.ingest.writer import BatchWriter, Reading
+from cityward.ingest.writer import Batcher, BatchWriter, Reading
 
 log = logging.getLogger("cityward.ingest")
 
@@ -92,7 +91,7 @@ class SinkStats:
         return dict(self.__dict__)
 
 
-class JetStreamSink:
+class JetStreamSink(Batcher):
     """A front's writer: publishes readings to the ingest stream, in batches, in order.
 
     The same ``put``/``pending``/``start``/``stop`` as :class:`BatchWriter`. At most
@@ -115,79 +114,21 @@ class JetStreamSink:
         self.settings = settings
         self.max_raw = max_raw
         self.retry_max_s = retry_max_s
-        self.stats = SinkStats()
-        self._queue: queue.Queue[Reading] = queue.Queue(max_pending)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._idle = threading.Condition()
-        self._in_hand = 0
+        super().__init__(max_pending, SinkStats())
+        self.stats: SinkStats
 
-    def put(self, reading: Reading, timeout: float | None = None) -> bool:
-        """Queue a reading for publishing; waits while ``max_pending`` are queued."""
-        self.stats.received += 1
-        try:
-            self._queue.put_nowait(reading)
-            return True
-        except queue.Full:
-            self.stats.waits += 1
-        try:
-            self._queue.put(reading, timeout=timeout)
-        except queue.Full:
-            self.stats.received -= 1
-            return False
-        return True
+    thread_name = "ingest-publisher"
 
-    @property
-    def pending(self) -> int:
-        return self._queue.qsize() + self._in_hand
+    def _limits(self) -> tuple[int, float]:
+        # no lingering for a batch to fill: while a round trip is on its way, the queue fills
+        # by itself, so batches grow with the load and a lone reading goes at once
+        return self.settings.publish_batch, 0.0
 
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until every queued reading is acknowledged by the stream."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self.pending:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._idle.wait(min(left, 0.05))
-        return True
+    def _handle(self, batch: list[Reading]) -> None:
+        self._publish(batch)
 
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ingest-publisher", daemon=True)
-        self._thread.start()
-
-    def stop(self, drain_s: float = 10.0) -> None:
-        """Publish what is queued (for at most ``drain_s``), then stop. What is left is not
-        acknowledged to the adapters: the broker delivers it again after a restart."""
-        self.wait_idle(drain_s)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.js.timeout + 10)
-            self._thread = None
-
-    def _run(self) -> None:
-        size = self.settings.publish_batch
-        while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            # no lingering for a batch to fill: while a round trip is on its way, the queue
-            # fills by itself, so batches grow with the load and a lone reading goes at once
-            batch = [first]
-            while len(batch) < size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            self._in_hand = len(batch)
-            try:
-                self._publish(batch)
-            finally:
-                self._in_hand = 0
-                with self._idle:
-                    self._idle.notify_all()
+    def _join_s(self, drain_s: float) -> float:
+        return self.js.timeout + 10
 
     def _publish(self, batch: list[Reading]) -> None:
         prefix = self.settings.subject

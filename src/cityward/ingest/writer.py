@@ -28,6 +28,7 @@ writing that entity).
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import logging
 import queue
@@ -122,38 +123,39 @@ def create_tables(store: Store) -> None:
                 pg.execute(sql)
 
 
-class BatchWriter:
-    """Writes readings into ``bank`` in batches, each reading once; see the module's text.
+class Batcher(abc.ABC):
+    """A bounded queue of readings and the thread that handles them a batch at a time: what
+    the bank's :class:`BatchWriter` and a front's JetStream sink have in common.
 
-    ``refused`` is called with a reading the bank refused for good (a 4xx: the entity's type
-    clashes, a device may not write it); the caller stores it as a dead letter.
+    ``put`` waits while ``max_pending`` readings are queued (the adapters' backpressure); the
+    thread takes up to ``batch_size`` of them, waiting up to ``linger_s`` after the first one
+    for more, and hands them to :meth:`_handle`, which settles each one.
     """
 
-    def __init__(
-        self,
-        bank: Bank,
-        settings: WriterSettings,
-        *,
-        tenant: str = "",
-        refused: Callable[[Reading, str, str], None] | None = None,
-        context: Callable[[], Any] | None = None,
-        entity_locks: bool = False,
-    ) -> None:
-        self.bank = bank
-        self.settings = settings
-        self.tenant = tenant
-        # only PostgreSQL has several writers at once (SQLite writes one transaction at a time)
-        self._entity_locks = entity_locks and bank.store.dialect == "postgres"
-        self.stats = WriterStats()
-        self._refused = refused
-        self._context = context  # a context manager factory the writes run in (governance)
-        self._queue: queue.Queue[Reading] = queue.Queue(settings.max_pending)
+    thread_name = "ingest-batches"
+
+    def __init__(self, max_pending: int, stats: Any) -> None:
+        self.stats = stats  # counts ``received`` and ``waits`` at least
+        self._queue: queue.Queue[Reading] = queue.Queue(max_pending)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
         self._in_hand = 0  # readings taken from the queue and not yet settled
-        self._purged_at = 0.0
-        create_tables(bank.store)
+
+    @abc.abstractmethod
+    def _limits(self) -> tuple[int, float]:
+        """(batch size, seconds to wait for a batch to fill after its first reading)."""
+
+    @abc.abstractmethod
+    def _handle(self, batch: list[Reading]) -> None:
+        """Write or send one batch and settle each of its readings."""
+
+    def _tick(self) -> None:
+        """Between batches, and every 0.2 s while idle (housekeeping); nothing by default."""
+        return None
+
+    def _join_s(self, drain_s: float) -> float:
+        return drain_s + 5
 
     # -- adapters' side ---------------------------------------------------------------------
     def put(self, reading: Reading, timeout: float | None = None) -> bool:
@@ -186,32 +188,32 @@ class BatchWriter:
                 self._idle.wait(min(left, 0.05))
         return True
 
-    # -- the writer thread ------------------------------------------------------------------
+    # -- the thread -------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def stop(self, drain_s: float = 10.0) -> None:
-        """Write what is queued (for at most ``drain_s``), then stop. What is left unwritten
-        is not acknowledged: the broker delivers it again after a restart."""
+        """Handle what is queued (for at most ``drain_s``), then stop. What is left is not
+        acknowledged: the broker delivers it again after a restart."""
         self.wait_idle(drain_s)
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=drain_s + 5)
+            self._thread.join(timeout=self._join_s(drain_s))
             self._thread = None
 
     def _run(self) -> None:
-        s = self.settings
+        size, linger_s = self._limits()
         while not self._stop.is_set():
             try:
                 first = self._queue.get(timeout=0.2)
             except queue.Empty:
-                self._maybe_purge()
+                self._tick()
                 continue
             batch = [first]
-            deadline = time.monotonic() + s.max_delay_ms / 1000
-            while len(batch) < s.batch_size:
+            deadline = time.monotonic() + linger_s
+            while len(batch) < size:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
@@ -224,12 +226,53 @@ class BatchWriter:
                         break
             self._in_hand = len(batch)
             try:
-                self._write(batch)
+                self._handle(batch)
             finally:
                 self._in_hand = 0
                 with self._idle:
                     self._idle.notify_all()
-            self._maybe_purge()
+            self._tick()
+
+
+class BatchWriter(Batcher):
+    """Writes readings into ``bank`` in batches, each reading once; see the module's text.
+
+    ``refused`` is called with a reading the bank refused for good (a 4xx: the entity's type
+    clashes, a device may not write it); the caller stores it as a dead letter.
+    """
+
+    def __init__(
+        self,
+        bank: Bank,
+        settings: WriterSettings,
+        *,
+        tenant: str = "",
+        refused: Callable[[Reading, str, str], None] | None = None,
+        context: Callable[[], Any] | None = None,
+        entity_locks: bool = False,
+    ) -> None:
+        self.bank = bank
+        self.settings = settings
+        self.tenant = tenant
+        # only PostgreSQL has several writers at once (SQLite writes one transaction at a time)
+        self._entity_locks = entity_locks and bank.store.dialect == "postgres"
+        super().__init__(settings.max_pending, WriterStats())
+        self.stats: WriterStats
+        self._refused = refused
+        self._context = context  # a context manager factory the writes run in (governance)
+        self._purged_at = 0.0
+        create_tables(bank.store)
+
+    thread_name = "ingest-writer"
+
+    def _limits(self) -> tuple[int, float]:
+        return self.settings.batch_size, self.settings.max_delay_ms / 1000
+
+    def _handle(self, batch: list[Reading]) -> None:
+        self._write(batch)
+
+    def _tick(self) -> None:
+        self._maybe_purge()
 
     def _write(self, batch: list[Reading]) -> None:
         """Write one batch, retrying while the store fails; settle each reading."""
