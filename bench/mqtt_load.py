@@ -15,29 +15,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _string(s: bytes) -> bytes:
-    return struct.pack("!H", len(s)) + s
+from cityward.ingest.adapters.mqttwire import encode_packet, encode_string
 
 
 def connect_packet(client_id: str, keepalive: int = 60) -> bytes:
-    body = _string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive)
-    body += _string(client_id.encode())
-    return b"\x10" + _varint(len(body)) + body
+    body = encode_string(b"MQTT") + bytes([4, 0x02]) + struct.pack("!H", keepalive)
+    return encode_packet(0x10, body + encode_string(client_id))
 
 
 def publish_packet(topic: bytes, pid: int, payload: bytes) -> bytes:
-    body = _string(topic) + struct.pack("!H", pid) + payload
-    return b"\x32" + _varint(len(body)) + body
+    return encode_packet(0x32, encode_string(topic) + struct.pack("!H", pid) + payload)
 
 
 class Publisher:

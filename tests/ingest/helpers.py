@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+from cityward.bank.access import Access, current_access
+from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.history import History
 from cityward.bank.service import Bank
 from cityward.bank.store import Store
@@ -55,3 +64,89 @@ def data_dir(tmp: Path) -> Path:
     d = tmp / "data"
     d.mkdir(exist_ok=True)
     return d
+
+
+def refusing(suffix: str) -> Callable[[], AbstractContextManager[None]]:
+    """Writes under the access of a device that does not own the entities ending in
+    ``suffix`` (the writer's ``write_context``)."""
+
+    def write(eid: str, types: Any) -> NgsiError | None:
+        return Forbidden(f"{eid} is not yours", field="id") if eid.endswith(suffix) else None
+
+    access = Access(
+        read=lambda e, t: None, write=write, conjunct=lambda d, q: None, returned=lambda d: None
+    )
+
+    @contextmanager
+    def as_device() -> Iterator[None]:
+        token = current_access.set(access)
+        try:
+            yield
+        finally:
+            current_access.reset(token)
+
+    return as_device
+
+
+class IngestRun:
+    """One ``cityward ingest run --role ...`` process (no CITYWARD_* settings inherited)."""
+
+    def __init__(
+        self,
+        role: str,
+        config: Path,
+        data: Path,
+        log: Path,
+        *extra: str,
+        status_every: str = "0.5",
+    ) -> None:
+        self.cmd = [
+            sys.executable,
+            "-m",
+            "cityward.cli",
+            "ingest",
+            "run",
+            "--role",
+            role,
+            "--config",
+            str(config),
+            "--data-dir",
+            str(data),
+            "--status-every",
+            status_every,
+            *extra,
+        ]
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+        self.env["COLUMNS"] = "250"  # one status line per line
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.kills = 0
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
+        )
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def last(self, what: str) -> int:
+        """The last status line's count of ``what`` (written, redelivered ...), 0 if none."""
+        found = re.findall(rf"{what} ([\d,]+)", self.text())
+        return int(found[-1].replace(",", "")) if found else 0
+
+    def kill(self) -> None:
+        """SIGKILL: batches in hand are neither written nor acknowledged."""
+        assert self.proc is not None and self.proc.poll() is None, self.text()[-3000:]
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.kills += 1
+
+    def stop(self) -> int | None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return None if self.proc is None else self.proc.returncode

@@ -8,15 +8,10 @@ Every reading must be in the bank's attribute history exactly once: counted and 
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +20,6 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from cityward.bank.access import Access, current_access
-from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.store.postgres import PostgresStore
 from cityward.bus.nats import JetStream
 from cityward.bus.settings import BusSettings
@@ -37,7 +30,14 @@ from cityward.ingest.settings import IngestSettings, IngestStreamSettings
 from cityward.ingest.worker import IngestWorker
 from cityward.ingest.writer import Reading
 from tests.conftest import PG_URL, drop_pg_store, make_pg_store
-from tests.ingest.helpers import MAPPING, bank_with_history, message, stored_readings
+from tests.ingest.helpers import (
+    MAPPING,
+    IngestRun,
+    bank_with_history,
+    message,
+    refusing,
+    stored_readings,
+)
 
 NATS_URL = os.environ.get("CITYWARD_TEST_NATS", "nats://127.0.0.1:4222")
 pytestmark = pytest.mark.postgres
@@ -99,20 +99,7 @@ def test_front_and_writer_in_process_each_reading_once(
     outside the stream's window); a refused reading a dead letter at the writer, raw intact."""
     settings = _settings(tag)
 
-    def write(eid: str, types: Any) -> NgsiError | None:
-        return Forbidden(f"{eid} is not yours", field="id") if eid.endswith(":s3") else None
-
-    access = Access(
-        read=lambda e, t: None, write=write, conjunct=lambda d, q: None, returned=lambda d: None
-    )
-
-    @contextmanager
-    def as_device() -> Iterator[None]:
-        token = current_access.set(access)
-        try:
-            yield
-        finally:
-            current_access.reset(token)
+    as_device = refusing(":s3")
 
     front = IngestWorker(
         None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
@@ -260,59 +247,6 @@ message_id = "$.n"
 timestamp = {{ path = "$.ts", format = "epoch_ms" }}
 attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
 """
-
-
-class IngestRun:
-    """One ``cityward ingest run --role ...`` process (no CITYWARD_* settings inherited)."""
-
-    def __init__(self, role: str, config: Path, data: Path, log: Path, *extra: str) -> None:
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "cityward.cli",
-            "ingest",
-            "run",
-            "--role",
-            role,
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--status-every",
-            "0.5",
-            *extra,
-        ]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-        self.env["COLUMNS"] = "250"  # one status line per line
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def last(self, what: str) -> int:
-        """The last status line's count of ``what`` (written, redelivered ...), 0 if none."""
-        found = re.findall(rf"{what} ([\d,]+)", self.text())
-        return int(found[-1].replace(",", "")) if found else 0
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, self.text()[-3000:]
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int | None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return None if self.proc is None else self.proc.returncode
 
 
 def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(

@@ -6,10 +6,6 @@ counted and checksummed in the attribute history.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,7 +23,7 @@ from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.worker import IngestWorker
 from tests.ingest.brokers import Mosquitto, require_shared_broker
-from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+from tests.ingest.helpers import IngestRun, bank_with_history, message, settings, stored_readings
 
 
 class Publisher:
@@ -141,46 +137,6 @@ attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
 """
 
 
-class IngestProcess:
-    def __init__(self, config: Path, data: Path, log: Path) -> None:
-        self.cmd = [
-            sys.executable,
-            "-m",
-            "cityward.cli",
-            "ingest",
-            "run",
-            "--config",
-            str(config),
-            "--data-dir",
-            str(data),
-            "--status-every",
-            "0",
-        ]
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kills = 0
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            self.cmd, env=self.env, stdout=self.log.open("ab"), stderr=subprocess.STDOUT
-        )
-
-    def kill(self) -> None:
-        assert self.proc is not None and self.proc.poll() is None, self.log.read_text()[-3000:]
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-        self.kills += 1
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[Mosquitto]:
     b = Mosquitto(tmp_path / "broker")
@@ -196,7 +152,7 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
     config = tmp_path / "ingest.toml"
     config.write_text(CONFIG.format(port=broker.port, root=root))
     data = tmp_path / "data"
-    ingest = IngestProcess(config, data, tmp_path / "ingest.log")
+    ingest = IngestRun("all", config, data, tmp_path / "ingest.log", status_every="0")
     ingest.start()
     # the session must exist before the first message, or the broker has no one to keep it for
     store = open_store(None, data)

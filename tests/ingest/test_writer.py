@@ -5,21 +5,24 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
 
-from cityward.bank.access import Access, current_access
-from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.store import Store, WriteTxn
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.worker import IngestWorker
 from tests.conftest import drop_pg_store, make_pg_store
-from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+from tests.ingest.helpers import (
+    bank_with_history,
+    message,
+    refusing,
+    settings,
+    stored_readings,
+)
 
 
 def _worker(store: Store, tmp: Path, **writer: Any) -> IngestWorker:
@@ -99,23 +102,7 @@ def test_a_failed_write_leaves_no_key_and_is_retried(sqlite: Store, tmp_path: Pa
 def test_a_refused_reading_is_a_dead_letter_and_its_neighbours_are_written(
     sqlite: Store, tmp_path: Path
 ) -> None:
-    def write(eid: str, types: Any) -> NgsiError | None:
-        if eid.endswith(":s3"):
-            return Forbidden(f"{eid} is not yours", field="id")
-        return None
-
-    access = Access(
-        read=lambda e, t: None, write=write, conjunct=lambda d, q: None, returned=lambda d: None
-    )
-
-    @contextmanager
-    def as_device() -> Iterator[None]:
-        token = current_access.set(access)
-        try:
-            yield
-        finally:
-            current_access.reset(token)
-
+    as_device = refusing(":s3")
     bank = bank_with_history(sqlite)
     w = IngestWorker(
         bank, settings("http", {}), DeadLetters(tmp_path / "dl.db"), write_context=as_device

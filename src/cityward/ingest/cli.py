@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import orjson
 import typer
@@ -68,11 +68,7 @@ def check(
         console.print(f"[red]{mapping}[/]: not valid TOML: {exc}")
         raise typer.Exit(2) from exc
     except ValidationError as exc:
-        console.print(f"[red]{mapping}[/]: {exc.error_count()} error(s)")
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            console.print(f"  {where}: {err['msg']}")
-        raise typer.Exit(2) from exc
+        _invalid(mapping, exc)
     m = Mapping(config)
     console.print(
         f"[green]{mapping}[/]: valid; {config.entity_type}, {len(config.attributes)} attribute(s)"
@@ -103,11 +99,16 @@ def _settings(config: Path | None, data_dir: Path | None, database_url: str | No
     try:
         return load_settings(config, data_dir=data_dir, database_url=database_url)
     except ValidationError as exc:
-        console.print(f"[red]{config}[/]: {exc.error_count()} error(s)")
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            console.print(f"  {where}: {err['msg']}")
-        raise typer.Exit(2) from exc
+        _invalid(config, exc)
+
+
+def _invalid(path: Path | None, exc: ValidationError) -> NoReturn:
+    """Print each error of a configuration with its setting; exit code 2."""
+    console.print(f"[red]{path}[/]: {exc.error_count()} error(s)")
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        console.print(f"  {where}: {err['msg']}")
+    raise typer.Exit(2) from exc
 
 
 ConfigOpt = Annotated[

@@ -41,7 +41,8 @@ class MqttError(Exception):
     """The broker refused us or broke the protocol."""
 
 
-def _varint(n: int) -> bytes:
+def encode_varint(n: int) -> bytes:
+    """MQTT's variable byte integer."""
     out = bytearray()
     while True:
         byte, n = n % 128, n // 128
@@ -50,13 +51,15 @@ def _varint(n: int) -> bytes:
             return bytes(out)
 
 
-def _str(s: str | bytes) -> bytes:
+def encode_string(s: str | bytes) -> bytes:
+    """A length-prefixed UTF-8 string."""
     b = s.encode() if isinstance(s, str) else s
     return struct.pack("!H", len(b)) + b
 
 
-def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _varint(len(body)) + body
+def encode_packet(kind: int, body: bytes) -> bytes:
+    """A control packet: its type byte, the remaining length, the body."""
+    return bytes([kind]) + encode_varint(len(body)) + body
 
 
 @dataclass
@@ -112,7 +115,7 @@ class MqttSubscriber:
         if sock is not None:
             try:
                 with self._send_lock:
-                    sock.sendall(_packet(DISCONNECT, b"\x00\x00" if self.o.v5 else b""))
+                    sock.sendall(encode_packet(DISCONNECT, b"\x00\x00" if self.o.v5 else b""))
             except OSError:
                 pass
             with contextlib.suppress(OSError):
@@ -183,19 +186,23 @@ class MqttSubscriber:
             o.tls.wrap_socket(raw, server_hostname=o.host) if o.tls is not None else raw
         )
         flags = 0x02 if o.clean_start else 0x00
-        payload = _str(o.client_id)
+        payload = encode_string(o.client_id)
         if o.username is not None:
             flags |= 0x80
-            payload += _str(o.username)
+            payload += encode_string(o.username)
             if o.password is not None:
                 flags |= 0x40
-                payload += _str(o.password)
-        body = _str("MQTT") + bytes([5 if o.v5 else 4, flags]) + struct.pack("!H", o.keepalive_s)
+                payload += encode_string(o.password)
+        body = (
+            encode_string("MQTT")
+            + bytes([5 if o.v5 else 4, flags])
+            + struct.pack("!H", o.keepalive_s)
+        )
         if o.v5:
             props = bytes([SESSION_EXPIRY]) + struct.pack("!I", o.session_expiry_s)
             props += bytes([RECEIVE_MAXIMUM]) + struct.pack("!H", o.receive_maximum)
-            body += _varint(len(props)) + props
-        sock.sendall(_packet(CONNECT, body + payload))
+            body += encode_varint(len(props)) + props
+        sock.sendall(encode_packet(CONNECT, body + payload))
         self._sock = sock
         kind, data = self._read_packet(sock)
         if kind & 0xF0 != CONNACK:
@@ -208,8 +215,8 @@ class MqttSubscriber:
         if o.v5:
             sub += b"\x00"  # no properties
         for topic, qos in o.topics:
-            sub += _str(topic) + bytes([qos])
-        sock.sendall(_packet(SUBSCRIBE, sub))
+            sub += encode_string(topic) + bytes([qos])
+        sock.sendall(encode_packet(SUBSCRIBE, sub))
         kind, data = self._read_packet(sock)
         while kind & 0xF0 == PUBLISH:  # a kept session may deliver before the SUBACK
             self._handle_publish(kind, data)
@@ -264,7 +271,7 @@ class MqttSubscriber:
         half = max(1.0, self.o.keepalive_s / 2)
         while not self._stop.is_set():
             if time.monotonic() - self._last_send >= half:
-                self._send(_packet(PINGREQ, b""))
+                self._send(encode_packet(PINGREQ, b""))
             # SSL sockets may hold decrypted bytes that select() does not see
             pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
             if not pending:
