@@ -24,7 +24,7 @@ from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.jetstream import JetStreamSink, JetStreamWriter, ensure_stream
 from cityward.ingest.mapping import Mapping
 from cityward.ingest.settings import IngestSettings
-from cityward.ingest.writer import BatchWriter, Reading, Sink
+from cityward.ingest.writer import Batcher, BatchWriter, Reading
 
 log = logging.getLogger("cityward.ingest")
 Role = Literal["front", "writer", "all"]
@@ -94,7 +94,7 @@ class IngestWorker:
             if self._writer is not None:
                 self.puller = JetStreamWriter(self.js, settings.jetstream, self._writer)
         # where the intakes put their readings (a writer runs no adapters)
-        self.sink: Sink | None = None if role == "writer" else (self.front or self._writer)
+        self.sink: Batcher | None = None if role == "writer" else (self.front or self._writer)
         registry = load_builtin()
         self.intakes: dict[str, Intake] = {}
         self.adapters: dict[str, Adapter] = {}

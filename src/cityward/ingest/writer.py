@@ -37,7 +37,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cityward.bank.errors import NgsiError
 from cityward.bank.service import Bank
@@ -73,19 +73,6 @@ class Reading:
     received: float = field(default_factory=time.monotonic)
     raw: bytes = b""  # for the dead-letter store, should the bank refuse it
     topic: str = ""
-
-
-class Sink(Protocol):
-    """Where an :class:`~cityward.ingest.adapters.Intake` hands its readings: a
-    :class:`BatchWriter` into the bank, or with ``[bus] kind = "nats"`` a front's
-    :class:`~cityward.ingest.jetstream.JetStreamSink` into the ingest stream."""
-
-    def put(self, reading: Reading, timeout: float | None = None) -> bool: ...
-
-    @property
-    def pending(self) -> int: ...
-
-    def wait_idle(self, timeout: float) -> bool: ...
 
 
 @dataclass

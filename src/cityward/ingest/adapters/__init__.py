@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 import orjson
@@ -26,7 +25,7 @@ from cityward.bank.errors import NgsiError
 from cityward.bank.model import EntityParser
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.mapping import Mapping, MappingError
-from cityward.ingest.writer import Done, Reading, Sink
+from cityward.ingest.writer import Batcher, Done, Reading
 from cityward.plugins import register
 
 log = logging.getLogger("cityward.ingest")
@@ -51,7 +50,7 @@ class Intake:
         self,
         name: str,
         mapping: Mapping,
-        writer: Sink,
+        writer: Batcher,
         dead_letters: DeadLetters,
         parser: EntityParser,
     ) -> None:
@@ -91,7 +90,7 @@ class Intake:
             self.stats.last_message_at = time.time()
         try:
             doc = orjson.loads(payload) if decoded is None else decoded
-            update = self.mapping.apply(doc, topic=topic, received_at=datetime.now(UTC))
+            update = self.mapping.apply(doc, topic=topic)  # no time in it: now
             if self._fast:
                 iris = self._iris
                 fragment: dict[str, Any] = {
