@@ -416,6 +416,8 @@ class JetStream:
     ) -> None:
         """Create a durable pull consumer unless it exists (an existing one keeps its place
         and its configuration: delete it to change that)."""
+        if (stream, durable) in self._pulls:
+            return  # subscribed already (every pull passes here)
         config = jsapi.ConsumerConfig(
             durable_name=durable,
             filter_subject=subject_filter,
@@ -431,8 +433,7 @@ class JetStream:
                 subject_filter, durable=durable, stream=stream, config=config
             )
 
-        if (stream, durable) not in self._pulls:
-            self._pulls[(stream, durable)] = self._run(ensure(), self.timeout * 3)
+        self._pulls[(stream, durable)] = self._run(ensure(), self.timeout * 3)
 
     def delete_consumer(self, stream: str, durable: str) -> bool:
         self._pulls.pop((stream, durable), None)
