@@ -462,6 +462,12 @@ app.add_typer(anomaly_app, name="anomaly")
 from cityward.ingest.cli import app as ingest_app  # noqa: E402
 
 app.add_typer(ingest_app, name="ingest")
+from cityward.vision.cli import app as vision_app  # noqa: E402
+
+app.add_typer(vision_app, name="vision")
+from cityward.vision.models_cli import app as models_app  # noqa: E402
+
+app.add_typer(models_app, name="models")
 traffic_app = typer.Typer(help="Traffic signal control in SUMO.", no_args_is_help=True)
 app.add_typer(traffic_app, name="traffic")
 

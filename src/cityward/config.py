@@ -13,6 +13,7 @@ from cityward.anomaly.settings import AnomalySettings
 from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
 from cityward.ingest.settings import IngestSettings
+from cityward.vision.settings import VisionSettings
 
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
 
@@ -118,6 +119,11 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(
         default_factory=IngestSettings,
         description="Device ingestion: MQTT, HTTP push and file sources (docs/ingest.md).",
+    )
+    vision: VisionSettings = Field(
+        default_factory=VisionSettings,
+        description="Camera analytics: the cameras, their rules, how workers share them "
+        "(docs/vision.md).",
     )
     dashboard_tiles: str | None = Field(
         default=None,

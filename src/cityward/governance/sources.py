@@ -202,7 +202,11 @@ def default_sources() -> list[DataSource]:
             id="traffic-cameras",
             name="Traffic cameras (counts only, anonymized at the edge)",
             kind=SourceKind.CAMERA,
-            types=("ItemFlowObserved", "CrowdFlowObserved"),
+            types=("Camera", "ItemFlowObserved", "CrowdFlowObserved"),
+            # the vehicle counts of a camera are TrafficFlowObserved too, told apart by id
+            id_patterns=(
+                r"urn:ngsi-ld:(TrafficFlowObserved|ItemFlowObserved|CrowdFlowObserved):camera:.+",
+            ),
             purposes=("traffic-management", "public-safety"),
             personal_data=PersonalData.INDIRECT,
             retention="P30D",

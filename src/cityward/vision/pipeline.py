@@ -1,0 +1,211 @@
+"""One camera's pipeline: frame -> motion gate -> detector -> tracker -> anonymizer ->
+analytics, each stage a single method on one :class:`Detections`.
+
+The raw frame goes into :meth:`CameraPipeline.process` and never comes out: what leaves is the
+tracks (in worker memory only), the crossings and events of the analytics, and, when a frame
+has to be encoded (a snapshot for an alert, or every frame when an annotated video or stream
+is wanted), the *anonymized* frame. The anonymizer runs on exactly those frames, so a camera
+that only counts pays nothing for it.
+
+Every stage is timed (:class:`StageClock`): ``bench/vision.py`` and the live status line report
+ms per stage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cityward.vision.analytics import CameraGeometry, Crossing, Rule, VisionEvent, build_rules
+from cityward.vision.anonymize import Anonymizer, AnonymizerConfig
+from cityward.vision.detections import Detections
+from cityward.vision.detectors import REGISTRY as DETECTORS
+from cityward.vision.detectors import ObjectDetector
+from cityward.vision.motion import MotionGate
+from cityward.vision.settings import CameraSettings
+from cityward.vision.source import Frame, Image
+from cityward.vision.tracker import ByteTracker, TrackerConfig
+
+STAGES = ("decode", "motion", "detect", "track", "anonymize", "analytics", "emit")
+
+
+class PipelineConfigError(ValueError):
+    """A camera's detector, tracker, anonymizer or rule settings are invalid."""
+
+
+@dataclass
+class StageClock:
+    """Seconds spent per stage and how many times each ran."""
+
+    total: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    count: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+
+    @contextmanager
+    def timed(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.total[stage] = self.total.get(stage, 0.0) + seconds
+        self.count[stage] = self.count.get(stage, 0) + 1
+
+    def ms_per_frame(self, frames: int) -> dict[str, float]:
+        """Milliseconds per analysed frame, per stage (a stage that ran on fewer frames, like
+        the detector behind the motion gate, is averaged over all of them)."""
+        return {s: 1000.0 * v / max(frames, 1) for s, v in self.total.items()}
+
+    def merge(self, other: StageClock) -> None:
+        for s, v in other.total.items():
+            self.total[s] = self.total.get(s, 0.0) + v
+            self.count[s] = self.count.get(s, 0) + other.count.get(s, 0)
+
+
+@dataclass
+class FrameResult:
+    """What one analysed frame gave. ``anonymized`` is None unless the frame is to be
+    encoded; the raw image is not here."""
+
+    index: int
+    t: float
+    detected: bool
+    tracks: Detections
+    crossings: list[Crossing]
+    events: list[VisionEvent]
+    anonymized: Image | None = None
+    wall: float = 0.0  # time.time() when the frame was read
+
+
+def _build(what: str, camera: str, factory: Any, values: dict[str, Any]) -> Any:
+    from pydantic import ValidationError
+
+    try:
+        return factory(**values)
+    except ValidationError as exc:
+        errs = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()
+        )
+        raise PipelineConfigError(f"camera {camera}: {what}: {errs}") from exc
+
+
+def make_detector(
+    name: str, values: dict[str, Any], models_dir: Path | str | None, camera: str = "?"
+) -> ObjectDetector:
+    cls = DETECTORS.get(name)
+    if cls is None:
+        raise PipelineConfigError(
+            f"camera {camera}: detector {name!r} is unknown (known: {', '.join(sorted(DETECTORS))})"
+        )
+    config = _build(f"detector {name}", camera, cls.Config, values)
+    return cls(config, models_dir)
+
+
+class CameraPipeline:
+    """The stages of one camera. ``detector``: share one across cameras (an ONNX Runtime
+    session is safe to run from several threads); built from the camera's settings when None.
+    ``anonymize_all``: anonymize every analysed frame (an annotated output or a stream), not
+    only those an alert needs."""
+
+    def __init__(
+        self,
+        camera: CameraSettings,
+        models_dir: Path | str | None = None,
+        *,
+        detector: ObjectDetector | None = None,
+        anonymize_all: bool = False,
+    ) -> None:
+        self.camera = camera
+        self.detector = detector or make_detector(
+            camera.detector, camera.detector_config, models_dir, camera.id
+        )
+        self.tracker = ByteTracker(_build("tracker", camera.id, TrackerConfig, camera.tracker))
+        self.anonymizer = Anonymizer(
+            _build("anonymizer", camera.id, AnonymizerConfig, camera.anonymizer), models_dir
+        )
+        try:
+            self.rules: list[Rule] = build_rules(
+                camera.rules, geometry=CameraGeometry(homography=camera.homography)
+            )
+        except ValueError as exc:
+            raise PipelineConfigError(f"camera {camera.id}: {exc}") from exc
+        self.gate = MotionGate(camera.motion)
+        self.anonymize_all = anonymize_all
+        self.clock = StageClock()
+        self.frames = 0
+        self.detections_run = 0
+        self._tracks = Detections.empty()
+
+    def process(self, frame: Frame, *, want_image: bool = False) -> FrameResult:
+        """Run one frame through every stage. ``want_image``: return the anonymized frame
+        whatever the analytics found."""
+        clock = self.clock
+        self.frames += 1
+        with clock.timed("motion"):
+            moving = self.gate.moving(frame.image, frame.t)
+        detected = False
+        if moving:
+            with clock.timed("detect"):
+                dets = self.detector.detect(frame.image)
+            with clock.timed("track"):
+                self._tracks = self.tracker.update(dets, frame.t)
+            self.detections_run += 1
+            detected = True
+        tracks = self._tracks
+        out: list[Crossing | VisionEvent] = []
+        with clock.timed("analytics"):
+            for rule in self.rules:
+                out.extend(rule.update(frame.index, frame.t, tracks))
+        crossings = [o for o in out if isinstance(o, Crossing)]
+        events = [o for o in out if isinstance(o, VisionEvent)]
+        anonymized: Image | None = None
+        if self.anonymize_all or want_image or events:
+            with clock.timed("anonymize"):
+                # the anonymizer may work in place: the raw frame is not used after this
+                anonymized = self.anonymizer.apply(frame.image, tracks, frame.t)
+        else:
+            # hold the face boxes' timers and person/vehicle positions even when no image is
+            # wanted now, so that the next snapshot is anonymized with the recent past too
+            self.anonymizer.observe(tracks, frame.t)
+        return FrameResult(
+            frame.index, frame.t, detected, tracks, crossings, events, anonymized
+        )
+
+    def intervals(self) -> dict[str, dict[str, Any]]:
+        """Per rule name: the aggregate since the last call (and reset it)."""
+        return {rule.rule_name: rule.interval() for rule in self.rules}
+
+
+def draw(
+    image: Image,
+    tracks: Detections,
+    lines: Sequence[tuple[str, tuple[float, float, float, float]]] = (),
+    counts: str = "",
+) -> Image:
+    """Boxes, track numbers, counting lines and a count caption on an (anonymized) frame."""
+    import cv2
+
+    from cityward.vision.detections import class_name
+
+    out = image
+    for (x1, y1, x2, y2), cls, tid in zip(
+        tracks.xyxy.astype(int), tracks.class_id, tracks.tracker_id, strict=True
+    ):
+        colour = (0, 200, 255) if cls == 0 else (255, 160, 0)
+        cv2.rectangle(out, (int(x1), int(y1)), (int(x2), int(y2)), colour, 2)
+        label = f"{class_name(int(cls))} {int(tid)}"
+        cv2.putText(out, label, (int(x1), max(12, int(y1) - 4)), 0, 0.45, colour, 1, cv2.LINE_AA)
+    for name, (ax, ay, bx, by) in lines:
+        cv2.line(out, (int(ax), int(ay)), (int(bx), int(by)), (0, 0, 255), 2)
+        cv2.putText(out, name, (int(ax), int(ay) - 6), 0, 0.5, (0, 0, 255), 1, cv2.LINE_AA)
+    if counts:
+        cv2.rectangle(out, (0, 0), (min(out.shape[1], 9 * len(counts) + 10), 22), (0, 0, 0), -1)
+        cv2.putText(out, counts, (5, 16), 0, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
+    return np.ascontiguousarray(out)

@@ -1,0 +1,267 @@
+"""``cityward vision run``: the cameras this worker holds, each on its own thread.
+
+The camera list is shared by every worker of the city: a :class:`~cityward.vision.leases.
+CameraLeaser` leases each camera to exactly one worker (the bank's database, or NATS JetStream
+when the bus is NATS) and moves the cameras of a dead worker to the living ones. A camera
+thread reads frames, runs the pipeline, and hands counts and alerts to the emitter; the raw
+frames stay on that thread and are dropped after analysis.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cityward.vision.detectors import ObjectDetector
+from cityward.vision.emitter import CameraEmitter, Sink, SnapshotStore
+from cityward.vision.pipeline import CameraPipeline, StageClock, make_detector
+from cityward.vision.settings import CameraSettings, VisionSettings
+from cityward.vision.source import SourceError, VideoSource, is_stream
+
+log = logging.getLogger("cityward.vision.worker")
+
+
+@dataclass
+class CameraStatus:
+    """What the status line shows for one camera."""
+
+    id: str
+    state: str = "starting"
+    frames: int = 0
+    detected: int = 0
+    total_frames: int = 0
+    position: int = 0
+    crossings: int = 0
+    alerts: int = 0
+    error: str = ""
+    started: float = field(default_factory=time.monotonic)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=50))
+
+    @property
+    def fps(self) -> float:
+        if len(self.recent) < 2:
+            return 0.0
+        span = self.recent[-1] - self.recent[0]
+        return (len(self.recent) - 1) / span if span > 0 else 0.0
+
+
+class CameraRunner:
+    """One camera: source -> pipeline -> emitter, on a thread, until stopped or the file ends."""
+
+    def __init__(
+        self,
+        camera: CameraSettings,
+        sink: Sink,
+        *,
+        models_dir: Path | str | None,
+        detector: ObjectDetector | None = None,
+        snapshots: SnapshotStore | None = None,
+        on_done: Callable[[str], None] | None = None,
+    ) -> None:
+        self.camera = camera
+        self.status = CameraStatus(camera.id)
+        self.stop_event = threading.Event()
+        self.pipeline = CameraPipeline(camera, models_dir, detector=detector)
+        self.emitter = CameraEmitter(camera, sink, snapshots=snapshots)
+        self.finished = threading.Event()
+        self._on_done = on_done
+        self._thread = threading.Thread(target=self._run, name=f"camera-{camera.id}", daemon=True)
+
+    @property
+    def clock(self) -> StageClock:
+        return self.pipeline.clock
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.stop_event.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        cam = self.camera
+        st = self.status
+        try:
+            source = VideoSource(
+                cam.url,
+                analysis_fps=cam.analysis_fps,
+                realtime=cam.realtime,
+                loop=cam.loop,
+                reconnect_max_s=cam.reconnect_max_s,
+                stop=self.stop_event,
+            )
+        except SourceError as exc:
+            st.state, st.error = "error", str(exc)
+            log.error("camera %s: %s", cam.id, exc)
+            self.emitter.status("error")
+            self.finished.set()
+            if self._on_done:
+                self._on_done(cam.id)
+            return
+        st.total_frames = source.frame_count
+        st.state = "running"
+        self.emitter.status("running")
+        last_t = 0.0
+        try:
+            t_read = time.perf_counter()
+            for frame in source:
+                self.pipeline.clock.add("decode", time.perf_counter() - t_read)
+                result = self.pipeline.process(frame)
+                with self.pipeline.clock.timed("emit"):
+                    self.emitter.emit(frame.t, result.crossings, result.events, result.anonymized)
+                    if self.emitter.due(frame.t):
+                        self.emitter.sink.put(
+                            self.emitter.flows(frame.t, self.pipeline.intervals())
+                        )
+                        self.emitter.status("running", st.fps)
+                st.frames += 1
+                st.detected += int(result.detected)
+                st.position = frame.index + 1
+                st.crossings += len(result.crossings)
+                st.alerts += len(result.events)
+                st.recent.append(time.monotonic())
+                last_t = frame.t
+                t_read = time.perf_counter()
+        except Exception as exc:  # one camera's failure never stops the others
+            st.state, st.error = "error", f"{type(exc).__name__}: {exc}"
+            log.exception("camera %s failed", cam.id)
+        finally:
+            source.close()
+            # the last, partial interval is written too: nothing counted is lost
+            self.emitter.sink.put(self.emitter.flows(last_t, self.pipeline.intervals()))
+            if st.state != "error":
+                st.state = "stopped" if self.stop_event.is_set() else "finished"
+            self.emitter.status(st.state, st.fps)
+            self.finished.set()
+            if self._on_done:
+                self._on_done(cam.id)
+
+
+class VisionWorker:
+    """Runs the cameras this worker is given (by the leaser, or all of them)."""
+
+    def __init__(
+        self,
+        settings: VisionSettings,
+        sink: Sink,
+        *,
+        snapshots_root: Path | None = None,
+        retention_s: Callable[[str], float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sink = sink
+        self.cameras = {c.id: c for c in settings.cameras}
+        self.runners: dict[str, CameraRunner] = {}
+        self._detectors: dict[str, ObjectDetector] = {}
+        self._lock = threading.Lock()
+        self._snapshots_root = snapshots_root
+        self._retention = retention_s or (lambda _source: 30 * 86400.0)
+        self.done: set[str] = set()
+
+    def _detector(self, cam: CameraSettings) -> ObjectDetector:
+        """One detector per distinct configuration, shared by the cameras that use it."""
+        import orjson
+
+        key = cam.detector + orjson.dumps(cam.detector_config, option=orjson.OPT_SORT_KEYS).decode()
+        det = self._detectors.get(key)
+        if det is None:
+            det = self._detectors[key] = make_detector(
+                cam.detector, cam.detector_config, self.settings.models_dir, cam.id
+            )
+        return det
+
+    def check_camera(self, camera_id: str) -> None:
+        """Build the camera's pipeline once and check its source exists: a wrong setting or a
+        missing model is reported at start-up, with the camera named, not on a thread."""
+        cam = self.cameras[camera_id]
+        if not is_stream(cam.url) and not Path(cam.url).is_file():
+            raise SourceError(f"camera {cam.id}: video file {cam.url!r} not found")
+        CameraPipeline(cam, self.settings.models_dir, detector=self._detector(cam))
+
+    def start_camera(self, camera_id: str) -> None:
+        with self._lock:
+            if camera_id in self.runners or camera_id in self.done:
+                return
+            cam = self.cameras[camera_id]
+            snaps = None
+            if self._snapshots_root is not None:
+                snaps = SnapshotStore(
+                    self._snapshots_root,
+                    self._retention(cam.source),
+                    cam.snapshots.width,
+                    cam.snapshots.quality,
+                    base=self._snapshots_root.parent.parent,
+                )
+            runner = CameraRunner(
+                cam,
+                self.sink,
+                models_dir=self.settings.models_dir,
+                detector=self._detector(cam),
+                snapshots=snaps,
+                on_done=self._finished,
+            )
+            self.runners[camera_id] = runner
+        log.info("camera %s: started", camera_id)
+        runner.start()
+
+    def stop_camera(self, camera_id: str) -> None:
+        with self._lock:
+            runner = self.runners.pop(camera_id, None)
+        if runner is not None:
+            runner.stop()
+            log.info("camera %s: stopped", camera_id)
+
+    def _finished(self, camera_id: str) -> None:
+        runner = self.runners.get(camera_id)
+        if runner is not None and not runner.stop_event.is_set():
+            self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
+
+    def all_done(self) -> bool:
+        return bool(self.cameras) and self.done >= set(self.cameras)
+
+    def stop(self) -> None:
+        for cid in list(self.runners):
+            self.stop_camera(cid)
+
+    def purge_snapshots(self) -> int:
+        gone = 0
+        if self._snapshots_root is None:
+            return 0
+        for cam in self.cameras.values():
+            store = SnapshotStore(self._snapshots_root, self._retention(cam.source))
+            gone += store.purge(camera_id=cam.id)
+        return gone
+
+    def status_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for cid, cam in self.cameras.items():
+            r = self.runners.get(cid)
+            if r is None:
+                rows.append({"camera": cid, "state": "done" if cid in self.done else "elsewhere"})
+                continue
+            st = r.status
+            ms = r.clock.ms_per_frame(st.frames)
+            rows.append(
+                {
+                    "camera": cid,
+                    "name": cam.name,
+                    "state": st.state,
+                    "frames": st.frames,
+                    "position": st.position,
+                    "total": st.total_frames,
+                    "fps": st.fps,
+                    "detected": st.detected,
+                    "crossings": st.crossings,
+                    "alerts": st.alerts,
+                    "ms": ms,
+                    "error": st.error,
+                }
+            )
+        return rows

@@ -1,0 +1,216 @@
+"""End to end: a video file through `cityward vision run` into the data bank, and `cityward
+vision analyze` into events.json and an anonymized video; both checked by the privacy attacker
+(tests/vision/attack.py) on everything they stored."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import orjson
+import pytest
+from fastapi.testclient import TestClient
+
+from cityward.api.app import create_app
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.config import Settings
+from tests.conftest import shared_path
+from tests.vision.attack import attack_frames
+
+CLI = [sys.executable, "-m", "cityward.cli"]
+#: across the street where the cars come towards the camera (street_cars_ahmetozlu.mp4)
+STREET_LINE = [[150, 200], [620, 235]]
+#: the cars parked on the right of the street all clip long
+PARKED = [[290, 100], [430, 100], [430, 170], [290, 170]]
+
+
+def _run(args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "COLUMNS": "120"}
+    env.pop("CITYWARD_MODELS_DIR", None)
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _config(tmp: Path, models: Path, video: Path, **camera: Any) -> Path:
+    rules = camera.pop(
+        "rules",
+        [
+            {"type": "line", "name": "northbound", "line": STREET_LINE},
+            {"type": "stopped", "name": "no-parking", "polygon": PARKED, "min_stopped_s": 3},
+        ],
+    )
+    cam = {
+        "id": "street-1",
+        "name": "Residential street",
+        "url": str(video),
+        "realtime": False,
+        "analysis_fps": 8,
+        "interval_s": 3600,
+        "location": [3.7174, 51.0543],
+        "rules": rules,
+        **camera,
+    }
+
+    def toml(v: Any) -> str:
+        if isinstance(v, str):
+            return orjson.dumps(v).decode()
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, list):
+            return "[" + ", ".join(toml(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k} = {toml(x)}" for k, x in v.items()) + "}"
+        return str(v)
+
+    lines = ["[vision]", f"models_dir = {toml(str(models))}", "", "[[vision.cameras]]"]
+    lines += [f"{k} = {toml(v)}" for k, v in cam.items()]
+    path = tmp / "city.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def street_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One `vision run` of the street clip into a fresh embedded bank."""
+    tmp = tmp_path_factory.mktemp("vision-run")
+    models = shared_path("data", "vision", "models")
+    video = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
+    config = _config(tmp, models, video)
+    proc = _run(
+        ["vision", "run", str(config), "--data-dir", str(tmp / "data"), "--exit-when-done",
+         "--no-live"],
+        tmp,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield tmp / "data", proc.stdout
+
+
+@pytest.fixture(scope="module")
+def api(street_run: tuple[Path, str]) -> Iterator[TestClient]:
+    data, _ = street_run
+    store = SqliteStore(data / "cityward.db")
+    settings = Settings(data_dir=data, no_auth=True, context_fetch=False)
+    with TestClient(create_app(settings, store)) as client:
+        yield client
+    store.close()
+
+
+def _entities(api: TestClient, etype: str) -> list[dict[str, Any]]:
+    r = api.get("/ngsi-ld/v1/entities", params={"type": etype, "limit": 1000})
+    assert r.status_code == 200, r.text
+    out: list[dict[str, Any]] = r.json()
+    return out
+
+
+def test_run_writes_counts_camera_and_alert_into_the_bank(
+    street_run: tuple[Path, str], api: TestClient
+) -> None:
+    data, stdout = street_run
+    cams = _entities(api, "Camera")
+    assert [c["id"] for c in cams] == ["urn:ngsi-ld:Camera:street-1"]
+    assert cams[0]["status"]["value"] == "finished"
+    assert cams[0]["location"]["value"]["coordinates"] == [3.7174, 51.0543]
+    flows = {f["id"]: f for f in _entities(api, "TrafficFlowObserved")}
+    inbound = flows["urn:ngsi-ld:TrafficFlowObserved:camera:street-1:northbound:in"]
+    # the clip: cars come down the street towards the camera; a handful in 38 s, none away
+    assert 4 <= inbound["intensity"]["value"] <= 14
+    assert inbound["vehicleCounts"]["value"].get("car", 0) >= 4
+    outbound = flows["urn:ngsi-ld:TrafficFlowObserved:camera:street-1:northbound:out"]
+    assert outbound["intensity"]["value"] <= 1
+    assert inbound["refDevice"]["object"] == "urn:ngsi-ld:Camera:street-1"
+    crowd = _entities(api, "CrowdFlowObserved")
+    assert [c["id"] for c in crowd] == ["urn:ngsi-ld:CrowdFlowObserved:camera:street-1:northbound"]
+    alerts = _entities(api, "Alert")
+    stopped = [a for a in alerts if a["subCategory"]["value"] == "carStopped"]
+    assert stopped, [a["description"]["value"] for a in alerts]
+    alert = stopped[0]
+    assert alert["category"]["value"] == "traffic"
+    assert alert["alertSource"]["object"] == "urn:ngsi-ld:Camera:street-1"
+    assert alert["data"]["value"]["rule"] == "no-parking"
+    # counts and events only: no track id, box or trajectory reaches the bank
+    text = orjson.dumps([*cams, *flows.values(), *crowd, *alerts]).decode()
+    for word in ("tracker", "track_id", "trajectory", "xyxy", "box"):
+        assert word not in text
+
+
+def test_alert_snapshots_are_small_anonymized_jpegs(
+    street_run: tuple[Path, str], api: TestClient
+) -> None:
+    data, _ = street_run
+    alerts = [a for a in _entities(api, "Alert") if "snapshot" in a]
+    assert alerts
+    images = []
+    for a in alerts:
+        path = data / a["snapshot"]["value"]
+        assert path.suffix == ".jpg" and path.is_file()
+        img = cv2.imread(str(path))
+        assert img is not None and img.shape[1] <= 320
+        images.append(img)
+    stored = list((data / "vision" / "snapshots").rglob("*"))
+    assert {p for p in stored if p.is_file()} == {data / a["snapshot"]["value"] for a in alerts}
+    report = attack_frames(images)
+    assert report.faces == [] and report.plates == [], report.summary()
+
+
+def test_snapshots_past_the_retention_are_deleted(tmp_path: Path) -> None:
+    from cityward.vision.emitter import SnapshotStore
+
+    store = SnapshotStore(tmp_path / "snapshots", retention_s=3600)
+    img = np.full((200, 400, 3), 128, np.uint8)
+    old = tmp_path / store.save("cam", "old", img)
+    new = tmp_path / store.save("cam", "new", img)
+    assert cv2.imread(str(new)).shape[1] == 320
+    os.utime(old, (1_000_000, 1_000_000))
+    assert store.purge() == 1
+    assert not old.exists() and new.exists()
+
+
+def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
+    video = shared_path("data", "vision", "videos", "head-pose-face-detection-female-and-male.gif")
+    models = shared_path("data", "vision", "models")
+    out = tmp_path / "out"
+    proc = _run(
+        ["vision", "analyze", str(video), "--line", "0,135,480,135", "--output", str(out),
+         "--models-dir", str(models)],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = orjson.loads((out / "events.json").read_bytes())
+    assert set(events) >= {"crossings", "counts", "alerts"}
+    assert events["frames"]["analysed"] == 56
+    cap = cv2.VideoCapture(str(out / "anonymized.mp4"))
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(img)
+    assert len(frames) == 56 and frames[0].shape == (270, 480, 3)
+    # the clip is two faces filling the frame: the attacker must find none in the output
+    report = attack_frames(frames, plates=False)
+    assert report.faces == [], report.summary()
+    assert "anonymized.mp4" in proc.stdout
+
+
+def test_missing_model_and_bad_rule_are_clear_errors(tmp_path: Path) -> None:
+    video = shared_path("data", "vision", "videos", "people-detection.gif")
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    config = _config(tmp_path, empty, video)
+    proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
+    assert proc.returncode == 2
+    assert "yolox_nano_416x416.onnx" in proc.stdout and "models fetch" in proc.stdout
+    models = shared_path("data", "vision", "models")
+    config = _config(
+        tmp_path, models, video, rules=[{"type": "line", "name": "l", "line": [[0, 0]]}]
+    )
+    proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
+    assert proc.returncode == 2
+    assert "camera street-1" in proc.stdout and "line" in proc.stdout
