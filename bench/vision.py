@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 from rich.console import Console
 from rich.table import Table
@@ -161,7 +160,10 @@ def fidelity(video: Path, det: ObjectDetector, fast_fps: float) -> dict[str, Any
 
     def flat(counts: dict[str, Any]) -> dict[str, int]:
         return {
-            f"{d}/{c}": n for dirs in counts.values() for d, cs in dirs.items() for c, n in cs.items()
+            f"{d}/{c}": n
+            for dirs in counts.values()
+            for d, cs in dirs.items()
+            for c, n in cs.items()
         }
 
     r, f = flat(ref.counts()), flat(fast.counts())
@@ -231,7 +233,7 @@ def latency(det: ObjectDetector) -> dict[str, Any]:
     return {
         "alerts": len(lat),
         "p50_s": statistics.median(lat),
-        "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+        "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
         "max_s": lat[-1],
     }
 
@@ -248,8 +250,15 @@ def main() -> None:
     results: dict[str, Any] = {"cpu_count": os.cpu_count(), "videos": {}}
     table = Table(title="vision pipeline (frames/s; medians of runs)")
     for col in (
-        "video", "threads", "bare infer", "bare detect", "pipeline (stream)", "ratio",
-        "static", "static/stream", "cameras@5fps",
+        "video",
+        "threads",
+        "bare infer",
+        "bare detect",
+        "pipeline (stream)",
+        "ratio",
+        "static",
+        "static/stream",
+        "cameras@5fps",
     ):
         table.add_column(col)
     stage_table = Table(title="ms per analysed frame, per stage (streaming pipeline)")
@@ -285,7 +294,7 @@ def main() -> None:
             # a 24 fps camera analysed at 5 fps: the clip's analysed frames per second of
             # processing, against 5 per camera (decode of skipped frames included)
             cameras = counting_fps / 5.0
-            row = {
+            row: dict[str, Any] = {
                 "threads": threads,
                 "bare_infer_fps": bare_infer,
                 "bare_detect_fps": bare_detect,
@@ -300,21 +309,30 @@ def main() -> None:
             }
             results["videos"].setdefault(name, []).append(row)
             table.add_row(
-                name, str(threads), f"{bare_infer:.1f}", f"{bare_detect:.1f}",
-                f"{stream_fps:.1f}", f"{stream_fps / bare_infer:.2f}", f"{static_fps:.1f}",
-                f"{static_fps / stream_fps:.2f}", f"{cameras:.1f}",
+                name,
+                str(threads),
+                f"{bare_infer:.1f}",
+                f"{bare_detect:.1f}",
+                f"{stream_fps:.1f}",
+                f"{stream_fps / bare_infer:.2f}",
+                f"{static_fps:.1f}",
+                f"{static_fps / stream_fps:.2f}",
+                f"{cameras:.1f}",
             )
-            ms = row["stage_ms"]
+            ms = clock.ms_per_frame(n_frames)
             stage_table.add_row(
                 f"{name} ({threads})",
-                *(f"{ms.get(s, 0.0):.2f}" for s in ("decode", "motion", "detect", "track",
-                                                    "anonymize", "analytics")),
+                *(
+                    f"{ms.get(s, 0.0):.2f}"
+                    for s in ("decode", "motion", "detect", "track", "anonymize", "analytics")
+                ),
             )
         console.print(table)
     console.print(stage_table)
     det = _detector(0)
-    fid_table = Table(title=f"counting fidelity: fast ({args.fast_fps} fps, motion gating) "
-                      "vs full-rate reference")
+    fid_table = Table(
+        title=f"counting fidelity: fast ({args.fast_fps} fps, motion gating) vs full-rate reference"
+    )
     for col in ("video", "reference", "fast", "total error %", "per-class error %"):
         fid_table.add_column(col)
     results["fidelity"] = {}
@@ -322,7 +340,10 @@ def main() -> None:
         fid = fidelity(VISION / "videos" / name, det, args.fast_fps)
         results["fidelity"][name] = fid
         fid_table.add_row(
-            name, str(fid["reference"]), str(fid["fast"]), f"{fid['error_pct']:.1f}",
+            name,
+            str(fid["reference"]),
+            str(fid["fast"]),
+            f"{fid['error_pct']:.1f}",
             f"{fid['abs_class_error_pct']:.1f}",
         )
     console.print(fid_table)

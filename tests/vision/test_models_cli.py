@@ -62,6 +62,7 @@ def test_fetch_installs_a_file_whose_sha256_matches(
     models = tmp_path / "models"
     path = fetch(entry(f"{base}/thing.onnx", sha(data)), models)
     assert path == models / "thing.onnx" and path.read_bytes() == data
+    assert path.stat().st_mode & 0o777 == 0o644  # readable by the camera workers
     assert [p.name for p in models.iterdir()] == ["thing.onnx"]  # no temporary left
 
 

@@ -31,7 +31,7 @@ def _invalid(path: Path | None, exc: ValidationError) -> NoReturn:
 
 def retention_seconds(source: Any) -> float:
     period = source.retention_period
-    return period.months * 30.44 * 86400 + period.micros / 1e6
+    return float(period.months * 30.44 * 86400 + period.micros / 1e6)
 
 
 @app.command("detectors")

@@ -102,7 +102,8 @@ class Detections:
     def area(self) -> F32:
         w = np.clip(self.xyxy[:, 2] - self.xyxy[:, 0], 0, None)
         h = np.clip(self.xyxy[:, 3] - self.xyxy[:, 1], 0, None)
-        return (w * h).astype(np.float32)
+        out: F32 = (w * h).astype(np.float32)
+        return out
 
     @property
     def center(self) -> F32:
@@ -115,9 +116,9 @@ class Detections:
     @property
     def bottom_center(self) -> F32:
         """(N, 2) middle of each box's bottom edge: where an object touches the ground."""
-        return np.stack(
-            [(self.xyxy[:, 0] + self.xyxy[:, 2]) / 2, self.xyxy[:, 3]], axis=1
-        ).astype(np.float32)
+        return np.stack([(self.xyxy[:, 0] + self.xyxy[:, 2]) / 2, self.xyxy[:, 3]], axis=1).astype(
+            np.float32
+        )
 
     def scaled(self, sx: float, sy: float | None = None) -> Detections:
         """The same detections with coordinates multiplied (a detector run on a resized frame
@@ -139,7 +140,8 @@ def box_iou(a: F32, b: F32) -> F32:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
-    return (inter / np.maximum(union, 1e-9)).astype(np.float32)
+    out: F32 = (inter / np.maximum(union, 1e-9)).astype(np.float32)
+    return out
 
 
 def nms(xyxy: F32, scores: F32, iou: float, class_id: I32 | None = None) -> I32:

@@ -92,11 +92,11 @@ class SnapshotStore:
         """Write a small JPEG of an anonymized frame; its path relative to ``base`` (what
         the Alert refers to)."""
         h, w = anonymized.shape[:2]
+        small: Any = anonymized
         if w > self.width:
-            anonymized = cv2.resize(
-                anonymized, (self.width, max(1, round(h * self.width / w))), cv2.INTER_AREA
-            )
-        ok, buf = cv2.imencode(".jpg", anonymized, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
+            size = (self.width, max(1, round(h * self.width / w)))
+            small = cv2.resize(small, size, interpolation=cv2.INTER_AREA)
+        ok, buf = cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise RuntimeError("JPEG encoding failed")
         folder = self.root / camera_id
@@ -348,7 +348,10 @@ class CameraEmitter:
         return doc
 
     def emit(
-        self, t: float, crossings: Sequence[Crossing], events: Sequence[VisionEvent],
+        self,
+        t: float,
+        crossings: Sequence[Crossing],
+        events: Sequence[VisionEvent],
         anonymized: Image | None,
     ) -> None:
         self.stats.crossings += len(crossings)
@@ -405,7 +408,9 @@ class BankSink:
                 self._normal.popleft()
                 self.dropped += 1
                 if self.dropped in (1, 10) or self.dropped % 1000 == 0:
-                    log.error("vision: %d entity updates dropped (the bank is behind)", self.dropped)
+                    log.error(
+                        "vision: %d entity updates dropped (the bank is behind)", self.dropped
+                    )
             self._cond.notify()
 
     def _take(self) -> list[Doc]:

@@ -139,14 +139,20 @@ def fetch(
                     digest = _extract(tmp, entry.member, member_out, entry.filename)
                     member_out.close()
                     _check(entry, digest, url)
-                    os.replace(member_tmp, target)
+                    _install(member_tmp, target)
             else:
                 _check(entry, digest, url)
-                os.replace(tmp, target)
+                _install(tmp, target)
     finally:
         if own:
             http.close()
     return target
+
+
+def _install(tmp: Path, target: Path) -> None:
+    """Move a verified file into place in one step (mkstemp made it private: 0600)."""
+    tmp.chmod(0o644)
+    os.replace(tmp, target)
 
 
 def _extract(archive: Path, member: str, out: IO[bytes], label: str) -> str:

@@ -174,9 +174,7 @@ class CameraPipeline:
             # hold the face boxes' timers and person/vehicle positions even when no image is
             # wanted now, so that the next snapshot is anonymized with the recent past too
             self.anonymizer.observe(tracks, frame.t)
-        return FrameResult(
-            frame.index, frame.t, detected, tracks, crossings, events, anonymized
-        )
+        return FrameResult(frame.index, frame.t, detected, tracks, crossings, events, anonymized)
 
     def intervals(self) -> dict[str, dict[str, Any]]:
         """Per rule name: the aggregate since the last call (and reset it)."""

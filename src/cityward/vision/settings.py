@@ -59,9 +59,7 @@ class CameraSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(description="Short name, unique in the city (letters, digits, . _ -).")
-    url: str = Field(
-        description="A video file, or an rtsp://, http(s):// stream OpenCV can open."
-    )
+    url: str = Field(description="A video file, or an rtsp://, http(s):// stream OpenCV can open.")
     name: str = Field(default="", description="What the operations room calls it.")
     location: tuple[float, float] | None = Field(
         default=None, description="[longitude, latitude] of the camera (WGS84)."
@@ -128,7 +126,7 @@ class LeaseSettings(BaseModel):
 
     store: Literal["auto", "bank", "nats"] = Field(
         default="auto",
-        description='Where leases live: the bank\'s database, NATS JetStream (a key-value '
+        description="Where leases live: the bank's database, NATS JetStream (a key-value "
         'bucket), or auto: NATS when [bus] kind = "nats", else the bank.',
     )
     ttl_s: float = Field(

@@ -158,4 +158,4 @@ class VideoSource:
                 wait = started + t - self._clock()
                 if wait > 0 and self.stop.wait(wait):
                     return
-            yield Frame(index, t, image)
+            yield Frame(index, t, np.asarray(image, np.uint8))

@@ -240,7 +240,7 @@ class VisionWorker:
         return gone
 
     def status_rows(self) -> list[dict[str, Any]]:
-        rows = []
+        rows: list[dict[str, Any]] = []
         for cid, cam in self.cameras.items():
             r = self.runners.get(cid)
             if r is None:
@@ -248,20 +248,19 @@ class VisionWorker:
                 continue
             st = r.status
             ms = r.clock.ms_per_frame(st.frames)
-            rows.append(
-                {
-                    "camera": cid,
-                    "name": cam.name,
-                    "state": st.state,
-                    "frames": st.frames,
-                    "position": st.position,
-                    "total": st.total_frames,
-                    "fps": st.fps,
-                    "detected": st.detected,
-                    "crossings": st.crossings,
-                    "alerts": st.alerts,
-                    "ms": ms,
-                    "error": st.error,
-                }
-            )
+            row: dict[str, Any] = {
+                "camera": cid,
+                "name": cam.name,
+                "state": st.state,
+                "frames": st.frames,
+                "position": st.position,
+                "total": st.total_frames,
+                "fps": st.fps,
+                "detected": st.detected,
+                "crossings": st.crossings,
+                "alerts": st.alerts,
+                "ms": ms,
+                "error": st.error,
+            }
+            rows.append(row)
         return rows
