@@ -127,7 +127,7 @@ class DetectorConfig(BaseModel):
         default=0.45, gt=0.0, le=1.0, description="IoU above which NMS drops the weaker box."
     )
     classes: list[int] = Field(
-        default_factory=lambda: list(DEFAULT_CLASSES),
+        default=list(DEFAULT_CLASSES),  # pydantic copies a mutable default per instance
         description="COCO class ids to report (empty: all 80).",
     )
     max_detections: int = Field(
