@@ -230,3 +230,87 @@ def test_missing_model_and_bad_rule_are_clear_errors(tmp_path: Path) -> None:
     proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
     assert proc.returncode == 2
     assert "camera street-1" in proc.stdout and "line" in proc.stdout
+
+
+def test_two_workers_share_cameras_and_take_over_a_killed_ones(tmp_path: Path) -> None:
+    """Two `vision run` processes on one bank: the cameras are split between them; SIGKILL
+    one and the other holds every camera within the lease time plus a renewal round."""
+    import signal
+    import time
+
+    from cityward.vision.leases import BankLeaseStore
+
+    models = shared_path("data", "vision", "models")
+    video = shared_path("data", "vision", "videos", "people-detection.gif")
+    cams = "\n".join(
+        f'[[vision.cameras]]\nid = "cam-{i}"\nurl = "{video}"\nloop = true\nanalysis_fps = 2\n'
+        for i in range(4)
+    )
+    config = tmp_path / "city.toml"
+    config.write_text(
+        f'[vision]\nmodels_dir = "{models}"\n\n[vision.leases]\nttl_s = 3\nrenew_every_s = 1\n\n'
+        + cams
+    )
+    data = tmp_path / "data"
+    env = {**os.environ}
+    env.pop("CITYWARD_MODELS_DIR", None)
+
+    def worker(name: str) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            [
+                *CLI,
+                "vision",
+                "run",
+                str(config),
+                "--data-dir",
+                str(data),
+                "--worker-id",
+                name,
+                "--no-live",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+
+    store: SqliteStore | None = None
+    first = worker("w1")
+    second: subprocess.Popen[str] | None = None
+    try:
+        deadline = time.monotonic() + 60
+        while not (data / "cityward.db").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        store = SqliteStore(data / "cityward.db")
+        leases = BankLeaseStore(store)
+
+        def held() -> dict[str, str]:
+            return {c: w for c, (w, _) in leases.holders().items() if c.startswith("cam-")}
+
+        while len(held()) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert set(held().values()) == {"w1"}, held()
+        second = worker("w2")
+        while sorted(held().values()).count("w2") < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        split = sorted(held().values())
+        assert split == ["w1", "w1", "w2", "w2"], split
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+        killed = time.monotonic()
+        while set(held().values()) != {"w2"} or len(held()) < 4:
+            assert time.monotonic() - killed < 30, held()
+            time.sleep(0.2)
+        # the lease time (3 s) and a round (1 s), with room for a loaded machine
+        assert time.monotonic() - killed < 3 + 1 + 8
+    finally:
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        if store is not None:
+            store.close()
