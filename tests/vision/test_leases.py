@@ -71,7 +71,20 @@ class _Owning(BankLeaseStore):
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres), "nats"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
     """(backend, where): where the workers of one test meet; cleaned up after."""
-    backend: str = request.param
+    with _place(request.param, tmp_path) as where:
+        yield where
+
+
+@pytest.fixture(params=[pytest.param("postgres", marks=pytest.mark.postgres), "nats"])
+def machines_place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The stores that span machines (SQLite's process takeover is tested through `vision
+    run` in tests/vision/test_run.py)."""
+    with _place(request.param, tmp_path) as where:
+        yield where
+
+
+@contextlib.contextmanager
+def _place(backend: str, tmp_path: Path) -> Iterator[tuple[str, str]]:
     tag = uuid.uuid4().hex[:10]
     if backend == "sqlite":
         yield backend, str(tmp_path / "bank.db")
@@ -396,13 +409,11 @@ def test_a_worker_cut_off_from_the_store_stops_before_others_take_over(
     assert running.violations == []
 
 
-def test_killed_worker_process_is_taken_over(
-    stores: Callable[..., LeaseStore], place: tuple[str, str]
-) -> None:
+def test_killed_worker_process_is_taken_over(machines_place: tuple[str, str]) -> None:
     """A real worker process, SIGKILLed: the other worker has all cameras within the scaled
     takeover promise (ttl 3 s + renew 1 s, promised 6 s as 15 + 5 -> 30 s by default)."""
-    backend, where = place
-    mine = stores()
+    backend, where = machines_place
+    mine = open_store(backend, where, ttl=TTL)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.vision.test_leases", backend, where, "DOOMED"],
         cwd=ROOT,
@@ -430,6 +441,8 @@ def test_killed_worker_process_is_taken_over(
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+        with contextlib.suppress(Exception):
+            mine.close()
     assert running.violations == []
 
 

@@ -51,7 +51,7 @@ def _config(tmp: Path, models: Path, video: Path, **camera: Any) -> Path:
         "name": "Residential street",
         "url": str(video),
         "realtime": False,
-        "analysis_fps": 8,
+        "analysis_fps": 6,
         "interval_s": 3600,
         "location": [3.7174, 51.0543],
         "rules": rules,
@@ -243,7 +243,7 @@ def test_two_workers_share_cameras_and_take_over_a_killed_ones(tmp_path: Path) -
     models = shared_path("data", "vision", "models")
     video = shared_path("data", "vision", "videos", "people-detection.gif")
     cams = "\n".join(
-        f'[[vision.cameras]]\nid = "cam-{i}"\nurl = "{video}"\nloop = true\nanalysis_fps = 2\n'
+        f'[[vision.cameras]]\nid = "cam-{i}"\nurl = "{video}"\nloop = true\nanalysis_fps = 1\n'
         for i in range(4)
     )
     config = tmp_path / "city.toml"
