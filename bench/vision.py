@@ -111,6 +111,7 @@ def pipeline_run(
     anonymize_all: bool,
     frames: list[np.ndarray[Any, Any]] | None = None,
     source_fps: float = 24.0,
+    max_frames: int = 0,
 ) -> tuple[float, StageClock, int]:
     """Analysed frames/s over the clip (decode included), the stage clock and the frames."""
     line = LINES.get(video.name, (0.0, 0.0, 1.0, 1.0))
@@ -136,6 +137,8 @@ def pipeline_run(
             pipe.clock.add("decode", time.perf_counter() - t_read)
             pipe.process(frame)
             n += 1
+            if max_frames and n >= max_frames:
+                break
             t_read = time.perf_counter()
     seconds = time.perf_counter() - t0
     return n / seconds, pipe.clock, n
@@ -253,10 +256,11 @@ def main() -> None:
         "video",
         "threads",
         "bare infer",
-        "bare detect",
-        "pipeline (stream)",
-        "ratio",
-        "static",
+        "count",
+        "count/bare",
+        "stream",
+        "stream/bare",
+        "static stream",
         "static/stream",
         "cameras@5fps",
     ):
@@ -270,56 +274,84 @@ def main() -> None:
         for threads in (int(x) for x in args.threads.split(",")):
             det = _detector(threads)
             frames = _frames(video, args.frames)
-            b = [bare(det, frames) for _ in range(args.runs)]
-            bare_infer = statistics.median(x["infer_fps"] for x in b)
-            bare_detect = statistics.median(x["detect_fps"] for x in b)
-            stream = [
-                pipeline_run(video, det, fps=None, motion=False, anonymize_all=True)
-                for _ in range(args.runs)
-            ]
-            stream_fps = statistics.median(s[0] for s in stream)
-            clock = stream[len(stream) // 2][1]
-            n_frames = stream[len(stream) // 2][2]
             still = static_clip(video, 240)
-            static = [
-                pipeline_run(video, det, fps=None, motion=True, anonymize_all=True, frames=still)
-                for _ in range(args.runs)
-            ]
-            static_fps = statistics.median(s[0] for s in static)
-            counting = [
-                pipeline_run(video, det, fps=5.0, motion=True, anonymize_all=False)
-                for _ in range(args.runs)
-            ]
-            counting_fps = statistics.median(s[0] for s in counting)
-            # a 24 fps camera analysed at 5 fps: the clip's analysed frames per second of
-            # processing, against 5 per camera (decode of skipped frames included)
-            cameras = counting_fps / 5.0
+            runs: list[dict[str, Any]] = []
+            clocks: list[tuple[StageClock, int]] = []
+            # each run measures everything once, back to back, so that a slower or faster
+            # moment of this shared machine weighs on the bare detector and the pipelines alike
+            for _ in range(args.runs):
+                b = bare(det, frames)
+                stream_fps, clock, n = pipeline_run(
+                    video,
+                    det,
+                    fps=None,
+                    motion=False,
+                    anonymize_all=True,
+                    max_frames=args.frames * 2,
+                )
+                clocks.append((clock, n))
+                count_fps, _, _ = pipeline_run(
+                    video,
+                    det,
+                    fps=None,
+                    motion=False,
+                    anonymize_all=False,
+                    max_frames=args.frames * 2,
+                )
+                static_fps, _, _ = pipeline_run(
+                    video, det, fps=None, motion=True, anonymize_all=True, frames=still
+                )
+                counting_fps, _, _ = pipeline_run(
+                    video, det, fps=5.0, motion=True, anonymize_all=False
+                )
+                runs.append(
+                    {
+                        **b,
+                        "stream_fps": stream_fps,
+                        "count_fps": count_fps,
+                        "static_fps": static_fps,
+                        "counting_5fps_fps": counting_fps,
+                        "stream_ratio": stream_fps / b["infer_fps"],
+                        "count_ratio": count_fps / b["infer_fps"],
+                        "static_ratio": static_fps / stream_fps,
+                    }
+                )
+
+            def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
+                return statistics.median(float(r[key]) for r in runs)
+
+            clock, n_frames = clocks[len(clocks) // 2]
             row: dict[str, Any] = {
                 "threads": threads,
-                "bare_infer_fps": bare_infer,
-                "bare_detect_fps": bare_detect,
-                "bare_infer_ms": statistics.median(x["infer_ms"] for x in b),
-                "stream_fps": stream_fps,
-                "stream_ratio": stream_fps / bare_infer,
+                "runs": runs,
+                "bare_infer_fps": med("infer_fps"),
+                "bare_detect_fps": med("detect_fps"),
+                "bare_infer_ms": med("infer_ms"),
+                "stream_fps": med("stream_fps"),
+                "stream_ratio": med("stream_ratio"),
+                "count_fps": med("count_fps"),
+                "count_ratio": med("count_ratio"),
+                "static_fps": med("static_fps"),
+                "static_ratio": med("static_ratio"),
+                "counting_5fps_fps": med("counting_5fps_fps"),
+                # a 24 fps camera analysed at 5 fps (grabbing the frames in between included)
+                "cameras_at_5fps": med("counting_5fps_fps") / 5.0,
                 "stage_ms": clock.ms_per_frame(n_frames),
-                "static_fps": static_fps,
-                "static_ratio": static_fps / stream_fps,
-                "counting_fps": counting_fps,
-                "cameras_at_5fps": cameras,
             }
             results["videos"].setdefault(name, []).append(row)
             table.add_row(
                 name,
                 str(threads),
-                f"{bare_infer:.1f}",
-                f"{bare_detect:.1f}",
-                f"{stream_fps:.1f}",
-                f"{stream_fps / bare_infer:.2f}",
-                f"{static_fps:.1f}",
-                f"{static_fps / stream_fps:.2f}",
-                f"{cameras:.1f}",
+                f"{row['bare_infer_fps']:.1f}",
+                f"{row['count_fps']:.1f}",
+                f"{row['count_ratio']:.2f}",
+                f"{row['stream_fps']:.1f}",
+                f"{row['stream_ratio']:.2f}",
+                f"{row['static_fps']:.1f}",
+                f"{row['static_ratio']:.2f}",
+                f"{row['cameras_at_5fps']:.1f}",
             )
-            ms = clock.ms_per_frame(n_frames)
+            ms = row["stage_ms"]
             stage_table.add_row(
                 f"{name} ({threads})",
                 *(

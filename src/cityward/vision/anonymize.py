@@ -74,7 +74,9 @@ class AnonymizerConfig(BaseModel):
         le=4096,
         description="Shrink the frame to this longer side before face detection (0: full).",
     )
-    threads: int = Field(default=1, ge=1, le=64, description="ONNX Runtime threads.")
+    threads: int = Field(
+        default=0, ge=0, le=64, description="ONNX Runtime threads (0: one per core)."
+    )
     margin: float = Field(
         default=0.4,
         ge=0.0,
@@ -197,11 +199,22 @@ class Anonymizer:
         """Forget held faces (a new stream, or a jump in time)."""
         self.held.clear()
 
-    def regions(self, frame: Frame, objects: Detections, t: float) -> F32:
+    def regions(
+        self, frame: Frame, objects: Detections, t: float, *, detect_faces: bool = True
+    ) -> F32:
         """The (N, 4) xyxy regions :meth:`apply` hides on ``frame`` at time ``t`` (seconds),
-        updating the held faces. Exposed so tests and callers can see what gets hidden."""
+        updating the held faces. Exposed so tests and callers can see what gets hidden.
+
+        ``detect_faces=False``: the caller knows the frame is the scene it last looked at (the
+        motion gate found nothing moving since), so the held faces are still where they were:
+        they are kept (and their hold renewed) instead of running the face detector again."""
         cfg = self.config
-        faces = self.faces.detect(frame)
+        if detect_faces:
+            faces = self.faces.detect(frame)
+        else:
+            faces = Detections()
+            for h in self.held:
+                h.last_seen = t
         persons = objects[objects.class_id == PERSON]
         vehicles = objects.with_classes(VEHICLES)
         grown = _grow(faces.xyxy, cfg.margin)
@@ -281,11 +294,15 @@ class Anonymizer:
             return _Held(box, t, int(persons.tracker_id[i]), _relative(box, p[i]))
         return _Held(box, t)
 
-    def apply(self, frame: Frame, objects: Detections | None, t: float) -> Frame:
+    def apply(
+        self, frame: Frame, objects: Detections | None, t: float, *, detect_faces: bool = True
+    ) -> Frame:
         """Hide faces, heads and plate regions of ``frame`` (H, W, 3 uint8, BGR) **in place**
         and return it. ``objects`` are the object detector's (tracked) boxes in the same
-        frame's pixels; ``t`` is the frame time in seconds (for the temporal hold)."""
-        regions = self.regions(frame, objects if objects is not None else Detections(), t)
+        frame's pixels; ``t`` is the frame time in seconds (for the temporal hold);
+        ``detect_faces``: see :meth:`regions`."""
+        objs = objects if objects is not None else Detections()
+        regions = self.regions(frame, objs, t, detect_faces=detect_faces)
         for box in regions:
             self.hide(frame, box)
         return frame

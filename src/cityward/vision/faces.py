@@ -114,7 +114,9 @@ class FaceDetector(ABC):
             description="Downscale the frame so its longer side is at most this before "
             "detection (0: full size). Boxes are reported in frame pixels either way.",
         )
-        threads: int = Field(default=1, ge=1, le=64, description="ONNX Runtime threads.")
+        threads: int = Field(
+            default=0, ge=0, le=64, description="ONNX Runtime threads (0: one per core)."
+        )
 
     config: Config
 

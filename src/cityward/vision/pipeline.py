@@ -142,6 +142,7 @@ class CameraPipeline:
         self.frames = 0
         self.detections_run = 0
         self._tracks = Detections.empty()
+        self._anonymized = False  # whether the previous frame was anonymized
 
     def process(self, frame: Frame, *, want_image: bool = False) -> FrameResult:
         """Run one frame through every stage. ``want_image``: return the anonymized frame
@@ -169,8 +170,14 @@ class CameraPipeline:
         if self.anonymize_all or want_image or events:
             with clock.timed("anonymize"):
                 # the anonymizer may work in place: the raw frame is not used after this
-                anonymized = self.anonymizer.apply(frame.image, tracks, frame.t)
+                # a still frame right after an anonymized one shows the faces found there:
+                # they are held rather than searched for again (any other frame is searched)
+                anonymized = self.anonymizer.apply(
+                    frame.image, tracks, frame.t, detect_faces=moving or not self._anonymized
+                )
+            self._anonymized = True
         else:
+            self._anonymized = False
             # hold the face boxes' timers and person/vehicle positions even when no image is
             # wanted now, so that the next snapshot is anonymized with the recent past too
             self.anonymizer.observe(tracks, frame.t)
