@@ -42,7 +42,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from cityward.vision.detections import Detections, nms
-from cityward.vision.detectors import make_session
+from cityward.vision.detectors import make_session, no_spinning
 from cityward.vision.models import ModelMissing, resolve
 
 #: class id of a face in :class:`Detections` (not a COCO id)
@@ -61,6 +61,7 @@ def _session(model: Path | bytes, threads: int) -> ort.InferenceSession:
     opts.log_severity_level = 3
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    no_spinning(opts)
     return ort.InferenceSession(model, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
