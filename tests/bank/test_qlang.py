@@ -1134,9 +1134,9 @@ def check_conjuncts(db: Db, parts: list[Conjunct], want: set[str], text: str) ->
         assert db.ids(" AND ".join(where), params) == want, f"driver {n}: {text}"
 
 
-# 60 random cases per run keep CI within its time; CITYWARD_ORACLE_EXAMPLES=1000 digs deeper
+# 40 random cases per run keep CI within its time; CITYWARD_ORACLE_EXAMPLES=1000 digs deeper
 ORACLE_SETTINGS = settings(
-    max_examples=int(os.environ.get("CITYWARD_ORACLE_EXAMPLES", "60")),
+    max_examples=int(os.environ.get("CITYWARD_ORACLE_EXAMPLES", "40")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )

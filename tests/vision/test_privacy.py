@@ -80,13 +80,19 @@ def video(name: str) -> Path:
     return shared_path("data", "vision", "videos", name)
 
 
-def frames_of(path: Path) -> Iterator[tuple[int, float, Frame]]:
-    """(index, time in seconds, BGR frame) for every frame (GIFs too, via OpenCV)."""
+def frames_of(path: Path, keep: set[int] | None = None) -> Iterator[tuple[int, float, Frame]]:
+    """(index, time in seconds, BGR frame) for every frame (GIFs too, via OpenCV), or only
+    for the frames whose index is in ``keep`` (the others are skipped undecoded)."""
     cap = cv2.VideoCapture(str(path))
     fps = cap.get(cv2.CAP_PROP_FPS) or 12.5
     i = 0
     try:
         while True:
+            if keep is not None and i not in keep:
+                if not cap.grab():
+                    break
+                i += 1
+                continue
             ok, frame = cap.read()
             if not ok:
                 break
@@ -124,9 +130,7 @@ def anonymized_pairs(
     tracker = ByteTracker() if keep is None else None
     raw: list[Frame] = []
     anon: list[Frame] = []
-    for i, t, frame in frames_of(path):
-        if keep is not None and i not in keep:
-            continue
+    for _i, t, frame in frames_of(path, keep):
         objects = coco.detect(frame)
         if tracker is not None:
             objects = tracker.update(objects, t)

@@ -51,7 +51,7 @@ def _config(tmp: Path, models: Path, video: Path, **camera: Any) -> Path:
         "name": "Residential street",
         "url": str(video),
         "realtime": False,
-        "analysis_fps": 6,
+        "analysis_fps": 5,
         "interval_s": 3600,
         "location": [3.7174, 51.0543],
         "rules": rules,
@@ -180,7 +180,7 @@ def test_snapshots_past_the_retention_are_deleted(tmp_path: Path) -> None:
 
 
 def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
-    video = shared_path("data", "vision", "videos", "head-pose-face-detection-female-and-male.gif")
+    video = shared_path("data", "vision", "videos", "face-demographics-walking.gif")
     models = shared_path("data", "vision", "models")
     out = tmp_path / "out"
     proc = _run(
@@ -200,7 +200,7 @@ def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     events = orjson.loads((out / "events.json").read_bytes())
     assert set(events) >= {"crossings", "counts", "alerts"}
-    assert events["frames"]["analysed"] == 56
+    assert events["frames"]["analysed"] == 35
     cap = cv2.VideoCapture(str(out / "anonymized.mp4"))
     frames = []
     while True:
@@ -208,8 +208,8 @@ def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
         if not ok:
             break
         frames.append(np.asarray(img, np.uint8))
-    assert len(frames) == 56 and frames[0].shape == (270, 480, 3)
-    # the clip is two faces filling the frame: the attacker must find none in the output
+    assert len(frames) == 35 and frames[0].shape == (270, 480, 3)
+    # people walking towards the camera, faces in every frame: none may be found in the output
     report = attack_frames(frames, plates=False)
     assert report.faces == [], report.summary()
     assert "anonymized.mp4" in proc.stdout
