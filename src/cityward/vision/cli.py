@@ -7,26 +7,20 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from cityward.ingest.cli import _invalid  # the one printout of a configuration's errors
+
 app = typer.Typer(
     help="Camera analytics that anonymize at the edge: counts and events, never identities.",
     no_args_is_help=True,
 )
 console = Console()
-
-
-def _invalid(path: Path | None, exc: ValidationError) -> NoReturn:
-    console.print(f"[red]{path}[/]: {exc.error_count()} error(s)")
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        console.print(f"  {where}: {err['msg']}")
-    raise typer.Exit(2) from exc
 
 
 def retention_seconds(source: Any) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -128,10 +129,14 @@ class Detections:
         return Detections(self.xyxy * k, self.confidence, self.class_id, self.tracker_id)
 
 
-def box_iou(a: F32, b: F32) -> F32:
-    """(len(a), len(b)) intersection over union of two sets of xyxy boxes."""
+Boxes = TypeVar("Boxes", F32, npt.NDArray[np.float64])
+
+
+def box_iou(a: Boxes, b: Boxes) -> Boxes:
+    """(len(a), len(b)) intersection over union of two sets of xyxy boxes, in their precision
+    (float32 for detections, float64 for the tracker's filtered boxes)."""
     if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float32)
+        return np.zeros((len(a), len(b)), a.dtype)
     x1 = np.maximum(a[:, None, 0], b[None, :, 0])
     y1 = np.maximum(a[:, None, 1], b[None, :, 1])
     x2 = np.minimum(a[:, None, 2], b[None, :, 2])
@@ -140,7 +145,7 @@ def box_iou(a: F32, b: F32) -> F32:
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
-    out: F32 = (inter / np.maximum(union, 1e-9)).astype(np.float32)
+    out: Boxes = (inter / np.maximum(union, 1e-9)).astype(a.dtype)
     return out
 
 

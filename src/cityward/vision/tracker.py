@@ -46,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from cityward.vision.detections import Detections
+from cityward.vision.detections import Detections, box_iou
 
 F64 = npt.NDArray[np.float64]
 
@@ -178,22 +178,6 @@ class _Kalman:
 def _xyxy_to_z(b: npt.NDArray[np.floating]) -> F64:
     x1, y1, x2, y2 = (float(v) for v in b)
     return np.array([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], np.float64)
-
-
-def _iou(a: F64, b: F64) -> F64:
-    """(len(a), len(b)) IoU of xyxy boxes, float64."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)), np.float64)
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    out: F64 = inter / np.maximum(union, 1e-9)
-    return out
 
 
 def greedy_match(score: F64, floor: float) -> list[tuple[int, int]]:
@@ -330,7 +314,7 @@ class ByteTracker:
         if not tracks or len(det_idx) == 0:
             return tracks, det_idx
         pred = np.stack([tr.box() for tr in tracks])
-        iou = _iou(pred, boxes[det_idx])
+        iou = box_iou(pred, boxes[det_idx])
         same = np.array([tr.group for tr in tracks])[:, None] == det_groups[det_idx][None, :]
         iou = np.where(same, iou, 0.0)
         pairs = greedy_match(iou, floor)
