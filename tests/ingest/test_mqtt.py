@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
+import psutil
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
@@ -180,8 +181,14 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
     publisher.start()
     try:
         progress(400, "the first kill")
+        assert ingest.proc is not None
+        fronts = psutil.Process(ingest.proc.pid).children()  # MQTT runs in a front process
+        assert [f.cmdline()[-2] for f in fronts] == ["cityward.ingest.front"]
         ingest.kill()  # SIGKILL: batches in hand are neither written nor acknowledged
         faults.append(f"ingest SIGKILL after {count()} readings")
+        # the front sees its writer gone and exits without acknowledging anything more
+        _, alive = psutil.wait_procs(fronts, timeout=10)
+        assert not alive, "the front process outlived the process it hands readings to"
         ingest.start()
         progress(400, "the broker restart")
         broker.restart()  # the session and its queue survive on disk

@@ -267,6 +267,7 @@ def _ingest_worker(settings: Settings, bank: Bank, resolver: ContextResolver) ->
         context=resolver.core,
         bus=settings.bus,
         name=f"cityward-ingest-{os.getpid()}",
+        front_process=settings.ingest.front_process,
     )
 
 

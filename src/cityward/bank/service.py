@@ -537,18 +537,21 @@ class Bank:
         items: list[tuple[int, Doc]] = []
         derived: list[Derived | None] = []
         replacing: list[int] = []
+        same_types: set[int] = set()
         for eid, (pk, doc, d) in touched.items():
+            before = existing.get(eid)
             if pk is None:
                 pk = next(pks)
                 result.created.append(eid)
             else:
                 replacing.append(pk)
+                if before is not None and before[1]["type"] == doc["type"]:
+                    same_types.add(pk)
             items.append((pk, doc))
             derived.append(d)
             result.success.append(eid)
-            before = existing.get(eid)
             result.changes.append(Change(tenant, pk, eid, before[1] if before else None, doc, now))
-        txn.put(items, replacing=replacing, derived=derived)
+        txn.put(items, replacing=replacing, derived=derived, same_types=same_types)
 
     def batch_update(
         self,

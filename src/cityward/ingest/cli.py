@@ -208,6 +208,7 @@ def run(
         bus=settings.bus,
         role=role,  # checked against ROLES above
         name=f"cityward-ingest-{role}-{os.getpid()}",
+        front_process=ingest.front_process,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

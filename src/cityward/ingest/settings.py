@@ -168,6 +168,12 @@ class IngestSettings(BaseModel):
         default_factory=IngestStreamSettings,
         description='Only with [bus] kind = "nats": the stream between fronts and writers.',
     )
+    front_process: bool = Field(
+        default=True,
+        description="Receive MQTT in a process of its own that hands the readings to the "
+        "writing process (two cores: about twice the rate of one process); off: one process. "
+        'Not with [bus] kind = "nats", where fronts and writers are processes anyway.',
+    )
     deadletter_max_payload: int = Field(
         default=64 * 1024, ge=256, le=16 * 1024 * 1024, description="Bytes of a message kept."
     )

@@ -21,6 +21,7 @@ from cityward.bus.nats import JetStream
 from cityward.bus.settings import BusSettings
 from cityward.ingest.adapters import Adapter, Intake, load_builtin
 from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.front import FrontProcess, refused_remotely
 from cityward.ingest.jetstream import JetStreamSink, JetStreamWriter, ensure_stream
 from cityward.ingest.mapping import Mapping
 from cityward.ingest.settings import IngestSettings
@@ -51,6 +52,7 @@ class IngestWorker:
         bus: BusSettings | None = None,
         role: Role = "all",
         name: str = "cityward-ingest",
+        front_process: bool = False,
     ) -> None:
         if role not in ROLES:
             raise ValueError(f"unknown ingest role {role!r}: front, writer or all")
@@ -98,8 +100,25 @@ class IngestWorker:
         registry = load_builtin()
         self.intakes: dict[str, Intake] = {}
         self.adapters: dict[str, Adapter] = {}
+        # front_process: the adapters that can run in a process of their own do (the
+        # cityward.ingest.front module text says why); in memory mode only
+        self.front_process: FrontProcess | None = None
+        apart = [
+            s
+            for s in settings.sources
+            if s.enabled and registry[s.adapter].separate and front_process and not nats
+        ]
+        if apart and self._writer is not None:
+            self.front_process = FrontProcess(
+                apart,
+                self._writer,
+                dead_letters=dead_letters.path,
+                max_payload=dead_letters.max_payload,
+                batch_size=settings.writer.batch_size,
+                max_pending=settings.writer.max_pending,
+            )
         for source in settings.sources:
-            if not source.enabled or self.sink is None:
+            if not source.enabled or self.sink is None or source in apart:
                 continue
             intake = Intake(
                 source.name, Mapping(source.mapping), self.sink, dead_letters, self.parser
@@ -130,6 +149,8 @@ class IngestWorker:
         return self._writer
 
     def _refused(self, reading: Reading, where: str, why: str) -> None:
+        if refused_remotely(reading, where, why):
+            return  # the front process stores it: it has the raw message
         intake = self.intakes.get(reading.source)
         if intake is not None:
             intake.dead(reading.raw, reading.topic, where, f"the bank refused it: {why}")
@@ -157,6 +178,8 @@ class IngestWorker:
             self._writer.start()
         if self.front is not None:
             self.front.start()
+        if self.front_process is not None:
+            self.front_process.start()
         for name, adapter in self.adapters.items():
             adapter.start()
             log.info("ingest source %s (%s) started", name, adapter.name)
@@ -168,6 +191,8 @@ class IngestWorker:
                 adapter.stop()
             except Exception:
                 log.exception("ingest: stopping adapter %s failed", adapter.intake.name)
+        if self.front_process is not None:
+            self.front_process.stop(drain_s)
         if self.front is not None:
             self.front.stop(drain_s)
         if self.puller is not None:
@@ -176,6 +201,12 @@ class IngestWorker:
             self._writer.stop(drain_s)
         if self.js is not None:
             self.js.close()
+
+    def _front_pending(self) -> int:
+        """Readings the front process holds and has not handed over yet (as it last said)."""
+        if self.front_process is None:
+            return 0
+        return int(self.front_process.last_status.get("pending", 0))
 
     def status(self) -> dict[str, Any]:
         up = time.monotonic() - self.started_at if self.started_at else 0.0
@@ -187,7 +218,7 @@ class IngestWorker:
             "pending": (self.front.pending if self.front is not None else 0)
             + (self.puller.held if self.puller is not None else 0)
             if self.js is not None
-            else self.writer.pending,
+            else self.writer.pending + self._front_pending(),
             "writer": w,
             "rate_per_s": round(written / up, 1) if up > 0 else 0.0,
             "sources": {
@@ -200,6 +231,10 @@ class IngestWorker:
                 for name, a in self.adapters.items()
             },
         }
+        if self.front_process is not None:
+            fp = self.front_process
+            out["sources"].update(fp.last_status.get("sources", {}))
+            out["front_process"] = {"alive": fp.alive, **fp.stats.__dict__}
         if self.js is not None:
             out["role"] = self.role
         if self.front is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -139,10 +139,13 @@ class WriteTxn(abc.ABC):
         items: Sequence[tuple[int, dict[str, Any]]],
         replacing: Sequence[int],
         derived: Sequence[Derived | None] = (),
+        same_types: Collection[int] = (),
     ) -> None:
         """Store documents under their pks; ``replacing`` lists the pks that exist already.
 
         ``derived`` may carry each item's :func:`derive` result, computed beforehand.
+        ``same_types``: pks of ``replacing`` whose entity types did not change (a store may
+        then leave their type rows alone).
         """
 
     @abc.abstractmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -211,6 +211,7 @@ class _PgTxn(WriteTxn):
         items: Sequence[tuple[int, dict[str, Any]]],
         replacing: Sequence[int],
         derived: Sequence[Derived | None] = (),
+        same_types: Collection[int] = (),  # COPY rewrites every row anyway
     ) -> None:
         if replacing:
             self._clear_derived(replacing)

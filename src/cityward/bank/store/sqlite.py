@@ -8,7 +8,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -255,9 +255,11 @@ class _SqliteTxn(WriteTxn):
         )
         return list(range(top - n + 1, top + 1))
 
-    def _clear_derived(self, pks: Sequence[int]) -> None:
+    def _clear_derived(self, pks: Sequence[int], same_types: Collection[int] = ()) -> None:
         keys = _json(pks)
-        self.conn.execute(f"DELETE FROM etypes WHERE e IN {_EACH}", [keys])
+        typed = [pk for pk in pks if pk not in same_types] if same_types else pks
+        if typed:
+            self.conn.execute(f"DELETE FROM etypes WHERE e IN {_EACH}", [_json(typed)])
         self.conn.execute(f"DELETE FROM attr_index WHERE e IN {_EACH}", [keys])
         # R-tree ids are looked up one by one: a range on an R-tree id scans the whole tree
         geo_ids = [
@@ -275,10 +277,13 @@ class _SqliteTxn(WriteTxn):
         items: Sequence[tuple[int, dict[str, Any]]],
         replacing: Sequence[int],
         derived: Sequence[Derived | None] = (),
+        same_types: Collection[int] = (),
     ) -> None:
         if replacing:
-            self._clear_derived(replacing)
+            self._clear_derived(replacing, same_types)
+        replaced = set(replacing)
         entity_rows = []
+        changed_rows = []  # of entities that exist: an UPDATE leaves their index entries be
         type_rows: list[tuple[int, str]] = []
         idx_rows: list[tuple[int, int, int, int, float | None, str | None]] = []
         odd_rows: list[tuple[int, int, int, int, float | None, str | None]] = []
@@ -286,18 +291,24 @@ class _SqliteTxn(WriteTxn):
         pre = derived or [None] * len(items)
         for (pk, doc), d in zip(items, pre, strict=True):
             types, idx, geos = derived_rows(pk, doc, d)
-            entity_rows.append(
-                (
-                    pk,
-                    self.tenant,
-                    doc["id"],
-                    doc["createdAt"],
-                    doc["modifiedAt"],
-                    len(geos),
-                    dump_doc(doc),
+            if pk in replaced:
+                changed_rows.append(
+                    (pk, doc["createdAt"], doc["modifiedAt"], len(geos), dump_doc(doc))
                 )
-            )
-            type_rows.extend(types)
+            else:
+                entity_rows.append(
+                    (
+                        pk,
+                        self.tenant,
+                        doc["id"],
+                        doc["createdAt"],
+                        doc["modifiedAt"],
+                        len(geos),
+                        dump_doc(doc),
+                    )
+                )
+            if pk not in same_types:
+                type_rows.extend(types)
             for n, (e, pid, vt, num, txt) in enumerate(idx):
                 row = (e, n, pid, vt, num, txt)
                 if num is not None and not math.isfinite(num):
@@ -319,12 +330,27 @@ class _SqliteTxn(WriteTxn):
         # Python (parsing the next request) each re-take waits out the switch interval: a batch
         # write measured 1,000x slower that way. It also lets parsing overlap the write.
         ex = self.conn.execute
-        ex(
-            "INSERT OR REPLACE INTO entities(pk, tenant, eid, created, modified, ngeo, doc) "
-            f"SELECT {_cols(7)} FROM json_each(?)",
-            [_json(entity_rows)],
-        )
-        ex(f"INSERT INTO etypes(e, type) SELECT {_cols(2)} FROM json_each(?)", [_json(type_rows)])
+        if entity_rows:
+            ex(
+                "INSERT OR REPLACE INTO entities(pk, tenant, eid, created, modified, ngeo, doc) "
+                f"SELECT {_cols(7)} FROM json_each(?)",
+                [_json(entity_rows)],
+            )
+        if changed_rows:
+            # an UPDATE of columns no index holds rewrites the row alone; INSERT OR REPLACE
+            # would delete and re-add both index entries of the entity too
+            ex(
+                "UPDATE entities SET created = v.c, modified = v.m, ngeo = v.g, doc = v.d "
+                "FROM (SELECT value ->> 0 AS pk, value ->> 1 AS c, value ->> 2 AS m, "
+                "value ->> 3 AS g, value ->> 4 AS d FROM json_each(?)) AS v "
+                "WHERE entities.pk = v.pk",
+                [_json(changed_rows)],
+            )
+        if type_rows:
+            ex(
+                f"INSERT INTO etypes(e, type) SELECT {_cols(2)} FROM json_each(?)",
+                [_json(type_rows)],
+            )
         ex(
             f"INSERT INTO attr_index(e, n, path, vt, num, txt) SELECT {_cols(6)} FROM json_each(?)",
             [_json(idx_rows)],

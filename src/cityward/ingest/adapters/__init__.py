@@ -134,6 +134,9 @@ class Adapter(abc.ABC):
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     Config: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: runs on threads of its own and reports only through its intake: may run in the front
+    #: process (cityward.ingest.front) when ``[ingest] front_process`` is on
+    separate: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

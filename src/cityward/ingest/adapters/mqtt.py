@@ -84,6 +84,7 @@ class MqttAdapter(Adapter):
     summary = "MQTT 3.1.1/5 subscriber, QoS 1 on a persistent session, TLS, username/password"
     Config = MqttConfig
     config: MqttConfig
+    separate = True
 
     def __init__(self, config: AdapterConfig, intake: Intake) -> None:
         super().__init__(config, intake)
