@@ -17,7 +17,8 @@ schema of the run's own); a fast raw-socket publisher
   until the last one is in (every reading counted once in the attribute history);
 - **latency**: publish to committed (so queryable), per reading: the history row's ``created``
   minus its ``observedAt``; same machine, same clock. p50 and p99 over all readings;
-- **memory**: the peak RSS of the ingest processes together (psutil, sampled every 0.2 s).
+- **memory**: the peak RSS of the ingest processes together, their front processes included
+  (psutil, sampled every 0.2 s).
 
 Writes bench/results/ingest-<mode>.json.
 """
@@ -64,6 +65,7 @@ max_queued_messages 0
 INGEST_CONF = """
 {bus}
 [ingest]
+front_process = {front}
 {stream}
 [ingest.writer]
 batch_size = {batch}
@@ -176,6 +178,7 @@ def run_one(
             stamp=stamp,
             batch=args.batch,
             delay=args.delay_ms,
+            front="false" if args.one_process else "true",
         )
     )
     data = work / "data"
@@ -205,7 +208,9 @@ def run_one(
         ps = [psutil.Process(p.pid) for p in procs]
         while not stop.wait(0.2):
             try:
-                rss = sum(p.memory_info().rss for p in ps)
+                # the front processes ([ingest] front_process) are children of the ingest ones
+                every = ps + [c for p in ps for c in p.children(recursive=True)]
+                rss = sum(p.memory_info().rss for p in every)
                 peak_rss[0] = max(peak_rss[0], rss)
             except psutil.Error:
                 return
@@ -316,6 +321,11 @@ def main() -> None:
     ap.add_argument("--writers", type=int, default=1, help="writer processes (--mode nats)")
     ap.add_argument("--batch", type=int, default=2000)
     ap.add_argument("--delay-ms", type=float, default=50)
+    ap.add_argument(
+        "--one-process",
+        action="store_true",
+        help="[ingest] front_process = false: MQTT received in the writing process",
+    )
     ap.add_argument("--profile", default=None, help="py-spy the ingest process into this file")
     ap.add_argument("--keep", action="store_true", help="keep the run's files and streams")
     ap.add_argument("--runs", type=int, default=1, help="runs per rate (the median is kept)")

@@ -162,7 +162,7 @@ def run(
     from cityward.bus.feed import ChangeBus
     from cityward.ingest.adapters.replay import ReplayAdapter
     from cityward.ingest.deadletter import DeadLetters
-    from cityward.ingest.worker import ROLES, IngestWorker
+    from cityward.ingest.worker import ROLES, IngestWorker, calm_gc
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(config, data_dir, database_url)
@@ -215,6 +215,7 @@ def run(
         signal.signal(sig, lambda *_: stop.set())
     if changes is not None:
         changes.start()
+    calm_gc()
     worker.start()
     names = ", ".join(f"{n} ({a.name})" for n, a in worker.adapters.items())
     what = f"{role}: " if nats else ""

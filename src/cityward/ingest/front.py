@@ -211,7 +211,7 @@ class FrontProcess:
                 log.error("ingest: starting the front process failed: %s", exc)
 
     def _read(self, conn: Connection) -> None:
-        put = self.writer.put
+        put_many = self.writer.put_many
         while True:
             msg = orjson.loads(conn.recv_bytes())
             kind = msg[0]
@@ -220,10 +220,14 @@ class FrontProcess:
                 batch = _Batch(conn, msg[1], len(items))
                 self.stats.batches += 1
                 self.stats.readings += len(items)
-                for n, (source, key, fragment) in enumerate(items):
-                    # waits while the writer is full: the front's sends then wait, its queue
-                    # fills, its MQTT socket is not read and the broker keeps the messages
-                    put(Reading(source, key, fragment, _Settle(self, batch, n)))
+                # waits while the writer is full: the front's sends then wait, its queue
+                # fills, its MQTT socket is not read and the broker keeps the messages
+                put_many(
+                    [
+                        Reading(source, key, fragment, _Settle(self, batch, n))
+                        for n, (source, key, fragment) in enumerate(items)
+                    ]
+                )
             elif kind == "status":
                 self.last_status = msg[1]
             elif kind == "bye":
@@ -253,8 +257,9 @@ class PipeSink(Batcher):
         self.refused: Any = None  # (reading, field, reason): stores the dead letter
 
     def _limits(self) -> tuple[int, float]:
-        # no lingering: while batches are on their way the queue fills by itself
-        return self.batch_size, 0.0
+        # a few milliseconds to fill: each batch is a message the writing process reads
+        # and hands over while its writer thread waits for the GIL
+        return self.batch_size, 0.005
 
     @property
     def pending(self) -> int:
@@ -363,6 +368,9 @@ def _front_main(fd: int) -> None:  # pragma: no cover - runs in the child (tests
             except OSError:
                 os._exit(0)
 
+    from cityward.ingest.worker import calm_gc
+
+    calm_gc()
     sink.start()
     for name, adapter in adapters.items():
         adapter.start()

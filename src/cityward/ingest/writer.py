@@ -31,11 +31,11 @@ from __future__ import annotations
 import abc
 import hashlib
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,6 @@ class Reading:
     key: str
     fragment: Doc  # stored form (expanded), as EntityParser makes it
     done: Done | None = None
-    received: float = field(default_factory=time.monotonic)
     raw: bytes = b""  # for the dead-letter store, should the bank refuse it
     topic: str = ""
 
@@ -110,6 +109,72 @@ def create_tables(store: Store) -> None:
                 pg.execute(sql)
 
 
+class ReadingQueue:
+    """A bounded FIFO of readings whose :meth:`put_many` adds a whole list under one lock.
+
+    queue.Queue takes its lock and wakes the consumer once per item: a front process hands
+    over thousands of readings a second, and each of those wake-ups was a GIL hand-over
+    between the thread that receives them and the writer thread.
+    """
+
+    def __init__(self, maxsize: int) -> None:
+        self.maxsize = maxsize
+        self._items: deque[Reading] = deque()
+        self.taken = 0  # readings of the last batch taken, until done() (see Batcher.pending)
+        lock = threading.Lock()
+        self._not_empty = threading.Condition(lock)
+        self._not_full = threading.Condition(lock)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def put_many(self, readings: Sequence[Reading], timeout: float | None = None) -> int:
+        """Queue ``readings`` in order, waiting while the queue is full; returns how many were
+        queued (fewer only when ``timeout`` ran out)."""
+        done, n = 0, len(readings)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        items = self._items
+        with self._not_full:
+            while done < n:
+                room = self.maxsize - len(items)
+                if room <= 0:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        break
+                    self._not_full.wait(left)
+                    continue
+                items.extend(readings[done : done + room])
+                done += min(room, n - done)
+                self._not_empty.notify()
+        return done
+
+    def get_batch(self, size: int, wait_s: float, linger_s: float) -> list[Reading]:
+        """Up to ``size`` readings: waits up to ``wait_s`` for the first, then up to
+        ``linger_s`` more for the batch to fill (empty: nothing came)."""
+        items = self._items
+        with self._not_empty:
+            if not items:
+                self._not_empty.wait(wait_s)
+                if not items:
+                    return []
+            if len(items) < size and linger_s > 0:
+                deadline = time.monotonic() + linger_s
+                while len(items) < size:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._not_empty.wait(left)
+            n = min(size, len(items))
+            batch = [items.popleft() for _ in range(n)]
+            self.taken = n  # under the lock: a reading is always queued or taken
+            self._not_full.notify_all()
+        return batch
+
+    def done(self) -> None:
+        """The batch last taken is settled."""
+        self.taken = 0
+
+
 class Batcher(abc.ABC):
     """A bounded queue of readings and the thread that handles them a batch at a time: what
     the bank's :class:`BatchWriter` and a front's JetStream sink have in common.
@@ -123,11 +188,10 @@ class Batcher(abc.ABC):
 
     def __init__(self, max_pending: int, stats: Any) -> None:
         self.stats = stats  # counts ``received`` and ``waits`` at least
-        self._queue: queue.Queue[Reading] = queue.Queue(max_pending)
+        self._queue = ReadingQueue(max_pending)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._idle = threading.Condition()
-        self._in_hand = 0  # readings taken from the queue and not yet settled
 
     @abc.abstractmethod
     def _limits(self) -> tuple[int, float]:
@@ -147,22 +211,21 @@ class Batcher(abc.ABC):
     # -- adapters' side ---------------------------------------------------------------------
     def put(self, reading: Reading, timeout: float | None = None) -> bool:
         """Queue a reading; waits while ``max_pending`` are queued (False: timed out)."""
-        self.stats.received += 1
-        try:
-            self._queue.put_nowait(reading)
-            return True
-        except queue.Full:
+        return self.put_many([reading], timeout) == 1
+
+    def put_many(self, readings: Sequence[Reading], timeout: float | None = None) -> int:
+        """Queue readings in order, waiting while the queue is full; returns how many were
+        queued (fewer only if ``timeout`` ran out)."""
+        if self._queue.qsize() + len(readings) > self._queue.maxsize:
             self.stats.waits += 1
-        try:
-            self._queue.put(reading, timeout=timeout)
-        except queue.Full:
-            self.stats.received -= 1
-            return False
-        return True
+        n = self._queue.put_many(readings, timeout)
+        self.stats.received += n
+        return n
 
     @property
     def pending(self) -> int:
-        return self._queue.qsize() + self._in_hand
+        """Readings queued, or taken and not yet settled."""
+        return self._queue.qsize() + self._queue.taken
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait until every queued reading is settled (tests, a clean stop)."""
@@ -193,29 +256,14 @@ class Batcher(abc.ABC):
     def _run(self) -> None:
         size, linger_s = self._limits()
         while not self._stop.is_set():
-            try:
-                first = self._queue.get(timeout=0.2)
-            except queue.Empty:
+            batch = self._queue.get_batch(size, 0.2, linger_s)
+            if not batch:
                 self._tick()
                 continue
-            batch = [first]
-            deadline = time.monotonic() + linger_s
-            while len(batch) < size:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    try:
-                        batch.append(self._queue.get(timeout=left))
-                    except queue.Empty:
-                        break
-            self._in_hand = len(batch)
             try:
                 self._handle(batch)
             finally:
-                self._in_hand = 0
+                self._queue.done()
                 with self._idle:
                     self._idle.notify_all()
             self._tick()
