@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -311,6 +312,9 @@ class _SinkStats:
 
 
 def _front_main(fd: int) -> None:  # pragma: no cover - runs in the child (tests drive it)
+    # Ctrl-C in a terminal reaches the whole process group: the writing process stops the
+    # front itself (a "stop" message, or its socket closing), after what the front sent
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conn = Connection(fd)
     try:
