@@ -12,11 +12,9 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
-import pytest
 
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
@@ -24,14 +22,6 @@ from cityward.ingest.worker import IngestWorker
 from tests.ingest.brokers import Mosquitto
 from tests.ingest.helpers import bank_with_history, refusing, settings, stored_readings
 from tests.ingest.test_mqtt import Publisher, _wait
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def _worker(tmp_path: Path, port: int, root: str, store: SqliteStore) -> IngestWorker:
@@ -45,6 +35,12 @@ def _worker(tmp_path: Path, port: int, root: str, store: SqliteStore) -> IngestW
     )
 
 
+def _connected(worker: IngestWorker) -> None:
+    """Wait until the front's MQTT session is up and subscribed."""
+    _wait(lambda: worker.status()["sources"].get("air", {}).get("connected"), 30, "no front")
+    time.sleep(0.5)  # the SUBACK follows the CONNACK
+
+
 def test_the_front_stores_its_dead_letters_and_those_the_bank_refused(
     tmp_path: Path, broker: Mosquitto
 ) -> None:
@@ -56,8 +52,7 @@ def test_the_front_stores_its_dead_letters_and_those_the_bank_refused(
     bad = {100: b"{not json", 200: orjson.dumps({"dev": "s1", "n": 1, "ts": 1})}  # no no2
     pub = Publisher(broker.port, root)
     try:
-        _wait(lambda: worker.status()["sources"].get("air", {}).get("connected"), 30, "no front")
-        time.sleep(0.5)  # subscribed
+        _connected(worker)
         for n in range(300):
             pub.publish(n, bad.get(n))
         refused = [n for n in range(300) if n % 50 == 3]
@@ -111,8 +106,7 @@ def test_a_killed_front_is_replaced_and_nothing_is_lost_or_doubled(
 
     publisher = threading.Thread(target=publish_all)
     try:
-        _wait(lambda: worker.status()["sources"].get("air", {}).get("connected"), 30, "no front")
-        time.sleep(0.5)
+        _connected(worker)
         publisher.start()
         _wait(lambda: len(stored_readings(store)) >= 600, 60, "no progress before the kill")
         assert fp._proc is not None

@@ -9,14 +9,12 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
 import paho.mqtt.client as mqtt
 import psutil
-import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from cityward.bank.store import open_store
@@ -136,14 +134,6 @@ message_id = "$.n"
 timestamp = {{ path = "$.ts", format = "epoch_ms" }}
 attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
 """
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Mosquitto]:
-    b = Mosquitto(tmp_path / "broker")
-    b.start()
-    yield b
-    b.stop()
 
 
 def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_restart(

@@ -44,7 +44,7 @@ from typing import Any
 import orjson
 
 from cityward.ingest.settings import SourceSettings
-from cityward.ingest.writer import Batcher, BatchWriter, Reading
+from cityward.ingest.writer import Batcher, BatchWriter, Reading, Refusal, refusal_reason
 
 log = logging.getLogger("cityward.ingest")
 
@@ -70,31 +70,23 @@ class _Settle:
     """The ``done`` of a reading that came from the front: records its outcome, and sends the
     outcomes of its batch once the last one is in. The writer thread alone calls it."""
 
-    __slots__ = ("batch", "front", "n", "refused")
+    __slots__ = ("batch", "front", "n")
 
     def __init__(self, front: FrontProcess, batch: _Batch, n: int) -> None:
         self.front = front
         self.batch = batch
         self.n = n
-        self.refused: list[str] | None = None
 
     def __call__(self, outcome: str | None) -> None:
         b = self.batch
-        if outcome is not None:
-            b.out[self.n] = self.refused or ["$", outcome]
+        if outcome is not None:  # refused: the front stores the dead letter (it has the raw)
+            field, why = (
+                (outcome.field, outcome.why) if isinstance(outcome, Refusal) else ("$", outcome)
+            )
+            b.out[self.n] = [field, why]
         b.left -= 1
         if b.left == 0:
             self.front.send(["done", b.bid, b.out], to=b.conn)
-
-
-def refused_remotely(reading: Reading, where: str, why: str) -> bool:
-    """True when ``reading`` came from a front: its refusal then goes back there (the front
-    has the raw message for the dead letter), and nothing is stored here."""
-    done = reading.done
-    if isinstance(done, _Settle):
-        done.refused = [where, why]
-        return True
-    return False
 
 
 @dataclass
@@ -123,7 +115,7 @@ class FrontProcess:
         batch_size: int,
         max_pending: int,
     ) -> None:
-        self.sources = sources
+        self.names = {s.name for s in sources}  # the sources it runs
         self.writer = writer
         self.config = {
             "sources": [s.model_dump(mode="json") for s in sources],
@@ -250,12 +242,12 @@ class PipeSink(Batcher):
         super().__init__(max_pending, _SinkStats())
         self.conn = conn
         self.batch_size = batch_size
-        self.send_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self._window = threading.Semaphore(IN_FLIGHT)
         self._sent: dict[int, list[Reading]] = {}
         self._sent_n = 0
         self._next = 0
-        self.refused: Any = None  # (reading, field, reason): stores the dead letter
+        self.refused: Any = None  # (reading, Refusal): stores the dead letter
 
     def _limits(self) -> tuple[int, float]:
         # a few milliseconds to fill: each batch is a message the writing process reads
@@ -279,8 +271,11 @@ class PipeSink(Batcher):
         bid = self._next
         self._sent[bid] = batch
         self._sent_n += len(batch)
-        data = orjson.dumps(["batch", bid, [[r.source, r.key, r.fragment] for r in batch]])
-        with self.send_lock:
+        self.send(["batch", bid, [[r.source, r.key, r.fragment] for r in batch]])
+
+    def send(self, message: Any) -> None:
+        data = orjson.dumps(message)
+        with self._send_lock:
             self.conn.send_bytes(data)
 
     def settle(self, bid: int, outcomes: list[list[str] | None]) -> None:
@@ -290,10 +285,9 @@ class PipeSink(Batcher):
         for r, out in zip(batch, outcomes, strict=True):
             msg = None
             if out is not None:
-                where, why = out
-                if self.refused is not None and where != "$":
-                    self.refused(r, where, why)
-                msg = f"{where}: the bank refused it: {why}" if where != "$" else why
+                msg = Refusal(*out)
+                if self.refused is not None:
+                    self.refused(r, msg)
             if r.done is not None:
                 try:
                     r.done(msg)
@@ -339,29 +333,18 @@ def _front_main(fd: int) -> None:  # pragma: no cover - runs in the child (tests
         intakes[source.name] = intake
         adapters[source.name] = registry[source.adapter](source.adapter_config(), intake)
 
-    def refused(r: Reading, where: str, why: str) -> None:
-        intakes[r.source].dead(r.raw, r.topic, where, f"the bank refused it: {why}")
+    def refused(r: Reading, refusal: Refusal) -> None:
+        intakes[r.source].dead(r.raw, r.topic, refusal.field, refusal_reason(refusal.why))
 
     sink.refused = refused
 
     def status() -> dict[str, Any]:
         return {
             "pending": sink.pending - sink.sent,  # those sent are the writer's to count
-            "sources": {
-                name: {
-                    "adapter": a.name,
-                    "messages": a.intake.stats.messages,
-                    "dead_letters": a.intake.stats.dead_letters,
-                    **a.status(),
-                }
-                for name, a in adapters.items()
-            },
+            "sources": {name: a.report() for name, a in adapters.items()},
         }
 
-    def send(message: Any) -> None:
-        data = orjson.dumps(message)
-        with sink.send_lock:
-            conn.send_bytes(data)
+    send = sink.send
 
     done = threading.Event()
 

@@ -22,11 +22,11 @@ from cityward.bus.nats import JetStream
 from cityward.bus.settings import BusSettings
 from cityward.ingest.adapters import Adapter, Intake, load_builtin
 from cityward.ingest.deadletter import DeadLetters
-from cityward.ingest.front import FrontProcess, refused_remotely
+from cityward.ingest.front import FrontProcess
 from cityward.ingest.jetstream import JetStreamSink, JetStreamWriter, ensure_stream
 from cityward.ingest.mapping import Mapping
 from cityward.ingest.settings import IngestSettings
-from cityward.ingest.writer import Batcher, BatchWriter, Reading
+from cityward.ingest.writer import Batcher, BatchWriter, Reading, refusal_reason
 
 log = logging.getLogger("cityward.ingest")
 
@@ -167,18 +167,18 @@ class IngestWorker:
         return self._writer
 
     def _refused(self, reading: Reading, where: str, why: str) -> None:
-        if refused_remotely(reading, where, why):
-            return  # the front process stores it: it has the raw message
+        if self.front_process is not None and reading.source in self.front_process.names:
+            return  # its front process stores it: the outcome goes there, with the raw message
         intake = self.intakes.get(reading.source)
         if intake is not None:
-            intake.dead(reading.raw, reading.topic, where, f"the bank refused it: {why}")
+            intake.dead(reading.raw, reading.topic, where, refusal_reason(why))
             return
         try:  # a writer: the reading came over the stream, its source's adapter runs elsewhere
             self.dead_letters.add(
                 reading.source,
                 reading.raw,
                 field=where,
-                reason=f"the bank refused it: {why}",
+                reason=refusal_reason(why),
                 topic=reading.topic,
             )
         except Exception:
@@ -239,15 +239,7 @@ class IngestWorker:
             else self.writer.pending + self._front_pending(),
             "writer": w,
             "rate_per_s": round(written / up, 1) if up > 0 else 0.0,
-            "sources": {
-                name: {
-                    "adapter": a.name,
-                    "messages": a.intake.stats.messages,
-                    "dead_letters": a.intake.stats.dead_letters,
-                    **a.status(),
-                }
-                for name, a in self.adapters.items()
-            },
+            "sources": {name: a.report() for name, a in self.adapters.items()},
         }
         if self.front_process is not None:
             fp = self.front_process

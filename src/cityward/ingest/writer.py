@@ -64,6 +64,25 @@ _ENTITY_LOCKS = 74110017
 Done = Callable[[str | None], None]
 
 
+class Refusal(str):
+    """The outcome of a reading the bank refused: reads "field: the bank refused it: why"
+    (what ``done`` is told) and keeps both parts (a front process is sent them)."""
+
+    field: str
+    why: str
+
+    def __new__(cls, field: str, why: str) -> Refusal:
+        self = super().__new__(cls, f"{field}: {refusal_reason(why)}")
+        self.field = field
+        self.why = why
+        return self
+
+
+def refusal_reason(why: str) -> str:
+    """The dead letter's reason for a reading the bank refused."""
+    return f"the bank refused it: {why}"
+
+
 @dataclass(slots=True)
 class Reading:
     source: str
@@ -384,7 +403,7 @@ class BatchWriter(Batcher):
 
     def _refuse(self, r: Reading, where: str, why: str, outcome: dict[int, str | None]) -> None:
         self.stats.refused += 1
-        outcome[id(r)] = f"{where}: the bank refused it: {why}"
+        outcome[id(r)] = Refusal(where, why)
         if self._refused is not None:
             self._refused(r, where, why)
 

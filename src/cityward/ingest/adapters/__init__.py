@@ -158,6 +158,15 @@ class Adapter(abc.ABC):
         """What the adapter says about itself (connected, files read...)."""
         return {}
 
+    def report(self) -> dict[str, Any]:
+        """Its line in the ingest worker's status: the intake's counts and :meth:`status`."""
+        return {
+            "adapter": self.name,
+            "messages": self.intake.stats.messages,
+            "dead_letters": self.intake.stats.dead_letters,
+            **self.status(),
+        }
+
 
 def load_builtin() -> dict[str, type[Adapter]]:
     """The registry with the built-in adapters imported."""
