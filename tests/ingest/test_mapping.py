@@ -165,3 +165,23 @@ def test_a_bad_config_fails_on_load_with_the_setting(
     locs = [".".join(str(p) for p in e["loc"]) for e in errors]
     assert any(loc.startswith(where) for loc in locs), locs
     assert message in str(err.value)
+
+
+def test_observation_times_are_written_like_isoformat() -> None:
+    """The cached formatting of observation times gives isoformat's text to the millisecond
+    (truncated), for times in any zone, before 1970 and across second boundaries."""
+    import random
+    from datetime import timedelta, timezone
+
+    from cityward.ingest.mapping import _iso
+
+    rng = random.Random(7)
+    for _ in range(20_000):
+        at = datetime.fromtimestamp(rng.uniform(-3e10, 4e9), UTC)
+        if rng.random() < 0.3:
+            at = at.astimezone(timezone(timedelta(minutes=rng.randint(-720, 840))))
+        want = at.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert _iso(at) == want
+        assert _iso(at + timedelta(milliseconds=999)) == (
+            at + timedelta(milliseconds=999)
+        ).astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
