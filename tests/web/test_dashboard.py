@@ -262,6 +262,16 @@ def test_acknowledging_an_alert_is_audited(demo: Demo, room: Page) -> None:
     # a comment is one more audited write, and closing takes it off the panel
     item = room.page.locator(f'#alerts li[data-id="{ALERT_ID}"]')
     item.locator("input[aria-label=Comment]").fill("police on site")
+    # the alert changes while the comment is being typed: the list is rebuilt, the draft stays
+    r = httpx.patch(
+        f"{demo.url}{NGSI}/entities/{ALERT_ID}/attrs/description",
+        json={"type": "Property", "value": "two cars, lane 2 blocked"},
+        headers={"Authorization": f"Bearer {demo.admin}"},
+        timeout=10,
+    )
+    assert r.status_code == 204, r.text
+    item.locator("p", has_text="lane 2 blocked").wait_for(timeout=10_000)
+    assert item.locator("input[aria-label=Comment]").input_value() == "police on site"
     item.locator(".comment-form button").click()
     room.page.wait_for_function(
         "document.getElementById('action-msg').textContent.startsWith('Comment saved')"

@@ -551,6 +551,9 @@ function renderKpis() {
 }
 
 const SEVERITY = { critical: 4, high: 3, medium: 2, informational: 1, low: 1 };
+// comments being typed, by alert id: the list is rebuilt whenever an alert changes, and an
+// operator's half-written comment must not vanish with the old item
+const commentDrafts = new Map();
 function renderAlerts() {
   const list = $("alerts");
   const alerts = [...S.entities.values()].filter(isOpenAlert).sort((a, b) =>
@@ -558,10 +561,11 @@ function renderAlerts() {
     || String(plain(b.dateIssued) || "").localeCompare(String(plain(a.dateIssued) || "")));
   const focused = document.activeElement && document.activeElement.closest("#alerts li");
   const focusId = focused ? focused.dataset.id : null;
+  const typing = focused && document.activeElement.matches("input");
   list.replaceChildren(...alerts.slice(0, 200).map(alertItem));
   $("no-alerts").hidden = alerts.length > 0;
   if (focusId) {
-    const again = list.querySelector(`li[data-id="${CSS.escape(focusId)}"] button`);
+    const again = list.querySelector(`li[data-id="${CSS.escape(focusId)}"] ${typing ? "input" : "button"}`);
     if (again) again.focus();
   }
 }
@@ -582,6 +586,11 @@ function alertItem(a) {
     plain(a.comment) ? el("p", { class: "comment" }, `“${plain(a.comment)}”`) : null);
   if (canWrite) {
     const input = el("input", { type: "text", "aria-label": "Comment", placeholder: "Comment", maxlength: "500" });
+    input.value = commentDrafts.get(a.id) || "";
+    input.addEventListener("input", () => {
+      if (input.value) commentDrafts.set(a.id, input.value);
+      else commentDrafts.delete(a.id);
+    });
     li.append(el("div", { class: "actions" },
       status === "open" ? el("button", { type: "button", class: "ack", onclick: () => alertAction(a.id, "acknowledge") }, "Acknowledge") : null,
       el("button", { type: "button", class: "close", onclick: () => alertAction(a.id, "close") }, "Close"),
@@ -602,6 +611,7 @@ async function alertAction(id, action, text) {
   else attrs = { comment: text, commentBy: who };
   try {
     await writeAttrs(id, attrs, "POST");
+    if (action === "comment") commentDrafts.delete(id);
     if (action === "close") attrs.validTo = now;
     const e = S.entities.get(id);
     if (e) upsert({ ...e, ...attrs });
