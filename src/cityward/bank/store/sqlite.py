@@ -282,15 +282,12 @@ class _SqliteTxn(WriteTxn):
         )
         return list(range(top - n + 1, top + 1))
 
-    def _clear_derived(
-        self, pks: Sequence[int], same_types: Collection[int] = (), index: bool = True
-    ) -> None:
+    def _clear_derived(self, pks: Sequence[int], same_types: Collection[int] = ()) -> None:
+        """Type and geo rows of ``pks`` (their attr_index rows: see put and delete)."""
         keys = _json(pks)
         typed = [pk for pk in pks if pk not in same_types] if same_types else pks
         if typed:
             self.conn.execute(f"DELETE FROM etypes WHERE e IN {_EACH}", [_json(typed)])
-        if index:
-            self.conn.execute(f"DELETE FROM attr_index WHERE e IN {_EACH}", [keys])
         # R-tree ids are looked up one by one: a range on an R-tree id scans the whole tree
         geo_ids = [
             pk * GEO_SLOTS + n
@@ -310,8 +307,7 @@ class _SqliteTxn(WriteTxn):
         same_types: Collection[int] = (),
     ) -> None:
         if replacing:
-            # attr_index rows of replaced entities are upserted below, not deleted first
-            self._clear_derived(replacing, same_types, index=False)
+            self._clear_derived(replacing, same_types)
         replaced = set(replacing)
         entity_rows = []
         changed_rows = []  # of entities that exist: an UPDATE leaves their index entries be
@@ -394,19 +390,13 @@ class _SqliteTxn(WriteTxn):
                 "(SELECT value ->> 0, value ->> 2, value ->> 1 FROM json_each(?))",
                 [_json(replacing), idx_json],
             )
-            ex(
-                f"INSERT INTO attr_index(e, n, path, vt, num, txt) SELECT {_cols(6)} "
-                "FROM json_each(?) WHERE true ON CONFLICT (e, path, n) DO UPDATE SET "
-                "vt = excluded.vt, num = excluded.num, txt = excluded.txt "
-                "WHERE (vt, num, txt) IS NOT (excluded.vt, excluded.num, excluded.txt)",
-                [idx_json],
-            )
-        else:
-            ex(
-                "INSERT INTO attr_index(e, n, path, vt, num, txt) "
-                f"SELECT {_cols(6)} FROM json_each(?)",
-                [idx_json],
-            )
+        ex(
+            f"INSERT INTO attr_index(e, n, path, vt, num, txt) SELECT {_cols(6)} "
+            "FROM json_each(?) WHERE true ON CONFLICT (e, path, n) DO UPDATE SET "
+            "vt = excluded.vt, num = excluded.num, txt = excluded.txt "
+            "WHERE (vt, num, txt) IS NOT (excluded.vt, excluded.num, excluded.txt)",
+            [idx_json],
+        )
         if odd_rows:
             self.conn.executemany(
                 "INSERT INTO attr_index(e, n, path, vt, num, txt) VALUES (?, ?, ?, ?, ?, ?)",
@@ -421,4 +411,6 @@ class _SqliteTxn(WriteTxn):
 
     def delete(self, pks: Sequence[int]) -> None:
         self._clear_derived(pks)
-        self.conn.execute(f"DELETE FROM entities WHERE pk IN {_EACH}", [_json(pks)])
+        keys = _json(pks)
+        self.conn.execute(f"DELETE FROM attr_index WHERE e IN {_EACH}", [keys])
+        self.conn.execute(f"DELETE FROM entities WHERE pk IN {_EACH}", [keys])
