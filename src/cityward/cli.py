@@ -188,6 +188,7 @@ def demo(
 
     from cityward.api.app import create_app
     from cityward.demo import seed_city
+    from cityward.demo.server import TrafficFirstServer
 
     directory = data_dir or Path(os.environ.get("CITYWARD_DATA_DIR", "cityward-demo"))
     settings = load_settings(None, data_dir=directory)
@@ -250,15 +251,17 @@ def demo(
             # the token rides in the fragment, which never reaches a server; the page keeps it
             # in the tab and clears it from the address bar
             webbrowser.open(f"{base}/#token={token}")
+    config = uvicorn.Config(
+        application,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,  # open dashboards (live streams) do not hold Ctrl-C
+    )
     try:
-        uvicorn.run(
-            application,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=5,  # open dashboards (live streams) do not hold Ctrl-C
-        )
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the demo ends (as uvicorn.run)
+            TrafficFirstServer(config, live.stop if live is not None else None).run()
     finally:
         if live is not None:
             live.stop()

@@ -842,7 +842,10 @@ class BankFeed:
                 with self._lock:
                     self.stats.failed_requests += 1
                 self.queue.requeue(batch)
-                self._stop.wait(backoff)
+                if deadline is None:
+                    self._stop.wait(backoff)
+                else:  # stopping: _stop is set, and waiting on it would not wait at all
+                    time.sleep(max(0.0, min(backoff, deadline - time.monotonic())))
                 backoff = min(backoff * 2, 5.0)
             else:
                 backoff = 0.25
