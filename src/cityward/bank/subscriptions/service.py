@@ -4,8 +4,8 @@ Subscriptions live in the store's ``subscriptions`` table (so every worker proce
 restart see them). ``subscriptions_version`` counts their changes; each write checks it in its
 own transaction and reloads the matching index when another process changed them. One process
 per database runs the dispatcher: the one that holds the dispatcher lock (a file lock next to
-the SQLite database, a PostgreSQL advisory lock); the others only enqueue, and the dispatcher
-picks their notifications up on its next poll.
+the SQLite database, a PostgreSQL advisory lock of the schema); the others only enqueue, and the
+dispatcher picks their notifications up on its next poll.
 """
 
 from __future__ import annotations
@@ -60,7 +60,10 @@ CREATE TABLE IF NOT EXISTS subscription_stats (
 CREATE TABLE IF NOT EXISTS subscriptions_version (k INTEGER PRIMARY KEY, v BIGINT NOT NULL);
 INSERT INTO subscriptions_version(k, v) VALUES (1, 0) ON CONFLICT DO NOTHING;
 """
-DISPATCHER_LOCK = 0x63697479  # PostgreSQL advisory lock key ("city")
+# PostgreSQL advisory lock (DISPATCHER_LOCK, hashtext(current_schema())): one dispatcher per
+# schema, so deployments in different schemas of one database each deliver their own
+DISPATCHER_LOCK = 0x63697479  # "city"
+_PG_LOCK_ARGS = "%s, hashtext(current_schema())"
 PERIODIC_TICK_S = 0.5  # how often timeInterval subscriptions are checked
 PERIODIC_MAX_ENTITIES = 1000  # entities in one periodic notification at most
 STATS_FLUSH_S = 2.0  # delivery counters reach the database this often (and on stop)
@@ -317,7 +320,8 @@ class Subscriptions:
         pool = self.store.pool  # type: ignore[attr-defined]
         conn = pool.getconn()
         conn.autocommit = True
-        got = bool(conn.execute("SELECT pg_try_advisory_lock(%s)", [DISPATCHER_LOCK]).fetchone()[0])
+        row = conn.execute(f"SELECT pg_try_advisory_lock({_PG_LOCK_ARGS})", [DISPATCHER_LOCK])
+        got = bool(row.fetchone()[0])
         if got:
             self._lock_conn = conn
         else:
@@ -326,7 +330,7 @@ class Subscriptions:
 
     async def start(self) -> None:
         """Run the dispatcher (and the periodic notifications) here if no other process of
-        this database does."""
+        this database (this schema, on PostgreSQL) does."""
         if self._take_dispatcher_lock():
             self.dispatching = True
             await self.dispatcher.start()
@@ -352,6 +356,8 @@ class Subscriptions:
             os.close(self._lock_fd)
             self._lock_fd = None
         if self._lock_conn is not None:
-            self._lock_conn.execute("SELECT pg_advisory_unlock(%s)", [DISPATCHER_LOCK])
+            self._lock_conn.execute(
+                f"SELECT pg_advisory_unlock({_PG_LOCK_ARGS})", [DISPATCHER_LOCK]
+            )
             self.store.pool.putconn(self._lock_conn)  # type: ignore[attr-defined]
             self._lock_conn = None
