@@ -7,7 +7,6 @@ import math
 import os
 import sqlite3
 import threading
-import time
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -105,7 +104,7 @@ class SqliteStore(Store):
         self._writer.execute("PRAGMA wal_autocheckpoint=0")
         self._writer.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
         self._wal_dirty = threading.Event()
-        self._closing = False
+        self._closed = threading.Event()  # also ends the checkpointer's pause at once
         self._checkpointer = threading.Thread(
             target=self._checkpoint_loop, name="sqlite-checkpoint", daemon=True
         )
@@ -115,18 +114,19 @@ class SqliteStore(Store):
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             conn.execute("PRAGMA busy_timeout=1000")
-            while not self._closing:
+            while not self._closed.is_set():
                 # after a write, or every few seconds for writes of other worker processes
                 self._wal_dirty.wait(CHECKPOINT_IDLE_S)
                 self._wal_dirty.clear()
-                if self._closing:
+                if self._closed.is_set():
                     break
                 with suppress(sqlite3.Error):
                     # PASSIVE never blocks writers or readers; it copies what it can
                     _, frames, _ = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
                     if frames > WAL_RESET_FRAMES:
                         self._finish_checkpoint(conn)
-                time.sleep(CHECKPOINT_PAUSE_S)
+                if self._closed.wait(CHECKPOINT_PAUSE_S):
+                    break
         finally:
             with suppress(sqlite3.Error):
                 conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
@@ -207,7 +207,7 @@ class SqliteStore(Store):
         )
 
     def close(self) -> None:
-        self._closing = True
+        self._closed.set()
         self._wal_dirty.set()
         self._checkpointer.join(timeout=30)
         with self._all_lock:
