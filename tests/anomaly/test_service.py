@@ -311,6 +311,58 @@ def test_restart_does_not_duplicate_an_open_alert(bank: Bank) -> None:
     assert second.snapshot().opened == 0
 
 
+def test_a_restarted_service_warms_its_streams_from_the_recorded_history(store: Store) -> None:
+    """After a restart the detector first learns the attribute's recorded history: the first
+    new value may already be judged (cold, it would take a day of 5-minute readings, 288
+    values, before any alert), the past raises nothing, and what the history showed as normal
+    stays normal."""
+    from cityward.bank.history import History
+
+    bank = Bank(store)
+    History(store, bank)
+    rng = random.Random(3)
+
+    def speed() -> float:  # a steady road (the default detector's first day is plain)
+        return round(50 + rng.gauss(0, 2), 2)
+
+    t = T0
+    first = run_service(bank, speed_watch())
+    try:
+        for _ in range(DEFAULT_WARMUP + 20):
+            observe(bank, SENSOR, t, averageVehicleSpeed=speed())
+            t += STEP
+        assert first.wait_idle()
+    finally:
+        first.stop()
+    assert alerts(bank) == []
+
+    second = run_service(bank, speed_watch())
+    try:
+        for _ in range(3):
+            observe(bank, SENSOR, t, averageVehicleSpeed=speed())
+            t += STEP
+        assert second.wait_idle()
+        assert alerts(bank) == [], "the warm-up on the history alerted"
+        assert second.snapshot().warmed == DEFAULT_WARMUP + 20  # all of them (< warm_start)
+        observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
+        assert second.wait_idle()
+    finally:
+        second.stop()
+    (alert,) = alerts(bank)
+    assert alert["alertStatus"] == "open" and when(alert["validFrom"]) == t
+
+    # without warm_start the restarted stream is blind for its warm-up
+    t += STEP
+    third = run_service(bank, speed_watch(name="cold"), warm_start=0)
+    try:
+        observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
+        assert third.wait_idle()
+        assert third.snapshot().warmed == 0
+    finally:
+        third.stop()
+    assert len(alerts(bank)) == 1
+
+
 def test_open_alert_of_a_removed_watch_is_closed_on_start(bank: Bank) -> None:
     t = T0
     # the restart machinery: a detector that scores from its 3rd value (the windowed Gaussian

@@ -58,6 +58,7 @@ from cityward.bank.query.qlang import parse_q, parse_type_expr
 from cityward.bank.query.sqlgen import q_conjuncts, type_conjuncts
 from cityward.bank.service import Bank
 from cityward.bank.store.base import QuerySpec
+from cityward.bank.temporal import decode_instances, instances_sql, parse_temporal_query
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Principal
 from cityward.governance.policy import Role
@@ -96,6 +97,7 @@ class ServiceStats:
     closed: int = 0
     escalated: int = 0  # an open alert's severity went up
     restored: int = 0  # open alerts read back at start
+    warmed: int = 0  # values learnt from the recorded history by new streams (warm_start)
     writes: int = 0  # alert writes committed
     write_failures: int = 0  # failed alert write attempts (retried unless permanent)
     lost_writes: int = 0  # alert writes given up (refused for good, or too many pending)
@@ -162,6 +164,7 @@ class _Input:
     key: StreamKey
     t: float
     step: Callable[[_Stream], _Point]
+    iri: str | None = None  # the attribute of a detector's value (its history warms a stream)
 
 
 @dataclass
@@ -278,6 +281,7 @@ class AnomalyService:
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._types: dict[str, tuple[WatchT, ...]] = {}
         self._warned: set[str] = set()
+        self._no_history = False  # set once reading the history failed (a bank without it)
 
     # -- identity ---------------------------------------------------------------------------
     def _identity(self, gov: Governance) -> Principal:
@@ -574,7 +578,7 @@ class AnomalyService:
             stream.stat.add(x)
             return _Point(score, t, reason, value=x, level=level, attrs=(name,))
 
-        return _Input((change.tenant, change.entity_id, watch.key), t, step)
+        return _Input((change.tenant, change.entity_id, watch.key), t, step, iri)
 
     def _rule_input(
         self, watch: TrafficIncidentWatch, change: Change, changed: frozenset[str]
@@ -649,7 +653,10 @@ class AnomalyService:
 
     def _score(self, watch: WatchT, change: Change, reading: _Input) -> None:
         key = reading.key
+        new = key not in self._streams
         stream = self._stream(key, watch)
+        if new and reading.iri is not None and self.settings.warm_start > 0:
+            self._warm(stream, key, reading.iri, reading.t)
         if reading.t <= stream.last_t:
             # a replayed or late reading: scoring it would learn the past twice
             self._skip("observedAt not after the previous one", watch, key[1])
@@ -661,6 +668,51 @@ class AnomalyService:
         if stream.n <= watch.warmup:
             return
         self._hysteresis(watch, change, key, stream, point)
+
+    def _warm(self, stream: _Stream, key: StreamKey, iri: str, t: float) -> None:
+        """Run the stream's detector over the attribute's recorded history before ``t`` (its
+        default instance, the newest ``warm_start`` values), as if the service had followed
+        it all along: a restart, or a stream forgotten beyond max_streams, does not leave it
+        blind for a warm-up (288 values: a day of 5-minute readings) again. Nothing is alerted
+        on the past; an incident it shows is learnt as the running detector would have.
+
+        More values than the watch's warmup: after exactly that many a detector is as young as
+        a cold one at the end of its warm-up (the default detector's long-run error statistics
+        remember about 2,000 values), and the first service of the test suite's restart test
+        raised a false alarm on such a young one."""
+        det = stream.detector
+        if det is None or self._no_history:
+            return
+        tenant, eid, _ = key
+        store = self.bank.store
+        try:
+            rows = store.select(
+                "SELECT pk FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid]
+            )
+            if not rows:
+                return
+            q = parse_temporal_query(
+                {"lastN": str(self.settings.warm_start), "timerel": "before", "timeAt": iso_at(t)}
+            )
+            sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], [iri])
+            found = decode_instances(store.dialect, q, store.select(sql, params))
+        except Exception as exc:  # a bank without history (tests, tools): start cold
+            self._no_history = True
+            log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
+            return
+        for h in found:
+            value, ti = h.inst.get("value"), epoch_of(h.time)
+            if h.ds is not None or ti is None or ti <= stream.last_t or ti >= t:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value) or h.inst.get("type", "Property") != "Property":
+                continue
+            det.process(float(value), ti)
+            stream.stat.add(float(value))
+            stream.last_t = ti
+            stream.n += 1
+            self.stats.warmed += 1
 
     # -- hysteresis -------------------------------------------------------------------------
     def _hysteresis(

@@ -436,6 +436,15 @@ class AnomalySettings(BaseModel):
         le=1_000_000,
         description="Alert writes kept for retry while the bank refuses them.",
     )
+    warm_start: int = Field(
+        default=1000,
+        ge=0,
+        le=1_000_000,
+        description="A detector's stream seen for the first time (after a start, or once "
+        "forgotten beyond max_streams) first learns up to this many of the attribute's "
+        "recorded values before the new one, instead of waiting for its warmup in new ones "
+        "(0: start cold).",
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> AnomalySettings:
