@@ -19,7 +19,8 @@ Per value, in constant time and memory (plain floats: faster than NumPy one valu
    view forecasts better than the level (smaller mean error), its surprise alone is the score,
    so a value the daily pattern explains, such as the morning rush, is not an anomaly however
    sudden, and a value it does not, such as a rush at 3 am, is one however ordinary elsewhere
-   in the day. Otherwise the larger surprise of the level and step views. Surprise is the -log
+   in the day. Otherwise (and until the time-of-day view has learnt ``warmup`` errors) the
+   larger surprise of the level and step views. Surprise is the -log
    of the tail probability, scaled so that 0.5 is a tail of 1e-5 and 1 a tail of 1e-10.
 4. *Dead time.* After a score above ``alarm`` the detector stays quiet for ``dead_time`` values:
    one incident, one alarm; the repeats add nothing for an operator.
@@ -150,8 +151,11 @@ class Ensemble(OneAlarmPerIncident):
         level, _, day = self.views
         if self.cfg.combine == "max":
             best = max(got)
-        elif len(got) == 3 and day.mae < level.mae:
-            # the daily pattern forecasts better than the level: it alone says what is normal
+        elif len(got) == 3 and day.n >= self.cfg.warmup and day.mae < level.mae:
+            # the daily pattern forecasts better than the level: it alone says what is normal.
+            # Not before the view has learnt ``warmup`` errors of its own: on the first values
+            # of the second day its error statistics rest on a handful of values, and a quarter
+            # of plain noisy 5-minute streams raised a false alarm there.
             best = got[2]
         else:
             best = max(got[0], got[1])
