@@ -152,11 +152,13 @@ def test_demo_runs_a_living_city_and_resumes(tmp_path: Path) -> None:
         assert anon.headers["content-type"].startswith("application/")
         assert anon.json()["field"] == "Authorization"
     finally:
+        running = len(log.read_text())
         rc = stop(proc)
     assert rc == 0, log.read_text()
     # Ctrl-C stops the simulation while the bank still listens: its last updates are written,
-    # not retried against a server that has gone
-    assert "data bank unreachable" not in log.read_text(), log.read_text()
+    # not retried against a server that has gone (before: 37,000 such lines in 15 s)
+    stopping = log.read_text()[running:]
+    assert "data bank unreachable" not in stopping, stopping[-5000:]
 
     # again, on the same data: the city is reused, nothing is created twice
     before = log.read_text()
