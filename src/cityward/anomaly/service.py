@@ -676,10 +676,9 @@ class AnomalyService:
         blind for a warm-up (288 values: a day of 5-minute readings) again. Nothing is alerted
         on the past; an incident it shows is learnt as the running detector would have.
 
-        More values than the watch's warmup: after exactly that many a detector is as young as
-        a cold one at the end of its warm-up (the default detector's long-run error statistics
-        remember about 2,000 values), and the first service of the test suite's restart test
-        raised a false alarm on such a young one."""
+        More values than the watch's warmup: a detector that has seen only that many is as
+        young as a cold one at the end of its warm-up (the default detector's long-run error
+        statistics remember about 2,000 values)."""
         det = stream.detector
         if det is None or self._no_history:
             return
@@ -696,9 +695,14 @@ class AnomalyService:
             )
             sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], [iri])
             found = decode_instances(store.dialect, q, store.select(sql, params))
-        except Exception as exc:  # a bank without history (tests, tools): start cold
-            self._no_history = True
-            log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
+        except Exception as exc:  # the stream starts cold; the service goes on
+            self.stats.skipped["history not read (stream started cold)"] += 1
+            if "attr_history" in str(exc):  # no history table: a bank without History (tools)
+                self._no_history = True
+                log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
+            elif "warm" not in self._warned:
+                self._warned.add("warm")
+                log.warning("anomaly: reading %s's history failed, started cold: %s", eid, exc)
             return
         for h in found:
             value, ti = h.inst.get("value"), epoch_of(h.time)
