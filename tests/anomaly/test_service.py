@@ -524,6 +524,47 @@ def test_traffic_rule_fires_on_occupancy_up_and_speed_down(bank: Bank) -> None:
     assert alert["data"]["rule"] == "traffic-incident"
 
 
+def test_a_restarted_traffic_rule_warms_from_the_recorded_history(store: Store) -> None:
+    """The traffic-incident rule combines several attributes: after a restart it learns their
+    recorded history as the live path reads it (the latest of each input at each time), so a
+    blockage right after the restart is judged at once."""
+    from cityward.bank.history import History
+
+    bank = Bank(store)
+    History(store, bank)
+    rng = random.Random(5)
+    step = timedelta(minutes=10)
+    first = run_service(bank, INCIDENT)
+    try:
+        t = replay_days(bank, rng, 2.42, step)
+        assert first.wait_idle()
+    finally:
+        first.stop()
+    recorded = first.snapshot().points
+    assert alerts(bank) == []
+
+    second = run_service(bank, INCIDENT)
+    try:
+        start = t
+        for _ in range(6):
+            observe(bank, SENSOR, t, occupancy=0.45, averageVehicleSpeed=9.0, intensity=4)
+            t += step
+        assert second.wait_idle()
+    finally:
+        second.stop()
+    assert second.snapshot().warmed == recorded  # every recorded reading, as the first saw it
+    (alert,) = alerts(bank)
+    assert alert["subCategory"] == "carAccident" and when(alert["validFrom"]) == start
+
+    cold = run_service(bank, INCIDENT.model_copy(update={"name": "cold"}), warm_start=0)
+    try:
+        observe(bank, SENSOR, t, occupancy=0.45, averageVehicleSpeed=9.0, intensity=4)
+        assert cold.wait_idle()
+    finally:
+        cold.stop()
+    assert cold.snapshot().warmed == 0 and len(alerts(bank)) == 1
+
+
 def test_traffic_rule_quiet_when_busy_but_flowing(bank: Bank) -> None:
     rng = random.Random(6)
     step = timedelta(minutes=10)

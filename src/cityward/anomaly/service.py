@@ -58,7 +58,12 @@ from cityward.bank.query.qlang import parse_q, parse_type_expr
 from cityward.bank.query.sqlgen import q_conjuncts, type_conjuncts
 from cityward.bank.service import Bank
 from cityward.bank.store.base import QuerySpec
-from cityward.bank.temporal import decode_instances, instances_sql, parse_temporal_query
+from cityward.bank.temporal import (
+    HistoryInstance,
+    decode_instances,
+    instances_sql,
+    parse_temporal_query,
+)
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Principal
 from cityward.governance.policy import Role
@@ -164,7 +169,8 @@ class _Input:
     key: StreamKey
     t: float
     step: Callable[[_Stream], _Point]
-    iri: str | None = None  # the attribute of a detector's value (its history warms a stream)
+    # the attributes read, name -> IRI (their recorded history warms a new stream)
+    iris: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -578,7 +584,7 @@ class AnomalyService:
             stream.stat.add(x)
             return _Point(score, t, reason, value=x, level=level, attrs=(name,))
 
-        return _Input((change.tenant, change.entity_id, watch.key), t, step, iri)
+        return _Input((change.tenant, change.entity_id, watch.key), t, step, {name: iri})
 
     def _rule_input(
         self, watch: TrafficIncidentWatch, change: Change, changed: frozenset[str]
@@ -592,8 +598,11 @@ class AnomalyService:
             return None
         values: dict[str, float] = {}
         times: list[float] = []
+        iris: dict[str, str] = {}
         for name in names:
             iri = self._find(change.after, name)
+            if iri is not None:
+                iris[name] = iri
             read = self._read(watch, change, iri, name) if iri is not None else None
             if read is None:
                 if name in required:
@@ -623,7 +632,7 @@ class AnomalyService:
                 attrs=attrs,
             )
 
-        return _Input((change.tenant, change.entity_id, watch.key), t, step)
+        return _Input((change.tenant, change.entity_id, watch.key), t, step, iris)
 
     # -- streams ----------------------------------------------------------------------------
     def _stream(self, key: StreamKey, watch: WatchT) -> _Stream:
@@ -655,8 +664,8 @@ class AnomalyService:
         key = reading.key
         new = key not in self._streams
         stream = self._stream(key, watch)
-        if new and reading.iri is not None and self.settings.warm_start > 0:
-            self._warm(stream, key, reading.iri, reading.t)
+        if new and reading.iris and self.settings.warm_start > 0:
+            self._warm(stream, watch, key, reading.iris, reading.t)
         if reading.t <= stream.last_t:
             # a replayed or late reading: scoring it would learn the past twice
             self._skip("observedAt not after the previous one", watch, key[1])
@@ -669,41 +678,25 @@ class AnomalyService:
             return
         self._hysteresis(watch, change, key, stream, point)
 
-    def _warm(self, stream: _Stream, key: StreamKey, iri: str, t: float) -> None:
-        """Run the stream's detector over the attribute's recorded history before ``t`` (its
-        default instance, the newest ``warm_start`` values), as if the service had followed
-        it all along: a restart, or a stream forgotten beyond max_streams, does not leave it
-        blind for a warm-up (288 values: a day of 5-minute readings) again. Nothing is alerted
-        on the past; an incident it shows is learnt as the running detector would have.
+    def _warm(
+        self, stream: _Stream, watch: WatchT, key: StreamKey, iris: dict[str, str], t: float
+    ) -> None:
+        """Run the stream's detector or rule over the recorded history of its attributes
+        before ``t`` (their default instances, the newest ``warm_start`` values of each), as
+        if the service had followed them all along: a restart, or a stream forgotten beyond
+        max_streams, does not leave it blind for a warm-up (288 values: a day of 5-minute
+        readings) again. Nothing is alerted on the past; an incident in it is learnt as the
+        running detector or rule would have learnt it.
 
         More values than the watch's warmup: a detector that has seen only that many is as
         young as a cold one at the end of its warm-up (the default detector's long-run error
         statistics remember about 2,000 values)."""
-        det = stream.detector
-        if det is None or self._no_history:
+        found = self._recorded(key, iris, t)
+        if not found:
             return
-        tenant, eid, _ = key
-        store = self.bank.store
-        try:
-            rows = store.select(
-                "SELECT pk FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid]
-            )
-            if not rows:
-                return
-            q = parse_temporal_query(
-                {"lastN": str(self.settings.warm_start), "timerel": "before", "timeAt": iso_at(t)}
-            )
-            sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], [iri])
-            found = decode_instances(store.dialect, q, store.select(sql, params))
-        except Exception as exc:  # the stream starts cold; the service goes on
-            self.stats.skipped["history not read (stream started cold)"] += 1
-            if "attr_history" in str(exc):  # no history table: a bank without History (tools)
-                self._no_history = True
-                log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
-            elif "warm" not in self._warned:
-                self._warned.add("warm")
-                log.warning("anomaly: reading %s's history failed, started cold: %s", eid, exc)
-            return
+        name_of = {iri: name for name, iri in iris.items()}
+        # (time, name, value) of the default instances, oldest first
+        points: list[tuple[float, str, float]] = []
         for h in found:
             value, ti = h.inst.get("value"), epoch_of(h.time)
             if h.ds is not None or ti is None or ti <= stream.last_t or ti >= t:
@@ -712,11 +705,62 @@ class AnomalyService:
                 continue
             if not math.isfinite(value) or h.inst.get("type", "Property") != "Property":
                 continue
-            det.process(float(value), ti)
-            stream.stat.add(float(value))
-            stream.last_t = ti
-            stream.n += 1
-            self.stats.warmed += 1
+            points.append((ti, name_of[h.iri], float(value)))
+        points.sort(key=lambda p: p[0])
+        det, rule = stream.detector, stream.rule
+        if det is not None:
+            for ti, _, x in points:
+                det.process(x, ti)
+                stream.stat.add(x)
+                self._warmed(stream, ti)
+        elif rule is not None and isinstance(watch, TrafficIncidentWatch):
+            # as the live path reads them: at each recorded time, the latest value of every
+            # input, when the required ones are there and were observed close enough together
+            required = (watch.rule.occupancy, watch.rule.speed)
+            latest: dict[str, tuple[float, float]] = {}
+            for n, (ti, name, x) in enumerate(points):
+                latest[name] = (x, ti)
+                if n + 1 < len(points) and points[n + 1][0] == ti:
+                    continue  # the other inputs of the same time first
+                if any(r not in latest for r in required):
+                    continue
+                when = [w for _, w in latest.values()]
+                if max(when) - min(when) > watch.rule.max_skew_s:
+                    continue
+                rule.process({k: v for k, (v, _) in latest.items()}, ti)
+                self._warmed(stream, ti)
+
+    def _warmed(self, stream: _Stream, t: float) -> None:
+        stream.last_t = t
+        stream.n += 1
+        self.stats.warmed += 1
+
+    def _recorded(self, key: StreamKey, iris: dict[str, str], t: float) -> list[HistoryInstance]:
+        """The newest ``warm_start`` recorded instances of each of ``iris`` before ``t``."""
+        if self._no_history:
+            return []
+        tenant, eid, _ = key
+        store = self.bank.store
+        try:
+            rows = store.select(
+                "SELECT pk FROM entities WHERE tenant = ? AND eid = ?", [tenant, eid]
+            )
+            if not rows:
+                return []
+            q = parse_temporal_query(
+                {"lastN": str(self.settings.warm_start), "timerel": "before", "timeAt": iso_at(t)}
+            )
+            sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], list(iris.values()))
+            return decode_instances(store.dialect, q, store.select(sql, params))
+        except Exception as exc:  # the stream starts cold; the service goes on
+            self.stats.skipped["history not read (stream started cold)"] += 1
+            if "attr_history" in str(exc):  # no history table: a bank without History (tools)
+                self._no_history = True
+                log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
+            elif "warm" not in self._warned:
+                self._warned.add("warm")
+                log.warning("anomaly: reading %s's history failed, started cold: %s", eid, exc)
+            return []
 
     # -- hysteresis -------------------------------------------------------------------------
     def _hysteresis(

@@ -440,9 +440,9 @@ class AnomalySettings(BaseModel):
         default=1000,
         ge=0,
         le=1_000_000,
-        description="A detector's stream seen for the first time (after a start, or once "
-        "forgotten beyond max_streams) first learns up to this many of the attribute's "
-        "recorded values before the new one, instead of waiting for its warmup in new ones "
+        description="A stream seen for the first time (after a start, or once forgotten "
+        "beyond max_streams) first learns up to this many recorded values of each of its "
+        "attributes before the new one, instead of waiting for its warmup in new ones "
         "(0: start cold).",
     )
 
