@@ -39,6 +39,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from cityward.anomaly.detectors import Detector, create
 from cityward.anomaly.rules import ExpStat, Rule, TrafficIncidentRule
 from cityward.anomaly.settings import (
@@ -58,12 +60,8 @@ from cityward.bank.query.qlang import parse_q, parse_type_expr
 from cityward.bank.query.sqlgen import q_conjuncts, type_conjuncts
 from cityward.bank.service import Bank
 from cityward.bank.store.base import QuerySpec
-from cityward.bank.temporal import (
-    HistoryInstance,
-    decode_instances,
-    instances_sql,
-    parse_temporal_query,
-)
+from cityward.bank.temporal import instances_sql, parse_temporal_query
+from cityward.bank.temporal.times import datetime_to_us
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Principal
 from cityward.governance.policy import Role
@@ -697,15 +695,15 @@ class AnomalyService:
         name_of = {iri: name for name, iri in iris.items()}
         # (time, name, value) of the default instances, oldest first
         points: list[tuple[float, str, float]] = []
-        for h in found:
-            value, ti = h.inst.get("value"), epoch_of(h.time)
-            if h.ds is not None or ti is None or ti <= stream.last_t or ti >= t:
+        for ti, iri, inst in found:
+            value = inst.get("value")
+            if ti <= stream.last_t or ti >= t:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
-            if not math.isfinite(value) or h.inst.get("type", "Property") != "Property":
+            if not math.isfinite(value) or inst.get("type", "Property") != "Property":
                 continue
-            points.append((ti, name_of[h.iri], float(value)))
+            points.append((ti, name_of[iri], float(value)))
         points.sort(key=lambda p: p[0])
         det, rule = stream.detector, stream.rule
         if det is not None:
@@ -735,8 +733,15 @@ class AnomalyService:
         stream.n += 1
         self.stats.warmed += 1
 
-    def _recorded(self, key: StreamKey, iris: dict[str, str], t: float) -> list[HistoryInstance]:
-        """The newest ``warm_start`` recorded instances of each of ``iris`` before ``t``."""
+    def _recorded(
+        self, key: StreamKey, iris: dict[str, str], t: float
+    ) -> list[tuple[float, str, dict[str, Any]]]:
+        """(observedAt as Unix time, IRI, instance) of the newest ``warm_start`` recorded
+        default instances of each of ``iris`` before ``t``.
+
+        The rows of the API's own SQL (``instances_sql``), read here without
+        ``decode_instances``: its three ISO timestamps a row were a third of a warm-up's time,
+        and only the observation time is needed, as a number."""
         if self._no_history:
             return []
         tenant, eid, _ = key
@@ -751,16 +756,29 @@ class AnomalyService:
                 {"lastN": str(self.settings.warm_start), "timerel": "before", "timeAt": iso_at(t)}
             )
             sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], list(iris.values()))
-            return decode_instances(store.dialect, q, store.select(sql, params))
+            found = store.select(sql, params)
         except Exception as exc:  # the stream starts cold; the service goes on
-            self.stats.skipped["history not read (stream started cold)"] += 1
-            if "attr_history" in str(exc):  # no history table: a bank without History (tools)
-                self._no_history = True
-                log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
-            elif "warm" not in self._warned:
-                self._warned.add("warm")
-                log.warning("anomaly: reading %s's history failed, started cold: %s", eid, exc)
+            self._history_failed(eid, exc)
             return []
+        out: list[tuple[float, str, dict[str, Any]]] = []
+        sqlite = store.dialect == "sqlite"
+        # columns: e, path, iri, id, ds, obs, created, modified, inst
+        for row in found:
+            if row[4] is not None:  # a datasetId's instance: the live path reads the default
+                continue
+            obs = row[5]
+            ti = int(obs) / 1e6 if sqlite else datetime_to_us(obs) / 1e6
+            out.append((ti, str(row[2]), orjson.loads(row[8])))
+        return out
+
+    def _history_failed(self, eid: str, exc: Exception) -> None:
+        self.stats.skipped["history not read (stream started cold)"] += 1
+        if "attr_history" in str(exc):  # no history table: a bank without History (tools)
+            self._no_history = True
+            log.warning("anomaly: no recorded history to warm new streams from (%s)", exc)
+        elif "warm" not in self._warned:
+            self._warned.add("warm")
+            log.warning("anomaly: reading %s's history failed, started cold: %s", eid, exc)
 
     # -- hysteresis -------------------------------------------------------------------------
     def _hysteresis(
