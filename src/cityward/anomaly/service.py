@@ -39,8 +39,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from cityward.anomaly.detectors import Detector, create
 from cityward.anomaly.rules import ExpStat, Rule, TrafficIncidentRule
 from cityward.anomaly.settings import (
@@ -60,8 +58,7 @@ from cityward.bank.query.qlang import parse_q, parse_type_expr
 from cityward.bank.query.sqlgen import q_conjuncts, type_conjuncts
 from cityward.bank.service import Bank
 from cityward.bank.store.base import QuerySpec
-from cityward.bank.temporal import instances_sql, parse_temporal_query
-from cityward.bank.temporal.times import datetime_to_us
+from cityward.bank.temporal import decode_instance_values, instances_sql, parse_temporal_query
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Principal
 from cityward.governance.policy import Role
@@ -739,9 +736,7 @@ class AnomalyService:
         """(observedAt as Unix time, IRI, instance) of the newest ``warm_start`` recorded
         default instances of each of ``iris`` before ``t``.
 
-        The rows of the API's own SQL (``instances_sql``), read here without
-        ``decode_instances``: its three ISO timestamps a row were a third of a warm-up's time,
-        and only the observation time is needed, as a number."""
+        The API's own SQL (``instances_sql``), decoded to values (no ISO texts)."""
         if self._no_history:
             return []
         tenant, eid, _ = key
@@ -760,16 +755,12 @@ class AnomalyService:
         except Exception as exc:  # the stream starts cold; the service goes on
             self._history_failed(eid, exc)
             return []
-        out: list[tuple[float, str, dict[str, Any]]] = []
-        sqlite = store.dialect == "sqlite"
-        # columns: e, path, iri, id, ds, obs, created, modified, inst
-        for row in found:
-            if row[4] is not None:  # a datasetId's instance: the live path reads the default
-                continue
-            obs = row[5]
-            ti = int(obs) / 1e6 if sqlite else datetime_to_us(obs) / 1e6
-            out.append((ti, str(row[2]), orjson.loads(row[8])))
-        return out
+        # a datasetId's instances are left out: the live path reads the default instance
+        return [
+            (us / 1e6, iri, inst)
+            for us, iri, ds, inst in decode_instance_values(q, found)
+            if ds is None
+        ]
 
     def _history_failed(self, eid: str, exc: Exception) -> None:
         self.stats.skipped["history not read (stream started cold)"] += 1

@@ -24,6 +24,7 @@ from cityward.bank.temporal.sql import (
     HistoryInstance,
     aggregate_sql,
     decode_aggregates,
+    decode_instance_values,
     decode_instances,
     instances_sql,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "create_postgres",
     "create_sqlite",
     "decode_aggregates",
+    "decode_instance_values",
     "decode_instances",
     "ensure_partitions",
     "history_rows",

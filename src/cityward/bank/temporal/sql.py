@@ -251,6 +251,16 @@ def decode_instances(
     return out
 
 
+def decode_instance_values(
+    q: TemporalQuery, rows: Sequence[Sequence[Any]]
+) -> list[tuple[int, str, str | None, dict[str, Any]]]:
+    """The rows of ``instances_sql`` as (time in microseconds, attribute IRI, datasetId,
+    instance): for readers of the values (the anomaly service's warm start), without the
+    API's ISO texts, which were a third of such a reader's time."""
+    which = {"obs": 5, "created": 6, "modified": 7}[q.column]
+    return [(_us(row[which]), str(row[2]), row[4], orjson.loads(row[8])) for row in rows]
+
+
 # ---------------------------------------------------------------------------------------------
 # aggregation
 
