@@ -121,7 +121,12 @@ def history_count(db: Path | None, pg_url: str | None) -> int:
         return 0
     with sqlite3.connect(db, timeout=30) as c:
         try:
-            return int(c.execute("SELECT count(*) FROM attr_history").fetchone()[0])
+            # merged and still staged rows (cityward.bank.history)
+            sql = (
+                "SELECT (SELECT count(*) FROM attr_history) "
+                "+ (SELECT count(*) FROM attr_history_new)"
+            )
+            return int(c.execute(sql).fetchone()[0])
         except sqlite3.OperationalError:
             return 0
 
@@ -138,8 +143,9 @@ def latencies_ms(db: Path | None, pg_url: str | None) -> list[float]:
     import sqlite3
 
     assert db is not None
+    staged = "SELECT (modified - obs) / 1000.0 FROM attr_history_new"
     with sqlite3.connect(db, timeout=30) as c:
-        return [float(r[0]) for r in c.execute(sql).fetchall()]
+        return [float(r[0]) for r in c.execute(f"{sql} UNION ALL {staged}").fetchall()]
 
 
 def run_one(

@@ -32,6 +32,7 @@ from cityward.bank.temporal import (
     insert_sqlite,
     instance_row,
     instances_sql,
+    merge_sqlite,
     parse_temporal_query,
 )
 from cityward.bank.temporal.sql import POSTGRES_OPTIONS
@@ -114,6 +115,7 @@ def main() -> None:
             conn.execute("BEGIN")
             insert_sqlite(conn, rows)
             conn.execute("COMMIT")
+        merge_sqlite(conn)  # the last staged rows (autocommit: a transaction of its own)
         print(f"sqlite: insert {args.rows:,} rows (+10%): {time.perf_counter() - t0:.1f} s")
         conn.execute("ANALYZE")
         bench("sqlite", lambda sql, p: conn.execute(sql, p).fetchall(), "sqlite")

@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from cityward.bank.history import History
+from cityward.bank.history import History, settle
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.model import EntityParser
 from cityward.bank.service import Bank
@@ -130,6 +130,7 @@ def write_city(store: Store) -> Bank:
 
 def history(store: Store) -> dict[int, tuple[str, datetime]]:
     """Every history row: id -> (expected source id, obs)."""
+    settle(store)
     cat = catalog()
     ents = {
         int(pk): (eid, doc)

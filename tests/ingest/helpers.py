@@ -14,7 +14,7 @@ from typing import Any
 
 from cityward.bank.access import Access, current_access
 from cityward.bank.errors import Forbidden, NgsiError
-from cityward.bank.history import History
+from cityward.bank.history import History, settle
 from cityward.bank.service import Bank
 from cityward.bank.store import Store
 from cityward.ingest.settings import IngestSettings
@@ -52,12 +52,23 @@ def bank_with_history(store: Store) -> Bank:
 
 def stored_readings(store: Store) -> list[tuple[str, float]]:
     """(entity id, no2) of every no2 reading in the attribute history."""
+    settle(store)
     rows = store.select(
         "SELECT e.eid, h.num FROM attr_history h JOIN entities e ON e.pk = h.e "
         "JOIN attr_history_attrs a ON a.path = h.path WHERE a.iri = ?",
         [AQ + "no2"],
     )
     return [(str(e), float(v)) for e, v in rows]
+
+
+def history_count(store: Store) -> int:
+    """History rows, merged or still staged (cityward.bank.history), without writing: another
+    process may be writing the bank."""
+    return int(
+        store.select(
+            "SELECT (SELECT count(*) FROM attr_history) + (SELECT count(*) FROM attr_history_new)"
+        )[0][0]
+    )
 
 
 def data_dir(tmp: Path) -> Path:

@@ -22,7 +22,14 @@ from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.worker import IngestWorker
 from tests.ingest.brokers import Mosquitto, require_shared_broker
-from tests.ingest.helpers import IngestRun, bank_with_history, message, settings, stored_readings
+from tests.ingest.helpers import (
+    IngestRun,
+    bank_with_history,
+    history_count,
+    message,
+    settings,
+    stored_readings,
+)
 
 
 class Publisher:
@@ -160,7 +167,7 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
                 time.sleep(0.05)  # about 800 a second: the faults land mid-stream
 
     def count() -> int:
-        return int(store.select("SELECT count(*) FROM attr_history")[0][0])
+        return history_count(store)
 
     def progress(more: int, what: str) -> None:
         # the fault must hit a worker that is busy writing, not one still starting

@@ -52,6 +52,7 @@ from cityward.anomaly.settings import (
 from cityward.bank.access import current_access
 from cityward.bank.changes import Change, Unsubscribe
 from cityward.bank.errors import NgsiError
+from cityward.bank.history import settle
 from cityward.bank.jsonld import Context, ContextResolver
 from cityward.bank.model import EntityParser, epoch_of, iso_at, now_iso
 from cityward.bank.query.qlang import parse_q, parse_type_expr
@@ -750,6 +751,7 @@ class AnomalyService:
             q = parse_temporal_query(
                 {"lastN": str(self.settings.warm_start), "timerel": "before", "timeAt": iso_at(t)}
             )
+            settle(store)  # the rows still staged on SQLite (cityward.bank.history)
             sql, params = instances_sql(store.dialect, q, [int(rows[0][0])], list(iris.values()))
             found = store.select(sql, params)
         except Exception as exc:  # the stream starts cold; the service goes on

@@ -4,6 +4,10 @@ Every write that creates or changes an attribute instance records it in ``attr_h
 (cityward.bank.temporal) in the same transaction, stamped with the instance's observedAt or,
 without one, the time of the write. So a committed write always has its history, and a write
 that fails leaves none.
+
+On SQLite the rows are staged first and merged into ``attr_history`` in bulk (see
+cityward.bank.temporal.schema): whatever reads the history calls :func:`settle` first, and a
+write transaction that deletes history rows calls :func:`settle_txn`.
 """
 
 from __future__ import annotations
@@ -25,10 +29,29 @@ from cityward.bank.temporal import (
     ensure_partitions,
     history_rows,
     insert_sqlite,
+    merge_sqlite,
 )
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
 log = logging.getLogger(__name__)
+
+
+def settle(store: Store) -> None:
+    """Make every recorded history row visible to a read of ``attr_history``: on SQLite,
+    merge the staged rows (one short write transaction; nothing when none are staged). A
+    no-op on PostgreSQL, whose rows go straight in."""
+    if store.dialect != "sqlite":
+        return
+    if not store.select("SELECT EXISTS (SELECT 1 FROM attr_history_new)")[0][0]:
+        return
+    with store.write("", create_tenant=False) as txn:
+        settle_txn(txn)
+
+
+def settle_txn(txn: WriteTxn) -> None:
+    """:func:`settle` inside a write transaction, before it deletes or reads history rows."""
+    if txn.dialect == "sqlite":
+        merge_sqlite(txn.conn)
 
 
 class History:

@@ -47,6 +47,7 @@ from typing import Any
 import orjson
 import psycopg
 
+from cityward.bank.history import settle, settle_txn
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.store import Store
 from cityward.bank.store.sqlite import SqliteStore
@@ -241,6 +242,7 @@ class Retention:
         )
         try:
             if self._history_exists():
+                settle(self.store)  # rows still staged on SQLite (cityward.bank.history)
                 members = self._members()
                 if self.store.dialect == "postgres":
                     self._drop_partitions(min(cut.values()), members, report)
@@ -380,6 +382,7 @@ class Retention:
             while True:
                 self._check_stop()
                 with self.store.write("", create_tenant=False) as txn:
+                    settle_txn(txn)  # what was staged since the run began
                     if not sqlite:
                         txn.execute(_PG_NESTED_LOOP)
                     params = (

@@ -47,7 +47,7 @@ class HistoryDb:
     def insert(self, rows: Sequence[HistoryRow]) -> None:
         if self.dialect == "sqlite":
             self.conn.execute("BEGIN")
-            insert_sqlite(self.conn, rows)
+            insert_sqlite(self.conn, rows, merge_at=0)  # the queries read attr_history
             self.conn.execute("COMMIT")
         else:
             ensure_partitions(self.conn, [r.obs for r in rows])
@@ -57,6 +57,7 @@ class HistoryDb:
     def clear(self) -> None:
         if self.dialect == "sqlite":
             self.conn.execute("DELETE FROM attr_history")
+            self.conn.execute("DELETE FROM attr_history_new")
             self.conn.execute("DELETE FROM attr_history_attrs")
         else:
             self.conn.execute("TRUNCATE attr_history, attr_history_attrs")

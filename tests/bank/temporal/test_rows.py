@@ -146,10 +146,12 @@ def test_numeric_value(inst: dict[str, Any], num: float | None) -> None:
 
 def test_sqlite_insert_is_two_statements() -> None:
     rows = [instance_row(1, SPEED, speed(i), NOW) for i in range(1000)]
-    statements = sqlite_insert(rows)
+    statements = sqlite_insert(rows, 17)
     assert len(statements) == 2
-    assert all("json_each(?)" in sql and len(params) == 1 for sql, params in statements)
-    assert sqlite_insert([]) == []
+    assert all("json_each(?)" in sql for sql, _ in statements)
+    assert [len(params) for _, params in statements] == [1, 2]
+    assert statements[1][1][0] == 17  # the first id
+    assert sqlite_insert([], 1) == []
 
 
 def test_rows_round_trip(db: HistoryDb) -> None:

@@ -39,7 +39,7 @@ from cityward.api.params import (
 )
 from cityward.api.routes.entities import QUERY_PARAMS, page_headers
 from cityward.bank.errors import BadRequestData, OperationNotSupported, ResourceNotFound
-from cityward.bank.history import History
+from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
 from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
 from cityward.bank.query.indexer import path_id
@@ -163,6 +163,7 @@ def _history(
     sys_attrs: bool,
 ) -> tuple[list[dict[str, Any]], tuple[str, str] | None]:
     """The temporal representation of ``docs``; the time range returned when cut short."""
+    settle(store)
     pks = _pks(store, tenant, [d["id"] for d in docs])
     keys = list(pks.values())
     by_entity: dict[int, dict[str, Any]] = defaultdict(dict)
@@ -440,6 +441,7 @@ async def delete_instance(request: Request, eid: str, attr: str, instance_id: st
     def run() -> None:
         pk = _pk_of(rt, tenant, eid)
         with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            settle_txn(txn)
             gone = txn.execute(
                 "DELETE FROM attr_history WHERE e = ? AND path = ? AND id = ? RETURNING id",
                 [pk, path_id(iri), int(instance_id[len(prefix) :])],
@@ -480,6 +482,7 @@ async def delete_temporal_attr(request: Request, eid: str, attr: str) -> Respons
             sql += " AND ds = ?" if ds is not None else " AND ds IS NULL"
             args += [ds] if ds is not None else []
         with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            settle_txn(txn)
             if not txn.execute(sql + " RETURNING id", args):
                 raise ResourceNotFound(f"no history of {attr} in {eid}", field="attrId")
 
@@ -497,6 +500,7 @@ async def delete_temporal(request: Request, eid: str) -> Response:
     def run() -> None:
         pk = _pk_of(rt, tenant, eid)
         with rt.bank.store.write(tenant, create_tenant=False) as txn:
+            settle_txn(txn)
             txn.execute("DELETE FROM attr_history WHERE e = ?", [pk])
             txn.delete([pk])
 

@@ -17,7 +17,12 @@ from cityward.bank.temporal.rows import (
     instance_row,
     sqlite_insert,
 )
-from cityward.bank.temporal.schema import create_postgres, create_sqlite, ensure_partitions
+from cityward.bank.temporal.schema import (
+    create_postgres,
+    create_sqlite,
+    ensure_partitions,
+    merge_sqlite,
+)
 from cityward.bank.temporal.sql import (
     AggregateBucket,
     Dialect,
@@ -52,6 +57,7 @@ __all__ = [
     "insert_sqlite",
     "instance_row",
     "instances_sql",
+    "merge_sqlite",
     "parse_duration",
     "parse_temporal_query",
     "sqlite_insert",

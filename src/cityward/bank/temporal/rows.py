@@ -13,6 +13,7 @@ import orjson
 import psycopg
 
 from cityward.bank.query.indexer import normalize_timestamp, path_id
+from cityward.bank.temporal.schema import MERGE_ROWS, merge_sqlite
 from cityward.bank.temporal.times import iso_to_us
 
 # members kept in columns instead of the stored instance JSON (see schema.py)
@@ -135,14 +136,23 @@ _SQLITE_ATTRS = (
     "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
 )
 _SQLITE_ROWS = (
-    "INSERT INTO attr_history(e, path, ds, obs, created, modified, num, inst) SELECT "
-    + ", ".join(f"value ->> {i}" for i in range(8))
-    + " FROM json_each(?)"
+    "INSERT INTO attr_history_new(id, e, path, ds, obs, created, modified, num, inst) SELECT "
+    "? + key, " + ", ".join(f"value ->> {i}" for i in range(8)) + " FROM json_each(?)"
+)
+# The next free instance id: past every id given so far, merged (the AUTOINCREMENT counter of
+# attr_history, which also counts deleted rows) or staged. And how many rows are staged.
+_SQLITE_IDS = (
+    "SELECT max(coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'attr_history'), 0), "
+    "coalesce((SELECT max(id) FROM attr_history_new), 0)) + 1, "
+    # min and max each in a subquery of its own: one index seek each (together: a scan)
+    "coalesce((SELECT max(id) FROM attr_history_new) - (SELECT min(id) FROM attr_history_new) "
+    "+ 1, 0)"
 )
 
 
-def sqlite_insert(rows: Sequence[HistoryRow]) -> list[tuple[str, list[Any]]]:
-    """The statements (sql, params) that insert ``rows`` on SQLite: two, whatever the count."""
+def sqlite_insert(rows: Sequence[HistoryRow], first_id: int) -> list[tuple[str, list[Any]]]:
+    """The statements (sql, params) that stage ``rows`` on SQLite with the ids ``first_id``,
+    ``first_id + 1``, ...: two, whatever the count."""
     if not rows:
         return []
     attrs = {r.path: r.iri for r in rows}
@@ -160,14 +170,23 @@ def sqlite_insert(rows: Sequence[HistoryRow]) -> list[tuple[str, list[Any]]]:
     ]
     return [
         (_SQLITE_ATTRS, [orjson.dumps(list(attrs.items())).decode()]),
-        (_SQLITE_ROWS, [orjson.dumps(data).decode()]),
+        (_SQLITE_ROWS, [first_id, orjson.dumps(data).decode()]),
     ]
 
 
-def insert_sqlite(conn: sqlite3.Connection, rows: Sequence[HistoryRow]) -> None:
-    """Insert ``rows`` in the caller's transaction."""
-    for sql, params in sqlite_insert(rows):
+def insert_sqlite(
+    conn: sqlite3.Connection, rows: Sequence[HistoryRow], merge_at: int = MERGE_ROWS
+) -> None:
+    """Insert ``rows`` in the caller's transaction: staged in ``attr_history_new``, and all
+    staged rows merged into ``attr_history`` once ``merge_at`` or more are waiting (0: now;
+    see cityward.bank.temporal.schema)."""
+    if not rows:
+        return
+    first_id, staged = conn.execute(_SQLITE_IDS).fetchone()
+    for sql, params in sqlite_insert(rows, int(first_id)):
         conn.execute(sql, params)
+    if int(staged) + len(rows) >= merge_at:
+        merge_sqlite(conn)
 
 
 def copy_postgres(conn: psycopg.Connection[Any], rows: Sequence[HistoryRow]) -> None:

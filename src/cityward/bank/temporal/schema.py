@@ -16,6 +16,14 @@ One row per version of an attribute instance. Layout choices, for hundreds of mi
 * Each time column has an index ``(e, path, <time>, id)``: a time range or lastN of one
   attribute is one index range. On SQLite the observedAt index also covers ``num`` and ``ds``
   so aggregation never reads the table; on PostgreSQL it INCLUDEs them for index-only scans.
+* SQLite: new rows go to ``attr_history_new`` first, a table without secondary indexes (it
+  keeps the columns and ids), and move into ``attr_history`` in bulk, sorted by entity and
+  attribute (``merge_sqlite``): once ``MERGE_ROWS`` are waiting, and before anything reads or
+  changes the history (``bank.history.settle``). Inserted one write at a time, each row landed
+  on index pages of its own entity in three indexes: about three pages written per reading
+  once the history outgrew the cache, so a sustained ingest slowed as its history grew (57 µs a
+  row at 1M rows, against 2 µs staged plus 7-10 µs merged in runs of 20,000-200,000 rows over
+  10,000 entities).
 * PostgreSQL: partitioned by range of ``obs``, one partition per month created on demand
   (``ensure_partitions``) and a default partition so that an insert never fails. No unique
   constraint, so the same table can be made a TimescaleDB hypertable (``partitioned=False``,
@@ -34,6 +42,12 @@ import psycopg
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
 TABLE = "attr_history"
+STAGE = "attr_history_new"
+# SQLite: staged rows that make a write transaction move them all into attr_history. A merge of
+# 50,000 rows over 10,000 entities takes about 0.4 s (a write meanwhile waits that long); the
+# ingest writer at 1.2M history rows: 78.8 µs a reading unstaged, 71.9 staged with merges of
+# 20,000, 68.0 with merges of 60,000.
+MERGE_ROWS = 50_000
 ATTRS = "attr_history_attrs"
 DEFAULT_PARTITION = "attr_history_default"
 # Partitions ensure_partitions creates in one call at most: a batch of instances with scattered
@@ -61,7 +75,26 @@ CREATE INDEX IF NOT EXISTS attr_history_modified ON attr_history(e, path, modifi
 -- tells cheaply whether an attribute has datasetIds (then aggregation groups by ds)
 CREATE INDEX IF NOT EXISTS attr_history_ds ON attr_history(e, path) WHERE ds IS NOT NULL;
 CREATE TABLE IF NOT EXISTS attr_history_attrs (path INTEGER PRIMARY KEY, iri TEXT NOT NULL);
+-- rows waiting to be merged into attr_history (merge_sqlite), ids given by insert_sqlite
+CREATE TABLE IF NOT EXISTS attr_history_new (
+  id INTEGER PRIMARY KEY,
+  e INTEGER NOT NULL,
+  path INTEGER NOT NULL,
+  ds TEXT,
+  obs INTEGER NOT NULL,
+  created INTEGER NOT NULL,
+  modified INTEGER NOT NULL,
+  num REAL,
+  inst TEXT NOT NULL
+);
 """
+
+_COLUMNS = "id, e, path, ds, obs, created, modified, num, inst"
+# sorted as the indexes are: consecutive rows land on the same index pages
+_MERGE = (
+    f"INSERT INTO attr_history ({_COLUMNS}) SELECT {_COLUMNS} FROM attr_history_new "
+    "ORDER BY e, path, obs, id"
+)
 
 _PG_TABLE = """
 CREATE SEQUENCE IF NOT EXISTS attr_history_id_seq CACHE 100;
@@ -123,6 +156,15 @@ $fn$;
 def create_sqlite(conn: sqlite3.Connection) -> None:
     """Create the history tables and indexes (idempotent)."""
     conn.executescript(SQLITE_DDL)
+
+
+def merge_sqlite(conn: sqlite3.Connection) -> int:
+    """Move the staged rows into ``attr_history``, in the caller's transaction; returns how
+    many moved. Costs next to nothing when none are staged."""
+    moved = conn.execute(_MERGE).rowcount
+    if moved:
+        conn.execute("DELETE FROM attr_history_new")
+    return moved
 
 
 def create_postgres(conn: psycopg.Connection[Any], *, partitioned: bool = True) -> None:
