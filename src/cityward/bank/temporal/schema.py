@@ -42,7 +42,6 @@ import psycopg
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
 TABLE = "attr_history"
-STAGE = "attr_history_new"
 # SQLite: staged rows that make a write transaction move them all into attr_history. A merge of
 # 50,000 rows over 10,000 entities takes about 0.4 s (a write meanwhile waits that long); the
 # ingest writer at 1.2M history rows: 78.8 µs a reading unstaged, 71.9 staged with merges of
