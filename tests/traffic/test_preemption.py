@@ -18,6 +18,7 @@ from cityward.traffic.emergency import EV_TYPE, PlannedRun, add_runs, free_flow_
 from cityward.traffic.preemption import Preemption, edge_of
 from cityward.traffic.safety import SafetyGuard, SafetyRules
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
+from tests.conftest import shared_path
 
 END = 700.0
 RULES = SafetyRules(min_green=6, yellow=3.0, all_red=2.0, max_red=90)
@@ -154,3 +155,26 @@ def test_the_switch_waits_for_the_latest_moment_and_no_other_green_starts_meanwh
         backend.close()
     assert deferred > 0, "some requests should find another green that can run on a while"
     assert not wrong, f"greens started for others while reserved: {wrong}"
+
+
+def test_a_spillback_ahead_of_an_emergency_vehicle_is_flushed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """arterial4x4 (oversaturated), seed 3: emergency vehicles on the eastbound arterial wait
+    behind cars that cannot change into a left-turn lane queued back from the next signal but
+    one. Flushing that approach (and serving a request again once its vehicle moves) must cut
+    their travel time; same seed and runs, one run without the flush for comparison."""
+    from cityward.traffic import preemption
+    from cityward.traffic.bench import find_scenarios, run_one
+
+    sc = find_scenarios(shared_path("data", "traffic"))["arterial4x4"]
+    with_flush = run_one(sc, "adaptive", 3, tmp_path / "flush", ev_per_hour=6)
+    monkeypatch.setattr(preemption, "FLUSH", False)
+    monkeypatch.setattr(preemption, "REVIVE_M", float("inf"))
+    without = run_one(sc, "adaptive", 3, tmp_path / "plain", ev_per_hour=6)
+    free = with_flush["ev_free_flow_time_s"]
+    assert free == without["ev_free_flow_time_s"]
+    ratio = with_flush["ev_travel_time_s"] / free
+    before = without["ev_travel_time_s"] / free
+    # measured: 1.62 against 3.19
+    assert ratio < 0.75 * before, (ratio, before)

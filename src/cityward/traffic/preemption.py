@@ -21,6 +21,14 @@ intersection goes back to its controller (recovery is the controller's normal ch
 queues it now sees). Requests go through the safety guard like any other: clearance and minimum
 green still apply, so no conflicting green is ever shown.
 
+A request whose vehicle has not come closer for ``STALL_S`` is dropped (it is blocked further
+on, and holding a green for it serves nobody); it comes back once the vehicle has moved
+``REVIVE_M`` closer. When the vehicle is blocked by a spillback (the approach after the next
+signal queued back over ``SPILL_FILL`` of a lane), the signals at the head of that queue are
+asked for the green that empties the vehicle's whole approach, and those requests are not
+dropped while it stands (see ``_requests``). On arterial4x4, seeds 1-10, 6 emergency vehicles
+an hour, the median ratio of travel to free-flow time went from 1.71 to 1.49 with both.
+
 Two emergency vehicles wanting conflicting greens at one intersection are served one after
 the other: the first to request goes first, then the higher priority; two that a single green
 serves share it.
@@ -45,6 +53,10 @@ HEADWAY_S = 2.0
 MARGIN_S = 5.0
 MAX_LEAD_S = 90.0
 STALL_S = 30.0  # a request whose vehicle has not moved closer for this long is dropped
+REVIVE_M = 20.0  # a dropped request comes back once its vehicle is this much closer
+FLUSH = True  # flush a spillback chain ahead of a vehicle (below; tests switch it off)
+SPILL_FILL = 0.6  # an approach lane queued over this share of its length spills back
+VEHICLE_SPACE_M = 7.5  # a stopped car and its gap
 
 
 def edge_of(lane: str) -> str:
@@ -64,6 +76,8 @@ class Request:
     links: frozenset[int] = frozenset()  # links that must be green for it (and those ahead)
     eta: float = 0.0  # seconds to its arrival at free-flow speed (latest estimate)
     clear_s: float = 0.0  # seconds the vehicles queued ahead of it need to clear the line
+    flush: bool = False  # the head of a spillback chain that blocks the vehicle
+    expired_dist: float = 0.0  # its distance when the request expired
 
 
 @dataclass(frozen=True)
@@ -126,12 +140,17 @@ class Preemption:
                 if prev is None:
                     self.stats.requests += 1
                 kept = prev if prev is not None and prev.phase == r.phase else r
-                kept.eta, kept.clear_s = r.eta, r.clear_s
+                kept.eta, kept.clear_s, kept.flush = r.eta, r.clear_s, r.flush
+                if r.flush or (kept.expired and r.dist < kept.expired_dist - REVIVE_M):
+                    # flushing, or moving again: serve it again
+                    kept.expired = False
+                    kept.progress_at = now
                 if r.dist < kept.dist - 1.0 or kept is r:
                     kept.dist, kept.progress_at = r.dist, now
-                elif not kept.expired and now - kept.progress_at > STALL_S:
+                elif not kept.expired and not r.flush and now - kept.progress_at > STALL_S:
                     # the vehicle is not getting closer (blocked further on): stop holding
                     kept.expired = True
+                    kept.expired_dist = r.dist
                     self.stats.expired += 1
                 merged.append(kept)
             merged.sort(key=lambda r: (r.since, -r.priority, r.vehicle))
@@ -192,6 +211,15 @@ class Preemption:
             # inside the junction after route[0]: that movement is done; next is route[1]
             first = 1
             dist += self._edge_length(route[1])
+        # Spillback: when the approach of the next signal but one is queued back over most of
+        # its length, the vehicle cannot get through the next signal whatever it shows; the
+        # green that helps is the one that empties that approach, at its own signal, and so
+        # on down a chain of such approaches. Those signals are asked for the green that serves
+        # the vehicle's whole approach (a car ahead of it may wait to change into a turning
+        # lane that only moves on its turn's green), timed by the longest queue of that
+        # approach, and such a request is not dropped while the vehicle stands.
+        chain = True
+        seen = 0
         for k in range(first, len(route) - 1):
             if k > first:
                 dist += self._edge_length(route[k])
@@ -200,18 +228,29 @@ class Preemption:
                 continue
             x, links = found[0]
             guard = self.guards[x.id]
-            phase = self._phase_serving(x, links)
+            flush = False
+            if FLUSH and seen > 0 and chain:
+                chain = self._spilling(x, route[k])
+                flush = chain
+            seen += 1
+            phase = self._phase_serving(x, links, whole=flush)
             eta = dist / max(ev.speed_ms, FREE_FLOW_MS)
             if phase is None or eta > MAX_LEAD_S:
                 break
-            # halted vehicles ahead of it (the queue behind it does not delay it)
+            # halted vehicles ahead of it (the queue behind it does not delay it); flushing a
+            # spillback: the longest queue of its approach (a car ahead may wait for any lane)
+            counted = (
+                [n for n, (i, _) in enumerate(x.links) if i and edge_of(i) == route[k]]
+                if flush
+                else links
+            )
             queued = max(
                 sum(
                     1
                     for d, v in self.backend.approaching(x.links[n][0])
                     if v < HALTED_MS and d < dist
                 )
-                for n in links
+                for n in counted
             )
             # worst case: a switch to another green has just begun; it must finish, that green
             # must last its minimum, then the switch to ours
@@ -221,6 +260,8 @@ class Preemption:
                 # what must be green: its green's links from the lanes it drives in (a car
                 # ahead of it in a shared lane must move too)
                 lanes = {x.links[n][0] for n in links}
+                if flush:
+                    lanes = {i for i, _ in x.links if i and edge_of(i) == route[k]}
                 need = frozenset(n for n in phase.green_links() if x.links[n][0] in lanes)
                 out.append(
                     (
@@ -235,28 +276,44 @@ class Preemption:
                             links=need,
                             eta=eta,
                             clear_s=HEADWAY_S * queued,
+                            flush=flush,
                         ),
                     )
                 )
         return out
 
-    def _phase_serving(self, x: Intersection, links: frozenset[int]) -> Phase | None:
+    def _phase_serving(
+        self, x: Intersection, links: frozenset[int], whole: bool = False
+    ) -> Phase | None:
         """The green phase for the vehicle's movement that also lets the vehicles ahead of it
         go: among the phases giving its links green, the one giving green to the most links of
         the lanes it drives in (a through car ahead in a shared lane must move too), then the
-        one giving it priority green (G) rather than permissive (g)."""
+        one giving it priority green (G) rather than permissive (g). ``whole``: first the most
+        links of its whole approach (flushing a spillback: a car ahead may wait to change into
+        a turning lane that only moves when its turn is green)."""
         lanes = {x.links[n][0] for n in links}
+        edges = {edge_of(lane) for lane in lanes}
         shared = [n for n, (i, _) in enumerate(x.links) if i in lanes]
+        approach = [n for n, (i, _) in enumerate(x.links) if i and edge_of(i) in edges]
         best: Phase | None = None
-        best_score = (0, 0)
+        best_score = (0, 0, 0)
         for g in x.greens:
             mine = sum(2 if g.state[n] == "G" else 1 for n in links if g.state[n] in "Gg")
             if not mine:
                 continue
-            score = (sum(1 for n in shared if g.state[n] in "Gg"), mine)
+            wide = sum(1 for n in approach if g.state[n] in "Gg") if whole else 0
+            score = (wide, sum(1 for n in shared if g.state[n] in "Gg"), mine)
             if score > best_score:
                 best, best_score = g, score
         return best
+
+    def _spilling(self, x: Intersection, edge: str) -> bool:
+        """Whether a lane of ``edge`` (an approach of ``x``) is queued over SPILL_FILL of it."""
+        b = self.backend
+        return any(
+            b.queue(lane) * VEHICLE_SPACE_M >= SPILL_FILL * b.lane_length(lane)
+            for lane in {i for i, _ in x.links if i and edge_of(i) == edge}
+        )
 
     def _edge_length(self, edge: str) -> float:
         n = self._edge_len.get(edge)
