@@ -114,13 +114,20 @@ class Preemption:
         self.guards = guards
         # (in edge, out edge) -> [(intersection, its link indices for that movement)]
         self.movements: dict[tuple[str, str], list[tuple[Intersection, frozenset[int]]]] = {}
+        # (tls, in edge) -> the link indices from that approach's lanes (a spillback flush)
+        self.approach: dict[tuple[str, str], frozenset[int]] = {}
         for tls, g in guards.items():
             per: dict[tuple[str, str], set[int]] = {}
+            sides: dict[str, set[int]] = {}
             for n, (i, o) in enumerate(g.x.links):
+                if i:
+                    sides.setdefault(edge_of(i), set()).add(n)
                 if i and o:
                     per.setdefault((edge_of(i), edge_of(o)), set()).add(n)
             for key, links in per.items():
                 self.movements.setdefault(key, []).append((guards[tls].x, frozenset(links)))
+            for edge, links in sides.items():
+                self.approach[(tls, edge)] = frozenset(links)
         self.requests: dict[str, list[Request]] = {}  # tls -> requests, in serving order
         self.stats = PreemptionStats()
         self._edge_len: dict[str, float] = {}
@@ -228,22 +235,19 @@ class Preemption:
                 continue
             x, links = found[0]
             guard = self.guards[x.id]
+            side = self.approach[(x.id, route[k])]
             flush = False
             if FLUSH and seen > 0 and chain:
-                chain = self._spilling(x, route[k])
+                chain = self._spilling(x, side)
                 flush = chain
             seen += 1
-            phase = self._phase_serving(x, links, whole=flush)
+            phase = self._phase_serving(x, links, side if flush else frozenset())
             eta = dist / max(ev.speed_ms, FREE_FLOW_MS)
             if phase is None or eta > MAX_LEAD_S:
                 break
             # halted vehicles ahead of it (the queue behind it does not delay it); flushing a
             # spillback: the longest queue of its approach (a car ahead may wait for any lane)
-            counted = (
-                [n for n, (i, _) in enumerate(x.links) if i and edge_of(i) == route[k]]
-                if flush
-                else links
-            )
+            counted = side if flush else links
             queued = max(
                 sum(
                     1
@@ -259,9 +263,7 @@ class Preemption:
             if eta <= min(lead, MAX_LEAD_S):
                 # what must be green: its green's links from the lanes it drives in (a car
                 # ahead of it in a shared lane must move too)
-                lanes = {x.links[n][0] for n in links}
-                if flush:
-                    lanes = {i for i, _ in x.links if i and edge_of(i) == route[k]}
+                lanes = {x.links[n][0] for n in (side if flush else links)}
                 need = frozenset(n for n in phase.green_links() if x.links[n][0] in lanes)
                 out.append(
                     (
@@ -283,36 +285,35 @@ class Preemption:
         return out
 
     def _phase_serving(
-        self, x: Intersection, links: frozenset[int], whole: bool = False
+        self, x: Intersection, links: frozenset[int], whole: frozenset[int] = frozenset()
     ) -> Phase | None:
         """The green phase for the vehicle's movement that also lets the vehicles ahead of it
         go: among the phases giving its links green, the one giving green to the most links of
         the lanes it drives in (a through car ahead in a shared lane must move too), then the
-        one giving it priority green (G) rather than permissive (g). ``whole``: first the most
-        links of its whole approach (flushing a spillback: a car ahead may wait to change into
-        a turning lane that only moves when its turn is green)."""
+        one giving it priority green (G) rather than permissive (g). ``whole`` (the links of its
+        whole approach, when flushing a spillback: a car ahead may wait to change into a
+        turning lane that only moves when its turn is green): the most of those first."""
         lanes = {x.links[n][0] for n in links}
-        edges = {edge_of(lane) for lane in lanes}
         shared = [n for n, (i, _) in enumerate(x.links) if i in lanes]
-        approach = [n for n, (i, _) in enumerate(x.links) if i and edge_of(i) in edges]
         best: Phase | None = None
         best_score = (0, 0, 0)
         for g in x.greens:
             mine = sum(2 if g.state[n] == "G" else 1 for n in links if g.state[n] in "Gg")
             if not mine:
                 continue
-            wide = sum(1 for n in approach if g.state[n] in "Gg") if whole else 0
+            wide = sum(1 for n in whole if g.state[n] in "Gg")
             score = (wide, sum(1 for n in shared if g.state[n] in "Gg"), mine)
             if score > best_score:
                 best, best_score = g, score
         return best
 
-    def _spilling(self, x: Intersection, edge: str) -> bool:
-        """Whether a lane of ``edge`` (an approach of ``x``) is queued over SPILL_FILL of it."""
+    def _spilling(self, x: Intersection, side: frozenset[int]) -> bool:
+        """Whether a lane of an approach of ``x`` (its links ``side``) is queued over
+        SPILL_FILL of its length."""
         b = self.backend
         return any(
             b.queue(lane) * VEHICLE_SPACE_M >= SPILL_FILL * b.lane_length(lane)
-            for lane in {i for i, _ in x.links if i and edge_of(i) == edge}
+            for lane in {x.links[n][0] for n in side}
         )
 
     def _edge_length(self, edge: str) -> float:

@@ -54,9 +54,8 @@ DEFAULT_PARTITION = "attr_history_default"
 # partition and move out when their month's partition is created later.
 MAX_NEW_PARTITIONS = 12
 
-SQLITE_DDL = """
-CREATE TABLE IF NOT EXISTS attr_history (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,  -- AUTOINCREMENT: an instance id is never reused
+# the columns after id, of attr_history and of attr_history_new alike
+_SQLITE_ROW = """
   e INTEGER NOT NULL,
   path INTEGER NOT NULL,
   ds TEXT,
@@ -64,7 +63,12 @@ CREATE TABLE IF NOT EXISTS attr_history (
   created INTEGER NOT NULL,
   modified INTEGER NOT NULL,
   num REAL,
-  inst TEXT NOT NULL
+  inst TEXT NOT NULL"""
+
+SQLITE_DDL = f"""
+-- AUTOINCREMENT: an instance id is never reused
+CREATE TABLE IF NOT EXISTS attr_history (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,{_SQLITE_ROW}
 );
 -- rows are appended in rowid order (cheap writes); the indexes hold the per-attribute order.
 -- id right after the time: ties order by insertion, and lastN reads the index backwards.
@@ -76,15 +80,7 @@ CREATE INDEX IF NOT EXISTS attr_history_ds ON attr_history(e, path) WHERE ds IS 
 CREATE TABLE IF NOT EXISTS attr_history_attrs (path INTEGER PRIMARY KEY, iri TEXT NOT NULL);
 -- rows waiting to be merged into attr_history (merge_sqlite), ids given by insert_sqlite
 CREATE TABLE IF NOT EXISTS attr_history_new (
-  id INTEGER PRIMARY KEY,
-  e INTEGER NOT NULL,
-  path INTEGER NOT NULL,
-  ds TEXT,
-  obs INTEGER NOT NULL,
-  created INTEGER NOT NULL,
-  modified INTEGER NOT NULL,
-  num REAL,
-  inst TEXT NOT NULL
+  id INTEGER PRIMARY KEY,{_SQLITE_ROW}
 );
 """
 
