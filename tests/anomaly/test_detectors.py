@@ -129,6 +129,26 @@ def test_ensemble_second_day_of_plain_noise_is_not_news() -> None:
     assert alarmed == []
 
 
+def test_ensemble_a_value_far_beyond_every_value_so_far_is_news() -> None:
+    """The spatial rule: once a day has been seen, a value well outside the range of all
+    values so far scores 1, where the forecasts alone find it unremarkable in a stream this
+    noisy; just past the range, within the noise, it does not."""
+    r = random.Random(3)
+    xs = [r.uniform(0.0, 10.0) for _ in range(600)]  # two days of 5-minute values
+    t = len(xs) * STEP_S
+    on, off = create("ensemble"), create("ensemble", {"spatial": 0})
+    run(on, xs)
+    run(off, xs)
+    assert on.score_one(17.0, t) == 1.0
+    assert off.score_one(17.0, t) < 0.5
+    assert on.score_one(max(xs) + 1.0, t) < 0.5  # beyond the range, not beyond the noise
+    assert on.score_one(-7.0, t) == 1.0  # below it too
+    # not before a whole day has been seen
+    early = create("ensemble")
+    run(early, xs[:200])
+    assert early.score_one(17.0, 200 * STEP_S) < 1.0
+
+
 def test_default_and_unknown_names() -> None:
     assert type(create("default")).name == DEFAULT
     with pytest.raises(KeyError, match="no detector named 'nope'"):

@@ -22,7 +22,12 @@ Per value, in constant time and memory (plain floats: faster than NumPy one valu
    in the day. Otherwise (and until the time-of-day view has learnt ``warmup`` errors) the
    larger surprise of the level and step views. Surprise is the -log
    of the tail probability, scaled so that 0.5 is a tail of 1e-5 and 1 a tail of 1e-10.
-4. *Dead time.* After a score above ``alarm`` the detector stays quiet for ``dead_time`` values:
+4. *Beyond the range.* Once a day has been seen, a value outside the range of every value so
+   far, by more than ``spatial`` of that range and by more than ``spatial_noise`` mean
+   absolute deviations of the level view, scores 1 (the "spatial anomaly" of Numenta's NAB
+   detector, whose 5 % margin ``spatial`` is; the noise margin keeps the record highs of plain
+   noise from alarming: without it three in four noisy test streams alarmed within four days).
+5. *Dead time.* After a score above ``alarm`` the detector stays quiet for ``dead_time`` values:
    one incident, one alarm; the repeats add nothing for an operator.
 
 During the first ``warmup`` values the detector learns and scores 0.
@@ -55,6 +60,20 @@ class EnsembleConfig(AlarmConfig):
         default=0.0005, gt=0.0, lt=1.0, description="Weight of a new value in the long-run stats."
     )
     slots: int = Field(default=96, ge=4, le=10_000, description="Slots of the day (96: 15 min).")
+    spatial: float = Field(
+        default=0.05,
+        ge=0.0,
+        le=10.0,
+        description="Once a day has been seen, a value beyond the range of every value so far "
+        "by more than this share of the range (and by spatial_noise) scores 1; 0: off.",
+    )
+    spatial_noise: float = Field(
+        default=2.0,
+        ge=0.0,
+        le=100.0,
+        description="The same value must also be this many mean absolute deviations of the "
+        "level view beyond the range.",
+    )
     combine: Literal["best", "max"] = Field(
         default="best",
         description="'best': the time-of-day view alone once it forecasts better than the "
@@ -132,6 +151,8 @@ class Ensemble(OneAlarmPerIncident):
         self.profile: list[float | None] = [None] * config.slots
         self.first_t: float | None = None
         self.views = [_View(config.short) for _ in range(3)]
+        self.lo = math.inf  # the range of every value so far (the spatial rule)
+        self.hi = -math.inf
 
     def _errors(self, x: float, t: float) -> tuple[float, float, float | None]:
         slot = int((t % DAY_S) / DAY_S * self.cfg.slots)
@@ -146,6 +167,8 @@ class Ensemble(OneAlarmPerIncident):
     def surprise(self, x: float, t: float) -> float:
         if self.n < self.cfg.warmup:
             return 0.0
+        if self._beyond_range(x, t):
+            return 1.0
         errs = self._errors(x, t)
         got = [v.surprise(e) for v, e in zip(self.views, errs, strict=True) if e is not None]
         level, _, day = self.views
@@ -162,6 +185,13 @@ class Ensemble(OneAlarmPerIncident):
         # -log tail probability 0..23 -> 0..1; 0.5 at a tail of 1e-5
         return min(best / -LOG_FLOOR, 1.0)
 
+    def _beyond_range(self, x: float, t: float) -> bool:
+        cfg = self.cfg
+        if cfg.spatial <= 0.0 or self.first_t is None or t - self.first_t < DAY_S:
+            return False
+        margin = max((self.hi - self.lo) * cfg.spatial, cfg.spatial_noise * self.views[0].mae)
+        return x > self.hi + margin or x < self.lo - margin
+
     def update(self, x: float, t: float) -> None:
         cfg = self.cfg
         if self.n == 0:
@@ -172,6 +202,10 @@ class Ensemble(OneAlarmPerIncident):
             if e is not None:
                 v.learn(e, cfg.err_rate, cfg.long_rate)
         self.mean += cfg.slow * (x - self.mean)
+        if x < self.lo:
+            self.lo = x
+        if x > self.hi:
+            self.hi = x
         self.prev = x
         slot = int((t % DAY_S) / DAY_S * cfg.slots)
         p = self.profile[slot]
