@@ -136,8 +136,8 @@ class Ensemble(OneAlarmPerIncident):
     name = "ensemble"
     summary = (
         "cityward's own: level, step and time-of-day forecasts, each error's likelihood "
-        "against its history; what the daily pattern explains is not news; one alarm per "
-        "incident"
+        "against its history; what the daily pattern explains is not news; a value far "
+        "beyond every value so far is; one alarm per incident"
     )
     Config = EnsembleConfig
 
