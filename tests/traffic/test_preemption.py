@@ -178,3 +178,57 @@ def test_a_spillback_ahead_of_an_emergency_vehicle_is_flushed(
     before = without["ev_travel_time_s"] / free
     # measured: 1.62 against 3.19
     assert ratio < 0.75 * before, (ratio, before)
+
+
+def _slow_road_run(grid_cfg: Path) -> tuple[int, list[str]]:
+    """Emergency runs across the grid with every road limited to 20 km/h: (steps with some
+    signal reserved for one of them, signal seen by each at the stop lines after its first)."""
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", str(END)])
+    reserved = 0
+    arrivals: list[str] = []
+    pending: dict[str, tuple[str, int]] = {}
+    watcher: dict[str, Preemption] = {}
+    try:
+        t = backend.t
+        for lane in t.lane.getIDList():
+            if not lane.startswith(":"):
+                t.lane.setMaxSpeed(lane, 20 / 3.6)
+        routes = straight_routes(backend)
+        add_runs(backend, [PlannedRun(f"ev{n}", 120.0 + 90.0 * n, r) for n, r in enumerate(routes)])
+
+        def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+            nonlocal reserved
+            pre = watcher.setdefault("p", Preemption(backend, guards))
+            pre.update(now)
+            reserved += sum(1 for rs in pre.requests.values() if any(not r.expired for r in rs))
+            for vid in t.vehicle.getIDList():
+                nxt = t.vehicle.getNextTLS(vid) if t.vehicle.getTypeID(vid) == EV_TYPE else ()
+                if nxt:
+                    tls, link, dist, _ = nxt[0]
+                    if dist < 8.0 and pending.get(vid) != (tls, link):
+                        if vid in pending:
+                            arrivals.append(backend.state(tls)[link])
+                        pending[vid] = (tls, link)
+
+        control_loop(backend, "adaptive", END, rules=RULES, on_step=on_step)
+    finally:
+        backend.close()
+    return reserved, arrivals
+
+
+def test_on_a_slow_road_arrival_is_estimated_at_its_speed_limit(
+    grid_cfg: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On roads limited to 20 km/h an emergency vehicle's arrival is estimated at 20 km/h, not
+    at the 50 km/h used elsewhere: its signals are reserved for it much later (a 50 km/h
+    estimate held their greens for a vehicle still far up the road), and it still meets green
+    at every signal."""
+    from cityward.traffic import preemption
+
+    reserved, arrivals = _slow_road_run(grid_cfg)
+    monkeypatch.setattr(preemption, "SLOW_ROAD_MS", 0.0)  # the 50 km/h estimate everywhere
+    reserved_before, arrivals_before = _slow_road_run(grid_cfg)
+    assert len(arrivals) >= 8 and len(arrivals_before) >= 8
+    assert all(c in GREEN for c in arrivals), arrivals
+    assert all(c in GREEN for c in arrivals_before), arrivals_before
+    assert reserved < 0.7 * reserved_before, (reserved, reserved_before)

@@ -184,6 +184,10 @@ class SignalBackend(abc.ABC):
         """Length of a lane in m (from the network)."""
         return 100.0
 
+    def lane_speed(self, lane: str) -> float | None:
+        """Speed limit of a lane in m/s (from the network); None where unknown."""
+        return None
+
     def is_entry(self, lane: str) -> bool:
         """Whether no other lane leads into ``lane`` (vehicles join it from outside the
         network). Field: from the network model; unknown counts as an entry."""

@@ -60,6 +60,7 @@ class SumoBackend(SignalBackend):
         self.t.start([sumo_binary(), *args])
         self._closed = False
         self._lengths: dict[str, float] = {}
+        self._speeds: dict[str, float] = {}
         self._next: dict[str, list[str]] = {}
         self._evs: dict[str, float] = {}  # emergency vehicle id -> first seen
         self._watch_departures(self.t.vehicle.getIDList())
@@ -194,6 +195,12 @@ class SumoBackend(SignalBackend):
         n = self._lengths.get(lane)
         if n is None:
             n = self._lengths[lane] = float(self.t.lane.getLength(lane))
+        return n
+
+    def lane_speed(self, lane: str) -> float | None:
+        n = self._speeds.get(lane)
+        if n is None:
+            n = self._speeds[lane] = float(self.t.lane.getMaxSpeed(lane))
         return n
 
     def _watch_departures(self, ids: Sequence[str]) -> None:
