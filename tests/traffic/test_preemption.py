@@ -42,11 +42,35 @@ def straight_routes(backend: SumoBackend) -> list[tuple[str, str, str, str, str]
     return sorted(set(out))[:6]
 
 
+class Arrivals:
+    """The signal each emergency vehicle shows at its stop line, from its second signal on: the
+    first is only ~100 m after the vehicle enters, less than the worst-case lead time (a switch
+    under way, its minimum green, ours), so the signals after it are judged."""
+
+    def __init__(self, backend: SumoBackend) -> None:
+        self.backend = backend
+        self.seen: list[str] = []
+        self._pending: dict[str, tuple[str, int]] = {}
+
+    def step(self) -> None:
+        v = self.backend.t.vehicle
+        for vid in v.getIDList():
+            if v.getTypeID(vid) != EV_TYPE:
+                continue
+            nxt = v.getNextTLS(vid)
+            if not nxt:
+                continue
+            tls, link, dist, _ = nxt[0]
+            if dist < 8.0 and self._pending.get(vid) != (tls, link):
+                if vid in self._pending:
+                    self.seen.append(self.backend.state(tls)[link])
+                self._pending[vid] = (tls, link)
+
+
 def run(grid_cfg: Path, controller: str, preemption: bool) -> tuple[list[str], int, dict[str, int]]:
     """(signal seen by each EV arriving at a stop line, steps, conflicting-green count)."""
     backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", str(END)])
-    arrivals: list[str] = []
-    pending: dict[str, tuple[str, int]] = {}
+    arrivals = Arrivals(backend)
     bad: dict[str, int] = defaultdict(int)
     try:
         routes = straight_routes(backend)
@@ -54,23 +78,9 @@ def run(grid_cfg: Path, controller: str, preemption: bool) -> tuple[list[str], i
         runs = [PlannedRun(f"ev{n}", 120.0 + 70.0 * n, r) for n, r in enumerate(routes)]
         add_runs(backend, runs)
         xs = {x.id: x for x in backend.intersections()}
-        v = backend.t.vehicle
 
         def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
-            for vid in v.getIDList():
-                if v.getTypeID(vid) != EV_TYPE:
-                    continue
-                nxt = v.getNextTLS(vid)
-                if not nxt:
-                    continue
-                tls, link, dist, _ = nxt[0]
-                if dist < 8.0 and pending.get(vid) != (tls, link):
-                    # the first signal is only ~100 m after the vehicle enters: less than the
-                    # worst-case lead time (a switch under way, its minimum green, ours), so
-                    # judge the signals after it
-                    if vid in pending:
-                        arrivals.append(backend.state(tls)[link])
-                    pending[vid] = (tls, link)
+            arrivals.step()
             for tls, x in xs.items():
                 s = backend.state(tls)
                 g = [i for i, c in enumerate(s) if c in GREEN]
@@ -82,7 +92,7 @@ def run(grid_cfg: Path, controller: str, preemption: bool) -> tuple[list[str], i
         )
     finally:
         backend.close()
-    return arrivals, stats.steps, bad
+    return arrivals.seen, stats.steps, bad
 
 
 @pytest.mark.parametrize("controller", sorted(load_builtin()))
@@ -185,8 +195,7 @@ def _slow_road_run(grid_cfg: Path) -> tuple[int, list[str]]:
     signal reserved for one of them, signal seen by each at the stop lines after its first)."""
     backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", str(END)])
     reserved = 0
-    arrivals: list[str] = []
-    pending: dict[str, tuple[str, int]] = {}
+    arrivals = Arrivals(backend)
     watcher: dict[str, Preemption] = {}
     try:
         t = backend.t
@@ -201,19 +210,12 @@ def _slow_road_run(grid_cfg: Path) -> tuple[int, list[str]]:
             pre = watcher.setdefault("p", Preemption(backend, guards))
             pre.update(now)
             reserved += sum(1 for rs in pre.requests.values() if any(not r.expired for r in rs))
-            for vid in t.vehicle.getIDList():
-                nxt = t.vehicle.getNextTLS(vid) if t.vehicle.getTypeID(vid) == EV_TYPE else ()
-                if nxt:
-                    tls, link, dist, _ = nxt[0]
-                    if dist < 8.0 and pending.get(vid) != (tls, link):
-                        if vid in pending:
-                            arrivals.append(backend.state(tls)[link])
-                        pending[vid] = (tls, link)
+            arrivals.step()
 
         control_loop(backend, "adaptive", END, rules=RULES, on_step=on_step)
     finally:
         backend.close()
-    return reserved, arrivals
+    return reserved, arrivals.seen
 
 
 def test_on_a_slow_road_arrival_is_estimated_at_its_speed_limit(

@@ -139,8 +139,7 @@ class Preemption:
                 self.approach[(tls, edge)] = frozenset(links)
         self.requests: dict[str, list[Request]] = {}  # tls -> requests, in serving order
         self.stats = PreemptionStats()
-        self._edge_len: dict[str, float] = {}
-        self._lane_speed: dict[str, float] = {}
+        self._edges: dict[str, tuple[float, float]] = {}  # edge -> length, free speed
 
     # -- the loop calls these -----------------------------------------------------------------
     def update(self, now: float) -> None:
@@ -225,14 +224,14 @@ class Preemption:
         dist = max(0.0, self.backend.lane_length(ev.lane) - ev.position_m)
         # seconds to drive that far, each stretch at its free speed (_free_speed) but never
         # assumed slower than the vehicle goes now
-        travel = dist / self._free_speed(ev.lane, ev.speed_ms)
+        travel = dist / max(ev.speed_ms, self._free_speed(ev.lane))
         first = 0
         if ev.lane.startswith(":"):
             # inside the junction after route[0]: that movement is done; next is route[1]
             first = 1
-            n = self._edge_length(route[1])
+            n, free = self._edge(route[1])
             dist += n
-            travel += n / self._free_speed(f"{route[1]}_0", ev.speed_ms)
+            travel += n / max(ev.speed_ms, free)
         # Spillback: when the approach of the next signal but one is queued back over most of
         # its length, the vehicle cannot get through the next signal whatever it shows; the
         # green that helps is the one that empties that approach, at its own signal, and so
@@ -244,9 +243,9 @@ class Preemption:
         seen = 0
         for k in range(first, len(route) - 1):
             if k > first:
-                n = self._edge_length(route[k])
+                n, free = self._edge(route[k])
                 dist += n
-                travel += n / self._free_speed(f"{route[k]}_0", ev.speed_ms)
+                travel += n / max(ev.speed_ms, free)
             found = self.movements.get((route[k], route[k + 1]))
             if not found:
                 continue
@@ -333,18 +332,19 @@ class Preemption:
             for lane in {x.links[n][0] for n in side}
         )
 
-    def _free_speed(self, lane: str, speed_ms: float) -> float:
+    def _free_speed(self, lane: str) -> float:
         """The speed to assume on ``lane``: FREE_FLOW_MS, or on a slow road (a limit of
-        SLOW_ROAD_MS or less) its limit; the vehicle's speed now where that is higher."""
-        limit = self._lane_speed.get(lane)
-        if limit is None:
-            known = self.backend.lane_speed(lane)
-            slow = known is not None and 0 < known <= SLOW_ROAD_MS
-            limit = self._lane_speed[lane] = known if slow and known is not None else FREE_FLOW_MS
-        return max(speed_ms, limit)
+        SLOW_ROAD_MS or less) its limit."""
+        known = self.backend.lane_speed(lane)
+        return known if known is not None and 0 < known <= SLOW_ROAD_MS else FREE_FLOW_MS
 
-    def _edge_length(self, edge: str) -> float:
-        n = self._edge_len.get(edge)
-        if n is None:
-            n = self._edge_len[edge] = self.backend.lane_length(f"{edge}_0")
-        return n
+    def _edge(self, edge: str) -> tuple[float, float]:
+        """Length and free speed (``_free_speed``) of a route edge, from its first lane."""
+        found = self._edges.get(edge)
+        if found is None:
+            lane = f"{edge}_0"
+            found = self._edges[edge] = (
+                self.backend.lane_length(lane),
+                self._free_speed(lane),
+            )
+        return found
