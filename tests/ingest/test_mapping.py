@@ -78,7 +78,7 @@ def test_topic_levels_time_formats_and_defaults() -> None:
     assert u.entity_id == "urn:ngsi-ld:NoiseLevelObserved:ghent:n4"
     assert u.observed_at == "2026-11-23T09:00:00.000Z"
     # no message id: the key is the entity and the observation time (a retry maps the same)
-    assert u.message_key == "t:urn:ngsi-ld:NoiseLevelObserved:ghent:n4@2026-11-23T09:00:00.000Z"
+    assert u.message_key == "o:2026-11-23T09:00:00.000Z@urn:ngsi-ld:NoiseLevelObserved:ghent:n4"
     ms = dict(cfg, timestamp={"path": "$.when", "format": "epoch_ms"})
     u2 = Mapping(MappingConfig.model_validate(ms)).apply(
         {"db": 1, "when": 1795400000123}, topic="a/b"

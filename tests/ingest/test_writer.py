@@ -266,3 +266,87 @@ def test_nodes_starting_together_on_a_new_database() -> None:
             s.close()
         if stores:
             drop_pg_store(stores[0])
+
+
+def _keys(store: Store) -> list[tuple[str, int]]:
+    return [(str(k), int(at)) for k, at in store.select("SELECT key, at FROM ingest_keys", [])]
+
+
+def test_old_keys_are_forgotten_a_step_at_a_time_counted_from_the_newest(
+    store: Store, tmp_path: Path
+) -> None:
+    w = _worker(store, tmp_path)
+    # 25 keys of long ago, 10 of later, 5 of the newest time (all long before today's clock)
+    ages = [1000] * 25 + [5000] * 10 + [9000] * 5
+    with store.write("", create_tenant=True) as txn:
+        for n, at in enumerate(ages):
+            txn.execute(
+                "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)", ["air", f"m:{n}", at]
+            )
+    # window 3600 s back from the newest key (9000): the 35 keys before 5400 go, 10 a step
+    left = [w.writer._purge_step(3600, rows=10) for _ in range(4)]
+    assert left == [True, True, True, False]
+    assert sorted(at for _, at in _keys(store)) == [9000] * 5
+    # the clock is days past every key, but nothing else is older than the window: a worker
+    # that was stopped keeps the keys of its last writes (their redelivery is a repeat)
+    assert w.writer._purge_step(3600, rows=10) is False
+    assert len(_keys(store)) == 5
+    # the tick between batches does the same, once a newer key moves the window on
+    with store.write("", create_tenant=True) as txn:
+        txn.execute(
+            "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)", ["air", "m:new", 12601]
+        )
+    w.writer._purged_at = 0.0
+    w.writer._maybe_purge()
+    assert _keys(store) == [("m:new", 12601)]
+
+
+def test_a_message_stored_under_the_earlier_key_form_is_still_a_repeat(
+    store: Store, tmp_path: Path
+) -> None:
+    from cityward.ingest.mapping import Mapping, MappingConfig
+    from cityward.ingest.settings import IngestSettings
+    from cityward.ingest.writer import KEYS_SQL
+    from tests.ingest.helpers import MAPPING
+
+    by_time = {k: v for k, v in MAPPING.items() if k != "message_id"}  # keys: entity and time
+    upd = Mapping(MappingConfig.model_validate(by_time)).apply(message(1))
+    assert upd.message_key.startswith("o:")
+    # a key table as an earlier version left it: the key of message 1 in the form t:<id>@<time>
+    with store.write("", create_tenant=True) as txn:
+        for sql in KEYS_SQL[:2]:
+            txn.execute(sql)
+        txn.execute(
+            "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)",
+            ["air", f"t:{upd.entity_id}@{upd.observed_at}", 5000],
+        )
+    conf = IngestSettings.model_validate(
+        {
+            "sources": [{"name": "air", "adapter": "http", "options": {}, "mapping": by_time}],
+            "writer": {"max_delay_ms": 20},
+        }
+    )
+    w = IngestWorker(bank_with_history(store), conf, DeadLetters(tmp_path / "dl.db"))
+    assert w.writer._legacy_until == 5000
+    w.start()
+    try:
+        # message 1 again (a redelivery across the upgrade) and message 2, new
+        assert _feed(w, [message(1), message(2)]) == [None, None]
+    finally:
+        w.stop()
+    assert stored_readings(store) == [("urn:ngsi-ld:AirQualityObserved:s2", 2.0)]
+    assert w.writer.stats.duplicates == 1 and w.writer.stats.written == 1
+    # the keys just written are today's: the earlier one (at 5000) falls out of the window,
+    # and with it the last key of the earlier form, which is then not looked up any more
+    assert w.writer._purge_step(3600) is False
+    assert w.writer._legacy_until is None
+    assert sorted(k[:2] for k, _ in _keys(store)) == ["o:", "o:"]
+    again = IngestWorker(bank_with_history(store), conf, DeadLetters(tmp_path / "dl2.db"))
+    assert again.writer._legacy_until is None
+
+
+def test_a_new_key_table_has_no_keys_of_the_earlier_form(store: Store, tmp_path: Path) -> None:
+    w = _worker(store, tmp_path)
+    assert w.writer._legacy_until is None
+    rows = store.select("SELECT k, v FROM ingest_meta", [])
+    assert [(str(k), int(v)) for k, v in rows] == [("form", 2)]

@@ -262,7 +262,10 @@ class Mapping:
                 raise MappingError("the message id is missing", self.config.message_id or "$")
             key = f"m:{mid}"
         else:
-            key = f"t:{eid}@{observed}"
+            # the observation time first: keys then mostly arrive in order and the key
+            # table's index grows at its end (``t:<entity>@<time>``, the earlier form, put each
+            # device's keys in a region of their own; cityward.ingest.writer reads both)
+            key = f"o:{observed}@{eid}"
         return Update(eid, self.config.entity_type, observed, attrs, key)
 
     def _entity_id(self, payload: dict[str, Any], topic: str) -> str:
