@@ -1,7 +1,7 @@
 """Sustained MQTT ingest into the data bank, end to end, with 10,000 simulated devices.
 
     .venv/bin/python bench/ingest.py [--rates 1000,2000,3000,5000] [--seconds 20]
-        [--devices 10000] [--mode embedded|nats] [--writers 1]
+        [--devices 10000] [--mode embedded|nats] [--writers 1] [--keys message|time]
         [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
 
 For each offered rate: a Mosquitto of the benchmark's own (persistence on, no queue cap, as
@@ -80,8 +80,7 @@ client_id = "cityward-bench-{stamp}"
 [ingest.sources.mapping]
 entity_type = "AirQualityObserved"
 id = "urn:ngsi-ld:AirQualityObserved:{{topic[1]}}"
-message_id = "$.n"
-timestamp = {{ path = "$.ts", format = "epoch_ms" }}
+{message_id}timestamp = {{ path = "$.ts", format = "epoch_ms" }}
 attributes = {{ no2 = {{ path = "$.no2" }} }}
 """
 
@@ -185,6 +184,7 @@ def run_one(
             batch=args.batch,
             delay=args.delay_ms,
             front="false" if args.one_process else "true",
+            message_id='message_id = "$.n"\n' if args.keys == "message" else "",
         )
     )
     data = work / "data"
@@ -335,6 +335,13 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="py-spy the ingest process into this file")
     ap.add_argument("--keep", action="store_true", help="keep the run's files and streams")
     ap.add_argument("--runs", type=int, default=1, help="runs per rate (the median is kept)")
+    ap.add_argument(
+        "--keys",
+        choices=["message", "time"],
+        default="message",
+        help="delivery keys: the message's id, or (no message_id in the mapping) its device's "
+        "entity and observation time",
+    )
     args = ap.parse_args()
     if args.mode == "nats" and not args.database_url:
         ap.error("--mode nats needs --database-url (the bank on PostgreSQL)")
