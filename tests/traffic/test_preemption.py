@@ -180,13 +180,14 @@ def test_a_spillback_ahead_of_an_emergency_vehicle_is_flushed(
     sc = find_scenarios(shared_path("data", "traffic"))["arterial4x4"]
     with_flush = run_one(sc, "adaptive", 3, tmp_path / "flush", ev_per_hour=6)
     monkeypatch.setattr(preemption, "FLUSH", False)
+    monkeypatch.setattr(preemption, "FLUSH_OWN", False)
     monkeypatch.setattr(preemption, "REVIVE_M", float("inf"))
     without = run_one(sc, "adaptive", 3, tmp_path / "plain", ev_per_hour=6)
     free = with_flush["ev_free_flow_time_s"]
     assert free == without["ev_free_flow_time_s"]
     ratio = with_flush["ev_travel_time_s"] / free
     before = without["ev_travel_time_s"] / free
-    # measured: 1.62 against 3.19
+    # measured: 1.55 against 3.19 (1.62 before the flush of the vehicle's own approach)
     assert ratio < 0.75 * before, (ratio, before)
 
 
