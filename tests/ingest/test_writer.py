@@ -272,17 +272,24 @@ def _keys(store: Store) -> list[tuple[str, int]]:
     return [(str(k), int(at)) for k, at in store.select("SELECT key, at FROM ingest_keys", [])]
 
 
+def _add_keys(store: Store, keys: list[tuple[str, int]], *sql: str) -> None:
+    """Put delivery keys (key, at) of the source "air" in the key table, after ``sql``."""
+    with store.write("", create_tenant=True) as txn:
+        for statement in sql:
+            txn.execute(statement)
+        for key, at in keys:
+            txn.execute(
+                "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)", ["air", key, at]
+            )
+
+
 def test_old_keys_are_forgotten_a_step_at_a_time_counted_from_the_newest(
     store: Store, tmp_path: Path
 ) -> None:
     w = _worker(store, tmp_path)
     # 25 keys of long ago, 10 of later, 5 of the newest time (all long before today's clock)
     ages = [1000] * 25 + [5000] * 10 + [9000] * 5
-    with store.write("", create_tenant=True) as txn:
-        for n, at in enumerate(ages):
-            txn.execute(
-                "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)", ["air", f"m:{n}", at]
-            )
+    _add_keys(store, [(f"m:{n}", at) for n, at in enumerate(ages)])
     # window 3600 s back from the newest key (9000): the 35 keys before 5400 go, 10 a step
     left = [w.writer._purge_step(3600, rows=10) for _ in range(4)]
     assert left == [True, True, True, False]
@@ -292,10 +299,7 @@ def test_old_keys_are_forgotten_a_step_at_a_time_counted_from_the_newest(
     assert w.writer._purge_step(3600, rows=10) is False
     assert len(_keys(store)) == 5
     # the tick between batches does the same, once a newer key moves the window on
-    with store.write("", create_tenant=True) as txn:
-        txn.execute(
-            "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)", ["air", "m:new", 12601]
-        )
+    _add_keys(store, [("m:new", 12601)])
     w.writer._purged_at = 0.0
     w.writer._maybe_purge()
     assert _keys(store) == [("m:new", 12601)]
@@ -313,13 +317,7 @@ def test_a_message_stored_under_the_earlier_key_form_is_still_a_repeat(
     upd = Mapping(MappingConfig.model_validate(by_time)).apply(message(1))
     assert upd.message_key.startswith("o:")
     # a key table as an earlier version left it: the key of message 1 in the form t:<id>@<time>
-    with store.write("", create_tenant=True) as txn:
-        for sql in KEYS_SQL[:2]:
-            txn.execute(sql)
-        txn.execute(
-            "INSERT INTO ingest_keys (source, key, at) VALUES (?, ?, ?)",
-            ["air", f"t:{upd.entity_id}@{upd.observed_at}", 5000],
-        )
+    _add_keys(store, [(f"t:{upd.entity_id}@{upd.observed_at}", 5000)], *KEYS_SQL[:2])
     conf = IngestSettings.model_validate(
         {
             "sources": [{"name": "air", "adapter": "http", "options": {}, "mapping": by_time}],

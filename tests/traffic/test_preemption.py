@@ -167,6 +167,24 @@ def test_the_switch_waits_for_the_latest_moment_and_no_other_green_starts_meanwh
     assert not wrong, f"greens started for others while reserved: {wrong}"
 
 
+def _arterial_ratios(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int, **off: object
+) -> tuple[float, float]:
+    """arterial4x4 with 6 emergency vehicles an hour, ``seed``: their travel over free-flow
+    time as preemption is, and again with the module settings ``off`` changed."""
+    from cityward.traffic import preemption
+    from cityward.traffic.bench import find_scenarios, run_one
+
+    sc = find_scenarios(shared_path("data", "traffic"))["arterial4x4"]
+    now = run_one(sc, "adaptive", seed, tmp_path / "now", ev_per_hour=6)
+    for name, value in off.items():
+        monkeypatch.setattr(preemption, name, value)
+    other = run_one(sc, "adaptive", seed, tmp_path / "other", ev_per_hour=6)
+    free = now["ev_free_flow_time_s"]
+    assert free == other["ev_free_flow_time_s"]
+    return now["ev_travel_time_s"] / free, other["ev_travel_time_s"] / free
+
+
 def test_a_spillback_ahead_of_an_emergency_vehicle_is_flushed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,19 +192,9 @@ def test_a_spillback_ahead_of_an_emergency_vehicle_is_flushed(
     behind cars that cannot change into a left-turn lane queued back from the next signal but
     one. Flushing that approach (and serving a request again once its vehicle moves) must cut
     their travel time; same seed and runs, one run without the flush for comparison."""
-    from cityward.traffic import preemption
-    from cityward.traffic.bench import find_scenarios, run_one
-
-    sc = find_scenarios(shared_path("data", "traffic"))["arterial4x4"]
-    with_flush = run_one(sc, "adaptive", 3, tmp_path / "flush", ev_per_hour=6)
-    monkeypatch.setattr(preemption, "FLUSH", False)
-    monkeypatch.setattr(preemption, "FLUSH_OWN", False)
-    monkeypatch.setattr(preemption, "REVIVE_M", float("inf"))
-    without = run_one(sc, "adaptive", 3, tmp_path / "plain", ev_per_hour=6)
-    free = with_flush["ev_free_flow_time_s"]
-    assert free == without["ev_free_flow_time_s"]
-    ratio = with_flush["ev_travel_time_s"] / free
-    before = without["ev_travel_time_s"] / free
+    ratio, before = _arterial_ratios(
+        tmp_path, monkeypatch, 3, FLUSH=False, FLUSH_OWN=False, REVIVE_M=float("inf")
+    )
     # measured: 1.55 against 3.19 (1.62 before the flush of the vehicle's own approach)
     assert ratio < 0.75 * before, (ratio, before)
 
@@ -198,17 +206,7 @@ def test_an_emergency_vehicles_own_approach_is_flushed_when_it_spills_back(
     waits to change into the left-turn lane, queued full; the vehicle's own through green does
     not empty that lane. Asking for the green that serves its whole approach does; same seed
     and runs, one run without it for comparison."""
-    from cityward.traffic import preemption
-    from cityward.traffic.bench import find_scenarios, run_one
-
-    sc = find_scenarios(shared_path("data", "traffic"))["arterial4x4"]
-    own = run_one(sc, "adaptive", 2, tmp_path / "own", ev_per_hour=6)
-    monkeypatch.setattr(preemption, "FLUSH_OWN", False)
-    ahead_only = run_one(sc, "adaptive", 2, tmp_path / "ahead", ev_per_hour=6)
-    free = own["ev_free_flow_time_s"]
-    assert free == ahead_only["ev_free_flow_time_s"]
-    ratio = own["ev_travel_time_s"] / free
-    before = ahead_only["ev_travel_time_s"] / free
+    ratio, before = _arterial_ratios(tmp_path, monkeypatch, 2, FLUSH_OWN=False)
     # measured: 1.27 against 1.49
     assert ratio < 0.9 * before, (ratio, before)
 

@@ -45,8 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from cityward.bank.errors import NgsiError
 from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
@@ -142,30 +140,35 @@ def create_tables(store: Store) -> int | None:
         try:
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("BEGIN IMMEDIATE")
-            for sql in KEYS_SQL:
-                conn.execute(sql)
-            form, newest = conn.execute(_META_FORM).fetchone()
-            if form is None:
-                if newest is not None:
-                    conn.execute(_MARK_LEGACY, [newest])
-                conn.execute(_MARK_FORM)
-            until = conn.execute(_LEGACY_UNTIL).fetchone()
+            until = _key_form(lambda sql, p=(): conn.execute(sql, p).fetchone())
             conn.execute("COMMIT")
         finally:
             conn.close()
-    else:
-        with store.pool.connection() as pg:  # type: ignore[attr-defined]
-            # one node at a time: concurrent CREATE TABLE IF NOT EXISTS race in the catalog
-            pg.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
-            for sql in KEYS_SQL:
-                pg.execute(sql)
-            row = pg.execute(_META_FORM).fetchone()
-            assert row is not None
-            if row[0] is None:
-                if row[1] is not None:
-                    pg.execute(_MARK_LEGACY.replace("?", "%s"), [row[1]])
-                pg.execute(_MARK_FORM)
-            until = pg.execute(_LEGACY_UNTIL).fetchone()
+        return until
+    from cityward.bank.store.postgres import to_pg
+
+    with store.pool.connection() as pg:  # type: ignore[attr-defined]
+        # one node at a time: concurrent CREATE TABLE IF NOT EXISTS race in the catalog
+        pg.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+
+        def one(sql: str, params: Sequence[Any] = ()) -> Any:
+            cur = pg.execute(to_pg(sql), params)
+            return cur.fetchone() if cur.description is not None else None
+
+        return _key_form(one)
+
+
+def _key_form(one: Callable[..., Any]) -> int | None:
+    """Create the key tables and mark their key form (KEYS_SQL, _META_FORM) through ``one``
+    (runs a statement, returns its first row or None); returns ``legacy_until``."""
+    for sql in KEYS_SQL:
+        one(sql)
+    form, newest = one(_META_FORM)
+    if form is None:
+        if newest is not None:
+            one(_MARK_LEGACY, [newest])
+        one(_MARK_FORM)
+    until = one(_LEGACY_UNTIL)
     return None if until is None else int(until[0])
 
 
@@ -407,7 +410,7 @@ class BatchWriter(Batcher):
             new = _insert_keys(txn, batch)
             if self._legacy_until is not None:
                 new -= _legacy_repeats(txn, batch, new)
-            keep = [f for f in frags if (by_frag[id(f)].source, by_frag[id(f)].key) in new]
+            keep = [f for f, r in zip(frags, batch, strict=True) if (r.source, r.key) in new]
             fresh.update(id(f) for f in keep)
             return keep
 
@@ -549,18 +552,17 @@ def _legacy_repeats(
         if r.key.startswith("o:") and (r.source, r.key) in new:
             when, _, eid = r.key[2:].partition("@")
             twins[(r.source, f"t:{eid}@{when}")] = (r.source, r.key)
-    if not twins:
-        return set()
-    each = (
-        "SELECT value ->> 0, value ->> 1 FROM json_each(?)"
-        if txn.dialect == "sqlite"
-        else "SELECT t ->> 0, t ->> 1 FROM jsonb_array_elements(?::jsonb) AS t"
-    )
-    found = txn.execute(
-        f"SELECT source, key FROM ingest_keys WHERE (source, key) IN ({each})",
-        [orjson.dumps([list(k) for k in twins]).decode()],
-    )
-    return {twins[(str(src), str(key))] for src, key in found}
+    found: set[tuple[str, str]] = set()
+    pairs = list(twins)
+    for start in range(0, len(pairs), _KEY_CHUNK):
+        chunk = pairs[start : start + _KEY_CHUNK]
+        values = ",".join(["(?, ?)"] * len(chunk))
+        rows = txn.execute(
+            f"SELECT source, key FROM ingest_keys WHERE (source, key) IN (VALUES {values})",
+            [v for pair in chunk for v in pair],
+        )
+        found.update(twins[(str(src), str(key))] for src, key in rows)
+    return found
 
 
 def _lock_entities(txn: WriteTxn, tenant: str, eids: Sequence[str]) -> None:
