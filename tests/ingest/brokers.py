@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ingest.certs import Authority
 from tests.servers import free_port
 
 # ``user``: started as root (CI), Mosquitto would switch to the mosquitto user, which cannot
@@ -65,6 +66,7 @@ class Mosquitto:
         self.conf.write_text(CONFIG.format(port=self.port, dir=folder, user=getpass.getuser()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.restarts = 0
+        self.ports = [self.port]  # every listener: start() waits for them all
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -73,7 +75,7 @@ class Mosquitto:
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 10
-        while not reachable(self.port, 0.2):
+        while not all(reachable(p, 0.2) for p in self.ports):
             assert self.proc.poll() is None, (self.folder / "broker.log").read_text()
             assert time.monotonic() < deadline, "mosquitto did not start in 10 s"
             time.sleep(0.02)
@@ -89,3 +91,62 @@ class Mosquitto:
         self.stop()
         self.start()
         self.restarts += 1
+
+
+SECURED = """\
+user {user}
+per_listener_settings true
+persistence false
+
+listener {port} 127.0.0.1
+allow_anonymous false
+password_file {passwords}
+acl_file {acl}
+
+listener {tls_port} 127.0.0.1
+allow_anonymous false
+password_file {passwords}
+acl_file {acl}
+cafile {ca}
+certfile {cert}
+keyfile {key}
+
+listener {mtls_port} 127.0.0.1
+allow_anonymous false
+cafile {ca}
+certfile {cert}
+keyfile {key}
+require_certificate true
+use_identity_as_username true
+"""
+
+
+class SecuredMosquitto(Mosquitto):
+    """A Mosquitto that lets no one in anonymously: ``port`` checks a user name and password,
+    ``tls_port`` the same over TLS with the broker certificate of ``authority``, and
+    ``mtls_port`` asks for a client certificate signed by that authority instead. On the first
+    two, ``acl`` (Mosquitto's acl_file text) says who may read and write which topics."""
+
+    def __init__(self, folder: Path, authority: Authority, users: dict[str, str], acl: str) -> None:
+        super().__init__(folder)
+        passwords = folder / "passwords"
+        passwords.write_text("")
+        tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+        for user, password in users.items():
+            subprocess.run([tool, "-b", str(passwords), user, password], check=True)
+        (folder / "acl").write_text(acl)
+        self.tls_port, self.mtls_port = free_port(), free_port()
+        self.ports = [self.port, self.tls_port, self.mtls_port]
+        self.conf.write_text(
+            SECURED.format(
+                user=getpass.getuser(),
+                port=self.port,
+                tls_port=self.tls_port,
+                mtls_port=self.mtls_port,
+                passwords=passwords,
+                acl=folder / "acl",
+                ca=authority.ca,
+                cert=authority.broker.cert,
+                key=authority.broker.key,
+            )
+        )

@@ -36,6 +36,56 @@ SESSION_EXPIRY, RECEIVE_MAXIMUM = 0x11, 0x21
 
 OnMessage = Callable[[str, bytes, int, int], None]
 
+# What a refusal means, for the operator (MQTT 5.0 sections 3.2.2.2 and 3.9.3; 3.1.1: 3.2.2.3)
+CONNECT_REFUSED_V5 = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x9C: "use another server",
+    0x9D: "server moved",
+    0x9F: "connection rate exceeded",
+}
+CONNECT_REFUSED_V3 = {
+    1: "unacceptable protocol version",
+    2: "identifier rejected",
+    3: "server unavailable",
+    4: "bad user name or password",
+    5: "not authorized",
+}
+# the codes that mean the broker does not accept who we are
+_CREDENTIALS = {0x86, 0x87, 0x8C, 4, 5}
+SUBSCRIBE_REFUSED = {
+    0x80: "unspecified error",
+    0x83: "implementation specific error",
+    0x87: "not authorized",
+    0x8F: "topic filter invalid",
+    0x91: "packet identifier in use",
+    0x97: "quota exceeded",
+    0x9E: "shared subscriptions not supported",
+    0xA1: "subscription identifiers not supported",
+    0xA2: "wildcard subscriptions not supported",
+}
+
+
+def connect_refusal(code: int, v5: bool) -> str:
+    """The operator's text for a CONNACK refusal ``code``."""
+    name = (CONNECT_REFUSED_V5 if v5 else CONNECT_REFUSED_V3).get(code, "unknown reason")
+    hint = ""
+    if code in _CREDENTIALS:
+        hint = "; check username and password_file, or the client certificate"
+    return f"the broker refused the connection: {name} (reason code {code}){hint}"
+
 
 class MqttError(Exception):
     """The broker refused us or broke the protocol."""
@@ -157,7 +207,9 @@ class MqttSubscriber:
             except (OSError, MqttError, ssl.SSLError) as exc:
                 if self._stop.is_set():
                     break
-                self.status.last_error = str(exc) or type(exc).__name__
+                text = str(exc) or type(exc).__name__
+                # "TLS: [SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ..."
+                self.status.last_error = f"TLS: {text}" if isinstance(exc, ssl.SSLError) else text
                 log.warning(
                     "ingest mqtt %s:%d: %s; reconnecting in %.1f s",
                     self.o.host,
@@ -209,7 +261,7 @@ class MqttSubscriber:
             raise MqttError(f"expected CONNACK, got packet type {kind >> 4}")
         code = data[1]
         if code != 0:
-            raise MqttError(f"the broker refused the connection (reason code {code})")
+            raise MqttError(connect_refusal(code, o.v5))
         self.status.session_present = bool(data[0] & 0x01)
         sub = struct.pack("!H", 1)
         if o.v5:
@@ -227,9 +279,16 @@ class MqttSubscriber:
         if o.v5:
             n, pos = _read_varint(data, 2)
             codes = data[pos + n :]
-        if any(c >= 0x80 for c in codes):
-            raise MqttError(f"the broker refused a subscription (reason codes {list(codes)})")
-        sock.settimeout(None)
+        refused = [
+            f"{topic}: {SUBSCRIBE_REFUSED.get(c, 'unknown reason')} (reason code {c})"
+            for (topic, _), c in zip(o.topics, codes, strict=False)
+            if c >= 0x80
+        ]
+        if refused:
+            raise MqttError(f"the broker refused a subscription: {'; '.join(refused)}")
+        # a TLS read that waits for the rest of a record holds the send lock (_read_loop): if
+        # the rest never comes, give up after one and a half keepalives and reconnect
+        sock.settimeout(max(30.0, 1.5 * o.keepalive_s) if o.tls is not None else None)
         self._last_send = time.monotonic()
         self._generation += 1
         self.status.connects += 1
@@ -269,16 +328,25 @@ class MqttSubscriber:
         assert sock is not None
         buf = b""
         half = max(1.0, self.o.keepalive_s / 2)
+        secure = sock if isinstance(sock, ssl.SSLSocket) else None
+        tls = secure is not None
         while not self._stop.is_set():
             if time.monotonic() - self._last_send >= half:
                 self._send(encode_packet(PINGREQ, b""))
             # SSL sockets may hold decrypted bytes that select() does not see
-            pending = sock.pending() if isinstance(sock, ssl.SSLSocket) else 0
+            pending = secure.pending() if secure is not None else 0
             if not pending:
                 ready, _, _ = select.select([sock], [], [], min(half, 1.0))
                 if not ready:
                     continue
-            chunk = sock.recv(65536)
+            if tls:
+                # one SSL connection must not be read and written at once (OpenSSL's rule; a
+                # TLS 1.3 read may write too): the acknowledging thread's sends take this lock
+                # as well. select() said a record has begun, so the wait here is short.
+                with self._send_lock:
+                    chunk = sock.recv(65536)
+            else:
+                chunk = sock.recv(65536)
             if not chunk:
                 raise MqttError("the broker closed the connection")
             buf = self._parse(buf + chunk if buf else chunk)
