@@ -150,3 +150,46 @@ class SecuredMosquitto(Mosquitto):
                 key=authority.broker.key,
             )
         )
+
+
+class NatsServer:
+    """A NATS server with JetStream of this test's own, on a free port (the fault tests restart
+    it, which must not take the machine's server at :4222 down under other tests). Its streams
+    are kept in ``folder`` and survive a restart."""
+
+    def __init__(self, folder: Path) -> None:
+        binary = shutil.which("nats-server") or "/usr/sbin/nats-server"
+        if not Path(binary).exists():
+            pytest.fail("the nats-server binary is missing (apt-get install nats-server)")
+        self.binary = binary
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+
+    def start(self) -> None:
+        cmd = [self.binary, "-a", "127.0.0.1", "-p", str(self.port), "-js"]
+        self.proc = subprocess.Popen(
+            [*cmd, "-sd", str(self.folder / "store")],
+            stdout=(self.folder / "nats.log").open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + 10
+        while not reachable(self.port, 0.2):
+            assert self.proc.poll() is None, (self.folder / "nats.log").read_text()
+            assert time.monotonic() < deadline, "nats-server did not start in 10 s"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """SIGTERM: the server stops cleanly, JetStream's file store stays on disk."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+        self.restarts += 1

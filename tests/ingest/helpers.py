@@ -12,6 +12,10 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
 from cityward.bank.access import Access, current_access
 from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.history import History, settle
@@ -161,3 +165,40 @@ class IngestRun:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         return None if self.proc is None else self.proc.returncode
+
+
+class Publisher:
+    """paho at QoS 1 on a persistent session; remembers which messages the broker acknowledged."""
+
+    def __init__(self, port: int, root: str) -> None:
+        self.root = root
+        # no lock of ours: paho calls on_publish holding its own, which publish() takes too
+        self.acked_mids: set[int] = set()
+        self.sent: dict[int, int] = {}  # mid -> message number
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"pub-{root}", clean_session=False
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(200)
+        self.client.reconnect_delay_set(1, 2)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        self.acked_mids.add(mid)
+
+    @property
+    def acked(self) -> set[int]:
+        """The numbers of the valid messages the broker acknowledged."""
+        return {self.sent[m] for m in list(self.acked_mids) if m in self.sent}
+
+    def publish(self, n: int, payload: bytes | None = None) -> None:
+        body = payload if payload is not None else orjson.dumps(message(n))
+        info = self.client.publish(f"{self.root}/{n % 50}", body, qos=1)
+        if payload is None:
+            self.sent[info.mid] = n
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

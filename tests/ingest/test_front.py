@@ -20,8 +20,14 @@ from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.worker import IngestWorker
 from tests.ingest.brokers import Mosquitto
-from tests.ingest.helpers import bank_with_history, refusing, settings, stored_readings
-from tests.ingest.test_mqtt import Publisher, _wait
+from tests.ingest.helpers import (
+    Publisher,
+    bank_with_history,
+    refusing,
+    settings,
+    stored_readings,
+)
+from tests.ingest.test_mqtt import _wait
 
 
 def _worker(tmp_path: Path, port: int, root: str, store: SqliteStore) -> IngestWorker:

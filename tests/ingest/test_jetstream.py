@@ -30,9 +30,11 @@ from cityward.ingest.settings import IngestSettings, IngestStreamSettings
 from cityward.ingest.worker import IngestWorker
 from cityward.ingest.writer import Reading
 from tests.conftest import PG_URL, drop_pg_store, make_pg_store
+from tests.ingest.brokers import Mosquitto, NatsServer
 from tests.ingest.helpers import (
     MAPPING,
     IngestRun,
+    Publisher,
     bank_with_history,
     message,
     refusing,
@@ -308,3 +310,117 @@ def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(
     # them); their delivery keys turned the ones it had committed into duplicates
     assert a.last("redelivered") + b.last("redelivered") > 0, state()
     assert pg.select("SELECT count(*) FROM ingest_keys")[0][0] == total
+
+
+MQTT_FRONT_CONFIG = """
+[bus]
+kind = "nats"
+nats_url = "{nats}"
+connect_timeout_s = 5
+changes_stream = "TEST_CHANGES_{tag}"
+changes_subject = "test.{tag}.changes"
+changes_max_age_s = 600
+
+[ingest]
+[ingest.writer]
+max_delay_ms = 20
+batch_size = 500
+max_pending = 1500
+[ingest.jetstream]
+stream = "TEST_INGEST_{tag}"
+subject = "test.{tag}.ingest"
+max_age_s = 600
+ack_wait_s = 2
+pull_batch = 500
+[[ingest.sources]]
+name = "air"
+adapter = "mqtt"
+[ingest.sources.options]
+port = {port}
+topics = ["{root}/+"]
+client_id = "ingest-{root}"
+[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
+message_id = "$.n"
+timestamp = {{ path = "$.ts", format = "epoch_ms" }}
+attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
+"""
+
+
+def test_a_front_killed_and_nats_restarted_mid_stream_lose_and_double_nothing(
+    tag: str, pg: PostgresStore, tmp_path: Path, broker: Mosquitto
+) -> None:
+    """MQTT -> front -> JetStream -> writer -> PostgreSQL, with NATS of the test's own: the
+    front SIGKILLed twice (what it published but had not acknowledged to the broker comes
+    again; the stream's duplicate window and the delivery keys make it a no-op) and the NATS
+    server restarted once (its file store keeps the stream; fronts and writers reconnect and
+    retry). Every reading the broker acknowledged is in the bank exactly once."""
+    nats = NatsServer(tmp_path / "nats")
+    nats.start()
+    root = f"cw-jsf-{tag}"
+    config = tmp_path / "ingest.toml"
+    config.write_text(MQTT_FRONT_CONFIG.format(nats=nats.url, tag=tag, port=broker.port, root=root))
+    bank_with_history(pg)
+    url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{pg.schema}"
+    writer = IngestRun(
+        "writer", config, tmp_path / "writer", tmp_path / "writer.log", "--database-url", url
+    )
+    front = IngestRun("front", config, tmp_path / "front", tmp_path / "front.log")
+    total = 6000
+    faults: list[str] = []
+
+    def count() -> int:
+        return int(pg.select("SELECT count(*) FROM attr_history")[0][0])
+
+    def state() -> str:
+        return (
+            f"{count()} of {total} in the bank after {faults}\n"
+            f"writer: {writer.text()[-1500:]}\nfront: {front.text()[-1500:]}"
+        )
+
+    def progress(more: int, what: str) -> None:
+        target = count() + more
+        _wait(lambda: count() >= target, 60, lambda: f"no progress before {what}: {state()}")
+
+    writer.start()
+    front.start()
+    # the front's MQTT session must exist before the first message
+    _wait(lambda: "ingest mqtt: connected to" in front.text(), 30, state)
+    pub = Publisher(broker.port, root)
+
+    def publish_all() -> None:
+        for n in range(total):
+            pub.publish(n)
+            if n % 40 == 39:
+                time.sleep(0.05)  # about 800 a second: the faults land mid-stream
+
+    publisher = threading.Thread(target=publish_all)
+    publisher.start()
+    try:
+        progress(400, "the first front kill")
+        front.kill()
+        faults.append(f"front SIGKILL after {count()}")
+        front.start()
+        progress(400, "the NATS restart")
+        nats.restart()
+        faults.append(f"NATS restart after {count()}")
+        progress(400, "the second front kill")
+        front.kill()
+        faults.append(f"front SIGKILL after {count()}")
+        front.start()
+        publisher.join()
+        _wait(lambda: len(pub.acked) == total, 60, lambda: f"broker acked {len(pub.acked)}")
+        _wait(lambda: count() >= total, 120, state)
+        time.sleep(2.5)  # past ack_wait: anything redelivered and doubled would land now
+    finally:
+        publisher.join()
+        pub.close()
+        front.stop()
+        writer.stop()
+        nats.stop()
+    values = sorted(v for _, v in stored_readings(pg))
+    assert len(values) == len(set(values)), "a reading was stored twice"
+    assert set(values) == {float(n) for n in pub.acked}
+    assert sum(values) == sum(range(total))  # the checksum
+    assert front.kills == 2 and nats.restarts == 1
