@@ -424,3 +424,63 @@ def test_a_front_killed_and_nats_restarted_mid_stream_lose_and_double_nothing(
     assert set(values) == {float(n) for n in pub.acked}
     assert sum(values) == sum(range(total))  # the checksum
     assert front.kills == 2 and nats.restarts == 1
+
+
+def test_http_push_of_the_api_in_nats_mode_goes_through_the_stream(
+    tag: str, pg: PostgresStore, tmp_path: Path
+) -> None:
+    """`cityward serve` with ``[bus] kind = "nats"`` is a front and a writer at once: a device's
+    push is answered after JetStream took it, and written from the stream, each reading once
+    (a repeated push too); a bad message is refused at the front and its neighbours written."""
+    from fastapi.testclient import TestClient
+
+    from cityward.api.app import create_app
+    from cityward.config import Settings
+
+    bus = BusSettings(
+        kind="nats",
+        nats_url=NATS_URL,
+        connect_timeout_s=5,
+        changes_stream=f"TEST_CHANGES_{tag}",
+        changes_subject=f"test.{tag}.changes",
+        changes_max_age_s=600,
+    )
+    ingest = _settings(tag).model_dump()
+    settings = Settings(
+        data_dir=tmp_path, context_fetch=False, bus=bus, ingest={**ingest, "enabled": True}
+    )
+    app = create_app(settings, pg)
+    ids = app.state.governance.identities
+    _, key = ids.create_device_key("aq-box", [r"urn:ngsi-ld:AirQualityObserved:s[0-4]"], [])
+    device = {"X-API-Key": key}
+    js = JetStream(NATS_URL, name="cityward-test", connect_timeout_s=5)
+    js.connect()
+    try:
+        with TestClient(app) as client:
+            first = [message(n, devices=5) for n in range(40)]
+            r = client.post("/ingest/air", content=orjson.dumps(first), headers=device)
+            assert r.status_code == 200 and r.json() == {"accepted": 40}, r.text
+            # answered: JetStream has them (the writer may not have written them yet)
+            assert js.stream_messages(f"TEST_INGEST_{tag}") == 40
+            # a device's retry after a lost answer: the stream keeps one of each
+            r = client.post("/ingest/air", content=orjson.dumps(first[30:]), headers=device)
+            assert r.status_code == 200 and r.json() == {"accepted": 10}, r.text
+            mixed: list[Any] = [message(n, devices=5) for n in range(40, 46)]
+            mixed[1] = {"dev": "s1", "n": 41, "ts": 1}  # no no2
+            mixed[3] = {"dev": "s9", "n": 43, "ts": 1, "no2": 3}  # not the device's entity
+            r = client.post("/ingest/air", content=orjson.dumps(mixed), headers=device)
+            assert r.status_code == 207, r.text
+            errors = {e["index"]: e["field"] for e in r.json()["errors"]}
+            assert r.json()["accepted"] == 4 and errors == {1: "$.no2", 3: "id"}
+            want = [float(n) for n in range(46) if n not in (41, 43)]
+            _wait(
+                lambda: len(stored_readings(pg)) >= len(want),
+                30,
+                lambda: f"{len(stored_readings(pg))} of {len(want)}: {app.state.ingest.status()}",
+            )
+            time.sleep(1.0)  # anything doubled would arrive now
+            assert js.stream_messages(f"TEST_INGEST_{tag}") == len(want)
+            # (the app closes the store when it stops)
+            assert sorted(v for _, v in stored_readings(pg)) == want
+    finally:
+        js.close()
