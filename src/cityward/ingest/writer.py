@@ -26,10 +26,10 @@ get every reading, not only the last.
 
 Several writers on one PostgreSQL database (``entity_locks``, the JetStream writers of
 cityward.ingest.jetstream) first take a transaction advisory lock per entity, in one order:
-two writers of one entity then take turns. Without it, the second one's ``SELECT ... FOR
-UPDATE`` waits for the first one's commit, which replaced the entity's row, finds no row, and
-tries to create the entity again (a unique violation, retried, and again while the first keeps
-writing that entity).
+two writers of one entity then take turns, new entities included. (An entity that exists is
+locked by the store's ``SELECT ... FOR UPDATE`` anyway; two writers creating the same new
+entity would otherwise both find none, and the second one's insert would fail on the unique
+key and be retried.)
 """
 
 from __future__ import annotations

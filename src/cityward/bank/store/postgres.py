@@ -213,9 +213,25 @@ class _PgTxn(WriteTxn):
         derived: Sequence[Derived | None] = (),
         same_types: Collection[int] = (),  # COPY rewrites every row anyway
     ) -> None:
+        replaced = set(replacing)
         if replacing:
             self._clear_derived(replacing)
-            self.conn.execute("DELETE FROM entities WHERE pk = ANY(%s)", [list(replacing)])
+            # An UPDATE of the rows in place, not a DELETE and a new row: a concurrent writer
+            # of the same entity waits in get_many's FOR UPDATE for this commit and then reads
+            # the updated row. A deleted row it would skip, find no entity, and answer "not
+            # found" (an update) or try to create it again (an upsert: a unique violation).
+            kept = [(pk, doc) for pk, doc in items if pk in replaced]
+            self.conn.execute(
+                "UPDATE entities AS e SET created = v.c, modified = v.m, doc = v.d "
+                "FROM unnest(%s::bigint[], %s::text[], %s::text[], %s::text[]) AS v(pk, c, m, d) "
+                "WHERE e.pk = v.pk",
+                [
+                    [pk for pk, _ in kept],
+                    [doc["createdAt"] for _, doc in kept],
+                    [doc["modifiedAt"] for _, doc in kept],
+                    [dump_doc(doc) for _, doc in kept],
+                ],
+            )
         self.written += len(items)
         with self.conn.cursor() as cur:
             # COPY is several times faster than INSERT for the thousands of rows of a batch
@@ -225,6 +241,8 @@ class _PgTxn(WriteTxn):
                 "COPY entities (pk, tenant, eid, created, modified, doc) FROM STDIN"
             ) as copy:
                 for pk, doc in items:
+                    if pk in replaced:
+                        continue
                     copy.write_row(
                         (
                             pk,
