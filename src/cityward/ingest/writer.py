@@ -35,7 +35,6 @@ key and be retried.)
 from __future__ import annotations
 
 import abc
-import hashlib
 import logging
 import threading
 import time
@@ -78,8 +77,6 @@ _KEY_CHUNK = 2000
 # older keys are left, a step follows every batch: up to 100,000 keys a second at 10 batches)
 PURGE_EVERY_S = 1.0
 PURGE_ROWS = 10_000
-# the first key of the writers' per-entity advisory locks (others use 74110001, 74110009)
-_ENTITY_LOCKS = 74110017
 
 #: what an adapter is told once its reading is settled: None when it is in the bank (or was
 #: already), otherwise "field: reason" why it was refused (it is then a dead letter)
@@ -566,19 +563,13 @@ def _legacy_repeats(
 
 
 def _lock_entities(txn: WriteTxn, tenant: str, eids: Sequence[str]) -> None:
-    """Take the writers' advisory lock of each entity, sorted so that two writers never wait
-    for each other in a circle; they are released at the commit or rollback."""
-    keys = sorted(
-        {
-            int.from_bytes(
-                hashlib.blake2b(f"{tenant}\0{eid}".encode(), digest_size=4).digest(),
-                "big",
-                signed=True,
-            )
-            for eid in eids
-        }
-    )
+    """Take the writers' advisory lock of each entity before the delivery keys (the store's
+    get_many takes the same ones again, which PostgreSQL grants at once to their holder);
+    released at the commit or rollback."""
+    from cityward.bank.store.postgres import ENTITY_LOCKS, entity_lock_keys
+
     # unnest yields the array in order, and the locks are taken row by row in that order
     txn.execute(
-        "SELECT pg_advisory_xact_lock(?::int, k) FROM unnest(?::int[]) AS k", [_ENTITY_LOCKS, keys]
+        "SELECT pg_advisory_xact_lock(?::int, k) FROM unnest(?::int[]) AS k",
+        [ENTITY_LOCKS, entity_lock_keys(tenant, eids)],
     )
