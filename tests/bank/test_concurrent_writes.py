@@ -1,38 +1,21 @@
-"""Two writers changing one entity at the same moment, on real PostgreSQL and SQLite: the
-second waits for the first and applies its change to the first one's result. Nothing is lost,
-and nobody is told that an entity which exists was not found."""
+"""Two writers changing one entity at the same moment, on real PostgreSQL and SQLite (the
+``store`` fixture of tests/conftest.py): the second waits for the first and applies its
+change to the first one's result. Nothing is lost, and nobody is told that an entity which
+exists was not found."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from cityward.bank.errors import NgsiError
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.model import EntityParser
 from cityward.bank.service import Bank
 from cityward.bank.store import Store
-from cityward.bank.store.sqlite import SqliteStore
-from tests.conftest import drop_pg_store, make_pg_store
 
 EID = "urn:ngsi-ld:Counter:c1"
 ROUNDS = 60
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    if request.param == "sqlite":
-        s: Store = SqliteStore(tmp_path / "bank.db")
-        yield s
-        s.close()
-    else:
-        pg = make_pg_store()
-        yield pg
-        drop_pg_store(pg)
 
 
 def test_concurrent_changes_of_one_entity_wait_for_each_other(store: Store) -> None:

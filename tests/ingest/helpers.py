@@ -33,6 +33,24 @@ MAPPING: dict[str, Any] = {
 }
 
 
+# MAPPING in a configuration file's form (literal braces: not a str.format template)
+MAPPING_TOML = """[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{$.dev}"
+message_id = "$.n"
+timestamp = { path = "$.ts", format = "epoch_ms" }
+attributes = { no2 = { path = "$.no2", required = true } }
+"""
+
+
+def mqtt_source(port: int, root: str) -> str:
+    """The ``[[ingest.sources]]`` section of an MQTT source "air" on ``root/+``."""
+    return (
+        '[[ingest.sources]]\nname = "air"\nadapter = "mqtt"\n[ingest.sources.options]\n'
+        f'port = {port}\ntopics = ["{root}/+"]\nclient_id = "ingest-{root}"\n' + MAPPING_TOML
+    )
+
+
 def settings(adapter: str, options: dict[str, Any], **writer: Any) -> IngestSettings:
     return IngestSettings.model_validate(
         {

@@ -33,10 +33,12 @@ from tests.conftest import PG_URL, drop_pg_store, make_pg_store
 from tests.ingest.brokers import Mosquitto, NatsServer
 from tests.ingest.helpers import (
     MAPPING,
+    MAPPING_TOML,
     IngestRun,
     Publisher,
     bank_with_history,
     message,
+    mqtt_source,
     refusing,
     stored_readings,
 )
@@ -206,7 +208,7 @@ def test_roles_need_nats_and_names_are_checked(tmp_path: Path) -> None:
         IngestStreamSettings(subject="cityward.ingest.>")
     # the command line: in memory mode there is one role
     config = tmp_path / "c.toml"
-    config.write_text(CONFIG.format(tag="x", kind="memory", replay=tmp_path / "r.jsonl"))
+    config.write_text(_replay_config("x", "memory", tmp_path / "r.jsonl"))
     result = CliRunner().invoke(
         app,
         ["ingest", "run", "--config", str(config), "--role", "writer"],
@@ -220,7 +222,7 @@ def test_roles_need_nats_and_names_are_checked(tmp_path: Path) -> None:
 CONFIG = """
 [bus]
 kind = "{kind}"
-nats_url = "nats://127.0.0.1:4222"
+nats_url = "{nats}"
 connect_timeout_s = 5
 changes_stream = "TEST_CHANGES_{tag}"
 changes_subject = "test.{tag}.changes"
@@ -237,18 +239,13 @@ subject = "test.{tag}.ingest"
 max_age_s = 600
 ack_wait_s = 2
 pull_batch = 500
-[[ingest.sources]]
-name = "air"
-adapter = "replay"
-[ingest.sources.options]
-path = "{replay}"
-[ingest.sources.mapping]
-entity_type = "AirQualityObserved"
-id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
-message_id = "$.n"
-timestamp = {{ path = "$.ts", format = "epoch_ms" }}
-attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
 """
+
+
+def _replay_config(tag: str, kind: str, replay: Path) -> str:
+    source = '[[ingest.sources]]\nname = "air"\nadapter = "replay"\n[ingest.sources.options]\n'
+    source += f'path = "{replay}"\n' + MAPPING_TOML
+    return CONFIG.format(tag=tag, kind=kind, nats=NATS_URL) + source
 
 
 def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(
@@ -259,7 +256,7 @@ def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(
     replay = tmp_path / "readings.jsonl"
     replay.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(total)) + b"\n")
     config = tmp_path / "ingest.toml"
-    config.write_text(CONFIG.format(tag=tag, kind="nats", replay=replay))
+    config.write_text(_replay_config(tag, "nats", replay))
     # the writers write into the test's schema, selected by the URL as a deployment would
     url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{pg.schema}"
 
@@ -312,42 +309,6 @@ def test_a_writer_killed_mid_stream_loses_and_doubles_nothing(
     assert pg.select("SELECT count(*) FROM ingest_keys")[0][0] == total
 
 
-MQTT_FRONT_CONFIG = """
-[bus]
-kind = "nats"
-nats_url = "{nats}"
-connect_timeout_s = 5
-changes_stream = "TEST_CHANGES_{tag}"
-changes_subject = "test.{tag}.changes"
-changes_max_age_s = 600
-
-[ingest]
-[ingest.writer]
-max_delay_ms = 20
-batch_size = 500
-max_pending = 1500
-[ingest.jetstream]
-stream = "TEST_INGEST_{tag}"
-subject = "test.{tag}.ingest"
-max_age_s = 600
-ack_wait_s = 2
-pull_batch = 500
-[[ingest.sources]]
-name = "air"
-adapter = "mqtt"
-[ingest.sources.options]
-port = {port}
-topics = ["{root}/+"]
-client_id = "ingest-{root}"
-[ingest.sources.mapping]
-entity_type = "AirQualityObserved"
-id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
-message_id = "$.n"
-timestamp = {{ path = "$.ts", format = "epoch_ms" }}
-attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
-"""
-
-
 def test_a_front_killed_and_nats_restarted_mid_stream_lose_and_double_nothing(
     tag: str, pg: PostgresStore, tmp_path: Path, broker: Mosquitto
 ) -> None:
@@ -360,7 +321,9 @@ def test_a_front_killed_and_nats_restarted_mid_stream_lose_and_double_nothing(
     nats.start()
     root = f"cw-jsf-{tag}"
     config = tmp_path / "ingest.toml"
-    config.write_text(MQTT_FRONT_CONFIG.format(nats=nats.url, tag=tag, port=broker.port, root=root))
+    config.write_text(
+        CONFIG.format(tag=tag, kind="nats", nats=nats.url) + mqtt_source(broker.port, root)
+    )
     bank_with_history(pg)
     url = f"{PG_URL}{'&' if '?' in PG_URL else '?'}options=-csearch_path%3D{pg.schema}"
     writer = IngestRun(

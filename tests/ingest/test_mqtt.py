@@ -25,6 +25,7 @@ from tests.ingest.helpers import (
     Publisher,
     bank_with_history,
     history_count,
+    mqtt_source,
     settings,
     stored_readings,
 )
@@ -88,19 +89,6 @@ CONFIG = """
 [ingest]
 [ingest.writer]
 max_delay_ms = 20
-[[ingest.sources]]
-name = "air"
-adapter = "mqtt"
-[ingest.sources.options]
-port = {port}
-topics = ["{root}/+"]
-client_id = "ingest-{root}"
-[ingest.sources.mapping]
-entity_type = "AirQualityObserved"
-id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
-message_id = "$.n"
-timestamp = {{ path = "$.ts", format = "epoch_ms" }}
-attributes = {{ no2 = {{ path = "$.no2", required = true }} }}
 """
 
 
@@ -109,7 +97,7 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
 ) -> None:
     root = f"cw-fault-{uuid.uuid4().hex[:8]}"
     config = tmp_path / "ingest.toml"
-    config.write_text(CONFIG.format(port=broker.port, root=root))
+    config.write_text(CONFIG + mqtt_source(broker.port, root))
     data = tmp_path / "data"
     ingest = IngestRun("all", config, data, tmp_path / "ingest.log", status_every="0")
     ingest.start()

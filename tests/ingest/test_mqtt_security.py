@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,25 @@ def _receive(tmp_path: Path, broker: SecuredMosquitto, options: dict[str, Any], 
     store.close()
 
 
+@contextmanager
+def _refused(tmp_path: Path, options: dict[str, Any], expect: str) -> Iterator[Any]:
+    """A worker with ``options`` that the broker refuses: yields its adapter once its
+    ``last_error`` holds ``expect``; it never connected and wrote nothing."""
+    worker, store = _worker(
+        tmp_path, {"topics": ["city/refused/+"], "reconnect_max_s": 0.2, **options}
+    )
+    worker.start()
+    adapter: Any = worker.adapters["air"]
+    try:
+        _wait(lambda: expect in adapter.status()["last_error"], 10, adapter.status)
+        yield adapter
+        assert adapter.status()["connects"] == 0, adapter.status()
+    finally:
+        worker.stop()
+    assert worker.writer.stats.written == 0
+    store.close()
+
+
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 def test_a_user_name_and_password_let_the_adapter_in(
     tmp_path: Path, secured: SecuredMosquitto, protocol: str
@@ -118,15 +138,9 @@ def test_a_wrong_password_is_refused_with_the_reason_and_retried(
         "protocol": protocol,
         "username": "ingest",
         "password": "not-the-password",
-        "topics": ["city/refused/+"],
-        "reconnect_max_s": 0.2,
     }
-    worker, store = _worker(tmp_path, opts)
-    worker.start()
-    adapter: Any = worker.adapters["air"]
-    try:
-        # Mosquitto says "not authorized" (MQTT 5: 0x87; 3.1.1: 5) to a wrong password
-        _wait(lambda: "not authorized" in adapter.status()["last_error"], 10, adapter.status)
+    # Mosquitto says "not authorized" (MQTT 5: 0x87; 3.1.1: 5) to a wrong password
+    with _refused(tmp_path, opts, "not authorized") as adapter:
         error = adapter.status()["last_error"]
         assert error.startswith("the broker refused the connection: not authorized (reason code")
         assert "check username and password_file" in error
@@ -134,10 +148,6 @@ def test_a_wrong_password_is_refused_with_the_reason_and_retried(
         time.sleep(1.0)
         assert adapter.status()["connects"] == 0 and not adapter.connected.is_set()
         assert adapter._wire.status is attempts
-    finally:
-        worker.stop()
-    assert worker.writer.stats.written == 0
-    store.close()
 
 
 def test_tls_verified_against_the_citys_own_ca(
@@ -165,22 +175,9 @@ def test_a_broker_whose_certificate_is_not_trusted_is_refused(
         "ca_file": str(other.ca),
         "username": "ingest",
         "password": USERS["ingest"],
-        "topics": ["city/untrusted/+"],
-        "reconnect_max_s": 0.2,
     }
-    worker, store = _worker(tmp_path, opts)
-    worker.start()
-    adapter: Any = worker.adapters["air"]
-    try:
-        _wait(
-            lambda: "TLS: [SSL: CERTIFICATE_VERIFY_FAILED]" in adapter.status()["last_error"],
-            10,
-            adapter.status,
-        )
-        assert adapter.status()["connects"] == 0
-    finally:
-        worker.stop()
-    store.close()
+    with _refused(tmp_path, opts, "TLS: [SSL: CERTIFICATE_VERIFY_FAILED]"):
+        pass
 
 
 def test_a_client_certificate_lets_the_adapter_in_from_a_front_process(
@@ -216,22 +213,12 @@ def test_a_client_certificate_lets_the_adapter_in_from_a_front_process(
 def test_without_a_client_certificate_the_broker_refuses(
     tmp_path: Path, secured: SecuredMosquitto, ca: Authority
 ) -> None:
-    opts = {
-        "port": secured.mtls_port,
-        "tls": True,
-        "ca_file": str(ca.ca),
-        "topics": ["city/nocert/+"],
-        "reconnect_max_s": 0.2,
-    }
-    worker, store = _worker(tmp_path, opts)
-    worker.start()
-    adapter: Any = worker.adapters["air"]
-    try:
-        _wait(lambda: adapter.status()["last_error"] != "", 10, adapter.status)
+    opts = {"port": secured.mtls_port, "tls": True, "ca_file": str(ca.ca)}
+    # the broker's alert ("certificate required"), or the connection it cut ("EOF occurred
+    # in violation of protocol", an SSLEOFError without the "[SSL: ...]" part): a TLS error
+    with _refused(tmp_path, opts, "TLS: ") as adapter:
         time.sleep(0.5)
         assert adapter.status()["connects"] == 0, adapter.status()
-        # the broker's alert ("certificate required"), or the connection it cut: a TLS error
-        assert adapter.status()["last_error"].startswith("TLS: ["), adapter.status()
-    finally:
-        worker.stop()
-    store.close()
+        error = adapter.status()["last_error"]
+        assert error.startswith("TLS: "), error
+        assert "CERTIFICATE_REQUIRED" in error or "EOF occurred" in error, error

@@ -26,10 +26,10 @@ get every reading, not only the last.
 
 Several writers on one PostgreSQL database (``entity_locks``, the JetStream writers of
 cityward.ingest.jetstream) first take a transaction advisory lock per entity, in one order:
-two writers of one entity then take turns, new entities included. (An entity that exists is
-locked by the store's ``SELECT ... FOR UPDATE`` anyway; two writers creating the same new
-entity would otherwise both find none, and the second one's insert would fail on the unique
-key and be retried.)
+two writers of one entity then take turns. The store's ``get_many`` takes the same locks for
+every PostgreSQL write; the writers take them earlier, before the delivery keys, so that two
+writers holding the same readings (a redelivery beside the original) never insert each
+other's keys in crossing orders.
 """
 
 from __future__ import annotations

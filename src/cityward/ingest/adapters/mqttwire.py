@@ -329,7 +329,6 @@ class MqttSubscriber:
         buf = b""
         half = max(1.0, self.o.keepalive_s / 2)
         secure = sock if isinstance(sock, ssl.SSLSocket) else None
-        tls = secure is not None
         while not self._stop.is_set():
             if time.monotonic() - self._last_send >= half:
                 self._send(encode_packet(PINGREQ, b""))
@@ -339,7 +338,7 @@ class MqttSubscriber:
                 ready, _, _ = select.select([sock], [], [], min(half, 1.0))
                 if not ready:
                     continue
-            if tls:
+            if secure is not None:
                 # one SSL connection must not be read and written at once (OpenSSL's rule; a
                 # TLS 1.3 read may write too): the acknowledging thread's sends take this lock
                 # as well. select() said a record has begun, so the wait here is short.
