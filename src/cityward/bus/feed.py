@@ -130,16 +130,18 @@ class ChangeOutbox:
     def __call__(self, txn: WriteTxn, changes: list[Change]) -> None:
         if not changes:
             return
-        bodies = [encode_change(c).decode() for c in changes]
-        # one statement for the whole batch (a statement per row costs a GIL round each)
+        # One statement for the whole batch (a statement per row costs a GIL round each), its
+        # rows in one JSON text: psycopg dumps a list parameter (a text[]) element by element in
+        # Python, which was a sixth of a JetStream writer's CPU.
+        bodies = orjson.dumps([encode_change(c).decode() for c in changes]).decode()
         if txn.dialect == "sqlite":
             txn.execute(
                 "INSERT INTO change_outbox(body) SELECT value FROM json_each(?) ORDER BY key",
-                [orjson.dumps(bodies).decode()],
+                [bodies],
             )
         else:
             txn.execute(
-                "INSERT INTO change_outbox(body) SELECT b FROM unnest(?::text[]) "
+                "INSERT INTO change_outbox(body) SELECT b FROM json_array_elements_text(?::json) "
                 "WITH ORDINALITY AS t(b, i) ORDER BY i",
                 [bodies],
             )

@@ -89,13 +89,24 @@ class IngestStreamSettings(BaseModel):
         default=50_000,
         ge=1,
         le=10_000_000,
-        description="Readings handed to writers and not yet acknowledged, all writers together.",
+        description="Stream messages handed to writers and not yet acknowledged, all writers "
+        "together (a message holds up to message_readings readings).",
     )
     publish_batch: int = Field(
         default=500, ge=1, le=10_000, description="Readings a front publishes per round trip."
     )
+    message_readings: int = Field(
+        default=250,
+        ge=1,
+        le=10_000,
+        description="Readings of one source a front puts in one stream message (and at most "
+        "512 KiB): the stream's and the NATS client's cost is per message.",
+    )
     pull_batch: int = Field(
-        default=1000, ge=1, le=10_000, description="Readings a writer asks for per pull."
+        default=1000,
+        ge=1,
+        le=10_000,
+        description="Readings a writer asks for per pull (in as many messages as that makes).",
     )
 
     @field_validator("stream", "durable")
