@@ -125,6 +125,12 @@ class WriteTxn(abc.ABC):
         if self.dialect == "postgres":
             self.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
 
+    def lock_entities(self, eids: Sequence[str]) -> None:
+        """Hold these entities until this transaction ends: another writer of one of them
+        waits (PostgreSQL: advisory locks, taken in one order; ``get_many`` takes them too).
+        SQLite's write lock serialises writers already: nothing to do."""
+        return None
+
     @abc.abstractmethod
     def get_many(self, eids: Sequence[str]) -> dict[str, tuple[int, dict[str, Any]]]:
         """Current (pk, doc) of the given entity ids that exist, locked until commit."""
