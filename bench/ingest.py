@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py [--rates 1000,2000,3000,5000] [--seconds 20]
         [--devices 10000] [--mode embedded|nats] [--writers 1] [--keys message|time]
-        [--database-url postgresql://postgres@127.0.0.1:5432/postgres]
+        [--database-url postgresql://postgres@127.0.0.1:5432/postgres] [--tls]
 
 For each offered rate: a Mosquitto of the benchmark's own (persistence on, no queue cap, as
 docs/ingest.md asks) and ``cityward ingest run`` as a separate process (its MQTT source, QoS 1
@@ -20,7 +20,11 @@ schema of the run's own); a fast raw-socket publisher
 - **memory**: the peak RSS of the ingest processes together, their front processes included
   (psutil, sampled every 0.2 s).
 
-Writes bench/results/ingest-<mode>.json.
+With ``--tls`` cityward's MQTT source connects to a TLS listener of the broker (a certificate
+authority made for the run; the connection verified against it), while the load generator
+stays on plain MQTT: what TLS costs cityward, not what the devices' TLS costs the broker.
+
+Writes bench/results/ingest-<mode>[-tls].json.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ name = "bench"
 adapter = "mqtt"
 [ingest.sources.options]
 port = {port}
-topics = ["bench/+"]
+{tls}topics = ["bench/+"]
 client_id = "cityward-bench-{stamp}"
 [ingest.sources.mapping]
 entity_type = "AirQualityObserved"
@@ -157,12 +161,28 @@ def run_one(
     conf.write_text(
         BROKER_CONF.format(user=getpass.getuser(), port=broker_port, dir=work / "broker")
     )
+    ingest_port, tls = broker_port, ""
+    if args.tls:
+        # cityward's connection to the broker over TLS, verified against a CA of the run's own;
+        # the load generator stays on the plain listener (a device's TLS is the broker's work)
+        sys.path.insert(0, str(ROOT))
+        from tests.ingest.certs import authority
+
+        ca = authority(work / "tls", "cityward bench CA")
+        ingest_port = free_port()
+        with conf.open("a") as fh:
+            fh.write(
+                f"listener {ingest_port} 127.0.0.1\ncafile {ca.ca}\n"
+                f"certfile {ca.broker.cert}\nkeyfile {ca.broker.key}\n"
+            )
+        tls = f'tls = true\nca_file = "{ca.ca}"\n'
     broker = subprocess.Popen(
         [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     wait_port(broker_port)
+    wait_port(ingest_port)
     stamp = time.time_ns()
     bus = stream = ""
     if mode == "nats":  # streams of the run's own, dropped at the end
@@ -179,7 +199,8 @@ def run_one(
         INGEST_CONF.format(
             bus=bus,
             stream=stream,
-            port=broker_port,
+            port=ingest_port,
+            tls=tls,
             stamp=stamp,
             batch=args.batch,
             delay=args.delay_ms,
@@ -287,6 +308,8 @@ def run_one(
     }
     if mode == "nats":
         row["writers"] = args.writers
+    if args.tls:
+        row["tls"] = True
     if done < total:  # say where the missing readings went
         row["missing"] = total - done
         for f in sorted(work.rglob("*.log")) + sorted(work.rglob("deadletter.db")):
@@ -332,6 +355,11 @@ def main() -> None:
         action="store_true",
         help="[ingest] front_process = false: MQTT received in the writing process",
     )
+    ap.add_argument(
+        "--tls",
+        action="store_true",
+        help="cityward connects to the broker over TLS (the load generator does not)",
+    )
     ap.add_argument("--profile", default=None, help="py-spy the ingest process into this file")
     ap.add_argument("--keep", action="store_true", help="keep the run's files and streams")
     ap.add_argument("--runs", type=int, default=1, help="runs per rate (the median is kept)")
@@ -358,6 +386,8 @@ def main() -> None:
         runs.sort(key=lambda r: r["rate_per_s"])
         rows.append(runs[len(runs) // 2])
     what = f"nats + PostgreSQL, {args.writers} writer(s)" if args.mode == "nats" else "SQLite"
+    if args.tls:
+        what += ", cityward's MQTT over TLS"
     table = Table(title=f"MQTT -> bank, {args.devices:,} devices ({what})")
     for col in ("offered/s", "stored", "rate/s", "p50 ms", "p99 ms", "peak RSS MB"):
         table.add_column(col, justify="right")
@@ -373,6 +403,7 @@ def main() -> None:
     console.print(table)
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = f"nats-{args.writers}w" if args.mode == "nats" else args.mode
+    suffix += "-tls" if args.tls else ""
     out = RESULTS / f"ingest-{suffix}.json"
     out.write_text(json.dumps({"rows": rows, "args": vars(args)}, indent=2))
     console.print(f"wrote {out}")
