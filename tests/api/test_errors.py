@@ -208,6 +208,12 @@ ID_CASES = [
     ),
     Case("path-empty-id", Req("POST", f"{E}//attrs", json={"speed": 1}), bad("id")),
     Case("body-id-missing", Req("POST", E, json={"type": "Vehicle"}), bad("id")),
+    # a longer id failed PostgreSQL's unique index with an internal error
+    Case(
+        "body-id-too-long",
+        Req("POST", E, json={"id": "urn:ngsi-ld:Vehicle:" + "v" * 1000, "type": "Vehicle"}),
+        bad("id"),
+    ),
     Case("body-id-number", Req("POST", E, json={"id": 9, "type": "Vehicle"}), bad("id")),
     Case("body-id-null", Req("POST", E, json={"id": None, "type": "Vehicle"}), bad("id")),
     Case("body-@id-bad", Req("POST", E, json={"@id": "V9", "type": "Vehicle"}), bad("id")),
@@ -233,6 +239,15 @@ ATTRIBUTE_CASES = [
         bad("speed"),
     ),
     Case("relationship-without-object", create(owner={"type": "Relationship"}), bad("owner")),
+    # PostgreSQL stores no NUL character: on both stores such a text is refused, naming it
+    Case("nul-in-a-value", create(name=prop("a\x00b")), bad("name.value")),
+    Case("nul-in-a-json-member", create(spec=prop({"x": ["ok", "\x00"]})), bad("spec.value.x[1]")),
+    Case("nul-in-an-attribute-name", create(**{"na\x00me": prop(1)}), bad("na\x00me")),
+    Case(
+        "nul-in-an-update",
+        Req("PATCH", f"{U1}/attrs/speed", json={"value": "\x00"}),
+        bad("speed.value"),
+    ),
     Case("language-property-without-map", create(name={"type": "LanguageProperty"}), bad("name")),
     Case("concise-without-payload", create(speed={"unitCode": "KMH"}), bad("speed")),
     Case("relationship-with-unitCode", create(owner=rel(unitCode="KMH")), bad("owner")),
@@ -1262,6 +1277,12 @@ BAD_ITEMS = [
         "urn:ngsi-ld:Vehicle:V9",
         bad("@context"),
         id="@context-in-json-entry",
+    ),
+    pytest.param(
+        vehicle(9, speed=prop("fast\x00")),
+        "urn:ngsi-ld:Vehicle:V9",
+        bad("speed.value"),
+        id="nul-in-a-value",
     ),
     pytest.param(42, None, bad("body"), id="not-an-object"),
     pytest.param({}, None, bad("id"), id="empty-object"),

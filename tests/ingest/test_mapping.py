@@ -102,6 +102,10 @@ def test_topic_levels_time_formats_and_defaults() -> None:
         ({"ts": "yesterday"}, "$.ts", "not a time in epoch_s"),
         ({"ts": None}, "$.ts", "time is missing"),
         ({"seq": None}, "$.seq", "message id is missing"),
+        # the bank keeps each message's key: PostgreSQL stores no NUL, indexes no long row
+        ({"seq": "a\x00b"}, "$.seq", "without a NUL character"),
+        ({"seq": "x" * 511}, "$.seq", "at most 510 bytes"),
+        ({"dev": "d" * 1000}, "id", "longer than 1000 bytes"),
         ({"r": {"no2": "n/a"}}, "$.r.no2", "expected a number"),
         ({"r": {"no2": True}}, "$.r.no2", "expected a number"),
         ({"bat": [87.5]}, "$.bat[0]", "expected an integer"),
@@ -116,6 +120,16 @@ def test_a_bad_payload_names_the_field(change: dict[str, Any], field: str, reaso
         m.apply({**PAYLOAD, **change})
     assert err.value.field == field
     assert reason in err.value.reason
+
+
+def test_a_text_with_a_nul_character_is_refused() -> None:
+    cfg = dict(AIR, attributes={"status": {"path": "$.s", "kind": "string"}})
+    m = Mapping(MappingConfig.model_validate(cfg))
+    assert m.apply({**PAYLOAD, "s": "ok"}).attrs["status"]["value"] == "ok"
+    with pytest.raises(MappingError) as err:
+        m.apply({**PAYLOAD, "s": "o\x00k"})
+    assert err.value.field == "$.s" and "NUL" in err.value.reason
+    assert m.apply({**PAYLOAD, "seq": "x" * 510}).message_key == "m:" + "x" * 510
 
 
 def test_not_an_object_and_missing_required_and_topic() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -14,9 +15,11 @@ import pytest
 from cityward.bank.store import Store, WriteTxn
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
+from cityward.ingest.settings import IngestSettings
 from cityward.ingest.worker import IngestWorker
 from tests.conftest import drop_pg_store, make_pg_store
 from tests.ingest.helpers import (
+    MAPPING,
     bank_with_history,
     message,
     refusing,
@@ -165,6 +168,40 @@ def test_exactly_once_on_postgres(tmp_path: Path) -> None:
         got = stored_readings(store)
         assert len(got) == 200
         assert sum(v for _, v in got) == sum(range(200))
+    finally:
+        drop_pg_store(store)
+
+
+@pytest.mark.postgres
+def test_a_reading_the_store_cannot_take_is_a_dead_letter_not_a_stall(tmp_path: Path) -> None:
+    """A value PostgreSQL cannot index (a text too long for a B-tree row) failed its whole
+    batch, and the writer retried it for ever, every reading behind it held up. The batch is
+    now halved until that reading is alone: it becomes a dead letter, the rest are written."""
+    store = make_pg_store()
+    try:
+        mapping = {
+            **MAPPING,
+            "attributes": {**MAPPING["attributes"], "note": {"path": "$.note", "kind": "string"}},
+        }
+        config = IngestSettings.model_validate(
+            {
+                "sources": [{"name": "air", "adapter": "http", "options": {}, "mapping": mapping}],
+                "writer": {"max_delay_ms": 200},
+            }
+        )
+        w = IngestWorker(bank_with_history(store), config, DeadLetters(tmp_path / "dl.db"))
+        msgs = [{**message(n, devices=40), "note": "ok"} for n in range(40)]
+        msgs[17]["note"] = os.urandom(6000).hex()  # 12,000 characters that do not compress
+        w.start()
+        try:
+            outcomes = _feed(w, msgs)
+        finally:
+            w.stop()
+        assert [n for n, why in enumerate(outcomes) if why is not None] == [17]
+        assert "the store cannot take it" in (outcomes[17] or "")
+        assert sorted(v for _, v in stored_readings(store)) == [n for n in range(40) if n != 17]
+        (letter,) = w.dead_letters.entries("air")
+        assert orjson.loads(letter.payload)["n"] == 17 and "index row" in letter.reason
     finally:
         drop_pg_store(store)
 

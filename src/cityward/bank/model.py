@@ -11,6 +11,8 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import orjson
+
 from cityward.bank import geo
 from cityward.bank.errors import BadRequestData
 from cityward.bank.jsonld import Context
@@ -156,6 +158,53 @@ def is_uri(value: object) -> bool:
     )
 
 
+#: the longest entity id, in UTF-8 bytes: PostgreSQL's unique index on (tenant, id) takes at
+#: most about 2,700 bytes a row, and a longer id failed the whole write with an internal error
+MAX_ID_BYTES = 1000
+
+
+def nul_field(value: object, where: str) -> str | None:
+    """The path of the first string or member name in ``value`` that holds a NUL character
+    (U+0000), or None."""
+    if isinstance(value, str):
+        return where if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str) and "\x00" in key:
+                return path
+            found = nul_field(item, path)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for n, item in enumerate(value):
+            found = nul_field(item, f"{where}[{n}]")
+            if found is not None:
+                return found
+    return None
+
+
+def check_no_nul(value: object, where: str) -> None:
+    """BadRequestData naming the field when a string in ``value`` holds a NUL character.
+
+    PostgreSQL cannot store one in a text (an entity with one failed its whole batch with an
+    internal error, and an ingest writer retried it for ever); SQLite could, so the rule is
+    the bank's, the same on both stores. orjson writes NUL as the escape ``\\u0000``: a value
+    without that text has none, and only one with it is walked.
+    """
+    try:
+        if b"\\u0000" not in orjson.dumps(value):
+            return
+    except TypeError:
+        pass  # not JSON data: walk it
+    found = nul_field(value, where)
+    if found is not None:
+        raise BadRequestData(
+            f"{found} contains a NUL character (U+0000), which the bank does not store",
+            field=found,
+        )
+
+
 def check_uri(value: object, field: str) -> str:
     if not is_uri(value):
         raise BadRequestData(f"{field} must be an absolute URI, got {value!r}", field=field)
@@ -256,6 +305,7 @@ class EntityParser:
         """
         if not isinstance(body, dict):
             raise BadRequestData("an entity must be a JSON object", field="entity")
+        check_no_nul(body, "")
         doc: dict[str, Any] = {}
         attrs: dict[str, list[dict[str, Any]]] = {}
         raw_id = body.get("id", body.get("@id"))
@@ -263,6 +313,8 @@ class EntityParser:
             if raw_id is None:
                 raise BadRequestData("entity id is missing", field="id")
             doc["id"] = check_uri(raw_id, "id")
+            if len(doc["id"].encode()) > MAX_ID_BYTES:
+                raise BadRequestData(f"entity id is longer than {MAX_ID_BYTES} bytes", field="id")
         if path_id is not None and "id" in doc and doc["id"] != path_id:
             raise BadRequestData(
                 f"entity id {doc['id']} in the body differs from {path_id} in the path", field="id"
@@ -283,7 +335,7 @@ class EntityParser:
                 continue  # output-only members are ignored on input
             check_attr_name(key)
             iri = self.ctx.expand(key)
-            attrs[iri] = self.attribute(value, key, mode)
+            attrs[iri] = self.attribute(value, key, mode, checked=True)
         doc["attrs"] = attrs
         return doc
 
@@ -296,8 +348,13 @@ class EntityParser:
         return list(dict.fromkeys(self.ctx.expand(check_type_name(t)) for t in items))
 
     # -- attributes -------------------------------------------------------------------------
-    def attribute(self, value: object, name: str, mode: Mode) -> list[dict[str, Any]]:
-        """All instances of one attribute (a multi-attribute is a JSON array of instances)."""
+    def attribute(
+        self, value: object, name: str, mode: Mode, checked: bool = False
+    ) -> list[dict[str, Any]]:
+        """All instances of one attribute (a multi-attribute is a JSON array of instances);
+        ``checked``: the caller checked the value for NUL characters already."""
+        if not checked:
+            check_no_nul(value, name)
         if type(value) is dict:
             fast = _fast_instance(value, name)
             if fast is not None:

@@ -31,7 +31,11 @@ from pydantic import (
     model_validator,
 )
 
+from cityward.bank.model import MAX_ID_BYTES
+
 Key = str | int
+#: the longest delivery key (``m:`` and the message id) in bytes; see Mapping.apply
+MAX_KEY_BYTES = 512
 _MISSING = object()
 _STEP = re.compile(r"""\.([A-Za-z_][A-Za-z0-9_\-]*)|\[(-?\d+)\]|\["((?:[^"\\]|\\.)*)"\]""")
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
@@ -258,9 +262,18 @@ class Mapping:
             raise MappingError("none of the mapped attributes is in the message", "$")
         if self._msg is not None:
             mid = resolve(payload, self._msg)
+            where = self.config.message_id or "$"
             if mid is _MISSING or mid is None or isinstance(mid, dict | list):
-                raise MappingError("the message id is missing", self.config.message_id or "$")
+                raise MappingError("the message id is missing", where)
             key = f"m:{mid}"
+            # a key is stored and indexed with the reading: PostgreSQL stores no NUL and
+            # indexes no row over about 2,700 bytes (such a key failed its batch for ever)
+            if "\x00" in key or len(key.encode()) > MAX_KEY_BYTES:
+                raise MappingError(
+                    f"the message id must be at most {MAX_KEY_BYTES - 2} bytes, without a NUL "
+                    "character",
+                    where,
+                )
         else:
             # the observation time first: keys then mostly arrive in order and the key
             # table's index grows at its end (``t:<entity>@<time>``, the earlier form, put each
@@ -291,7 +304,10 @@ class Mapping:
                     f"{text!r} cannot go into an entity id (letters, digits, . _ - ~ :)", "id"
                 )
             out.append(text)
-        return "".join(out)
+        eid = "".join(out)
+        if len(eid) > MAX_ID_BYTES:  # ASCII (checked above): as many bytes as characters
+            raise MappingError(f"the entity id is longer than {MAX_ID_BYTES} bytes", "id")
+        return eid
 
     def _observed(self, payload: dict[str, Any], received_at: datetime | None) -> str:
         spec = self.config.timestamp
@@ -378,7 +394,10 @@ def _convert(raw: Any, spec: AttributeMap) -> Any:
     if spec.kind == "string":
         if isinstance(raw, dict | list):
             raise MappingError("expected a string, got a JSON structure", spec.path)
-        return str(raw)
+        text = str(raw)
+        if "\x00" in text:  # the bank stores no NUL (cityward.bank.model.check_no_nul)
+            raise MappingError("the text contains a NUL character (U+0000)", spec.path)
+        return text
     if spec.kind == "boolean":
         if isinstance(raw, bool):
             return raw
