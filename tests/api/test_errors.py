@@ -8,6 +8,7 @@ nothing written: the tests compare the whole store before and after.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -1597,6 +1598,30 @@ def test_remote_context_failure_in_batch_is_per_entity(
 
 
 # -- tenants --------------------------------------------------------------------------------------
+def test_a_text_the_store_cannot_index_fails_alone(client: TestClient, store: Store) -> None:
+    """PostgreSQL indexes no row over about 2,700 bytes (8 KB compressed): a long text that
+    does not compress failed the whole write with an internal error, and a batch lost its
+    neighbours. SQLite stores it. On both, the neighbours are written."""
+    long = prop(os.urandom(6000).hex())  # 12,000 characters that do not compress
+    r = client.post(E, json=vehicle(7, note=long))
+    items = [vehicle(1), vehicle(8, note=long), vehicle(2), vehicle(3)]
+    batch = client.post(f"{OPS}/upsert", json=items)
+    listed = sorted(e["id"] for e in client.get(E, params={"local": "true"}).json())
+    if store.dialect == "sqlite":
+        assert r.status_code == 201 and batch.status_code == 201, batch.text
+        assert listed == sorted(v["id"] for v in [vehicle(7), *items])
+        return
+    assert r.status_code == 400, r.text
+    assert without_detail(r.json()) == problem_of(bad("entity"))
+    assert "the store cannot take it" in r.json()["detail"]
+    assert batch.status_code == 207, batch.text
+    assert batch.json()["success"] == [vehicle(n)["id"] for n in (1, 2, 3)]
+    (error,) = batch.json()["errors"]
+    assert error["entityId"] == "urn:ngsi-ld:Vehicle:V8" and error["error"]["status"] == 400
+    assert listed == [vehicle(n)["id"] for n in (1, 2, 3)]
+    assert client.get(f"{E}/{vehicle(2)['id']}").json() == vehicle(2)
+
+
 def test_unknown_tenant_then_created(client: TestClient) -> None:
     h = {"NGSILD-Tenant": TENANT}
     r = client.get(E, params={"type": "Vehicle"}, headers=h)

@@ -48,6 +48,25 @@ class BadRequestData(NgsiError):
     status = 400
 
 
+class StoreRefused(BadRequestData):
+    """The database refused a write for its data, which no retry changes: a text PostgreSQL
+    cannot store or index (a NUL character, a long text that does not fit an index row)."""
+
+
+def store_refused(exc: BaseException) -> StoreRefused | None:
+    """A StoreRefused for a database error about the written data, else None."""
+    import sqlite3
+
+    import psycopg
+
+    if isinstance(
+        exc, sqlite3.DataError | psycopg.errors.DataError | psycopg.errors.ProgramLimitExceeded
+    ):
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return StoreRefused(f"the store cannot take it: {why}", field="entity")
+    return None
+
+
 class AlreadyExists(NgsiError):
     name = "AlreadyExists"
     status = 409

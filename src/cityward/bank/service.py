@@ -22,6 +22,7 @@ from cityward.bank.errors import (
     NgsiError,
     NonexistentTenant,
     ResourceNotFound,
+    StoreRefused,
 )
 from cityward.bank.model import NGSI_NULL, PAYLOAD, now_iso
 from cityward.bank.store import Store, WriteTxn
@@ -420,12 +421,41 @@ class Bank:
         if good and prepare is not None:
             prepare(good)
         if good:
-            with self.store.write(tenant, create_tenant=create_tenant) as txn:
-                apply(txn, good, result)
-                self._after_write(txn, result.changes)
-            if self.publish_local:
-                self.feed.publish(result.changes)
+            self._write_batch(tenant, good, create_tenant, apply, result)
         return result
+
+    def _write_batch(
+        self,
+        tenant: str,
+        items: list[Doc],
+        create_tenant: bool,
+        apply: Callable[[WriteTxn, list[Doc], BatchResult], None],
+        result: BatchResult,
+    ) -> None:
+        """Apply ``items`` in one transaction. If the database refuses it for its data (a text
+        PostgreSQL cannot store or index: StoreRefused), the halves are written apart, in
+        order, until the entity that causes it is alone and fails by itself: a bad entity
+        never costs its neighbours their write."""
+        part = BatchResult()
+        try:
+            with self.store.write(tenant, create_tenant=create_tenant) as txn:
+                apply(txn, items, part)
+                self._after_write(txn, part.changes)
+        except StoreRefused as exc:
+            if len(items) == 1:
+                result.fail(items[0].get("id"), exc)
+                return
+            half = len(items) // 2
+            self._write_batch(tenant, items[:half], create_tenant, apply, result)
+            self._write_batch(tenant, items[half:], create_tenant, apply, result)
+            return
+        result.success.extend(part.success)
+        result.created.extend(part.created)
+        result.errors.extend(part.errors)
+        result.raised.extend(part.raised)
+        result.changes.extend(part.changes)
+        if self.publish_local:
+            self.feed.publish(part.changes)
 
     def batch_create(
         self, tenant: str, items: Sequence[Doc | tuple[str | None, NgsiError]]

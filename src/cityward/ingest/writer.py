@@ -20,10 +20,11 @@ stopped (the ones a broker redelivers). They are forgotten a bounded step at a t
 second: a once-a-minute purge of a minute's keys held the write lock for 1.5 s at 20,000
 readings/s (4.8 s with keys of entity and time), and every reading waited behind it.
 
-A round the store refuses for its data (a PostgreSQL ``DataError`` or ``ProgramLimitExceeded``:
-a text it cannot store or index), which no retry changes, is halved until the reading that
-causes it is alone; that reading becomes a dead letter and the rest are written. Any other
-failure (locked, unreachable, disk full) is retried with back-off.
+A reading the database refuses for its data (a PostgreSQL ``DataError`` or
+``ProgramLimitExceeded``: a text it cannot store or index), which no retry changes, fails
+alone: the bank writes the batch's halves apart until that reading is alone (StoreRefused,
+Bank._write_batch), and it becomes a dead letter while the rest are written. Any other failure
+(locked, unreachable, disk full) is retried with back-off.
 
 A batch with several readings of one entity is written in rounds, one reading per entity per
 round: the bank keeps one change per entity and transaction, and the attribute history must
@@ -408,7 +409,10 @@ class BatchWriter(Batcher):
         fresh: set[int] = set()
 
         def gate(txn: WriteTxn, frags: list[Doc]) -> list[Doc]:
-            fresh.clear()
+            # called again for the same readings when the write is retried, and for each half
+            # of them when the bank writes halves apart (Bank._write_batch): what a call
+            # decides replaces what an earlier one decided for those readings
+            fresh.difference_update(id(f) for f in frags)
             if self._entity_locks:
                 # before the delivery keys (the module text says why)
                 txn.lock_entities([f["id"] for f in frags])
@@ -440,9 +444,6 @@ class BatchWriter(Batcher):
                     return
                 attempt = self._failed(exc, attempt)
             except Exception as exc:  # locked, unreachable, disk full: wait and try again
-                if _permanent(exc):
-                    self._isolate(readings, outcome, exc)
-                    return
                 attempt = self._failed(exc, attempt)
             if self._stop.is_set() and attempt > 3:
                 return
@@ -458,25 +459,6 @@ class BatchWriter(Batcher):
             else:
                 outcome[id(r)] = None
                 self.stats.duplicates += 1
-
-    def _isolate(
-        self, readings: list[Reading], outcome: dict[int, str | None], exc: BaseException
-    ) -> None:
-        """The store refused a round for something in its data (a text PostgreSQL cannot
-        store, a value too large for an index): retrying it would fail for ever and hold up
-        every reading behind it. Its halves are written apart until the reading that causes it
-        is alone; that one becomes a dead letter, its neighbours are written."""
-        self.stats.write_failures += 1
-        self.stats.last_error = f"{type(exc).__name__}: {exc}"
-        if len(readings) > 1:
-            half = len(readings) // 2
-            for part in (readings[:half], readings[half:]):
-                self._write_round(part, outcome)
-            return
-        (r,) = readings
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        log.warning("ingest: the store cannot take a reading of %s: %s", r.source, why)
-        self._refuse(r, "$", f"the store cannot take it: {why}", outcome)
 
     def _refuse(self, r: Reading, where: str, why: str, outcome: dict[int, str | None]) -> None:
         self.stats.refused += 1
@@ -536,17 +518,6 @@ class BatchWriter(Batcher):
         if legacy_done:  # after the commit
             self._legacy_until = None
         return left
-
-
-def _permanent(exc: BaseException) -> bool:
-    """Whether the store refused a write for its data, which no retry changes."""
-    import sqlite3
-
-    import psycopg
-
-    return isinstance(
-        exc, sqlite3.DataError | psycopg.errors.DataError | psycopg.errors.ProgramLimitExceeded
-    )
 
 
 def _rounds(readings: list[Reading]) -> list[list[Reading]]:

@@ -16,6 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
+from cityward.bank.errors import store_refused
 from cityward.bank.store.base import (
     MIGRATION_LOCK,
     Derived,
@@ -131,13 +132,19 @@ class PostgresStore(Store):
 
     @contextmanager
     def write(self, tenant: str, create_tenant: bool) -> Iterator[WriteTxn]:
-        with self.pool.connection() as conn, conn.transaction():
-            if create_tenant and tenant:
-                conn.execute(
-                    "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
-                )
-            txn = _PgTxn(conn, tenant)
-            yield txn
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                if create_tenant and tenant:
+                    conn.execute(
+                        "INSERT INTO tenants(name) VALUES (%s) ON CONFLICT DO NOTHING", [tenant]
+                    )
+                txn = _PgTxn(conn, tenant)
+                yield txn
+        except Exception as exc:  # rolled back: a data error becomes the caller's 400
+            refused = store_refused(exc)
+            if refused is None:
+                raise
+            raise refused from exc
         self._maybe_analyze(txn.written)
 
     def _maybe_analyze(self, written: int) -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from cityward.bank.errors import store_refused
 from cityward.bank.query.sqlgen import register_sqlite_functions
 from cityward.bank.store.base import (
     Derived,
@@ -185,9 +186,12 @@ class SqliteStore(Store):
                 if create_tenant and tenant:
                     conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", [tenant])
                 yield _SqliteTxn(conn, tenant)
-            except BaseException:
+            except BaseException as exc:
                 conn.execute("ROLLBACK")
-                raise
+                refused = store_refused(exc)
+                if refused is None:
+                    raise
+                raise refused from exc
             else:
                 conn.execute("COMMIT")
                 self._wal_dirty.set()
