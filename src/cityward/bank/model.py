@@ -335,7 +335,7 @@ class EntityParser:
                 continue  # output-only members are ignored on input
             check_attr_name(key)
             iri = self.ctx.expand(key)
-            attrs[iri] = self.attribute(value, key, mode, checked=True)
+            attrs[iri] = self._attribute(value, key, mode)
         doc["attrs"] = attrs
         return doc
 
@@ -348,13 +348,13 @@ class EntityParser:
         return list(dict.fromkeys(self.ctx.expand(check_type_name(t)) for t in items))
 
     # -- attributes -------------------------------------------------------------------------
-    def attribute(
-        self, value: object, name: str, mode: Mode, checked: bool = False
-    ) -> list[dict[str, Any]]:
-        """All instances of one attribute (a multi-attribute is a JSON array of instances);
-        ``checked``: the caller checked the value for NUL characters already."""
-        if not checked:
-            check_no_nul(value, name)
+    def attribute(self, value: object, name: str, mode: Mode) -> list[dict[str, Any]]:
+        """All instances of one attribute (a multi-attribute is a JSON array of instances)."""
+        check_no_nul(value, name)
+        return self._attribute(value, name, mode)
+
+    def _attribute(self, value: object, name: str, mode: Mode) -> list[dict[str, Any]]:
+        """:meth:`attribute` of a value already checked for NUL characters (in its entity)."""
         if type(value) is dict:
             fast = _fast_instance(value, name)
             if fast is not None:

@@ -47,6 +47,14 @@ class BatchResult:
         self.errors.append({"entityId": entity_id, "error": error.problem()})
         self.raised.append(error)
 
+    def extend(self, other: BatchResult) -> None:
+        """Add the outcome of another part of the same batch, after this one's."""
+        self.success.extend(other.success)
+        self.created.extend(other.created)
+        self.errors.extend(other.errors)
+        self.raised.extend(other.raised)
+        self.changes.extend(other.changes)
+
 
 @dataclass
 class UpdateResult:
@@ -449,11 +457,7 @@ class Bank:
             self._write_batch(tenant, items[:half], create_tenant, apply, result)
             self._write_batch(tenant, items[half:], create_tenant, apply, result)
             return
-        result.success.extend(part.success)
-        result.created.extend(part.created)
-        result.errors.extend(part.errors)
-        result.raised.extend(part.raised)
-        result.changes.extend(part.changes)
+        result.extend(part)
         if self.publish_local:
             self.feed.publish(part.changes)
 

@@ -73,11 +73,6 @@ def encode_reading(reading: Reading, max_raw: int | None = None) -> bytes:
     return orjson.dumps(_reading_doc(reading, max_raw))
 
 
-def encode_readings(readings: Sequence[Reading], max_raw: int | None = None) -> bytes:
-    """A stream message of several readings (:func:`decode_message` reads it)."""
-    return orjson.dumps({"readings": [_reading_doc(r, max_raw) for r in readings]})
-
-
 def _reading(d: Any) -> Reading:
     fragment = d["fragment"]
     if not isinstance(fragment, dict) or not isinstance(fragment.get("id"), str):
@@ -92,8 +87,8 @@ def _reading(d: Any) -> Reading:
 
 
 def decode_message(data: bytes) -> list[Reading]:
-    """The readings of a stream message: several (:func:`encode_readings`) or one
-    (:func:`encode_reading`); ValueError, KeyError or TypeError if it holds no readings."""
+    """The readings of a stream message: several (:func:`pack`) or one (:func:`encode_reading`);
+    ValueError, KeyError or TypeError if it holds no readings."""
     d = orjson.loads(data)
     if not isinstance(d, dict):
         raise ValueError("not a JSON object")
@@ -118,12 +113,13 @@ def pack(
     readings: Sequence[Reading], per_message: int, max_raw: int | None = None
 ) -> list[tuple[str, list[Reading], bytes]]:
     """The stream messages of ``readings``: (source, its readings, data), each of one source,
-    at most ``per_message`` readings and about MESSAGE_BYTES; every source's readings in
-    their order, the sources in the order they first come."""
+    at most ``per_message`` readings and about MESSAGE_BYTES, data ``{"readings": [...]}``
+    (each reading encoded once, as :func:`encode_reading` does, and joined); every source's
+    readings in their order, the sources in the order they first come."""
     by_source: dict[str, list[Reading]] = {}
     for r in readings:
         by_source.setdefault(r.source, []).append(r)
-    out: list[tuple[str, list[Reading], bytes]] = []
+    chunks: list[tuple[str, list[Reading], list[bytes]]] = []
     for source, group in by_source.items():
         chunk: list[Reading] = []
         parts: list[bytes] = []
@@ -131,14 +127,13 @@ def pack(
         for r in group:
             part = encode_reading(r, max_raw)
             if chunk and (len(chunk) >= per_message or size + len(part) > MESSAGE_BYTES):
-                out.append((source, chunk, b'{"readings":[' + b",".join(parts) + b"]}"))
                 chunk, parts, size = [], [], 0
+            if not chunk:
+                chunks.append((source, chunk, parts))
             chunk.append(r)
             parts.append(part)
             size += len(part) + 1
-        if chunk:
-            out.append((source, chunk, b'{"readings":[' + b",".join(parts) + b"]}"))
-    return out
+    return [(src, rs, b'{"readings":[' + b",".join(ps) + b"]}") for src, rs, ps in chunks]
 
 
 def ensure_stream(js: JetStream, settings: IngestStreamSettings) -> None:
