@@ -6,6 +6,7 @@ exists was not found."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from cityward.bank.errors import NgsiError
@@ -18,6 +19,21 @@ EID = "urn:ngsi-ld:Counter:c1"
 ROUNDS = 60
 
 
+def _race(writer: Callable[[str], None]) -> None:
+    """``writer("a")`` and ``writer("b")`` on two threads, started together; both finished."""
+    start = threading.Barrier(2)
+
+    def run(name: str) -> None:
+        start.wait()
+        writer(name)
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def test_concurrent_changes_of_one_entity_wait_for_each_other(store: Store) -> None:
     parser = EntityParser(ContextResolver().core)
     bank = Bank(store)
@@ -27,10 +43,8 @@ def test_concurrent_changes_of_one_entity_wait_for_each_other(store: Store) -> N
 
     bank.create("", frag({}))
     errors: list[str] = []
-    start = threading.Barrier(2)
 
     def writer(name: str) -> None:
-        start.wait()
         for n in range(ROUNDS):
             body = {f"{name}{n}": {"type": "Property", "value": n}}
             try:
@@ -38,11 +52,7 @@ def test_concurrent_changes_of_one_entity_wait_for_each_other(store: Store) -> N
             except NgsiError as exc:
                 errors.append(f"{name}{n}: {exc.status} {exc}")
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _race(writer)
     assert errors == []
     doc = bank.retrieve("", EID)
     names = {iri.rsplit("/", 1)[-1] for iri in doc["attrs"]}
@@ -59,10 +69,8 @@ def test_concurrent_batch_upserts_of_the_same_entities_lose_nothing(store: Store
     ids = [f"urn:ngsi-ld:Counter:b{k}" for k in range(20)]
     bank.batch_create("", [parser.entity({"id": i, "type": "Counter"}, "create") for i in ids])
     failures: list[str] = []
-    start = threading.Barrier(2)
 
     def writer(name: str) -> None:
-        start.wait()
         for n in range(20):
             batch = [
                 parser.entity(
@@ -74,11 +82,7 @@ def test_concurrent_batch_upserts_of_the_same_entities_lose_nothing(store: Store
             result = bank.batch_upsert("", batch, "update")
             failures.extend(f"{name}{n}: {e}" for e in result.errors)
 
-    threads = [threading.Thread(target=writer, args=(w,)) for w in ("a", "b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    _race(writer)
     assert failures == []
     want = {f"{w}{n}" for w in ("a", "b") for n in range(20)}
     for i in ids:
