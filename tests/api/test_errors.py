@@ -714,7 +714,15 @@ QUERY_CASES = [
     ),
     *(
         Case(f"offset-{n}", query(offset=v), bad("offset"))
-        for n, v in (("word", "x"), ("negative", "-3"), ("fraction", "0.5"))
+        for n, v in (
+            ("word", "x"),
+            ("negative", "-3"),
+            ("fraction", "0.5"),
+            ("arabic-indic-digit", "\u0663"),
+            # past what a 64-bit integer column takes: it was a 500 on both stores
+            ("past-int64", str(2**63)),
+            ("huge", "9" * 30),
+        )
     ),
     Case("limit-zero-without-count", query(limit="0"), bad("limit")),
     Case("limit-zero-with-count-false", query(limit="0", count="false"), bad("limit")),

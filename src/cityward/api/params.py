@@ -150,12 +150,19 @@ def build_view(params: Mapping[str, str], ctx: Context, *, allow_dataset: bool =
     )
 
 
+#: the largest ``limit`` or ``offset`` taken: past 2**63 - 1 neither store can bind the number
+MAX_PAGE_INT = 2**62
+
+
 def parse_int(raw: str | None, field: str, default: int) -> int:
     if raw is None:
         return default
-    if not re.fullmatch(r"\d+", raw):
+    if not re.fullmatch(r"[0-9]+", raw):
         raise BadRequestData(f"{field} must be a non-negative integer, got {raw!r}", field=field)
-    return int(raw)
+    value = int(raw)
+    if value > MAX_PAGE_INT:
+        raise BadRequestData(f"{field} must be at most {MAX_PAGE_INT}, got {raw}", field=field)
+    return value
 
 
 @dataclass
