@@ -1397,6 +1397,50 @@ def test_batch_update_and_merge_item_errors(
     assert after == v3
 
 
+@pytest.mark.parametrize("op", ["update", "merge"])
+def test_an_entity_given_twice_keeps_its_applied_item(client: TestClient, op: str) -> None:
+    """The second item of an entity is refused: the first one's change is committed and
+    reported (it was committed while the entity was reported as failed alone)."""
+    r = client.post(f"{OPS}/create", json=[vehicle(1)])
+    assert r.status_code == 201, r.text
+    items = [
+        {"id": V1, "load": prop(10)},
+        {"id": V1, "color": {"type": "Property"}},  # no value
+    ]
+    r = client.post(f"{OPS}/{op}", json=items)
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert body["success"] == [V1]
+    assert [(e["entityId"], without_detail(e["error"])) for e in body["errors"]] == [
+        (V1, problem_of(bad("color")))
+    ]
+    stored = client.get(U1).json()
+    assert stored["load"]["value"] == 10
+    assert "color" not in stored
+
+
+def test_batch_update_no_overwrite_reports_what_it_applied(client: TestClient) -> None:
+    r = client.post(f"{OPS}/create", json=[vehicle(1), vehicle(2)])
+    assert r.status_code == 201, r.text
+    v2 = client.get(f"{E}/urn:ngsi-ld:Vehicle:V2", params={"options": "sysAttrs"}).json()
+    items = [
+        {"id": V1, "speed": prop(99), "color": prop("red")},  # color is new, speed is kept
+        {"id": "urn:ngsi-ld:Vehicle:V2", "speed": prop(99)},  # nothing of it applies
+    ]
+    r = client.post(f"{OPS}/update", json=items, params={"options": "noOverwrite"})
+    assert r.status_code == 207, r.text
+    body = r.json()
+    assert body["success"] == [V1]
+    assert [(e["entityId"], without_detail(e["error"])) for e in body["errors"]] == [
+        (V1, problem_of(bad("attrs"))),
+        ("urn:ngsi-ld:Vehicle:V2", problem_of(bad("attrs"))),
+    ]
+    stored = client.get(U1).json()
+    assert (stored["speed"]["value"], stored["color"]["value"]) == (1, "red")
+    after = client.get(f"{E}/urn:ngsi-ld:Vehicle:V2", params={"options": "sysAttrs"}).json()
+    assert after == v2  # not even its modifiedAt moved
+
+
 def test_batch_delete_item_errors(client: TestClient) -> None:
     seed(client)
     r = client.post(f"{OPS}/create", json=[vehicle(2)])

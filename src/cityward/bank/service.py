@@ -597,8 +597,11 @@ class Bank:
         def apply(txn: WriteTxn, frags: list[Doc], result: BatchResult) -> None:
             existing = txn.get_many([f["id"] for f in frags])
             now = now_iso()
+            # An entity is in ``success`` once one of its items is applied, and each refused
+            # item (or, with noOverwrite, its refused part) is in ``errors``: an entity given
+            # twice whose second item is refused keeps the first item's change, and says so.
+            # (It was reported as failed alone while the first item's change was committed.)
             touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
-            failed: set[str] = set()
             for frag in frags:
                 eid = frag["id"]
                 prior = touched.get(eid)
@@ -606,12 +609,10 @@ class Bank:
                     prior = (*existing[eid], None)
                 if prior is None:
                     result.fail(eid, ResourceNotFound(f"entity {eid} not found", field="id"))
-                    failed.add(eid)
                     continue
                 pk, doc, _ = prior
                 if (denied := write_error(eid, doc["type"])) is not None:
                     result.fail(eid, denied)
-                    failed.add(eid)
                     continue
                 upd = UpdateResult()
                 try:
@@ -621,7 +622,6 @@ class Bank:
                         new = self._append_doc(_copy(doc), frag, now, no_overwrite, upd)
                 except NgsiError as exc:
                     result.fail(eid, exc)
-                    failed.add(eid)
                     continue
                 if upd.not_updated:
                     names = ", ".join(sorted({a for a, _ in upd.not_updated}))
@@ -631,13 +631,14 @@ class Bank:
                             f"attributes not overwritten (noOverwrite): {names}", field="attrs"
                         ),
                     )
-                    failed.add(eid)
+                    if not upd.updated and (new["type"], new.get("scope")) == (
+                        doc["type"],
+                        doc.get("scope"),
+                    ):
+                        continue  # nothing of the item applies: the entity is left as it was
                 new["modifiedAt"] = now
                 touched[eid] = (pk, new, None)
-            sub = BatchResult()
-            self._store_touched(txn, touched, sub, tenant, existing, now)
-            result.success.extend(e for e in sub.success if e not in failed)
-            result.changes.extend(sub.changes)
+            self._store_touched(txn, touched, result, tenant, existing, now)
 
         return self._batch(tenant, items, False, apply)
 
