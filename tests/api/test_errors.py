@@ -1233,6 +1233,43 @@ def test_merge_cannot_add_an_attribute_without_its_payload(client: TestClient) -
     assert snapshot(client) == before
 
 
+def test_a_merge_null_adds_nothing_where_there_is_nothing_to_delete(client: TestClient) -> None:
+    """Nulls in an attribute or sub-attribute a merge adds mean nothing and are not stored
+    (they were: observedAt "urn:ngsi-ld:null" then matched q=...observedAt>2020...)."""
+    seed(client)
+    r = client.patch(
+        U1,
+        json={
+            "load": {
+                "type": "Property",
+                "value": 2,
+                "datasetId": "urn:ngsi-ld:Dataset:a",
+                "observedAt": NGSI_NULL,
+            },
+            "weight": prop(1, note=NGSI_NULL, origin=prop("x", observedAt=NGSI_NULL)),
+            "speed": {
+                "type": "Property",
+                "value": 51,
+                "observedAt": NGSI_NULL,  # deletes the stored one
+                "fresh": prop(3, observedAt=NGSI_NULL, gone=NGSI_NULL),
+            },
+        },
+    )
+    assert r.status_code == 204, r.text
+    stored = client.get(U1, params={"options": "sysAttrs"}).json()
+    assert "observedAt" not in stored["load"]
+    assert "note" not in stored["weight"]
+    assert "observedAt" not in stored["weight"]["origin"]
+    speed = next(s for s in stored["speed"] if "datasetId" not in s)
+    assert "observedAt" not in speed
+    assert speed["value"] == 51
+    assert speed["fresh"]["value"] == 3
+    assert "observedAt" not in speed["fresh"] and "gone" not in speed["fresh"]
+    assert NGSI_NULL not in json.dumps(stored)
+    r = client.get(E, params={"type": "Vehicle", "q": "load.observedAt>2020-01-01T00:00:00Z"})
+    assert r.status_code == 200 and r.json() == []
+
+
 # -- batches: per-entity errors inside a 207 ------------------------------------------------------
 def vehicle(n: int, **members: Any) -> dict[str, Any]:
     return {"id": f"urn:ngsi-ld:Vehicle:V{n}", "type": "Vehicle", "speed": prop(n), **members}

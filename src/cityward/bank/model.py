@@ -568,6 +568,8 @@ def _fast_instance(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
             return None
         inst: dict[str, Any] = {"type": "Property", "value": v}
         if "observedAt" in raw:
+            if raw["observedAt"] == NGSI_NULL:
+                return None  # a merge's Null (it deletes observedAt): the full path decides
             inst["observedAt"] = check_datetime(raw["observedAt"], f"{name}.observedAt")
         if "unitCode" in raw:
             unit = raw["unitCode"]

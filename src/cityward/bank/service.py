@@ -85,6 +85,25 @@ def _clean(inst: Instance, now: str, created: str | None) -> Instance:
     return inst
 
 
+def _fresh(inst: Instance) -> Instance:
+    """An instance a merge adds, without what its NGSI-LD Nulls asked for: with nothing stored
+    to delete they mean nothing, so a Null member (``observedAt``) and a sub-attribute that is
+    Null are dropped, at any depth. (They were stored as data: ``observedAt`` the text
+    ``urn:ngsi-ld:null``, which ``q`` then compared as a time.)"""
+    sub = inst.get("sub")
+    if sub:
+        for iri in [iri for iri, s in sub.items() if s.get("_delete")]:
+            del sub[iri]
+        for s in sub.values():
+            _fresh(s)
+        if not sub:
+            del inst["sub"]
+    strip_flags(inst)
+    for key in [k for k, v in inst.items() if v == NGSI_NULL and k != "type"]:
+        del inst[key]
+    return inst
+
+
 def _copy(doc: Doc) -> Doc:
     """A deep copy of a stored document (JSON data: orjson is several times deepcopy's speed)."""
     out = orjson.loads(orjson.dumps(doc))
@@ -143,7 +162,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
                 elif iri in subs:
                     subs[iri] = _merge_instance(subs[iri], s, now)
                 else:
-                    subs[iri] = strip_flags(s)
+                    subs[iri] = _fresh(s)
             if not subs:
                 out.pop("sub")
         elif val == NGSI_NULL:
@@ -343,7 +362,7 @@ class Bank:
                 n = _find(current, ds)
                 if n < 0:
                     _require_payload(inst, iri)
-                    current.append(_clean(inst, now, None))
+                    current.append(_clean(_fresh(inst), now, None))
                 else:
                     current[n] = _merge_instance(current[n], inst, now)
             if current is not None and not current:
