@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import psutil
+import pytest
 
 from cityward.bank.store import open_store
 from cityward.bank.store.sqlite import SqliteStore
@@ -81,6 +82,60 @@ def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path
     assert reasons[bad[300]][0] == "$.no2"
     assert reasons[bad[400]][0] == "id"
     assert all(d.topic.startswith(root + "/") for d in letters)
+    store.close()
+
+
+@pytest.mark.parametrize(
+    ("protocol", "front"), [("3.1.1", "false"), ("5", "true")], ids=["3.1.1", "5-front"]
+)
+def test_a_backlog_kept_while_away_is_written_and_acknowledged(
+    tmp_path: Path, protocol: str, front: str
+) -> None:
+    """Messages published while cityward was down come with the kept session, before the
+    SUBACK. Their acks used to be dropped as an earlier connection's: over MQTT 3.1.1 the
+    backlog stopped at Mosquitto's in-flight window of 20, over MQTT 5 at receive_maximum,
+    and what was written came again on every restart."""
+    require_shared_broker()
+    root = f"cw-backlog-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "ingest.toml"
+    config.write_text(
+        f"[ingest]\nfront_process = {front}\n[ingest.writer]\nmax_delay_ms = 20\n"
+        + mqtt_source(1883, root).replace(
+            "[ingest.sources.mapping]",
+            f'protocol = "{protocol}"\nreceive_maximum = 50\n[ingest.sources.mapping]'
+            if protocol == "5"
+            else f'protocol = "{protocol}"\n[ingest.sources.mapping]',
+        )
+    )
+    data = tmp_path / "data"
+
+    def run(n: int) -> IngestRun:
+        ingest = IngestRun("all", config, data, tmp_path / f"ingest-{n}.log")
+        ingest.start()
+        _wait(lambda: "connected to" in ingest.text(), 30, f"run {n} did not connect")
+        return ingest
+
+    run(1).stop()  # the broker now keeps the session and its subscription
+    total = 300
+    pub = Publisher(1883, root)
+    try:
+        for n in range(total):
+            pub.publish(n)
+        _wait(lambda: len(pub.acked) == total, 30, "the broker did not acknowledge everything")
+    finally:
+        pub.close()
+    store = open_store(None, data)
+    back = run(2)
+    try:
+        _wait(lambda: history_count(store) >= total, 60, f"backlog stalled: {back.text()[-2000:]}")
+    finally:
+        back.stop()
+    again = run(3)
+    time.sleep(2.0)  # what the broker still holds unacknowledged arrives now
+    again.stop()
+    assert "duplicates" in again.text(), again.text()[-2000:]  # a status line was written
+    assert again.last("written") == 0 and again.last("duplicates") == 0, again.text()[-2000:]
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(total)]
     store.close()
 
 

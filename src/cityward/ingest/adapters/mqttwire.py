@@ -263,6 +263,12 @@ class MqttSubscriber:
         if code != 0:
             raise MqttError(connect_refusal(code, o.v5))
         self.status.session_present = bool(data[0] & 0x01)
+        # A new connection from here on: a kept session may deliver before the SUBACK (below),
+        # and those messages' acks must count as this connection's. Bumped after the SUBACK,
+        # they were dropped as an earlier connection's; unacknowledged, they filled the
+        # broker's in-flight window (20 on Mosquitto over MQTT 3.1.1, receive_maximum over 5)
+        # and a backlog stopped there, or came back on every restart.
+        self._generation += 1
         sub = struct.pack("!H", 1)
         if o.v5:
             sub += b"\x00"  # no properties
@@ -290,7 +296,6 @@ class MqttSubscriber:
         # the rest never comes, give up after one and a half keepalives and reconnect
         sock.settimeout(max(30.0, 1.5 * o.keepalive_s) if o.tls is not None else None)
         self._last_send = time.monotonic()
-        self._generation += 1
         self.status.connects += 1
         self.status.connected.set()
         self.status.subscribed.set()
