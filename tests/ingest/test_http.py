@@ -96,3 +96,6 @@ def test_errors_are_problem_details(api: Any) -> None:
     assert "device key" in r.json()["detail"]
     r = _post(client, h["device"], None, raw=b"{oops")
     assert r.status_code == 400 and r.json()["detail"].startswith("no message")
+    r = _post(client, h["device"], [])  # it was a 500 (IndexError)
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"] == "the push holds no message" and r.json()["field"] == "$"

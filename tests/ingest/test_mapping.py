@@ -109,6 +109,9 @@ def test_topic_levels_time_formats_and_defaults() -> None:
         ({"r": {"no2": "n/a"}}, "$.r.no2", "expected a number"),
         ({"r": {"no2": True}}, "$.r.no2", "expected a number"),
         ({"bat": [87.5]}, "$.bat[0]", "expected an integer"),
+        # past 64 bits no store takes it: it stalled the writer (orjson could not write it)
+        ({"bat": [1e20]}, "$.bat[0]", "not a 64-bit integer"),
+        ({"bat": ["9223372036854775808"]}, "$.bat[0]", "not a 64-bit integer"),
         ({"gps": [3.7, 99.0]}, "location", "not a WGS84"),
         ({"gps": ["x", 1]}, "location", "must be numbers"),
         ({"r": {}, "bat": [], "gps": []}, "$", "none of the mapped attributes"),
@@ -143,6 +146,24 @@ def test_not_an_object_and_missing_required_and_topic() -> None:
     by_topic = dict(AIR, id="urn:ngsi-ld:AirQualityObserved:{topic[3]}")
     with pytest.raises(MappingError, match="no level 3"):
         Mapping(MappingConfig.model_validate(by_topic)).apply(PAYLOAD, topic="a/b")
+
+
+def test_a_value_scaled_past_the_float_range_is_refused() -> None:
+    """Finite, but infinite once scaled: it was stored as null."""
+    cfg = dict(AIR, attributes={"power": {"path": "$.p", "scale": 1e300}})
+    with pytest.raises(MappingError, match="out of range once scaled") as err:
+        Mapping(MappingConfig.model_validate(cfg)).apply({**PAYLOAD, "p": 1e10})
+    assert err.value.field == "$.p"
+
+
+@pytest.mark.parametrize("when", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:30:00+01:00"])
+def test_an_iso_time_past_the_calendar_in_utc_is_refused(when: str) -> None:
+    """An offset that takes the time past year 9999 or before year 1 in UTC: the uncaught
+    OverflowError ended the MQTT reader and answered an HTTP push with a 500."""
+    cfg = dict(AIR, timestamp={"path": "$.ts", "format": "iso8601"})
+    with pytest.raises(MappingError, match="not a time in iso8601") as err:
+        Mapping(MappingConfig.model_validate(cfg)).apply({**PAYLOAD, "ts": when})
+    assert err.value.field == "$.ts"
 
 
 def test_naive_iso_time_is_refused() -> None:

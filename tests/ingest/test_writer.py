@@ -206,6 +206,73 @@ def test_a_reading_the_store_cannot_take_is_a_dead_letter_not_a_stall(tmp_path: 
         drop_pg_store(store)
 
 
+def test_a_value_no_store_can_write_is_a_dead_letter_not_a_stall(
+    sqlite: Store, tmp_path: Path
+) -> None:
+    """A reading whose document cannot be written as JSON (an integer past 64 bits: the
+    mapping refuses those now, this is the net below it) failed its batch with a TypeError,
+    and the writer retried that batch for ever."""
+    from cityward.ingest.writer import Reading
+
+    w = _worker(sqlite, tmp_path, max_delay_ms=200)
+    no2 = "https://uri.etsi.org/ngsi-ld/default-context/no2"
+    outcomes: dict[int, str | None] = {}
+    settled = threading.Semaphore(0)
+
+    def reading(n: int, value: Any) -> Reading:
+        def done(why: str | None) -> None:
+            outcomes[n] = why
+            settled.release()
+
+        frag = {
+            "id": f"urn:ngsi-ld:AirQualityObserved:s{n}",
+            "type": ["https://uri.etsi.org/ngsi-ld/default-context/AirQualityObserved"],
+            "attrs": {no2: [{"type": "Property", "value": value}]},
+        }
+        return Reading("air", f"m:{n}", frag, done, raw=orjson.dumps({"n": n}))
+
+    w.start()
+    try:
+        w.writer.put_many([reading(n, 2**70 if n == 5 else n) for n in range(10)])
+        for _ in range(10):
+            assert settled.acquire(timeout=30), f"the writer stalled: {w.status()}"
+    finally:
+        w.stop()
+    assert [n for n, why in sorted(outcomes.items()) if why is not None] == [5]
+    assert "the store cannot take it" in (outcomes[5] or "")
+    assert sorted(v for _, v in stored_readings(sqlite)) == [n for n in range(10) if n != 5]
+    (letter,) = w.dead_letters.entries("air")
+    assert orjson.loads(letter.payload) == {"n": 5}
+
+
+def test_an_unexpected_error_mapping_a_message_is_a_dead_letter(
+    sqlite: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The net under every adapter: an error nobody foresaw (here one made to happen) keeps
+    the message as a dead letter and the adapter goes on. Uncaught, an OverflowError of the
+    mapping ended the MQTT reader thread."""
+    w = _worker(sqlite, tmp_path)
+    intake = w.intakes["air"]
+    apply = intake.mapping.apply
+
+    def failing(payload: Any, **kw: Any) -> Any:
+        if payload.get("n") == 3:
+            raise OverflowError("date value out of range")
+        return apply(payload, **kw)
+
+    monkeypatch.setattr(intake.mapping, "apply", failing)
+    w.start()
+    try:
+        outcomes = _feed(w, [message(n) for n in range(6)])
+    finally:
+        w.stop()
+    assert [n for n, why in enumerate(outcomes) if why is not None] == [3]
+    assert "internal error" in (outcomes[3] or "") and "OverflowError" in (outcomes[3] or "")
+    assert sorted(v for _, v in stored_readings(sqlite)) == [0, 1, 2, 4, 5]
+    (letter,) = w.dead_letters.entries("air")
+    assert orjson.loads(letter.payload)["n"] == 3
+
+
 def test_the_intake_builds_what_the_request_parser_builds() -> None:
     """The intake's own stored form of a mapped update equals the general parser's."""
     from cityward.bank.jsonld import ContextResolver

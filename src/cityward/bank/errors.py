@@ -57,10 +57,17 @@ def store_refused(exc: BaseException) -> StoreRefused | None:
     """A StoreRefused for a database error about the written data, else None."""
     import sqlite3
 
+    import orjson
     import psycopg
 
+    # orjson's refusal to write a document as JSON (an integer past 64 bits) is about the data
+    # too: it was retried for ever, and stalled an ingest writer behind one reading
     if isinstance(
-        exc, sqlite3.DataError | psycopg.errors.DataError | psycopg.errors.ProgramLimitExceeded
+        exc,
+        sqlite3.DataError
+        | psycopg.errors.DataError
+        | psycopg.errors.ProgramLimitExceeded
+        | orjson.JSONEncodeError,
     ):
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return StoreRefused(f"the store cannot take it: {why}", field="entity")

@@ -330,11 +330,13 @@ class Mapping:
                 if not math.isfinite(n):
                     raise ValueError
                 at = datetime.fromtimestamp(n / 1000 if spec.format == "epoch_ms" else n, UTC)
+            # in UTC inside the try: 9999-12-31T23:00:00-05:00 overflows there (an uncaught
+            # OverflowError killed the MQTT reader and failed an HTTP push with a 500)
+            return _iso(at)
         except (ValueError, OverflowError, OSError) as exc:
             if isinstance(exc, MappingError):
                 raise
             raise MappingError(f"{raw!r} is not a time in {spec.format}", spec.path) from None
-        return _iso(at)
 
     def _location(self, payload: dict[str, Any]) -> dict[str, Any] | None:
         assert self._loc is not None and self.config.location is not None
@@ -386,9 +388,13 @@ def _convert(raw: Any, spec: AttributeMap) -> Any:
         if not math.isfinite(n):
             raise MappingError(f"expected a number, got {raw!r}", spec.path)
         n = n * spec.scale + spec.offset
+        if not math.isfinite(n):  # scaled past the float range: it was stored as null
+            raise MappingError(f"{raw!r} is out of range once scaled", spec.path)
         if spec.kind == "integer":
             if n != int(n):
                 raise MappingError(f"expected an integer, got {raw!r}", spec.path)
+            if not -(2**63) <= n < 2**63:  # no store takes more than a 64-bit integer
+                raise MappingError(f"{raw!r} is not a 64-bit integer", spec.path)
             return int(n)
         return n
     if spec.kind == "string":

@@ -70,6 +70,8 @@ async def push(source: str, request: Request) -> Response:
     if len(body) > max_body:
         raise BadRequestData(f"the push is larger than {max_body} bytes", field="body")
     messages = _messages(body)
+    if not messages:  # a JSON array with nothing in it (it was a 500)
+        raise BadRequestData("the push holds no message", field="$")
     limit = int(getattr(config, "max_messages", 1000))
     if len(messages) > limit:
         raise BadRequestData(f"{len(messages)} messages in one push; at most {limit}", field="$")

@@ -108,6 +108,12 @@ class Intake:
             return self._dead(payload, topic, exc.field, exc.reason, done)
         except NgsiError as exc:
             return self._dead(payload, topic, exc.field or "$", str(exc), done)
+        except Exception as exc:
+            # a bug of ours for this payload: the message is kept as a dead letter, and the
+            # adapter goes on (an uncaught error here ended the MQTT reader thread, and the
+            # message, never acknowledged, came back to end it again after every restart)
+            log.exception("ingest source %s: mapping a message failed", self.name)
+            return self._dead(payload, topic, "$", f"internal error: {exc!r}", done)
         reading = Reading(self.name, update.message_key, fragment, done, raw=payload, topic=topic)
         if not self.writer.put(reading, timeout=timeout):
             raise TimeoutError("the ingest writer is full")
