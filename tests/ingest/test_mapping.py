@@ -166,6 +166,17 @@ def test_an_iso_time_past_the_calendar_in_utc_is_refused(when: str) -> None:
     assert err.value.field == "$.ts"
 
 
+def test_readings_stamped_at_receipt_never_share_a_key() -> None:
+    """Without message_id and timestamp, two readings of a device received in the same
+    millisecond had the same key, and the writer dropped the second as a repeat."""
+    plain = {k: v for k, v in AIR.items() if k not in ("message_id", "timestamp")}
+    m = Mapping(MappingConfig.model_validate(plain))
+    at = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    keys = {m.apply(PAYLOAD, received_at=at).message_key for _ in range(100)}
+    assert len(keys) == 100
+    assert all(k.startswith("r:2026-01-02T03:04:05.000Z@") for k in keys)
+
+
 def test_naive_iso_time_is_refused() -> None:
     cfg = dict(AIR, timestamp={"path": "$.ts", "format": "iso8601"})
     with pytest.raises(MappingError, match="no time zone"):

@@ -245,6 +245,27 @@ def test_a_value_no_store_can_write_is_a_dead_letter_not_a_stall(
     assert orjson.loads(letter.payload) == {"n": 5}
 
 
+def test_readings_stamped_at_receipt_are_all_written(sqlite: Store, tmp_path: Path) -> None:
+    """A mapping without message_id and timestamp: a device's readings that arrive together
+    (a backlog) are each written; keyed by the millisecond of receipt, most were dropped as
+    repeats."""
+    mapping = {k: v for k, v in MAPPING.items() if k not in ("message_id", "timestamp")}
+    config = IngestSettings.model_validate(
+        {
+            "sources": [{"name": "air", "adapter": "http", "options": {}, "mapping": mapping}],
+            "writer": {"max_delay_ms": 50},
+        }
+    )
+    w = IngestWorker(bank_with_history(sqlite), config, DeadLetters(tmp_path / "dl.db"))
+    w.start()
+    try:
+        assert _feed(w, [message(n, devices=1) for n in range(100)]) == [None] * 100
+    finally:
+        w.stop()
+    assert sorted(v for _, v in stored_readings(sqlite)) == list(range(100))
+    assert w.writer.stats.duplicates == 0
+
+
 def test_an_unexpected_error_mapping_a_message_is_a_dead_letter(
     sqlite: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

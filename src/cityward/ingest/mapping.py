@@ -16,8 +16,10 @@ and ``{topic[N]}`` for the N-th level of an MQTT topic (or the HTTP push's sourc
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
+import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -274,11 +276,17 @@ class Mapping:
                     "character",
                     where,
                 )
-        else:
+        elif self._ts is not None:
             # the observation time first: keys then mostly arrive in order and the key
             # table's index grows at its end (``t:<entity>@<time>``, the earlier form, put each
             # device's keys in a region of their own; cityward.ingest.writer reads both)
             key = f"o:{observed}@{eid}"
+        else:
+            # Stamped with the time of receipt, which a redelivery does not share: such a
+            # reading cannot be told from a repeat, so each gets a key of its own. Keyed by
+            # that time, two readings of a device received in the same millisecond were one
+            # (a backlog of 200 lost 186).
+            key = f"r:{observed}@{eid}#{_RUN}.{next(_SEQ)}"
         return Update(eid, self.config.entity_type, observed, attrs, key)
 
     def _entity_id(self, payload: dict[str, Any], topic: str) -> str:
@@ -350,6 +358,11 @@ class Mapping:
         if not (-180 <= x <= 180 and -90 <= y <= 90):
             raise MappingError(f"({x}, {y}) is not a WGS84 longitude/latitude", "location")
         return {"type": "Point", "coordinates": [x, y]}
+
+
+# what makes receipt-time keys unique: this process's run, then a counter
+_RUN = secrets.token_hex(6)
+_SEQ = itertools.count()
 
 
 def _path_of(keys: tuple[Key, ...]) -> str:
