@@ -1,11 +1,13 @@
 """The dashboard's live stream against a real ``cityward serve`` (SQLite, governance on).
 
 A change written through the API reaches a connected dashboard within 2 s; a token sees only
-the data sources of its purposes; no token, no stream; every connection is audited.
+the data sources of its purposes, and a dashboard only its tenant; no token, no stream; every
+connection is audited.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -45,10 +47,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def follow(
-    url: str, token: str, out: queue.Queue[tuple[float, str, Any]], stop: threading.Event
+    url: str,
+    token: str,
+    out: queue.Queue[tuple[float, str, Any]],
+    stop: threading.Event,
+    tenant: str | None = None,
 ) -> None:
     """Parse the SSE stream into (arrival time, event, data) until ``stop``."""
     headers = {"Authorization": f"Bearer {token}"}
+    if tenant is not None:
+        headers["NGSILD-Tenant"] = tenant
     with (
         httpx.Client(timeout=httpx.Timeout(10, read=30)) as client,
         client.stream("GET", url, headers=headers) as r,
@@ -107,6 +115,58 @@ def test_changes_reach_a_dashboard_within_two_seconds_by_purpose(server: Server)
     # the operator's token carries traffic-management only: no air quality
     assert air["id"] not in entities
     assert any(ev == "stats" and d["ingestRate"] >= 0 for _, ev, d in seen)
+
+
+def test_a_dashboard_sees_only_the_tenant_it_asked_for(server: Server) -> None:
+    admin = {"Authorization": f"Bearer {server.admin}"}
+    # creates the tenant; the operator (traffic-management) is never sent air quality
+    seed = entity("urn:ngsi-ld:AirQualityObserved:tenant-b", "AirQualityObserved", no2=3.0)
+    r = httpx.post(
+        server.url + "/ngsi-ld/v1/entities",
+        json=seed,
+        headers={**admin, "NGSILD-Tenant": "cityB"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    streams: dict[str | None, queue.Queue[tuple[float, str, Any]]] = {}
+    stop = threading.Event()
+    for tenant in (None, "cityB"):  # None: no header, the default tenant
+        got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+        streams[tenant] = got
+        args = (server.url + EVENTS, server.operator, got, stop, tenant)
+        threading.Thread(target=follow, args=args, daemon=True).start()
+        assert got.get(timeout=10)[1] == "hello"
+
+    def write(tenant: str | None, name: str) -> str:
+        doc = entity(f"urn:ngsi-ld:TrafficFlowObserved:{name}", "TrafficFlowObserved", intensity=7)
+        headers = admin if tenant is None else {**admin, "NGSILD-Tenant": tenant}
+        r = httpx.post(server.url + "/ngsi-ld/v1/entities", json=doc, headers=headers, timeout=10)
+        assert r.status_code == 201, r.text
+        return str(doc["id"])
+
+    # each stream hands out changes in commit order: once a stream has the change written
+    # last to its own tenant, the other tenant's (written before) would have come first
+    in_b = write("cityB", "tenant-b-loop")
+    in_default = write(None, "default-loop")
+    last_in_b = write("cityB", "tenant-b-loop-2")
+    seen: dict[str | None, list[str]] = {}
+    for tenant, own_last in ((None, in_default), ("cityB", last_in_b)):
+        seen[tenant] = []
+        deadline = time.monotonic() + 10
+        while own_last not in seen[tenant]:
+            assert time.monotonic() < deadline, (tenant, seen)
+            with contextlib.suppress(queue.Empty):
+                _, ev, data = streams[tenant].get(timeout=0.2)
+                if ev in ("entity", "delete"):
+                    seen[tenant].append(data["id"])
+    stop.set()
+    assert seen[None] == [in_default]
+    assert seen["cityB"] == [in_b, last_in_b]
+    # as every NGSI-LD read, a tenant that does not exist is a 404 naming the header
+    unknown = {"Authorization": f"Bearer {server.operator}", "NGSILD-Tenant": "cityZ"}
+    with httpx.stream("GET", server.url + EVENTS, headers=unknown, timeout=10) as r:
+        assert r.status_code == 404  # (not read otherwise: an open stream never ends)
+        assert orjson.loads(r.read())["field"] == "NGSILD-Tenant"
 
 
 def test_no_token_no_stream_and_bad_types_say_which_field(server: Server) -> None:

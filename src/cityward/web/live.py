@@ -4,9 +4,9 @@ One :class:`LiveHub` per API process follows the bank's change feed. The feed li
 the writers' threads and only appends to a deque (the writers never wait for a dashboard). Every
 ``tick_s`` one task on the event loop takes what came, keeps the newest state of each entity
 (a signal that changed five times in 200 ms is sent once), renders it once as keyValues with
-the core context, and hands the encoded event to every connected dashboard whose token's
-purposes may read the entity's data source. So ten open dashboards cost ten queue puts per
-change, not ten renderings.
+the core context, and hands the encoded event to every connected dashboard of the entity's
+tenant whose token's purposes may read the entity's data source. So ten open dashboards cost
+ten queue puts per change, not ten renderings.
 
 A dashboard that stops reading (its queue full) is dropped with a ``reload`` event rather than
 holding memory; the page then reconnects and reloads its state.
@@ -42,6 +42,7 @@ def sse(event: str, data: Any) -> bytes:
 class Viewer:
     """One connected dashboard."""
 
+    tenant: str  # the NGSILD-Tenant it asked for ("": the default tenant)
     purposes: frozenset[str]
     types: frozenset[str] | None  # short type names wanted (None: all)
     queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(2000))
@@ -115,6 +116,9 @@ class LiveHub:
             else:
                 event = sse("entity", render_entity(dict(change.after), self.context, KEY_VALUES))
             for viewer in list(self.viewers):
+                # tenants are separate data banks: a dashboard never sees another's entities
+                if viewer.tenant != change.tenant:
+                    continue
                 if not self.catalog.allows(viewer.purposes, source):
                     continue
                 if viewer.types is not None and viewer.types.isdisjoint(short):
@@ -129,10 +133,15 @@ class LiveHub:
             self.viewers.discard(viewer)
 
     async def stream(
-        self, purposes: frozenset[str], types: frozenset[str] | None, stats_every_s: float = 2.0
+        self,
+        tenant: str,
+        purposes: frozenset[str],
+        types: frozenset[str] | None,
+        stats_every_s: float = 2.0,
     ) -> AsyncIterator[bytes]:
-        """The events of one dashboard, with a ``stats`` event every ``stats_every_s``."""
-        viewer = Viewer(purposes, types)
+        """The events of one dashboard of ``tenant``, with a ``stats`` event every
+        ``stats_every_s``."""
+        viewer = Viewer(tenant, purposes, types)
         self.viewers.add(viewer)
         try:
             yield sse("hello", {"types": sorted(types) if types else None})

@@ -7,8 +7,9 @@ token allows, and every write is audited like any API write. A visitor without a
 the login and the public register.
 
 The stream needs ``data:read`` (an operator's or analyst's token) and carries only the entities
-of the data sources the token's purposes may read. Every connection is audited as a read (the
-policy's ``stream`` audit class), since what it will carry is not known when it opens.
+of the tenant it asked for (``NGSILD-Tenant``, as in the NGSI-LD API; the default tenant without
+it) and of the data sources the token's purposes may read. Every connection is audited as a
+read (the policy's ``stream`` audit class), since what it will carry is not known when it opens.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from cityward.api.ngsi import runtime, tenant_of
 from cityward.bank.errors import BadRequestData, ResourceNotFound
 from cityward.config import Settings
 from cityward.governance.middleware import principal_of
@@ -85,9 +87,12 @@ async def events(request: Request, type: str | None = None) -> StreamingResponse
                 f"type: 1 to {MAX_TYPES} comma-separated entity types", field="type"
             )
         types = frozenset(names)
+    tenant = tenant_of(request)
+    # as every NGSI-LD read: an unknown tenant is a 404, not a stream that stays silent
+    runtime(request).bank.check_tenant(tenant)
     principal = principal_of(request.scope.get("state", {}))
     return StreamingResponse(
-        hub.stream(frozenset(principal.purposes), types),
+        hub.stream(tenant, frozenset(principal.purposes), types),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -1,4 +1,11 @@
-"""/ngsi-ld/v1/subscriptions: create, list, retrieve, update and delete subscriptions."""
+"""/ngsi-ld/v1/subscriptions: create, list, retrieve, update and delete subscriptions.
+
+A subscription belongs to the subject of the token that created it. Only its owner sees and
+changes it; admins see and change every subscription. For anyone else it does not exist (404,
+absent from the list), so that neither its endpoint nor the secrets of its receiverInfo leak.
+Subscriptions without an owner (made before owners were recorded, or with --no-auth) are
+managed by admins only. With --no-auth every caller is admin, so nothing changes there.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ from cityward.bank.jsonld import Context
 from cityward.bank.store import QuerySpec
 from cityward.bank.subscriptions.model import Subscription, apply_patch, parse_subscription
 from cityward.bank.subscriptions.service import Subscriptions
+from cityward.governance.identity import Principal
+from cityward.governance.middleware import principal_of
+from cityward.governance.policy import Role
 from cityward.governance.sources import ALL_PURPOSES
 
 router = APIRouter()
@@ -60,13 +70,20 @@ def _sys_attrs(request: Request) -> bool:
     return "sysAttrs" in opts
 
 
-def _owned(request: Request, sub: Subscription) -> Subscription:
+def _caller(request: Request) -> Principal:
+    return principal_of(request.scope.get("state", {}))
+
+
+def _only_owner(caller: Principal) -> str | None:
+    """The owner whose subscriptions ``caller`` may see and change (None: all, for admins)."""
+    return None if caller.role is Role.ADMIN else caller.subject
+
+
+def _bound(caller: Principal, sub: Subscription) -> Subscription:
     """Bind the subscription to the purposes of the caller who creates or changes it."""
-    principal = request.scope.get("state", {}).get("principal")
-    purposes = getattr(principal, "purposes", None)
-    if purposes is None or ALL_PURPOSES in purposes:
+    if ALL_PURPOSES in caller.purposes:
         return dataclasses.replace(sub, owner_purposes=None)
-    return dataclasses.replace(sub, owner_purposes=tuple(sorted(purposes)))
+    return dataclasses.replace(sub, owner_purposes=tuple(sorted(caller.purposes)))
 
 
 @router.post("/subscriptions")
@@ -74,7 +91,11 @@ async def create_subscription(request: Request) -> Response:
     rt = runtime(request)
     check_params(request, ())
     body, ctx = await _body(request, rt)
-    sub = _owned(request, parse_subscription(body, ctx))
+    caller = _caller(request)
+    # --no-auth has no real identity: what it creates is left without an owner (admins only
+    # once authentication is on), rather than owned by whoever is later given its name
+    owner = None if caller.kind == "dev" else caller.subject
+    sub = dataclasses.replace(_bound(caller, parse_subscription(body, ctx)), owner=owner)
     await run_in_threadpool(_subs(request).create, tenant_of(request), sub)
     return empty_response(request, status=201, headers={"Location": PATH + sub.id})
 
@@ -95,7 +116,11 @@ async def list_subscriptions(request: Request) -> Response:
     if spec.limit > rt.bank.max_limit:
         raise BadRequestData(f"limit must be at most {rt.bank.max_limit}", field="limit")
     subs, total = await run_in_threadpool(
-        _subs(request).page, tenant_of(request), spec.limit, spec.offset
+        _subs(request).page,
+        tenant_of(request),
+        spec.limit,
+        spec.offset,
+        owner=_only_owner(_caller(request)),
     )
     data = [s.to_json(ctx, sys_attrs=sys_attrs) for s in subs]
     headers = page_headers(request, spec, len(data), total if spec.count else None)
@@ -109,7 +134,9 @@ async def retrieve_subscription(request: Request, sid: str) -> Response:
     media = negotiate(request)
     ctx = await header_context(request, rt)
     sys_attrs = _sys_attrs(request)
-    sub = await run_in_threadpool(_subs(request).get, tenant_of(request), sid)
+    sub = await run_in_threadpool(
+        _subs(request).get, tenant_of(request), sid, owner=_only_owner(_caller(request))
+    )
     return json_response(sub.to_json(ctx, sys_attrs=sys_attrs), request, ctx, media)
 
 
@@ -120,14 +147,23 @@ async def update_subscription(request: Request, sid: str) -> Response:
     body, ctx = await _body(request, rt)
     subs = _subs(request)
     tenant = tenant_of(request)
-    current = await run_in_threadpool(subs.get, tenant, sid)
-    updated = _owned(request, apply_patch(current, body, ctx))
-    await run_in_threadpool(subs.replace, tenant, updated)
+    caller = _caller(request)
+    only = _only_owner(caller)
+    current = await run_in_threadpool(subs.get, tenant, sid, owner=only)
+    updated = apply_patch(current, body, ctx)  # keeps the owner: a body cannot name one
+    if caller.kind == "dev" or current.owner == caller.subject:
+        updated = _bound(caller, updated)
+    # else an admin changes someone else's subscription (or one without an owner): its
+    # notifications still go to the owner's endpoint, so they keep the purposes they had
+    # rather than gaining every purpose of the admin
+    await run_in_threadpool(subs.replace, tenant, updated, owner=only)
     return empty_response(request)
 
 
 @router.delete("/subscriptions/{sid:path}")
 async def delete_subscription(request: Request, sid: str) -> Response:
     check_params(request, ())
-    await run_in_threadpool(_subs(request).delete, tenant_of(request), sid)
+    await run_in_threadpool(
+        _subs(request).delete, tenant_of(request), sid, owner=_only_owner(_caller(request))
+    )
     return empty_response(request)

@@ -321,6 +321,10 @@ class Subscription:
     # the purposes of whoever created or last changed it: notifications carry only entities
     # those purposes may read (None: no restriction, e.g. created without governance)
     owner_purposes: tuple[str, ...] | None = None
+    # the subject of the token that created it: only its owner (and admins) may see and
+    # change it. None: created before owners were recorded, or without authentication
+    # (--no-auth); such a subscription is managed by admins only. Never taken from a body.
+    owner: str | None = None
     stats: DeliveryStats = field(default_factory=DeliveryStats, compare=False)
 
     # -- derived ----------------------------------------------------------------------------
@@ -451,6 +455,7 @@ class Subscription:
             "createdAt": self.created_at,
             "modifiedAt": self.modified_at,
             "ownerPurposes": _list_or_none(self.owner_purposes),
+            "owner": self.owner,
             "notification": {
                 "attributes": _list_or_none(n.attributes),
                 "format": n.format,
@@ -507,6 +512,7 @@ class Subscription:
             created_at=d.get("createdAt"),
             modified_at=d.get("modifiedAt"),
             owner_purposes=_tuple_or_none(d.get("ownerPurposes")),
+            owner=d.get("owner"),
             notification=NotificationParams(
                 endpoint=Endpoint(
                     uri=e["uri"],

@@ -67,6 +67,9 @@ _PG_LOCK_ARGS = "%s, hashtext(current_schema())"
 PERIODIC_TICK_S = 0.5  # how often timeInterval subscriptions are checked
 PERIODIC_MAX_ENTITIES = 1000  # entities in one periodic notification at most
 STATS_FLUSH_S = 2.0  # delivery counters reach the database this often (and on stop)
+# the owner inside the stored body: no column of its own, so tables made before owners were
+# recorded need no migration (their rows have none: NULL, which no owner equals)
+_OWNER_SQL = {"sqlite": "json_extract(body, '$.owner')", "postgres": "(body::json ->> 'owner')"}
 
 
 def _adopt(sub: Subscription, stats: DeliveryStats) -> None:
@@ -153,6 +156,14 @@ class Subscriptions:
         txn.execute("UPDATE subscriptions_version SET v = v + 1 WHERE k = 1")
 
     # -- CRUD -------------------------------------------------------------------------------
+    # ``owner``, where given, limits the operation to that owner's subscriptions: the others
+    # are not found (a caller must not learn that someone else's exists). None: all of them.
+    def _of_owner(self, owner: str | None) -> tuple[str, list[str]]:
+        """The SQL condition (and its parameters) that keeps ``owner``'s subscriptions."""
+        if owner is None:
+            return "", []
+        return f" AND {_OWNER_SQL[self.store.dialect]} = ?", [owner]
+
     def create(self, tenant: str, sub: Subscription) -> None:
         with self.store.write(tenant, create_tenant=True) as txn:
             found = txn.execute(
@@ -167,14 +178,14 @@ class Subscriptions:
             self._bump(txn)
         self.hook.put(tenant, sub)
 
-    def get(self, tenant: str, sid: str) -> Subscription:
+    def get(self, tenant: str, sid: str, *, owner: str | None = None) -> Subscription:
         live = self.hook.get(tenant, sid)
         rows = self.store.select(
             "SELECT body FROM subscriptions WHERE tenant = ? AND id = ?", [tenant, sid]
         )
-        if not rows:
+        sub = Subscription.from_stored(orjson.loads(rows[0][0])) if rows else None
+        if sub is None or (owner is not None and sub.owner != owner):
             raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
-        sub = Subscription.from_stored(orjson.loads(rows[0][0]))
         if live is not None and self.dispatching:
             _adopt(sub, live.stats)
         else:  # another process delivers: its counters, as last flushed
@@ -185,31 +196,42 @@ class Subscriptions:
                 _adopt(sub, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
         return sub
 
-    def page(self, tenant: str, limit: int, offset: int) -> tuple[list[Subscription], int]:
+    def page(
+        self, tenant: str, limit: int, offset: int, *, owner: str | None = None
+    ) -> tuple[list[Subscription], int]:
+        # filtered in SQL, so that the count and the pages hold only what the caller may see
+        cond, args = self._of_owner(owner)
         total = int(
-            self.store.select("SELECT count(*) FROM subscriptions WHERE tenant = ?", [tenant])[0][0]
+            self.store.select(
+                "SELECT count(*) FROM subscriptions WHERE tenant = ?" + cond, [tenant, *args]
+            )[0][0]
         )
         rows = self.store.select(
-            "SELECT id FROM subscriptions WHERE tenant = ? ORDER BY id LIMIT ? OFFSET ?",
-            [tenant, limit, offset],
+            f"SELECT id FROM subscriptions WHERE tenant = ?{cond} ORDER BY id LIMIT ? OFFSET ?",
+            [tenant, *args, limit, offset],
         )
         return [self.get(tenant, str(r[0])) for r in rows], total
 
-    def replace(self, tenant: str, sub: Subscription) -> None:
+    def replace(self, tenant: str, sub: Subscription, *, owner: str | None = None) -> None:
+        # the owner is checked again in the UPDATE: between the caller's read and this write
+        # the subscription may have been deleted and created anew by someone else
+        cond, args = self._of_owner(owner)
         with self.store.write(tenant, create_tenant=False) as txn:
             n = txn.execute(
-                "UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ? RETURNING id",
-                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id],
+                f"UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ?{cond} RETURNING id",
+                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id, *args],
             )
             if not n:
                 raise ResourceNotFound(f"subscription {sub.id} not found", field="subscriptionId")
             self._bump(txn)
         self.hook.put(tenant, sub)
 
-    def delete(self, tenant: str, sid: str) -> None:
+    def delete(self, tenant: str, sid: str, *, owner: str | None = None) -> None:
+        cond, args = self._of_owner(owner)
         with self.store.write(tenant, create_tenant=False) as txn:
             n = txn.execute(
-                "DELETE FROM subscriptions WHERE tenant = ? AND id = ? RETURNING id", [tenant, sid]
+                f"DELETE FROM subscriptions WHERE tenant = ? AND id = ?{cond} RETURNING id",
+                [tenant, sid, *args],
             )
             if not n:
                 raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
