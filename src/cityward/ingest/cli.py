@@ -235,6 +235,10 @@ def run(
         dead.close()
         if store is not None:
             store.close()
+    failed = [f"{r.intake.name}: {r.failed}" for r in replays if r.failed]
+    if failed:  # a load that stopped before the end of its file is not a success
+        console.print(f"[red]replay failed[/]: {'; '.join(failed)}")
+        raise typer.Exit(1)
 
 
 def _status_line(status: dict[str, Any]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,11 @@ from cityward.ingest.adapters import Adapter, AdapterConfig, Intake
 from cityward.ingest.mapping import _MISSING, compile_path, resolve
 
 log = logging.getLogger("cityward.ingest.replay")
+
+_BOM = b"\xef\xbb\xbf"
+# what surrogateescape makes of bytes that are not UTF-8
+_UNDECODED = re.compile("[\udc80-\udcff]")
+CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
 
 class ReplayConfig(AdapterConfig):
@@ -70,6 +76,7 @@ class ReplayAdapter(Adapter):
         super().__init__(config, intake)
         self.finished = threading.Event()
         self.rows = 0
+        self.failed: str | None = None  # why the replay stopped before the end of the file
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._time_keys = compile_path(self.config.time_field) if self.config.time_field else None
@@ -88,7 +95,7 @@ class ReplayAdapter(Adapter):
             self._thread.join(timeout=5)
 
     def status(self) -> dict[str, Any]:
-        return {"rows": self.rows, "finished": self.finished.is_set()}
+        return {"rows": self.rows, "finished": self.finished.is_set(), "failed": self.failed}
 
     def _run(self) -> None:
         try:
@@ -96,7 +103,8 @@ class ReplayAdapter(Adapter):
                 self._replay_once()
                 if not self.config.loop:
                     break
-        except Exception:
+        except Exception as exc:
+            self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("ingest %s: replaying %s failed", self.intake.name, self.config.path)
         finally:
             self.finished.set()
@@ -105,9 +113,13 @@ class ReplayAdapter(Adapter):
         c = self.config
         first_t: float | None = None
         started = time.monotonic()
-        for raw, doc in self._messages():
+        for raw, doc, unusable in self._messages():
             if self._stop.is_set():
                 return
+            if unusable is not None:  # a row the file's format itself spoils: a dead letter
+                self.rows += 1
+                self.intake.dead(raw, c.topic, "$", unusable)
+                continue
             if c.speed > 0 and doc is not None:
                 t = self._time_of(doc)
                 if t is not None:
@@ -124,22 +136,66 @@ class ReplayAdapter(Adapter):
                 except TimeoutError:
                     continue
 
-    def _messages(self) -> Iterator[tuple[bytes, Any]]:
-        """(raw bytes, decoded message or None when it is not JSON)."""
+    def _messages(self) -> Iterator[tuple[bytes, Any, str | None]]:
+        """(raw bytes, decoded message or None when it is not JSON, why the row cannot be used
+        or None). A bad row never ends the file: one with more fields than the header, bytes
+        that are not UTF-8, or a field the csv module refuses each become a dead letter (they
+        used to end the replay there, with exit status 0)."""
         if self.config.kind == "csv":
-            with self.config.path.open(newline="", encoding="utf-8-sig") as fh:
-                for row in csv.DictReader(fh):
-                    yield orjson.dumps(row), row
+            yield from self._csv_rows()
             return
         with self.config.path.open("rb") as fh:
-            for line in fh:
+            for n, line in enumerate(fh):
+                if n == 0 and line.startswith(_BOM):
+                    line = line[len(_BOM) :]  # as the CSV reader does (utf-8-sig)
                 if not line.strip():
                     continue
                 try:
-                    yield line.rstrip(b"\r\n"), orjson.loads(line)
+                    yield line.rstrip(b"\r\n"), orjson.loads(line), None
                 except orjson.JSONDecodeError:
                     # handed over undecoded: the intake makes it a dead letter with the reason
-                    yield line.rstrip(b"\r\n"), None
+                    yield line.rstrip(b"\r\n"), None, None
+
+    def _csv_rows(self) -> Iterator[tuple[bytes, Any, str | None]]:
+        # a field of a CSV export may be a whole JSON document: the csv module's default limit
+        # (128 KiB) refused such a row
+        csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+        # undecodable bytes are kept as surrogates so that one bad row spoils only itself
+        with self.config.path.open(
+            newline="", encoding="utf-8-sig", errors="surrogateescape"
+        ) as fh:
+            reader = csv.reader(fh)
+            header: list[str] | None = None
+            while True:
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:
+                    yield b"", None, f"line {reader.line_num}: not a CSV row: {exc}"
+                    continue
+                raw = ",".join(row).encode("utf-8", "surrogateescape")
+                if any(_UNDECODED.search(field) for field in row):
+                    if header is None:
+                        return  # no header to read rows by: nothing in the file is usable
+                    yield raw, None, f"line {reader.line_num}: not UTF-8 text"
+                    continue
+                if header is None:
+                    header = row
+                    continue
+                if not row:
+                    continue  # a blank line (csv.DictReader skips them too)
+                if len(row) > len(header):
+                    yield (
+                        raw,
+                        None,
+                        f"line {reader.line_num}: {len(row)} fields, the header has {len(header)}",
+                    )
+                    continue
+                doc: dict[str, str | None] = dict(zip(header, row, strict=False))
+                for name in header[len(row) :]:
+                    doc.setdefault(name, None)  # a short row, as csv.DictReader fills it
+                yield orjson.dumps(doc), doc, None
 
     def _time_of(self, doc: Any) -> float | None:
         assert self._time_keys is not None
