@@ -62,3 +62,40 @@ def test_an_invalid_mapping_exits_2_with_the_setting(tmp_path: Path) -> None:
     assert code == 2 and "not valid TOML" in out
     code, out = run(str(tmp_path / "missing.toml"))
     assert code == 2
+
+
+def test_ingest_run_refuses_bad_sources_at_load_naming_the_setting(tmp_path: Path) -> None:
+    """A topic filter the broker would refuse (it closed the connection, read as "expected
+    SUBACK, got packet type 14" for ever) and files that do not exist (a traceback at start)
+    are configuration errors: exit 2, the setting named."""
+    mapping = (
+        '[ingest.sources.mapping]\nentity_type = "AirQualityObserved"\n'
+        'id = "urn:ngsi-ld:AirQualityObserved:{topic[1]}"\n'
+        'attributes = { no2 = { path = "$.no2" } }\n'
+    )
+    cases = [
+        ("mqtt", 'topics = ["city/#/x"]', "topics", "'#' must be a whole level"),
+        ("mqtt", 'topics = [""]', "topics", "not an MQTT topic filter"),
+        ("mqtt", 'topics = ["city/a+"]', "topics", "'+' must be a whole level"),
+        (
+            "mqtt",
+            f'topics = ["c/+"]\ntls = true\nca_file = "{tmp_path / "no-ca.pem"}"',
+            "ca_file",
+            "no file",
+        ),
+        ("mqtt", 'topics = ["c/+"]\nshare_group = "a/b"', "share_group", "share group"),
+        ("replay", f'path = "{tmp_path / "gone.csv"}"', "path", "no file"),
+    ]
+    for adapter, options, setting, why in cases:
+        config = tmp_path / "ingest.toml"
+        config.write_text(
+            f'[[ingest.sources]]\nname = "s"\nadapter = "{adapter}"\n'
+            f"[ingest.sources.options]\n{options}\n" + mapping
+        )
+        result = CliRunner().invoke(
+            app,
+            ["ingest", "run", "--config", str(config), "--data-dir", str(tmp_path / "d")],
+            env={"COLUMNS": "200"},
+        )
+        assert result.exit_code == 2, (options, result.output)
+        assert setting in result.output and why in result.output, (options, result.output)

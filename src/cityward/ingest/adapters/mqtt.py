@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from cityward.ingest.adapters import Adapter, AdapterConfig, Intake
 from cityward.ingest.adapters.mqttwire import MqttSubscriber, WireOptions
@@ -65,6 +65,38 @@ class MqttConfig(AdapterConfig):
     cert_file: Path | None = Field(default=None, description="Client certificate (mutual TLS).")
     key_file: Path | None = Field(default=None, description="Its private key.")
     reconnect_max_s: float = Field(default=30, gt=0, le=3600)
+
+    @field_validator("topics")
+    @classmethod
+    def _topic_filters(cls, topics: list[str]) -> list[str]:
+        # the broker answers a bad filter by closing the connection, which read as "expected
+        # SUBACK, got packet type 14" in a reconnect loop, the filter never named
+        for topic in topics:
+            levels = topic.split("/")
+            if not topic or "\x00" in topic or len(topic.encode()) > 65535:
+                raise ValueError(f"{topic!r} is not an MQTT topic filter (empty, NUL or too long)")
+            for n, level in enumerate(levels):
+                if "#" in level and (level != "#" or n != len(levels) - 1):
+                    raise ValueError(f"{topic!r}: '#' must be a whole level, the last one")
+                if "+" in level and level != "+":
+                    raise ValueError(f"{topic!r}: '+' must be a whole level")
+        return topics
+
+    @field_validator("share_group")
+    @classmethod
+    def _share_group(cls, group: str | None) -> str | None:
+        if group is not None and (not group or any(c in group for c in "/+#\x00")):
+            raise ValueError(f"{group!r}: a share group is a non-empty name without / + #")
+        return group
+
+    @field_validator("password_file", "ca_file", "cert_file", "key_file")
+    @classmethod
+    def _existing(cls, path: Path | None) -> Path | None:
+        # checked when the configuration loads, so that the error names the setting (it was a
+        # traceback at start, FileNotFoundError without the setting's name)
+        if path is not None and not path.is_file():
+            raise ValueError(f"no file {path}")
+        return path
 
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
