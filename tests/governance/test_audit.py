@@ -268,10 +268,112 @@ def test_tampering_is_detected(
     assert verify_report(result).startswith(f"Audit log TAMPERED at record {bad_seq}")
 
 
-def test_verifying_with_another_key_fails_at_the_first_seal(backend: Backend) -> None:
+def test_verifying_with_another_key_fails_at_the_first_mac(backend: Backend) -> None:
     write(backend.open(seal_every=10), 25)
     result = backend.open(OTHER_KEY).verify()
+    # the first thing the key signed is the seal interval recorded with record 1
+    assert (result.ok, result.first_bad_seq, result.records) == (False, 1, 0)
+    assert "another key" in result.reason
+    # without it, the first seal
+    backend.sql("DELETE FROM audit_seal_policy")
+    result = backend.open(OTHER_KEY, seal_every=10).verify()
     assert (result.ok, result.first_bad_seq, result.records) == (False, 10, 9)
+
+
+def _rewrite_from(b: Backend, seq: int, **changes: Any) -> None:
+    """Records from ``seq`` on changed and their chain recomputed, as someone without the key."""
+    prev = b.sql("SELECT hash FROM audit_records WHERE seq = ?", [seq - 1])[0][0]
+    for fields in _records(b, seq):
+        fields = dict(fields, **changes)
+        h = record_hash(prev, fields)
+        b.sql(
+            "UPDATE audit_records SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?",
+            [fields["actor"], prev, h, fields["seq"]],
+        )
+        changes = {}
+        prev = h
+
+
+@pytest.mark.parametrize(
+    ("also_intervals", "verify_every"), [(False, 1000), (True, 5)], ids=["seals", "all"]
+)
+def test_deleted_seals_are_detected(
+    backend: Backend, also_intervals: bool, verify_every: int
+) -> None:
+    """Seals deleted, the tail cut and record 3 rewritten: the first seal missing is named."""
+    log = backend.open(seal_every=5)
+    write(log, 20)
+    log.close()
+    assert backend.seqs("audit_seals") == [5, 10, 15, 20]
+    backend.sql("DELETE FROM audit_seals")
+    backend.sql("DELETE FROM audit_records WHERE seq > 12")
+    if also_intervals:  # then the log's own seal_every is what is required
+        backend.sql("DELETE FROM audit_seal_policy")
+    _rewrite_from(backend, 3, actor="mallory")
+    result = backend.open(seal_every=verify_every).verify()
+    assert (result.ok, result.first_bad_seq, result.records) == (False, 5, 4), result.reason
+    assert "Record 5 has no seal" in result.reason
+    assert "every 5 records" in result.reason
+
+
+def test_a_deleted_seal_below_the_last_is_detected(backend: Backend) -> None:
+    log = backend.open(seal_every=5)
+    write(log, 20)
+    log.close()
+    backend.sql("DELETE FROM audit_seals WHERE seq = 10")
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq, result.seals) == (False, 10, 3), result.reason
+    assert result.reason.endswith("seals were deleted.")
+
+
+def test_a_forged_seal_interval_is_detected(backend: Backend) -> None:
+    """Raising the recorded interval would excuse deleted seals: it carries a MAC."""
+    log = backend.open(seal_every=5)
+    write(log, 20)
+    log.close()
+    backend.sql("DELETE FROM audit_seals WHERE seq > 5")
+    backend.sql("UPDATE audit_seal_policy SET every = 1000")
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 1), result.reason
+    assert "seal interval recorded from record 1 on has a wrong MAC" in result.reason
+
+
+def test_seal_every_changed_between_runs(backend: Backend) -> None:
+    """Each record is held to the seal_every it was written under, whatever is set now."""
+    first = backend.open(seal_every=10)
+    write(first, 25)
+    first.close(seal=False)  # as a crash leaves it: 21-25 unsealed, 21 a multiple of 7
+    second = backend.open(seal_every=7)
+    write(second, 20, start=25)
+    second.close()
+    assert backend.seqs("audit_seals") == [10, 20, 28, 35, 42, 45]
+    assert backend.sql("SELECT from_seq, every FROM audit_seal_policy ORDER BY from_seq") == [
+        (1, 10),
+        (26, 7),
+    ]
+    for every in (7, 10, 1000):
+        result = backend.open(seal_every=every).verify()
+        assert (result.ok, result.records) == (True, 45), result.reason
+    # a log older than the recorded intervals: its seals vouch for what lies below them
+    backend.sql("DELETE FROM audit_seal_policy")
+    assert backend.open(seal_every=3).verify().ok
+    # ... and the configured seal_every is required after the last one
+    backend.sql("DELETE FROM audit_seals WHERE seq = 45")
+    result = backend.open(seal_every=3).verify()
+    assert (result.ok, result.first_bad_seq) == (False, 45), result.reason
+    assert "every 3 records" in result.reason
+
+
+def test_a_tail_cut_below_a_recorded_seal_interval_is_detected(backend: Backend) -> None:
+    write(backend.open(seal_every=10), 25)
+    backend.logs[-1].close()
+    write(backend.open(seal_every=7), 5, start=25)
+    backend.logs[-1].close()
+    backend.sql("DELETE FROM audit_seals WHERE seq > 25")
+    backend.sql("DELETE FROM audit_records WHERE seq > 25")
+    result = backend.open(seal_every=10).verify()
+    assert (result.ok, result.first_bad_seq) == (False, 26), result.reason
+    assert "seal interval was recorded with record 26" in result.reason
 
 
 # -- several writers ------------------------------------------------------------------------
@@ -303,6 +405,22 @@ def test_two_writers_share_one_chain(backend: Backend) -> None:
             "SELECT detail FROM audit_records WHERE actor = ? ORDER BY seq", [f"worker{k}"]
         )
         assert [int(d[0]) for d in details] == list(range(n))
+
+
+def test_writers_with_different_seal_every_share_one_chain(backend: Backend) -> None:
+    """A rolling restart that changes seal_every: both settings write in turns."""
+    logs = [backend.open(seal_every=7), backend.open(seal_every=10)]
+    for turn in range(20):  # 6 records a turn: each crosses multiples it does not seal
+        write(logs[turn % 2], 6, start=6 * turn)
+    intervals = backend.sql("SELECT from_seq, every FROM audit_seal_policy ORDER BY from_seq")
+    assert intervals == [(1 + 6 * turn, (7, 10)[turn % 2]) for turn in range(20)]
+    for log in logs:
+        result = log.verify()
+        assert (result.ok, result.records) == (True, 120), result.reason
+    # each record was sealed by its writer's setting: 7-12 by 10, 13-18 by 7, 19-24 by 10
+    seals = backend.seqs("audit_seals")
+    assert {10, 14, 20}.issubset(seals)
+    assert 7 not in seals
 
 
 # -- queries --------------------------------------------------------------------------------

@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
+import threading
 import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+from cityward.api.app import create_app
 from cityward.cli import app as cli_app
+from cityward.config import GovernanceSettings, Settings
+from cityward.governance import identity
 from cityward.governance.policy import FALLBACK, MATRIX, Role, route_for
 from tests.governance.conftest import (
     AIR,
@@ -307,6 +321,181 @@ def test_an_asymmetric_token_from_an_oidc_provider(store: Any, tmp_path: Any) ->
         assert r.status_code == 401
 
 
+def _oidc_app(store: Any, tmp_path: Path, **gov_options: Any) -> FastAPI:
+    gov = GovernanceSettings(jwt_issuer="https://idp.example", **gov_options)
+    return create_app(Settings(data_dir=tmp_path, context_fetch=False, governance=gov), store)
+
+
+def _oidc_token(key: Any, alg: str, kid: str | None = None, **over: Any) -> str:
+    now = int(time.time())
+    claims = {
+        "iss": "https://idp.example",
+        "sub": f"jane-{uuid.uuid4().hex[:8]}",  # a new token each time: no verification cache
+        "iat": now,
+        "exp": now + 60,
+        "role": "analyst",
+        "purposes": ["traffic-management"],
+        **over,
+    }
+    return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid} if kid else None)
+
+
+def _pem_file(path: Path, key: Any) -> Path:
+    path.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    return path
+
+
+def _jwks(key: Any, kid: str) -> dict[str, Any]:
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
+    return {"keys": [{**jwk, "kid": kid, "use": "sig", "alg": "RS256"}]}
+
+
+def _whoami(c: TestClient, token: str) -> Any:
+    return c.get("/cityward/v1/whoami", headers={"Authorization": f"Bearer {token}"})
+
+
+def _denials(app: FastAPI) -> list[tuple[int, str]]:
+    audit = app.state.governance.audit
+    audit.flush()
+    return [(r["result"], r["detail"]) for r in audit.query(action="denied")]
+
+
+@pytest.mark.parametrize("source", ["pem", "jwks_file"])
+def test_a_token_of_another_key_type_is_a_401_and_audited(
+    store: Any, tmp_path: Path, source: str
+) -> None:
+    """RSA keys configured; ES256 and EdDSA tokens made PyJWT raise TypeError, InvalidKeyError."""
+    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    if source == "pem":
+        app = _oidc_app(store, tmp_path, jwt_public_keys=[_pem_file(tmp_path / "idp.pem", idp)])
+    else:
+        (tmp_path / "jwks.json").write_text(json.dumps(_jwks(idp, "k1")))
+        app = _oidc_app(store, tmp_path, jwks_file=tmp_path / "jwks.json")
+    forged = {
+        "ES256": _oidc_token(ec.generate_private_key(ec.SECP256R1()), "ES256", "k1"),
+        "EdDSA": _oidc_token(ed25519.Ed25519PrivateKey.generate(), "EdDSA"),
+    }
+    with TestClient(app, raise_server_exceptions=False) as c:
+        assert _whoami(c, _oidc_token(idp, "RS256", "k1")).status_code == 200
+        for alg, token in forged.items():
+            r = _whoami(c, token)
+            assert r.status_code == 401, (alg, r.text)
+            assert r.headers["content-type"] == "application/json"
+            assert r.json()["field"] == "Authorization"
+            assert f"no configured key verifies {alg} tokens" in r.json()["detail"]
+        assert _denials(app) == [
+            (401, "no configured key verifies ES256 tokens"),
+            (401, "no configured key verifies EdDSA tokens"),
+        ]
+
+
+class _JwksServer:
+    """A real JWKS endpoint on a local port, started and stopped by the test."""
+
+    def __init__(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]  # free now; nothing listens until start()
+        self.url = f"http://127.0.0.1:{self.port}/jwks"
+        self.doc: dict[str, Any] = {"keys": []}
+        self.status = 200
+        self.hits = 0
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.hits += 1
+                body = json.dumps(outer.doc).encode()
+                self.send_response(outer.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+def test_a_jwks_endpoint_that_is_down_or_lacks_the_kid(
+    store: Any,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PEM-verified tokens keep working; the outage is logged once; JWKS keys come back."""
+    monkeypatch.setattr(identity, "JWKS_RETRY_S", 0.0)  # ask the endpoint on every request
+    idp_jwks = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    idp_pem = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = _JwksServer()
+    server.doc.update(_jwks(idp_jwks, "jwks-key"))
+    app = _oidc_app(
+        store,
+        tmp_path,
+        jwks_url=server.url,
+        jwt_public_keys=[_pem_file(tmp_path / "idp.pem", idp_pem)],
+    )
+    try:
+        with (
+            TestClient(app, raise_server_exceptions=False) as c,
+            caplog.at_level(logging.WARNING, logger="cityward.governance"),
+        ):
+            # the endpoint is down: tokens of the PEM key pass, with or without a kid
+            for kid in ("pem-key", None, "pem-key"):
+                r = _whoami(c, _oidc_token(idp_pem, "RS256", kid))
+                assert r.status_code == 200, r.text
+            down = [m for m in caplog.messages if "cannot be reached" in m]
+            assert len(down) == 1, caplog.messages
+            r = _whoami(c, _oidc_token(idp_jwks, "RS256", "jwks-key"))
+            assert (r.status_code, r.json()["field"]) == (401, "Authorization"), r.text
+            assert "does not verify" in r.json()["detail"]
+            # it answers again: its key counts, an unknown kid still falls back to the PEM key
+            server.start()
+            assert _whoami(c, _oidc_token(idp_jwks, "RS256", "jwks-key")).status_code == 200
+            assert any("answers again" in m for m in caplog.messages)
+            assert _whoami(c, _oidc_token(idp_pem, "RS256", "unknown")).status_code == 200
+            r = _whoami(c, _oidc_token(rsa.generate_private_key(65537, 2048), "RS256", "zz"))
+            assert r.status_code == 401, r.text
+    finally:
+        server.stop()
+    assert [status for status, _ in _denials(app)] == [401, 401]
+
+
+def test_a_failing_jwks_endpoint_alone_is_a_401_and_not_asked_on_every_request(
+    store: Any, tmp_path: Path
+) -> None:
+    server = _JwksServer()
+    server.status = 503
+    server.start()
+    app = _oidc_app(store, tmp_path, jwks_url=server.url)
+    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+            for _ in range(3):
+                r = _whoami(c, _oidc_token(idp, "RS256", "k1"))
+                assert r.status_code == 401, r.text
+                assert r.json()["detail"] == "the JWKS endpoint cannot be reached"
+    finally:
+        server.stop()
+    assert server.hits == 1  # the next ones fell in the retry pause
+    assert [status for status, _ in _denials(app)] == [401, 401, 401]
+
+
 def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Governed) -> None:
     c = governed.client
     audit = governed.gov.audit
@@ -346,6 +535,41 @@ def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Go
         assert r.status_code in (404, 405), (method, r.status_code)
     r = c.get("/cityward/v1/audit/verify", headers=governed.as_("auditor"))
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("since=garbage", "since"),
+        ("until=2024-13-01", "until"),
+        ("since=0001-01-01T00:00:00%2B05:00", "since"),  # before year 1 in UTC
+        ("until=9999-12-31T23:00:00-05:00", "until"),  # after year 9999 in UTC
+        ("after=99999999999999999999", "after"),
+        ("after=-1", "after"),
+        ("after=x", "after"),
+        ("limit=x", "limit"),
+        ("limit=1001", "limit"),
+    ],
+)
+def test_the_audit_route_names_a_malformed_parameter(
+    governed: Governed, query: str, field: str
+) -> None:
+    r = governed.client.get(f"/cityward/v1/audit?{query}", headers=governed.as_("auditor"))
+    assert r.status_code == 400, r.text
+    body = r.json()
+    assert (body["status"], body["field"]) == (400, field), body
+    assert body["type"].endswith("BadRequestData")
+
+
+def test_the_audit_route_takes_the_extremes(governed: Governed) -> None:
+    c, auditor = governed.client, governed.as_("auditor")
+    r = c.get("/cityward/v1/audit", params={"after": str(2**62)}, headers=auditor)
+    assert (r.status_code, r.json()) == (200, [])
+    # a year before 1000 is still before every record ("999-" sorts after "2026-" as text)
+    r = c.get("/cityward/v1/audit", params={"since": "0999-01-01"}, headers=auditor)
+    assert r.status_code == 200 and len(r.json()) > 0, r.text
+    r = c.get("/cityward/v1/audit", params={"until": "0999-01-01"}, headers=auditor)
+    assert (r.status_code, r.json()) == (200, [])
 
 
 def test_no_auth_is_loud_and_loopback_only(tmp_path: Any) -> None:

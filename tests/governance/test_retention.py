@@ -300,3 +300,56 @@ def test_sqlite_deleted_values_leave_no_bytes_behind(tmp_path: Path) -> None:
     for n in recent:
         assert secret(n).encode() in raw, n
     assert len(sink.records) == 1
+
+
+def test_history_stamped_in_the_future_goes_once_received_past_retention(store: Store) -> None:
+    """observedAt is the client's word: a row is deleted once observed or received (modified)
+    before its cutoff. ``created`` (the instance's first createdAt) decides nothing."""
+    bank = Bank(store)
+    History(store, bank)
+    parser = EntityParser(CORE)
+    noise = "urn:ngsi-ld:NoiseLevelObserved:N1"
+    t0 = datetime.now(UTC)  # the bank stamps the real time as the time it received a value
+    future = "2099-01-01T00:00:00Z"
+    for eid, kind, stamps in [
+        (AIR, "AirQualityObserved", [iso(t0), future]),
+        (noise, "NoiseLevelObserved", [future]),
+    ]:
+        for stamp in stamps:
+            body = {
+                "id": eid,
+                "type": kind,
+                "reading": {"type": "Property", "value": stamp, "observedAt": stamp},
+            }
+            bank.batch_upsert("", [parser.entity(body)], "update")
+    settle(store)
+    pk = {eid: int(p) for p, eid in store.select("SELECT pk, eid FROM entities", [])}
+
+    def rows() -> set[tuple[str, str]]:
+        out = set()
+        for e, inst in store.select("SELECT e, inst FROM attr_history", []):
+            eid = next(k for k, v in pk.items() if v == int(e))
+            out.add((eid, orjson.loads(inst)["value"]))
+        return out
+
+    assert rows() == {(AIR, iso(t0)), (AIR, future), (noise, future)}
+    # a long-lived attribute: its instance was first created long ago (air keeps a year)
+    old = t0 - timedelta(days=800)
+    store_old: Any = old if store.dialect == "postgres" else int(old.timestamp() * 1_000_000)
+    with store.write("", create_tenant=False) as txn:
+        txn.execute("UPDATE attr_history SET created = ?", [store_old])
+
+    retention = Retention(store, catalog(), ListSink())
+    report = retention.run_once(now=t0 + timedelta(days=1))
+    assert report.total == 0  # received and observed within every retention
+    assert rows() == {(AIR, iso(t0)), (AIR, future), (noise, future)}
+
+    # 400 days on: air (P1Y) drops both of its rows, the future one as received 400 days ago;
+    # noise (P2Y) keeps its own
+    report = retention.run_once(now=t0 + timedelta(days=400))
+    assert report.deleted["air"] == 2
+    assert report.total == 2
+    assert rows() == {(noise, future)}
+    # ... until it too was received longer ago than its retention
+    report = retention.run_once(now=t0 + timedelta(days=2 * 366 + 1))
+    assert report.deleted["noise"] == 1 and rows() == set()

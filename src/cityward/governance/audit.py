@@ -5,7 +5,11 @@ its own ``hash = sha256(prev_hash + canonical JSON of its fields)``. Editing, de
 inserting or reordering records breaks the chain. Someone with database access could still
 recompute the chain from some record on; seals, ``HMAC-SHA256(key, "seq:hash")`` rows written
 every ``seal_every`` records, every ``seal_interval_s`` seconds and on close, make that
-detectable as long as the key is kept away from the database.
+detectable as long as the key is kept away from the database. Deleting the seals would undo
+that, so verification requires a seal on every record whose seq is a multiple of the
+``seal_every`` its writer used; writers record that number (HMAC'd, in ``audit_seal_policy``)
+whenever it changes, so a changed setting, or processes with different settings sharing a
+log, do not look like tampering.
 
 Records go to their own SQLite file or to tables in a PostgreSQL schema. A background thread
 writes them in group commits; each commit locks the chain head (``BEGIN IMMEDIATE`` /
@@ -95,8 +99,17 @@ def seal_mac(key: bytes, seq: int, hash_: str) -> str:
     return hmac.new(key, f"{seq}:{hash_}".encode(), hashlib.sha256).hexdigest()
 
 
-def _norm_bound(ts: str | None) -> str | None:
-    """A since/until bound in the stored format, so string comparison is time comparison."""
+def policy_mac(key: bytes, from_seq: int, every: int) -> str:
+    """HMAC-SHA256(key, "every:from_seq:every"), hex: from record from_seq on, seal_every."""
+    # the "every:" prefix keeps these apart from seal MACs, whose text starts with a digit
+    return hmac.new(key, f"every:{from_seq}:{every}".encode(), hashlib.sha256).hexdigest()
+
+
+def norm_bound(ts: str | None) -> str | None:
+    """A since/until bound in the stored format, so string comparison is time comparison.
+
+    Raises ValueError for a malformed time, or one that is out of range in UTC.
+    """
     if not ts:
         return None
     try:
@@ -105,7 +118,12 @@ def _norm_bound(ts: str | None) -> str | None:
         raise ValueError(f"{ts!r} is not an ISO 8601 date or time") from exc
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return dt.astimezone(UTC).strftime(INSTANT_FORMAT)
+    try:
+        dt = dt.astimezone(UTC)
+    except OverflowError as exc:  # 0001-01-01T00:00+05:00 lies before year 1 in UTC
+        raise ValueError(f"{ts!r} is out of range in UTC") from exc
+    # %Y does not pad years before 1000 to four digits, and "999-" sorts after "2024-"
+    return dt.strftime(INSTANT_FORMAT.replace("%Y", f"{dt.year:04d}"))
 
 
 # -- records as they are queued ---------------------------------------------------------------
@@ -212,6 +230,7 @@ class _Backend(Protocol):
     records: str
     entities: str
     seals: str
+    policy: str
 
     def write_txn(self) -> AbstractContextManager[_Db]: ...
 
@@ -236,6 +255,9 @@ CREATE TABLE IF NOT EXISTS audit_entities (
 CREATE TABLE IF NOT EXISTS audit_seals (
   seq INTEGER PRIMARY KEY, hash TEXT NOT NULL, ts TEXT NOT NULL, mac TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS audit_seal_policy (
+  from_seq INTEGER PRIMARY KEY, every INTEGER NOT NULL, ts TEXT NOT NULL, mac TEXT NOT NULL
+);
 """
 
 _PG_SCHEMA = """
@@ -253,6 +275,9 @@ CREATE TABLE IF NOT EXISTS {s}audit_entities (
 );
 CREATE TABLE IF NOT EXISTS {s}audit_seals (
   seq BIGINT PRIMARY KEY, hash TEXT NOT NULL, ts TEXT NOT NULL, mac TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {s}audit_seal_policy (
+  from_seq BIGINT PRIMARY KEY, every BIGINT NOT NULL, ts TEXT NOT NULL, mac TEXT NOT NULL
 );
 """
 
@@ -273,6 +298,7 @@ class _SqliteDb:
 
 class _SqliteBackend:
     records, entities, seals = "audit_records", "audit_entities", "audit_seals"
+    policy = "audit_seal_policy"
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,6 +378,7 @@ class _PostgresBackend:
         self.records = prefix + "audit_records"
         self.entities = prefix + "audit_entities"
         self.seals = prefix + "audit_seals"
+        self.policy = prefix + "audit_seal_policy"
         self._writer: psycopg.Connection[TupleRow] | None = None
         with self._connect() as conn, conn.transaction():
             # concurrent CREATE ... IF NOT EXISTS can still collide; starters take turns
@@ -653,18 +680,48 @@ class AuditLog:
             with suppress(RuntimeError):  # the loop is closed: nobody waits any more
                 loop.call_soon_threadsafe(_resolve, futures, exc)
 
-    def _head(self, db: _Db) -> tuple[int, str, int, str | None]:
-        """(last seq, its hash, last sealed seq, that seal's ts), read under the write lock."""
-        head = db.rows(f"SELECT seq, hash FROM {self._b.records} ORDER BY seq DESC LIMIT 1")
-        seal = db.rows(f"SELECT seq, ts FROM {self._b.seals} ORDER BY seq DESC LIMIT 1")
-        seq, hash_ = head[0] if head else (0, GENESIS_HASH)
-        seal_seq, seal_ts = seal[0] if seal else (0, None)
-        return int(seq), str(hash_), int(seal_seq), seal_ts
+    def _head(self, db: _Db) -> tuple[int, str, int, str | None, int | None]:
+        """(last seq, its hash, last sealed seq, that seal's ts, the seal_every in force).
+
+        Read under the write lock, in one statement (one round trip on PostgreSQL).
+        """
+        r, s, p = self._b.records, self._b.seals, self._b.policy
+        (seq, hash_, seal_seq, seal_ts, every) = db.rows(
+            f"SELECT (SELECT seq FROM {r} ORDER BY seq DESC LIMIT 1), "
+            f"(SELECT hash FROM {r} ORDER BY seq DESC LIMIT 1), "
+            f"(SELECT seq FROM {s} ORDER BY seq DESC LIMIT 1), "
+            f"(SELECT ts FROM {s} ORDER BY seq DESC LIMIT 1), "
+            f"(SELECT every FROM {p} ORDER BY from_seq DESC LIMIT 1)"
+        )[0]
+        return (
+            int(seq or 0),
+            GENESIS_HASH if hash_ is None else str(hash_),
+            int(seal_seq or 0),
+            seal_ts,
+            None if every is None else int(every),
+        )
 
     def _write_batch(self, batch: list[_Item]) -> None:
         """Append ``batch`` to the chain, and its seals, in one transaction."""
         with self._b.write_txn() as db:
-            head_seq, head_hash, seal_seq, seal_ts = self._head(db)
+            head_seq, head_hash, seal_seq, seal_ts, every = self._head(db)
+            if every != self._seal_every:
+                # verify demands a seal on every multiple of the seal_every each record was
+                # written under: say which one applies from here on (checked on each batch, as
+                # other processes may share the log with another setting)
+                first = head_seq + 1
+                db.many(
+                    f"INSERT INTO {self._b.policy} (from_seq, every, ts, mac) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    [
+                        (
+                            first,
+                            self._seal_every,
+                            now_iso(),
+                            policy_mac(self._key, first, self._seal_every),
+                        )
+                    ],
+                )
             rows: list[tuple[Any, ...]] = []
             entity_rows: list[tuple[str, int]] = []
             hashes: list[str] = []
@@ -706,7 +763,7 @@ class AuditLog:
     def _seal_now(self, force: bool) -> None:
         """Seal the chain's end if it is due (or ``force``) and not sealed yet."""
         with self._b.write_txn() as db:
-            head_seq, head_hash, seal_seq, seal_ts = self._head(db)
+            head_seq, head_hash, seal_seq, seal_ts, _ = self._head(db)
             self._add_seals(
                 db, head_seq + 1, head_seq, lambda _: head_hash, seal_seq, seal_ts, force
             )
@@ -764,7 +821,7 @@ class AuditLog:
         """
         where: list[str] = ["seq > ?"]
         params: list[object] = [after_seq]
-        bounds = (("ts >= ?", _norm_bound(since)), ("ts < ?", _norm_bound(until)))
+        bounds = (("ts >= ?", norm_bound(since)), ("ts < ?", norm_bound(until)))
         filters = (*bounds, ("actor = ?", actor), ("action = ?", action))
         for cond, value in filters:
             if value is not None:
@@ -787,17 +844,28 @@ class AuditLog:
         """Check the chain and the seals, streaming records in seq order.
 
         ``first_bad_seq`` names the first missing, edited, out-of-chain or wrongly sealed
-        record; for a truncated tail, the first record missing before a surviving seal.
+        record, or the first that lacks the seal its writer puts on every multiple of its
+        seal_every; for a truncated tail, the first record missing before a surviving seal.
+
+        Which seal_every a record was written under is in ``audit_seal_policy``. Records
+        older than that table (logs written before it existed) have no entry: the ones after
+        the last seal are held to this log's seal_every, since nothing else vouches for them;
+        the ones below it are vouched for by that seal through the chain.
         """
         with self._b.read() as db:
-            # seals first: a seal commits with its records, so records read later include them
+            # seals and seal intervals first: they commit with their records, so records read
+            # later include them
             seals = {
                 int(s): (str(h), str(m))
                 for s, h, m in db.rows(f"SELECT seq, hash, mac FROM {self._b.seals} ORDER BY seq")
             }
+            policy = db.rows(f"SELECT from_seq, every, mac FROM {self._b.policy} ORDER BY from_seq")
             n_seals = len(seals)
+            last_seal = max(seals, default=0)
             sql = f"SELECT {_COLS} FROM {self._b.records} WHERE seq > ? ORDER BY seq LIMIT ?"
             prev_seq, prev_hash = 0, GENESIS_HASH
+            every: int | None = None  # the seal_every the record being read was written under
+            n_policy = 0  # policy rows consumed
 
             def bad(seq: int, reason: str) -> VerifyResult:
                 return VerifyResult(False, prev_seq, n_seals, seq, reason)
@@ -826,6 +894,25 @@ class AuditLog:
                             f"Record {seq} does not link to record {seq - 1}: records were "
                             "inserted, reordered or rewritten.",
                         )
+                    while n_policy < len(policy) and int(policy[n_policy][0]) <= seq:
+                        from_seq, raw, mac = policy[n_policy]
+                        n_policy += 1
+                        # a forged interval could excuse missing seals: it must carry the MAC
+                        valid = (
+                            isinstance(raw, int)
+                            and raw >= 1
+                            and hmac.compare_digest(
+                                str(mac).encode(),
+                                policy_mac(self._key, int(from_seq), raw).encode(),
+                            )
+                        )
+                        if not valid:
+                            return bad(
+                                seq,
+                                f"The seal interval recorded from record {from_seq} on has a "
+                                "wrong MAC: it was forged or made with another key.",
+                            )
+                        every = raw
                     seal = seals.get(seq)
                     if seal is not None:
                         mac = seal_mac(self._key, seq, seal[0])
@@ -841,6 +928,22 @@ class AuditLog:
                                 f"Record {seq} differs from what its seal vouches for: the chain "
                                 "was rewritten up to here without the key.",
                             )
+                    else:
+                        need = every
+                        if need is None and seq > last_seal:
+                            need = self._seal_every
+                        if need is not None and seq % need == 0:
+                            return bad(
+                                seq,
+                                f"Record {seq} has no seal, although one is written every "
+                                f"{need:,} records: seals were deleted"
+                                + (
+                                    f", and the records from {last_seal + 1} on may have been "
+                                    "rewritten."
+                                    if seq > last_seal
+                                    else "."
+                                ),
+                            )
                     prev_seq, prev_hash = seq, str(rec["hash"])
         if any(s < 1 for s in seals):
             return bad(min(seals), f"A seal names record {min(seals)}, which cannot exist.")
@@ -852,7 +955,13 @@ class AuditLog:
                 f"The log ends at record {prev_seq} but a seal vouches for record {far}: "
                 f"records {prev_seq + 1} to {far} at least were deleted.",
             )
-        last_seal = max(seals, default=0)
+        if n_policy < len(policy):  # written in the same transaction as its first record
+            far = int(policy[-1][0])
+            return bad(
+                prev_seq + 1,
+                f"The log ends at record {prev_seq} but a seal interval was recorded with record "
+                f"{far}: records {prev_seq + 1} to {far} at least were deleted.",
+            )
         reason = f"{prev_seq:,} records form an unbroken chain and all {n_seals:,} seals are valid"
         if prev_seq > last_seal:
             reason += f"; the newest {prev_seq - last_seal:,} records are not sealed yet"

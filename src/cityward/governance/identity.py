@@ -38,6 +38,10 @@ ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"
 API_KEY_PREFIX = "cwk_"
 _CACHE_SIZE = 4096
 API_KEY_CACHE_S = 30.0
+# a JWKS fetch blocks the request that needs it: an endpoint that does not answer is given up
+# quickly, and not asked again for a while (keys it gave before still count meanwhile)
+JWKS_TIMEOUT_S = 5.0
+JWKS_RETRY_S = 30.0
 
 
 class AuthError(Exception):
@@ -103,7 +107,13 @@ class Identities:
         self._jwks: dict[str, Any] = {}
         if settings.jwks_file is not None:
             self._jwks = _jwks_keys(json.loads(settings.jwks_file.read_text()))
-        self._jwks_client = jwt.PyJWKClient(settings.jwks_url) if settings.jwks_url else None
+        self._jwks_client = (
+            jwt.PyJWKClient(settings.jwks_url, timeout=JWKS_TIMEOUT_S)
+            if settings.jwks_url
+            else None
+        )
+        self._jwks_retry_at = 0.0  # monotonic; the endpoint is not asked before
+        self._jwks_failing = False  # logged once per outage, not once per request
         # verified tokens, so that a request costs a dict lookup rather than a signature check
         self._cache: OrderedDict[str, Principal] = OrderedDict()
         self._lock = threading.Lock()
@@ -190,7 +200,7 @@ class Identities:
                 raise AuthError(f"tokens signed with {alg!r} are not accepted")
         except jwt.ExpiredSignatureError as exc:
             raise AuthError("the token has expired") from exc
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # any of PyJWT's, not only InvalidTokenError: never a 500
             raise AuthError(f"the token is not valid: {exc}") from exc
         raw_role = claims.get(self.settings.role_claim)
         try:
@@ -220,18 +230,65 @@ class Identities:
             candidates.append(self._jwks[kid])
         elif self._jwks:
             candidates.extend(self._jwks.values())
-        if self._jwks_client is not None:
-            candidates.append(self._jwks_client.get_signing_key_from_jwt(token).key)
+        jwks_key, jwks_missing = self._jwks_key(token, kid)
+        if jwks_key is not None:
+            candidates.append(jwks_key)
         candidates.extend(self._public_keys)
         if not candidates:
-            raise AuthError("no public key is configured for asymmetric tokens")
+            raise AuthError(jwks_missing or "no public key is configured for asymmetric tokens")
+        # only keys of the token's type: PyJWT answers an RSA key for an ES256 token with a
+        # TypeError, an EdDSA one with InvalidKeyError, neither of them an InvalidTokenError
+        algorithm = jwt.get_algorithm_by_name(alg)
+        fitting = [k for k in candidates if _fits(algorithm, k)]
+        if not fitting:
+            raise AuthError(f"no configured key verifies {alg} tokens")
         last: Exception | None = None
-        for key in candidates:
+        for key in fitting:
             try:
                 return jwt.decode(token, key, algorithms=[alg], **kwargs)
             except jwt.InvalidSignatureError as exc:
                 last = exc
         raise AuthError(f"the token's signature does not verify: {last}")
+
+    def _jwks_key(self, token: str, kid: object) -> tuple[Any | None, str]:
+        """The JWKS endpoint's key for the token's kid, or None and why there is none.
+
+        Either way the other configured keys are still tried: an unknown kid or an endpoint
+        that is down must not turn tokens those keys verify away.
+        """
+        client = self._jwks_client
+        if client is None:
+            return None, ""
+        down = "the JWKS endpoint cannot be reached"
+        if time.monotonic() < self._jwks_retry_at:
+            cached = client.jwk_set_cache.get() if client.jwk_set_cache is not None else None
+            found = [k for k in (cached.keys if cached else []) if k.key_id == kid]
+            return (found[0].key, "") if found else (None, down)
+        try:
+            key = client.get_signing_key_from_jwt(token).key
+        except jwt.PyJWKClientConnectionError as exc:
+            with self._lock:
+                self._jwks_retry_at = time.monotonic() + JWKS_RETRY_S
+                first, self._jwks_failing = not self._jwks_failing, True
+            if first:
+                log.error(
+                    "the JWKS endpoint %s cannot be reached (%s); tokens are checked against "
+                    "the other configured keys and the keys it gave before, and it is asked "
+                    "again every %.0f s",
+                    client.uri,
+                    exc,
+                    JWKS_RETRY_S,
+                )
+            return None, down
+        except (jwt.PyJWKClientError, jwt.PyJWKSetError) as exc:
+            # no key with this kid (or no usable key at all): a token problem, not an outage
+            log.debug("no JWKS key for kid %r: %s", kid, exc)
+            return None, f"the JWKS endpoint has no key {kid!r}"
+        if self._jwks_failing:
+            with self._lock:
+                self._jwks_failing = False
+            log.warning("the JWKS endpoint %s answers again", client.uri)
+        return key, ""
 
     # -- device keys ------------------------------------------------------------------------
     def create_device_key(
@@ -334,6 +391,15 @@ def _load_pem(path: Path) -> Any:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     return load_pem_public_key(path.read_bytes())
+
+
+def _fits(algorithm: Any, key: Any) -> bool:
+    """Whether ``key`` is of the type ``algorithm`` verifies with (RSA, the curve, Ed25519)."""
+    try:
+        algorithm.prepare_key(key)
+    except (jwt.InvalidKeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def _jwks_keys(doc: dict[str, Any]) -> dict[str, Any]:

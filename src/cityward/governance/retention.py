@@ -2,7 +2,14 @@
 
 Each run takes ``now`` and computes per source (the undeclared one included) the cutoff
 ``now - retention`` (calendar months for ``P1Y``/``P6M``, an exact length for ``P30D``), then
-deletes the ``attr_history`` rows of that source's entities observed (``obs``) before it.
+deletes the ``attr_history`` rows of that source's entities observed (``obs``) before it, or
+received (``modified``, the time the bank stamped when it stored that value) before it. The
+observedAt is the client's word: a reading stamped in the future (a device clock ahead, or on
+purpose) would otherwise be kept for as long as its stamp says. ``created`` is no use here:
+it is the instance's createdAt, which a long-lived attribute keeps from its first value on.
+The rows observed after they were received are in a partial index (``attr_history_ahead``), so
+that second pass reads those only: one scan of that index per run finds their entities, then
+each source's are deleted.
 
 Which entity belongs to which source is decided in SQL exactly as :meth:`Catalog.source_of`
 decides it: the first source (in catalog order) with an id pattern that fully matches
@@ -81,6 +88,21 @@ _PG_DELETE = (
     "WHERE h.obs < ? AND h.e = d.e AND h.path = d.path AND h.obs = d.obs AND h.id = d.id "
     "RETURNING 1"
 )
+# Rows received before the cutoff that the pass above kept, so observed after it: observed
+# after they were received. ``obs > modified`` as the partial index attr_history_ahead says it
+# (SQLite uses a partial index only for a query that repeats its condition).
+_SQLITE_DELETE_AHEAD = (
+    "DELETE FROM attr_history WHERE id IN (SELECT id FROM attr_history "
+    "WHERE e IN (SELECT value FROM json_each(?)) AND obs > modified AND modified < ? LIMIT ?) "
+    "RETURNING 1"
+)
+_PG_DELETE_AHEAD = (
+    "DELETE FROM attr_history h USING (SELECT e, path, obs, id FROM attr_history "
+    "WHERE e = ANY(?::bigint[]) AND obs > modified AND modified < ? LIMIT ?) d "
+    "WHERE h.e = d.e AND h.path = d.path AND h.obs = d.obs AND h.id = d.id RETURNING 1"
+)
+# the entities that have such rows (a scan of the partial index only)
+_AHEAD = "SELECT DISTINCT e FROM attr_history WHERE obs > modified AND modified < ?"
 # Without this the planner hash-joins a batch against every expired row of the table (a seq
 # scan: 320 ms a batch at 2M rows); the nested loop probes the index per row, pruned (23 ms).
 _PG_NESTED_LOOP = (
@@ -249,6 +271,11 @@ class Retention:
                 members[UNDECLARED].extend(self._orphans())
                 for s in sources:
                     self._delete_rows(s.id, members[s.id], cut[s.id], report)
+                ahead = self._ahead(max(cut.values()))
+                if ahead:
+                    for s in sources:
+                        pks = [pk for pk in members[s.id] if pk in ahead]
+                        self._delete_rows(s.id, pks, cut[s.id], report, received=True)
             else:
                 log.info("no attribute history table: nothing to delete")
         except _Stopped:
@@ -361,20 +388,38 @@ class Retention:
         """Pks with history whose entity was deleted (they follow the undeclared source)."""
         return [int(r[0]) for r in self.store.select(_ORPHANS)]
 
+    def _ahead(self, newest_cutoff: int) -> set[int]:
+        """Pks with rows observed after they were received and received before the newest
+        cutoff: the only entities the second pass (``received``) has to look at."""
+        bound: int | datetime = newest_cutoff
+        if self.store.dialect == "postgres":
+            bound = us_to_datetime(newest_cutoff)
+        return {int(r[0]) for r in self.store.select(_AHEAD, [bound])}
+
     # -- row deletes ----------------------------------------------------------------------------
     def _delete_rows(
-        self, source_id: str, pks: Sequence[int], cutoff: int, report: RetentionReport
+        self,
+        source_id: str,
+        pks: Sequence[int],
+        cutoff: int,
+        report: RetentionReport,
+        received: bool = False,
     ) -> None:
+        """Delete the rows of ``pks`` observed before ``cutoff`` or, with ``received``, the
+        rows received before it that were observed later (attr_history_ahead)."""
         if not pks:
             return
         sqlite = self.store.dialect == "sqlite"
         bound: int | datetime = cutoff
-        if sqlite:
+        if sqlite and received:
+            size, sql = 1000, _SQLITE_DELETE_AHEAD
+        elif sqlite:
             paths = int(self.store.select("SELECT count(*) FROM attr_history_attrs")[0][0])
             size = max(1, min(1000, SQLITE_SEEKS // max(1, paths)))
             sql = _SQLITE_DELETE
         else:
-            size, sql, bound = PG_CHUNK, _PG_DELETE, us_to_datetime(cutoff)
+            size, bound = PG_CHUNK, us_to_datetime(cutoff)
+            sql = _PG_DELETE_AHEAD if received else _PG_DELETE
         before = report.deleted[source_id]
         batches = 0
         for chunk in _chunks(pks, size):
@@ -385,9 +430,9 @@ class Retention:
                     settle_txn(txn)  # what was staged since the run began
                     if not sqlite:
                         txn.execute(_PG_NESTED_LOOP)
-                    params = (
-                        [keys, bound, self.batch] if sqlite else [keys, bound, self.batch, bound]
-                    )
+                    params = [keys, bound, self.batch]
+                    if sql is _PG_DELETE:
+                        params.append(bound)  # its partition pruning bound
                     n = len(txn.execute(sql, params))
                 report.deleted[source_id] += n
                 batches += 1
@@ -396,9 +441,10 @@ class Retention:
         deleted = report.deleted[source_id] - before
         log.log(
             logging.INFO if deleted else logging.DEBUG,
-            "retention: %s: %d rows observed before %s deleted (%d entities, %d batches)",
+            "retention: %s: %d rows %s before %s deleted (%d entities, %d batches)",
             source_id,
             deleted,
+            "received (observed later)" if received else "observed",
             us_to_iso(cutoff),
             len(pks),
             batches,

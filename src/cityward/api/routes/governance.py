@@ -9,8 +9,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from cityward.api.params import parse_int
 from cityward.bank.errors import BadRequestData, ResourceNotFound, ServiceUnavailable
 from cityward.bank.model import now_iso
+from cityward.governance.audit import norm_bound
 from cityward.governance.middleware import principal_of
 from cityward.governance.policy import MATRIX, ROLE_HELP, Role, matrix_markdown
 from cityward.governance.runtime import Governance
@@ -125,13 +127,16 @@ async def audit_query(request: Request) -> Response:
     for key in params:
         if key not in _AUDIT_PARAMS:
             raise BadRequestData(f"unknown query parameter {key!r}", field=key)
-    try:
-        after = int(params.get("after", "0"))
-        limit = int(params.get("limit", "100"))
-    except ValueError as exc:
-        raise BadRequestData("after and limit must be integers", field="limit") from exc
+    # bounded like every page parameter: a seq past 2**63 cannot be bound on either store
+    after = parse_int(params.get("after"), "after", 0)
+    limit = parse_int(params.get("limit"), "limit", 100)
     if not 1 <= limit <= 1000:
         raise BadRequestData("limit must be between 1 and 1000", field="limit")
+    for name in ("since", "until"):
+        try:
+            norm_bound(params.get(name))
+        except ValueError as exc:
+            raise BadRequestData(f"{name}: {exc}", field=name) from exc
     audit = gov.audit
     rows = await run_in_threadpool(
         lambda: audit.query(

@@ -16,6 +16,9 @@ One row per version of an attribute instance. Layout choices, for hundreds of mi
 * Each time column has an index ``(e, path, <time>, id)``: a time range or lastN of one
   attribute is one index range. On SQLite the observedAt index also covers ``num`` and ``ds``
   so aggregation never reads the table; on PostgreSQL it INCLUDEs them for index-only scans.
+  A partial index holds the rows observed after they were received (``obs > modified``), few
+  in a healthy city: retention deletes them once received past retention, whatever their
+  observedAt, without a scan of every row of every entity (and every month on PostgreSQL).
 * SQLite: new rows go to ``attr_history_new`` first, a table without secondary indexes (it
   keeps the columns and ids), and move into ``attr_history`` in bulk, sorted by entity and
   attribute (``merge_sqlite``): once ``MERGE_ROWS`` are waiting, and before anything reads or
@@ -77,6 +80,9 @@ CREATE INDEX IF NOT EXISTS attr_history_created ON attr_history(e, path, created
 CREATE INDEX IF NOT EXISTS attr_history_modified ON attr_history(e, path, modified);
 -- tells cheaply whether an attribute has datasetIds (then aggregation groups by ds)
 CREATE INDEX IF NOT EXISTS attr_history_ds ON attr_history(e, path) WHERE ds IS NOT NULL;
+-- rows observed after the bank received them (a clock ahead, a forged observedAt): retention
+-- finds those received before a cutoff here (cityward.governance.retention)
+CREATE INDEX IF NOT EXISTS attr_history_ahead ON attr_history(e, modified) WHERE obs > modified;
 CREATE TABLE IF NOT EXISTS attr_history_attrs (path INTEGER PRIMARY KEY, iri TEXT NOT NULL);
 -- rows waiting to be merged into attr_history (merge_sqlite), ids given by insert_sqlite
 CREATE TABLE IF NOT EXISTS attr_history_new (
@@ -110,6 +116,7 @@ _PG_REST = """
 CREATE INDEX IF NOT EXISTS attr_history_obs ON attr_history(e, path, obs, id) INCLUDE (num, ds);
 CREATE INDEX IF NOT EXISTS attr_history_created ON attr_history(e, path, created, id);
 CREATE INDEX IF NOT EXISTS attr_history_modified ON attr_history(e, path, modified, id);
+CREATE INDEX IF NOT EXISTS attr_history_ahead ON attr_history(e, modified) WHERE obs > modified;
 CREATE TABLE IF NOT EXISTS attr_history_attrs (path BIGINT PRIMARY KEY, iri TEXT NOT NULL);
 """
 
