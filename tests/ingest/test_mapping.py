@@ -108,6 +108,11 @@ def test_topic_levels_time_formats_and_defaults() -> None:
         ({"dev": "d" * 1000}, "id", "longer than 1000 bytes"),
         ({"r": {"no2": "n/a"}}, "$.r.no2", "expected a number"),
         ({"r": {"no2": True}}, "$.r.no2", "expected a number"),
+        # Python's float() reads these; JSON does not
+        ({"r": {"no2": "1_0"}}, "$.r.no2", "expected a number"),
+        ({"r": {"no2": "\u0663"}}, "$.r.no2", "expected a number"),
+        ({"gps": [True, 51.0]}, "location", "must be numbers"),
+        ({"ts": True}, "$.ts", "not a time in epoch_s"),
         ({"bat": [87.5]}, "$.bat[0]", "expected an integer"),
         # past 64 bits no store takes it: it stalled the writer (orjson could not write it)
         ({"bat": [1e20]}, "$.bat[0]", "not a 64-bit integer"),

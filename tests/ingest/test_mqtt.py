@@ -26,6 +26,7 @@ from tests.ingest.helpers import (
     Publisher,
     bank_with_history,
     history_count,
+    message,
     mqtt_source,
     settings,
     stored_readings,
@@ -82,6 +83,33 @@ def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path
     assert reasons[bad[300]][0] == "$.no2"
     assert reasons[bad[400]][0] == "id"
     assert all(d.topic.startswith(root + "/") for d in letters)
+    store.close()
+
+
+def test_large_and_small_messages_arrive_whole(tmp_path: Path) -> None:
+    """The reader joins the chunks of a packet once the packet is whole (it joined and
+    re-parsed its buffer at every 64 KiB, quadratic in the message's size): messages from a
+    few bytes to 3 MiB, interleaved, each arrive once and whole."""
+    require_shared_broker()
+    root = f"cw-large-{uuid.uuid4().hex[:8]}"
+    store = SqliteStore(tmp_path / "bank.db")
+    bank = bank_with_history(store)
+    opts = {"port": 1883, "topics": [f"{root}/+"], "client_id": f"ingest-{root}"}
+    worker = IngestWorker(bank, settings("mqtt", opts), DeadLetters(tmp_path / "dl.db"))
+    worker.start()
+    adapter: Any = worker.adapters["air"]
+    assert adapter.subscribed.wait(10), adapter.status()
+    pub = Publisher(1883, root)
+    sizes = [0, 3 << 20, 10, 65_535, 65_536, 1 << 20, 200_000, 1, 2_500_000, 70_000]
+    try:
+        for n, pad in enumerate(sizes):
+            pub.publish(n, orjson.dumps({**message(n), "pad": "x" * pad}))
+        _wait(lambda: worker.writer.stats.written == len(sizes), 60, f"{worker.status()}")
+    finally:
+        pub.close()
+        worker.stop()
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(len(sizes))]
+    assert worker.dead_letters.entries() == []
     store.close()
 
 

@@ -332,9 +332,7 @@ class Mapping:
                 if at.tzinfo is None:
                     raise MappingError(f"{raw!r} has no time zone (add Z or +01:00)", spec.path)
             else:
-                if isinstance(raw, bool) or not isinstance(raw, int | float | str):
-                    raise ValueError
-                n = float(raw)
+                n = _number(raw)
                 if not math.isfinite(n):
                     raise ValueError
                 at = datetime.fromtimestamp(n / 1000 if spec.format == "epoch_ms" else n, UTC)
@@ -352,8 +350,8 @@ class Mapping:
         if lon is _MISSING and lat is _MISSING:
             return None
         try:
-            x, y = float(lon), float(lat)
-        except (TypeError, ValueError):
+            x, y = _number(lon), _number(lat)
+        except ValueError:
             raise MappingError("longitude and latitude must be numbers", "location") from None
         if not (-180 <= x <= 180 and -90 <= y <= 90):
             raise MappingError(f"({x}, {y}) is not a WGS84 longitude/latitude", "location")
@@ -390,12 +388,27 @@ def _iso(at: datetime) -> str:
     return f"{head}.{at.microsecond // 1000:03d}Z"
 
 
+# a number in a string, as JSON writes numbers (ASCII digits): Python's float() also reads
+# "1_0" as 10, "٣" (an Arabic-Indic digit) as 3, "nan" and "infinity"
+_NUMBER_TEXT = re.compile(r"\s*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\s*")
+
+
+def _number(raw: Any) -> float:
+    """A JSON number, or a string holding one, as a float; ValueError otherwise (booleans too:
+    JSON's true is not 1)."""
+    if type(raw) is int or type(raw) is float:
+        return float(raw)
+    if type(raw) is str and _NUMBER_TEXT.fullmatch(raw):
+        return float(raw)
+    raise ValueError(f"not a number: {raw!r}")
+
+
 def _convert(raw: Any, spec: AttributeMap) -> Any:
     if spec.kind in ("number", "integer"):
         if isinstance(raw, bool):
             raise MappingError(f"expected a number, got {raw!r}", spec.path)
         try:
-            n = float(raw) if isinstance(raw, int | float | str) else math.nan
+            n = _number(raw)
         except ValueError:
             n = math.nan
         if not math.isfinite(n):
