@@ -135,21 +135,26 @@ class Received:
 
 @dataclass
 class Receiver:
-    """A real HTTP server in a thread; answers with ``statuses`` in turn, then ``default``."""
+    """A real HTTP server in a thread; answers with ``statuses`` in turn, then ``default``,
+    each request after ``delays`` (seconds, in turn; then at once). ``requests`` are in the
+    order they arrived."""
 
     port: int = 0
     default: int = 204
     statuses: deque[int] = field(default_factory=deque)
+    delays: deque[float] = field(default_factory=deque)
     requests: list[Received] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def url(self, path: str = "/notify") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def record(self, req: Received) -> int:
+    def record(self, req: Received) -> tuple[int, float]:
+        """Keep ``req``; the status to answer it with, and the seconds to wait before."""
         with self.lock:
             self.requests.append(req)
-            return self.statuses.popleft() if self.statuses else self.default
+            status = self.statuses.popleft() if self.statuses else self.default
+            return status, self.delays.popleft() if self.delays else 0.0
 
     def on(self, path: str) -> list[Received]:
         with self.lock:
@@ -166,9 +171,10 @@ def receiver() -> Iterator[Receiver]:
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length", "0"))
             raw = self.rfile.read(length)
-            status = state.record(
+            status, delay = state.record(
                 Received(self.path, dict(self.headers.items()), json.loads(raw), time.monotonic())
             )
+            time.sleep(delay)
             self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()

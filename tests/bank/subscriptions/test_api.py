@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,166 @@ def test_delivery_counters_survive_a_restart(
         if backend == "postgres":
             with psycopg.connect(PG_URL, autocommit=True) as conn:
                 conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize("qos", ["1", "2"])
+def test_mqtt_qos_1_and_2_never_stall_the_server(backend: str, qos: str, tmp_path: Path) -> None:
+    """paho acknowledges on its network thread while the event loop publishes: a lock taken on
+    both sides deadlocked the loop after a few writes, and every API request hung after it.
+    The API runs in a thread of its own here, so that a hang fails the test instead of
+    blocking it (the hung thread is left behind)."""
+    settings = Settings(data_dir=tmp_path, context_fetch=False, no_auth=True)
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    store: Store = (
+        SqliteStore(tmp_path / "bank.db")
+        if backend == "sqlite"
+        else PostgresStore(PG_URL, schema=schema, max_size=4)
+    )
+    # one topic (endpoint) each, so that their lanes publish while the others are acknowledged
+    topics = [MqttSubscriber() for _ in range(3)]
+    subs = [f"urn:ngsi-ld:Subscription:qos{n}" for n in range(len(topics))]
+    writes = 150
+    answered: list[int] = []
+    failure: list[BaseException] = []
+
+    def api() -> None:
+        try:
+            with TestClient(create_app(settings, store)) as client:
+                for sid, topic in zip(subs, topics, strict=True):
+                    body = subscription(sid, topic.url())
+                    body["notification"]["endpoint"]["notifierInfo"] = [
+                        {"key": "MQTT-QoS", "value": qos}
+                    ]
+                    answered.append(client.post(S, json=body).status_code)
+                for n in range(writes):
+                    entity = {
+                        "id": f"urn:ngsi-ld:Vehicle:{n}",
+                        "type": "Vehicle",
+                        "speed": {"type": "Property", "value": n},
+                    }
+                    answered.append(client.post(E, json=entity).status_code)
+                wait(
+                    lambda: len(seen()) == len(subs) * writes,
+                    "every notification",
+                    timeout=30,
+                )
+        except BaseException as exc:
+            failure.append(exc)
+
+    def seen() -> set[tuple[str, str]]:  # QoS 1 may deliver twice: count distinct ones
+        return {
+            (m["body"]["subscriptionId"], m["body"]["data"][0]["id"])
+            for topic in topics
+            for m in topic.received()
+        }
+
+    for topic in topics:
+        topic.start()
+    thread = threading.Thread(target=api, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), (
+        f"the server hung: {len(answered)} of {len(subs) + writes} requests answered"
+    )
+    if failure:
+        raise failure[0]
+    try:
+        assert answered == [201] * (len(subs) + writes)
+        assert seen() == {(sid, f"urn:ngsi-ld:Vehicle:{n}") for sid in subs for n in range(writes)}
+    finally:
+        for topic in topics:
+            topic.stop()
+        store.close()
+        if backend == "postgres":
+            with psycopg.connect(PG_URL, autocommit=True) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+@pytest.mark.parametrize(
+    ("member", "value", "field"),
+    [
+        pytest.param(
+            "uri", "mqtt://127.0.0.1:1883/a%00b", "notification.endpoint.uri", id="nul-topic"
+        ),
+        pytest.param("uri", "http://[::1/x", "notification.endpoint.uri", id="bad-host"),
+        pytest.param("throttling", 1e20, "throttling", id="throttling-1e20"),
+        pytest.param("throttling", 10**30, "throttling", id="throttling-10e30"),
+        pytest.param("timeInterval", 1e308, "timeInterval", id="timeInterval-1e308"),
+        pytest.param("timeout", 10**40, "notification.endpoint.timeout", id="timeout-10e40"),
+        pytest.param("cooldown", 1e308, "notification.endpoint.cooldown", id="cooldown-1e308"),
+        pytest.param(
+            "receiverInfo",
+            [{"key": "X-Label", "value": "Zürich → Genève"}],
+            "notification.endpoint.receiverInfo",
+            id="receiverInfo-not-latin1",
+        ),
+        pytest.param("id", "urn:ngsi-ld:Subscription:" + "x" * 3000, "id", id="long-id"),
+    ],
+)
+def test_harmful_subscriptions_are_refused_naming_the_field(
+    client: TestClient, member: str, value: Any, field: str
+) -> None:
+    """Each was stored (201) and then broke something: the tenant's list and GET (500), the
+    shared MQTT connection, every delivery, or the write on PostgreSQL only."""
+    sub = subscription("urn:ngsi-ld:Subscription:harm", "http://127.0.0.1:9/x")
+    sub.pop("watchedAttributes")
+    if member in ("uri", "timeout", "cooldown", "receiverInfo"):
+        sub["notification"]["endpoint"][member] = value
+    else:
+        sub[member] = value
+    r = client.post(S, json=sub)
+    assert r.status_code == 400, r.text
+    problem = r.json()
+    assert problem["type"] == PROBLEM + "BadRequestData" and problem["field"] == field
+    r = client.get(S)
+    assert r.status_code == 200 and r.json() == []
+
+
+def test_an_entity_s_notifications_arrive_in_order(client: TestClient, receiver: Receiver) -> None:
+    """A write of several entities makes one notification, keyed by its subscription; one of
+    a single entity was keyed by the entity. Keyed apart they took different lanes: when the
+    batch's notification failed and was retried, the receiver got V1's newer state first and
+    its older state last."""
+    sid = "urn:ngsi-ld:Subscription:reorder"
+    assert zlib.crc32(sid.encode()) % 4 != zlib.crc32(V1.encode()) % 4  # apart when keyed apart
+    receiver.statuses.append(500)
+    receiver.delays.append(1.0)  # the batch's notification fails, and late
+    assert client.post(S, json=subscription(sid, receiver.url())).status_code == 201
+    batch = [
+        {"id": eid, "type": "Vehicle", "speed": {"type": "Property", "value": 1}}
+        for eid in (V1, "urn:ngsi-ld:Vehicle:V2")
+    ]
+    assert client.post("/ngsi-ld/v1/entityOperations/create", json=batch).status_code == 201
+    wait(lambda: len(receiver.requests) >= 1, "the batch's notification")
+    r = client.patch(f"{E}/{V1}/attrs", json={"speed": {"type": "Property", "value": 2}})
+    assert r.status_code == 204, r.text
+    wait(lambda: len(receiver.requests) >= 3, "the retry and the update's notification")
+    time.sleep(0.3)  # anything more would have come by now
+    seen = [d["speed"]["value"] for q in receiver.requests for d in q.body["data"] if d["id"] == V1]
+    assert seen == [1, 1, 2]  # the failed attempt, its retry, then the newer state
+
+
+def test_throttling_lets_a_whole_write_through(client: TestClient, receiver: Receiver) -> None:
+    """Throttling decided per entity: the first entity of a batch stamped the subscription, so
+    the write's one notification held only that entity and the others were never notified."""
+    sid = "urn:ngsi-ld:Subscription:throttled"
+    assert client.post(S, json=subscription(sid, receiver.url(), throttling=60)).status_code == 201
+    batch = [
+        {
+            "id": f"urn:ngsi-ld:Vehicle:{n}",
+            "type": "Vehicle",
+            "speed": {"type": "Property", "value": n},
+        }
+        for n in range(3)
+    ]
+    assert client.post("/ngsi-ld/v1/entityOperations/create", json=batch).status_code == 201
+    wait(lambda: len(receiver.requests) >= 1, "the batch's notification")
+    r = client.patch(
+        "/ngsi-ld/v1/entities/urn:ngsi-ld:Vehicle:0/attrs",
+        json={"speed": {"type": "Property", "value": 9}},
+    )
+    assert r.status_code == 204  # within the throttling window: no notification
+    time.sleep(0.5)  # a second notification would have been sent by now
+    (req,) = receiver.requests
+    assert [d["id"] for d in req.body["data"]] == [b["id"] for b in batch]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -407,3 +408,62 @@ def test_stop_gives_leases_back(outboxes: OutboxFactory, closed_port: int) -> No
     run(main())
     # after a graceful stop nothing is leased: a dispatcher that does not take over gets all
     assert len(ob.claim(10)) == 3
+
+
+def test_a_cooldown_holds_back_its_own_subscription_only(
+    outboxes: OutboxFactory, receiver: Receiver
+) -> None:
+    """A subscription's cooldown was applied to its endpoint: after one failure of A (cooldown
+    30 s) every subscription notifying the same URI waited 30 s, not the back-off."""
+    receiver.statuses.append(500)
+    ob = outboxes()
+
+    def item(sub: str, n: int, cooldown: float | None = None) -> OutboxItem:
+        base = plain(receiver.url(), n, key=sub)
+        payload = base.payload if cooldown is None else {**base.payload, "cooldown": cooldown}
+        return replace(base, subscription_id=f"urn:ngsi-ld:Subscription:{sub}", payload=payload)
+
+    ob.add([item("A", 1, cooldown=30.0)])
+    results: list[DeliveryResult] = []
+
+    async def main() -> None:
+        # one lane: B's row comes behind A's held one in it, and must go past it
+        async with Dispatcher(ob, policy=FAST, on_result=results.append, lanes=1) as dispatcher:
+            await until(lambda: len(results) == 1, "A's failed attempt")
+            ob.add([item("B", 2), item("A", 3, cooldown=30.0), item("B", 4)])
+            dispatcher.wake()
+            await until(lambda: len(results) == 3, "B's notifications", timeout=10)
+            await asyncio.sleep(0.3)  # A's would have gone by now without its cooldown
+
+    run(main())
+    assert [(r.item.subscription_id[-1], r.item.body["n"], r.ok) for r in results] == [
+        ("A", 1, False),
+        ("B", 2, True),
+        ("B", 4, True),
+    ]
+    assert sorted(i.body["n"] for i in ob.items()) == [1, 3]  # A's wait, in order
+
+
+def test_a_topic_the_broker_refuses_is_not_published(
+    outboxes: OutboxFactory, mqtt_subscriber: MqttSubscriber
+) -> None:
+    """A subscription stored before topics were checked may name one (a NUL in it): Mosquitto
+    drops the connection on it, the one every subscription to that broker shares, and the QoS 0
+    messages written on it before the drop were lost while reported sent."""
+    bad = mqtt_subscriber.url().rsplit("/", 1)[0] + "/a%00b"
+    ob = outboxes()
+    for n in range(20):
+        ob.add([plain(bad, n, key=f"bad{n}"), plain(mqtt_subscriber.url(), n, key=f"k{n}")])
+    results: list[DeliveryResult] = []
+    policy = RetryPolicy(base_s=0.01, max_s=0.05, max_attempts=2)
+
+    async def main() -> None:
+        async with Dispatcher(ob, policy=policy, on_result=results.append):
+            await until(lambda: sum(r.final for r in results) == 40, "every row settled")
+            await asyncio.sleep(0.3)  # the last messages are on their way
+
+    run(main())
+    refused = [r for r in results if r.item.endpoint == bad]
+    assert len(refused) == 40 and not any(r.ok for r in refused)
+    assert all("U+0000" in (r.error or "") for r in refused)
+    assert sorted(m["body"]["n"] for m in mqtt_subscriber.received()) == list(range(20))

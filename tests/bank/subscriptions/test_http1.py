@@ -182,3 +182,31 @@ def test_garbage_answer_is_an_error() -> None:
         await client.aclose()
 
     run(serving(server, body))
+
+
+def test_a_path_beyond_ascii_goes_out_percent_encoded() -> None:
+    """The request head is Latin-1: a path like /café☃ failed every delivery with
+    UnicodeEncodeError; what is percent-encoded already stays as it is."""
+    server = Server(plain(204))
+    client = Http1Client()
+
+    async def body(url: str) -> None:
+        base = url.split("/notify")[0]
+        assert await client.post(base + "/café☃/a%20b?q=é", b"{}", {}) == 204
+        await client.aclose()
+
+    run(serving(server, body))
+    assert server.requests[0].startswith(b"POST /caf%C3%A9%E2%98%83/a%20b?q=%C3%A9 HTTP/1.1\r\n")
+
+
+def test_a_header_that_is_not_latin1_is_a_delivery_error() -> None:
+    """Subscriptions stored before receiverInfo was checked may hold one: an Http1Error (a
+    failed attempt) rather than an unexpected exception."""
+    client = Http1Client()
+
+    async def main() -> None:
+        with pytest.raises(Http1Error, match="Latin-1"):
+            await client.post("http://127.0.0.1:9/x", b"{}", {"X-Label": "Zürich → Genève"})
+        await client.aclose()
+
+    run(main())

@@ -7,7 +7,9 @@ import doctest
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
+import orjson
 import pytest
 
 from cityward.bank.errors import BadRequestData, NgsiError, OperationNotSupported
@@ -571,3 +573,127 @@ def test_bad_patches(fragment: Any, field: str, core: Context) -> None:
     with pytest.raises(BadRequestData) as info:
         patch(sub, fragment, core)
     assert info.value.field == field
+
+
+# Accepted before, then harmful: a topic Mosquitto refuses dropped the broker connection that
+# every subscription to that broker shares; a huge number broke every GET of the tenant's
+# subscriptions; a bad bracketed host was a 500; a header value that is not Latin-1 failed
+# every delivery; an id past the entity limit was stored by SQLite and refused by PostgreSQL.
+REFUSED: list[tuple[str, Any, str]] = [
+    ("topic NUL", _set("notification.endpoint.uri", "mqtt://h/a%00b"), "notification.endpoint.uri"),
+    (
+        "topic control",
+        _set("notification.endpoint.uri", "mqtt://h/a%01b"),
+        "notification.endpoint.uri",
+    ),
+    ("topic DEL", _set("notification.endpoint.uri", "mqtt://h/a%7Fb"), "notification.endpoint.uri"),
+    (
+        "topic C1",
+        _set("notification.endpoint.uri", "mqtt://h/a%C2%85b"),
+        "notification.endpoint.uri",
+    ),
+    (
+        "topic not UTF-8",
+        _set("notification.endpoint.uri", "mqtt://h/a%FFb"),
+        "notification.endpoint.uri",
+    ),
+    (
+        "topic noncharacter",
+        _set("notification.endpoint.uri", "mqtt://h/a%EF%B7%90b"),
+        "notification.endpoint.uri",
+    ),
+    (
+        "topic raw noncharacter",
+        _set("notification.endpoint.uri", "mqtt://h/a\U0010ffff"),
+        "notification.endpoint.uri",
+    ),
+    (
+        "topic too long",
+        _set("notification.endpoint.uri", "mqtt://h/" + "t" * 65536),
+        "notification.endpoint.uri",
+    ),
+    (
+        "bad IPv6 host",
+        _set("notification.endpoint.uri", "http://[::1/x"),
+        "notification.endpoint.uri",
+    ),
+    (
+        "bad bracketed host",
+        _set("notification.endpoint.uri", "http://[zz]/x"),
+        "notification.endpoint.uri",
+    ),
+    ("throttling 1e20", body(throttling=1e20), "throttling"),
+    ("throttling 10**30", body(throttling=10**30), "throttling"),
+    ("throttling past the bound", body(throttling=10**9 + 1), "throttling"),
+    ("timeInterval 1e308", body(timeInterval=1e308), "timeInterval"),
+    ("throttling infinite", body(throttling=float("inf")), "throttling"),
+    ("throttling NaN", body(throttling=float("nan")), "throttling"),
+    ("timeout 1e308", body(notification=endpoint(timeout=1e308)), "notification.endpoint.timeout"),
+    (
+        "timeout 10**40",
+        body(notification=endpoint(timeout=10**40)),
+        "notification.endpoint.timeout",
+    ),
+    (
+        "cooldown 1e308",
+        body(notification=endpoint(cooldown=1e308)),
+        "notification.endpoint.cooldown",
+    ),
+    (
+        "receiverInfo not Latin-1",
+        body(notification=endpoint(receiverInfo=[{"key": "X-Label", "value": "Zürich → Genève"}])),
+        "notification.endpoint.receiverInfo",
+    ),
+    (
+        "receiverInfo control character",
+        body(notification=endpoint(receiverInfo=[{"key": "X-Label", "value": "a\x01b"}])),
+        "notification.endpoint.receiverInfo",
+    ),
+    ("id past 1,000 bytes", body(id="urn:ngsi-ld:Subscription:" + "x" * 976), "id"),
+    ("id past 1,000 UTF-8 bytes", body(id="urn:ngsi-ld:Subscription:" + "é" * 488), "id"),
+]
+
+
+@pytest.mark.parametrize(("body_", "field"), [pytest.param(b, f, id=n) for n, b, f in REFUSED])
+def test_harmful_values_are_refused(body_: Any, field: str, core: Context) -> None:
+    with pytest.raises(BadRequestData) as info:
+        parse(copy.deepcopy(body_), core)
+    assert info.value.field == field
+
+
+def test_values_at_the_limits_are_taken(core: Context) -> None:
+    sub = parse(
+        body(
+            id="urn:ngsi-ld:Subscription:" + "x" * 975,  # 1,000 bytes
+            throttling=10**9,
+            notification=endpoint(timeout=10**9, cooldown=10**9),
+        ),
+        core,
+    )
+    assert len(sub.id) == 1000 and sub.throttling == 10**9
+    assert sub.to_json(core)["throttling"] == 10**9
+    for uri, topic in [
+        ("mqtt://h/caf%C3%A9/%E2%98%83", "café/☃"),
+        ("mqtt://h/café/☃", "café/☃"),
+        ("mqtt://h/" + "t" * 65535, "t" * 65535),
+    ]:
+        b = _set("notification.endpoint.uri", uri)
+        b["notification"]["endpoint"]["receiverInfo"] = [
+            {"key": "X-Label", "value": "Zürich → Genève"}
+        ]
+        e = parse(b, core).notification.endpoint  # MQTT carries receiverInfo in JSON: any text
+        assert e.uri == uri and model._mqtt_topic(urlsplit(uri).path) == topic
+    latin1 = [{"key": "X-Label", "value": "Zürich\tGenève"}]
+    e = parse(body(notification=endpoint(receiverInfo=latin1)), core).notification.endpoint
+    assert e.receiver_info == (("X-Label", "Zürich\tGenève"),)
+
+
+def test_a_huge_number_stored_before_the_bound_can_still_be_read(core: Context) -> None:
+    stored = parse(body(), core).to_stored()
+    stored["throttling"] = 1e20
+    stored["notification"]["endpoint"]["timeout"] = 1e308
+    sub = Subscription.from_stored(stored)
+    out = sub.to_json(core)
+    orjson.dumps(out)  # as the API writes it: no integer past 64 bits
+    assert out["throttling"] == 1e20
+    assert out["notification"]["endpoint"]["timeout"] == 1e308

@@ -4,15 +4,18 @@ One :class:`Dispatcher` runs per database, on the application's event loop. A pu
 due rows from the :class:`~cityward.bank.subscriptions.outbox.Outbox` (woken at once by
 :meth:`Dispatcher.wake` after a write commits, and by a poll as a fallback), and hands each
 row to its endpoint. Every endpoint has its own lanes (workers); the rows of one endpoint with
-the same ordering key (the entity id) always take the same lane, so they are delivered in
-order, and a slow or dead endpoint only ever holds its own lanes.
+the same ordering key (the subscription id, so every entity's notifications too) always take
+the same lane, so they are delivered in order, and a slow or dead endpoint only ever holds its
+own lanes.
 
 After a failed attempt the endpoint backs off: its next attempt waits
 ``base * factor ** (n - 1)`` seconds (at most ``max_s``) times ``1 + jitter * U[0, 1)`` after
 ``n`` consecutive failures, with a random generator seeded per endpoint (deterministic when the
 dispatcher gets a ``seed``). While an endpoint is failing only one of its lanes probes it; the
-first success lets all lanes go again. A notification that fails ``max_attempts`` times is
-dropped and reported as final.
+first success lets all lanes go again. A subscription's ``cooldown`` (the least wait after a
+failure it asks for) holds back that subscription's notifications only: the rows of other keys
+in its lane go past them, and other subscriptions of the endpoint wait only for the back-off.
+A notification that fails ``max_attempts`` times is dropped and reported as final.
 
 Delivery is at least once: rows are deleted only after the receiver accepted them, so a crash
 (even SIGKILL) between the delivery and the delete sends that notification again after the
@@ -27,7 +30,6 @@ import inspect
 import logging
 import random
 import ssl
-import threading
 import uuid
 import zlib
 from collections import deque
@@ -45,8 +47,9 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
+from cityward.bank.errors import BadRequestData
 from cityward.bank.subscriptions.http1 import Http1Client, Http1Error
-from cityward.bank.subscriptions.model import format_ts
+from cityward.bank.subscriptions.model import _mqtt_topic, format_ts
 from cityward.bank.subscriptions.outbox import Outbox, OutboxItem
 
 __all__ = [
@@ -168,20 +171,29 @@ class _Broker:
 
 
 def _resolve(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[None], error: str | None) -> None:
-    def done() -> None:
-        if fut.done():
-            return
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(DeliveryError(error))
-
     with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
-        loop.call_soon_threadsafe(done)
+        loop.call_soon_threadsafe(_settle, fut, error)
+
+
+def _settle(fut: asyncio.Future[None], error: str | None) -> None:
+    """Complete ``fut`` (on the loop thread) unless it is done already (timed out)."""
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(DeliveryError(error))
 
 
 class _MqttConnection:
-    """One paho client (with its network thread) to one broker, bridged to asyncio futures."""
+    """One paho client (with its network thread) to one broker, bridged to asyncio futures.
+
+    The callbacks of paho's network thread take no lock: they hand each event to the event
+    loop, which alone keeps the futures waiting for acknowledgements. paho calls
+    ``on_publish`` while holding its ``_out_message_mutex``, and ``publish()`` (on the loop
+    thread) takes that mutex; a lock of ours taken in both places deadlocked the loop, and
+    with it the whole server, on the first QoS 1 or 2 acknowledgement that crossed a publish.
+    """
 
     def __init__(
         self, broker: _Broker, loop: asyncio.AbstractEventLoop, connect_timeout: float, prefix: str
@@ -210,10 +222,12 @@ class _MqttConnection:
         client.on_publish = self._on_publish
         self.client = client
         self.alive = False
-        self._lock = threading.RLock()
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._early: dict[int, str | None] = {}  # acks that came before publish() returned
+        self._pending: dict[int, asyncio.Future[None]] = {}  # loop thread only
         self._connack: asyncio.Future[None] = loop.create_future()
+
+    def _call(self, fn: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            self.loop.call_soon_threadsafe(fn, *args)
 
     # paho's network thread calls these
     def _on_connect(
@@ -230,21 +244,24 @@ class _MqttConnection:
     ) -> None:
         self.alive = False
         _resolve(self.loop, self._connack, f"disconnected: {rc}")
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            _resolve(self.loop, fut, f"disconnected before the broker acknowledged: {rc}")
+        self._call(self._fail_pending, f"disconnected before the broker acknowledged: {rc}")
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, rc: ReasonCode, props: Any
     ) -> None:
         error = f"broker refused the message: {rc}" if rc.is_failure else None
-        with self._lock:
-            fut = self._pending.pop(mid, None)
-            if fut is None:
-                self._early[mid] = error
-                return
-        _resolve(self.loop, fut, error)
+        self._call(self._acked, mid, error)
+
+    # the event loop runs these
+    def _acked(self, mid: int, error: str | None) -> None:
+        fut = self._pending.pop(mid, None)
+        if fut is not None:  # None: it timed out meanwhile
+            _settle(fut, error)
+
+    def _fail_pending(self, error: str) -> None:
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            _settle(fut, error)
 
     async def open(self) -> None:
         b = self.broker
@@ -260,22 +277,20 @@ class _MqttConnection:
 
     async def publish(self, topic: str, payload: bytes, qos: int, timeout: float) -> None:
         fut: asyncio.Future[None] = self.loop.create_future()
-        with self._lock:
-            info = self.client.publish(topic, payload, qos)
-            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                raise DeliveryError(f"publish failed: {mqtt.error_string(info.rc)}")
-            mid = info.mid
-            if mid in self._early:
-                error = self._early.pop(mid)
-                if error is not None:
-                    raise DeliveryError(error)
-                return
-            self._pending[mid] = fut
+        info = self.client.publish(topic, payload, qos)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise DeliveryError(f"publish failed: {mqtt.error_string(info.rc)}")
+        # nothing awaits between paho's publish() and this line, and acknowledgements reach
+        # _acked through the loop: an ack, however early, finds its future registered
+        mid = info.mid
+        self._pending[mid] = fut
+        if not self.alive:  # the disconnect's _fail_pending ran before: do not wait for it
+            self._pending.pop(mid, None)
+            raise DeliveryError("disconnected before the broker acknowledged")
         try:
             await asyncio.wait_for(fut, timeout)
         except TimeoutError as exc:
-            with self._lock:
-                self._pending.pop(mid, None)
+            self._pending.pop(mid, None)
             raise DeliveryError(f"no acknowledgement within {timeout} s") from exc
 
     def close(self) -> None:
@@ -320,7 +335,10 @@ class MqttTransport:
             password=unquote(parts.password) if parts.password is not None else None,
             version=notifier.get("MQTT-Version", "mqtt3.1.1"),
         )
-        topic = unquote(parts.path.lstrip("/"))
+        try:  # a topic stored before they were checked: the broker would drop the connection
+            topic = _mqtt_topic(parts.path)  # that every subscription to it shares
+        except BadRequestData as exc:
+            raise DeliveryError(exc.detail) from exc
         qos = int(notifier.get("MQTT-QoS", "0"))
         timeout = item.payload.get("timeout")
         message = orjson.dumps({"metadata": item.headers, "body": item.body})
@@ -414,6 +432,9 @@ class _Endpoint:
         self.tasks: list[asyncio.Task[None]] = []
         self.probe = asyncio.Lock()
         self.retry_at = 0.0  # loop time before which no attempt starts
+        # (tenant, subscription id) -> loop time before which its notifications wait (its
+        # cooldown)
+        self.cooling: dict[tuple[str, str], float] = {}
         self.rng = rng
         self.stats = EndpointStats(uri)
 
@@ -666,14 +687,21 @@ class Dispatcher:
                 ready.clear()
                 await ready.wait()
                 continue
+            wait: float | None = None
+            probed = False
             if ep.stats.consecutive_failures:
                 async with ep.probe:  # one lane probes a failing endpoint, after its back-off
                     if not await self._sleep(ep.retry_at - loop.time()):
                         return
                     if ep.stats.consecutive_failures:
-                        await self._attempt(ep, queue)
-                        continue
-            await self._attempt(ep, queue)
+                        probed = True
+                        wait = await self._attempt(ep, queue)
+            if not probed:
+                wait = await self._attempt(ep, queue)
+            if wait is not None:  # all it holds waits for a cooldown (or for a new row)
+                ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), wait)
 
     def _transport(self, uri: str) -> Transport | None:
         scheme = uri.split(":", 1)[0].lower()
@@ -683,8 +711,36 @@ class Dispatcher:
             return self._mqtt
         return None
 
-    async def _attempt(self, ep: _Endpoint, queue: deque[OutboxItem]) -> None:
-        item = queue[0]
+    @staticmethod
+    def _next(ep: _Endpoint, queue: deque[OutboxItem], now: float) -> int | float:
+        """The position of the row to send next: the first one that neither waits for its
+        subscription's cooldown nor has an earlier row of its key before it; else (a float)
+        the seconds until the first cooldown ends."""
+        if not ep.cooling:
+            return 0
+        held: set[str] = set()  # keys with a row that waits: their later rows wait too
+        wait = float("inf")
+        for i, item in enumerate(queue):
+            if item.key in held:
+                continue
+            until = ep.cooling.get((item.tenant, item.subscription_id))
+            if until is None:
+                return i
+            if until <= now:
+                del ep.cooling[(item.tenant, item.subscription_id)]
+                return i
+            held.add(item.key)
+            wait = min(wait, until - now)
+        return wait
+
+    async def _attempt(self, ep: _Endpoint, queue: deque[OutboxItem]) -> float | None:
+        """Send one row of ``queue``; None when it did, else the seconds that every row of it
+        still waits for a cooldown."""
+        loop = asyncio.get_running_loop()
+        pos = self._next(ep, queue, loop.time())
+        if isinstance(pos, float):
+            return pos
+        item = queue[pos]
         transport = self._transport(item.endpoint)
         ep.stats.attempts += 1
         error: str | None = None
@@ -701,37 +757,40 @@ class Dispatcher:
         item = replace(item, attempts=attempts)
         at = format_ts(datetime.now(UTC))
         if error is None:
-            queue.popleft()
+            del queue[pos]
             self._done.append(item.seq)
             self.delivered += 1
             ep.stats.delivered += 1
             ep.stats.consecutive_failures = 0
             ep.retry_at = 0.0
+            ep.cooling.pop((item.tenant, item.subscription_id), None)
             result = DeliveryResult(item, True, at)
         else:
             self.failed_attempts += 1
             ep.stats.failures += 1
             ep.stats.consecutive_failures += 1
             delay = self.policy.delay(ep.stats.consecutive_failures, ep.rng)
-            cooldown = item.payload.get("cooldown")
-            if cooldown:
-                delay = max(delay, float(cooldown))
             ep.stats.delays.append(delay)
             del ep.stats.delays[:-_HISTORY]
-            loop = asyncio.get_running_loop()
             ep.retry_at = max(ep.retry_at, loop.time() + delay)
+            # the subscriber's cooldown holds back its own subscription, not the endpoint:
+            # applied to retry_at, it held every subscription notifying the same URI
+            cooldown = item.payload.get("cooldown")
+            if cooldown:
+                ep.cooling[(item.tenant, item.subscription_id)] = loop.time() + float(cooldown)
             final = 0 < self.policy.max_attempts <= attempts
             if final:
-                queue.popleft()
+                del queue[pos]
                 self._done.append(item.seq)
                 self.given_up += 1
                 ep.stats.given_up += 1
             else:
-                queue[0] = item
+                queue[pos] = item
                 self._failed.append((item.seq, attempts, error))
             result = DeliveryResult(item, False, at, error, final)
         self._settled()
         await self._report(result)
+        return None
 
     async def _report(self, result: DeliveryResult) -> None:
         if self.on_result is None:

@@ -90,9 +90,13 @@ class NotificationHook:
 
     # -- the subscriptions ------------------------------------------------------------------
     def load(self, tenant: str, subs: Iterable[Subscription]) -> None:
-        """Replace a tenant's subscriptions (at start-up, from the database)."""
+        """Replace a tenant's subscriptions (at start-up, from the database, and after another
+        process changed them); when each one last fired is kept, for throttling."""
         index = SubscriptionIndex(subs)
         with self._lock:
+            old = self._indexes.get(tenant)
+            if old is not None:
+                index.carry_over(old)
             self._indexes[tenant] = index
 
     def put(self, tenant: str, sub: Subscription) -> None:
@@ -116,13 +120,17 @@ class NotificationHook:
         """The write hook: enqueue the notifications of ``changes`` in ``txn``."""
         now = datetime.now(UTC)
         fired: list[tuple[str, ChangeEvent, Subscription, Fire]] = []
+        # per tenant, the subscriptions this write fired so far: throttling decides once per
+        # write (the first change let through, the write's other changes join its notification)
+        this_write: dict[str, set[str]] = {}
         with self._lock:
             for change in changes:
                 index = self._indexes.get(change.tenant)
                 if index is None or not len(index):
                     continue
                 event = ChangeEvent.from_change(change)
-                for sub, fire in index.match(event, now=now):
+                seen = this_write.setdefault(change.tenant, set())
+                for sub, fire in index.match(event, now=now, fired=seen):
                     if self.visible is not None and sub.owner_purposes is not None:
                         doc = event.after if event.after is not None else event.before
                         assert doc is not None

@@ -21,13 +21,17 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 __all__ = ["Http1Client", "Http1Error"]
 
 _MAX_HEADER_LINE: Final = 16 * 1024
 _MAX_HEADERS: Final = 200
 _MAX_BODY: Final = 16 * 1024 * 1024
+# what quote() leaves of a request target: the reserved characters and "%", so that what is
+# already percent-encoded stays as it is and only the rest (non-ASCII above all, which the
+# Latin-1 request head cannot carry) is encoded, as UTF-8
+_TARGET_SAFE: Final = "!#$%&'()*+,/:;=?@[]~"
 
 
 class Http1Error(Exception):
@@ -100,7 +104,15 @@ class Http1Client:
             raise Http1Error(f"bad port in {url}") from exc
         origin = _Origin(tls, parts.hostname, port)
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        target = quote(target, _TARGET_SAFE)
+        host = parts.hostname
+        if not host.isascii():  # an internationalized name goes in Host as its ASCII form
+            try:
+                host = host.encode("idna").decode("ascii")
+            except UnicodeError as exc:
+                raise Http1Error(f"bad host name in {url}: {exc}") from exc
+        if ":" in host:
+            host = f"[{host}]"
         if parts.port is not None:
             host += f":{parts.port}"
         head = [f"POST {target} HTTP/1.1", f"Host: {host}"]
@@ -114,7 +126,10 @@ class Http1Client:
         if not has_type:
             head.append("Content-Type: application/json")
         head.append(f"Content-Length: {len(body)}")
-        request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        try:
+            request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        except UnicodeEncodeError as exc:  # a header value stored before they were checked
+            raise Http1Error(f"a header is not Latin-1 text: {exc}") from exc
         limit = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):

@@ -23,7 +23,8 @@ Trigger rules (the spec leaves several open; these are ours):
   the entity after the change (before it, for a deleted entity).
 * Paused or expired subscriptions, and periodic ones (timeInterval), never fire on a change.
   Throttling drops a notification when the last one went out less than ``throttling`` seconds
-  ago.
+  ago. It decides once per write: the changes of one write make one notification, and a
+  subscription that fires for one of them is not throttled for the others.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import cached_property
 from typing import Any, Final, Literal, Protocol
 
@@ -245,11 +246,14 @@ def evaluate(
     *,
     now: datetime | None = None,
     last_notified: str | None = None,
+    throttle: bool = True,
 ) -> Fire | None:
     """Whether ``sub`` fires for ``event``, and why (None: it does not).
 
     ``last_notified`` is when this subscription last produced a notification (stored
     timestamp form), for throttling; it defaults to ``sub.stats.last_notification``.
+    ``throttle=False`` skips throttling (the subscription fired for an earlier change of the
+    same write, whose notification this change joins).
     """
     t = _now(now)
     if sub.time_interval is not None or not sub.is_live(t):
@@ -260,10 +264,12 @@ def evaluate(
     if fire is None or not _filters_pass(sub, event):
         return None
     last = last_notified if last_notified is not None else sub.stats.last_notification
+    # seconds as floats: a timedelta of a throttling stored before it was bounded overflowed
     if (
-        sub.throttling
+        throttle
+        and sub.throttling
         and last is not None
-        and t - parse_ts(last) < timedelta(seconds=sub.throttling)
+        and (t - parse_ts(last)).total_seconds() < sub.throttling
     ):
         return None
     return fire
@@ -424,8 +430,9 @@ def build_notification(
     URL of its own, so a caller that hosts one passes its URL here); with
     ``application/ld+json`` it goes in the body. ``docs`` (the stored documents behind
     ``data``) give the geometries for ``application/geo+json``. ``trigger`` is None for a
-    periodic (timeInterval) or initial notification. ``key`` orders deliveries: the dispatcher
-    sends the items of one endpoint with the same key one after the other.
+    periodic (timeInterval) or initial notification. ``key`` (default: the subscription id)
+    orders deliveries: the dispatcher sends the items of one endpoint with the same key one
+    after the other.
     """
     t = _now(now)
     e = sub.notification.endpoint
@@ -484,7 +491,12 @@ def notification_for(
     tenant: str = "",
     link: str | None = None,
 ) -> OutboxItem:
-    """The notification of one fired change (ordered per entity at its endpoint)."""
+    """The notification of one fired change.
+
+    Keyed by the subscription, as the notifications of a write of several entities are: each
+    entity's notifications then reach the endpoint in order, whichever kind carries them (keyed
+    by the entity, a retried notification of a batch arrived after a newer one of its entity).
+    """
     t = _now(now)
     if event.at is None and fire.trigger == "entityDeleted":
         event = ChangeEvent(event.entity_id, event.before, event.after, event.changed, format_ts(t))
@@ -498,7 +510,6 @@ def notification_for(
         now=t,
         tenant=tenant,
         link=link,
-        key=event.entity_id,
         docs=[None if deleted else event.after],
     )
 
@@ -566,23 +577,44 @@ class SubscriptionIndex:
         return [self._subs[i] for i in sorted(ids)]
 
     def match(
-        self, event: ChangeEvent, *, now: datetime | None = None
+        self,
+        event: ChangeEvent,
+        *,
+        now: datetime | None = None,
+        fired: set[str] | None = None,
     ) -> list[tuple[Subscription, Fire]]:
-        """The subscriptions that fire for ``event`` (their fire time is recorded)."""
+        """The subscriptions that fire for ``event`` (their fire time is recorded).
+
+        ``fired`` carries the ids of the subscriptions that fired for the earlier changes of
+        the same write (this call adds to it): throttling decides once per write, so the one
+        notification a write makes holds all its entities, not only the first one's.
+        """
         t = _now(now)
         stamp = format_ts(t)
         out: list[tuple[Subscription, Fire]] = []
         for sub in self.candidates(event.types):
+            joins = fired is not None and sub.id in fired
             try:
-                fire = evaluate(sub, event, now=t, last_notified=self._last.get(sub.id))
+                fire = evaluate(
+                    sub, event, now=t, last_notified=self._last.get(sub.id), throttle=not joins
+                )
             except Exception:  # a bug here must never fail the write that is being matched
                 log.exception("matching subscription %s failed", sub.id)
                 continue
             if fire is not None:
                 if sub.throttling:
                     self._last[sub.id] = stamp
+                if fired is not None:
+                    fired.add(sub.id)
                 out.append((sub, fire))
         return out
+
+    def carry_over(self, old: SubscriptionIndex) -> None:
+        """Keep what ``old`` (the index this one replaces) knows of when its subscriptions
+        last fired, so that reloading the subscriptions does not reset their throttling."""
+        for sid, stamp in old._last.items():
+            if sid in self._subs:
+                self._last[sid] = stamp
 
     def notifications(
         self,

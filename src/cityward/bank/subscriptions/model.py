@@ -15,18 +15,20 @@ e.g. ``notification.endpoint.uri`` or ``entities[1].idPattern``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, TypeAlias, TypeVar, cast, get_args
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote_to_bytes, urlsplit
 
 from cityward.bank import geo
 from cityward.bank.errors import BadRequestData, NgsiError, OperationNotSupported
 from cityward.bank.jsonld import Context
 from cityward.bank.model import (
+    MAX_ID_BYTES,
     NGSI_NULL,
     check_attr_name,
     check_datetime,
@@ -146,6 +148,22 @@ _LANG: Final = re.compile(
     r"^(\*|@none|[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*)(;q=(0(\.[0-9]{0,3})?|1(\.0{0,3})?))?$"
 )
 _TS_FORMAT: Final = "%Y-%m-%dT%H:%M:%S.%fZ"
+# the largest throttling and timeInterval (seconds) and endpoint timeout and cooldown
+# (milliseconds): larger numbers were stored and then broke every GET of the tenant's
+# subscriptions (JSON has no integer past 64 bits) and the throttling arithmetic
+MAX_NUMBER: Final = 10**9
+# MQTT topics: at most 65,535 bytes of UTF-8 (the length prefix), and none of the code points
+# Mosquitto refuses: it drops the connection, which every subscription notifying that broker
+# shares, so their notifications were lost while reported sent
+MAX_TOPIC_BYTES: Final = 65535
+_TOPIC_REFUSED: Final = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef\ufffe\uffff"
+    + "".join(f"{chr(p << 16 | 0xFFFE)}{chr(p << 16 | 0xFFFF)}" for p in range(1, 17))
+    + "]"
+)
+# what an HTTP header value may hold (RFC 9110 field-value: VCHAR, obs-text, SP, HTAB): the
+# request head goes out as Latin-1, and anything else failed every delivery
+_HEADER_VALUE: Final = re.compile(r"[\t\x20-\x7e\x80-\xff]*")
 
 
 def format_ts(t: datetime) -> str:
@@ -542,7 +560,9 @@ def _tuple_or_none(v: Any) -> tuple[str, ...] | None:
 
 
 def _number_out(v: float) -> int | float:
-    return int(v) if float(v).is_integer() else v
+    # a float past 2**53 stays one: an integer past 64 bits cannot be written as JSON (rows
+    # stored before MAX_NUMBER bounded the input hold such numbers)
+    return int(v) if float(v).is_integer() and abs(v) < 2**53 else v
 
 
 def _notification_json(
@@ -703,6 +723,12 @@ def parse_subscription(
         sid = new_id() if new_id is not None else f"urn:ngsi-ld:Subscription:{uuid.uuid4()}"
     else:
         sid = p.uri(raw_id, "id")
+        # the limit entities have: PostgreSQL's index cannot take much more (a 400 naming
+        # "entity" there, while SQLite stored it)
+        if len(sid.encode()) > MAX_ID_BYTES:
+            raise BadRequestData(
+                f"a subscription id is at most {MAX_ID_BYTES} bytes (UTF-8)", field="id"
+            )
     p.check_type(body)
     if "notification" not in body:
         raise BadRequestData("a subscription needs a notification member", field="notification")
@@ -866,10 +892,14 @@ class _Parser:
     def number(value: object, f: str, *, positive: bool) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise BadRequestData(f"{f} must be a number", field=f)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise BadRequestData(f"{f} must be a finite number, got {value}", field=f)
         if positive and value <= 0:
             raise BadRequestData(f"{f} must be greater than 0, got {value}", field=f)
         if value < 0:
             raise BadRequestData(f"{f} must not be negative, got {value}", field=f)
+        if value > MAX_NUMBER:
+            raise BadRequestData(f"{f} must be at most {MAX_NUMBER:,}, got {value}", field=f)
         return float(value)
 
     def names(self, value: object, f: str) -> tuple[str, ...]:
@@ -1113,7 +1143,10 @@ class _Parser:
                 f"{f}.accept must be one of {', '.join(ACCEPTS)}, got {accept!r}",
                 field=f"{f}.accept",
             )
-        receiver = self.key_values(value.get("receiverInfo"), f"{f}.receiverInfo", header=True)
+        http = uri.split(":", 1)[0].lower() in ("http", "https")
+        receiver = self.key_values(
+            value.get("receiverInfo"), f"{f}.receiverInfo", header=True, http=http
+        )
         notifier = self.key_values(value.get("notifierInfo"), f"{f}.notifierInfo", header=False)
         for k, v in notifier:
             if k == "MQTT-Version" and v not in MQTT_VERSIONS:
@@ -1141,7 +1174,11 @@ class _Parser:
         )
 
     @staticmethod
-    def key_values(value: object, f: str, *, header: bool) -> tuple[tuple[str, str], ...]:
+    def key_values(
+        value: object, f: str, *, header: bool, http: bool = False
+    ) -> tuple[tuple[str, str], ...]:
+        """``{key, value}`` pairs; ``header``: the keys are header names; ``http``: the values
+        go out as HTTP header values (an MQTT message carries them in JSON)."""
         if value is None:
             return ()
         if not isinstance(value, list):
@@ -1162,6 +1199,12 @@ class _Parser:
                 raise BadRequestData(f"{f} key {k!r} is not a valid header name", field=f)
             if "\r" in v or "\n" in v or "\x00" in v:
                 raise BadRequestData(f"{f} value for {k!r} has a line break", field=f)
+            if http and _HEADER_VALUE.fullmatch(v) is None:
+                raise BadRequestData(
+                    f"{f} value for {k!r} is not a valid HTTP header value (Latin-1 text "
+                    "without control characters)",
+                    field=f,
+                )
             out.append((k, v))
         return tuple(out)
 
@@ -1190,7 +1233,10 @@ def _endpoint_uri(value: object) -> str:
     if not is_uri(value):
         raise BadRequestData(f"{f} must be an absolute URI, got {value!r}", field=f)
     assert isinstance(value, str)
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError as exc:  # a bad bracketed host: http://[::1/x, http://[zz]/x
+        raise BadRequestData(f"{f} has an invalid host: {exc}", field=f) from exc
     scheme = parts.scheme.lower()
     if scheme not in ENDPOINT_SCHEMES:
         raise BadRequestData(
@@ -1203,7 +1249,7 @@ def _endpoint_uri(value: object) -> str:
     if not parts.hostname or port == 0:
         raise BadRequestData(f"{f} needs a host: {value!r}", field=f)
     if scheme.startswith("mqtt"):
-        topic = unquote(parts.path.lstrip("/"))
+        topic = _mqtt_topic(parts.path)
         if not topic:
             raise BadRequestData(f"{f} needs a topic (mqtt://host:port/topic)", field=f)
         if "+" in topic or "#" in topic or "#" in value or parts.query:
@@ -1211,3 +1257,24 @@ def _endpoint_uri(value: object) -> str:
                 f"{f} topic must not hold the wildcards + or # (nor a query)", field=f
             )
     return value
+
+
+def _mqtt_topic(path: str) -> str:
+    """The topic of an mqtt(s) URI path, as MqttTransport publishes to it (percent-decoded),
+    refused unless it is UTF-8 that MQTT and Mosquitto take."""
+    f = "notification.endpoint.uri"
+    try:
+        raw = unquote_to_bytes(path.lstrip("/"))
+        topic = raw.decode("utf-8")
+    except UnicodeError as exc:
+        raise BadRequestData(f"{f} topic is not valid UTF-8 once percent-decoded", field=f) from exc
+    if len(raw) > MAX_TOPIC_BYTES:
+        raise BadRequestData(f"{f} topic is longer than {MAX_TOPIC_BYTES} bytes", field=f)
+    bad = _TOPIC_REFUSED.search(topic)
+    if bad is not None:
+        raise BadRequestData(
+            f"{f} topic holds U+{ord(bad.group()):04X} (a control character, surrogate or "
+            "noncharacter), which MQTT brokers refuse",
+            field=f,
+        )
+    return topic

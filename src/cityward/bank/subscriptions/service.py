@@ -152,8 +152,16 @@ class Subscriptions:
             self._reload(version)
         self.hook(txn, changes)
 
-    def _bump(self, txn: WriteTxn) -> None:
-        txn.execute("UPDATE subscriptions_version SET v = v + 1 WHERE k = 1")
+    def _bump(self, txn: WriteTxn) -> int:
+        """Count a change of the subscriptions; returns the new version."""
+        rows = txn.execute("UPDATE subscriptions_version SET v = v + 1 WHERE k = 1 RETURNING v")
+        return int(rows[0][0])
+
+    def _bumped(self, version: int) -> None:
+        """Our own change (already applied to the index) made ``version``: when the index was
+        current before it, it still is, and the next write need not reload it."""
+        if self._version == version - 1:
+            self._version = version
 
     # -- CRUD -------------------------------------------------------------------------------
     # ``owner``, where given, limits the operation to that owner's subscriptions: the others
@@ -175,8 +183,9 @@ class Subscriptions:
                 "INSERT INTO subscriptions(tenant, id, body) VALUES (?, ?, ?)",
                 [tenant, sub.id, orjson.dumps(sub.to_stored()).decode()],
             )
-            self._bump(txn)
+            version = self._bump(txn)
         self.hook.put(tenant, sub)
+        self._bumped(version)
 
     def get(self, tenant: str, sid: str, *, owner: str | None = None) -> Subscription:
         live = self.hook.get(tenant, sid)
@@ -223,8 +232,9 @@ class Subscriptions:
             )
             if not n:
                 raise ResourceNotFound(f"subscription {sub.id} not found", field="subscriptionId")
-            self._bump(txn)
+            version = self._bump(txn)
         self.hook.put(tenant, sub)
+        self._bumped(version)
 
     def delete(self, tenant: str, sid: str, *, owner: str | None = None) -> None:
         cond, args = self._of_owner(owner)
@@ -236,8 +246,9 @@ class Subscriptions:
             if not n:
                 raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
             txn.execute("DELETE FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid])
-            self._bump(txn)
+            version = self._bump(txn)
         self.hook.remove(tenant, sid)
+        self._bumped(version)
 
     # -- periodic notifications (timeInterval) ---------------------------------------------
     async def _periodic_loop(self) -> None:
