@@ -27,16 +27,27 @@ import pytest
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import ValidationError
 
+from cityward.vision import anonymize
 from cityward.vision.anonymize import Anonymizer, AnonymizerConfig
 from cityward.vision.detections import PERSON, VEHICLES, Detections, box_iou
 from cityward.vision.detectors import REGISTRY as DETECTORS
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.faces import FACE, REGISTRY, CenterFace, YuNet, create
+from cityward.vision.pipeline import CameraPipeline, PipelineConfigError
+from cityward.vision.settings import CameraSettings
 from cityward.vision.tracker import ByteTracker
 from tests.conftest import shared_path
-from tests.vision.attack import attack_frames, compact, find_faces, plate_like, read_texts
+from tests.vision.attack import (
+    Box,
+    attack_frames,
+    compact,
+    find_faces,
+    plate_like,
+    read_texts,
+)
 
 Frame = npt.NDArray[np.uint8]
+F32 = npt.NDArray[np.float32]
 FULL = os.environ.get("CITYWARD_PRIVACY_FULL") == "1"
 #: frames attacked per video in the default run (evenly spaced)
 SAMPLES = 4
@@ -194,7 +205,133 @@ def test_face_detector_settings_are_validated(models: Path) -> None:
     # no threshold given: each detector's own recall-tuned default
     assert Anonymizer({}, models).faces.config.threshold == 0.55
     assert Anonymizer({"face_detector": "centerface"}, models).faces.config.threshold == 0.4
-    assert Anonymizer({"face_threshold": 0.7}, models).faces.config.threshold == 0.7
+    assert Anonymizer({"face_threshold": 0.45}, models).faces.config.threshold == 0.45
+
+
+# --- the weakest settings a configuration may choose -------------------------------------
+
+#: every setting at the weakest value its limit allows (anonymize.py's MAX_/MIN_ constants)
+WEAKEST: dict[str, object] = {
+    "face_detector": "yunet",
+    "face_threshold": anonymize.MAX_FACE_THRESHOLD["yunet"],
+    "face_max_side": anonymize.MIN_FACE_MAX_SIDE,
+    "margin": anonymize.MIN_MARGIN,
+    "hold_s": anonymize.MIN_HOLD_S,
+    "plate_fraction": anonymize.MIN_PLATE_FRACTION,
+    "head_fraction": anonymize.MIN_HEAD_FRACTION,
+    "method": "pixelate",
+    "blocks": anonymize.MAX_BLOCKS,
+    "min_cell": 2,
+    "soften": 0.0,
+}
+#: the same with the other hiding method and the other face detector
+WEAKEST_BLUR = {**WEAKEST, "method": "blur", "blocks": anonymize.MAX_BLUR_BLOCKS}
+WEAKEST_CENTERFACE = {
+    **WEAKEST,
+    "face_detector": "centerface",
+    "face_threshold": anonymize.MAX_FACE_THRESHOLD["centerface"],
+}
+#: one step weaker than each limit: (base settings, setting, value)
+WEAKER = [
+    (WEAKEST, "face_threshold", anonymize.MAX_FACE_THRESHOLD["yunet"] + 0.05),
+    (WEAKEST_CENTERFACE, "face_threshold", anonymize.MAX_FACE_THRESHOLD["centerface"] + 0.05),
+    (WEAKEST, "face_max_side", anonymize.MIN_FACE_MAX_SIDE - 1),
+    (WEAKEST, "face_max_side", 32),
+    (WEAKEST, "margin", anonymize.MIN_MARGIN - 0.05),
+    (WEAKEST, "margin", 0.0),
+    (WEAKEST, "hold_s", anonymize.MIN_HOLD_S - 0.1),
+    (WEAKEST, "hold_s", 0.0),
+    (WEAKEST, "plate_fraction", anonymize.MIN_PLATE_FRACTION - 0.05),
+    (WEAKEST, "plate_fraction", 0.0),
+    (WEAKEST, "head_fraction", anonymize.MIN_HEAD_FRACTION - 0.05),
+    (WEAKEST, "head_fraction", 0.0),
+    (WEAKEST, "blocks", anonymize.MAX_BLOCKS + 1),
+    (WEAKEST, "blocks", 64),
+    (WEAKEST_BLUR, "blocks", anonymize.MAX_BLUR_BLOCKS + 1),
+    (WEAKEST, "min_cell", 1),
+    (WEAKEST, "soften", -0.5),
+]
+
+
+@pytest.mark.parametrize(("base", "name", "value"), WEAKER)
+def test_weaker_anonymizer_settings_are_refused(
+    base: dict[str, object], name: str, value: object
+) -> None:
+    AnonymizerConfig.model_validate(base)  # the limit itself is allowed
+    with pytest.raises(ValidationError) as info:
+        AnonymizerConfig.model_validate({**base, name: value})
+    assert [e["loc"] for e in info.value.errors()] == [(name,)], info.value
+
+
+def test_a_camera_with_a_weakened_anonymizer_does_not_start(models: Path) -> None:
+    """The table that used to leave faces recognisable and plates untouched stops the camera
+    at start, with the camera and every weakened setting named."""
+    weak = {"blocks": 64, "min_cell": 2, "soften": 0, "margin": 0}
+    weak |= {"head_fraction": 0, "plate_fraction": 0}
+    cam = CameraSettings(id="c1", url="x.mp4", anonymizer=weak)
+    with pytest.raises(PipelineConfigError) as info:
+        CameraPipeline(cam, models)
+    message = str(info.value)
+    assert message.startswith("camera c1: anonymizer: ")
+    for name in ("blocks", "margin", "head_fraction", "plate_fraction"):
+        assert f"{name}: " in message, message
+    assert "min_cell" not in message and "soften" not in message  # allowed, measured safe
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [WEAKEST, WEAKEST_BLUR, WEAKEST_CENTERFACE],
+    ids=["pixelate", "blur", "centerface"],
+)
+def test_weakest_allowed_settings_still_hide_every_face(
+    settings: dict[str, object], models: Path
+) -> None:
+    """The limits' own measurement, all of them at once: every frame of the GIFs with a face
+    in each, no object boxes (the face layer alone, no head backstop), no face found after."""
+    for name in FACES_EVERYWHERE:
+        anonymizer = Anonymizer(AnonymizerConfig.model_validate(settings), models)
+        raw: list[Frame] = []
+        anon: list[Frame] = []
+        for _i, t, frame in frames_of(video(name)):
+            raw.append(frame.copy())
+            anon.append(anonymizer.apply(frame, Detections.empty(), t))
+        before = attack_frames(raw, plates=False)
+        after = attack_frames(anon, plates=False)
+        print(f"\n{name}: raw {before.summary()} | anonymized {after.summary()}")
+        assert before.face_frames == before.frames, "attack too weak"
+        assert after.faces == [], after.faces[:10]
+
+
+def in_person_boxes(faces: list[Box], persons: F32) -> F32:
+    """The ``faces`` whose centre lies inside one of the ``persons`` boxes (xyxy)."""
+    out = np.zeros((0, 4), np.float32)
+    p = persons
+    for box in faces:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        if ((p[:, 0] <= cx) & (cx <= p[:, 2]) & (p[:, 1] <= cy) & (cy <= p[:, 3])).any():
+            out = np.vstack([out, np.array([box], np.float32)])
+    return out
+
+
+def test_head_backstop_alone_hides_faces_at_its_weakest(coco: ObjectDetector, models: Path) -> None:
+    """With a face detector that finds nothing (it sees the frame 32 px wide), the top
+    ``MIN_HEAD_FRACTION`` of the tracked person boxes still hides every face that lies in one,
+    on people walking towards the camera. A face counts as found again when the attacker
+    finds a box over it after anonymization (IoU >= 0.3): elsewhere CenterFace scores a shirt
+    pattern 0.42 in one frame, which hides nothing."""
+    anonymizer = Anonymizer(AnonymizerConfig.model_validate(WEAKEST), models)
+    anonymizer.faces = YuNet({"max_side": 32, "threads": 1}, models)
+    tracker = ByteTracker()
+    faces = 0
+    for _i, t, frame in frames_of(video("face-demographics-walking.gif")):
+        objects = tracker.update(coco.detect(frame), t)
+        assert len(anonymizer.faces.detect(frame)) == 0
+        raw = in_person_boxes(find_faces(frame), objects[objects.class_id == PERSON].xyxy)
+        after = np.array(find_faces(anonymizer.apply(frame, objects, t)), np.float32)
+        faces += len(raw)
+        if len(raw) and len(after):
+            assert box_iou(raw, after.reshape(-1, 4)).max() < 0.3, (t, raw, after)
+    assert faces >= 30, "too few faces in person boxes for the test to mean anything"
 
 
 # --- the anonymizer's regions ------------------------------------------------------------
@@ -333,8 +470,11 @@ def plated_frames(coco: ObjectDetector) -> list[tuple[Frame, list[str]]]:
     return out
 
 
+@pytest.mark.parametrize(
+    "settings", [{}, WEAKEST, WEAKEST_BLUR], ids=["default", "weakest", "weakest-blur"]
+)
 def test_synthetic_plates_are_read_raw_and_never_after_anonymization(
-    coco: ObjectDetector, models: Path
+    settings: dict[str, object], coco: ObjectDetector, models: Path
 ) -> None:
     frames = plated_frames(coco)
     rendered = [t for _, ts in frames for t in ts]
@@ -345,7 +485,8 @@ def test_synthetic_plates_are_read_raw_and_never_after_anonymization(
         raw = {compact(t) for t in read_texts(frame)}
         read_raw += sum(compact(t) in raw for t in texts)
         objects = coco.detect(frame)  # what the pipeline would see: the plated frame
-        anonymized = Anonymizer(AnonymizerConfig(), models).apply(frame.copy(), objects, 0.0)
+        config = AnonymizerConfig.model_validate(settings)
+        anonymized = Anonymizer(config, models).apply(frame.copy(), objects, 0.0)
         after = read_texts(anonymized)
         # no plate-like string at all, and no fragment of a rendered plate (3+ characters)
         read_anon += [t for t in after if plate_like(t)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from cityward.api.app import create_app
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.config import Settings
+from cityward.vision.worker import SOURCE_FILE
 from tests.conftest import shared_path
 from tests.vision.attack import attack_frames
 
@@ -159,8 +160,11 @@ def test_alert_snapshots_are_small_anonymized_jpegs(
         img = cv2.imread(str(path))
         assert img is not None and img.shape[1] <= 320
         images.append(np.asarray(img, np.uint8))
-    stored = list((data / "vision" / "snapshots").rglob("*"))
-    assert {p for p in stored if p.is_file()} == {data / a["snapshot"]["value"] for a in alerts}
+    stored = [p for p in (data / "vision" / "snapshots").rglob("*") if p.is_file()]
+    # besides the snapshots, only each camera's record of its source (for the purge)
+    markers = [p for p in stored if p.name == SOURCE_FILE]
+    assert [(p.parent.name, p.read_text()) for p in markers] == [("street-1", "traffic-cameras\n")]
+    assert set(stored) - set(markers) == {data / a["snapshot"]["value"] for a in alerts}
     report = attack_frames(images)
     assert report.faces == [] and report.plates == [], report.summary()
 
@@ -177,6 +181,83 @@ def test_snapshots_past_the_retention_are_deleted(tmp_path: Path) -> None:
     os.utime(old, (1_000_000, 1_000_000))
     assert store.purge() == 1
     assert not old.exists() and new.exists()
+
+
+def test_the_purge_reaches_every_camera_folder(tmp_path: Path) -> None:
+    """Snapshots of cameras no longer configured are purged too: with the retention of the
+    source recorded in their folder while it is declared, else with the shortest camera
+    retention; temporary files a crash left are deleted; nothing else under the root is."""
+    from cityward.vision.emitter import SnapshotStore
+    from cityward.vision.settings import VisionSettings
+    from cityward.vision.worker import STALE_TMP_S, VisionWorker
+
+    day = 86400.0
+    now = 2_000_000_000.0
+    root = tmp_path / "data" / "vision" / "snapshots"
+    declared = {"traffic-cameras": 30 * day, "long-cams": 90 * day, "short-cams": 7 * day}
+
+    class Sink:
+        """Keeps what it is given (the purge gives it nothing)."""
+
+        def __init__(self) -> None:
+            self.entities: list[Any] = []
+
+        def put(self, entities: Sequence[Any], *, urgent: bool = False) -> None:
+            self.entities.extend(entities)
+
+    sink = Sink()
+
+    def worker(cameras: dict[str, str], retention: dict[str, float]) -> VisionWorker:
+        settings = VisionSettings.model_validate(
+            {"cameras": [{"id": c, "url": "x.mp4", "source": s} for c, s in cameras.items()]}
+        )
+        return VisionWorker(settings, sink, snapshots_root=root, retention_s=retention.__getitem__)
+
+    store = SnapshotStore(root, 30 * day)
+    img = np.full((120, 160, 3), 128, np.uint8)
+    ages = {"10d": 10 * day, "40d": 40 * day, "100d": 100 * day}
+    folders = ("kept", "gone-long", "gone-dropped", "never-recorded")
+    saved = [root.parent / store.save(c, a, img) for c in folders for a in ages]
+    # yesterday's configuration: the purge records each camera's source in its folder
+    before = {"kept": "traffic-cameras", "gone-long": "long-cams", "gone-dropped": "dropped"}
+    assert worker(before, {**declared, "dropped": 60 * day}).purge_snapshots() == 0
+    for path in saved:
+        os.utime(path, (now - ages[path.stem], now - ages[path.stem]))
+    assert (root / "gone-long" / SOURCE_FILE).read_text() == "long-cams\n"
+    assert not (root / "never-recorded" / SOURCE_FILE).exists()  # a folder of an older version
+    # what must survive: not ours, or not a snapshot
+    old = (now - 400 * day, now - 400 * day)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    keep = [root / "README.jpg", root / ".trash" / "a.jpg", root / "kept" / "sub" / "a.jpg"]
+    keep += [root / "kept" / "notes.txt", outside / "a.jpg", root / "kept" / "fresh.tmp"]
+    for path in keep:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+        os.utime(path, old)
+    os.utime(root / "kept" / "fresh.tmp", (now - 10, now - 10))  # being written right now
+    (root / "linked").symlink_to(outside)
+    (root / "kept" / "link.jpg").symlink_to(outside / "a.jpg")
+    crashed = root / "gone-long" / "crashed.tmp"
+    crashed.write_bytes(b"x")
+    os.utime(crashed, (now - STALE_TMP_S - 1, now - STALE_TMP_S - 1))
+
+    # today: two cameras removed, "dropped" no longer declared, a 7-day camera source added
+    today = worker({"kept": "traffic-cameras", "new": "short-cams"}, declared)
+    assert today.purge_snapshots(now) == 2 + 1 + 3 + 3 + 1
+
+    def left(cam: str) -> list[str]:
+        return sorted(p.stem for p in (root / cam).glob("*.jpg") if not p.is_symlink())
+
+    assert left("kept") == ["10d"]  # its source: 30 days
+    assert left("gone-long") == ["10d", "40d"]  # the recorded source, still declared: 90 days
+    assert left("gone-dropped") == []  # recorded source gone: the shortest, 7 days
+    assert left("never-recorded") == []  # no record: the shortest
+    assert not crashed.exists()
+    assert all(p.exists() for p in keep)
+    assert (root / "kept" / "link.jpg").is_symlink()
+    assert today.purge_snapshots(now) == 0
+    assert sink.entities == []
 
 
 def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
@@ -230,6 +311,18 @@ def test_missing_model_and_bad_rule_are_clear_errors(tmp_path: Path) -> None:
     proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
     assert proc.returncode == 2
     assert "camera street-1" in proc.stdout and "line" in proc.stdout
+
+
+def test_a_weakened_anonymizer_stops_the_worker_at_start(tmp_path: Path) -> None:
+    video = shared_path("data", "vision", "videos", "people-detection.gif")
+    models = shared_path("data", "vision", "models")
+    weak = {"plate_fraction": 0, "blocks": 64}
+    config = _config(tmp_path, models, video, anonymizer=weak)
+    proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())  # the console wraps long lines
+    assert "camera street-1: anonymizer: plate_fraction: " in out, out
+    assert "blocks: Input should be less than or equal to 4" in out, out
 
 
 def test_two_workers_share_cameras_and_take_over_a_killed_ones(tmp_path: Path) -> None:

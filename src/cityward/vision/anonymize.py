@@ -27,6 +27,11 @@ softened over 2 cells with a 0.4 margin left no detector above 0.28 anywhere in 
 larger margin keeps the patch's own edge away from the head outline). Text on a plate is far
 below one cell.
 
+**No configuration can weaken hiding below what was measured to work.** Each setting that
+could make the hiding weaker has a limit (the constants below, each with its measurement); a
+weaker value is refused with a validation error naming the setting. The weakest allowed
+settings all together are checked by ``tests/vision/test_privacy.py``.
+
 The frame is **modified in place** and returned (a copy would cost a full-frame write per
 frame for nothing); pass ``frame.copy()`` to keep the original.
 
@@ -46,7 +51,7 @@ from typing import Any, Literal
 import cv2
 import numpy as np
 import numpy.typing as npt
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cityward.vision.detections import PERSON, VEHICLES, Detections, box_iou
 from cityward.vision.faces import REGISTRY, FaceDetector
@@ -55,8 +60,55 @@ Frame = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
 
 
+# The weakest settings a configuration may choose. Measured with the attacker of
+# tests/vision/attack.py (YuNet >= 0.5 and CenterFace >= 0.4 over the whole frame) on every
+# frame of the two shared face GIFs (head-pose-face-detection-female-and-male.gif and
+# face-demographics-walking.gif: 91 frames, the attacker finds a face in every raw one), with
+# no object boxes (the face layer alone) and every other setting at its default: one setting
+# was made weaker step by step until the attacker found a face, and the limit is at least one
+# step short of that (the margin). "n frames" below: anonymized frames with a face found.
+
+#: pixelate: cells across a hidden region. No face up to 5 cells; 6: CenterFace in 3 frames,
+#: 10: YuNet in 1, 16: YuNet in 47, 24 and more: in all; 5 cells with a 0.3 margin: 1.
+MAX_BLOCKS = 4
+#: blur: the gaussian is 2 cells wide, so fewer cells is a wider blur. No face up to 3 cells;
+#: 4 (the pixelate default): CenterFace in 3 frames; 6: 18; 8: YuNet in 19.
+MAX_BLUR_BLOCKS = 2
+#: face boxes grown by this much on every side: no face down to 0.3; 0.2: CenterFace in 2
+#: frames; 0.1: 15; 0: YuNet in 15, CenterFace in 24.
+MIN_MARGIN = 0.4
+#: the anonymizer's own face threshold, per detector (their scores are not on one scale).
+#: yunet: no face up to 0.8 (0.7 with no hold at all); 0.9: 63 frames; 0.95: all.
+#: centerface: no face up to 0.5 (with no hold: 1 frame); 0.6 and 0.7: 5; 0.8: 31.
+MAX_FACE_THRESHOLD = {"yunet": 0.6, "centerface": 0.45}
+#: shrinking the frame before face detection (0: never). The 480-px frames shrunk to 240:
+#: no face; 200: 5 frames; 160: 25; 128: 35; to 320 with yunet at 0.7: 1. Twice the smallest
+#: that worked.
+MIN_FACE_MAX_SIDE = 480
+#: the hold, measured where it matters, at yunet 0.8 (the highest threshold that still hid
+#: every face): no hold: 4 frames; 0.1 s: 1; 0.25 s: none. Twice that.
+MIN_HOLD_S = 0.5
+#: the head backstop alone (the face detector blind) over tracked YOLOX person boxes: frames
+#: where a face the attacker finds raw inside a person box is found again (IoU >= 0.3).
+#: face-demographics-walking.gif (people walking towards the camera, 34 of 35 frames with
+#: such a face): 0.15: 12 frames; 0.2: 1; 0.22 (the old default): none, so the default is
+#: now 0.3. one-by-one-person-detection.mp4 (every 7th frame): none from 0.15 (mostly seen
+#: from behind). On the close-up head-pose GIF the person box is the upper body and a fraction
+#: of 0.4 would be needed: there the face detector, which finds every face, hides them.
+MIN_HEAD_FRACTION = 0.25
+#: the plate band, measured as tests/vision/test_privacy.py's synthetic plates (every 5th
+#: frame of the street clip with a large car: 33 plates, all read raw by RapidOCR): plate
+#: strings read after anonymization at 0.25: 32; 0.3: 21; 0.35: 4; 0.4: none.
+MIN_PLATE_FRACTION = 0.5
+# soften (down to 0) and min_cell (down to 2) need no limit beyond their ranges: with blocks
+# and margin at their limits, soften 0 and min_cell 2 hid every face, and no plate was read
+# even with 64 hard-edged cells (min_cell 2, soften 0): the plate band is the vehicle's full
+# width, so even then a cell is about two thirds of a character's height.
+
+
 class AnonymizerConfig(BaseModel):
-    """How faces and plates are hidden."""
+    """How faces and plates are hidden. Settings that could weaken the hiding are limited
+    (the ``MAX_``/``MIN_`` constants above, each with its measurement)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -64,48 +116,53 @@ class AnonymizerConfig(BaseModel):
     face_threshold: float | None = Field(
         default=None,
         ge=0.05,
-        le=0.95,
         description="Face detector score threshold; None: the detector's own default, tuned "
-        "for recall (yunet 0.55, centerface 0.4).",
+        "for recall (yunet 0.55, centerface 0.4). At most yunet "
+        f"{MAX_FACE_THRESHOLD['yunet']}, centerface {MAX_FACE_THRESHOLD['centerface']}.",
     )
     face_max_side: int = Field(
         default=0,
         ge=0,
         le=4096,
-        description="Shrink the frame to this longer side before face detection (0: full).",
+        description="Shrink the frame to this longer side before face detection (0: full; "
+        f"else at least {MIN_FACE_MAX_SIDE}).",
     )
     threads: int = Field(
         default=0, ge=0, le=64, description="ONNX Runtime threads (0: one per core)."
     )
     margin: float = Field(
         default=0.4,
-        ge=0.0,
+        ge=MIN_MARGIN,
         le=1.0,
         description="Face boxes grow by this much of their size on every side.",
     )
     hold_s: float = Field(
         default=1.0,
-        ge=0.0,
+        ge=MIN_HOLD_S,
         le=30.0,
         description="Keep hiding a face this long after it was last detected.",
     )
     plate_fraction: float = Field(
         default=0.55,
-        ge=0.0,
+        ge=MIN_PLATE_FRACTION,
         le=1.0,
-        description="Hide the bottom part of every vehicle box, full width (0: plates not hidden).",
+        description="Hide the bottom part of every vehicle box, full width.",
     )
     head_fraction: float = Field(
-        default=0.22,
-        ge=0.0,
+        default=0.3,
+        ge=MIN_HEAD_FRACTION,
         le=1.0,
-        description="Hide the top part of every person box (0: no head backstop).",
+        description="Hide the top part of every person box, whatever the face detector says.",
     )
     method: Literal["pixelate", "blur"] = Field(
         default="pixelate", description="pixelate (cells, then softened) or a heavy gaussian."
     )
     blocks: int = Field(
-        default=4, ge=2, le=64, description="Cells across a hidden region's longer side."
+        default=4,
+        ge=2,
+        le=MAX_BLOCKS,
+        description="Cells across a hidden region's longer side (blur: at most "
+        f"{MAX_BLUR_BLOCKS}).",
     )
     min_cell: int = Field(default=6, ge=2, le=64, description="Smallest cell (px).")
     soften: float = Field(
@@ -114,6 +171,41 @@ class AnonymizerConfig(BaseModel):
         le=4.0,
         description="Box blur over the cells, in cells (removes the cell edges).",
     )
+
+    @field_validator("face_threshold")
+    @classmethod
+    def _threshold(cls, value: float | None, info: ValidationInfo) -> float | None:
+        detector = info.data.get("face_detector")
+        if value is None or not isinstance(detector, str):
+            return value
+        # a detector with no measured limit gets the strictest one: its scale is unknown
+        limit = MAX_FACE_THRESHOLD.get(detector, min(MAX_FACE_THRESHOLD.values()))
+        if value > limit:
+            raise ValueError(
+                f"{value} is above {limit}, the highest {detector} threshold that still "
+                "finds every face to hide"
+            )
+        return value
+
+    @field_validator("face_max_side")
+    @classmethod
+    def _max_side(cls, value: int) -> int:
+        if 0 < value < MIN_FACE_MAX_SIDE:
+            raise ValueError(
+                f"{value} px is too small for the face detector to find small faces: 0 (full "
+                f"size) or at least {MIN_FACE_MAX_SIDE}"
+            )
+        return value
+
+    @field_validator("blocks")
+    @classmethod
+    def _blocks(cls, value: int, info: ValidationInfo) -> int:
+        if info.data.get("method") == "blur" and value > MAX_BLUR_BLOCKS:
+            raise ValueError(
+                f"method blur needs at most {MAX_BLUR_BLOCKS} blocks (a wider blur): with "
+                f"{value} a face detector still finds the blurred faces"
+            )
+        return value
 
 
 @dataclass

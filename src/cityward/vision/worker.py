@@ -21,10 +21,17 @@ from typing import Any
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.emitter import CameraEmitter, Sink, SnapshotStore
 from cityward.vision.pipeline import CameraPipeline, StageClock, make_detector
-from cityward.vision.settings import CameraSettings, VisionSettings
+from cityward.vision.settings import _CAMERA_ID, CameraSettings, VisionSettings
 from cityward.vision.source import SourceError, VideoSource, is_stream
 
 log = logging.getLogger("cityward.vision.worker")
+
+#: in each camera's snapshot folder: the governance source of the camera, so that its
+#: snapshots keep that source's retention once the camera is no longer configured
+SOURCE_FILE = ".source"
+#: a snapshot is written to ``<name>.tmp`` and renamed at once (:meth:`SnapshotStore.save`):
+#: a temporary file older than this was left by a crash mid-write
+STALE_TMP_S = 600.0
 
 
 @dataclass
@@ -145,7 +152,11 @@ class CameraRunner:
 
 
 class VisionWorker:
-    """Runs the cameras this worker is given (by the leaser, or all of them)."""
+    """Runs the cameras this worker is given (by the leaser, or all of them).
+
+    ``snapshots_root``: where the alerts' snapshots go (``<root>/<camera>/``), None for none;
+    ``retention_s``: a governance source's retention in seconds, raising KeyError for a
+    source that is not declared (default: 30 days for any)."""
 
     def __init__(
         self,
@@ -192,6 +203,8 @@ class VisionWorker:
             cam = self.cameras[camera_id]
             snaps = None
             if self._snapshots_root is not None:
+                if cam.snapshots.enabled:
+                    self._record_source(self._snapshots_root / cam.id, cam.source)
                 snaps = SnapshotStore(
                     self._snapshots_root,
                     self._retention(cam.source),
@@ -230,14 +243,70 @@ class VisionWorker:
         for cid in list(self.runners):
             self.stop_camera(cid)
 
-    def purge_snapshots(self) -> int:
-        gone = 0
-        if self._snapshots_root is None:
+    def purge_snapshots(self, now: float | None = None) -> int:
+        """Delete the snapshots past their retention in every camera folder under the
+        snapshots root, the cameras' that are no longer configured included, and the
+        temporary files a crash left behind; how many files.
+
+        A configured camera's folder has its source's retention. The folder of a camera no
+        longer configured keeps the retention of the source recorded in it
+        (:data:`SOURCE_FILE`) while that source is still declared; otherwise it gets the
+        shortest retention of the camera sources this worker knows: a snapshot whose own
+        retention is unknown is kept no longer than any camera's (privacy first). Only
+        ``*.jpg`` and stale ``*.tmp`` files directly in a camera folder are deleted; anything
+        else under the root (files beside the folders, folders that no camera id can name,
+        subfolders, symbolic links) is left alone."""
+        root = self._snapshots_root
+        if root is None or not root.is_dir():
             return 0
-        for cam in self.cameras.values():
-            store = SnapshotStore(self._snapshots_root, self._retention(cam.source))
-            gone += store.purge(camera_id=cam.id)
+        now = time.time() if now is None else now
+        # the shortest retention of any source a camera uses, or the default one
+        sources = {c.source for c in self.cameras.values()}
+        sources.add(str(CameraSettings.model_fields["source"].default))
+        known = [r for r in (self._retention_of(s) for s in sources) if r is not None]
+        shortest = min(known, default=None)
+        gone = 0
+        for folder in sorted(root.iterdir()):
+            if folder.is_symlink() or not folder.is_dir() or not _CAMERA_ID.fullmatch(folder.name):
+                continue
+            cam = self.cameras.get(folder.name)
+            if cam is not None:
+                self._record_source(folder, cam.source)
+                retention = self._retention_of(cam.source)
+            else:
+                recorded = self._recorded_source(folder)
+                retention = self._retention_of(recorded) if recorded else None
+            retention = shortest if retention is None else retention
+            if retention is None:
+                log.warning("snapshots %s: no retention is known, nothing purged", folder)
+            gone += _purge_folder(folder, now, retention)
         return gone
+
+    def _retention_of(self, source: str) -> float | None:
+        """The retention of a governance source in seconds; None when it is not declared."""
+        try:
+            return self._retention(source)
+        except KeyError:
+            return None
+
+    @staticmethod
+    def _record_source(folder: Path, source: str) -> None:
+        path = folder / SOURCE_FILE
+        try:
+            if path.is_file() and path.read_text("utf-8").strip() == source:
+                return
+            folder.mkdir(parents=True, exist_ok=True)
+            path.write_text(source + "\n", "utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            # not fatal: the purge then falls back to the shortest camera retention
+            log.warning("snapshots %s: cannot record the source: %s", folder, exc)
+
+    @staticmethod
+    def _recorded_source(folder: Path) -> str | None:
+        try:
+            return (folder / SOURCE_FILE).read_text("utf-8").strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
 
     def status_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
@@ -264,3 +333,24 @@ class VisionWorker:
             }
             rows.append(row)
         return rows
+
+
+def _purge_folder(folder: Path, now: float, retention_s: float | None) -> int:
+    """Delete the snapshots in ``folder`` older than ``retention_s`` (None: none of them)
+    and its stale temporary files; how many."""
+    gone = 0
+    for path in folder.iterdir():
+        if path.suffix == ".jpg" and retention_s is not None:
+            limit = retention_s
+        elif path.suffix == ".tmp":
+            limit = STALE_TMP_S
+        else:
+            continue
+        try:
+            if path.is_symlink() or not path.is_file() or now - path.stat().st_mtime <= limit:
+                continue
+            path.unlink()
+            gone += 1
+        except FileNotFoundError:  # another worker's purge, or the rename, was first
+            continue
+    return gone
