@@ -168,3 +168,60 @@ def test_temporal_writes(client: TestClient) -> None:
     assert r.status_code == 400
     r = client.post(T, json={"id": V9, "speed": speed(1, TIMES[0])})
     assert r.status_code == 400 and r.json()["field"] == "type"
+
+
+LAST = "9999-12-31T23:59:59.999999Z"
+
+
+def aggregated(client: TestClient, eid: str, **params: str) -> dict[str, Any]:
+    r = client.get(f"{T}/{eid}", params={"options": "aggregatedValues", **params})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def test_periods_past_9999_end_at_the_last_time(client: TestClient) -> None:
+    # A period that would end after 9999-12-31T23:59:59.999999Z ends there (and holds the
+    # instances up to that time); one that would start before 0001-01-01 starts there.
+    # SQLite left the attribute out, PostgreSQL answered 500, both 500 for P1D.
+    early = [speed(1, "2024-01-01T00:00:00Z"), speed(2, "2024-02-01T00:00:00Z")]
+    late = [speed(3, "9999-12-31T12:00:00Z"), speed(4, LAST)]
+    for eid, insts in (("urn:h:1", early), ("urn:h:2", late)):
+        r = client.post(T, json={"id": eid, "type": "H", "speed": insts})
+        assert r.status_code == 201, r.text
+    count = {"aggrMethods": "totalCount"}
+    got = aggregated(client, "urn:h:1", aggrPeriodDuration="P8000Y", **count)
+    assert got["speed"]["totalCount"] == [[2, "2024-01-01T00:00:00.000000Z", LAST]]
+    for period in ("P1D", "P1M", "PT13H"):
+        got = aggregated(client, "urn:h:2", aggrPeriodDuration=period, **count)
+        assert got["speed"]["totalCount"] == [[2, "9999-12-31T12:00:00.000000Z", LAST]], period
+    before = {"timerel": "before", "timeAt": "2024-06-01T00:00:00Z"}
+    for period in ("P8000Y", "P3650000D"):
+        got = aggregated(client, "urn:h:1", aggrPeriodDuration=period, **before, **count)
+        assert got["speed"]["totalCount"] == [
+            [2, "0001-01-01T00:00:00.000000Z", "2024-06-01T00:00:00.000000Z"]
+        ], period
+
+
+def test_totals_past_the_double_range_are_null(client: TestClient) -> None:
+    # sum and sumsq past ±1.8e308 are null; avg and stddev lie within the values' range and
+    # are given. PostgreSQL answered 500 (NumericValueOutOfRange), SQLite null for all four.
+    times = ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"]
+    body = {"id": "urn:h:3", "type": "H", "speed": [speed(1e308, t) for t in times]}
+    assert client.post(T, json=body).status_code == 201
+    got = aggregated(client, "urn:h:3", aggrMethods="sum,avg,stddev,sumsq,max,totalCount")
+    span = ["2024-01-01T00:00:00.000000Z", "2024-01-02T00:00:00.000000Z"]
+    assert got["speed"] == {
+        "type": "Property",
+        "sum": [[None, *span]],
+        "avg": [[1e308, *span]],
+        "stddev": [[0.0, *span]],
+        "sumsq": [[None, *span]],
+        "max": [[1e308, *span]],
+        "totalCount": [[2, *span]],
+    }
+    # a value whose square underflows: PostgreSQL answered 500 (underflow) for sumsq
+    body = {"id": "urn:h:4", "type": "H", "speed": [speed(1e-200, t) for t in times]}
+    assert client.post(T, json=body).status_code == 201
+    got = aggregated(client, "urn:h:4", aggrMethods="sum,sumsq")
+    assert got["speed"]["sum"] == [[2e-200, *span]] and got["speed"]["sumsq"] == [[0.0, *span]]

@@ -15,6 +15,7 @@ from cityward.bank.jsonld import Context
 from cityward.bank.model import SYSTEM_MEMBERS, check_attr_name, check_type_name, is_uri
 from cityward.bank.query import (
     And,
+    Match,
     Or,
     QExpr,
     TypeAnd,
@@ -27,6 +28,7 @@ from cityward.bank.query.sqlgen import (
     Conjunct,
     attrs_conjunct,
     q_conjuncts,
+    regex_condition,
     scope_conjuncts,
     type_conjuncts,
 )
@@ -238,15 +240,11 @@ def compile_filter(
         )
     elif f.id_pattern is not None:
         try:
-            re.compile(f.id_pattern)
-        except re.error as exc:
+            spec.add(*regex_condition("e.eid", f.id_pattern, dialect))
+        except re.error as exc:  # RegexNotPortable says what the portable subset lacks
             raise BadRequestData(
-                f"idPattern is not a valid regex: {exc}", field="idPattern"
+                f"idPattern is not a valid pattern: {exc}", field="idPattern"
             ) from exc
-        if dialect == "sqlite":
-            spec.add("regexp(?, e.eid)", [f.id_pattern])
-        else:
-            spec.add("e.eid ~ ?", [f.id_pattern])
     if f.attrs:
         spec.conjuncts.append(attrs_conjunct(f.attrs, dialect))
     if q is not None:
@@ -256,6 +254,19 @@ def compile_filter(
     if gq is not None:
         spec.geo = gq
         spec.geo_path = ctx.expand(gq.geoproperty)
+
+
+def pattern_field(f: EntityFilter) -> str | None:
+    """The parameter holding the filter's regular expressions (q first), or None."""
+    if f.q is not None and _has_match(parse_q(f.q)):
+        return "q"
+    return "idPattern" if f.id_pattern is not None and f.id is None else None
+
+
+def _has_match(q: QExpr) -> bool:
+    if isinstance(q, And | Or):
+        return any(_has_match(item) for item in q.items)
+    return isinstance(q, Match)
 
 
 def _names_attribute(q: QExpr) -> bool:

@@ -74,6 +74,21 @@ def store_refused(exc: BaseException) -> StoreRefused | None:
     return None
 
 
+def pattern_refused(exc: BaseException, field: str) -> BadRequestData | None:
+    """A BadRequestData on ``field`` (q or idPattern) for PostgreSQL refusing a regular
+    expression, else None.
+
+    Patterns are held to a subset that PostgreSQL takes (qlang.portable_regex), so this is a
+    second line of defence: a refusal the subset did not foresee is still the client's 400.
+    """
+    import psycopg
+
+    if isinstance(exc, psycopg.errors.InvalidRegularExpression):
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return BadRequestData(f"the store cannot run the pattern in {field}: {why}", field=field)
+    return None
+
+
 class AlreadyExists(NgsiError):
     name = "AlreadyExists"
     status = 409

@@ -18,11 +18,10 @@ from cityward.bank.temporal import (
     HistoryInstance,
     HistoryRow,
     TemporalQuery,
-    aggregate_sql,
+    aggregates,
     copy_postgres,
     create_postgres,
     create_sqlite,
-    decode_aggregates,
     decode_instances,
     ensure_partitions,
     insert_sqlite,
@@ -75,8 +74,7 @@ class HistoryDb:
     def aggregate(
         self, q: TemporalQuery, pks: Sequence[int], attrs: Sequence[str] | None = None
     ) -> list[AggregateBucket]:
-        sql, params = aggregate_sql(self.dialect, q, pks, attrs)
-        return decode_aggregates(self.dialect, q, self.fetch(sql, params))
+        return aggregates(self.fetch, self.dialect, q, pks, attrs)
 
 
 def sqlite_db(path: Path) -> sqlite3.Connection:

@@ -7,6 +7,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from fractions import Fraction
 from typing import Any
 
 import orjson
@@ -25,7 +26,7 @@ def us(text: str) -> int:
 
 def iso(micros: int) -> str:
     dt = EPOCH + timedelta(microseconds=micros)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return f"{dt.year:04d}" + dt.strftime("-%m-%dT%H:%M:%S.%fZ")  # %Y does not pad year 1
 
 
 @dataclass
@@ -85,9 +86,18 @@ def instances(
     return out
 
 
+# the first and last times the bank holds; a period past either is cut there (docs/api.md)
+FIRST = us("0001-01-01T00:00:00Z")
+LAST = us("9999-12-31T23:59:59.999999Z")
+
+
 def add_months(micros: int, n: int) -> int:
     dt = EPOCH + timedelta(microseconds=micros)
     y, m = divmod(dt.year * 12 + dt.month - 1 + n, 12)
+    if y > 9999:
+        return LAST + 1
+    if y < 1:
+        return FIRST
     day = min(dt.day, calendar.monthrange(y, m + 1)[1])
     moved = dt.replace(year=y, month=m + 1, day=day)
     return (moved - EPOCH) // timedelta(microseconds=1)
@@ -108,7 +118,17 @@ def bucket(t: int, origin: int, q: TemporalQuery) -> tuple[int, int]:
     return add_months(origin, k * period.months), add_months(origin, (k + 1) * period.months)
 
 
+def _double(x: Fraction) -> float | None:
+    """An exact value as a double; None past the double range (JSON has no infinity)."""
+    try:
+        return float(x)
+    except OverflowError:
+        return None
+
+
 def methods(recs: list[Rec], names: tuple[str, ...]) -> dict[str, Any]:
+    """The aggregates of exact arithmetic: sum and sumsq are None past the double range, avg
+    and stddev (within the values' range) never are."""
     nums = [x for x in (r.num() for r in recs) if x is not None]
     out: dict[str, Any] = {}
     for m in names:
@@ -119,9 +139,9 @@ def methods(recs: list[Rec], names: tuple[str, ...]) -> dict[str, Any]:
         elif not nums:
             out[m] = None
         elif m == "sum":
-            out[m] = math.fsum(nums)
+            out[m] = _double(sum(map(Fraction, nums), Fraction(0)))
         elif m == "avg":
-            out[m] = math.fsum(nums) / len(nums)
+            out[m] = float(sum(map(Fraction, nums), Fraction(0)) / len(nums))
         elif m == "min":
             out[m] = min(nums)
         elif m == "max":
@@ -129,7 +149,7 @@ def methods(recs: list[Rec], names: tuple[str, ...]) -> dict[str, Any]:
         elif m == "stddev":
             out[m] = statistics.pstdev(nums)
         elif m == "sumsq":
-            out[m] = math.fsum(x * x for x in nums)
+            out[m] = _double(sum((Fraction(x) ** 2 for x in nums), Fraction(0)))
     return out
 
 
@@ -160,8 +180,8 @@ def aggregate(
                 last = max(r.times[prop] for r in members)
                 start, end = (first if lo is None else lo), (last if hi is None else hi)
             else:
-                start = s if lo is None else max(s, lo)
-                end = t if hi is None else min(t, hi)
+                start = max(s if lo is None else max(s, lo), FIRST)
+                end = min(t if hi is None else min(t, hi), LAST)
             out.append((e, iri, ds, iso(start), iso(end), methods(members, q.aggr_methods)))
     return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from typing import Any
 
@@ -269,6 +270,61 @@ def test_stddev_of_large_values(db: HistoryDb) -> None:
     assert abs(stddev - statistics.pstdev(deltas)) < 1e-9
 
 
+DBL_MAX = 1.7976931348623157e308
+HUGE: list[tuple[list[float], dict[str, float | None]]] = [  # values: some of the answers
+    ([1e308, 1e308], {"sum": None, "avg": 1e308, "stddev": 0.0, "sumsq": None}),
+    ([1e308, 1e308, -1e308], {"sum": 1e308, "avg": 1e308 / 3, "sumsq": None}),
+    ([1e200, -1e200], {"sum": 0.0, "avg": 0.0, "stddev": 1e200, "sumsq": None}),
+    ([-DBL_MAX, DBL_MAX], {"sum": 0.0, "avg": 0.0, "stddev": DBL_MAX, "sumsq": None}),
+    ([DBL_MAX, DBL_MAX, DBL_MAX], {"sum": None, "avg": DBL_MAX, "max": DBL_MAX}),
+    ([1.4e154, 1.4e154], {"sumsq": None, "sum": 2.8e154, "stddev": 0.0}),
+    ([9e153, 9e153], {"sumsq": 1.62e308}),
+    ([1e-200, 3e-200], {"sumsq": 0.0, "sum": 4e-200}),  # x * x underflows: PostgreSQL failed
+]
+
+
+@pytest.mark.parametrize(("values", "expected"), HUGE, ids=[str(v) for v, _ in HUGE])
+def test_totals_past_the_double_range(
+    db: HistoryDb, values: list[float], expected: dict[str, float | None]
+) -> None:
+    # A sum or sumsq beyond ±1.8e308 is null (JSON has no infinity); avg and stddev, which lie
+    # within the values' range, are given. PostgreSQL failed (NumericValueOutOfRange), SQLite
+    # gave infinity, also for avg and stddev.
+    recs = store(db, series(values))
+    for q in (agg(), agg(aggrPeriodDuration="PT1H")):
+        (bucket,) = check_aggregates(db, recs, q, [1])
+        for method, value in expected.items():
+            got = {str(k): v for k, v in bucket.values.items()}
+            assert ref.close(got[method], value), (method, got)
+
+
+def test_one_overflowing_period_leaves_the_others_alone(db: HistoryDb) -> None:
+    # Only a response with an overflow is computed again; its other periods keep their
+    # answers (to the last bit on SQLite; PostgreSQL's exact sums may round the last bit
+    # differently), tiny values included.
+    small = [0.1, 0.2, 0.3, 1e-300, 5e-324, 1e-160]
+    specs = [{"obs": BASE, "value": 1e308}, {"obs": BASE + MIN, "value": 1e308}]
+    specs += [{"obs": BASE + (i + 1) * HOUR, "value": v} for i, v in enumerate(small)]
+    specs += series(small, e=2)  # all in one period of another entity
+    recs = store(db, specs)
+    q = agg(aggrPeriodDuration="PT1H")
+    found = check_aggregates(db, recs, q, [1, 2])
+    assert len(found) == 1 + len(small) + 1
+    assert found[0].values["sum"] is None and found[0].values["avg"] == 1e308
+    (alone,) = db.aggregate(q, [2])  # no overflow in this response
+    (together,) = [b for b in found if b.e == 2]
+    singles = [b for b in found if b.e == 1 and b.values["totalCount"] == 1]
+    for m in q.aggr_methods:
+        want, got = alone.values[m], together.values[m]
+        assert want is not None and got is not None
+        assert want == got if db.dialect == "sqlite" else math.isclose(want, got, rel_tol=1e-15)
+    for b in singles:
+        x, sumsq = b.values["min"], b.values["sumsq"]
+        assert isinstance(x, float) and x in small and b.values["sum"] == b.values["avg"] == x
+        assert b.values["stddev"] == 0.0 and sumsq is not None
+        assert math.isclose(sumsq, x * x, rel_tol=1e-15, abs_tol=5e-324)
+
+
 def test_row_on_a_bucket_edge_opens_the_next_bucket(db: HistoryDb) -> None:
     edge = ref.us("2024-01-10T11:00:00Z")
     recs = store(
@@ -519,6 +575,69 @@ def test_times_before_1970(db: HistoryDb) -> None:
     ):
         check_aggregates(db, recs, agg(**params), [1])
     check_instances(db, recs, parse_temporal_query({"lastN": "2"}), [1])
+
+
+END_PERIODS: list[dict[str, str]] = [
+    {"aggrPeriodDuration": "P8000Y"},
+    {"aggrPeriodDuration": "P10000Y"},
+    {"aggrPeriodDuration": "P1D"},
+    {"aggrPeriodDuration": "PT7H"},
+    {"aggrPeriodDuration": "P1M"},
+    {"aggrPeriodDuration": "P5M"},
+    {"aggrPeriodDuration": "P3650000D"},
+    {"aggrPeriodDuration": "P1D", "timerel": "after", "timeAt": "9999-12-31T23:00:00Z"},
+    {"aggrPeriodDuration": "P1M", "timerel": "after", "timeAt": "9999-12-31T23:00:00Z"},
+    {"aggrPeriodDuration": "P1Y", "timerel": "after", "timeAt": "5000-06-15T00:00:00Z"},
+    # before: periods end at timeAt and run back past 0001-01-01
+    {"aggrPeriodDuration": "P1Y", "timerel": "before", "timeAt": "0001-06-01T00:00:00Z"},
+    {"aggrPeriodDuration": "P8000Y", "timerel": "before", "timeAt": "2024-06-01T00:00:00Z"},
+    {"aggrPeriodDuration": "P10000Y", "timerel": "before", "timeAt": "9999-12-31T23:00:00Z"},
+    {"aggrPeriodDuration": "P3650000D", "timerel": "before", "timeAt": "9999-01-01T00:00:00Z"},
+    {"aggrPeriodDuration": "P30D", "timerel": "before", "timeAt": "0001-02-10T00:00:00Z"},
+    {
+        "aggrPeriodDuration": "P1D",
+        "timerel": "between",
+        "timeAt": "0001-01-01T00:00:00Z",
+        "endTimeAt": "9999-12-31T23:59:59.999999Z",
+    },
+]
+
+
+@pytest.mark.parametrize("params", END_PERIODS, ids=[" ".join(p.values()) for p in END_PERIODS])
+def test_periods_are_cut_at_the_ends_of_time(db: HistoryDb, params: dict[str, str]) -> None:
+    # A period that would end after 9999-12-31T23:59:59.999999Z ends there and holds the
+    # instances up to that last time; one that would start before 0001-01-01 starts there.
+    # Both stores failed, or dropped the attribute silently.
+    times = ["0001-01-01T00:00:00Z", "0001-03-01T00:00:00Z", "2024-01-01T00:00:00Z"]
+    times += ["2024-02-01T00:00:00Z", "9999-12-31T12:00:00Z", "9999-12-31T23:59:59.999999Z"]
+    recs = store(db, [{"obs": ref.us(t), "value": i} for i, t in enumerate(times)])
+    q = agg(**params)
+    found = check_aggregates(db, recs, q, [1])
+    # every instance of the window is in some period
+    assert sum(b.values["totalCount"] or 0 for b in found) == sum(ref.in_window(r, q) for r in recs)
+
+
+def test_last_period_ends_at_the_last_time(db: HistoryDb) -> None:
+    last = "9999-12-31T23:59:59.999999Z"
+    store(db, series([1, 2], start=ref.us("2024-01-01T00:00:00Z"), step=31 * 24 * 60 * MIN))
+    found = db.aggregate(agg(aggrMethods="totalCount", aggrPeriodDuration="P8000Y"), [1])
+    assert [(b.start, b.end, b.values) for b in found] == [
+        ("2024-01-01T00:00:00.000000Z", last, {"totalCount": 2})
+    ]
+    db.clear()
+    store(
+        db,
+        series(
+            [1, 2],
+            start=ref.us("9999-12-31T12:00:00Z"),
+            step=ref.us(last) - ref.us("9999-12-31T12:00:00Z"),
+        ),
+    )
+    for period in ("P1D", "P1M", "PT13H"):
+        found = db.aggregate(agg(aggrMethods="totalCount", aggrPeriodDuration=period), [1])
+        assert [(b.start, b.end, b.values) for b in found] == [
+            ("9999-12-31T12:00:00.000000Z", last, {"totalCount": 2})
+        ], period
 
 
 @pytest.mark.postgres

@@ -36,9 +36,15 @@ from cityward.api.params import (
     filter_from_body,
     filter_from_params,
     paging,
+    pattern_field,
 )
 from cityward.api.routes.entities import QUERY_PARAMS, page_headers
-from cityward.bank.errors import BadRequestData, OperationNotSupported, ResourceNotFound
+from cityward.bank.errors import (
+    BadRequestData,
+    OperationNotSupported,
+    ResourceNotFound,
+    pattern_refused,
+)
 from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
 from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
@@ -50,8 +56,7 @@ from cityward.bank.temporal import (
     AggregateBucket,
     HistoryInstance,
     TemporalQuery,
-    aggregate_sql,
-    decode_aggregates,
+    aggregates,
     decode_instances,
     instance_row,
     instances_sql,
@@ -169,9 +174,8 @@ def _history(
     by_entity: dict[int, dict[str, Any]] = defaultdict(dict)
     cut: tuple[str, str] | None = None
     if keys and shape == "aggregatedValues":
-        sql, params = aggregate_sql(store.dialect, tq, keys, attrs)
         grouped: dict[tuple[int, str], list[AggregateBucket]] = defaultdict(list)
-        for b in decode_aggregates(store.dialect, tq, store.select(sql, params)):
+        for b in aggregates(store.select, store.dialect, tq, keys, attrs):
             grouped[(b.e, b.iri)].append(b)
         kinds = {
             (pks[d["id"]], iri): insts[0]["type"]
@@ -238,7 +242,14 @@ async def _query(
     rt.bank.check_tenant(tenant)
 
     def run() -> tuple[list[dict[str, Any]], int | None, list[dict[str, Any]], Any]:
-        docs, total = rt.bank.store.query(tenant, spec)
+        try:
+            docs, total = rt.bank.store.query(tenant, spec)
+        except Exception as exc:  # PostgreSQL refusing a pattern is the client's 400
+            field = pattern_field(flt)
+            refused = None if field is None else pattern_refused(exc, field)
+            if refused is None:
+                raise
+            raise refused from exc
         data, cut = _history(rt.bank.store, tenant, docs, tq, shape, attrs, ctx, sys_attrs)
         return docs, total, data, cut
 

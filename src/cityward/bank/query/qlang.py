@@ -22,18 +22,21 @@ Lexing rules (the spec grammar leaves these open; they are ours):
   regex verbatim, a ``\\"`` pair does not end it) or unquoted: then the regex ends at the first
   ``;``, ``|`` or unbalanced ``)`` outside a ``[...]`` class, a ``(...)`` group or a ``\\``
   escape.  So ``name~=(a|b)c`` is one pattern, while ``name~=a|b`` is a pattern OR ``b``.
+  A pattern must be in the subset of regular expressions that Python's re and PostgreSQL
+  read alike (``portable_regex`` below); anything else is an error naming what is not allowed.
 * Linked-entity paths (``rel{attr}``) are rejected: they need join, which is not supported.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, NoReturn, TypeAlias, TypeVar, cast
+from typing import Any, Literal, NamedTuple, NoReturn, TypeAlias, TypeVar, cast
 
 from cityward.bank.errors import BadRequestData
 
@@ -577,9 +580,10 @@ class _Parser:
                 self.fail("expected a pattern")
             self.pos = i
         try:
-            re.compile(pat)
-        except re.error as exc:
-            self.fail(f"invalid pattern ({exc.msg})", start + (exc.pos or 0))
+            portable_regex(pat)
+        except re.error as exc:  # RegexNotPortable says what the portable subset lacks
+            at = start + (1 if self.text[start] == '"' else 0) + (exc.pos or 0)
+            self.fail(f"invalid pattern ({exc.msg})", at)
         return pat
 
     # -- type expressions ----------------------------------------------------------------------
@@ -708,6 +712,420 @@ def parse_scope_q(text: str) -> ScopeExpr:
     node = p.s_or()
     _done(p)
     return node
+
+
+# --- portable regular expressions --------------------------------------------------------------
+#
+# q patterns and idPattern run as Python ``re`` on SQLite (and in the in-process evaluator)
+# and as PostgreSQL's ARE engine on PostgreSQL. The two dialects read many patterns
+# differently (\b is a word boundary in one and a backspace in the other, [[:alpha:]] is a
+# class in one and two literal brackets in the other) or refuse what the other takes (named
+# groups, scoped flags). So a pattern must be written in the subset below, which is parsed
+# here and written out once per engine: no pattern reaches either engine as the client wrote
+# it. The subset, in Python's notation:
+#
+# * literal characters; ``\`` before any character that is not an ASCII letter or digit is
+#   that character; ``\n \t \r \f \v``, ``\xhh`` (exactly two hex digits), ``\uhhhh`` and
+#   ``\Uhhhhhhhh``
+# * ``.`` (any character, a newline too); ``[...]`` and ``[^...]`` with characters, ranges
+#   and ``\d \w \s`` (``]`` first, ``-`` first or last, or escaped; ``[`` escaped)
+# * ``\d \D \w \W \s \S`` in ASCII: [0-9], [0-9A-Za-z_], [ \t\n\v\f\r]
+# * ``^`` and ``\A``: the start of the text; ``$`` and ``\Z``: its very end (Python's $ would
+#   also match before a newline that ends the text); ``\b`` / ``\B``: an ASCII word boundary /
+#   none
+# * groups ``(...)``, ``(?:...)``, lookahead ``(?=...)`` and ``(?!...)``, alternation ``|``
+# * ``* + ?`` and ``{n}``, ``{n,}``, ``{n,m}`` (n <= m <= 255), each optionally lazy (``?``)
+# * ``(?i)`` at the very start: ASCII letters match either case (other letters do not fold)
+#
+# Everything else is refused, naming what is not allowed: named groups and back references,
+# lookbehind, atomic groups, other or non-leading flags, POSIX classes, \N{...}, octal
+# escapes, possessive quantifiers, {,n}, and PostgreSQL's own escapes (\m \M \y \Y); so are
+# patterns past the limits below, which PostgreSQL compiles too slowly or not at all.
+# Matching is a search (the pattern may match anywhere unless anchored) and gives the same
+# answer on both engines: tests/bank/test_regex_portable.py runs them side by side.
+
+_ASCII_ALNUM = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_Ranges: TypeAlias = tuple[tuple[int, int], ...]
+_DIGITS: _Ranges = ((0x30, 0x39),)
+_WORD: _Ranges = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
+_SPACE: _Ranges = ((0x09, 0x0D), (0x20, 0x20))
+_CLASS_ESCAPES: dict[str, _Ranges] = {"d": _DIGITS, "w": _WORD, "s": _SPACE}
+_CHAR_ESCAPES = {"n": 0x0A, "t": 0x09, "r": 0x0D, "f": 0x0C, "v": 0x0B}
+_HEX_ESCAPES = {"x": 2, "u": 4, "U": 8}
+_BOUND = re.compile(r"\{(?:[0-9]+(?:,[0-9]*)?|,[0-9]+)\}")
+MAX_REPEAT = 255  # PostgreSQL refuses larger bounds ("invalid repetition count(s)")
+# The pattern's size with every bounded repeat written out (a{3} is 3); PostgreSQL compiles
+# repeats that way and refuses large ones as "too complex" ((a{255}){255} is).
+MAX_REGEX_SIZE = 5_000
+# Assertions in a row make PostgreSQL's compile time grow exponentially: (?:\b|\B) ten times
+# over is "too complex" after half a second. Within these counts it stays in milliseconds.
+MAX_ASSERTIONS = 16
+MAX_BOUNDARIES = 8
+
+
+class RegexNotPortable(re.error):
+    """A pattern outside the subset that both stores read alike (a ``re.error``, so that
+    callers that validate with ``re.compile`` refuse it the same way)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PortableRegex:
+    """One validated pattern written for each engine; both are searches with the same answer."""
+
+    python: str  # for Python's re (SQLite's regexp() and the in-process evaluator)
+    postgres: str  # for PostgreSQL's ~, applied with COLLATE "C" (ASCII case folding)
+
+
+def _lit(cp: int) -> str:
+    """A literal character, written so that neither engine can read it as syntax."""
+    c = chr(cp)
+    if c in _ASCII_ALNUM:
+        return c
+    return f"\\u{cp:04x}" if cp <= 0xFFFF else f"\\U{cp:08x}"
+
+
+def _class(ranges: _Ranges, negated: bool = False) -> str:
+    body = "".join(_lit(lo) if lo == hi else f"{_lit(lo)}-{_lit(hi)}" for lo, hi in ranges)
+    return "[" + ("^" if negated else "") + body + "]"
+
+
+_W = _class(_WORD)
+# word boundaries spelt out with lookaround (the same text for both engines): Python's \B never
+# matches an empty text before 3.14, and both engines' \w would follow the locale
+_BOUNDARY = f"(?:(?<={_W})(?!{_W})|(?<!{_W})(?={_W}))"
+_NOT_BOUNDARY = f"(?:(?<={_W})(?={_W})|(?<!{_W})(?!{_W}))"
+
+
+class _Node(NamedTuple):
+    """A parsed piece of a pattern, written for both engines."""
+
+    py: str
+    pg: str
+    size: int  # with its repeats written out
+    empty: bool  # it can match without consuming a character
+    empty_assert: bool  # ... and then through an assertion (^ $ \A \Z \b \B, lookahead)
+
+
+class _RegexReader:
+    """Recursive descent over one pattern, writing both engines' texts as it goes."""
+
+    def __init__(self, text: str) -> None:
+        self.t = text
+        self.n = len(text)
+        self.i = 0
+        self.depth = 0
+        self.assertions = 0
+        self.boundaries = 0
+
+    def fail(self, msg: str, pos: int | None = None) -> NoReturn:
+        raise RegexNotPortable(msg, self.t, self.i if pos is None else pos)
+
+    def peek(self, k: int = 0) -> str:
+        j = self.i + k
+        return self.t[j] if j < self.n else ""
+
+    def run(self) -> PortableRegex:
+        for i, c in enumerate(self.t):
+            if c == "\x00" or "\ud800" <= c <= "\udfff":  # no text in either store holds one
+                self.fail(f"the character {c!r} is not allowed", i)
+        icase = self.t.startswith("(?i)")
+        if icase:
+            self.i = 4
+        node = self.alternation()
+        if self.i < self.n:  # only an unbalanced ')' stops the top level early
+            self.fail("unbalanced parenthesis")
+        if node.size > MAX_REGEX_SIZE:
+            self.fail(
+                f"the pattern is too large: {node.size} characters with its repeats written "
+                f"out, at most {MAX_REGEX_SIZE}",
+                0,
+            )
+        # Python: (?s) makes '.' match a newline as PostgreSQL's '.' does; (?a) keeps (?i) to
+        # ASCII letters, as PostgreSQL's case folding is under COLLATE "C".
+        flags = "i" if icase else ""
+        return PortableRegex(f"(?as{flags}){node.py}", f"(?s{flags}){node.pg}")
+
+    def alternation(self) -> _Node:
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return _Node(
+            "|".join(b.py for b in branches),
+            "|".join(b.pg for b in branches),
+            sum(b.size for b in branches),
+            any(b.empty for b in branches),
+            any(b.empty_assert for b in branches),
+        )
+
+    def sequence(self) -> _Node:
+        items: list[_Node] = []
+        while self.i < self.n and self.peek() not in "|)":
+            start = self.i
+            item = self.atom()
+            if self.peek() in ("*", "+", "?") or (self.peek() == "{" and self.bound_ahead()):
+                if item.empty_assert:
+                    # PostgreSQL compiles repeated assertions into exponentially many states
+                    # ((?:\b|^)* a few times over takes seconds), and they mean nothing more
+                    self.fail(
+                        f"{self.t[start : self.i]!r} cannot be repeated: it can match no "
+                        "character, through ^ $ \\A \\Z \\b \\B or a lookahead",
+                        self.i,
+                    )
+                q, factor, optional = self.quantifier()
+                item = _Node(
+                    item.py + q, item.pg + q, item.size * factor, item.empty or optional, False
+                )
+            items.append(item)
+        empty = all(i.empty for i in items)
+        return _Node(
+            "".join(i.py for i in items),
+            "".join(i.pg for i in items),
+            sum(i.size for i in items),
+            empty,
+            empty and any(i.empty_assert for i in items),
+        )
+
+    def bound_ahead(self) -> bool:
+        return _BOUND.match(self.t, self.i) is not None
+
+    def quantifier(self) -> tuple[str, int, bool]:
+        """The quantifier's text, the factor it multiplies the size by, and whether it may
+        match nothing (a minimum of 0)."""
+        c = self.peek()
+        if c == "{":
+            end = self.t.index("}", self.i)
+            body = self.t[self.i + 1 : end]
+            low_text, comma, high_text = body.partition(",")
+            if not low_text:
+                self.fail("a repeat {,n} is not allowed: write {0,n}")
+            low = int(low_text)
+            high = int(high_text) if high_text else None
+            if low > MAX_REPEAT or (high is not None and high > MAX_REPEAT):
+                self.fail(f"a repeat count above {MAX_REPEAT} is not allowed")
+            if high is not None and high < low:
+                self.fail(f"the repeat {{{body}}} has its bounds the wrong way round")
+            self.i = end + 1
+            if not comma:
+                q, factor = f"{{{low}}}", max(low, 1)
+            elif high is None:
+                q, factor = f"{{{low},}}", low + 1
+            else:
+                q, factor = f"{{{low},{high}}}", max(high, 1)
+            optional = low == 0
+        else:
+            self.i += 1
+            q, factor, optional = c, 2 if c == "+" else 1, c != "+"
+        if self.peek() == "?":  # lazy: the same matches for a search, only a different extent
+            self.i += 1
+            q += "?"
+        if self.peek() in ("*", "+", "?") or (self.peek() == "{" and self.bound_ahead()):
+            self.fail("a repeat of a repeat (such as a** or a possessive a*+) is not allowed")
+        return q, factor, optional
+
+    def assertion(self, py: str, pg: str, boundary: bool = False) -> _Node:
+        self.count_assertion(boundary)
+        return _Node(py, pg, 1, True, True)
+
+    def count_assertion(self, boundary: bool = False) -> None:
+        # Sequences of assertions make PostgreSQL's compile time grow exponentially too
+        self.assertions += 1
+        self.boundaries += boundary
+        if self.assertions > MAX_ASSERTIONS:
+            self.fail(
+                f"more than {MAX_ASSERTIONS} of ^ $ \\A \\Z \\b \\B and lookaheads are not allowed"
+            )
+        if self.boundaries > MAX_BOUNDARIES:
+            self.fail(f"more than {MAX_BOUNDARIES} of \\b and \\B are not allowed")
+
+    def atom(self) -> _Node:
+        c = self.peek()
+        if c == "(":
+            return self.group()
+        if c == "[":
+            text = self.bracket()
+            return _Node(text, text, 1, False, False)
+        if c == ".":
+            self.i += 1
+            return _Node(".", ".", 1, False, False)
+        if c == "^":
+            self.i += 1
+            return self.assertion("^", "^")
+        if c == "$":
+            # Python's $ also matches before a newline that ends the text; \Z does not
+            self.i += 1
+            return self.assertion("\\Z", "$")
+        if c == "\\":
+            return self.escape()
+        if c in "*+?":
+            self.fail(f"nothing to repeat before {c!r}")
+        if c == "{":
+            self.fail(
+                "nothing to repeat before '{'" if self.bound_ahead() else "write \\{ for a '{'"
+            )
+        if c in "]}":
+            self.fail(f"write \\{c} for a {c!r}")
+        self.i += 1
+        lit = _lit(ord(c))
+        return _Node(lit, lit, 1, False, False)
+
+    def group(self) -> _Node:
+        start = self.i
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            self.fail(f"groups nested deeper than {MAX_DEPTH}")
+        lookahead = False
+        if self.t.startswith("(?", self.i):
+            kind = self.t[self.i + 2 : self.i + 4]
+            if not kind:
+                self.fail("missing ), unterminated group")
+            if kind[:1] == ":":
+                self.i += 3
+            elif kind[:1] in ("=", "!"):
+                self.i += 3
+                lookahead = True
+            elif kind in ("<=", "<!"):
+                self.fail("lookbehind (?<=...) and (?<!...) is not allowed")
+            elif kind[:1] in ("P", "<"):
+                self.fail("named groups and references ((?P<name>...), (?P=name)) are not allowed")
+            elif kind[:1] == "#":
+                self.fail("comments (?#...) are not allowed")
+            elif kind[:1] == ">":
+                self.fail("atomic groups (?>...) are not allowed")
+            elif kind[:1] == "(":
+                self.fail("conditional groups (?(...)...) are not allowed")
+            else:
+                self.fail(
+                    "inline flags are not allowed, except (?i) at the very start of the pattern"
+                )
+        else:
+            self.i += 1
+        opener = self.t[self.i - 3 : self.i] if lookahead else "(?:"
+        if lookahead:
+            self.count_assertion()
+        inner = self.alternation()
+        if self.peek() != ")":
+            self.fail("missing ), unterminated group", start)
+        self.i += 1
+        self.depth -= 1
+        # groups never capture: a match needs no groups, and they cost both engines work
+        py, pg = f"{opener}{inner.py})", f"{opener}{inner.pg})"
+        if lookahead:
+            return _Node(py, pg, inner.size + 1, True, True)
+        return _Node(py, pg, inner.size + 1, inner.empty, inner.empty_assert)
+
+    def escape(self) -> _Node:
+        start = self.i
+        c = self.peek(1)
+        if c == "":
+            self.fail("a pattern cannot end with a lone \\")
+        self.i += 2
+        if c in ("A", "Z"):
+            return self.assertion("\\" + c, "\\" + c)
+        if c == "b":
+            return self.assertion(_BOUNDARY, _BOUNDARY, boundary=True)
+        if c == "B":
+            return self.assertion(_NOT_BOUNDARY, _NOT_BOUNDARY, boundary=True)
+        if c.lower() in _CLASS_ESCAPES:
+            text = _class(_CLASS_ESCAPES[c.lower()], negated=c.isupper())
+            return _Node(text, text, 1, False, False)
+        self.i = start
+        lit = _lit(self.char_escape())
+        return _Node(lit, lit, 1, False, False)
+
+    def char_escape(self) -> int:
+        """The code point of an escape that stands for one character (self.i at the \\)."""
+        start = self.i
+        c = self.peek(1)
+        self.i += 2
+        if c in _CHAR_ESCAPES:
+            return _CHAR_ESCAPES[c]
+        if c in _HEX_ESCAPES:
+            width = _HEX_ESCAPES[c]
+            digits = self.t[self.i : self.i + width]
+            if len(digits) != width or not set(digits) <= _HEX_DIGITS:
+                self.fail(f"\\{c} needs exactly {width} hex digits", start)
+            self.i += width
+            cp = int(digits, 16)
+            if cp == 0 or 0xD800 <= cp <= 0xDFFF or cp > 0x10FFFF:
+                self.fail(f"\\{c}{digits} is not a character a text can hold", start)
+            return cp
+        if c.isdigit() and c.isascii():
+            self.fail("back references and octal escapes (\\1, \\0) are not allowed", start)
+        if c == "N":
+            self.fail("named characters \\N{...} are not allowed: write \\uhhhh", start)
+        if c in _ASCII_ALNUM:
+            allowed = "\\d \\D \\w \\W \\s \\S \\b \\B \\A \\Z \\n \\t \\r \\f \\v \\x \\u \\U"
+            self.fail(f"the escape \\{c} is not allowed (allowed: {allowed})", start)
+        return ord(c)
+
+    def bracket(self) -> str:
+        start = self.i
+        self.i += 1
+        negated = self.peek() == "^"
+        if negated:
+            self.i += 1
+        first = self.i
+        ranges: list[tuple[int, int]] = []
+        while True:
+            c = self.peek()
+            if c == "":
+                self.fail("missing ], unterminated [...]", start)
+            if c == "]" and self.i > first:
+                self.i += 1
+                break
+            lo_at = self.i
+            item = self.class_item(first)
+            if isinstance(item, tuple):
+                ranges.extend(item)
+                continue
+            if self.peek() == "-" and self.peek(1) not in ("]", ""):
+                self.i += 1
+                if self.t[lo_at] == "-" or self.peek() == "-":
+                    self.fail("write \\- for a '-' that ends a range", lo_at)
+                hi = self.class_item(first)
+                if isinstance(hi, tuple):
+                    self.fail("a range needs a character at each end", lo_at)
+                if hi < item:
+                    self.fail(f"the range {self.t[lo_at : self.i]} is the wrong way round", lo_at)
+                ranges.append((item, hi))
+            else:
+                ranges.append((item, item))
+        return _class(tuple(ranges), negated)
+
+    def class_item(self, first: int) -> int | _Ranges:
+        """One character (a code point) or a class escape's ranges inside [...]."""
+        c = self.peek()
+        if c == "\\":
+            e = self.peek(1)
+            if e == "":
+                self.fail("missing ], unterminated [...]")
+            if e in _CLASS_ESCAPES:
+                self.i += 2
+                return _CLASS_ESCAPES[e]
+            if e.lower() in _CLASS_ESCAPES:
+                self.fail(f"\\{e} is not allowed inside [...]: write [^...] instead")
+            if e in "bBAZ":
+                self.fail(f"\\{e} is not allowed inside [...]")
+            return self.char_escape()
+        if c == "[":
+            self.fail(
+                "write \\[ for a '[' inside [...]; POSIX classes such as [:alpha:] are not allowed"
+            )
+        if c == "-" and self.i != first and self.peek(1) != "]":
+            self.fail("write \\- for a '-' inside [...] (or put it first or last)")
+        self.i += 1
+        return ord(c)
+
+
+@functools.lru_cache(maxsize=1024)
+def portable_regex(pattern: str) -> PortableRegex:
+    """The pattern written for each engine; RegexNotPortable (a re.error) when it is outside
+    the subset that both read alike (see above)."""
+    out = _RegexReader(pattern).run()
+    re.compile(out.python)  # a bug here must not reach SQLite as a 500
+    return out
 
 
 # --- rendering (the inverse of parsing; used for logs, stored subscriptions and tests) ----------

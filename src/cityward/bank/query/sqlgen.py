@@ -55,6 +55,7 @@ from cityward.bank.query.qlang import (
     Uri,
     Value,
     ValueList,
+    portable_regex,
 )
 
 Dialect: TypeAlias = Literal["sqlite", "postgres"]
@@ -65,19 +66,43 @@ REGEX_FLAGS = re.DOTALL  # PostgreSQL's default: '.' also matches a newline
 
 @functools.lru_cache(maxsize=512)
 def compile_pattern(pattern: str) -> re.Pattern[str]:
-    """The compiled regex for a q pattern, as SQLite and the Python evaluator apply it."""
+    """A q pattern or idPattern compiled as SQLite and the Python evaluator apply it.
+
+    Only the portable subset is taken (qlang.portable_regex), so that it matches what
+    PostgreSQL matches; outside it, RegexNotPortable (a re.error).
+    """
+    return re.compile(portable_regex(pattern).python)
+
+
+@functools.lru_cache(maxsize=512)
+def _raw_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile(pattern, REGEX_FLAGS)
 
 
 def _sqlite_regexp(pattern: str | None, value: str | None) -> int | None:
+    # The pattern arrives as written for Python (PortableRegex.python for q and idPattern;
+    # governance id patterns are passed as configured), so it is compiled as it is.
     if pattern is None or value is None:
         return None  # SQL NULL in, NULL out: a WHERE treats it as no match
-    return 1 if compile_pattern(pattern).search(value) else 0
+    return 1 if _raw_pattern(pattern).search(value) else 0
 
 
 def register_sqlite_functions(conn: sqlite3.Connection) -> None:
     """Register ``regexp(pattern, value)`` (Python ``re.search``) on a SQLite connection."""
     conn.create_function("regexp", 2, _sqlite_regexp, deterministic=True)
+
+
+def regex_condition(column: str, pattern: str, dialect: Dialect) -> tuple[str, list[Any]]:
+    """SQL that ``column`` matches ``pattern`` (a search), one parameter; the pattern must be
+    in the portable subset (RegexNotPortable otherwise), written out for the dialect.
+
+    PostgreSQL applies it under COLLATE "C": its case folding (``(?i)``) then covers ASCII
+    letters only, as Python's re.ASCII does, whatever the database's collation.
+    """
+    rx = portable_regex(pattern)
+    if dialect == "postgres":
+        return f'{column} COLLATE "C" ~ ?', [rx.postgres]
+    return f"regexp(?, {column})", [rx.python]
 
 
 class _Compiler:
@@ -101,9 +126,9 @@ class _Compiler:
         return "?"
 
     def regex(self, pattern: str) -> str:
-        if self.dialect == "postgres":
-            return "i.txt ~ " + self.p(pattern)
-        return "regexp(" + self.p(pattern) + ", i.txt)"
+        sql, params = regex_condition("i.txt", pattern, self.dialect)
+        self.params.extend(params)
+        return sql
 
     # -- row subqueries ---------------------------------------------------------------------------
 

@@ -25,9 +25,11 @@ from cityward.bank.temporal.schema import (
 )
 from cityward.bank.temporal.sql import (
     AggregateBucket,
+    AggregateOverflow,
     Dialect,
     HistoryInstance,
     aggregate_sql,
+    aggregates,
     decode_aggregates,
     decode_instance_values,
     decode_instances,
@@ -38,6 +40,7 @@ __all__ = [
     "AGGR_METHODS",
     "AggrMethod",
     "AggregateBucket",
+    "AggregateOverflow",
     "Dialect",
     "Duration",
     "HistoryInstance",
@@ -46,6 +49,7 @@ __all__ = [
     "TimeProperty",
     "Timerel",
     "aggregate_sql",
+    "aggregates",
     "copy_postgres",
     "create_postgres",
     "create_sqlite",

@@ -20,6 +20,11 @@ endTimeAt/timeAt or last instance].
 * Calendar periods (P1M, P1Y): the bucket edges ``origin + k months`` (day clamped to the
   month's end) are enumerated between the first and last instance, each bucket aggregated
   over its index range. Same edges on both backends (PostgreSQL's timestamp + interval).
+* The ends of time: a bucket that would end after 9999-12-31T23:59:59.999999Z ends there (its
+  SQL bound is the microsecond after, so it holds the instances up to that last time), and
+  one that would start before 0001-01-01T00:00:00Z starts there. SQLite's date functions give
+  NULL past year 9999 and PostgreSQL's timestamps stop before 4714 BC, so edges are cut
+  before either computes them.
 * datasetId: each (attribute, datasetId) is aggregated separately. lastN keeps the last N
   instances per (entity, attribute), all datasetIds together.
 * stddev is the population standard deviation. SQLite computes the variance from sums
@@ -32,7 +37,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeAlias
@@ -42,7 +48,14 @@ import orjson
 from cityward.bank.errors import BadRequestData
 from cityward.bank.query.indexer import path_id
 from cityward.bank.temporal.params import AggrMethod, TemporalQuery
-from cityward.bank.temporal.times import datetime_to_us, iso_to_us, us_to_datetime, us_to_iso
+from cityward.bank.temporal.times import (
+    FIRST_US,
+    LAST_US,
+    datetime_to_us,
+    iso_to_us,
+    us_to_datetime,
+    us_to_iso,
+)
 
 Dialect: TypeAlias = Literal["sqlite", "postgres"]
 Value: TypeAlias = int | float | None
@@ -56,6 +69,24 @@ POSTGRES_OPTIONS = "-c jit=off"
 # the payload member of each attribute kind (an instance has exactly one of them)
 _PAYLOADS = ("value", "object", "languageMap", "valueList", "objectList", "json", "vocab")
 _MARK = re.compile(r":p_([a-z0-9_]+)")
+# Bucket edges past the times the bank holds are cut to these: the first time, and the end of
+# time (the microsecond after the last, an exclusive bound); month numbers are year * 12 +
+# month - 1. PostgreSQL's timestamps reach further, but psycopg loads years 1-9999 only.
+_END_US = LAST_US + 1
+_FIRST_MONTH = 1 * 12
+_END_MONTH = 10_000 * 12
+_PG_FIRST = "'0001-01-01 00:00:00+00'::timestamptz"
+_PG_LAST = "'9999-12-31 23:59:59.999999+00'::timestamptz"
+_PG_END = "'10000-01-01 00:00:00+00'::timestamptz"
+# Wide aggregation on SQLite: values scaled by 2^-64 sum up without overflow (2^63 rows of the
+# largest double stay below 2^1023), by 2^-544 before they are squared. The scaling is exact
+# but for values below 2^-958 (2^-478 squared), which only matter beside a total that
+# overflowed. On PostgreSQL: the greatest double, and half the least subnormal rounded up (a
+# numeric below it would round to 0, which float8 refuses as an underflow).
+_SCALE = 64
+_SCALE_SQ = 544
+_PG_MAX = "1.7976931348623157e308"
+_PG_TINY = "2.4703282292062328e-324"
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,9 +301,30 @@ def _fmt(expr: str) -> str:
     return f"CASE WHEN {expr} IS NULL THEN '' ELSE printf('%!.17g', {expr}) END"
 
 
-def _sqlite_fields(methods: Sequence[AggrMethod], whole: bool, col: str) -> str:
-    """The packed aggregates of alias ``x`` (``bk.c`` is the stddev shift of the bucket)."""
+def _variance(d: str) -> str:
+    """The population variance of the shifted values ``d`` (a shift keeps the difference of
+    the sums from cancelling out for values far from 0)."""
+    return f"((sum({d} * {d}) - sum({d}) * sum({d}) / count(x.num)) / count(x.num))"
+
+
+def _wide(plain: str, scaled: str, mark: str = "") -> str:
+    """``plain`` where it is finite, else ``scaled`` (marked): a bucket without overflow keeps
+    its double-precision answer to the last bit."""
+    return (
+        f"CASE WHEN count(x.num) = 0 THEN '' WHEN abs({plain}) <= :p_max "
+        f"THEN printf('%!.17g', {plain}) ELSE '{mark}' || printf('%!.17g', {scaled}) END"
+    )
+
+
+def _sqlite_fields(methods: Sequence[AggrMethod], whole: bool, col: str, wide: bool) -> str:
+    """The packed aggregates of alias ``x`` (``bk.c`` is the stddev shift of the bucket).
+
+    A total past the double range is infinity in SQLite (and inf - inf is NULL); decoding
+    notices it, and ``wide`` runs again: there values scaled by 2^-64 (2^-544 before they are
+    squared) are summed and scaled back, which cannot overflow for 2^63 rows.
+    """
     payload = "json_extract(x.inst, " + ", ".join(f"'$.{p}'" for p in _PAYLOADS) + ")"
+    variance = _variance("(x.num - bk.c)")
     exprs = {
         "totalCount": "count(*)",
         "distinctCount": (
@@ -283,12 +335,21 @@ def _sqlite_fields(methods: Sequence[AggrMethod], whole: bool, col: str) -> str:
         "min": _fmt("min(x.num)"),
         "max": _fmt("max(x.num)"),
         # the variance; sqrt is taken in decode (SQLite may lack math functions)
-        "stddev": _fmt(
-            "((sum((x.num - bk.c) * (x.num - bk.c)) - sum(x.num - bk.c) * sum(x.num - bk.c) "
-            "/ count(x.num)) / count(x.num))"
+        "stddev": (
+            f"CASE WHEN count(x.num) = 0 THEN '' WHEN {variance} IS NULL THEN 'NaN' "
+            f"ELSE printf('%!.17g', {variance}) END"
         ),
         "sumsq": _fmt("sum(x.num * x.num)"),
     }
+    if wide:
+        lo, sq = "x.num * :p_down", "(x.num * :p_down_sq)"
+        exprs["sum"] = _wide("sum(x.num)", f"sum({lo}) * :p_up")
+        # the mean lies within the values: never past the range, whatever rounding does
+        mean = f"sum({lo}) / count(x.num) * :p_up"
+        exprs["avg"] = _wide("avg(x.num)", f"min(max({mean}, min(x.num)), max(x.num))")
+        exprs["sumsq"] = _wide("sum(x.num * x.num)", f"sum({sq} * {sq}) * :p_up_sq * :p_up_sq")
+        # S: the variance of the values scaled by 2^-544 (decode takes the root, scales back)
+        exprs["stddev"] = _wide(variance, _variance(f"({sq} - bk.c * :p_down_sq)"), "S")
     fields = [exprs[m] for m in methods]
     if whole:  # the first and last instance time of each datasetId
         fields += [f"min(x.{col})", f"max(x.{col})"]
@@ -304,7 +365,9 @@ def _first(q: TemporalQuery, alias: str, fn: str = "min") -> str:
     )
 
 
-def _sqlite_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod]) -> str:
+def _sqlite_aggregate(
+    b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod], wide: bool
+) -> str:
     col = q.column
     win = _window(q, "x")
     period = q.aggr_period
@@ -386,10 +449,20 @@ def _sqlite_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[
         def add_months(n: str) -> str:  # o + n months, the day clamped to the month's length
             tm = f"(omn + {n})"
             base = f"printf('%04d-%02d-01', {tm} / 12, {tm} % 12 + 1)"
-            dim = f"CAST(strftime('%d', {base}, '+1 month', '-1 day') AS INTEGER)"
-            return (
+            # the month's length by hand: strftime gives NULL for December 9999 + 1 month
+            y = f"({tm} / 12)"
+            leap = f"({y} % 4 = 0 AND ({y} % 100 <> 0 OR {y} % 400 = 0))"
+            dim = (
+                f"(CASE {tm} % 12 WHEN 1 THEN 28 + {leap} WHEN 3 THEN 30 WHEN 5 THEN 30 "
+                "WHEN 8 THEN 30 WHEN 10 THEN 30 ELSE 31 END)"
+            )
+            at = (
                 f"((CAST(strftime('%s', {base}) AS INTEGER) + (min(oday, {dim}) - 1) * 86400)"
                 " * 1000000 + otod)"
+            )
+            return (
+                f"(CASE WHEN {tm} >= {_END_MONTH} THEN {_END_US} "
+                f"WHEN {tm} < {_FIRST_MONTH} THEN {FIRST_US} ELSE {at} END)"
             )
 
         ctes.append(
@@ -419,7 +492,15 @@ def _sqlite_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[
             f"x.e = bk.e AND x.path = bk.path AND x.{col} >= {above('bk.bs')} "
             f"AND x.{col} < {below('bk.be')}"
         )
-    fields = _sqlite_fields(methods, whole, col)
+    fields = _sqlite_fields(methods, whole, col, wide)
+    if wide:
+        b.values.update(
+            max=sys.float_info.max,
+            down=2.0**-_SCALE,
+            up=2.0**_SCALE,
+            down_sq=2.0**-_SCALE_SQ,
+            up_sq=2.0**_SCALE_SQ,
+        )
     plain = (
         f"(SELECT CASE WHEN count(*) > 0 THEN char(31) || {fields} END "
         f"FROM attr_history x WHERE {cond})"
@@ -441,8 +522,33 @@ def _sqlite_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[
     )
 
 
-def _pg_aggregates(methods: Sequence[AggrMethod]) -> str:
+def _pg_double(expr: str) -> str:
+    """A numeric as double precision: NULL past its range, 0 below its least subnormal
+    (PostgreSQL refuses both conversions)."""
+    return (
+        f"(CASE WHEN abs({expr}) > {_PG_MAX} THEN NULL WHEN abs({expr}) < {_PG_TINY} "
+        f"THEN 0::float8 ELSE ({expr})::float8 END)"
+    )
+
+
+def _pg_aggregates(methods: Sequence[AggrMethod], wide: bool) -> str:
+    """The aggregates of alias ``x``, one column each.
+
+    float8 arithmetic raises NumericValueOutOfRange past the double range (sum, avg and
+    stddev_pop accumulate sums of squares; x * x also on underflow); ``wide`` then runs it
+    again in numeric (exact from the values' shortest texts; float8::numeric keeps only 15
+    digits). Four times slower, so only then.
+    """
     payload = "coalesce(" + ", ".join(f"x.inst::json -> '{p}'" for p in _PAYLOADS) + ")::text"
+    if wide:
+        n = "x.num::text::numeric"
+        exact = {
+            "sum": _pg_double(f"sum({n})"),
+            # the mean lies within the values: the clamp only catches rounding
+            "avg": _pg_double(f"least(greatest(sum({n}) / count(x.num), min({n})), max({n}))"),
+            "stddev": _pg_double(f"stddev_pop({n})"),
+            "sumsq": _pg_double(f"sum({n} * {n})"),
+        }
     exprs = {
         "totalCount": "count(*)",
         "distinctCount": (
@@ -455,10 +561,14 @@ def _pg_aggregates(methods: Sequence[AggrMethod]) -> str:
         "stddev": "stddev_pop(x.num)",
         "sumsq": "sum(x.num * x.num)",
     }
+    if wide:
+        exprs.update(exact)
     return ", ".join(f"{exprs[m]} AS v{i}" for i, m in enumerate(methods))
 
 
-def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod]) -> str:
+def _pg_aggregate(
+    b: _Sql, q: TemporalQuery, series: str, methods: Sequence[AggrMethod], wide: bool
+) -> str:
     col = q.column
     win = _window(q, "x")
     period = q.aggr_period
@@ -467,6 +577,11 @@ def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[Aggr
         origin = ":p_origin::timestamptz"
     else:
         origin = _first(q, "s")
+    if period is not None and not period.calendar:
+        # The origin moved to the first bucket edge after 0001-01-01 (the same edges): before
+        # it, date_bin would compute an edge before 4714 BC, which PostgreSQL refuses, for a
+        # bucket that starts at 0001-01-01 anyway.
+        origin = f"date_bin(:p_w::interval, {_PG_FIRST} + :p_w::interval, {origin})"
     ctes = [series, f"g AS (SELECT s.e, s.path, {origin} AS o FROM s)"]
     # Buckets are enumerated first and each is aggregated over its own index range, like on
     # SQLite: a GROUP BY over computed buckets is planned with a sort of every row (the
@@ -483,20 +598,26 @@ def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[Aggr
         hours, rest = divmod(period.micros, 3_600_000_000)
         b.values["w"] = f"{hours} hours {rest // 1_000_000}.{rest % 1_000_000:06d} seconds"
 
-        def start(t: str, o: str) -> str:
-            return f"date_bin(:p_w::interval, {t}, {o})"
+        def start(t: str, o: str) -> str:  # times before o are in the bucket cut at 0001
+            return (
+                f"(CASE WHEN {t} >= {o} THEN date_bin(:p_w::interval, {t}, {o}) "
+                f"ELSE {_PG_FIRST} END)"
+            )
+
+        def end(t: str, o: str) -> str:
+            return f"(CASE WHEN {t} >= {o} THEN {start(t, o)} + :p_w::interval ELSE {o} END)"
 
         # one index seek per non-empty bucket: the first time at or after the bucket's end
         ctes.append(
             f"lp AS (SELECT g.e, g.path, g.o, {_first(q, 'g')} AS t FROM g UNION ALL "
             f"SELECT lp.e, lp.path, lp.o, (SELECT min(x.{col}) FROM attr_history x "
             f"WHERE x.e = lp.e AND x.path = lp.path{win} "
-            f"AND x.{col} >= {start('lp.t', 'lp.o')} + :p_w::interval) "
+            f"AND x.{col} >= {end('lp.t', 'lp.o')}) "
             "FROM lp WHERE lp.t IS NOT NULL)"
         )
         ctes.append(
             f"bk AS (SELECT e, path, {start('t', 'o')} AS bs, "
-            f"{start('t', 'o')} + :p_w::interval AS be FROM lp WHERE t IS NOT NULL)"
+            f"{end('t', 'o')} AS be FROM lp WHERE t IS NOT NULL)"
         )
         cond += f" AND x.{col} >= bk.bs AND x.{col} < bk.be"
         bounds = "bk.bs, bk.be"
@@ -510,7 +631,12 @@ def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[Aggr
             return f"floor(({a})::numeric / {m})::int"
 
         def add_months(n: str) -> str:  # in UTC: timestamp + interval clamps the day
-            return f"((g2.ou + make_interval(months => {n})) AT TIME ZONE 'UTC')"
+            tm = f"({month_no('g2.ou')} + {n})"
+            return (
+                f"(CASE WHEN {tm} >= {_END_MONTH} THEN {_PG_END} "
+                f"WHEN {tm} < {_FIRST_MONTH} THEN {_PG_FIRST} "
+                f"ELSE (g2.ou + make_interval(months => {n})) AT TIME ZONE 'UTC' END)"
+            )
 
         ctes.append(
             "g2 AS (SELECT e, path, o AT TIME ZONE 'UTC' AS ou, tf AT TIME ZONE 'UTC' AS tf, "
@@ -527,10 +653,12 @@ def _pg_aggregate(b: _Sql, q: TemporalQuery, series: str, methods: Sequence[Aggr
         )
         cond += f" AND x.{col} >= bk.bs AND x.{col} < bk.be"
         bounds = "bk.bs, bk.be"
+    if period is not None:  # the end of time as the last time (psycopg loads no year 10000)
+        bounds = f"bk.bs, least(bk.be, {_PG_LAST})"
     vals = ", ".join(f"r.v{i}" for i in range(len(methods)))
     return (
         "WITH RECURSIVE " + ", ".join(ctes) + f" SELECT bk.e, bk.path, a.iri, r.ds, {bounds}, "
-        f"{vals} FROM bk CROSS JOIN LATERAL (SELECT x.ds, {extra}{_pg_aggregates(methods)} "
+        f"{vals} FROM bk CROSS JOIN LATERAL (SELECT x.ds, {extra}{_pg_aggregates(methods, wide)} "
         f"FROM attr_history x WHERE {cond} GROUP BY x.ds) r "
         "JOIN attr_history_attrs a ON a.path = bk.path ORDER BY 1, 2, 4 NULLS FIRST, 5"
     )
@@ -541,26 +669,64 @@ def aggregate_sql(
     q: TemporalQuery,
     pks: Sequence[int],
     attrs: Sequence[str] | None = None,
+    *,
+    wide: bool = False,
 ) -> tuple[str, list[Any]]:
     """``q.aggr_methods`` per period of ``q.aggr_period`` (None: the whole window) for each
     (entity, attribute, datasetId) of the entities ``pks`` and attributes ``attrs`` (IRIs;
-    None: all). Rows decode with ``decode_aggregates``."""
+    None: all). Rows decode with ``decode_aggregates`` (the same ``wide``).
+
+    sum, avg, stddev and sumsq are computed in double precision, where a total may pass its
+    range (PostgreSQL then fails, SQLite gives infinity); ``wide`` computes them without
+    that limit, at a cost: ``aggregates`` runs it only when the first attempt overflows. A
+    sum or sumsq past the double range is then None; avg and stddev always have a value.
+    """
     if not q.aggr_methods:
         raise BadRequestData("aggregatedValues needs aggrMethods", field="aggrMethods")
     b, series = _prepare(dialect, q, pks, attrs)
     if dialect == "sqlite":
-        sql = _sqlite_aggregate(b, q, series, q.aggr_methods)
+        sql = _sqlite_aggregate(b, q, series, q.aggr_methods, wide)
     else:
-        sql = _pg_aggregate(b, q, series, q.aggr_methods)
+        sql = _pg_aggregate(b, q, series, q.aggr_methods, wide)
     return b.render(sql)
 
 
-def _number(method: AggrMethod, text: str) -> Value:
+class AggregateOverflow(Exception):
+    """A total passed the double range: the aggregation must run again, wide."""
+
+
+def aggregates(
+    select: Callable[[str, list[Any]], Sequence[Sequence[Any]]],
+    dialect: Dialect,
+    q: TemporalQuery,
+    pks: Sequence[int],
+    attrs: Sequence[str] | None = None,
+) -> list[AggregateBucket]:
+    """``aggregate_sql`` run with ``select`` and decoded: in double precision, and again wide
+    when a total overflowed it (see aggregate_sql), so that both stores give one answer."""
+    import psycopg
+
+    sql, params = aggregate_sql(dialect, q, pks, attrs)
+    try:
+        return decode_aggregates(dialect, q, select(sql, params))
+    except (AggregateOverflow, psycopg.errors.NumericValueOutOfRange):
+        pass
+    sql, params = aggregate_sql(dialect, q, pks, attrs, wide=True)
+    return decode_aggregates(dialect, q, select(sql, params), wide=True)
+
+
+def _number(method: AggrMethod, text: str, wide: bool) -> Value:
     if text == "":
         return None
     if method in ("totalCount", "distinctCount"):
         return int(text)
+    if text.startswith("S"):  # wide stddev: the variance of the values scaled by 2^-544
+        return math.sqrt(max(float(text[1:]), 0.0)) * 2.0**_SCALE_SQ
     v = float(text)
+    if not math.isfinite(v):  # SQLite's Inf, or NaN for inf - inf
+        if not wide:
+            raise AggregateOverflow(method)
+        return None  # a total past the double range (JSON has no infinity)
     if method == "stddev":  # SQLite gives the variance; rounding can make it a hair below 0
         return math.sqrt(max(v, 0.0))
     return v
@@ -575,7 +741,8 @@ def _clip(q: TemporalQuery, start: int, end: int, whole: bool) -> tuple[str, str
         start = max(start, lo)
     if hi is not None:
         end = min(end, hi)
-    return us_to_iso(start), us_to_iso(end)
+    # a bucket cut at the end of time ends at the last time there is (and holds it)
+    return us_to_iso(max(start, FIRST_US)), us_to_iso(min(end, LAST_US))
 
 
 def _us(value: Any) -> int:
@@ -585,9 +752,12 @@ def _us(value: Any) -> int:
 
 
 def decode_aggregates(
-    dialect: Dialect, q: TemporalQuery, rows: Sequence[Sequence[Any]]
+    dialect: Dialect, q: TemporalQuery, rows: Sequence[Sequence[Any]], *, wide: bool = False
 ) -> list[AggregateBucket]:
-    """The rows of ``aggregate_sql`` as buckets ordered by (e, path, datasetId, start)."""
+    """The rows of ``aggregate_sql`` as buckets ordered by (e, path, datasetId, start).
+
+    AggregateOverflow when a total passed the double range (SQLite) and ``wide`` is not set.
+    """
     methods = q.aggr_methods
     whole = q.aggr_period is None
     out: list[tuple[tuple[int, int, bool, str, int], AggregateBucket]] = []
@@ -611,7 +781,7 @@ def decode_aggregates(
             for entry in str(packed).split("\x1e"):
                 ds_text, _, fields = entry.partition("\x1f")
                 parts = fields.split(",")
-                vals = [_number(m, p) for m, p in zip(methods, parts, strict=False)]
+                vals = [_number(m, p, wide) for m, p in zip(methods, parts, strict=False)]
                 s, t = (int(parts[-2]), int(parts[-1])) if whole else (int(bs), int(be))
                 add(int(e), int(path), str(iri), ds_text or None, s, t, vals)
         else:

@@ -25,6 +25,12 @@ def iso_to_us(text: str) -> int:
     return (days * 86_400 + secs) * US_PER_S + frac
 
 
+# The first and last times the bank holds (DateTimes have four-digit years), in microseconds.
+# An aggregation period past either end is cut there (temporal.sql).
+FIRST_US = -62_135_596_800 * US_PER_S  # 0001-01-01T00:00:00Z
+LAST_US = 253_402_300_800 * US_PER_S - 1  # 9999-12-31T23:59:59.999999Z
+
+
 def us_to_iso(us: int) -> str:
     """Microseconds since the epoch as the bank's fixed-width ``...ss.ffffffZ`` text."""
     days, rest = divmod(us, US_PER_DAY)
