@@ -180,6 +180,12 @@ def run(
     if role != "writer" and not [s for s in ingest.sources if s.enabled]:
         console.print("[red]no enabled [[ingest.sources]] in the configuration[/]")
         raise typer.Exit(2)
+    if role != "writer" and (missing := _missing_files(ingest)):
+        # checked here, by the roles that run the sources, not when the configuration loads:
+        # a writer machine of a NATS deployment reads the same file without the fronts' files
+        for line in missing:
+            console.print(f"[red]{line}[/]")
+        raise typer.Exit(2)
     resolver = ContextResolver(
         preload=settings.contexts,
         fetch_timeout=settings.context_timeout_s,
@@ -239,6 +245,21 @@ def run(
     if failed:  # a load that stopped before the end of its file is not a success
         console.print(f"[red]replay failed[/]: {'; '.join(failed)}")
         raise typer.Exit(1)
+
+
+def _missing_files(ingest: Any) -> list[str]:
+    """The files enabled sources name that do not exist, each with its setting (a missing one
+    was a traceback when the source started)."""
+    out = []
+    for n, source in enumerate(ingest.sources):
+        if not source.enabled:
+            continue
+        options = source.adapter_config()
+        for name in ("path", "password_file", "ca_file", "cert_file", "key_file"):
+            value = getattr(options, name, None)
+            if isinstance(value, Path) and not value.is_file():
+                out.append(f"ingest.sources.{n}.options.{name}: no file {value}")
+    return out
 
 
 def _status_line(status: dict[str, Any]) -> None:

@@ -89,15 +89,6 @@ class MqttConfig(AdapterConfig):
             raise ValueError(f"{group!r}: a share group is a non-empty name without / + #")
         return group
 
-    @field_validator("password_file", "ca_file", "cert_file", "key_file")
-    @classmethod
-    def _existing(cls, path: Path | None) -> Path | None:
-        # checked when the configuration loads, so that the error names the setting (it was a
-        # traceback at start, FileNotFoundError without the setting's name)
-        if path is not None and not path.is_file():
-            raise ValueError(f"no file {path}")
-        return path
-
     @model_validator(mode="after")
     def _check(self) -> MqttConfig:
         if not self.topics:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
 from cityward.ingest.adapters import Adapter, AdapterConfig, Intake
 from cityward.ingest.mapping import _MISSING, compile_path, resolve
@@ -50,15 +50,6 @@ class ReplayConfig(AdapterConfig):
     )
     loop: bool = Field(default=False, description="Start again at the end (demo feeds).")
     topic: str = Field(default="", description="The topic the mapping's {topic[N]} reads.")
-
-    @field_validator("path")
-    @classmethod
-    def _existing(cls, path: Path) -> Path:
-        # checked when the configuration loads, so that the error names the setting (it was a
-        # traceback at start)
-        if not path.is_file():
-            raise ValueError(f"no file {path}")
-        return path
 
     @model_validator(mode="after")
     def _check(self) -> ReplayConfig:
