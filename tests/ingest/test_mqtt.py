@@ -40,10 +40,9 @@ def _wait(cond: Any, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path: Path) -> None:
-    """1% malformed payloads among valid ones, through the machine's broker at :1883."""
+def _subscribed_worker(tmp_path: Path, root: str) -> tuple[SqliteStore, IngestWorker]:
+    """An in-process worker on SQLite, subscribed to ``root/+`` on the machine's broker."""
     require_shared_broker()
-    root = f"cw-test-{uuid.uuid4().hex[:8]}"
     store = SqliteStore(tmp_path / "bank.db")
     bank = bank_with_history(store)
     opts = {"port": 1883, "topics": [f"{root}/+"], "client_id": f"ingest-{root}"}
@@ -51,6 +50,13 @@ def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path
     worker.start()
     adapter: Any = worker.adapters["air"]
     assert adapter.subscribed.wait(10), adapter.status()
+    return store, worker
+
+
+def test_malformed_messages_become_dead_letters_and_the_rest_is_written(tmp_path: Path) -> None:
+    """1% malformed payloads among valid ones, through the machine's broker at :1883."""
+    root = f"cw-test-{uuid.uuid4().hex[:8]}"
+    store, worker = _subscribed_worker(tmp_path, root)
     bad = {
         100: b"{not json",
         200: orjson.dumps({"dev": "s1", "n": 99_200, "ts": 1_790_000_000_000}),  # no no2
@@ -90,15 +96,8 @@ def test_large_and_small_messages_arrive_whole(tmp_path: Path) -> None:
     """The reader joins the chunks of a packet once the packet is whole (it joined and
     re-parsed its buffer at every 64 KiB, quadratic in the message's size): messages from a
     few bytes to 3 MiB, interleaved, each arrive once and whole."""
-    require_shared_broker()
     root = f"cw-large-{uuid.uuid4().hex[:8]}"
-    store = SqliteStore(tmp_path / "bank.db")
-    bank = bank_with_history(store)
-    opts = {"port": 1883, "topics": [f"{root}/+"], "client_id": f"ingest-{root}"}
-    worker = IngestWorker(bank, settings("mqtt", opts), DeadLetters(tmp_path / "dl.db"))
-    worker.start()
-    adapter: Any = worker.adapters["air"]
-    assert adapter.subscribed.wait(10), adapter.status()
+    store, worker = _subscribed_worker(tmp_path, root)
     pub = Publisher(1883, root)
     sizes = [0, 3 << 20, 10, 65_535, 65_536, 1 << 20, 200_000, 1, 2_500_000, 70_000]
     try:

@@ -107,6 +107,18 @@ attributes = {{ no2 = {{ path = "$.no2" }} }}
     assert "carrier-pigeon" in out.stdout and "ingest.sources.0" in out.stdout
 
 
+def _replay(path: Path, tmp_path: Path) -> tuple[SqliteStore, IngestWorker]:
+    """``path`` replayed flat out into a new bank on SQLite, to the end."""
+    store = SqliteStore(tmp_path / "bank.db")
+    worker = IngestWorker(
+        bank_with_history(store),
+        settings("replay", {"path": str(path)}),
+        DeadLetters(tmp_path / "dl.db"),
+    )
+    _run(worker)
+    return store, worker
+
+
 def test_bad_csv_rows_are_dead_letters_and_the_rest_of_the_file_is_read(tmp_path: Path) -> None:
     """A row with a field too many, bytes that are not UTF-8 and a field over the csv module's
     128 KiB limit each ended the replay at that row (exit status 0), the rows after it never
@@ -120,13 +132,7 @@ def test_bad_csv_rows_are_dead_letters_and_the_rest_of_the_file_is_read(tmp_path
     rows[8] = rows[8].replace(b"s7", b"s\xe97")  # n = 7: Latin-1, not UTF-8
     rows[12] = b's11,11,1790000011000,"' + b"9" * 200_000 + b'"\r\n'  # n = 11: a huge field
     path.write_bytes(b"\xef\xbb\xbf" + b"".join(rows))  # with a BOM
-    store = SqliteStore(tmp_path / "bank.db")
-    worker = IngestWorker(
-        bank_with_history(store),
-        settings("replay", {"path": str(path)}),
-        DeadLetters(tmp_path / "dl.db"),
-    )
-    _run(worker)
+    store, worker = _replay(path, tmp_path)
     assert worker.adapters["air"].failed is None  # type: ignore[attr-defined]
     assert sorted(v for _, v in stored_readings(store)) == [
         float(n) for n in range(20) if n not in (3, 7, 11)
@@ -144,13 +150,7 @@ def test_bad_csv_rows_are_dead_letters_and_the_rest_of_the_file_is_read(tmp_path
 def test_json_lines_with_a_byte_order_mark(tmp_path: Path) -> None:
     path = tmp_path / "readings.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(orjson.dumps(message(n)) for n in range(5)))
-    store = SqliteStore(tmp_path / "bank.db")
-    worker = IngestWorker(
-        bank_with_history(store),
-        settings("replay", {"path": str(path)}),
-        DeadLetters(tmp_path / "dl.db"),
-    )
-    _run(worker)
+    store, worker = _replay(path, tmp_path)
     assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(5)]
     assert worker.dead_letters.entries("air") == []
     store.close()
