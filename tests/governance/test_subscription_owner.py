@@ -7,66 +7,41 @@ changing the endpoint redirects data: for anyone but its owner and admins it doe
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
-import pytest
 from fastapi.testclient import TestClient
 
 from cityward.bank.subscriptions.service import Subscriptions
+from tests.bank.subscriptions import conftest as subscriptions
+from tests.bank.subscriptions.conftest import Receiver
 from tests.governance.conftest import AIR, TRAFFIC, E, Governed
 
 S = "/ngsi-ld/v1/subscriptions"
 PROBLEM = "https://uri.etsi.org/ngsi-ld/errors/"
 SECRET = "Bearer SECRET-of-env-agency"
+# the subscription suite's HTTP receiver (a real server in a thread), as this module's fixture
+receiver = subscriptions.receiver
 
 
-class Receiver:
-    """An HTTP endpoint on a free local port that keeps the notifications it is sent."""
+def ids_after(receiver: Receiver, c: TestClient, admin: dict[str, str]) -> list[str]:
+    """Change the air-quality entity, then the traffic one; the entity ids notified.
 
-    def __init__(self) -> None:
-        got: list[dict[str, Any]] = []
+    One endpoint's notifications arrive in order: once the traffic change is in, one of the
+    air-quality change would have come first."""
+    assert c.patch(f"{E}/{AIR}/attrs", json={"no2": 41}, headers=admin).status_code == 204
+    r = c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 9}, headers=admin)
+    assert r.status_code == 204
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(204)
-                self.end_headers()
+    def ids() -> list[str]:
+        return [e["id"] for req in receiver.on("/n") for e in req.body["data"]]
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.got = got
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/n"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def ids_after(self, c: TestClient, admin: dict[str, str]) -> list[str]:
-        """Change the air-quality entity, then the traffic one; the entity ids notified.
-
-        One endpoint's notifications arrive in order: once the traffic change is in, one of
-        the air-quality change would have come first."""
-        assert c.patch(f"{E}/{AIR}/attrs", json={"no2": 41}, headers=admin).status_code == 204
-        r = c.patch(f"{E}/{TRAFFIC}/attrs", json={"intensity": 9}, headers=admin)
-        assert r.status_code == 204
-        deadline = time.monotonic() + 20
-        while not any(e["id"] == TRAFFIC for n in self.got for e in n["data"]):
-            assert time.monotonic() < deadline, self.got
-            time.sleep(0.05)
-        return [e["id"] for n in self.got for e in n["data"]]
-
-
-@pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rec = Receiver()
-    yield rec
-    rec.server.shutdown()
-    rec.server.server_close()
+    deadline = time.monotonic() + 20
+    while TRAFFIC not in ids():
+        assert time.monotonic() < deadline, receiver.requests
+        time.sleep(0.05)
+    return ids()
 
 
 def env_feed(
@@ -141,7 +116,7 @@ def test_admins_manage_every_subscription_and_keep_its_owner_and_purposes(
     c = governed.client
     owner, admin = governed.as_("operator"), governed.as_("admin")
     sid = "urn:ngsi-ld:Subscription:traffic-feed"
-    assert c.post(S, json=env_feed(sid, receiver.url), headers=owner).status_code == 201
+    assert c.post(S, json=env_feed(sid, receiver.url("/n")), headers=owner).status_code == 201
     assert sid in listed(c, admin)[0]
     assert c.get(f"{S}/{sid}", headers=admin).status_code == 200
     r = c.patch(f"{S}/{sid}", json={"description": "checked by the admin"}, headers=admin)
@@ -150,7 +125,7 @@ def test_admins_manage_every_subscription_and_keep_its_owner_and_purposes(
     # change did not give it the admin's every purpose
     got = c.get(f"{S}/{sid}", headers=owner)
     assert got.status_code == 200 and got.json()["description"] == "checked by the admin"
-    assert receiver.ids_after(c, admin) == [TRAFFIC]
+    assert ids_after(receiver, c, admin) == [TRAFFIC]
     assert c.delete(f"{S}/{sid}", headers=admin).status_code == 204
     assert_not_found(c.get(f"{S}/{sid}", headers=owner))
 
@@ -162,7 +137,7 @@ def test_a_subscription_without_an_owner_is_for_admins_only_and_keeps_working(
     c = governed.client
     admin = governed.as_("admin")
     sid = "urn:ngsi-ld:Subscription:from-before"
-    assert c.post(S, json=env_feed(sid, receiver.url), headers=admin).status_code == 201
+    assert c.post(S, json=env_feed(sid, receiver.url("/n")), headers=admin).status_code == 201
     subs: Subscriptions = governed.app.state.subscriptions
     (body,) = subs.store.select("SELECT body FROM subscriptions WHERE id = ?", [sid])[0]
     old = orjson.loads(body)
@@ -184,5 +159,5 @@ def test_a_subscription_without_an_owner_is_for_admins_only_and_keeps_working(
     r = c.patch(f"{S}/{sid}", json={"description": "kept"}, headers=admin)
     assert r.status_code == 204, r.text
     # it still delivers, within the purposes it was bound to
-    assert receiver.ids_after(c, admin) == [TRAFFIC]
+    assert ids_after(receiver, c, admin) == [TRAFFIC]
     assert c.delete(f"{S}/{sid}", headers=admin).status_code == 204
