@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,12 @@ from tests.ingest.helpers import (
 )
 
 
-def _wait(cond: Any, timeout: float, what: str) -> None:
+def _wait(cond: Any, timeout: float, what: str | Callable[[], str]) -> None:
+    """Wait for ``cond``; ``what`` says what failed, made when it fails when it is callable
+    (a message with a count in it is then the count at the failure, not at the start)."""
     deadline = time.monotonic() + timeout
     while not cond():
-        assert time.monotonic() < deadline, what
+        assert time.monotonic() < deadline, what() if callable(what) else what
         time.sleep(0.05)
 
 
@@ -183,10 +186,12 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
     data = tmp_path / "data"
     ingest = IngestRun("all", config, data, tmp_path / "ingest.log", status_every="0")
     ingest.start()
-    # the session must exist before the first message, or the broker has no one to keep it for
     store = open_store(None, data)
-    _wait(lambda: (data / "ingest" / "deadletter.db").exists(), 30, "ingest run did not start")
-    time.sleep(1.0)
+    # The session must exist before the first message, or the broker has no one to keep it
+    # for: wait for the SUBACK ("connected" is logged once the subscription is in place). A
+    # fixed pause was too short on a loaded machine: the first readings were published before
+    # the subscription and the broker dropped them, as it must.
+    _wait(lambda: "session present: False" in ingest.text(), 60, "ingest did not subscribe")
     total = 6000
     pub = Publisher(broker.port, root)
     faults: list[str] = []
@@ -203,7 +208,7 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
     def progress(more: int, what: str) -> None:
         # the fault must hit a worker that is busy writing, not one still starting
         target = count() + more
-        _wait(lambda: count() >= target, 60, f"no progress before {what}: {faults}")
+        _wait(lambda: count() >= target, 60, lambda: f"no progress before {what}: {faults}")
 
     publisher = threading.Thread(target=publish_all)
     publisher.start()
@@ -226,8 +231,10 @@ def test_nothing_acknowledged_is_lost_or_doubled_across_kills_and_a_broker_resta
         faults.append(f"ingest SIGKILL after {count()} readings")
         ingest.start()
         publisher.join()
-        _wait(lambda: len(pub.acked) == total, 60, f"broker acked {len(pub.acked)} of {total}")
-        _wait(lambda: count() >= total, 90, f"only {count()} readings arrived after {faults}")
+        _wait(
+            lambda: len(pub.acked) == total, 60, lambda: f"broker acked {len(pub.acked)} of {total}"
+        )
+        _wait(lambda: count() >= total, 90, lambda: f"{count()} readings arrived after {faults}")
         time.sleep(0.5)  # anything doubled would arrive now
     finally:
         publisher.join()
