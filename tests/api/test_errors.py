@@ -26,7 +26,9 @@ from fastapi.testclient import TestClient
 
 from cityward.api.app import create_app
 from cityward.bank.store import Store
+from cityward.bank.store.sqlite import SqliteStore
 from cityward.config import Settings
+from tests.conftest import SDM, drop_pg_store, make_pg_store, sdm_context_map
 
 BASE = "/ngsi-ld/v1"
 E = f"{BASE}/entities"
@@ -1185,18 +1187,82 @@ def snapshot(client: TestClient) -> tuple[Any, int]:
 
 
 # -- the table tests ------------------------------------------------------------------------------
+class SeededBank:
+    """One API client over one seeded store, shared by the rows of the table on a backend.
+
+    Every row must leave the store as it found it (checked against the snapshot taken after
+    seeding), so a row that passes hands the next one the same state a fresh store would. A row
+    that fails may have written something: the next row then starts over on a fresh store. A
+    store, an app and a seed for each of the 756 rows were two thirds of the table's time
+    (0.14 of 0.22 s a row).
+    """
+
+    def __init__(self, backend: str, folder: Path) -> None:
+        self.backend = backend
+        self.folder = folder
+        self.made = 0
+        self._open: ExitStack | None = None
+        self._client: TestClient | None = None
+        self.before: tuple[Any, int] = ({}, 0)
+
+    def client(self) -> TestClient:
+        if self._client is None:
+            self.made += 1
+            data = self.folder / f"bank-{self.made}"
+            data.mkdir()
+            with ExitStack() as stack:
+                if self.backend == "sqlite":
+                    store: Store = SqliteStore(data / "bank.db")
+                    stack.callback(store.close)
+                else:
+                    pg = make_pg_store()
+                    stack.callback(drop_pg_store, pg)
+                    store = pg
+                contexts = sdm_context_map() if SDM.exists() else {}
+                settings = Settings(
+                    data_dir=data, contexts=contexts, context_fetch=False, no_auth=True
+                )
+                client = stack.enter_context(TestClient(create_app(settings, store)))
+                seed(client)
+                self.before = snapshot(client)
+                self._open = stack.pop_all()
+            self._client = client
+        return self._client
+
+    def discard(self) -> None:
+        if self._open is not None:
+            self._open.close()
+        self._open = None
+        self._client = None
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def seeded(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SeededBank]:
+    bank = SeededBank(request.param, tmp_path_factory.mktemp(f"table-{request.param}"))
+    yield bank
+    bank.discard()
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-def test_malformed_request(client: TestClient, case: Case) -> None:
-    seed(client)
-    before = snapshot(client)
-    assert before[1] == 404
-    r = send(client, case.req)
-    assert_problem(r, case.expected)
-    if case.req.headers and "NGSILD-Tenant" in case.req.headers:
-        assert r.headers["NGSILD-Tenant"] == case.req.headers["NGSILD-Tenant"]
-    assert snapshot(client) == before
-    if case.req.method == "POST" and case.req.url == E:
-        assert client.get(f"{E}/{V2}").status_code == 404
+def test_malformed_request(seeded: SeededBank, case: Case) -> None:
+    client = seeded.client()
+    passed = False
+    try:
+        before = seeded.before
+        assert before[1] == 404
+        r = send(client, case.req)
+        assert_problem(r, case.expected)
+        if case.req.headers and "NGSILD-Tenant" in case.req.headers:
+            assert r.headers["NGSILD-Tenant"] == case.req.headers["NGSILD-Tenant"]
+        assert snapshot(client) == before
+        if case.req.method == "POST" and case.req.url == E:
+            assert client.get(f"{E}/{V2}").status_code == 404
+        passed = True
+    finally:
+        if not passed:
+            seeded.discard()
 
 
 def test_table_names_are_unique() -> None:
