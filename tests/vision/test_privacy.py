@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -38,6 +39,7 @@ from cityward.vision.settings import CameraSettings
 from cityward.vision.tracker import ByteTracker
 from tests.conftest import shared_path
 from tests.vision.attack import (
+    AttackReport,
     Box,
     attack_frames,
     compact,
@@ -148,6 +150,18 @@ def anonymized_pairs(
         raw.append(frame.copy())
         anon.append(anonymizer.apply(frame, objects, t))
     return raw, anon
+
+
+_RAW_ATTACKS: dict[str, AttackReport] = {}
+
+
+def raw_attack(name: str) -> AttackReport:
+    """The attack on every raw frame of the video ``name``, made once for the module: the
+    frames and the attack are the same for every setting compared against them."""
+    if name not in _RAW_ATTACKS:
+        raw = [frame for _i, _t, frame in frames_of(video(name))]
+        _RAW_ATTACKS[name] = attack_frames(raw, plates=False)
+    return _RAW_ATTACKS[name]
 
 
 # --- the face detectors ------------------------------------------------------------------
@@ -290,12 +304,10 @@ def test_weakest_allowed_settings_still_hide_every_face(
     in each, no object boxes (the face layer alone, no head backstop), no face found after."""
     for name in FACES_EVERYWHERE:
         anonymizer = Anonymizer(AnonymizerConfig.model_validate(settings), models)
-        raw: list[Frame] = []
         anon: list[Frame] = []
         for _i, t, frame in frames_of(video(name)):
-            raw.append(frame.copy())
             anon.append(anonymizer.apply(frame, Detections.empty(), t))
-        before = attack_frames(raw, plates=False)
+        before = raw_attack(name)
         after = attack_frames(anon, plates=False)
         print(f"\n{name}: raw {before.summary()} | anonymized {after.summary()}")
         assert before.face_frames == before.frames, "attack too weak"
@@ -470,21 +482,36 @@ def plated_frames(coco: ObjectDetector) -> list[tuple[Frame, list[str]]]:
     return out
 
 
+@dataclass(frozen=True)
+class Plated:
+    frame: Frame  # never changed: the tests anonymize a copy
+    texts: list[str]  # the plates rendered on it
+    objects: Detections  # what the pipeline would see: the plated frame
+    read: set[str]  # what the attacker reads on it (compacted)
+
+
+@pytest.fixture(scope="module")
+def plated(coco: ObjectDetector) -> list[Plated]:
+    """The plated frames, their detections and the raw reads, made once for every setting."""
+    return [
+        Plated(frame, texts, coco.detect(frame), {compact(t) for t in read_texts(frame)})
+        for frame, texts in plated_frames(coco)
+    ]
+
+
 @pytest.mark.parametrize(
     "settings", [{}, WEAKEST, WEAKEST_BLUR], ids=["default", "weakest", "weakest-blur"]
 )
 def test_synthetic_plates_are_read_raw_and_never_after_anonymization(
-    settings: dict[str, object], coco: ObjectDetector, models: Path
+    settings: dict[str, object], plated: list[Plated], models: Path
 ) -> None:
-    frames = plated_frames(coco)
-    rendered = [t for _, ts in frames for t in ts]
+    rendered = [t for p in plated for t in p.texts]
     assert len(rendered) >= (PLATE_FRAMES if not FULL else 20), "too few large vehicles"
     read_raw = 0
     read_anon: list[str] = []
-    for frame, texts in frames:
-        raw = {compact(t) for t in read_texts(frame)}
-        read_raw += sum(compact(t) in raw for t in texts)
-        objects = coco.detect(frame)  # what the pipeline would see: the plated frame
+    for p in plated:
+        frame, texts, objects = p.frame, p.texts, p.objects
+        read_raw += sum(compact(t) in p.read for t in texts)
         config = AnonymizerConfig.model_validate(settings)
         anonymized = Anonymizer(config, models).apply(frame.copy(), objects, 0.0)
         after = read_texts(anonymized)
@@ -494,7 +521,7 @@ def test_synthetic_plates_are_read_raw_and_never_after_anonymization(
             parts = [p for p in t.split() if len(p) >= 3]
             read_anon += [a for a in after for p in parts if p in compact(a)]
     print(
-        f"\nsynthetic plates: {len(rendered)} rendered on {len(frames)} frames, "
+        f"\nsynthetic plates: {len(rendered)} rendered on {len(plated)} frames, "
         f"{read_raw} read exactly raw, plate strings after anonymization: {read_anon}"
     )
     assert read_raw >= 0.8 * len(rendered), f"attack too weak: {read_raw}/{len(rendered)}"
@@ -504,8 +531,8 @@ def test_synthetic_plates_are_read_raw_and_never_after_anonymization(
 @pytest.mark.parametrize("name", FACE_GIFS)
 def test_no_face_survives_on_face_gifs(name: str, coco: ObjectDetector, models: Path) -> None:
     """Every frame, raw vs anonymized, with the COCO detector's (tracked) boxes."""
-    raw, anon = anonymized_pairs(video(name), coco, models, None)
-    before = attack_frames(raw, plates=False)
+    _, anon = anonymized_pairs(video(name), coco, models, None)
+    before = raw_attack(name)
     after = attack_frames(anon, plates=False)
     print(f"\n{name}: raw {before.summary()} | anonymized {after.summary()}")
     if name in FACES_EVERYWHERE:
