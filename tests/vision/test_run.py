@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from tests.vision.attack import attack_frames
 CLI = [sys.executable, "-m", "cityward.cli"]
 #: across the street where the cars come towards the camera (street_cars_ahmetozlu.mp4)
 STREET_LINE = [[150, 200], [620, 235]]
+#: a snapshot left from a year ago (street_run)
+STALE = "20251101T000000Z-old.jpg"
 #: the cars parked on the right of the street all clip long
 PARKED = [[290, 100], [430, 100], [430, 170], [290, 170]]
 
@@ -84,6 +87,12 @@ def street_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
     models = shared_path("data", "vision", "models")
     video = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
     config = _config(tmp, models, video)
+    # a snapshot from a year ago, past any retention: the run must purge it when it starts
+    stale = tmp / "data" / "vision" / "snapshots" / "street-1" / STALE
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"\xff\xd8 not really a picture")
+    year_ago = time.time() - 366 * 86400
+    os.utime(stale, (year_ago, year_ago))
     proc = _run(
         [
             "vision",
@@ -145,6 +154,14 @@ def test_run_writes_counts_camera_and_alert_into_the_bank(
     text = orjson.dumps([*cams, *flows.values(), *crowd, *alerts]).decode()
     for word in ("tracker", "track_id", "trajectory", "xyxy", "box"):
         assert word not in text
+
+
+def test_the_run_purges_snapshots_past_their_retention_when_it_starts(
+    street_run: tuple[Path, str],
+) -> None:
+    """Not an hour after the machine booted: the purge was timed from time.monotonic()'s 0."""
+    data, _ = street_run
+    assert not (data / "vision" / "snapshots" / "street-1" / STALE).exists()
 
 
 def test_alert_snapshots_are_small_anonymized_jpegs(

@@ -166,8 +166,11 @@ def run(
         signal.signal(sig, lambda *_: stop.set())
     leaser.start()
     console.print(f"[green]vision[/] worker {name}: {len(vision.cameras)} camera(s) in the list")
-    last_purge = 0.0
     try:
+        # at start, then hourly: time.monotonic() counts from boot, so a first purge "an hour
+        # after 0.0" waited for the machine's first hour up
+        worker.purge_snapshots()
+        last_purge = time.monotonic()
         with Live(_status_table(worker.status_rows()), console=console, auto_refresh=False) as ui:
             while not stop.wait(0.5):
                 if live:
