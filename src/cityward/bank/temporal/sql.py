@@ -466,23 +466,29 @@ def _sqlite_aggregate(
             )
 
         ctes.append(
-            "g2(e, path, o, has_ds, tf, tl) AS (SELECT * FROM (SELECT e, path, o, has_ds, "
-            f"{_first(q, 'g')} AS tf, {_first(q, 'g', 'max')} AS tl FROM g) WHERE tf IS NOT NULL)"
+            "g2(e, path, o, has_ds, tf) AS (SELECT * FROM (SELECT e, path, o, has_ds, "
+            f"{_first(q, 'g')} AS tf FROM g) WHERE tf IS NOT NULL)"
         )
-        # k runs over every period between the first and last instance (a month or more
-        # each, so a few hundred at most); the bounds may add one empty bucket at each end
+        # One index seek per non-empty period, as for hours and days: instances spread over
+        # centuries have hundreds of thousands of months between them, mostly empty (every
+        # period from the first to the last took 4 s for 0001 to 9999 by months). Two rows a
+        # period: one with t, the first time in it, whose k (the period's number) the next
+        # row computes; from k, the next row seeks the first time after the period.
+        kc = fdiv(f"{month_no('t')} - omn")  # t's month's period, or the one after t's
         ctes.append(
-            "g3(e, path, has_ds, omn, oday, otod, k, kmax) AS (SELECT e, path, has_ds, "
+            "g3(e, path, has_ds, omn, oday, otod, t, k) AS (SELECT e, path, has_ds, "
             f"{month_no('o')}, CAST(strftime('%d', {secs('o')}, 'unixepoch') AS INTEGER), "
-            "((o % 86400000000) + 86400000000) % 86400000000, "
-            f"{fdiv(month_no('tf') + ' - ' + month_no('o') + ' - 1')}, "
-            f"{fdiv(month_no('tl') + ' - ' + month_no('o'))} FROM g2 "
-            "UNION ALL SELECT e, path, has_ds, omn, oday, otod, k + 1, kmax FROM g3 "
-            "WHERE k < kmax)"
+            "((o % 86400000000) + 86400000000) % 86400000000, tf, NULL FROM g2 "
+            "UNION ALL SELECT e, path, has_ds, omn, oday, otod, CASE WHEN k IS NULL THEN t "
+            f"ELSE (SELECT min(x.{col}) FROM attr_history x WHERE x.e = g3.e "
+            f"AND x.path = g3.path AND x.{col} >= {above(add_months(f'(k + 1) * {m}'))}{upper}) "
+            f"END, CASE WHEN k IS NULL THEN {kc} - ({add_months(f'{kc} * {m}')} > t) END "
+            "FROM g3 WHERE t IS NOT NULL)"
         )
         ctes.append(
             f"b0(e, path, has_ds, bs, be) AS (SELECT e, path, has_ds, "
-            f"{add_months(f'k * {m}')}, {add_months(f'(k + 1) * {m}')} FROM g3)"
+            f"{add_months(f'k * {m}')}, {add_months(f'(k + 1) * {m}')} FROM g3 "
+            "WHERE k IS NOT NULL)"
         )
         ctes.append(f"{bk} (SELECT e, path, has_ds, bs, be, {shift('b0', 'bs')} FROM b0)")
     if whole:
@@ -631,25 +637,29 @@ def _pg_aggregate(
             return f"floor(({a})::numeric / {m})::int"
 
         def add_months(n: str) -> str:  # in UTC: timestamp + interval clamps the day
-            tm = f"({month_no('g2.ou')} + {n})"
+            tm = f"({month_no('lp.ou')} + {n})"
             return (
                 f"(CASE WHEN {tm} >= {_END_MONTH} THEN {_PG_END} "
                 f"WHEN {tm} < {_FIRST_MONTH} THEN {_PG_FIRST} "
-                f"ELSE (g2.ou + make_interval(months => {n})) AT TIME ZONE 'UTC' END)"
+                f"ELSE (lp.ou + make_interval(months => {n})) AT TIME ZONE 'UTC' END)"
             )
 
+        # one index seek per non-empty period, in two rows a period (see _sqlite_aggregate)
+        t_utc = "lp.t AT TIME ZONE 'UTC'"
+        kc = fdiv(f"{month_no(t_utc)} - {month_no('lp.ou')}")
         ctes.append(
-            "g2 AS (SELECT e, path, o AT TIME ZONE 'UTC' AS ou, tf AT TIME ZONE 'UTC' AS tf, "
-            f"tl AT TIME ZONE 'UTC' AS tl FROM (SELECT g.e, g.path, g.o, {_first(q, 'g')} AS tf, "
-            f"{_first(q, 'g', 'max')} AS tl FROM g) g1 WHERE tf IS NOT NULL)"
+            "lp AS (SELECT g.e, g.path, g.o AT TIME ZONE 'UTC' AS ou, "
+            f"{_first(q, 'g')} AS t, NULL::int AS k FROM g UNION ALL "
+            "SELECT lp.e, lp.path, lp.ou, CASE WHEN lp.k IS NULL THEN lp.t ELSE "
+            f"(SELECT min(x.{col}) FROM attr_history x WHERE x.e = lp.e AND x.path = lp.path"
+            f"{win} AND x.{col} >= {add_months(f'(lp.k + 1) * {m}')}) END, "
+            f"CASE WHEN lp.k IS NULL THEN {kc} - "
+            f"(CASE WHEN {add_months(f'{kc} * {m}')} > lp.t THEN 1 ELSE 0 END) END "
+            "FROM lp WHERE lp.t IS NOT NULL)"
         )
-        # every period between the first and last instance; the bounds may add an empty one
-        # at each end
         ctes.append(
-            f"bk AS (SELECT g2.e, g2.path, {add_months(f'k * {m}')} AS bs, "
-            f"{add_months(f'(k + 1) * {m}')} AS be FROM g2, generate_series("
-            f"{fdiv(month_no('g2.tf') + ' - ' + month_no('g2.ou') + ' - 1')}, "
-            f"{fdiv(month_no('g2.tl') + ' - ' + month_no('g2.ou'))}) k)"
+            f"bk AS (SELECT lp.e, lp.path, {add_months(f'lp.k * {m}')} AS bs, "
+            f"{add_months(f'(lp.k + 1) * {m}')} AS be FROM lp WHERE lp.k IS NOT NULL)"
         )
         cond += f" AND x.{col} >= bk.bs AND x.{col} < bk.be"
         bounds = "bk.bs, bk.be"
