@@ -404,6 +404,7 @@ class _JwksServer:
         self.doc: dict[str, Any] = {"keys": []}
         self.status = 200
         self.hits = 0
+        self.hold: threading.Event | None = None  # set: answer; unset: wait (up to 4 s)
         self._server: ThreadingHTTPServer | None = None
 
     def start(self) -> None:
@@ -412,6 +413,8 @@ class _JwksServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 outer.hits += 1
+                if outer.hold is not None:
+                    outer.hold.wait(4.0)
                 body = json.dumps(outer.doc).encode()
                 self.send_response(outer.status)
                 self.send_header("Content-Type", "application/json")
@@ -494,6 +497,42 @@ def test_a_failing_jwks_endpoint_alone_is_a_401_and_not_asked_on_every_request(
         server.stop()
     assert server.hits == 1  # the next ones fell in the retry pause
     assert [status for status, _ in _denials(app)] == [401, 401, 401]
+
+
+def test_a_slow_jwks_endpoint_holds_up_only_the_request_that_needs_it(
+    store: Any, tmp_path: Path
+) -> None:
+    """The JWKS fetch ran on the event loop: every other request waited for it. The endpoint
+    here answers only once another request has been served (or after 4 s)."""
+    idp = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    server = _JwksServer()
+    server.doc.update(_jwks(idp, "k1"))
+    server.hold = threading.Event()
+    server.start()
+    app = _oidc_app(store, tmp_path, jwks_url=server.url)
+    served: list[tuple[str, int]] = []
+    try:
+        with TestClient(app, raise_server_exceptions=False) as c:
+
+            def needs_the_endpoint() -> None:
+                served.append(("token", _whoami(c, _oidc_token(idp, "RS256", "k1")).status_code))
+
+            waiting = threading.Thread(target=needs_the_endpoint)
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while server.hits == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert server.hits == 1
+            served.append(("other", c.get(f"{E}/{TRAFFIC}").status_code))
+            server.hold.set()
+            waiting.join()
+            # the key is cached now: no thread, no fetch
+            assert _whoami(c, _oidc_token(idp, "RS256", "k1")).status_code == 200
+    finally:
+        server.hold.set()
+        server.stop()
+    assert served == [("other", 401), ("token", 200)]
+    assert server.hits == 1
 
 
 def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Governed) -> None:

@@ -38,7 +38,8 @@ ASYMMETRIC_ALGS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"
 API_KEY_PREFIX = "cwk_"
 _CACHE_SIZE = 4096
 API_KEY_CACHE_S = 30.0
-# a JWKS fetch blocks the request that needs it: an endpoint that does not answer is given up
+# a JWKS fetch holds up the request that needs it (on a worker thread, not the event loop: see
+# Identities.may_block): an endpoint that does not answer is given up
 # quickly, and not asked again for a while (keys it gave before still count meanwhile)
 JWKS_TIMEOUT_S = 5.0
 JWKS_RETRY_S = 30.0
@@ -249,6 +250,24 @@ class Identities:
             except jwt.InvalidSignatureError as exc:
                 last = exc
         raise AuthError(f"the token's signature does not verify: {last}")
+
+    def may_block(self, credential: str, *, api_key: bool) -> bool:
+        """Whether checking ``credential`` may wait on I/O: a device key not in the cache (a
+        database query), or a token whose kid the JWKS endpoint must be asked for (a fetch of
+        up to JWKS_TIMEOUT_S). The middleware then checks it on a worker thread, so that the
+        event loop serves the other requests meanwhile."""
+        if api_key:
+            hit = self._cache.get(credential)
+            return hit is None or hit.expires <= time.time()
+        client = self._jwks_client
+        if client is None:
+            return False
+        try:
+            kid = jwt.get_unverified_header(credential).get("kid")
+        except jwt.PyJWTError:
+            return False  # refused without a fetch
+        cached = client.jwk_set_cache.get() if client.jwk_set_cache is not None else None
+        return not any(k.key_id == kid for k in (cached.keys if cached else []))
 
     def _jwks_key(self, token: str, kid: object) -> tuple[Any | None, str]:
         """The JWKS endpoint's key for the token's kid, or None and why there is none.

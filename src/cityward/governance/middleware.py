@@ -13,6 +13,7 @@ import re
 from typing import Any
 from urllib.parse import unquote
 
+import anyio.to_thread
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,7 +50,9 @@ class GovernanceMiddleware:
         self.app = app
         self.gov = governance
 
-    def authenticate(self, scope: Scope) -> Principal:
+    async def authenticate(self, scope: Scope) -> Principal:
+        """The request's principal. A check that may wait on I/O (a device key not cached, a
+        JWKS fetch) runs on a worker thread: on the event loop it held up every request."""
         if self.gov.no_auth:
             return DEVELOPER
         auth = _header(scope, b"authorization")
@@ -58,17 +61,18 @@ class GovernanceMiddleware:
             return ANONYMOUS
         ids = self.gov.identities
         if api_key is not None:
-            return ids.verify_api_key(api_key.strip())
-        assert auth is not None
-        scheme, _, credential = auth.strip().partition(" ")
-        credential = credential.strip()
-        if scheme.lower() == "bearer" and credential:
-            if credential.startswith(API_KEY_PREFIX):
-                return ids.verify_api_key(credential)
-            return ids.verify_bearer(credential)
-        if scheme.lower() == "apikey" and credential:
-            return ids.verify_api_key(credential)
-        raise AuthError("the Authorization header must be 'Bearer <token>'")
+            credential, is_key = api_key.strip(), True
+        else:
+            assert auth is not None
+            scheme, _, credential = auth.strip().partition(" ")
+            credential = credential.strip()
+            if not credential or scheme.lower() not in ("bearer", "apikey"):
+                raise AuthError("the Authorization header must be 'Bearer <token>'")
+            is_key = scheme.lower() == "apikey" or credential.startswith(API_KEY_PREFIX)
+        verify = ids.verify_api_key if is_key else ids.verify_bearer
+        if ids.may_block(credential, api_key=is_key):
+            return await anyio.to_thread.run_sync(verify, credential)
+        return verify(credential)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -78,7 +82,7 @@ class GovernanceMiddleware:
         path: str = scope["path"]
         route = route_for(method, path)
         try:
-            principal = self.authenticate(scope)
+            principal = await self.authenticate(scope)
         except AuthError as exc:
             await self._refuse(
                 scope, send, route, ANONYMOUS, Unauthorized(str(exc), field="Authorization")
