@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from cityward.bank.errors import NgsiError
-from cityward.bank.query.sqlgen import Conjunct
+from cityward.bank.query.qlang import full_match
+from cityward.bank.query.sqlgen import Conjunct, regex_condition
 
 if TYPE_CHECKING:
     Dialect = Literal["sqlite", "postgres"]
@@ -59,8 +60,10 @@ def selection_conjunct(
             return "0 = 1"
         parts = []
         for p in items:
-            parts.append("e.eid ~ ?" if dialect == "postgres" else "regexp(?, e.eid)")
-            params.append(f"^(?:{p})$")
+            # validated at load (governance.sources), written out for the store's engine
+            sql, args = regex_condition("e.eid", full_match(p), dialect)
+            parts.append(sql)
+            params.extend(args)
         return "(" + " OR ".join(parts) + ")"
 
     def types(items: Sequence[str]) -> str:

@@ -56,6 +56,8 @@ import psycopg
 
 from cityward.bank.history import settle, settle_txn
 from cityward.bank.jsonld import ContextResolver
+from cityward.bank.query.qlang import full_match
+from cityward.bank.query.sqlgen import regex_condition
 from cityward.bank.store import Store
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.bank.temporal.times import add_months, datetime_to_us, us_to_datetime, us_to_iso
@@ -313,11 +315,15 @@ class Retention:
     # -- which entities belong to which source --------------------------------------------------
     def _patterns(self, sources: Sequence[DataSource]) -> tuple[str, list[Any]]:
         """SQL true when ``x.eid`` fully matches an id pattern of one of ``sources``."""
-        test = "regexp(?, x.eid)" if self.store.dialect == "sqlite" else "x.eid ~ ?"
-        params = [rf"\A(?:{p})\Z" for s in sources for p in s.id_patterns]
-        if not params:
+        parts: list[str] = []
+        params: list[Any] = []
+        for p in (p for s in sources for p in s.id_patterns):
+            sql, args = regex_condition("x.eid", full_match(p), self.store.dialect)
+            parts.append(sql)
+            params.extend(args)
+        if not parts:
             return "1 = 0", []
-        return " OR ".join([test] * len(params)), params
+        return " OR ".join(parts), params
 
     def _members(self) -> dict[str, list[int]]:
         """The entity pks of each source id (deleted entities are not listed here)."""

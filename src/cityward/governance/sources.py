@@ -15,6 +15,7 @@ from functools import cached_property
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cityward.bank.errors import BadRequestData
+from cityward.bank.query.qlang import full_match, portable_regex
 from cityward.bank.temporal.duration import Duration, parse_duration
 
 # The purpose every admin token carries: all purposes.
@@ -91,9 +92,16 @@ class DataSource(BaseModel):
     def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for p in value:
             try:
-                re.compile(p)
+                portable_regex(full_match(p))
             except re.error as exc:
-                raise ValueError(f"id pattern {p!r} is not a valid regex: {exc}") from exc
+                # PostgreSQL runs them too: a pattern Python reads one way and PostgreSQL
+                # another (or not at all) would sort entities differently on each store
+                shift = len(full_match(p)) - len(p) - 2  # what full_match put before it
+                where = "" if exc.pos is None else f" at position {max(exc.pos - shift, 0)}"
+                raise ValueError(
+                    f"id pattern {p!r} is not a valid regex of the subset both stores read "
+                    f"alike: {exc.msg}{where}"
+                ) from exc
         return value
 
     @field_validator("retention")
@@ -119,7 +127,8 @@ class DataSource(BaseModel):
 
     @cached_property
     def compiled_patterns(self) -> tuple[re.Pattern[str], ...]:
-        return tuple(re.compile(p) for p in self.id_patterns)
+        """The id patterns as Python reads them in SQLite: searches anchored at both ends."""
+        return tuple(re.compile(portable_regex(full_match(p)).python) for p in self.id_patterns)
 
 
 def default_sources() -> list[DataSource]:
@@ -308,7 +317,7 @@ class Catalog:
     def source_of(self, eid: str, types: Sequence[str]) -> DataSource:
         """The source an entity belongs to: its id pattern first, then its type."""
         for s in self._patterned:
-            if any(p.fullmatch(eid) for p in s.compiled_patterns):
+            if any(p.search(eid) for p in s.compiled_patterns):
                 return s
         for t in types:
             hit = self._by_type.get(t)

@@ -1120,6 +1120,13 @@ class _RegexReader:
 
 
 @functools.lru_cache(maxsize=1024)
+def full_match(pattern: str) -> str:
+    """A pattern that must match a whole text, as the search portable_regex takes: anchored
+    at both ends, a leading ``(?i)`` kept at the very start where the subset allows it."""
+    flags = "(?i)" if pattern.startswith("(?i)") else ""
+    return f"{flags}^(?:{pattern[len(flags) :]})$"
+
+
 def portable_regex(pattern: str) -> PortableRegex:
     """The pattern written for each engine; RegexNotPortable (a re.error) when it is outside
     the subset that both read alike (see above)."""
