@@ -76,16 +76,25 @@ def store_refused(exc: BaseException) -> StoreRefused | None:
 
 def pattern_refused(exc: BaseException, field: str) -> BadRequestData | None:
     """A BadRequestData on ``field`` (q or idPattern) for PostgreSQL refusing a regular
-    expression, else None.
+    expression, or SQLite's search giving up on one, else None.
 
     Patterns are held to a subset that PostgreSQL takes (qlang.portable_regex), so this is a
     second line of defence: a refusal the subset did not foresee is still the client's 400.
     """
+    import sqlite3
+
     import psycopg
+
+    from cityward.bank.query.sqlgen import RegexTooCostly, take_regex_timeout
 
     if isinstance(exc, psycopg.errors.InvalidRegularExpression):
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return BadRequestData(f"the store cannot run the pattern in {field}: {why}", field=field)
+    if isinstance(exc, sqlite3.OperationalError):
+        # SQLite's regexp() gave up on a value (sqlgen.BoundedPattern), on this thread
+        pattern = take_regex_timeout()
+        if pattern is not None:
+            return BadRequestData(f"{field}: {RegexTooCostly(pattern)}", field=field)
     return None
 
 

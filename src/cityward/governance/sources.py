@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cityward.bank.errors import BadRequestData
 from cityward.bank.query.qlang import full_match, portable_regex
+from cityward.bank.query.sqlgen import BoundedPattern, compile_pattern
 from cityward.bank.temporal.duration import Duration, parse_duration
 
 # The purpose every admin token carries: all purposes.
@@ -126,9 +127,9 @@ class DataSource(BaseModel):
         return parse_duration(self.retention)
 
     @cached_property
-    def compiled_patterns(self) -> tuple[re.Pattern[str], ...]:
-        """The id patterns as Python reads them in SQLite: searches anchored at both ends."""
-        return tuple(re.compile(portable_regex(full_match(p)).python) for p in self.id_patterns)
+    def compiled_patterns(self) -> tuple[BoundedPattern, ...]:
+        """The id patterns as SQLite runs them: searches anchored at both ends."""
+        return tuple(compile_pattern(full_match(p)) for p in self.id_patterns)
 
 
 def default_sources() -> list[DataSource]:

@@ -28,9 +28,10 @@ from cityward.api.params import (
     filter_from_params,
     paging,
     parse_options,
+    pattern_field,
     split_list,
 )
-from cityward.bank.errors import BadRequestData, InvalidRequest
+from cityward.bank.errors import BadRequestData, InvalidRequest, pattern_refused
 from cityward.bank.jsonld import Context
 from cityward.bank.model import EntityParser, Mode, check_attr_name, check_type_name, check_uri
 from cityward.bank.render import View, render_entity
@@ -136,11 +137,23 @@ async def query_entities(request: Request) -> Response:
         )
     view = build_view(params, ctx)
     spec = QuerySpec()
-    compile_filter(filter_from_params(params, ctx), ctx, rt.bank.store.dialect, spec)
+    flt = filter_from_params(params, ctx)
+    compile_filter(flt, ctx, rt.bank.store.dialect, spec)
     paging(params, spec, rt.bank.default_limit, rt.bank.max_limit)
     tenant = tenant_of(request)
     rt.bank.check_tenant(tenant)
-    docs, total = await run_in_threadpool(rt.bank.store.query, tenant, spec)
+
+    def run() -> tuple[list[dict[str, Any]], int | None]:
+        try:
+            return rt.bank.store.query(tenant, spec)
+        except Exception as exc:  # a store refusing or giving up on a pattern: the client's 400
+            field = pattern_field(flt)
+            refused = None if field is None else pattern_refused(exc, field)
+            if refused is None:
+                raise
+            raise refused from exc
+
+    docs, total = await run_in_threadpool(run)
     headers = page_headers(request, spec, len(docs), total)
     data = render_many(
         docs, ctx, view, media, ctx.expand(params.get("geometryProperty", "location"))

@@ -17,9 +17,12 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
+
+import regex
 
 from cityward.bank.errors import OperationNotSupported
 from cityward.bank.query.indexer import (
@@ -61,30 +64,82 @@ from cityward.bank.query.qlang import (
 Dialect: TypeAlias = Literal["sqlite", "postgres"]
 Expand: TypeAlias = Callable[[str], str]
 
-REGEX_FLAGS = re.DOTALL  # PostgreSQL's default: '.' also matches a newline
+REGEX_FLAGS = regex.DOTALL  # PostgreSQL's default: '.' also matches a newline
+# Python's re backtracks without limit: (a+)+b took exponential time on a long run of a's
+# that ends in no b, and held a query's thread (SQLite), or the subscription matcher inside a
+# write, for ever. The regex module reads the portable subset as re does (version 0, the
+# default) and gives up a search after a time limit: REGEX_TIMEOUT_S a value. PostgreSQL's
+# engine does not backtrack like this; there the subset's limits suffice.
+REGEX_TIMEOUT_S = 0.05
+
+
+class RegexTooCostly(Exception):
+    """A search gave up after REGEX_TIMEOUT_S on one value (``pattern`` as run)."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__(
+            f"the pattern takes too long to search a value (more than {REGEX_TIMEOUT_S:g} s): "
+            "nested or adjacent repeats such as (a+)+ or a*a* can make a search take "
+            "exponential time; write the pattern without them"
+        )
+        self.pattern = pattern
+
+
+class BoundedPattern:
+    """A compiled pattern whose searches give up after REGEX_TIMEOUT_S (RegexTooCostly)."""
+
+    __slots__ = ("_rx", "text")
+
+    def __init__(self, text: str, flags: int = 0) -> None:
+        self.text = text
+        try:
+            self._rx = regex.compile(text, flags)
+        except regex.error as exc:  # a re.error, as callers that validate patterns expect
+            raise re.error(str(exc), text) from exc
+
+    def search(self, value: str) -> regex.Match[str] | None:
+        try:
+            return self._rx.search(value, timeout=REGEX_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise RegexTooCostly(self.text) from exc
 
 
 @functools.lru_cache(maxsize=512)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
+def compile_pattern(pattern: str) -> BoundedPattern:
     """A q pattern or idPattern compiled as SQLite and the Python evaluator apply it.
 
     Only the portable subset is taken (qlang.portable_regex), so that it matches what
     PostgreSQL matches; outside it, RegexNotPortable (a re.error).
     """
-    return re.compile(portable_regex(pattern).python)
+    return BoundedPattern(portable_regex(pattern).python)
 
 
 @functools.lru_cache(maxsize=512)
-def _raw_pattern(pattern: str) -> re.Pattern[str]:
-    return re.compile(pattern, REGEX_FLAGS)
+def _raw_pattern(pattern: str) -> BoundedPattern:
+    return BoundedPattern(pattern, REGEX_FLAGS)
+
+
+_gave_up = threading.local()  # the pattern of the last search that gave up, per thread
+
+
+def take_regex_timeout() -> str | None:
+    """The pattern whose search in regexp() gave up on this thread since the last call (SQLite
+    reports only "user-defined function raised exception"), or None."""
+    pattern: str | None = getattr(_gave_up, "pattern", None)
+    _gave_up.pattern = None
+    return pattern
 
 
 def _sqlite_regexp(pattern: str | None, value: str | None) -> int | None:
-    # The pattern arrives as written for Python (PortableRegex.python for q and idPattern;
-    # governance id patterns are passed as configured), so it is compiled as it is.
+    # The pattern arrives as written for Python (PortableRegex.python), so it is compiled as
+    # it is.
     if pattern is None or value is None:
         return None  # SQL NULL in, NULL out: a WHERE treats it as no match
-    return 1 if _raw_pattern(pattern).search(value) else 0
+    try:
+        return 1 if _raw_pattern(pattern).search(value) else 0
+    except RegexTooCostly:
+        _gave_up.pattern = pattern
+        raise
 
 
 def register_sqlite_functions(conn: sqlite3.Connection) -> None:
