@@ -90,7 +90,7 @@ def pattern_refused(exc: BaseException, field: str) -> BadRequestData | None:
     if isinstance(exc, psycopg.errors.InvalidRegularExpression):
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         return BadRequestData(f"the store cannot run the pattern in {field}: {why}", field=field)
-    if isinstance(exc, sqlite3.OperationalError):
+    if isinstance(exc, sqlite3.OperationalError) and "user-defined function" in str(exc):
         # SQLite's regexp() gave up on a value (sqlgen.BoundedPattern), on this thread
         pattern = take_regex_timeout()
         if pattern is not None:
