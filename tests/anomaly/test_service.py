@@ -311,6 +311,45 @@ def test_restart_does_not_duplicate_an_open_alert(bank: Bank) -> None:
     assert second.snapshot().opened == 0
 
 
+@pytest.mark.parametrize("change", ["source deleted", "watch narrowed"])
+def test_an_open_alert_whose_source_is_gone_after_a_restart_is_closed(
+    bank: Bank, change: str
+) -> None:
+    """While the service was down the sensor was decommissioned, or the watch's id_pattern
+    narrowed to leave it out: no reading of it would ever close its alert, which stayed open
+    for ever."""
+    rng = random.Random(1)
+    t = T0 + timedelta(hours=10)
+    first = run_service(bank, gaussian_watch(name="speed", warmup=50))
+    try:
+        for _ in range(100):
+            observe(bank, SENSOR, t, averageVehicleSpeed=round(55 + rng.gauss(0, 2), 2))
+            t += STEP
+        for _ in range(5):
+            observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
+            t += STEP
+        assert first.wait_idle()
+    finally:
+        first.stop()
+    (opened,) = alerts(bank)
+    assert opened["alertStatus"] == "open"
+    watch = gaussian_watch(name="speed", warmup=50)
+    if change == "source deleted":
+        bank.delete("", SENSOR)
+    else:
+        ring = "urn:ngsi-ld:TrafficFlowObserved:ring-.*"
+        watch = gaussian_watch(name="speed", warmup=50, id_pattern=ring)
+    second = run_service(bank, watch)
+    try:
+        assert second.open_alerts() == {}
+        assert second.snapshot().restored == 0
+    finally:
+        second.stop()
+    (closed,) = alerts(bank)
+    assert closed["id"] == opened["id"] and closed["alertStatus"] == "closed"
+    assert closed["validTo"]
+
+
 def test_a_restarted_service_warms_its_streams_from_the_recorded_history(store: Store) -> None:
     """After a restart the detector first learns the attribute's recorded history: the first
     new value may already be judged (cold, it would take a day of 5-minute readings, 288
@@ -522,6 +561,35 @@ def test_traffic_rule_fires_on_occupancy_up_and_speed_down(bank: Bank) -> None:
     assert "averageVehicleSpeed" in alert["description"] and "% below" in alert["description"]
     assert alert["anomalousProperty"] == "occupancy, averageVehicleSpeed, intensity"
     assert alert["data"]["rule"] == "traffic-incident"
+
+
+def test_a_broken_intensity_counter_leaves_the_traffic_rule_on(bank: Bank) -> None:
+    """intensity is optional: when the counter stops reporting (its last value stays on the
+    entity, observed ever longer ago), the rule goes on with occupancy and speed. Every reading
+    was refused as "inputs observed too far apart", and the blockage raised nothing."""
+    rng = random.Random(5)
+    step = timedelta(minutes=10)
+    service = run_service(bank, INCIDENT)
+    try:
+        t = replay_days(bank, rng, 2.0, step)
+        for _ in range(60):  # the counter is broken from here on
+            reading = traffic(rng, t)
+            del reading["intensity"]
+            observe(bank, SENSOR, t, **reading)
+            t += step
+        start = t
+        for _ in range(6):
+            observe(bank, SENSOR, t, occupancy=0.45, averageVehicleSpeed=9.0)
+            t += step
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    snap = service.snapshot()
+    assert snap.skipped["inputs observed too far apart"] == 0
+    assert snap.skipped["optional input observed too far apart, left out"] > 0
+    (alert,) = alerts(bank)
+    assert when(alert["validFrom"]) == start
+    assert alert["anomalousProperty"] == "occupancy, averageVehicleSpeed"
 
 
 def test_a_restarted_traffic_rule_warms_from_the_recorded_history(store: Store) -> None:

@@ -593,7 +593,7 @@ class AnomalyService:
         if not any(_attr_matches(n, a) for a in changed for n in names):
             return None
         values: dict[str, float] = {}
-        times: list[float] = []
+        times: dict[str, float] = {}
         iris: dict[str, str] = {}
         for name in names:
             iri = self._find(change.after, name)
@@ -607,11 +607,18 @@ class AnomalyService:
                     return None
                 continue
             values[name] = read[0]
-            times.append(read[1])
-        t = max(times)
-        if t - min(times) > cfg.max_skew_s:
+            times[name] = read[1]
+        if not _close_enough(times, required, cfg.max_skew_s):
             self._skip("inputs observed too far apart", watch, change.entity_id)
             return None
+        for name in optional:
+            if name in times and not _close_enough(times, (*required, name), cfg.max_skew_s):
+                # an optional input that stopped reporting (a broken counter) is left out; it
+                # must not switch the rule off for the sensor
+                why = "optional input observed too far apart, left out"
+                self._skip(why, watch, change.entity_id, name)
+                del values[name], times[name]
+        t = max(times.values())
         attrs = tuple(local_name(n) for n in values)
 
         def step(stream: _Stream) -> _Point:
@@ -720,10 +727,16 @@ class AnomalyService:
                     continue  # the other inputs of the same time first
                 if any(r not in latest for r in required):
                     continue
-                when = [w for _, w in latest.values()]
-                if max(when) - min(when) > watch.rule.max_skew_s:
+                when = {k: w for k, (_, w) in latest.items()}
+                skew = watch.rule.max_skew_s
+                if not _close_enough(when, required, skew):
                     continue
-                rule.process({k: v for k, (v, _) in latest.items()}, ti)
+                used = {
+                    k: v
+                    for k, (v, _) in latest.items()
+                    if k in required or _close_enough(when, (*required, k), skew)
+                }
+                rule.process(used, ti)
                 self._warmed(stream, ti)
 
     def _warmed(self, stream: _Stream, t: float) -> None:
@@ -1008,6 +1021,12 @@ class AnomalyService:
         if self._pending:  # alerts of watches that no longer exist: closed at once
             self._flush(final=True)
 
+    def _covers(self, watch: WatchT, entity: Doc) -> bool:
+        """Whether ``watch`` follows ``entity`` (its id and one of its types)."""
+        if not watch.matches_id(str(entity["id"])):
+            return False
+        return any(_type_matches(watch.entity_type, str(t)) for t in entity.get("type", []))
+
     def _adopt(self, tenant: str, doc: Doc) -> None:
         def value(name: str) -> Any:
             inst = _instance(doc["attrs"].get(self.ctx.expand(name), []))
@@ -1046,6 +1065,19 @@ class AnomalyService:
             )
             self._close_alert(incident, now_iso(), "watch no longer configured")
             return
+        # while the service was down its source may have been deleted, or the watch changed
+        # so that it no longer covers it: no reading of it would ever close the alert
+        with self._as_service():
+            entity = self.bank.store.get(tenant, source)
+        gone = None
+        if entity is None:
+            gone = "source entity deleted"
+        elif not self._covers(self.watches[watch], entity):
+            gone = "the watch no longer covers the source"
+        if gone is not None:
+            log.warning("anomaly: open alert %s: %s; closing it", doc["id"], gone)
+            self._close_alert(incident, now_iso(), gone)
+            return
         previous = self._open.get(key)
         if previous is not None and previous.alert_id == incident.alert_id:
             return  # started again after a stop: already known
@@ -1054,6 +1086,12 @@ class AnomalyService:
             self._close_alert(older, now_iso(), "duplicate of " + incident.alert_id)
         self._open[key] = incident
         self.stats.restored += 1
+
+
+def _close_enough(times: dict[str, float], names: Sequence[str], max_skew_s: float) -> bool:
+    """Whether the inputs ``names`` (all in ``times``) were observed within max_skew_s."""
+    when = [times[n] for n in names]
+    return max(when) - min(when) <= max_skew_s
 
 
 def _type_matches(watched: str, iri: str) -> bool:
