@@ -82,7 +82,24 @@ def encode_change(change: Change) -> bytes:
 
 
 def decode_change(data: bytes | str) -> Change:
+    """A change as encode_change wrote it; ValueError (or KeyError, TypeError) for anything
+    else: a document must be null or an entity (its type list and attrs), or every listener
+    of the feed would meet the damage later, each in its own way."""
     d = orjson.loads(data)
+    for side in ("before", "after"):
+        doc = d[side]
+        if doc is not None and not (
+            isinstance(doc, dict)
+            and isinstance(doc.get("id"), str)
+            and isinstance(doc.get("type"), list)
+            and isinstance(doc.get("attrs"), dict)
+        ):
+            raise ValueError(f"{side} is not an entity document")
+    if d["before"] is None and d["after"] is None:
+        raise ValueError("a change needs before or after")
+    for key in ("tenant", "entity_id", "at"):
+        if not isinstance(d[key], str):
+            raise ValueError(f"{key} is not a string")
     return Change(d["tenant"], int(d["pk"]), d["entity_id"], d["before"], d["after"], d["at"])
 
 

@@ -15,7 +15,7 @@ holding memory; the page then reconnects and reloads its state.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -31,6 +31,7 @@ from cityward.bank.render import View, render_entity
 from cityward.governance.sources import Catalog
 
 KEY_VALUES = View(fmt="keyValues")
+log = logging.getLogger("cityward.web")
 RATE_WINDOW_S = 10.0
 
 
@@ -75,21 +76,32 @@ class LiveHub:
             self._handle.close()
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await self._task
+            except asyncio.CancelledError:
+                pass
+            except Exception:  # the rest of the app's shutdown must still run
+                log.exception("live hub: the fan-out task had failed")
 
     def _listen(self, changes: Sequence[Change]) -> None:
+        now = time.monotonic()
         with self._lock:
             self._pending.extend(changes)
-            self._counts.append((time.monotonic(), len(changes)))
+            self._counts.append((now, len(changes)))
+            self._prune(now)
+
+    def _prune(self, now: float) -> None:
+        """Forget counts older than the rate window (with the lock held): they were kept
+        until a dashboard asked for the rate, without end while none was connected."""
+        while self._counts and self._counts[0][0] < now - RATE_WINDOW_S:
+            self._counts.popleft()
 
     # -- figures --------------------------------------------------------------------------
     def ingest_rate(self) -> float:
         """Entity changes committed per second over the last RATE_WINDOW_S seconds."""
         now = time.monotonic()
         with self._lock:
-            while self._counts and self._counts[0][0] < now - RATE_WINDOW_S:
-                self._counts.popleft()
+            self._prune(now)
             n = sum(c for _, c in self._counts)
         return n / RATE_WINDOW_S
 
@@ -104,26 +116,34 @@ class LiveHub:
                 self._fan_out(changes)
 
     def _fan_out(self, changes: list[Change]) -> None:
-        latest: dict[str, Change] = {}
+        # the newest change of each entity of each tenant (tenants reuse entity ids)
+        latest: dict[tuple[str, str], Change] = {}
         for c in changes:
-            latest[c.entity_id] = c
-        for eid, change in latest.items():
-            types = change.types
-            source = self.catalog.source_of(eid, types)
-            short = frozenset(self.context.compact(t) for t in types)
-            if change.after is None:
-                event = sse("delete", {"id": eid, "type": sorted(short)})
-            else:
-                event = sse("entity", render_entity(dict(change.after), self.context, KEY_VALUES))
-            for viewer in list(self.viewers):
-                # tenants are separate data banks: a dashboard never sees another's entities
-                if viewer.tenant != change.tenant:
-                    continue
-                if not self.catalog.allows(viewer.purposes, source):
-                    continue
-                if viewer.types is not None and viewer.types.isdisjoint(short):
-                    continue
-                self._put(viewer, event)
+            latest[(c.tenant, c.entity_id)] = c
+        for change in latest.values():
+            try:
+                self._send(change)
+            except Exception:  # one bad change must not end the fan-out for every dashboard
+                log.exception("live hub: could not send the change of %s", change.entity_id)
+
+    def _send(self, change: Change) -> None:
+        eid = change.entity_id
+        types = change.types
+        source = self.catalog.source_of(eid, types)
+        short = frozenset(self.context.compact(t) for t in types)
+        if change.after is None:
+            event = sse("delete", {"id": eid, "type": sorted(short)})
+        else:
+            event = sse("entity", render_entity(dict(change.after), self.context, KEY_VALUES))
+        for viewer in list(self.viewers):
+            # tenants are separate data banks: a dashboard never sees another's entities
+            if viewer.tenant != change.tenant:
+                continue
+            if not self.catalog.allows(viewer.purposes, source):
+                continue
+            if viewer.types is not None and viewer.types.isdisjoint(short):
+                continue
+            self._put(viewer, event)
 
     def _put(self, viewer: Viewer, event: bytes) -> None:
         try:
@@ -131,6 +151,10 @@ class LiveHub:
         except asyncio.QueueFull:
             viewer.dropped = True
             self.viewers.discard(viewer)
+            # its stream sends "reload" next, if the client ever reads again: the queued
+            # events would be held for as long as a stalled connection stays open
+            while not viewer.queue.empty():
+                viewer.queue.get_nowait()
 
     async def stream(
         self,
