@@ -514,7 +514,10 @@ def traffic_bench(
     ),
     end: Annotated[
         float | None,
-        typer.Option(help="Stop after this simulated time (s) instead of the scenario's end."),
+        typer.Option(
+            help="Stop at this simulated time (s, absolute as in the .sumocfg, after every "
+            "scenario's begin) instead of the scenario's end."
+        ),
     ] = None,
 ) -> None:
     """Run controllers on SUMO scenarios; write results.json/csv and keep SUMO's tripinfo."""
@@ -561,6 +564,16 @@ def traffic_bench(
         raise typer.BadParameter(
             "seeds must be integers, e.g. 1,2,3", param_hint="--seeds"
         ) from exc
+    if not seed_list:
+        raise typer.BadParameter("seeds must be integers, e.g. 1,2,3", param_hint="--seeds")
+    if end is not None:
+        # an absolute simulated time, as SUMO's --end: scenarios begin at different times
+        early = [f"{n} begins at {found[n].begin:g} s" for n in names if end <= found[n].begin]
+        if early:
+            raise typer.BadParameter(
+                f"--end {end:g} is not after the begin of every scenario: {'; '.join(early)}",
+                param_hint="--end",
+            )
     rows = []
     # with emergency vehicles, each run is paired with the same run without them
     evs = [0.0, ev_per_hour] if ev_per_hour > 0 else [0.0]
@@ -623,9 +636,8 @@ def _run_scenario(
 ) -> tuple[str, Path, float, float]:
     """(name, .sumocfg, begin, end) of --scenario NAME or --sumocfg FILE."""
     import re
-    import xml.etree.ElementTree as ET
 
-    from cityward.traffic.bench import find_scenarios
+    from cityward.traffic.bench import find_scenarios, read_sumocfg_times
 
     if (scenario is None) == (sumocfg is None):
         raise typer.BadParameter("give --scenario NAME or --sumocfg FILE", param_hint="--scenario")
@@ -643,20 +655,12 @@ def _run_scenario(
         return s.name, s.cfg, s.begin, s.end
     assert sumocfg is not None
     try:
-        tree = ET.parse(sumocfg).getroot()
-    except ET.ParseError as exc:
-        raise typer.BadParameter(
-            f"{sumocfg} is not valid XML: {exc}", param_hint="--sumocfg"
-        ) from exc
-    begin, end = tree.find("./time/begin"), tree.find("./time/end")
+        begin, end = read_sumocfg_times(sumocfg)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--sumocfg") from exc
     stem = re.sub(r"[^A-Za-z0-9._-]", "-", sumocfg.name.removesuffix(".sumocfg"))
     name = stem.lstrip("-._")[:64] or "sim"
-    return (
-        name,
-        sumocfg,
-        float(begin.get("value", "0")) if begin is not None else 0.0,
-        float(end.get("value", "3600")) if end is not None else 3600.0,
-    )
+    return name, sumocfg, begin, end
 
 
 @traffic_app.command("run")
@@ -817,10 +821,12 @@ def traffic_run(
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            backend.close()
-            if feed is not None:
-                progress.update(task, description="flushing to the data bank")
-                feed.close()
+            try:
+                backend.close()
+            finally:  # what the feed holds reaches the bank whatever closing SUMO did
+                if feed is not None:
+                    progress.update(task, description="flushing to the data bank")
+                    feed.close()
     table = Table(title=f"{name} / {controller} / seed {seed}", show_header=False)
     note = " (interrupted)" if interrupted else ""
     table.add_row("simulated", f"{reached - begin:.0f} s{note}")

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from cityward.cli import app
-from cityward.traffic.bench import COLUMNS
+from cityward.traffic.bench import COLUMNS, find_scenarios, sumo_time
 from cityward.traffic.controllers import load_builtin
 from tests.conftest import shared_path
 
@@ -138,3 +138,41 @@ def test_the_control_run_drives_the_same_runs_as_ordinary_cars(tmp_path: Path) -
     assert set(trips[False].values()) == {EV_TYPE}
     assert rows[False]["_ev_served"] == 4 and rows[True]["_ev_served"] == 0
     assert rows[True]["ev_travel_time_s"] is None and rows[True]["ev_count"] == 4
+
+
+def test_sumo_times_and_unreadable_scenarios(tmp_path: Path) -> None:
+    """SUMO reads 1:00:00 as 3600 s; cityward failed on it with a traceback, and one
+    half-written .sumocfg in the folder stopped every scenario of it, without its name."""
+    assert sumo_time("3600") == 3600.0
+    assert sumo_time("0:10:00") == 600.0
+    assert sumo_time("1:00:00:00") == 86400.0
+    assert sumo_time("2:30.5") == 150.5
+    for bad in ("", "1::2", "a:00", "1:2:3:4:5", "nan"):
+        with pytest.raises(ValueError):
+            sumo_time(bad)
+    for name, body in (
+        ("hms", '<configuration><time><begin value="0:00:00"/><end value="1:00:00"/></time>'),
+        ("draft", "<configuration><time>"),
+        ("odd", '<configuration><time><end value="soon"/></time></configuration>'),
+    ):
+        (tmp_path / name).mkdir()
+        text = body if name != "hms" else body + "</configuration>"
+        (tmp_path / name / f"{name}.sumocfg").write_text(text)
+    found = find_scenarios(tmp_path)
+    assert list(found) == ["hms"] and (found["hms"].begin, found["hms"].end) == (0.0, 3600.0)
+    r = CliRunner().invoke(
+        app, ["traffic", "run", "--sumocfg", str(tmp_path / "draft" / "draft.sumocfg")]
+    )
+    flat = "".join(c for c in r.output if not c.isspace() and c != "\u2502")  # rich's box
+    assert r.exit_code == 2 and "draft/draft.sumocfg:noelementfound" in flat, r.output
+
+
+def test_bench_refuses_an_end_before_a_scenarios_begin_and_empty_seeds(tmp_path: Path) -> None:
+    """cologne1 begins at 25200 s: --end 600 failed inside SUMO with a traceback, and an end
+    at its begin gave a silent nan; "--seeds ," a KeyError after an empty run."""
+    for end in ("600", "25200"):
+        r = bench(tmp_path / "b", "--scenario", "cologne1", "--seeds", "1", "--end", end)
+        assert r.exit_code == 2, r.output
+        assert "cologne1beginsat25200s" in "".join(r.output.split()), r.output
+    r = bench(tmp_path / "b", "--scenario", "cologne1", "--seeds", ",")
+    assert r.exit_code == 2 and "seedsmustbeintegers" in "".join(r.output.split()), r.output

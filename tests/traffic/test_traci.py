@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
+
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
 
 
@@ -22,3 +24,15 @@ def test_traci_and_libsumo_show_the_same_signals(grid_cfg: Path) -> None:
     assert states["traci"] == states["libsumo"]
     switched = {s["B1"] for s in states["traci"]}
     assert len(switched) > 3, "the signals should have changed"
+
+
+def test_closing_after_sumo_is_gone_is_quiet(grid_cfg: Path) -> None:
+    """A Ctrl-C in a terminal reaches SUMO too: closing TraCI then raised, and `traffic run`
+    skipped flushing its data-bank feed and its summary."""
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=4), "--end", "240"], api="traci")
+    sumo = [p for p in psutil.Process().children() if "sumo" in p.name()]
+    assert len(sumo) == 1, sumo
+    sumo[0].kill()
+    sumo[0].wait(10)
+    backend.close()  # does not raise
+    backend.close()  # nor again

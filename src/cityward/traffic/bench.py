@@ -8,6 +8,8 @@ figures in OUT/results.json and OUT/results.csv are computed from those files al
 from __future__ import annotations
 
 import csv
+import logging
+import math
 import statistics
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -26,6 +28,8 @@ from cityward.traffic.emergency import (
 )
 from cityward.traffic.metrics import parse_tripinfo
 from cityward.traffic.sumo import SumoBackend, control_loop, scenario_args
+
+log = logging.getLogger("cityward.traffic")
 
 COLUMNS = [
     "scenario",
@@ -65,20 +69,48 @@ class Scenario:
     end: float
 
 
-def find_scenarios(root: Path) -> dict[str, Scenario]:
-    """Every ``<name>/<name>.sumocfg`` under ``root`` (RESCO and LibSignal layouts)."""
-    out: dict[str, Scenario] = {}
-    for cfg in sorted(root.glob("**/*.sumocfg")):
+def sumo_time(text: str) -> float:
+    """A time as SUMO reads it in a configuration: seconds ("3600", "25.5") or
+    [[days:]hours:]minutes:seconds ("1:00:00", "1:00:00:00"); ValueError otherwise."""
+    parts = text.strip().split(":")
+    if len(parts) > 4 or not all(parts):
+        raise ValueError(f"{text!r} is not a time (seconds, or [[d:]h:]m:s)")
+    value = 0.0
+    for part, unit in zip(reversed(parts), (1, 60, 3600, 86400), strict=False):
+        number = float(part)  # ValueError for anything else
+        if not math.isfinite(number):
+            raise ValueError(f"{text!r} is not a time (seconds, or [[d:]h:]m:s)")
+        value += number * unit
+    return value
+
+
+def read_sumocfg_times(cfg: Path) -> tuple[float, float]:
+    """(begin, end) of a SUMO configuration (0 and 3600 when it sets none); ValueError naming
+    the file when it is not XML or its times are not times."""
+    try:
         tree = ET.parse(cfg).getroot()
         begin = tree.find("./time/begin")
         end = tree.find("./time/end")
-        name = cfg.stem
-        out[name] = Scenario(
-            name,
-            cfg,
-            float(begin.get("value", "0")) if begin is not None else 0.0,
-            float(end.get("value", "3600")) if end is not None else 3600.0,
+        return (
+            sumo_time(begin.get("value", "0")) if begin is not None else 0.0,
+            sumo_time(end.get("value", "3600")) if end is not None else 3600.0,
         )
+    except (ET.ParseError, ValueError) as exc:
+        raise ValueError(f"{cfg}: {exc}") from exc
+
+
+def find_scenarios(root: Path) -> dict[str, Scenario]:
+    """Every ``<name>/<name>.sumocfg`` under ``root`` (RESCO and LibSignal layouts). A file
+    that cannot be read is left out with a warning naming it: one half-written draft must not
+    stop every other scenario of the folder."""
+    out: dict[str, Scenario] = {}
+    for cfg in sorted(root.glob("**/*.sumocfg")):
+        try:
+            begin, end = read_sumocfg_times(cfg)
+        except ValueError as exc:
+            log.warning("scenario left out: %s", exc)
+            continue
+        out[cfg.stem] = Scenario(cfg.stem, cfg, begin, end)
     return out
 
 

@@ -243,9 +243,14 @@ class SumoBackend(SignalBackend):
                 self._evs.pop(vid, None)
 
     def close(self) -> None:
+        """Close SUMO; quietly when it is gone already (a Ctrl-C in a terminal reaches SUMO
+        too, and TraCI then fails on the closed connection)."""
         if not self._closed:
             self._closed = True
-            self.t.close()
+            try:
+                self.t.close()
+            except Exception as exc:
+                log.debug("closing SUMO: %s", exc)
 
 
 @dataclass
