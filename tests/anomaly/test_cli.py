@@ -92,6 +92,26 @@ def test_clear_errors(corpus: tuple[Path, Path], tmp_path: Path) -> None:
     assert not out.exists()  # nothing half-written
 
 
+@pytest.mark.parametrize(("value", "why"), [("nan", "is not a number"), ("abc", "abc")])
+def test_a_data_file_with_a_value_that_is_not_a_number_names_its_line(
+    corpus: tuple[Path, Path], tmp_path: Path, value: str, why: str
+) -> None:
+    """A nan was taken and poisoned every detector for the rest of the file (scores of 1, or
+    nan); a word was a traceback with exit code 1."""
+    data, labels = corpus
+    path = data / FILES[2]
+    lines = path.read_text().splitlines()
+    stamp = lines[10].split(",")[0]
+    lines[10] = f"{stamp},{value}"
+    path.write_text("\n".join(lines) + "\n")
+    args = ["anomaly", "nab", "--data", str(data), "--labels", str(labels), "--jobs", "1"]
+    r = CliRunner().invoke(app, [*args, "--output", str(tmp_path / "o")])
+    flat = "".join(c for c in r.output if not c.isspace() and c != "\u2502")  # rich's box
+    assert r.exit_code == 2, r.output
+    assert "--data" in r.output and f"{FILES[2]},line11:" in flat, r.output
+    assert why.replace(" ", "") in flat, r.output
+
+
 def test_detectors_lists_every_registered_one() -> None:
     r = CliRunner().invoke(app, ["anomaly", "detectors"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output

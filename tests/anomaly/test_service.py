@@ -563,6 +563,24 @@ def test_traffic_rule_fires_on_occupancy_up_and_speed_down(bank: Bank) -> None:
     assert alert["data"]["rule"] == "traffic-incident"
 
 
+def test_sentinel_values_at_the_limits_of_a_double_are_not_learnt(bank: Bank) -> None:
+    """A device sending 1e308 and -1e308 (no reading): learnt, they kept the default detector
+    alarming, and its alert never closed. They are counted and left out."""
+    rng = random.Random(1)
+    t = T0 + timedelta(hours=10)
+    service = run_service(bank, speed_watch())
+    try:
+        for n in range(1300):
+            value = {300: 1e308, 301: -1e308}.get(n, round(55 + rng.gauss(0, 2), 2))
+            observe(bank, SENSOR, t, averageVehicleSpeed=value)
+            t += STEP
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    assert service.snapshot().skipped["value beyond any measurement"] == 2
+    assert [a["alertStatus"] for a in alerts(bank)] in ([], ["closed"])
+
+
 def test_a_broken_intensity_counter_leaves_the_traffic_rule_on(bank: Bank) -> None:
     """intensity is optional: when the counter stops reporting (its last value stays on the
     entity, observed ever longer ago), the rule goes on with occupancy and speed. Every reading

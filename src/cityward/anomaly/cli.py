@@ -108,7 +108,10 @@ def nab(
             progress.update(task, description=f"{detector}: {key}")
             progress.advance(task)
 
-        run = run_corpus(data, detector, cfg, jobs=jobs or None, on_file=done)
+        try:
+            run = run_corpus(data, detector, cfg, jobs=jobs or None, on_file=done)
+        except ValueError as e:  # a data file that cannot be read: its name and line
+            raise typer.BadParameter(str(e), param_hint="--data") from None
     try:
         scores = score_run(run, windows)
     except ValueError as e:

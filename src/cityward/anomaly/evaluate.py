@@ -10,6 +10,7 @@ figures go to ``OUT/scores.json``.
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -55,10 +56,14 @@ def read_series(path: Path, key: str) -> Series:
             if not row:
                 continue
             try:
-                stamps.append(datetime.fromisoformat(row[0]).replace(tzinfo=UTC))
-                values.append(float(row[1]))
+                stamp = datetime.fromisoformat(row[0]).replace(tzinfo=UTC)
+                value = float(row[1])
             except (ValueError, IndexError) as e:
                 raise ValueError(f"{path}, line {n}: {e}") from None
+            if not math.isfinite(value):  # one nan poisoned every detector for the rest
+                raise ValueError(f"{path}, line {n}: the value {row[1]!r} is not a number")
+            stamps.append(stamp)
+            values.append(value)
     return Series(key, stamps, np.asarray(values, dtype=float))
 
 

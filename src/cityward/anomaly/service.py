@@ -69,6 +69,9 @@ if TYPE_CHECKING:
     from cityward.governance.runtime import Governance
 
 log = logging.getLogger("cityward.anomaly")
+# Readings beyond this are a device's sentinel (1e308, -1e308), not a measurement: learnt, they
+# overflowed the detectors' squares and differences (inf, then nan) and kept them alarming.
+MAX_MAGNITUDE = 1e100
 
 #: who the service is: the audit trail's actor and the ``dataProvider`` of its alerts
 SERVICE_ID = "cityward-anomaly"
@@ -526,6 +529,10 @@ class AnomalyService:
             return None
         if not isinstance(value, int | float) or not math.isfinite(value):
             self._skip("non-numeric value", watch, change.entity_id, f"{name} = {value!r}")
+            return None
+        if abs(value) > MAX_MAGNITUDE:
+            detail = f"{name} = {value!r}"
+            self._skip("value beyond any measurement", watch, change.entity_id, detail)
             return None
         observed = inst.get("observedAt")
         t = epoch_of(observed)

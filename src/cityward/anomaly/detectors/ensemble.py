@@ -99,7 +99,7 @@ class _View:
         """-log tail probability of the recent mean error including ``err`` (not learnt)."""
         if self.n < 2 or self.mae <= 0.0:
             return 0.0
-        e = err / self.mae
+        e = _capped(err) / self.mae
         rec = self.recent
         s = self.recent_sum + e - (rec[0] if len(rec) == self.short else 0.0)
         mean = s / min(len(rec) + 1, self.short)
@@ -111,6 +111,7 @@ class _View:
         return -math.log(tail) if tail > 1e-10 else -LOG_FLOOR
 
     def learn(self, err: float, err_rate: float, long_rate: float) -> None:
+        err = _capped(err)
         self.n += 1
         # a plain running mean until 1/rate values are in, then exponentially weighted
         err_rate = max(err_rate, 1.0 / self.n)
@@ -130,6 +131,16 @@ class _View:
         d = mean - self.long_mean
         self.long_mean += long_rate * d
         self.long_var = (1.0 - long_rate) * (self.long_var + long_rate * d * d)
+
+
+# Errors are capped here: between two readings near the double's limits (1e308, then
+# -1e308: sentinels some devices send) the error is infinite, the mean absolute error became
+# inf, then inf - inf = nan, and every later value scored 1.0: an alarm for ever.
+_ERR_CAP = 1e300
+
+
+def _capped(err: float) -> float:
+    return err if err <= _ERR_CAP else _ERR_CAP  # also inf; nan compares false: capped too
 
 
 class Ensemble(OneAlarmPerIncident):
