@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -233,6 +234,7 @@ def test_feed_writes_the_simulation_and_applies_an_operators_override(
 
     # the emergency run: a position while under way, its travel time on arrival, nothing more
     runs = bank.get("operator", NGSI + "/entities", type="EmergencyVehicleRun")
+    runs = [r for r in runs if ":grid:" in r["id"]]  # this run's scenario only
     assert len(runs) == 1
     ev = runs[0]
     assert ev["runStatus"]["value"] == "arrived" and ev["travelTime"]["value"] > 0
@@ -406,3 +408,48 @@ def test_georeferenced_network_gives_wgs84_locations() -> None:
         assert line is not None and line["type"] == "LineString"
     finally:
         backend.close()
+
+
+def test_each_run_of_an_emergency_vehicle_is_its_own_entity_and_ends_with_the_simulation(
+    bank: Bank, grid_cfg: Path
+) -> None:
+    """Two days' simulations of one scenario, each ending before its ambulance arrives. The
+    id held only the simulated start second: the second day's run took over the first's
+    entity (and kept its end), and a run cut off by the end stayed en route for ever."""
+    days = [datetime(2026, 3, 1, 8, tzinfo=UTC), datetime(2026, 3, 2, 8, tzinfo=UTC)]
+    for day in days:
+        backend = SumoBackend([*scenario_args(grid_cfg, seed=3), "--end", "30"])
+        feed = BankFeed(
+            backend,
+            bank.url,
+            bank.tokens["admin"],
+            scenario="grid-days",
+            controller="max-pressure",
+            start_instant=day,
+        )
+
+        def on_step(
+            now: float,
+            guards: dict[str, SafetyGuard],
+            feed: BankFeed = feed,
+            backend: SumoBackend = backend,
+        ) -> None:
+            feed.on_step(now, guards)
+            if int(now) == 5:
+                add_emergency_vehicle(backend.t)
+
+        try:
+            feed.start()
+            control_loop(backend, "max-pressure", 30.0, rules=RULES, on_step=on_step)
+        finally:
+            backend.close()
+            feed.close()
+    runs = bank.get("operator", NGSI + "/entities", type="EmergencyVehicleRun", limit="100")
+    runs = sorted((r for r in runs if ":grid-days:" in r["id"]), key=lambda r: r["id"])
+    assert len(runs) == 2, [r["id"] for r in runs]
+    for run, day in zip(runs, days, strict=True):
+        start = run["validFrom"]["value"]["@value"]
+        assert start.startswith(day.strftime("%Y-%m-%d")), run
+        assert run["runStatus"]["value"] == "interrupted"
+        assert start < run["validTo"]["value"]["@value"]
+        assert "travelTime" not in run

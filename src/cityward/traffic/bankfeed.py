@@ -426,7 +426,11 @@ class BankFeed:
         return f"urn:ngsi-ld:{FLOW_TYPE}:{self.scenario}:{_part(lane)}"
 
     def ev_id(self, vehicle: str, start: float) -> str:
-        run = f"emergency-run:{_part(vehicle)}:{start:.0f}"
+        """One entity per run: the vehicle and the instant it started (Unix seconds). The
+        simulated second alone was the same on every run of a scenario, so a new run took
+        over an earlier one's entity, and kept its validTo and travelTime."""
+        when = int(self.instant(start).timestamp())
+        run = f"emergency-run:{_part(vehicle)}:{when}"
         return f"urn:ngsi-ld:{self.ev_type}:{self.scenario}:{run}"
 
     def instant(self, sim_s: float) -> datetime:
@@ -473,6 +477,18 @@ class BankFeed:
         self._started = False
         with contextlib.suppress(Exception):  # the simulation may already be closed
             self._flush_lanes(self._now, final=True)
+        # runs still under way end with the simulation: a map must not show them driving
+        for _, eid in self._evs.values():
+            self.put(
+                {
+                    "id": eid,
+                    "type": self.ev_type,
+                    "runStatus": self.prop("interrupted", self._now),
+                    "validTo": self.prop(_dt(self.at(self._now)), self._now),
+                    "remainingRoute": self.prop([], self._now),
+                }
+            )
+        self._evs.clear()
         self._stop.set()
         self.queue.wake()
         if self._thread is not None:
