@@ -12,6 +12,7 @@ import logging
 import math
 import random
 import sqlite3
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -268,23 +269,32 @@ def test_normal_stream_raises_no_alert(bank: Bank) -> None:
 
 
 # -- restart -------------------------------------------------------------------------------
-def test_restart_does_not_duplicate_an_open_alert(bank: Bank) -> None:
-    rng = random.Random(3)
-    t = T0
-    first = run_service(bank, speed_watch())
+def open_one_alert(
+    bank: Bank, watch: DetectorWatch, normal: Callable[[datetime], float], n: int, t: datetime
+) -> tuple[dict[str, Any], datetime]:
+    """A service run of ``n`` normal readings from ``t``, then an incident it is stopped in:
+    the alert left open, and the time after it."""
+    service = run_service(bank, watch)
     try:
-        for _ in range(DEFAULT_WARMUP + 20):
-            observe(bank, SENSOR, t, averageVehicleSpeed=normal_speed(rng, t))
+        for _ in range(n):
+            observe(bank, SENSOR, t, averageVehicleSpeed=normal(t))
             t += STEP
         for _ in range(5):
             observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
             t += STEP
-        assert first.wait_idle()
+        assert service.wait_idle()
     finally:
-        first.stop()
+        service.stop()
     (opened,) = alerts(bank)
     assert opened["alertStatus"] == "open"
+    return opened, t
 
+
+def test_restart_does_not_duplicate_an_open_alert(bank: Bank) -> None:
+    rng = random.Random(3)
+    opened, t = open_one_alert(
+        bank, speed_watch(), lambda t: normal_speed(rng, t), DEFAULT_WARMUP + 20, T0
+    )
     second = run_service(bank, speed_watch())
     try:
         assert [i.alert_id for i in second.open_alerts().values()] == [opened["id"]]
@@ -319,21 +329,9 @@ def test_an_open_alert_whose_source_is_gone_after_a_restart_is_closed(
     narrowed to leave it out: no reading of it would ever close its alert, which stayed open
     for ever."""
     rng = random.Random(1)
-    t = T0 + timedelta(hours=10)
-    first = run_service(bank, gaussian_watch(name="speed", warmup=50))
-    try:
-        for _ in range(100):
-            observe(bank, SENSOR, t, averageVehicleSpeed=round(55 + rng.gauss(0, 2), 2))
-            t += STEP
-        for _ in range(5):
-            observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
-            t += STEP
-        assert first.wait_idle()
-    finally:
-        first.stop()
-    (opened,) = alerts(bank)
-    assert opened["alertStatus"] == "open"
     watch = gaussian_watch(name="speed", warmup=50)
+    start = T0 + timedelta(hours=10)
+    opened, _ = open_one_alert(bank, watch, lambda _: round(55 + rng.gauss(0, 2), 2), 100, start)
     if change == "source deleted":
         bank.delete("", SENSOR)
     else:
