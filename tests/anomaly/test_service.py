@@ -561,6 +561,30 @@ def test_traffic_rule_fires_on_occupancy_up_and_speed_down(bank: Bank) -> None:
     assert alert["data"]["rule"] == "traffic-incident"
 
 
+def test_a_reading_from_a_clock_gone_wrong_does_not_stop_its_stream(bank: Bank) -> None:
+    """One reading stamped 2099: scored, it made every later reading "not after the previous
+    one", and the stream was blind until a restart. It is counted and left out."""
+    rng = random.Random(2)
+    t = T0 + timedelta(hours=10)
+    service = run_service(bank, gaussian_watch(warmup=50))
+    try:
+        for n in range(200):
+            if n == 100:
+                observe(bank, SENSOR, datetime(2099, 1, 1, tzinfo=UTC), averageVehicleSpeed=55.0)
+            observe(bank, SENSOR, t, averageVehicleSpeed=round(55 + rng.gauss(0, 2), 2))
+            t += STEP
+        for _ in range(5):
+            observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
+            t += STEP
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    snap = service.snapshot()
+    assert snap.skipped["observedAt far ahead of its receipt"] == 1
+    assert snap.skipped["observedAt not after the previous one"] == 0
+    assert [a["alertStatus"] for a in alerts(bank)] == ["open"]
+
+
 def test_sentinel_values_at_the_limits_of_a_double_are_not_learnt(bank: Bank) -> None:
     """A device sending 1e308 and -1e308 (no reading): learnt, they kept the default detector
     alarming, and its alert never closed. They are counted and left out."""

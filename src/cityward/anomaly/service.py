@@ -536,14 +536,20 @@ class AnomalyService:
             return None
         observed = inst.get("observedAt")
         t = epoch_of(observed)
+        received = epoch_of(change.at)
         if t is None:
             if observed is not None:
                 self._skip("unreadable observedAt", watch, change.entity_id, repr(observed))
                 return None
             self.stats.skipped["no observedAt (write time used)"] += 1
-            t = epoch_of(change.at)
+            t = received
             if t is None:  # pragma: no cover - the bank stamps valid times
                 return None
+        elif received is not None and t - received > self.settings.max_ahead_s:
+            # scored, it would make every later reading of the stream look late (stream.last_t)
+            why = "observedAt far ahead of its receipt"
+            self._skip(why, watch, change.entity_id, str(observed))
+            return None
         unit = inst.get("unitCode")
         return float(value), t, f" {unit}" if isinstance(unit, str) else ""
 

@@ -424,6 +424,13 @@ class AnomalySettings(BaseModel):
         le=10_000_000,
         description="Changes waiting for the service; beyond it the oldest are dropped (logged).",
     )
+    max_ahead_s: float = Field(
+        default=2 * 86_400.0,
+        gt=0,
+        description="A reading observed more than this after the bank received it (a device "
+        "clock gone wrong) is counted and not scored: once scored, every later reading of its "
+        "stream looked late. Raise it for simulations that run ahead of the wall clock.",
+    )
     retry_interval_s: float = Field(
         default=5.0,
         gt=0,
