@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from cityward.bank.errors import BadRequestData
 from cityward.bank.query.qlang import full_match, portable_regex
-from cityward.bank.query.sqlgen import BoundedPattern, compile_pattern
+from cityward.bank.query.sqlgen import BoundedPattern
 from cityward.bank.temporal.duration import Duration, parse_duration
 
 # The purpose every admin token carries: all purposes.
@@ -128,8 +128,12 @@ class DataSource(BaseModel):
 
     @cached_property
     def compiled_patterns(self) -> tuple[BoundedPattern, ...]:
-        """The id patterns as SQLite runs them: searches anchored at both ends."""
-        return tuple(compile_pattern(full_match(p)) for p in self.id_patterns)
+        """The id patterns as SQLite runs them: searches anchored at both ends, without a time
+        limit (the operator's own, checked at load: a loaded machine must not turn one away)."""
+        return tuple(
+            BoundedPattern(portable_regex(full_match(p)).python, timeout=None)
+            for p in self.id_patterns
+        )
 
 
 def default_sources() -> list[DataSource]:

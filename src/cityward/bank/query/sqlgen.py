@@ -69,8 +69,11 @@ REGEX_FLAGS = regex.DOTALL  # PostgreSQL's default: '.' also matches a newline
 # that ends in no b, and held a query's thread (SQLite), or the subscription matcher inside a
 # write, for ever. The regex module reads the portable subset as re does (version 0, the
 # default) and gives up a search after a time limit: REGEX_TIMEOUT_S a value. PostgreSQL's
-# engine does not backtrack like this; there the subset's limits suffice.
-REGEX_TIMEOUT_S = 0.05
+# engine does not backtrack like this; there the subset's limits suffice. The limit is wall
+# time, waiting for the CPU included: at 50 ms a loaded machine (the demo's simulation, a
+# browser) failed a governance pattern on a 40-character id. An ordinary search takes
+# microseconds; a runaway one is stopped within a second.
+REGEX_TIMEOUT_S = 1.0
 
 
 class RegexTooCostly(Exception):
@@ -86,12 +89,14 @@ class RegexTooCostly(Exception):
 
 
 class BoundedPattern:
-    """A compiled pattern whose searches give up after REGEX_TIMEOUT_S (RegexTooCostly)."""
+    """A compiled pattern whose searches give up after ``timeout`` seconds (RegexTooCostly);
+    None: no limit (the operator's own patterns, checked at load)."""
 
-    __slots__ = ("_rx", "text")
+    __slots__ = ("_rx", "text", "timeout")
 
-    def __init__(self, text: str, flags: int = 0) -> None:
+    def __init__(self, text: str, flags: int = 0, timeout: float | None = REGEX_TIMEOUT_S) -> None:
         self.text = text
+        self.timeout = timeout
         try:
             self._rx = regex.compile(text, flags)
         except regex.error as exc:  # a re.error, as callers that validate patterns expect
@@ -99,7 +104,7 @@ class BoundedPattern:
 
     def search(self, value: str) -> regex.Match[str] | None:
         try:
-            return self._rx.search(value, timeout=REGEX_TIMEOUT_S)
+            return self._rx.search(value, timeout=self.timeout)
         except TimeoutError as exc:
             raise RegexTooCostly(self.text) from exc
 
