@@ -270,13 +270,21 @@ def test_normal_stream_raises_no_alert(bank: Bank) -> None:
 
 # -- restart -------------------------------------------------------------------------------
 def open_one_alert(
-    bank: Bank, watch: DetectorWatch, normal: Callable[[datetime], float], n: int, t: datetime
-) -> tuple[dict[str, Any], datetime]:
-    """A service run of ``n`` normal readings from ``t``, then an incident it is stopped in:
-    the alert left open, and the time after it."""
+    bank: Bank,
+    watch: DetectorWatch,
+    normal: Callable[[datetime], float],
+    n: int,
+    t: datetime,
+    before: Callable[[int], None] | None = None,
+) -> tuple[dict[str, Any], datetime, AnomalyService]:
+    """A service run of ``n`` normal readings from ``t`` (``before(i)`` called ahead of the
+    i-th), then an incident it is stopped in: the alert left open, the time after it, and the
+    stopped service."""
     service = run_service(bank, watch)
     try:
-        for _ in range(n):
+        for i in range(n):
+            if before is not None:
+                before(i)
             observe(bank, SENSOR, t, averageVehicleSpeed=normal(t))
             t += STEP
         for _ in range(5):
@@ -287,12 +295,12 @@ def open_one_alert(
         service.stop()
     (opened,) = alerts(bank)
     assert opened["alertStatus"] == "open"
-    return opened, t
+    return opened, t, service
 
 
 def test_restart_does_not_duplicate_an_open_alert(bank: Bank) -> None:
     rng = random.Random(3)
-    opened, t = open_one_alert(
+    opened, t, _ = open_one_alert(
         bank, speed_watch(), lambda t: normal_speed(rng, t), DEFAULT_WARMUP + 20, T0
     )
     second = run_service(bank, speed_watch())
@@ -331,7 +339,7 @@ def test_an_open_alert_whose_source_is_gone_after_a_restart_is_closed(
     rng = random.Random(1)
     watch = gaussian_watch(name="speed", warmup=50)
     start = T0 + timedelta(hours=10)
-    opened, _ = open_one_alert(bank, watch, lambda _: round(55 + rng.gauss(0, 2), 2), 100, start)
+    opened, _, _ = open_one_alert(bank, watch, lambda _: round(55 + rng.gauss(0, 2), 2), 100, start)
     if change == "source deleted":
         bank.delete("", SENSOR)
     else:
@@ -565,20 +573,19 @@ def test_a_reading_from_a_clock_gone_wrong_does_not_stop_its_stream(bank: Bank) 
     """One reading stamped 2099: scored, it made every later reading "not after the previous
     one", and the stream was blind until a restart. It is counted and left out."""
     rng = random.Random(2)
-    t = T0 + timedelta(hours=10)
-    service = run_service(bank, gaussian_watch(warmup=50))
-    try:
-        for n in range(200):
-            if n == 100:
-                observe(bank, SENSOR, datetime(2099, 1, 1, tzinfo=UTC), averageVehicleSpeed=55.0)
-            observe(bank, SENSOR, t, averageVehicleSpeed=round(55 + rng.gauss(0, 2), 2))
-            t += STEP
-        for _ in range(5):
-            observe(bank, SENSOR, t, averageVehicleSpeed=5.0)
-            t += STEP
-        assert service.wait_idle()
-    finally:
-        service.stop()
+
+    def glitch(i: int) -> None:
+        if i == 100:
+            observe(bank, SENSOR, datetime(2099, 1, 1, tzinfo=UTC), averageVehicleSpeed=55.0)
+
+    _, _, service = open_one_alert(
+        bank,
+        gaussian_watch(warmup=50),
+        lambda _: round(55 + rng.gauss(0, 2), 2),
+        200,
+        T0 + timedelta(hours=10),
+        before=glitch,
+    )
     snap = service.snapshot()
     assert snap.skipped["observedAt far ahead of its receipt"] == 1
     assert snap.skipped["observedAt not after the previous one"] == 0

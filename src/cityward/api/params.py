@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from cityward.bank import geo
-from cityward.bank.errors import BadRequestData, TooManyResults
+from cityward.bank.errors import BadRequestData, TooManyResults, pattern_refused
 from cityward.bank.jsonld import Context
 from cityward.bank.model import SYSTEM_MEMBERS, check_attr_name, check_type_name, is_uri
 from cityward.bank.query import (
@@ -33,7 +33,7 @@ from cityward.bank.query.sqlgen import (
     type_conjuncts,
 )
 from cityward.bank.render import Format, View
-from cityward.bank.store import QuerySpec
+from cityward.bank.store import QuerySpec, Store
 from cityward.bank.store.base import Dialect
 
 KNOWN_OPTIONS = frozenset(
@@ -254,6 +254,21 @@ def compile_filter(
     if gq is not None:
         spec.geo = gq
         spec.geo_path = ctx.expand(gq.geoproperty)
+
+
+def query_store(
+    store: Store, tenant: str, spec: QuerySpec, flt: EntityFilter
+) -> tuple[list[dict[str, Any]], int | None]:
+    """``store.query``, where a store refusing (PostgreSQL) or giving up on (SQLite) a
+    regular expression of the filter is the client's 400 on that parameter."""
+    try:
+        return store.query(tenant, spec)
+    except Exception as exc:
+        field = pattern_field(flt)
+        refused = None if field is None else pattern_refused(exc, field)
+        if refused is None:
+            raise
+        raise refused from exc
 
 
 def pattern_field(f: EntityFilter) -> str | None:

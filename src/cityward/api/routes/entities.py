@@ -28,10 +28,10 @@ from cityward.api.params import (
     filter_from_params,
     paging,
     parse_options,
-    pattern_field,
+    query_store,
     split_list,
 )
-from cityward.bank.errors import BadRequestData, InvalidRequest, pattern_refused
+from cityward.bank.errors import BadRequestData, InvalidRequest
 from cityward.bank.jsonld import Context
 from cityward.bank.model import EntityParser, Mode, check_attr_name, check_type_name, check_uri
 from cityward.bank.render import View, render_entity
@@ -142,18 +142,7 @@ async def query_entities(request: Request) -> Response:
     paging(params, spec, rt.bank.default_limit, rt.bank.max_limit)
     tenant = tenant_of(request)
     rt.bank.check_tenant(tenant)
-
-    def run() -> tuple[list[dict[str, Any]], int | None]:
-        try:
-            return rt.bank.store.query(tenant, spec)
-        except Exception as exc:  # a store refusing or giving up on a pattern: the client's 400
-            field = pattern_field(flt)
-            refused = None if field is None else pattern_refused(exc, field)
-            if refused is None:
-                raise
-            raise refused from exc
-
-    docs, total = await run_in_threadpool(run)
+    docs, total = await run_in_threadpool(query_store, rt.bank.store, tenant, spec, flt)
     headers = page_headers(request, spec, len(docs), total)
     data = render_many(
         docs, ctx, view, media, ctx.expand(params.get("geometryProperty", "location"))

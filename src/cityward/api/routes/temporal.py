@@ -36,14 +36,13 @@ from cityward.api.params import (
     filter_from_body,
     filter_from_params,
     paging,
-    pattern_field,
+    query_store,
 )
 from cityward.api.routes.entities import QUERY_PARAMS, page_headers
 from cityward.bank.errors import (
     BadRequestData,
     OperationNotSupported,
     ResourceNotFound,
-    pattern_refused,
 )
 from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
@@ -242,14 +241,7 @@ async def _query(
     rt.bank.check_tenant(tenant)
 
     def run() -> tuple[list[dict[str, Any]], int | None, list[dict[str, Any]], Any]:
-        try:
-            docs, total = rt.bank.store.query(tenant, spec)
-        except Exception as exc:  # PostgreSQL refusing a pattern is the client's 400
-            field = pattern_field(flt)
-            refused = None if field is None else pattern_refused(exc, field)
-            if refused is None:
-                raise
-            raise refused from exc
+        docs, total = query_store(rt.bank.store, tenant, spec, flt)
         data, cut = _history(rt.bank.store, tenant, docs, tq, shape, attrs, ctx, sys_attrs)
         return docs, total, data, cut
 
