@@ -634,9 +634,9 @@ def traffic_bench(
 def _run_scenario(
     scenario: str | None, sumocfg: Path | None, scenarios: Path | None
 ) -> tuple[str, Path, float, float]:
-    """(name, .sumocfg, begin, end) of --scenario NAME or --sumocfg FILE."""
-    import re
-
+    """(name, .sumocfg, begin, end) of --scenario NAME or --sumocfg FILE; the name as the
+    data bank's entity ids carry it (the same cleaning for both options)."""
+    from cityward.traffic.bankfeed import scenario_part
     from cityward.traffic.bench import find_scenarios, read_sumocfg_times
 
     if (scenario is None) == (sumocfg is None):
@@ -652,15 +652,13 @@ def _run_scenario(
                 param_hint="--scenario",
             )
         s = found[scenario]
-        return s.name, s.cfg, s.begin, s.end
+        return scenario_part(s.name), s.cfg, s.begin, s.end
     assert sumocfg is not None
     try:
         begin, end = read_sumocfg_times(sumocfg)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--sumocfg") from exc
-    stem = re.sub(r"[^A-Za-z0-9._-]", "-", sumocfg.name.removesuffix(".sumocfg"))
-    name = stem.lstrip("-._")[:64] or "sim"
-    return name, sumocfg, begin, end
+    return scenario_part(sumocfg.name.removesuffix(".sumocfg")), sumocfg, begin, end
 
 
 @traffic_app.command("run")

@@ -295,6 +295,27 @@ def test_cli_runs_a_scenario_into_the_bank(bank: Bank, grid_cfg: Path) -> None:
     assert "refused the token" in result.output and "Traceback" not in result.output
 
 
+def test_a_scenario_name_outside_the_id_alphabet_is_cleaned_alike_by_both_options(
+    bank: Bank, grid_cfg: Path, tmp_path: Path
+) -> None:
+    """``--sumocfg köln.sumocfg`` wrote ids with ``k-ln``; ``--scenario köln`` was refused by
+    the feed's name check. Both now clean the name the same way."""
+    folder = tmp_path / "scenarios" / "köln"
+    folder.mkdir(parents=True)
+    for f in grid_cfg.parent.iterdir():
+        if f.is_file():
+            (folder / ("köln.sumocfg" if f == grid_cfg else f.name)).write_bytes(f.read_bytes())
+    env = {"CITYWARD_TOKEN": bank.tokens["feed"]}
+    base = ["traffic", "run", "--end", "20", "--bank", bank.url]
+    for how in (
+        ["--scenario", "köln", "--scenarios", str(tmp_path / "scenarios")],
+        ["--sumocfg", str(folder / "köln.sumocfg")],
+    ):
+        result = CliRunner().invoke(app, [*base, *how], env=env)
+        assert result.exit_code == 0, result.output
+        assert "urn:ngsi-ld:TrafficSignal:k-ln:<signal>" in result.output, result.output
+
+
 def test_full_queue_coalesces_and_never_blocks() -> None:
     q = CoalescingQueue(maxsize=4)
     for n in range(1000):  # nobody takes: put must return every time

@@ -1010,6 +1010,13 @@ def _base_url(url: str) -> str:
     return url
 
 
+def scenario_part(name: str) -> str:
+    """A scenario's name as the entity ids carry it: characters outside [A-Za-z0-9._-] become
+    '-', leading '-', '.' and '_' go, at most 64 characters (``köln`` -> ``k-ln``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "-", name)
+    return stem.lstrip("-._")[:64] or "sim"
+
+
 def _part(name: str) -> str:
     """A SUMO id as part of an entity id (characters outside [A-Za-z0-9._~-] %-escaped)."""
     return quote(name, safe="-._~")
