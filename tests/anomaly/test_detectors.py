@@ -48,6 +48,18 @@ def test_scores_are_in_unit_interval(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_values_at_the_limits_of_a_double_score_in_the_unit_interval(name: str) -> None:
+    """``cityward anomaly nab`` takes any finite value: windowed-gaussian raised OverflowError
+    on 1e200 (its squared deviations) and stopped the whole run."""
+    xs = series(600)
+    xs[250:252] = [1e200, -1e200]
+    xs[400:402] = [1.7e308, -1.7e308]
+    scores = run(create(name), xs)
+    assert all(0.0 <= s <= 1.0 for s in scores), [s for s in scores if not 0.0 <= s <= 1.0]
+    assert scores[400] > 0.99  # the largest value a double holds is still news
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_no_look_ahead(name: str) -> None:
     """A prefix scores the same whatever follows it."""
     xs = series(3000)

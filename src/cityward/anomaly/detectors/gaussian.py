@@ -38,7 +38,11 @@ class WindowedGaussian(Detector):
     def score_one(self, x: float, t: float) -> float:
         if len(self.window) < 2:
             return 0.0
+        # x - mean and the deviation may both be inf near the limits of a double: then the
+        # value is as far out as the window's own spread allows us to tell, no news
         z = abs(x - self.mean) / self.std
+        if math.isnan(z):
+            return 0.0
         # two-sided tail probability, as a score: 1 - P(|Z| > z)
         return 1.0 - math.erfc(z / math.sqrt(2.0))
 
@@ -48,7 +52,17 @@ class WindowedGaussian(Detector):
         if self.since_fit >= self.step or len(self.window) <= self.step:
             self.since_fit = 0
             n = len(self.window)
-            m = sum(self.window) / n
-            var = sum((v - m) ** 2 for v in self.window) / n
-            self.mean = m
-            self.std = math.sqrt(var) if var > 0 else 1e-6
+            scale = 1.0
+            try:
+                m = sum(self.window) / n
+                var = sum((v - m) ** 2 for v in self.window) / n
+                if not math.isfinite(var):
+                    raise OverflowError
+            except OverflowError:
+                # values near 1e200 overflow the squares (``**`` raises), sums near 1e308
+                # the mean: fitted again on the values scaled to at most 1
+                scale = max(max(self.window), -min(self.window))
+                m = sum(v / scale for v in self.window) / n
+                var = sum((v / scale - m) * (v / scale - m) for v in self.window) / n
+            self.mean = m * scale
+            self.std = math.sqrt(var) * scale if var > 0 else 1e-6
