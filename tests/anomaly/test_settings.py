@@ -158,6 +158,13 @@ def watch(**fields: Any) -> dict[str, Any]:
             "anomaly",
             "watch names must be unique; repeated: TrafficFlowObserved-averageVehicleSpeed",
         ),
+        (  # two default names that differ only where the cleaning made '-'
+            {"watches": [watch(attribute="Δp"), watch(name="mine"), watch(attribute="Σp")]},
+            "anomaly",
+            "repeated: TrafficFlowObserved--p (watches 0, 2; 0, 2 named by default "
+            "<type>-<attribute>, characters outside A-Za-z0-9._- made '-' and cut at 64: give "
+            "them a name)",
+        ),
         (
             {"watches": [watch(treshold=0.9)]},
             "anomaly.watches.0.detector.treshold",

@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -157,6 +158,7 @@ class _Watch(BaseModel):
         pattern=_NAME,
         description="Short unique name (in alert ids and logs); default <type>-<attribute>.",
     )
+    _named_by_default: bool = PrivateAttr(default=False)
     entity_type: str = Field(
         min_length=1, description="Entity type watched: a short name (any @context) or an IRI."
     )
@@ -243,8 +245,8 @@ class _Watch(BaseModel):
         if self.open_after is None:
             self.open_after = default_open
         if self.name is None:
-            name = re.sub(r"[^A-Za-z0-9._-]", "-", default_name)[:64]
-            self.name = name
+            self.name = re.sub(r"[^A-Za-z0-9._-]", "-", default_name)[:64]
+            self._named_by_default = True
         if self.threshold is None:
             self.threshold = default_threshold
         if self.high_threshold is None:
@@ -458,5 +460,20 @@ class AnomalySettings(BaseModel):
         names = [w.key for w in self.watches]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ValueError(f"watch names must be unique; repeated: {', '.join(dupes)}")
+            where = []
+            for name in dupes:
+                at = [i for i, n in enumerate(names) if n == name]
+                byd = [i for i in at if self.watches[i]._named_by_default]
+                why = (
+                    f" (watches {', '.join(map(str, at))}"
+                    + (
+                        f"; {', '.join(map(str, byd))} named by default <type>-<attribute>, "
+                        "characters outside A-Za-z0-9._- made '-' and cut at 64: give them a name"
+                        if byd
+                        else ""
+                    )
+                    + ")"
+                )
+                where.append(name + why)
+            raise ValueError(f"watch names must be unique; repeated: {'; '.join(where)}")
         return self
