@@ -153,6 +153,12 @@ def watch(**fields: Any) -> dict[str, Any]:
             "anomaly.watches.0.detector.id_pattern",
             "id_pattern '(' is not a valid regex",
         ),
+        (  # a named group: Python's re took it, the API's idPattern does not
+            {"watches": [watch(id_pattern="urn:(?P<site>north):.*")]},
+            "anomaly.watches.0.detector.id_pattern",
+            "id_pattern 'urn:(?P<site>north):.*' is not a valid regex of the subset both stores "
+            "read alike",
+        ),
         (
             {"watches": [watch(), watch()]},
             "anomaly",
@@ -184,3 +190,21 @@ def test_bad_settings_name_the_field(anomaly: dict[str, Any], where: str, messag
 def test_settings_class_is_strict() -> None:
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
         AnomalySettings.model_validate({"enable": True})
+
+
+def test_id_pattern_selects_the_ids_that_idpattern_selects() -> None:
+    """A watch's id_pattern ran in Python's re, where \\w takes any letter and a named group
+    is allowed; the API's idPattern and governance's id patterns read the portable subset
+    (ASCII classes, the whole id). One pattern now selects the same entities everywhere."""
+    from cityward.bank.query.qlang import full_match
+    from cityward.bank.query.sqlgen import compile_pattern
+
+    ids = ["urn:x:abc", "urn:x:é", "URN:X:abc", "urn:x:abc:1", "urn:x:", "urn:x:a_b"]
+    for pattern in (r"urn:x:\w+", r"(?i)urn:x:[a-c]+", "urn:x:.*", r"urn:x:[^:]*"):
+        w = DetectorWatch(
+            entity_type="TrafficFlowObserved", attribute="intensity", id_pattern=pattern
+        )
+        api = compile_pattern(full_match(pattern))
+        assert [i for i in ids if w.matches_id(i)] == [i for i in ids if api.search(i)], pattern
+    w = DetectorWatch(entity_type="TrafficFlowObserved", attribute="intensity", id_pattern=r"\w+")
+    assert w.matches_id("abc") and not w.matches_id("é")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from cityward.anomaly.rules import TrafficIncidentConfig
+from cityward.bank.query.sqlgen import id_pattern_matcher
 
 if TYPE_CHECKING:
     from cityward.anomaly.detectors import Detector
@@ -215,10 +216,7 @@ class _Watch(BaseModel):
     @classmethod
     def _pattern(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"id_pattern {value!r} is not a valid regex: {exc}") from exc
+            id_pattern_matcher(value, "id_pattern")
         return value
 
     @field_validator("entity_type")
@@ -275,7 +273,11 @@ class _Watch(BaseModel):
                 self.sub_category = known[1]
 
     def matches_id(self, eid: str) -> bool:
-        return self.id_pattern is None or re.fullmatch(self.id_pattern, eid) is not None
+        """Whether the watch covers this entity id: ``id_pattern`` read as the API reads
+        ``idPattern`` (and governance its sources' id patterns), against the whole id."""
+        if self.id_pattern is None:
+            return True
+        return id_pattern_matcher(self.id_pattern, "id_pattern").search(eid) is not None
 
     # set by _resolve; typed accessors for the code that runs the watch
     @property

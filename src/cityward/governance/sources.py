@@ -15,8 +15,7 @@ from functools import cached_property
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cityward.bank.errors import BadRequestData
-from cityward.bank.query.qlang import full_match, portable_regex
-from cityward.bank.query.sqlgen import BoundedPattern
+from cityward.bank.query.sqlgen import BoundedPattern, id_pattern_matcher
 from cityward.bank.temporal.duration import Duration, parse_duration
 
 # The purpose every admin token carries: all purposes.
@@ -92,17 +91,7 @@ class DataSource(BaseModel):
     @classmethod
     def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for p in value:
-            try:
-                portable_regex(full_match(p))
-            except re.error as exc:
-                # PostgreSQL runs them too: a pattern Python reads one way and PostgreSQL
-                # another (or not at all) would sort entities differently on each store
-                shift = len(full_match(p)) - len(p) - 2  # what full_match put before it
-                where = "" if exc.pos is None else f" at position {max(exc.pos - shift, 0)}"
-                raise ValueError(
-                    f"id pattern {p!r} is not a valid regex of the subset both stores read "
-                    f"alike: {exc.msg}{where}"
-                ) from exc
+            id_pattern_matcher(p)  # PostgreSQL runs them too (in the access conjunct)
         return value
 
     @field_validator("retention")
@@ -130,10 +119,7 @@ class DataSource(BaseModel):
     def compiled_patterns(self) -> tuple[BoundedPattern, ...]:
         """The id patterns as SQLite runs them: searches anchored at both ends, without a time
         limit (the operator's own, checked at load: a loaded machine must not turn one away)."""
-        return tuple(
-            BoundedPattern(portable_regex(full_match(p)).python, timeout=None)
-            for p in self.id_patterns
-        )
+        return tuple(id_pattern_matcher(p) for p in self.id_patterns)
 
 
 def default_sources() -> list[DataSource]:

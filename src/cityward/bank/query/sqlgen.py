@@ -58,6 +58,7 @@ from cityward.bank.query.qlang import (
     Uri,
     Value,
     ValueList,
+    full_match,
     portable_regex,
 )
 
@@ -117,6 +118,28 @@ def compile_pattern(pattern: str) -> BoundedPattern:
     PostgreSQL matches; outside it, RegexNotPortable (a re.error).
     """
     return BoundedPattern(portable_regex(pattern).python)
+
+
+@functools.lru_cache(maxsize=256)
+def id_pattern_matcher(pattern: str, what: str = "id pattern") -> BoundedPattern:
+    """An operator's id pattern from the configuration (governance sources, anomaly watches),
+    read as the API reads ``idPattern``: the portable subset, matched against the whole id,
+    and, checked at load, without a time limit (a loaded machine must not turn one away).
+
+    ValueError (``what`` and the pattern named, and the position of what is outside the
+    subset) otherwise: PostgreSQL runs some of them too, and a pattern Python reads one way
+    and PostgreSQL another (or not at all) would select other entities on each store.
+    """
+    anchored = full_match(pattern)
+    try:
+        return BoundedPattern(portable_regex(anchored).python, timeout=None)
+    except re.error as exc:
+        shift = len(anchored) - len(pattern) - 2  # what full_match put before it
+        where = "" if exc.pos is None else f" at position {max(exc.pos - shift, 0)}"
+        raise ValueError(
+            f"{what} {pattern!r} is not a valid regex of the subset both stores read alike: "
+            f"{exc.msg}{where}"
+        ) from exc
 
 
 @functools.lru_cache(maxsize=512)
