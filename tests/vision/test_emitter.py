@@ -1,0 +1,65 @@
+"""The vision worker's bank sink: what the cameras count reaches the data bank's history."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from cityward.api.app import create_app
+from cityward.bank.history import History
+from cityward.bank.service import Bank
+from cityward.bank.store.sqlite import SqliteStore
+from cityward.config import Settings
+from cityward.vision.emitter import BankSink, CameraEmitter
+from cityward.vision.settings import CameraSettings
+
+
+class Outage:
+    """The real bank, unreachable while ``down`` is set (every write raises, as a database
+    that went away does)."""
+
+    def __init__(self, bank: Bank) -> None:
+        self.bank = bank
+        self.down = threading.Event()
+        self.refused = 0
+
+    def batch_upsert(self, *args: Any, **kw: Any) -> Any:
+        if self.down.is_set():
+            self.refused += 1
+            raise ConnectionError("the database is unreachable")
+        return self.bank.batch_upsert(*args, **kw)
+
+
+def test_every_interval_counted_during_a_bank_outage_reaches_the_history(
+    tmp_path: Path,
+) -> None:
+    """The sink merged queued updates of one entity: three minutes of counts queued while
+    the bank was away (3, 5 and 2 cars) reached it as one update of 2 cars."""
+    store = SqliteStore(tmp_path / "cityward.db")
+    real = Bank(store)
+    History(store, real)  # as `vision run` sets it up
+    bank = Outage(real)
+    bank.down.set()
+    sink = BankSink(bank)  # type: ignore[arg-type]
+    emitter = CameraEmitter(CameraSettings(id="cam1", url="x.mp4", interval_s=60), sink)
+    for k, cars in enumerate((3, 5, 2), 1):
+        sink.put(emitter.flows(60.0 * k, {"north": {"type": "line", "in": {"car": cars}}}))
+    deadline = threading.Event()
+    while bank.refused < 1 and not deadline.wait(0.05):
+        pass
+    bank.down.clear()
+    assert sink.wait_idle(30)
+    sink.close()
+    assert sink.dropped == 0 and sink.refused == 0
+    eid = "urn:ngsi-ld:TrafficFlowObserved:camera:cam1:north:in"
+    settings = Settings(data_dir=tmp_path, no_auth=True, context_fetch=False)
+    with TestClient(create_app(settings, store)) as api:
+        r = api.get(f"/ngsi-ld/v1/temporal/entities/{eid}", params={"options": "temporalValues"})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+    store.close()
+    values = [v for v, _ in doc["intensity"]["values"]]
+    assert values == [3, 5, 2], doc
