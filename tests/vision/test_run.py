@@ -340,6 +340,25 @@ def test_a_weakened_anonymizer_stops_the_worker_at_start(tmp_path: Path) -> None
     out = " ".join(proc.stdout.split())  # the console wraps long lines
     assert "camera street-1: anonymizer: plate_fraction: " in out, out
     assert "blocks: Input should be less than or equal to 4" in out, out
+    # a face detector that does not exist: it was a traceback, without the camera named
+    config = _config(tmp_path, models, video, anonymizer={"face_detector": "yunet-n"})
+    proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "camera street-1: anonymizer: unknown face detector 'yunet-n'" in out, out
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("fps", ["-1", "500"])
+def test_analyze_refuses_a_frame_rate_out_of_range_as_a_usage_error(
+    tmp_path: Path, fps: str
+) -> None:
+    video = shared_path("data", "vision", "videos", "people-detection.gif")
+    proc = _run(
+        ["vision", "analyze", str(video), "--fps", fps, "--output", str(tmp_path)], tmp_path
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Invalid value for '--fps'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_two_workers_share_cameras_and_take_over_a_killed_ones(tmp_path: Path) -> None:

@@ -204,7 +204,12 @@ def analyze(
     ),
     detector: Annotated[str, typer.Option(help="Object detector (`vision detectors`).")] = "yolox",
     fps: Annotated[
-        float | None, typer.Option(help="Analyse at most this many frames/s (default: all).")
+        float | None,
+        typer.Option(
+            min=0,
+            max=120,
+            help="Analyse at most this many frames/s, up to 120 (default or 0: all).",
+        ),
     ] = None,
     motion: Annotated[bool, typer.Option(help="Skip detection on still frames.")] = False,
     models_dir: Annotated[

@@ -127,9 +127,12 @@ class CameraPipeline:
             camera.detector, camera.detector_config, models_dir, camera.id
         )
         self.tracker = ByteTracker(_build("tracker", camera.id, TrackerConfig, camera.tracker))
-        self.anonymizer = Anonymizer(
-            _build("anonymizer", camera.id, AnonymizerConfig, camera.anonymizer), models_dir
-        )
+        try:
+            self.anonymizer = Anonymizer(
+                _build("anonymizer", camera.id, AnonymizerConfig, camera.anonymizer), models_dir
+            )
+        except ValueError as exc:  # an unknown face detector: a setting, named as one
+            raise PipelineConfigError(f"camera {camera.id}: anonymizer: {exc}") from exc
         try:
             self.rules: list[Rule] = build_rules(
                 camera.rules, geometry=CameraGeometry(homography=camera.homography)
@@ -142,6 +145,7 @@ class CameraPipeline:
         self.frames = 0
         self.detections_run = 0
         self._tracks = Detections.empty()
+        self._dets = Detections.empty()  # the last frame's detections, tracked or not
         self._anonymized = False  # whether the previous frame was anonymized
 
     def process(self, frame: Frame, *, want_image: bool = False) -> FrameResult:
@@ -157,6 +161,7 @@ class CameraPipeline:
                 dets = self.detector.detect(frame.image)
             with clock.timed("track"):
                 self._tracks = self.tracker.update(dets, frame.t)
+            self._dets = dets
             self.detections_run += 1
             detected = True
         tracks = self._tracks
@@ -172,8 +177,16 @@ class CameraPipeline:
                 # the anonymizer may work in place: the raw frame is not used after this
                 # a still frame right after an anonymized one shows the faces found there:
                 # they are held rather than searched for again (any other frame is searched)
+                # around the tracks and every detection as well: the tracker reports only
+                # confirmed tracks matched now, so a new object's first frames (every object
+                # of the first frame), a box scored below the tracker's new-track threshold
+                # and a track missed this frame would keep their heads and plates (on a
+                # still frame the gate skipped, the last detections are where they were)
                 anonymized = self.anonymizer.apply(
-                    frame.image, tracks, frame.t, detect_faces=moving or not self._anonymized
+                    frame.image,
+                    Detections.merge([tracks, self._dets]),
+                    frame.t,
+                    detect_faces=moving or not self._anonymized,
                 )
             self._anonymized = True
         else:

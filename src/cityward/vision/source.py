@@ -110,11 +110,11 @@ class VideoSource:
         delay = 1.0
         while not self.stop.is_set():
             self.reconnects += 1
-            log.warning("camera stream %s dropped: reconnecting in %.0f s", self.url, delay)
+            log.warning("camera %s dropped: reconnecting in %.0f s", self.url, delay)
             if self.stop.wait(delay):
                 return False
             if self._open():
-                log.info("camera stream %s: reconnected", self.url)
+                log.info("camera %s: reconnected", self.url)
                 return True
             delay = min(delay * 2, self.reconnect_max_s)
         return False
@@ -126,6 +126,7 @@ class VideoSource:
         next_t = 0.0
         started = self._clock()
         last_t = 0.0
+        grabbed_at_open = 0
         while not self.stop.is_set():
             cap = self._cap
             if cap is None or not cap.grab():
@@ -136,7 +137,13 @@ class VideoSource:
                     continue
                 if self.loop and self.grabbed:
                     self.close()
-                    self._open()
+                    # the file gone (replaced, an unmounted share) or without a frame since it
+                    # was last opened: tried again with back-off and a log line, not
+                    # re-opened in a busy loop
+                    fresh = self.grabbed > grabbed_at_open
+                    if not (fresh and self._open()) and not self._reconnect():
+                        return
+                    grabbed_at_open = self.grabbed
                     offset = last_t + 1.0 / self.fps
                     continue
                 return
