@@ -43,7 +43,7 @@ def test_every_interval_counted_during_a_bank_outage_reaches_the_history(
     History(store, real)  # as `vision run` sets it up
     bank = Outage(real)
     bank.down.set()
-    sink = BankSink(bank)  # type: ignore[arg-type]
+    sink = BankSink(bank)
     emitter = CameraEmitter(CameraSettings(id="cam1", url="x.mp4", interval_s=60), sink)
     for k, cars in enumerate((3, 5, 2), 1):
         sink.put(emitter.flows(60.0 * k, {"north": {"type": "line", "in": {"car": cars}}}))

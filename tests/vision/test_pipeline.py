@@ -89,7 +89,7 @@ def test_every_detected_vehicle_has_its_plate_band_hidden_tracked_or_not(models:
         seen.append(detect(image))
         return seen[-1]
 
-    pipe.detector.detect = spy  # type: ignore[method-assign]
+    pipe.detector.detect = spy  # type: ignore[method-assign,assignment]
     cfg = pipe.anonymizer.config
     checked = untracked = 0
     for frame in VideoSource(str(video)):
