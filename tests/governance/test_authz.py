@@ -576,6 +576,43 @@ def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Go
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
 
 
+def test_an_id_with_slashes_gets_its_routes_rule_not_the_admin_fallback(
+    governed: Governed,
+) -> None:
+    """Entity ids are URIs and may hold '/': the temporal, delete and subscription rules
+    matched `[^/]+`, so such a request fell to the admin-only fallback: an operator with the
+    purpose got 403, and an admin's export of its history left no audit record."""
+    c = governed.client
+    eid = "https://city.example/TrafficFlowObserved/loop/17"
+    body = [{"id": eid, "type": "TrafficFlowObserved", "intensity": 3}]
+    r = c.post("/ngsi-ld/v1/entityOperations/upsert", json=body, headers=governed.as_("admin"))
+    assert r.status_code in (201, 204), r.text
+    for method, path in (
+        ("GET", f"/ngsi-ld/v1/temporal/entities/{eid}"),
+        ("DELETE", f"{E}/{eid}/attrs/intensity"),
+        ("DELETE", f"{E}/{eid}"),
+        ("GET", "/ngsi-ld/v1/subscriptions/https://city.example/subscriptions/1"),
+    ):
+        assert route_for(method, path) is not FALLBACK, path
+    op = governed.as_("operator")
+    assert c.get(f"/ngsi-ld/v1/temporal/entities/{eid}", headers=op).status_code == 200
+    assert (
+        c.get(f"/ngsi-ld/v1/temporal/entities/{eid}", headers=governed.as_("admin")).status_code
+        == 200
+    )
+    records = c.get(
+        "/cityward/v1/audit",
+        params={"action": "export", "limit": "1000"},
+        headers=governed.as_("auditor"),
+    ).json()
+    exports = [(r["role"], r["path"]) for r in records]
+    assert ("operator", f"/ngsi-ld/v1/temporal/entities/{eid}") in exports, exports
+    assert ("admin", f"/ngsi-ld/v1/temporal/entities/{eid}") in exports, exports
+    # the operator's purpose covers traffic data: deleting it is its right too
+    assert c.delete(f"{E}/{eid}/attrs/intensity", headers=op).status_code == 204
+    assert c.delete(f"{E}/{eid}", headers=op).status_code == 204
+
+
 @pytest.mark.parametrize(
     ("query", "field"),
     [

@@ -103,20 +103,22 @@ ROUTES: tuple[Route, ...] = (
     # device pushes (the ingest http adapter): writes of the device's own entities
     _r("POST", r"/ingest/[A-Za-z0-9_-]+", P.DATA_WRITE, "write"),
     # temporal: reads are exports of history
-    _r("GET", NGSI + r"/temporal/entities(/[^/]+)?", P.HISTORY_READ, "export"),
+    # ids are URIs and may hold '/' (the routes take them as paths): `.+`, not `[^/]+`, or
+    # such an id fell through to the admin-only fallback, and an admin's export of it went
+    # unaudited
+    _r("GET", NGSI + r"/temporal/entities(/.+)?", P.HISTORY_READ, "export"),
     _r("POST", NGSI + r"/temporal/entityOperations/query", P.HISTORY_READ, "export"),
     _r("POST PATCH", NGSI + r"/temporal/entities(/.*)?", P.HISTORY_WRITE, "write"),
     _r("DELETE", NGSI + r"/temporal/entities(/.*)?", P.HISTORY_WRITE, "write"),
     # subscriptions
-    _r("GET POST PATCH DELETE", NGSI + r"/subscriptions(/[^/]+)?", P.SUBSCRIPTIONS, "config"),
+    _r("GET POST PATCH DELETE", NGSI + r"/subscriptions(/.+)?", P.SUBSCRIPTIONS, "config"),
     # contexts
     _r("GET", NGSI + r"/jsonldContexts(/.*)?", P.CONTEXTS_READ, "none"),
     _r("POST DELETE", NGSI + r"/jsonldContexts(/.*)?", P.CONTEXTS_WRITE, "config"),
     # entities
     _r("GET", NGSI + r"/(entities|types|attributes)(/.*)?", P.DATA_READ, "read"),
     _r("POST", NGSI + r"/entityOperations/query", P.DATA_READ, "read"),
-    _r("DELETE", NGSI + r"/entities/[^/]+", P.DATA_DELETE, "write"),
-    _r("DELETE", NGSI + r"/entities/[^/]+/attrs/[^/]+", P.DATA_DELETE, "write"),
+    _r("DELETE", NGSI + r"/entities/.+", P.DATA_DELETE, "write"),  # an entity or attribute
     _r("POST", NGSI + r"/entityOperations/delete", P.DATA_DELETE, "write"),
     _r("POST PATCH PUT", NGSI + r"/(entities|entityOperations)(/.*)?", P.DATA_WRITE, "write"),
 )
