@@ -53,6 +53,9 @@ SOURCE_FIELDS = {
     "never_computes",
     "devices",
     "device_count",
+    "listed",
+    "not_listed_why",
+    "entity_count",
 }
 
 
@@ -266,6 +269,48 @@ def test_undeclared_entities_are_only_counted(store: Store) -> None:
     # the count can also be given explicitly
     explicit = build_register(cat, dict(got), "Ghent", "", GENERATED, undeclared_count=5)
     assert explicit["undeclared"]["device_count"] == 5
+
+
+def test_moving_vehicles_alerts_and_personal_data_are_counted_not_listed(store: Store) -> None:
+    """The register listed every entity of every declared source with its place: an
+    ambulance on a run (its live position, updated with every move), every alert, and a
+    source declared personal. It lists installed devices; the others are counted."""
+    complaints = DataSource(
+        id="complaints",
+        name="Complaints",
+        kind=SourceKind.SENSOR,  # even declared as a sensor: personal data is never listed
+        types=("Complaint",),
+        purposes=("public-safety",),
+        personal_data=PersonalData.PERSONAL,
+        legal_basis="GDPR art. 6(1)(e)",
+        retention="P1Y",
+        owner="City",
+    )
+    cat = Catalog([*default_sources(), complaints])
+    run = "urn:ngsi-ld:EmergencyVehicleRun:ev-1"
+    write(
+        store,
+        [
+            entity(run, "EmergencyVehicleRun", point(3.7301, 51.0612)),
+            entity("urn:ngsi-ld:Alert:a1", "Alert", point(3.7402, 51.0513)),
+            entity("urn:ngsi-ld:Complaint:c1", "Complaint", point(3.7503, 51.0414)),
+            entity("urn:ngsi-ld:Camera:cam1", "Camera", point(3.7604, 51.0315)),
+        ],
+    )
+    got = collect_entities(store, cat)
+    reg = build_register(cat, got, "Ghent", "", GENERATED)
+    by_id = {s["id"]: s for s in reg["sources"]}
+    for sid in ("emergency-runs", "alerts", "complaints"):
+        assert by_id[sid]["listed"] is False and by_id[sid]["devices"] == [], sid
+        assert by_id[sid]["entity_count"] == 1 and by_id[sid]["device_count"] == 0, sid
+        assert by_id[sid]["not_listed_why"], sid
+    assert [d["id"] for d in by_id["traffic-cameras"]["devices"]] == ["urn:ngsi-ld:Camera:cam1"]
+    assert reg["device_count"] == 1
+    text = orjson.dumps(reg).decode() + render_html(reg)
+    for hidden in (run, "Alert:a1", "Complaint:c1", "51.0612", "51.0513", "51.0414"):
+        assert hidden not in text, hidden
+    assert "51.0315" in text  # a camera's place is what the register is for
+    assert "their positions are not published" in render_html(reg)
 
 
 def test_html_escapes_hostile_ids(store: Store) -> None:

@@ -58,9 +58,16 @@ class RegisterDevice:
 
 
 class DevicesBySource(dict[str, list[RegisterDevice]]):
-    """Declared source id -> its devices (sorted by id), plus the count of undeclared entities."""
+    """Declared source id -> its devices (sorted by id), plus the count of undeclared entities
+    and, for sources the register does not list one by one (``DataSource.listed``), their
+    entity counts (their lists stay empty)."""
 
     undeclared_count: int = 0
+    counts: dict[str, int]
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.counts = {}
 
 
 @lru_cache(maxsize=1)
@@ -165,6 +172,9 @@ def collect_entities(store: Store, catalog: Catalog, tenant: str = "") -> Device
         if source.id == UNDECLARED or source.id not in out:
             undeclared += 1
             continue
+        if not source.listed:  # counted, never listed with its place (see DataSource.listed)
+            out.counts[source.id] = out.counts.get(source.id, 0) + 1
+            continue
         out[source.id].append(RegisterDevice(eid, _short_type(types, source), _location(doc)))
     for devices in out.values():
         devices.sort(key=lambda d: d.id)
@@ -217,7 +227,27 @@ def _device_json(d: RegisterDevice) -> dict[str, Any]:
     return {"id": d.id, "type": d.type, "location": loc}
 
 
-def _source_json(source: DataSource, devices: Sequence[RegisterDevice]) -> dict[str, Any]:
+_NOT_LISTED_WHY = {
+    "vehicle": "vehicles on the move: their positions are not published",
+    "derived": "computed by cityward, not devices installed in the city",
+    "other": "not devices installed in the city",
+}
+
+
+def _source_json(
+    source: DataSource, devices: Sequence[RegisterDevice], count: int | None = None
+) -> dict[str, Any]:
+    """``count``: the entities of a source that is not listed one by one."""
+    listed = source.listed
+    if not listed:
+        devices = ()
+    why = (
+        ""
+        if listed
+        else "data about identifiable people"
+        if source.personal_data is PersonalData.PERSONAL
+        else _NOT_LISTED_WHY.get(source.kind.value, "not devices installed in the city")
+    )
     return {
         "id": source.id,
         "name": source.name,
@@ -233,8 +263,11 @@ def _source_json(source: DataSource, devices: Sequence[RegisterDevice]) -> dict[
         "description": source.description,
         "computes": list(source.computes),
         "never_computes": list(source.never_computes),
+        "listed": listed,
+        "not_listed_why": why,
         "devices": [_device_json(d) for d in devices],
-        "device_count": len(devices),
+        "device_count": len(devices) if listed else 0,
+        "entity_count": len(devices) if listed else (count or 0),
     }
 
 
@@ -257,7 +290,11 @@ def build_register(
             if isinstance(devices_by_source, DevicesBySource)
             else 0
         )
-    sources = [_source_json(s, devices_by_source.get(s.id, ())) for s in catalog.sources]
+    counts = devices_by_source.counts if isinstance(devices_by_source, DevicesBySource) else {}
+    sources = [
+        _source_json(s, devices_by_source.get(s.id, ()), counts.get(s.id))
+        for s in catalog.sources
+    ]
     return {
         "site": {"name": site_name, "contact": site_contact},
         "generated_at": generated_at,
@@ -306,6 +343,7 @@ _KIND_TEXT = {
     "sensor": "sensor",
     "camera": "camera (analysed on the spot, counts only)",
     "signal": "traffic signal",
+    "vehicle": "vehicles on the move (their positions are not published)",
     "derived": "computed by cityward from other data",
     "other": "other",
 }
@@ -394,7 +432,13 @@ def _source_html(s: Mapping[str, Any]) -> str:
         _list(s.get("never_computes") or [], ""),
         f'<h3 id="{_e(anchor)}-where">Where the devices are</h3>',
     ]
-    if devices:
+    if s.get("listed") is False:
+        n = int(s.get("entity_count", 0))
+        parts.append(
+            f'<p class="muted">{n} {"record" if n == 1 else "records"} at the moment, not '
+            f"listed one by one: {_e(s.get('not_listed_why', ''))}.</p>"
+        )
+    elif devices:
         noun = "device" if count == 1 else "devices"
         parts += [
             '<div class="table-wrap"><table>',
@@ -454,8 +498,9 @@ def render_html(register: Mapping[str, Any]) -> str:
         "<ul>",
     ]
     for s in sources:
-        count = int(s.get("device_count", 0))
-        noun = "device" if count == 1 else "devices"
+        listed = s.get("listed") is not False
+        count = int(s.get("device_count" if listed else "entity_count", 0))
+        noun = ("device" if count == 1 else "devices") if listed else "records"
         out.append(
             f'<li><a href="#{_e(_anchor(str(s["id"])))}">{_e(s["name"])}</a> ({count} {noun})</li>'
         )

@@ -36,8 +36,13 @@ class SourceKind(StrEnum):
     SENSOR = "sensor"
     CAMERA = "camera"
     SIGNAL = "signal"
+    VEHICLE = "vehicle"  # moving vehicles' feeds (emergency runs): positions never published
     DERIVED = "derived"  # computed by cityward itself (alerts, anomaly scores)
     OTHER = "other"
+
+
+#: kinds whose entities are installed devices: the public register lists each, with its place
+INSTALLED = frozenset({SourceKind.SENSOR, SourceKind.CAMERA, SourceKind.SIGNAL})
 
 
 def check_purpose(name: str) -> str:
@@ -111,6 +116,14 @@ class DataSource(BaseModel):
             raise ValueError(f"source {self.id!r} needs types or id_patterns")
         return self
 
+    @property
+    def listed(self) -> bool:
+        """Whether the public register lists this source's entities one by one (with their
+        places): installed devices only, and none that relates to identifiable people. Others
+        are counted: a vehicle's live position, an alert's place or a complaint's address is
+        not for everyone to read."""
+        return self.kind in INSTALLED and self.personal_data is not PersonalData.PERSONAL
+
     @cached_property
     def retention_period(self) -> Duration:
         return parse_duration(self.retention)
@@ -154,6 +167,7 @@ def default_sources() -> list[DataSource]:
         DataSource(
             id="emergency-runs",
             name="Emergency vehicle runs",
+            kind=SourceKind.VEHICLE,
             types=("EmergencyVehicleRun",),
             purposes=("traffic-management", "public-safety"),
             personal_data=PersonalData.INDIRECT,
