@@ -576,6 +576,39 @@ def test_the_audit_trail_records_writes_sensitive_reads_and_denials(governed: Go
     assert r.status_code == 200 and r.json()["ok"] is True, r.text
 
 
+def test_type_and_attribute_details_tell_only_what_the_token_may_read(
+    governed: Governed,
+) -> None:
+    """/types/{type}, /types?details=true and /attributes/{attr} scanned every entity: a token
+    without the purpose learnt how many there were and their attribute names, and what it
+    learnt of indirect data was not audited."""
+    c = governed.client
+    air = governed.as_("operator-air")
+    ngsi = "/ngsi-ld/v1"
+    assert c.get(f"{ngsi}/types/TrafficFlowObserved", headers=air).status_code == 404
+    assert c.get(f"{ngsi}/types/Thing", headers=air).status_code == 404  # undeclared
+    assert c.get(f"{ngsi}/attributes/intensity", headers=air).status_code == 404
+    r = c.get(f"{ngsi}/types", params={"details": "true"}, headers=air)
+    assert r.status_code == 200
+    assert {t["typeName"] for t in r.json()} == {"AirQualityObserved"}, r.json()
+    r = c.get(f"{ngsi}/types/AirQualityObserved", headers=air)
+    assert r.status_code == 200 and r.json()["entityCount"] == 1, r.text
+    # the traffic operator may read crowd counts (indirect): told, and audited as a read
+    op = governed.as_("operator")
+    r = c.get(f"{ngsi}/types/CrowdFlowObserved", headers=op)
+    assert r.status_code == 200 and r.json()["entityCount"] == 1, r.text
+    records = c.get(
+        "/cityward/v1/audit",
+        params={"action": "read", "limit": "1000"},
+        headers=governed.as_("auditor"),
+    ).json()
+    reads = [r["entity_ids"] for r in records if r["path"].startswith(f"{ngsi}/types/")]
+    assert reads == [[CROWD]], records
+    # the admin sees everything, as before
+    r = c.get(f"{ngsi}/types/TrafficFlowObserved", headers=governed.as_("admin"))
+    assert r.status_code == 200 and r.json()["entityCount"] == 1
+
+
 def test_an_id_with_slashes_gets_its_routes_rule_not_the_admin_fallback(
     governed: Governed,
 ) -> None:

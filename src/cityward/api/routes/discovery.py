@@ -18,6 +18,7 @@ from cityward.api.ngsi import (
     runtime,
     tenant_of,
 )
+from cityward.bank.access import current_access
 from cityward.bank.errors import BadRequestData, ResourceNotFound
 from cityward.bank.jsonld import Context
 from cityward.bank.store import Store
@@ -47,7 +48,15 @@ def _scan(store: Store, tenant: str, type_iri: str | None = None) -> dict[str, A
     where, params = ("", [])
     if type_iri is not None:
         where, params = ("e.pk IN (SELECT t.e FROM etypes t WHERE t.type = ?)", [type_iri])
+    # the entities this request may read, as a query would answer (governance): the counts,
+    # attribute names and kinds of the others are not told, and what is told of personal or
+    # indirect data is an audited read of those entities
+    access = current_access.get()
     for doc in store.iter_docs(tenant, where, params):
+        if access is not None:
+            if access.read(str(doc["id"]), doc["type"]) is not None:
+                continue
+            access.returned((doc,))
         for t in doc["type"]:
             type_count[t] += 1
             for iri, instances in doc["attrs"].items():
