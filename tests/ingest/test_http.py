@@ -99,3 +99,62 @@ def test_errors_are_problem_details(api: Any) -> None:
     r = _post(client, h["device"], [])  # it was a 500 (IndexError)
     assert r.status_code == 400, r.text
     assert r.json()["detail"] == "the push holds no message" and r.json()["field"] == "$"
+
+
+def test_a_push_may_not_change_an_entity_of_a_source_its_token_may_not_write(
+    tmp_path: Path,
+) -> None:
+    """With ``device_key = false`` and an id template whose type part the pusher shapes, an
+    environment operator's push reached a traffic camera's entity (the push checked the
+    mapping's type only; the writer checked nothing): the camera became an
+    AirQualityObserved too. The API refuses that write; so does the push now."""
+    mapping = {**MAPPING, "id": "urn:ngsi-ld:{$.kind}:{$.dev}"}
+    settings = Settings(
+        data_dir=tmp_path,
+        context_fetch=False,
+        ingest={
+            "enabled": True,
+            "sources": [
+                {
+                    "name": "air",
+                    "adapter": "http",
+                    "mapping": mapping,
+                    "options": {"device_key": False},
+                }
+            ],
+            "writer": {"max_delay_ms": 5},
+        },
+    )
+    store = SqliteStore(tmp_path / "bank.db")
+    app = create_app(settings, store)
+    ids = app.state.governance.identities
+    admin = {"Authorization": f"Bearer {ids.issue(Role.ADMIN, ['*'])}"}
+    air = {"Authorization": f"Bearer {ids.issue(Role.OPERATOR, ['environment-monitoring'])}"}
+    camera = "urn:ngsi-ld:Camera:c1"
+    with TestClient(app) as client:
+        r = client.post(
+            "/ngsi-ld/v1/entities",
+            json={"id": camera, "type": "Camera", "status": "ok"},
+            headers=admin,
+        )
+        assert r.status_code == 201, r.text
+        # the same operator through the NGSI-LD API: refused
+        r = client.post(f"/ngsi-ld/v1/entities/{camera}/attrs", json={"no2": 1}, headers=air)
+        assert r.status_code == 403, r.text
+        push = [
+            {"kind": "Camera", "dev": "c1", "n": 1, "ts": 1_700_000_000_000, "no2": 99},
+            {"kind": "AirQualityObserved", "dev": "s1", "n": 2, "ts": 1_700_000_000_000, "no2": 7},
+        ]
+        r = client.post("/ingest/air", content=orjson.dumps(push), headers=air)
+        assert r.status_code == 207, r.text
+        assert r.json()["accepted"] == 1
+        (error,) = r.json()["errors"]
+        assert error["index"] == 0 and error["field"] == "id", error
+        doc = client.get(f"/ngsi-ld/v1/entities/{camera}", headers=admin).json()
+        assert doc["type"] == "Camera" and "no2" not in doc, doc
+        r = client.get("/ngsi-ld/v1/entities/urn:ngsi-ld:AirQualityObserved:s1", headers=air)
+        assert r.status_code == 200 and r.json()["no2"]["value"] == 7, r.text
+        # refused, not remembered: the same message is refused again, not taken for a repeat
+        r = client.post("/ingest/air", content=orjson.dumps(push[:1]), headers=air)
+        assert r.status_code == 400 and r.json()["field"] == "id", r.text
+    store.close()

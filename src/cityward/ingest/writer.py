@@ -119,6 +119,9 @@ class Reading:
     done: Done | None = None
     raw: bytes = b""  # for the dead-letter store, should the bank refuse it
     topic: str = ""
+    # the pushing request's write check (an HTTP push): run again, inside the write, against
+    # the types the entity already has; None for the adapters that write as the platform
+    check: Callable[[str, Sequence[str]], NgsiError | None] | None = None
 
 
 @dataclass
@@ -407,15 +410,34 @@ class BatchWriter(Batcher):
     def _write_round(self, readings: list[Reading], outcome: dict[int, str | None]) -> None:
         by_frag = {id(r.fragment): r for r in readings}
         fresh: set[int] = set()
+        denied: dict[int, NgsiError] = {}  # id(fragment) -> the push's check of stored types
 
         def gate(txn: WriteTxn, frags: list[Doc]) -> list[Doc]:
             # called again for the same readings when the write is retried, and for each half
             # of them when the bank writes halves apart (Bank._write_batch): what a call
             # decides replaces what an earlier one decided for those readings
             fresh.difference_update(id(f) for f in frags)
+            if denied:
+                for f in frags:
+                    denied.pop(id(f), None)
             if self._entity_locks:
                 # before the delivery keys (the module text says why)
                 txn.lock_entities([f["id"] for f in frags])
+            if any(by_frag[id(f)].check is not None for f in frags):
+                # a push may change an entity only if its token may write the types the
+                # entity already has, as the NGSI-LD API checks them: the push checked the
+                # mapping's type alone, so a template whose id the pusher shapes reached
+                # another source's entity. No key is kept for a refused reading.
+                stored = txn.get_many([f["id"] for f in frags])
+                for f in frags:
+                    check = by_frag[id(f)].check
+                    prior = stored.get(f["id"])
+                    err = (
+                        None if check is None or prior is None else check(f["id"], prior[1]["type"])
+                    )
+                    if err is not None:
+                        denied[id(f)] = err
+                frags = [f for f in frags if id(f) not in denied]
             batch = [by_frag[id(f)] for f in frags]
             new = _insert_keys(txn, batch)
             if self._legacy_until is not None:
@@ -450,7 +472,9 @@ class BatchWriter(Batcher):
         errors = {e["entityId"]: e["error"] for e in result.errors}
         for r in readings:
             eid = r.fragment["id"]
-            if eid in errors:
+            if (err := denied.get(id(r.fragment))) is not None:
+                self._refuse(r, err.field or "id", str(err), outcome)
+            elif eid in errors:
                 err = errors[eid]
                 self._refuse(r, str(err.get("field") or "id"), str(err.get("detail", err)), outcome)
             elif id(r.fragment) in fresh:

@@ -114,7 +114,9 @@ class Intake:
             # message, never acknowledged, came back to end it again after every restart)
             log.exception("ingest source %s: mapping a message failed", self.name)
             return self._dead(payload, topic, "$", f"internal error: {exc!r}", done)
-        reading = Reading(self.name, update.message_key, fragment, done, raw=payload, topic=topic)
+        reading = Reading(
+            self.name, update.message_key, fragment, done, raw=payload, topic=topic, check=check
+        )
         if not self.writer.put(reading, timeout=timeout):
             raise TimeoutError("the ingest writer is full")
         return None
