@@ -121,7 +121,7 @@ class Reading:
     topic: str = ""
     # the pushing request's write check (an HTTP push): run again, inside the write, against
     # the types the entity already has; None for the adapters that write as the platform
-    check: Callable[[str, Sequence[str]], NgsiError | None] | None = None
+    check: Callable[[str, list[str]], NgsiError | None] | None = None
 
 
 @dataclass
