@@ -353,3 +353,29 @@ def test_history_stamped_in_the_future_goes_once_received_past_retention(store: 
     # ... until it too was received longer ago than its retention
     report = retention.run_once(now=t0 + timedelta(days=2 * 366 + 1))
     assert report.deleted["noise"] == 1 and rows() == set()
+
+
+def test_a_retention_reaching_before_year_one_keeps_everything_and_spares_the_run(
+    store: Store,
+) -> None:
+    """The configuration takes retentions up to 10,000 years (an archive kept for good):
+    P5000Y, or P1000000D, put the cutoff before year 1 and every run raised before deleting
+    anything, of any source, unaudited."""
+    write_city(store)
+    before = history(store)
+    for forever in ("P5000Y", "P1000000D", "P9999Y"):
+        sources = [
+            source("air", forever, types=("AirQualityObserved",)),
+            source("cams", "P90D", id_patterns=(r"urn:ngsi-ld:Camera:.*",)),
+        ]
+        cat = Catalog(sources, {"AirQualityObserved": CORE.expand("AirQualityObserved")})
+        sink = ListSink()
+        report = Retention(store, cat, sink).run_once(now=NOW)
+        assert report.error is None and len(sink.records) == 1, forever
+        assert report.cutoffs["air"] == datetime(1, 1, 1, tzinfo=UTC), forever
+    after = {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])}
+    cams = {rid for rid, (sid, obs) in before.items() if sid == "cams"}
+    expired = {rid for rid in cams if before[rid][1] < NOW - timedelta(days=90)}
+    assert expired and not expired & after  # the other source's expired rows went
+    air = {rid for rid, (sid, _) in before.items() if sid == "air"}
+    assert air <= after  # and the archive kept all of its own

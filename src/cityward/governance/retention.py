@@ -149,12 +149,22 @@ class _Stopped(Exception):
     """stop() was called: the run ends between two batches."""
 
 
+#: the first instant a timestamp can hold: the cutoff of a retention that reaches further back
+EARLIEST_US = datetime_to_us(datetime(1, 1, 1, tzinfo=UTC))
+
+
 def cutoff_us(source: DataSource, now_us: int) -> int:
-    """The instant (microseconds) before which ``source``'s history is past its retention."""
+    """The instant (microseconds) before which ``source``'s history is past its retention.
+
+    A retention that reaches before year 1 (the configuration takes up to 10,000 years: P5000Y
+    for an archive kept for good) keeps everything: its cutoff is EARLIEST_US. Before, its
+    cutoff raised, and every retention run failed before deleting anything of any source."""
     period = source.retention_period
-    if period.months:
-        return add_months(now_us, -period.months)
-    return now_us - period.micros
+    try:
+        us = add_months(now_us, -period.months) if period.months else now_us - period.micros
+    except (ValueError, OverflowError):
+        return EARLIEST_US
+    return max(us, EARLIEST_US)
 
 
 def _ident(name: str) -> str:
