@@ -443,16 +443,21 @@ def dpia(
     """Write a data-protection impact assessment draft (Markdown and PDF) from the config."""
     from cityward.bank.jsonld import ContextResolver
     from cityward.bank.model import now_iso
+    from cityward.bank.store import backend_name
     from cityward.governance.dpia import dpia_markdown, write_dpia
     from cityward.governance.runtime import build_catalog
 
     settings = load_settings(config, data_dir=data_dir, database_url=database_url)
     catalog = build_catalog(settings.governance.sources, ContextResolver(allow_fetch=False))
+    try:  # sqlite:///... is SQLite: the DPIA promised PostgreSQL's partition drops for it
+        backend = backend_name(settings.database_url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--database-url") from exc
     text = dpia_markdown(
         catalog,
         site_name=settings.governance.site_name,
         generated_at=now_iso(),
-        backend="PostgreSQL" if settings.database_url else "SQLite",
+        backend=backend,
         retention_interval_s=settings.governance.retention_interval_s,
     )
     md, pdf = write_dpia(out, text)

@@ -113,3 +113,24 @@ def test_dpia_writes_markdown_and_pdf(tmp_path: Path) -> None:
     md = (tmp_path / "out" / "dpia.md").read_text()
     assert "Traffic flow detectors" in md and "| permission |" in md
     assert (tmp_path / "out" / "dpia.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_dpia_names_the_backend_a_database_url_opens(tmp_path: Path) -> None:
+    """``--database-url sqlite:///...`` gave a DPIA that said PostgreSQL and promised its
+    partition drops: any URL was taken for PostgreSQL."""
+    for url, says, not_says in (
+        (f"sqlite:///{tmp_path / 'city.db'}", "secure_delete", "partitions are"),
+        ("postgresql://postgres@127.0.0.1:5432/postgres", "partitions", "secure_delete"),
+    ):
+        out = tmp_path / says
+        result = runner.invoke(
+            cli_app,
+            ["dpia", "--out", str(out), "--data-dir", str(tmp_path), "--database-url", url],
+        )
+        assert result.exit_code == 0, result.output
+        md = (out / "dpia.md").read_text()
+        assert says in md and not_says not in md, (url, md)
+    result = runner.invoke(
+        cli_app, ["dpia", "--out", str(tmp_path / "x"), "--database-url", "mysql://db/city"]
+    )
+    assert result.exit_code == 2 and "unsupported database URL" in result.output
