@@ -609,6 +609,29 @@ def test_type_and_attribute_details_tell_only_what_the_token_may_read(
     assert r.status_code == 200 and r.json()["entityCount"] == 1
 
 
+def test_a_token_that_could_never_be_used_is_not_issued(governed: Governed) -> None:
+    """An operator or auditor token with every purpose ('*') was issued (201), and then
+    refused (401) on every use; a bad purpose of a device key was reported as a bad pattern."""
+    c = governed.client
+    admin = governed.as_("admin")
+    for role in ("operator", "analyst", "auditor"):
+        r = c.post("/cityward/v1/tokens", json={"role": role, "purposes": ["*"]}, headers=admin)
+        assert r.status_code == 400 and r.json()["field"] == "purposes", r.text
+        assert "only admin tokens may carry every purpose" in r.json()["detail"]
+    r = c.post("/cityward/v1/tokens", json={"role": "admin", "purposes": ["*"]}, headers=admin)
+    assert r.status_code == 201, r.text
+    r = c.post(
+        "/cityward/v1/device-keys",
+        json={"device": "d1", "entityIdPatterns": ["urn:x:.*"], "purposes": ["Bad Purpose"]},
+        headers=admin,
+    )
+    assert r.status_code == 400 and r.json()["field"] == "purposes", r.text
+    r = c.post(
+        "/cityward/v1/device-keys", json={"device": "d1", "entityIdPatterns": ["("]}, headers=admin
+    )
+    assert r.status_code == 400 and r.json()["field"] == "entityIdPatterns", r.text
+
+
 def test_an_id_with_slashes_gets_its_routes_rule_not_the_admin_fallback(
     governed: Governed,
 ) -> None:

@@ -144,6 +144,8 @@ class Identities:
         for p in purposes:
             if p != ALL_PURPOSES:
                 check_purpose(p)
+            elif role is not Role.ADMIN:  # every check of such a token would refuse it (401)
+                raise ValueError("only admin tokens may carry every purpose ('*')")
         now = int(time.time())
         ttl = ttl_s if ttl_s is not None else self.settings.token_ttl_days * 86400
         claims = {

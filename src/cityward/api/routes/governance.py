@@ -228,11 +228,18 @@ async def create_device_key(request: Request) -> Response:
         raise BadRequestData("device must be a non-empty string", field="device")
     patterns = _strings(body, "entityIdPatterns")
     purposes = _strings(body, "purposes", required=False)
+    from cityward.governance.sources import check_purpose
+
+    for p in purposes:  # named as its own field (it was reported as entityIdPatterns)
+        try:
+            check_purpose(p)
+        except ValueError as exc:
+            raise BadRequestData(str(exc), field="purposes") from exc
     try:
         key_id, key = await run_in_threadpool(
             gov.identities.create_device_key, device, patterns, purposes
         )
-    except Exception as exc:  # a bad regex or purpose name
+    except Exception as exc:  # a bad regex
         raise BadRequestData(str(exc), field="entityIdPatterns") from exc
     return _json({"keyId": key_id, "key": key, "device": device}, 201)
 
