@@ -534,3 +534,28 @@ def test_load_or_create_key(tmp_path: Path) -> None:
     path.write_text("not hex")
     with pytest.raises(ValueError):
         load_or_create_key(path)
+
+
+def test_an_edited_entity_index_is_detected(backend: Backend) -> None:
+    """The index that ``GET /audit?entity=`` searches is outside the hash chain: deleting its
+    rows hid a record from searches by entity, and verify still said the log was whole."""
+    log = backend.open(seal_every=1000)
+    for i in range(30):
+        log.record_nowait(rec(i, entity_ids=(f"urn:x:{i % 3}", "urn:x:all")))
+    log.flush(timeout=10)
+    assert log.verify().ok
+    assert [r["seq"] for r in log.query(entity="urn:x:1", limit=100)] == list(range(2, 31, 3))
+    backend.sql("DELETE FROM audit_entities WHERE entity_id = 'urn:x:1' AND seq = 17")
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 17), result
+    assert "entity index of record 17" in result.reason
+    backend.sql("INSERT INTO audit_entities (entity_id, seq) VALUES ('urn:x:1', 17)")
+    assert log.verify().ok
+    backend.sql("INSERT INTO audit_entities (entity_id, seq) VALUES ('urn:x:9', 4)")
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 4), result
+    backend.sql("DELETE FROM audit_entities WHERE entity_id = 'urn:x:9'")
+    backend.sql("INSERT INTO audit_entities (entity_id, seq) VALUES ('urn:x:9', 99)")
+    result = log.verify()
+    assert (result.ok, result.first_bad_seq) == (False, 99), result
+    assert "which does not exist" in result.reason

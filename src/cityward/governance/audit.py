@@ -870,7 +870,19 @@ class AuditLog:
             def bad(seq: int, reason: str) -> VerifyResult:
                 return VerifyResult(False, prev_seq, n_seals, seq, reason)
 
+            # the entity index (what ``entity=`` searches) is outside the chain: each chunk's
+            # index rows must be exactly its records' ids, or a deleted row hid a record from
+            # ``GET /audit?entity=`` while verify said the log was whole
+            index_sql = (
+                f"SELECT entity_id, seq FROM {self._b.entities} WHERE seq > ? AND seq <= ?"
+            )
             while chunk := db.rows(sql, [prev_seq, _VERIFY_CHUNK]):
+                first_seq = prev_seq
+                indexed = {
+                    (str(e), int(q))
+                    for e, q in db.rows(index_sql, [first_seq, int(chunk[-1][0])])
+                }
+                expected: set[tuple[str, int]] = set()
                 for row in chunk:
                     rec = dict(zip(COLUMNS, row, strict=True))
                     seq = int(rec["seq"])
@@ -945,6 +957,24 @@ class AuditLog:
                                 ),
                             )
                     prev_seq, prev_hash = seq, str(rec["hash"])
+                    expected.update((str(e), seq) for e in rec["entity_ids"])
+                if indexed != expected:
+                    seq = min(q for _, q in indexed ^ expected)
+                    return VerifyResult(
+                        False,
+                        seq - 1,
+                        n_seals,
+                        seq,
+                        f"The entity index of record {seq} differs from the entity ids the "
+                        "record holds: the index was edited, and searches by entity miss or "
+                        "invent records.",
+                    )
+            stray = db.rows(f"SELECT min(seq) FROM {self._b.entities} WHERE seq > ?", [prev_seq])
+            if stray and stray[0][0] is not None:
+                return bad(
+                    int(stray[0][0]),
+                    f"The entity index names record {int(stray[0][0])}, which does not exist.",
+                )
         if any(s < 1 for s in seals):
             return bad(min(seals), f"A seal names record {min(seals)}, which cannot exist.")
         beyond = [s for s in seals if s > prev_seq]
