@@ -609,6 +609,33 @@ def test_type_and_attribute_details_tell_only_what_the_token_may_read(
     assert r.status_code == 200 and r.json()["entityCount"] == 1
 
 
+def test_an_entity_refused_inside_a_batch_is_named_by_its_audit_record(
+    governed: Governed,
+) -> None:
+    """A batch answered 207 with a 403 for an entity of another source: its audit record named
+    the entities written only, so a search for the refused entity found nothing."""
+    c = governed.client
+    op = governed.as_("operator")
+    batch = [
+        {"id": TRAFFIC, "type": "TrafficFlowObserved", "intensity": 2},
+        {"id": AIR, "type": "AirQualityObserved", "no2": 999},
+    ]
+    r = c.post("/ngsi-ld/v1/entityOperations/upsert", json=batch, headers=op)
+    assert r.status_code == 207, r.text
+    r = c.post("/ngsi-ld/v1/entityOperations/delete", json=[AIR], headers=op)
+    assert r.status_code in (207, 400, 403), r.text
+    records = c.get(
+        "/cityward/v1/audit",
+        params={"entity": AIR, "limit": "100"},
+        headers=governed.as_("auditor"),
+    ).json()
+    mine = [(r["path"], r["extra"].get("denied")) for r in records if r["role"] == "operator"]
+    assert ("/ngsi-ld/v1/entityOperations/upsert", [AIR]) in mine, records
+    assert any(p == "/ngsi-ld/v1/entityOperations/delete" for p, _ in mine), records
+    upsert = next(r for r in records if r["path"].endswith("/upsert") and r["role"] == "operator")
+    assert upsert["count"] == 1 and upsert["entity_ids"] == [TRAFFIC, AIR]
+
+
 def test_a_token_that_could_never_be_used_is_not_issued(governed: Governed) -> None:
     """An operator or auditor token with every purpose ('*') was issued (201), and then
     refused (401) on every use; a bad purpose of a device key was reported as a bad pattern."""

@@ -141,10 +141,12 @@ class GovernanceMiddleware:
         else:
             return None
         ids = trail.entity_ids
-        if not ids:
+        if not ids and not trail.denied:
             m = _ENTITY_IN_PATH.search(scope["path"])
             if m is not None:
                 ids = [unquote(m.group(1))]
+        if trail.denied:  # found by a search for the entity; told apart in ``extra``
+            ids = [*ids, *(d for d in trail.denied if d not in ids)]
         return AuditRecord(
             action=action,
             actor=principal.subject,
@@ -156,6 +158,7 @@ class GovernanceMiddleware:
             entity_ids=tuple(ids),
             count=trail.count,
             result=status,
+            extra={"denied": list(trail.denied)} if trail.denied else {},
         )
 
     async def _audit(self, rec: AuditRecord) -> None:

@@ -32,13 +32,20 @@ log = logging.getLogger("cityward.governance")
 class RequestTrail:
     """What one request touched, for its audit record."""
 
-    __slots__ = ("_seen", "count", "entity_ids", "sensitive")
+    __slots__ = ("_seen", "count", "denied", "entity_ids", "sensitive")
 
     def __init__(self) -> None:
         self.entity_ids: list[str] = []
         self.count = 0  # distinct entities
         self.sensitive = False  # read data marked personal or indirect
+        # entities refused inside a request that went on (an item of a batch or a push): its
+        # record names them, or a refused write left no trace a search by entity finds
+        self.denied: list[str] = []
         self._seen: set[str] = set()
+
+    def deny(self, eid: str) -> None:
+        if eid not in self.denied and len(self.denied) < MAX_IDS_PER_RECORD:
+            self.denied.append(eid)
 
     def add(self, eid: str) -> None:
         # an upsert checks an entity twice (its new and its stored type): count it once
@@ -99,6 +106,7 @@ class Governance:
         def write(eid: str, types: Sequence[str]) -> NgsiError | None:
             if principal.role is Role.DEVICE:
                 if not principal.owns(eid):
+                    trail.deny(eid)
                     return Forbidden(
                         f"device {principal.subject!r} may only write its own entities, not {eid}",
                         field="id",
@@ -108,6 +116,7 @@ class Governance:
                 return None
             source = catalog.source_of(eid, types)
             if not catalog.allows(purposes, source):
+                trail.deny(eid)
                 return denied(eid, source, "changing")
             trail.add(eid)
             return None
