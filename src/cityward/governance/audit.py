@@ -873,14 +873,11 @@ class AuditLog:
             # the entity index (what ``entity=`` searches) is outside the chain: each chunk's
             # index rows must be exactly its records' ids, or a deleted row hid a record from
             # ``GET /audit?entity=`` while verify said the log was whole
-            index_sql = (
-                f"SELECT entity_id, seq FROM {self._b.entities} WHERE seq > ? AND seq <= ?"
-            )
+            index_sql = f"SELECT entity_id, seq FROM {self._b.entities} WHERE seq > ? AND seq <= ?"
             while chunk := db.rows(sql, [prev_seq, _VERIFY_CHUNK]):
                 first_seq = prev_seq
                 indexed = {
-                    (str(e), int(q))
-                    for e, q in db.rows(index_sql, [first_seq, int(chunk[-1][0])])
+                    (str(e), int(q)) for e, q in db.rows(index_sql, [first_seq, int(chunk[-1][0])])
                 }
                 expected: set[tuple[str, int]] = set()
                 for row in chunk:

@@ -292,8 +292,7 @@ def build_register(
         )
     counts = devices_by_source.counts if isinstance(devices_by_source, DevicesBySource) else {}
     sources = [
-        _source_json(s, devices_by_source.get(s.id, ()), counts.get(s.id))
-        for s in catalog.sources
+        _source_json(s, devices_by_source.get(s.id, ()), counts.get(s.id)) for s in catalog.sources
     ]
     return {
         "site": {"name": site_name, "contact": site_contact},
