@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cityward.cli import app
@@ -99,3 +100,35 @@ def test_ingest_run_refuses_bad_sources_at_load_naming_the_setting(tmp_path: Pat
         )
         assert result.exit_code == 2, (options, result.output)
         assert setting in result.output and why in result.output, (options, result.output)
+
+
+@pytest.mark.parametrize(
+    ("args", "what", "why"),
+    [
+        (["check", "{d}/m.toml", "--sample", "{d}/missing.json"], "--sample", "No such file"),
+        (["check", "{d}/m.toml", "--sample", "{d}"], "--sample", "Is a directory"),
+        (["check", "{d}/latin1.toml"], "latin1.toml", "not UTF-8 text"),
+        (
+            ["run", "--config", "{d}/broken.toml", "--data-dir", "{d}/data"],
+            "broken.toml",
+            "not valid TOML",
+        ),
+        (
+            ["dead-letters", "--config", "{d}/broken.toml", "--data-dir", "{d}/data"],
+            "broken.toml",
+            "not valid TOML",
+        ),
+    ],
+)
+def test_unreadable_files_are_one_line_errors_with_exit_2(
+    tmp_path: Path, args: list[str], what: str, why: str
+) -> None:
+    """A missing or directory --sample, a mapping not in UTF-8 and a --config that is not TOML
+    were tracebacks with exit code 1, the code of rejected samples."""
+    (tmp_path / "m.toml").write_text(MAPPING)
+    (tmp_path / "latin1.toml").write_bytes(b'entity_type = "Air\xe9"\n')  # saved as Latin-1
+    (tmp_path / "broken.toml").write_text("[ingest\n")
+    argv = ["ingest", *(a.format(d=tmp_path) for a in args)]
+    result = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert what in result.output and why in result.output, result.output

@@ -153,6 +153,29 @@ def test_not_an_object_and_missing_required_and_topic() -> None:
         Mapping(MappingConfig.model_validate(by_topic)).apply(PAYLOAD, topic="a/b")
 
 
+@pytest.mark.parametrize(
+    ("raw", "want"),
+    [
+        (2**53 + 1, 2**53 + 1),
+        (2**63 - 1, 2**63 - 1),
+        ("9007199254740995", 9007199254740995),
+        (" -9007199254740993 ", -(2**53 + 1)),
+    ],
+)
+def test_integers_stay_exact(raw: Any, want: int) -> None:
+    """Read through a float, 2**53 + 1 was stored as 2**53 and 2**63 - 1 was refused."""
+    m = Mapping(MappingConfig.model_validate(AIR))
+    got = m.apply({**PAYLOAD, "bat": [raw]}).attrs["battery"]["value"]
+    assert type(got) is int and got == want
+
+
+def test_an_integer_past_what_python_reads_is_refused_as_too_large() -> None:
+    m = Mapping(MappingConfig.model_validate(AIR))
+    with pytest.raises(MappingError, match="not a 64-bit integer") as err:
+        m.apply({**PAYLOAD, "bat": ["9" * 5000]})
+    assert err.value.field == "$.bat[0]"
+
+
 def test_a_value_scaled_past_the_float_range_is_refused() -> None:
     """Finite, but infinite once scaled: it was stored as null."""
     cfg = dict(AIR, attributes={"power": {"path": "$.p", "scale": 1e300}})
@@ -180,6 +203,32 @@ def test_readings_stamped_at_receipt_never_share_a_key() -> None:
     keys = {m.apply(PAYLOAD, received_at=at).message_key for _ in range(100)}
     assert len(keys) == 100
     assert all(k.startswith("r:2026-01-02T03:04:05.000Z@") for k in keys)
+
+
+def test_readings_less_than_a_millisecond_apart_have_keys_of_their_own() -> None:
+    """observedAt is cut to the millisecond; the key was made of that cut time, so the second
+    of two readings 0.8 ms apart was accepted and then dropped as a repeat. Whole-millisecond
+    times keep the key an earlier version wrote (a resumed replay finds them)."""
+    cfg = {k: v for k, v in AIR.items() if k != "message_id"}
+    cfg["timestamp"] = {"path": "$.ts", "format": "iso8601"}
+    m = Mapping(MappingConfig.model_validate(cfg))
+    eid = "urn:ngsi-ld:AirQualityObserved:aq-17"
+    a = m.apply({**PAYLOAD, "ts": "2026-01-01T00:00:00.000100Z"})
+    b = m.apply({**PAYLOAD, "ts": "2026-01-01T01:00:00.000900+01:00"})
+    assert a.observed_at == b.observed_at == "2026-01-01T00:00:00.000Z"
+    assert a.message_key == f"o:2026-01-01T00:00:00.000100Z@{eid}"
+    assert b.message_key == f"o:2026-01-01T00:00:00.000900Z@{eid}"
+    whole = m.apply({**PAYLOAD, "ts": "2026-01-01T01:00:00.123+01:00"})
+    assert whole.message_key == f"o:2026-01-01T00:00:00.123Z@{eid}"
+    ms = Mapping(
+        MappingConfig.model_validate(dict(cfg, timestamp={"path": "$.ts", "format": "epoch_ms"}))
+    )
+    assert ms.apply({**PAYLOAD, "ts": 1795400000123}).message_key == (
+        f"o:2026-11-23T02:13:20.123Z@{eid}"
+    )
+    half = ms.apply({**PAYLOAD, "ts": 1795400000123.5})
+    assert half.observed_at == "2026-11-23T02:13:20.123Z"
+    assert half.message_key == f"o:2026-11-23T02:13:20.123500Z@{eid}"
 
 
 def test_naive_iso_time_is_refused() -> None:
@@ -216,6 +265,24 @@ def test_a_bad_config_fails_on_load_with_the_setting(
     locs = [".".join(str(p) for p in e["loc"]) for e in errors]
     assert any(loc.startswith(where) for loc in locs), locs
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "name", ["createdAt", "modifiedAt", "observedAt", "value", "scope", "unitCode", "datasetId"]
+)
+def test_an_attribute_named_after_an_ngsi_ld_term_fails_on_load(name: str) -> None:
+    """Accepted before: the fast path stored readings under a reserved name (or, with a json
+    attribute, the bank refused every message at run time)."""
+    cfg = dict(AIR, attributes={name: {"path": "$.v", "kind": "string"}, "no2": {"path": "$.n"}})
+    with pytest.raises(ValidationError) as err:
+        MappingConfig.model_validate(cfg)
+    assert [e["loc"] for e in err.value.errors()] == [("attributes",)]
+    assert f"attribute name {name!r} is reserved in NGSI-LD" in str(err.value)
+
+
+def test_location_is_mapped_with_its_own_setting() -> None:
+    with pytest.raises(ValidationError, match="map a position with the mapping's location"):
+        MappingConfig.model_validate(dict(AIR, attributes={"location": {"path": "$.gps"}}))
 
 
 def test_observation_times_are_written_like_isoformat() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 import os
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import orjson
@@ -14,7 +16,13 @@ from cityward.bank.store import open_store
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.ingest.deadletter import DeadLetters
 from cityward.ingest.worker import IngestWorker
-from tests.ingest.helpers import bank_with_history, message, settings, stored_readings
+from tests.ingest.helpers import (
+    IngestRun,
+    bank_with_history,
+    message,
+    settings,
+    stored_readings,
+)
 
 
 def _run(worker: IngestWorker) -> None:
@@ -107,6 +115,53 @@ attributes = {{ no2 = {{ path = "$.no2" }} }}
     assert "carrier-pigeon" in out.stdout and "ingest.sources.0" in out.stdout
 
 
+def test_ingest_run_exits_1_when_readings_are_left_unwritten(tmp_path: Path) -> None:
+    """The bank stays locked past the 10 s drain: `ingest run --exit-when-done` exited 0 with
+    readings never written (a batch load reported success). Once the bank is free, the same
+    run writes them all."""
+    path = tmp_path / "readings.jsonl"
+    path.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(100)))
+    config = tmp_path / "cityward.toml"
+    config.write_text(
+        f"""
+[ingest]
+front_process = false
+[[ingest.sources]]
+name = "air"
+adapter = "replay"
+options = {{ path = "{path}", time_field = "$.ts", time_format = "epoch_ms", speed = 50 }}
+[ingest.sources.mapping]
+entity_type = "AirQualityObserved"
+id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
+message_id = "$.n"
+attributes = {{ no2 = {{ path = "$.no2" }} }}
+"""
+    )
+    data = tmp_path / "data"
+    run = IngestRun("all", config, data, tmp_path / "run.log", "--exit-when-done")
+    run.start()
+    assert run.proc is not None
+    deadline = time.monotonic() + 60
+    while "running" not in run.text():  # the bank exists; the replay (2 s) has started
+        assert time.monotonic() < deadline and run.proc.poll() is None, run.text()
+        time.sleep(0.1)
+    lock = sqlite3.connect(data / "cityward.db", isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # the bank's write lock, until the run has exited
+    try:
+        code = run.proc.wait(90)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert code == 1, run.text()
+    assert "reading(s) not written" in run.text()
+    rerun = IngestRun("all", config, data, tmp_path / "rerun.log", "--exit-when-done")
+    rerun.start()
+    assert rerun.proc is not None and rerun.proc.wait(90) == 0, rerun.text()
+    store = open_store(None, data)
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(100)]
+    store.close()
+
+
 def _replay(path: Path, tmp_path: Path) -> tuple[SqliteStore, IngestWorker]:
     """``path`` replayed flat out into a new bank on SQLite, to the end."""
     store = SqliteStore(tmp_path / "bank.db")
@@ -152,5 +207,32 @@ def test_json_lines_with_a_byte_order_mark(tmp_path: Path) -> None:
     path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(orjson.dumps(message(n)) for n in range(5)))
     store, worker = _replay(path, tmp_path)
     assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(5)]
+    assert worker.dead_letters.entries("air") == []
+    store.close()
+
+
+def test_a_csv_header_that_is_not_utf8_fails_the_replay(tmp_path: Path) -> None:
+    """A Latin-1 header: the replay read nothing, stored no dead letter and reported no failure
+    (`ingest run` exited 0). It fails now, naming the line and the encoding."""
+    path = tmp_path / "latin1.csv"
+    rows = [b"dev,n,ts,no2,temp\xe9rature\n"]
+    rows += [b"s%d,%d,%d,%d,1\n" % (n % 5, n, 1_790_000_000_000 + n * 1000, n) for n in range(10)]
+    path.write_bytes(b"".join(rows))
+    store, worker = _replay(path, tmp_path)
+    failed = worker.adapters["air"].failed  # type: ignore[attr-defined]
+    assert failed is not None and "line 1: the CSV header is not UTF-8" in failed, failed
+    assert stored_readings(store) == []
+    store.close()
+
+
+def test_blank_lines_before_the_csv_header_are_skipped(tmp_path: Path) -> None:
+    """A blank first line was taken as the header (no columns): every row a dead letter."""
+    path = tmp_path / "blank.csv"
+    rows = [b"\n", b"\r\n", b"dev,n,ts,no2\n"]
+    rows += [b"s%d,%d,%d,%d\n" % (n % 5, n, 1_790_000_000_000 + n * 1000, n) for n in range(10)]
+    path.write_bytes(b"".join(rows))
+    store, worker = _replay(path, tmp_path)
+    assert worker.adapters["air"].failed is None  # type: ignore[attr-defined]
+    assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(10)]
     assert worker.dead_letters.entries("air") == []
     store.close()

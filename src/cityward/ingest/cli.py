@@ -60,13 +60,10 @@ def check(
     from cityward.ingest.mapping import Mapping, MappingConfig, MappingError
 
     try:
-        config = MappingConfig.model_validate(tomllib.loads(mapping.read_text()))
-    except OSError as exc:
-        console.print(f"[red]{mapping}[/]: {exc.strerror or exc}")
-        raise typer.Exit(2) from exc
-    except tomllib.TOMLDecodeError as exc:
-        console.print(f"[red]{mapping}[/]: not valid TOML: {exc}")
-        raise typer.Exit(2) from exc
+        # TOML is UTF-8 whatever the locale; a file in another encoding was a traceback
+        config = MappingConfig.model_validate(tomllib.loads(mapping.read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        _unreadable(mapping, exc)
     except ValidationError as exc:
         _invalid(mapping, exc)
     m = Mapping(config)
@@ -75,8 +72,13 @@ def check(
     )
     if sample is None:
         return
+    try:
+        samples = _samples(sample)
+    except OSError as exc:  # a usage error (exit 2), not rejected samples (exit 1)
+        console.print(f"[red]--sample {sample}[/]: {exc.strerror or exc}")
+        raise typer.Exit(2) from exc
     bad = 0
-    for label, payload in _samples(sample):
+    for label, payload in samples:
         if isinstance(payload, _NotJson):
             bad += 1
             console.print(f"[red]{label}[/]: rejected: $: not JSON ({payload.why})")
@@ -100,6 +102,22 @@ def _settings(config: Path | None, data_dir: Path | None, database_url: str | No
         return load_settings(config, data_dir=data_dir, database_url=database_url)
     except ValidationError as exc:
         _invalid(config, exc)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        _unreadable(config, exc)
+
+
+def _unreadable(path: Path | None, exc: Exception) -> NoReturn:
+    """One line for a TOML file that cannot be read (missing, not UTF-8, not TOML); exit code 2
+    (a traceback and exit code 1 before, which `check` uses for rejected samples)."""
+    if isinstance(exc, OSError):
+        why = str(exc.strerror or exc)
+        path = Path(exc.filename) if exc.filename else path
+    elif isinstance(exc, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {exc.start}); save it as UTF-8"
+    else:
+        why = f"not valid TOML: {exc}"
+    console.print(f"[red]{path}[/]: {why}")
+    raise typer.Exit(2) from exc
 
 
 def _invalid(path: Path | None, exc: ValidationError) -> NoReturn:
@@ -235,7 +253,11 @@ def run(
                 _status_line(worker.status())
     finally:
         worker.stop()
-        _status_line(worker.status())
+        last = worker.status()
+        _status_line(last)
+        # what the writer still held when its drain ran out (a locked or unreachable bank):
+        # a load that leaves readings unwritten is not a success
+        pending = int(last["pending"])
         if changes is not None:
             changes.stop()
         dead.close()
@@ -244,6 +266,11 @@ def run(
     failed = [f"{r.intake.name}: {r.failed}" for r in replays if r.failed]
     if failed:  # a load that stopped before the end of its file is not a success
         console.print(f"[red]replay failed[/]: {'; '.join(failed)}")
+    if pending > 0:
+        console.print(
+            f"[red]{pending:,} reading(s) not written[/]: still pending when the worker stopped"
+        )
+    if failed or pending > 0:
         raise typer.Exit(1)
 
 

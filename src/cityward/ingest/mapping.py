@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from cityward.bank.model import MAX_ID_BYTES
+from cityward.bank.model import MAX_ID_BYTES, RESERVED_NAMES, SYSTEM_MEMBERS
 
 Key = str | int
 #: the longest delivery key (``m:`` and the message id) in bytes; see Mapping.apply
@@ -43,7 +43,10 @@ _STEP = re.compile(r"""\.([A-Za-z_][A-Za-z0-9_\-]*)|\[(-?\d+)\]|\["((?:[^"\\]|\\
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 _TOPIC = re.compile(r"topic\[(-?\d+)\]")
 _ATTR_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-_RESERVED = {"id", "type", "@context", "location"}
+# the bank's own reserved terms (observedAt, value, scope, createdAt ...): the bank refuses
+# them as attribute names, but the mapping took them and the writer's fast path stored
+# readings under them (or every message was refused at run time)
+_RESERVED = RESERVED_NAMES | SYSTEM_MEMBERS
 
 
 class MappingError(ValueError):
@@ -188,11 +191,18 @@ class MappingConfig(BaseModel):
         if not value:
             raise ValueError("map at least one attribute")
         for name in value:
-            if name in _RESERVED or not _ATTR_NAME.fullmatch(name):
+            if name == "location":
                 raise ValueError(
-                    f"attribute name {name!r}: letters, digits and _, and not one of "
-                    f"{', '.join(sorted(_RESERVED))}"
+                    "attribute name 'location' is reserved: map a position with the mapping's "
+                    "location = { lon = ..., lat = ... }"
                 )
+            if name in _RESERVED:
+                raise ValueError(
+                    f"attribute name {name!r} is reserved in NGSI-LD; not one of "
+                    f"{', '.join(sorted(_RESERVED, key=str.lower))}"
+                )
+            if not _ATTR_NAME.fullmatch(name):
+                raise ValueError(f"attribute name {name!r}: letters, digits and _")
         return value
 
 
@@ -240,7 +250,7 @@ class Mapping:
         if not isinstance(payload, dict):
             raise MappingError(f"expected a JSON object, got {type(payload).__name__}", "$")
         eid = self._entity_id(payload, topic)
-        observed = self._observed(payload, received_at)
+        observed, key_time = self._observed(payload, received_at)
         attrs: dict[str, Any] = {}
         for name, keys, spec in self._attrs:
             raw = resolve(payload, keys)
@@ -280,7 +290,7 @@ class Mapping:
             # the observation time first: keys then mostly arrive in order and the key
             # table's index grows at its end (``t:<entity>@<time>``, the earlier form, put each
             # device's keys in a region of their own; cityward.ingest.writer reads both)
-            key = f"o:{observed}@{eid}"
+            key = f"o:{key_time}@{eid}"
         else:
             # Stamped with the time of receipt, which a redelivery does not share: such a
             # reading cannot be told from a repeat, so each gets a key of its own. Keyed by
@@ -317,10 +327,13 @@ class Mapping:
             raise MappingError(f"the entity id is longer than {MAX_ID_BYTES} bytes", "id")
         return eid
 
-    def _observed(self, payload: dict[str, Any], received_at: datetime | None) -> str:
+    def _observed(self, payload: dict[str, Any], received_at: datetime | None) -> tuple[str, str]:
+        """(observedAt, to the millisecond; the time for the delivery key, to the microsecond
+        where the payload's time has digits below the millisecond)."""
         spec = self.config.timestamp
         if spec is None or self._ts is None:
-            return _iso(received_at or datetime.now(UTC))
+            observed = _iso(received_at or datetime.now(UTC))
+            return observed, observed
         raw = resolve(payload, self._ts)
         if raw is _MISSING or raw is None:
             raise MappingError("the observation time is missing", spec.path)
@@ -338,7 +351,15 @@ class Mapping:
                 at = datetime.fromtimestamp(n / 1000 if spec.format == "epoch_ms" else n, UTC)
             # in UTC inside the try: 9999-12-31T23:00:00-05:00 overflows there (an uncaught
             # OverflowError killed the MQTT reader and failed an HTTP push with a 500)
-            return _iso(at)
+            if at.tzinfo is not UTC:
+                at = at.astimezone(UTC)
+            observed = _iso(at)
+            # observedAt is cut to the millisecond, but a key made of that cut time made two
+            # readings 0.1 ms apart one delivery (the second accepted, then dropped as a
+            # repeat). A whole-millisecond time keeps the key it always had: a replay resumed
+            # after an upgrade finds the keys an earlier version wrote.
+            sub_ms = at.microsecond % 1000
+            return observed, f"{observed[:-1]}{sub_ms:03d}Z" if sub_ms else observed
         except (ValueError, OverflowError, OSError) as exc:
             if isinstance(exc, MappingError):
                 raise
@@ -391,6 +412,7 @@ def _iso(at: datetime) -> str:
 # a number in a string, as JSON writes numbers (ASCII digits): Python's float() also reads
 # "1_0" as 10, "٣" (an Arabic-Indic digit) as 3, "nan" and "infinity"
 _NUMBER_TEXT = re.compile(r"\s*[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\s*")
+_INTEGER_TEXT = re.compile(r"\s*[-+]?[0-9]+\s*")
 
 
 def _number(raw: Any) -> float:
@@ -403,7 +425,28 @@ def _number(raw: Any) -> float:
     raise ValueError(f"not a number: {raw!r}")
 
 
+def _exact_integer(raw: Any, spec: AttributeMap) -> int | None:
+    """An integer (a JSON integer or one in a string) read without a float in between, or None
+    when it is not one: through float, 2**53 + 1 was stored as 2**53 and 2**63 - 1 refused."""
+    if type(raw) is int:
+        n = raw
+    elif type(raw) is str and _INTEGER_TEXT.fullmatch(raw):
+        try:
+            n = int(raw)
+        except ValueError:  # longer than Python reads (4,300 digits): far past 64 bits
+            raise MappingError(f"{raw!r} is not a 64-bit integer", spec.path) from None
+    else:
+        return None
+    if not -(2**63) <= n < 2**63:  # no store takes more than a 64-bit integer
+        raise MappingError(f"{raw!r} is not a 64-bit integer", spec.path)
+    return n
+
+
 def _convert(raw: Any, spec: AttributeMap) -> Any:
+    if spec.kind == "integer" and spec.scale == 1.0 and spec.offset == 0.0:
+        exact = _exact_integer(raw, spec)
+        if exact is not None:
+            return exact
     if spec.kind in ("number", "integer"):
         if isinstance(raw, bool):
             raise MappingError(f"expected a number, got {raw!r}", spec.path)

@@ -35,6 +35,10 @@ _UNDECODED = re.compile("[\udc80-\udcff]")
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
 
 
+class ReplayFileError(ValueError):
+    """A file the replay cannot read at all (its CSV header is not UTF-8): the replay fails."""
+
+
 class ReplayConfig(AdapterConfig):
     path: Path = Field(description="The file: .csv, or .jsonl / .ndjson (JSON lines).")
     format: Literal["auto", "csv", "jsonl"] = Field(
@@ -103,6 +107,9 @@ class ReplayAdapter(Adapter):
                 self._replay_once()
                 if not self.config.loop:
                     break
+        except ReplayFileError as exc:  # a mistake in the file, not in cityward: no traceback
+            self.failed = f"{self.config.path}: {exc}"
+            log.error("ingest %s: replay failed: %s", self.intake.name, self.failed)
         except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
             log.exception("ingest %s: replaying %s failed", self.intake.name, self.config.path)
@@ -174,17 +181,24 @@ class ReplayAdapter(Adapter):
                 except csv.Error as exc:
                     yield b"", None, f"line {reader.line_num}: not a CSV row: {exc}"
                     continue
+                if not row:
+                    # a blank line (csv.DictReader skips them too); before the header as well:
+                    # taken as an empty header, it made every row a dead letter
+                    continue
                 raw = ",".join(row).encode("utf-8", "surrogateescape")
                 if any(_UNDECODED.search(field) for field in row):
                     if header is None:
-                        return  # no header to read rows by: nothing in the file is usable
+                        # no header to read rows by: nothing in the file is usable, and a
+                        # replay that read nothing and said nothing looked like a success
+                        raise ReplayFileError(
+                            f"line {reader.line_num}: the CSV header is not UTF-8 text "
+                            "(save the file as UTF-8)"
+                        )
                     yield raw, None, f"line {reader.line_num}: not UTF-8 text"
                     continue
                 if header is None:
                     header = row
                     continue
-                if not row:
-                    continue  # a blank line (csv.DictReader skips them too)
                 if len(row) > len(header):
                     yield (
                         raw,
