@@ -4,6 +4,7 @@ letting a face through, and frame skipping keeps the stream time right."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -148,3 +149,64 @@ def test_a_looping_file_that_goes_away_is_retried_with_back_off(
     assert not player.is_alive()
     assert opens <= 3, opens
     assert f"camera {clip} dropped: reconnecting" in caplog.text
+
+
+def test_a_camera_that_never_ends_is_started_again_after_a_failure(
+    models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A looping (or stream) camera whose thread failed once was marked done, like a file that
+    ended: it stood still for good while its worker kept renewing its lease."""
+    import time
+
+    from cityward.vision import worker as worker_mod
+    from cityward.vision.settings import VisionSettings
+
+    monkeypatch.setattr(worker_mod, "RESTART_S", 0.2)
+    calls = 0
+    process = CameraPipeline.process
+
+    def once_failing(self: CameraPipeline, frame: Frame, **kw: bool) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise RuntimeError("a transient failure")
+        return process(self, frame, **kw)
+
+    monkeypatch.setattr(CameraPipeline, "process", once_failing)
+
+    class Sink:
+        def put(self, entities: Any, *, urgent: bool = False) -> None:
+            pass
+
+    clip = shared_path("data", "vision", "videos", "people-detection.gif")
+    cam = CameraSettings(id="cam-a", url=str(clip), loop=True, realtime=True, analysis_fps=5)
+    worker = worker_mod.VisionWorker(VisionSettings(models_dir=models, cameras=[cam]), Sink())
+    worker.start_camera("cam-a")
+    first = worker.runners["cam-a"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        now = worker.runners.get("cam-a")
+        if now is not None and now is not first and now.status.frames >= 3:
+            break
+        time.sleep(0.1)
+    try:
+        assert first.status.state == "error" and "transient" in first.status.error
+        again = worker.runners["cam-a"]
+        assert again is not first and again.status.state == "running", again.status
+        assert again.status.frames >= 3 and "cam-a" not in worker.done
+    finally:
+        worker.stop()
+    # a camera stopped while it waits to start again stays stopped
+    monkeypatch.setattr(worker_mod, "RESTART_S", 1.0)
+    calls = 0
+    worker = worker_mod.VisionWorker(VisionSettings(models_dir=models, cameras=[cam]), Sink())
+    worker.start_camera("cam-a")
+    failed = worker.runners["cam-a"]
+    deadline = time.monotonic() + 20
+    while failed.status.state != "error" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert failed.status.state == "error"
+    worker.stop_camera("cam-a")
+    time.sleep(1.5)
+    assert "cam-a" not in worker.runners
+    worker.stop()

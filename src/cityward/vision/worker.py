@@ -58,6 +58,11 @@ class CameraStatus:
         return (len(self.recent) - 1) / span if span > 0 else 0.0
 
 
+#: a stream (or looping file) camera that failed starts again after this, doubling each time
+RESTART_S = 5.0
+RESTART_MAX_S = 60.0
+
+
 class CameraRunner:
     """One camera: source -> pipeline -> emitter, on a thread, until stopped or the file ends."""
 
@@ -175,6 +180,7 @@ class VisionWorker:
         self._snapshots_root = snapshots_root
         self._retention = retention_s or (lambda _source: 30 * 86400.0)
         self.done: set[str] = set()
+        self._restart_s: dict[str, float] = {}  # a failed camera's next back-off
 
     def _detector(self, cam: CameraSettings) -> ObjectDetector:
         """One detector per distinct configuration, shared by the cameras that use it."""
@@ -233,8 +239,33 @@ class VisionWorker:
 
     def _finished(self, camera_id: str) -> None:
         runner = self.runners.get(camera_id)
-        if runner is not None and not runner.stop_event.is_set():
-            self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
+        if runner is None or runner.stop_event.is_set():
+            return
+        cam = self.cameras[camera_id]
+        if runner.status.state == "error" and (is_stream(cam.url) or cam.loop):
+            # a camera that never ends failed (a decoder or runtime error, a full disk): it is
+            # started again with back-off. Marked done, as a file that ended, it stood still
+            # for good while this worker kept renewing its lease, so no other worker took it.
+            delay = self._restart_s.get(camera_id, RESTART_S)
+            self._restart_s[camera_id] = min(delay * 2, RESTART_MAX_S)
+            log.warning(
+                "camera %s failed (%s): starting it again in %.0f s",
+                camera_id,
+                runner.status.error,
+                delay,
+            )
+            timer = threading.Timer(delay, self._restart, args=(camera_id, runner))
+            timer.daemon = True
+            timer.start()
+            return
+        self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
+
+    def _restart(self, camera_id: str, failed: CameraRunner) -> None:
+        with self._lock:
+            if self.runners.get(camera_id) is not failed or failed.stop_event.is_set():
+                return  # stopped meanwhile (its lease went, or the worker stops)
+            del self.runners[camera_id]
+        self.start_camera(camera_id)
 
     def all_done(self) -> bool:
         return bool(self.cameras) and self.done >= set(self.cameras)
