@@ -379,3 +379,28 @@ def test_a_retention_reaching_before_year_one_keeps_everything_and_spares_the_ru
     assert expired and not expired & after  # the other source's expired rows went
     air = {rid for rid, (sid, _) in before.items() if sid == "air"}
     assert air <= after  # and the archive kept all of its own
+
+
+def test_a_deleted_entitys_history_goes_after_the_shortest_retention(store: Store) -> None:
+    """Orphaned history followed the undeclared source's retention (30 days): a deleted
+    entity's values of a 7-day source stayed 30 days, longer than the register says."""
+    write_city(store)  # GONE: an air-quality entity deleted, its history left
+    before = history(store)
+    gone = {rid: obs for rid, (sid, obs) in before.items() if sid == UNDECLARED}
+    gone_ids = {
+        int(r[0])
+        for r in store.select(
+            "SELECT id FROM attr_history WHERE e NOT IN (SELECT pk FROM entities)", []
+        )
+    }
+    assert gone_ids and gone_ids <= set(gone)
+    sources = [
+        source("air", "P1Y", types=("AirQualityObserved",)),
+        source("short", "P7D", types=("Thing",)),
+    ]
+    cat = Catalog(sources, {t: CORE.expand(t) for s in sources for t in s.types})
+    Retention(store, cat, ListSink()).run_once(now=NOW)
+    after = {int(r[0]) for r in store.select("SELECT id FROM attr_history", [])}
+    assert not {rid for rid in gone_ids if gone[rid] < NOW - timedelta(days=7)} & after
+    kept = {rid for rid in gone_ids if gone[rid] >= NOW - timedelta(days=7)}
+    assert kept <= after

@@ -21,7 +21,10 @@ Patterns run as ``regexp()`` (Python ``re``) on SQLite and ``~`` on PostgreSQL, 
 
 History of entities that no longer exist (deleted entities keep their history under their
 pk, never reused) cannot be attributed to a source any more: no type or id is left for it. It
-follows the undeclared source's retention, the catalog's rule for data of unknown purpose.
+gets the shortest retention of the catalog (the undeclared source's included), so that no
+value outlives the retention the register publishes for its source; it is counted under the
+undeclared source. (It followed the undeclared source's alone: a deleted entity's values of a
+P7D source stayed 30 days.)
 
 Deleting never loads history rows into Python: the entity pks of each source are listed once
 per run (small integers), then ``DELETE ... LIMIT batch`` statements run over chunks of them,
@@ -280,14 +283,19 @@ class Retention:
                 members = self._members()
                 if self.store.dialect == "postgres":
                     self._drop_partitions(min(cut.values()), members, report)
-                members[UNDECLARED].extend(self._orphans())
+                orphans = self._orphans()
+                newest = max(cut.values())  # the shortest retention of all
                 for s in sources:
                     self._delete_rows(s.id, members[s.id], cut[s.id], report)
-                ahead = self._ahead(max(cut.values()))
+                # counted under the undeclared source (see the module text)
+                self._delete_rows(UNDECLARED, orphans, newest, report)
+                ahead = self._ahead(newest)
                 if ahead:
                     for s in sources:
                         pks = [pk for pk in members[s.id] if pk in ahead]
                         self._delete_rows(s.id, pks, cut[s.id], report, received=True)
+                    pks = [pk for pk in orphans if pk in ahead]
+                    self._delete_rows(UNDECLARED, pks, newest, report, received=True)
             else:
                 log.info("no attribute history table: nothing to delete")
         except _Stopped:
