@@ -236,3 +236,36 @@ def test_blank_lines_before_the_csv_header_are_skipped(tmp_path: Path) -> None:
     assert sorted(v for _, v in stored_readings(store)) == [float(n) for n in range(10)]
     assert worker.dead_letters.entries("air") == []
     store.close()
+
+
+def test_a_looping_replay_stores_a_bad_rows_dead_letter_once_and_never_spins(
+    tmp_path: Path,
+) -> None:
+    """loop = true stored a bad row again on every pass, thousands of dead letters a second
+    without bound, and an empty file spun a core at 100 %."""
+    path = tmp_path / "feed.jsonl"
+    path.write_bytes(
+        orjson.dumps(message(1))
+        + b"\n"
+        + b'{"dev": "s1", cut short\n'
+        + orjson.dumps({"dev": "s2", "n": 2, "ts": 1})  # no no2: refused by the mapping
+        + b"\n"
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    for feed, dead_letters in ((path, 2), (empty, 0)):
+        store = SqliteStore(tmp_path / f"{feed.stem}.db")
+        worker = IngestWorker(
+            bank_with_history(store),
+            settings("replay", {"path": str(feed), "loop": True}),
+            DeadLetters(tmp_path / f"{feed.stem}-dl.db"),
+        )
+        cpu = time.process_time()
+        worker.start()
+        time.sleep(2.5)  # three passes at most: one a second
+        worker.stop()
+        cpu = time.process_time() - cpu
+        assert worker.dead_letters.counts().get("air", 0) == dead_letters, feed
+        assert len(stored_readings(store)) == (1 if feed == path else 0)
+        assert cpu < 1.5, (feed, cpu)  # a busy loop takes the whole 2.5 s
+        store.close()

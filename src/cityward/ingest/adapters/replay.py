@@ -33,6 +33,7 @@ _BOM = b"\xef\xbb\xbf"
 # what surrogateescape makes of bytes that are not UTF-8
 _UNDECODED = re.compile("[\udc80-\udcff]")
 CSV_FIELD_LIMIT = 16 * 1024 * 1024
+LOOP_MIN_S = 1.0  # loop: a pass takes at least this long (see ReplayAdapter._run)
 
 
 class ReplayFileError(ValueError):
@@ -84,6 +85,10 @@ class ReplayAdapter(Adapter):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._time_keys = compile_path(self.config.time_field) if self.config.time_field else None
+        # loop: the rows the first pass found unusable, skipped on later passes (each pass
+        # stored them again as new dead letters, thousands a second, without bound)
+        self._passes = 0
+        self._bad_rows: set[int] = set()
 
     def start(self) -> None:
         if not self.config.path.is_file():
@@ -104,8 +109,14 @@ class ReplayAdapter(Adapter):
     def _run(self) -> None:
         try:
             while not self._stop.is_set():
+                started = time.monotonic()
                 self._replay_once()
                 if not self.config.loop:
+                    break
+                self._passes += 1
+                # a pass of a small (or empty) file flat out took microseconds: passes were a
+                # busy loop, a core at 100 %; at most one a second
+                if self._stop.wait(max(0.0, LOOP_MIN_S - (time.monotonic() - started))):
                     break
         except ReplayFileError as exc:  # a mistake in the file, not in cityward: no traceback
             self.failed = f"{self.config.path}: {exc}"
@@ -120,12 +131,16 @@ class ReplayAdapter(Adapter):
         c = self.config
         first_t: float | None = None
         started = time.monotonic()
-        for raw, doc, unusable in self._messages():
+        again = self._passes > 0
+        for n, (raw, doc, unusable) in enumerate(self._messages()):
             if self._stop.is_set():
                 return
+            if again and n in self._bad_rows:
+                continue  # its dead letter was stored on the first pass
             if unusable is not None:  # a row the file's format itself spoils: a dead letter
                 self.rows += 1
                 self.intake.dead(raw, c.topic, "$", unusable)
+                self._bad_rows.add(n)
                 continue
             if c.speed > 0 and doc is not None:
                 t = self._time_of(doc)
@@ -138,7 +153,8 @@ class ReplayAdapter(Adapter):
             self.rows += 1
             while not self._stop.is_set():
                 try:
-                    self.intake.receive(raw, topic=c.topic, decoded=doc, timeout=1.0)
+                    if self.intake.receive(raw, topic=c.topic, decoded=doc, timeout=1.0):
+                        self._bad_rows.add(n)  # refused by the mapping: a dead letter
                     break
                 except TimeoutError:
                     continue
