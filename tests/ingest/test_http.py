@@ -96,6 +96,13 @@ def test_errors_are_problem_details(api: Any) -> None:
     assert "device key" in r.json()["detail"]
     r = _post(client, h["device"], None, raw=b"{oops")
     assert r.status_code == 400 and r.json()["detail"].startswith("no message")
+    # the source writes into [ingest] tenant: another tenant's header was silently ignored
+    r = client.post(
+        "/ingest/air",
+        content=orjson.dumps(message(1)),
+        headers={**h["device"], "NGSILD-Tenant": "city-b"},
+    )
+    assert r.status_code == 400 and r.json()["field"] == "NGSILD-Tenant", r.text
     r = _post(client, h["device"], [])  # it was a 500 (IndexError)
     assert r.status_code == 400, r.text
     assert r.json()["detail"] == "the push holds no message" and r.json()["field"] == "$"

@@ -59,6 +59,15 @@ async def push(source: str, request: Request) -> Response:
     if worker is None or intake is None or adapter is None or adapter.name != "http":
         raise ResourceNotFound(f"no HTTP ingest source named {source!r}", field="source")
     config = adapter.config
+    tenant = request.headers.get("ngsild-tenant")
+    if tenant is not None and tenant != worker.writer.tenant:
+        # the source writes into [ingest] tenant: a header naming another tenant was ignored,
+        # and the readings landed where the device did not ask
+        raise BadRequestData(
+            f"source {source!r} writes into tenant {worker.writer.tenant or '(the default)'!r}; "
+            "send no NGSILD-Tenant header, or that one",
+            field="NGSILD-Tenant",
+        )
     principal = principal_of(request.scope.get("state", {}))
     if getattr(config, "device_key", True) and principal.role not in (Role.DEVICE, Role.ADMIN):
         raise BadRequestData(
