@@ -134,6 +134,9 @@ def test_a_text_with_a_nul_character_is_refused() -> None:
     cfg = dict(AIR, attributes={"status": {"path": "$.s", "kind": "string"}})
     m = Mapping(MappingConfig.model_validate(cfg))
     assert m.apply({**PAYLOAD, "s": "ok"}).attrs["status"]["value"] == "ok"
+    # JSON scalars as JSON writes them (str() gave "True")
+    for raw, text in ((True, "true"), (False, "false"), (12, "12"), (1.5, "1.5")):
+        assert m.apply({**PAYLOAD, "s": raw}).attrs["status"]["value"] == text
     with pytest.raises(MappingError) as err:
         m.apply({**PAYLOAD, "s": "o\x00k"})
     assert err.value.field == "$.s" and "NUL" in err.value.reason

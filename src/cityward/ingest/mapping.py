@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -469,7 +470,8 @@ def _convert(raw: Any, spec: AttributeMap) -> Any:
     if spec.kind == "string":
         if isinstance(raw, dict | list):
             raise MappingError("expected a string, got a JSON structure", spec.path)
-        text = str(raw)
+        # a JSON scalar as JSON writes it: str() made true "True" and null "None"
+        text = raw if isinstance(raw, str) else orjson.dumps(raw).decode()
         if "\x00" in text:  # the bank stores no NUL (cityward.bank.model.check_no_nul)
             raise MappingError("the text contains a NUL character (U+0000)", spec.path)
         return text
