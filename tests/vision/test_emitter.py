@@ -63,3 +63,18 @@ def test_every_interval_counted_during_a_bank_outage_reaches_the_history(
     store.close()
     values = [v for v, _ in doc["intensity"]["values"]]
     assert values == [3, 5, 2], doc
+
+
+def test_updates_the_bank_never_took_are_counted_when_the_sink_closes(tmp_path: Path) -> None:
+    """With the bank away at shutdown, close() gave up after its wait and what was queued
+    went unsaid: dropped stayed 0."""
+    store = SqliteStore(tmp_path / "cityward.db")
+    bank = Outage(Bank(store))
+    bank.down.set()
+    sink = BankSink(bank)
+    emitter = CameraEmitter(CameraSettings(id="cam1", url="x.mp4", interval_s=60), sink)
+    docs = emitter.flows(60.0, {"north": {"type": "line", "in": {"car": 3}}})
+    sink.put(docs)
+    sink.close(timeout_s=1.0)
+    assert sink.written == 0 and sink.dropped == len(docs)
+    store.close()

@@ -448,6 +448,9 @@ class BankSink:
                 with self._cond:
                     self._urgent.extendleft(reversed(batch))
                     self._busy = False
+                    if self._stop:  # closing: close() counts what is left
+                        self._cond.notify_all()
+                        return
                 time.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
@@ -486,8 +489,21 @@ class BankSink:
         return True
 
     def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is queued (up to ``timeout_s``), then stop. What the bank did not take
+        by then is counted in ``dropped`` and logged: it used to go unsaid."""
         self.wait_idle(timeout_s)
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         self._thread.join(timeout_s)
+        with self._cond:
+            left = len(self._urgent) + len(self._normal)
+            self._urgent.clear()
+            self._normal.clear()
+            self.dropped += left
+        if left:
+            log.error(
+                "vision: %d entity updates not written: the bank did not take them before "
+                "the worker stopped",
+                left,
+            )
