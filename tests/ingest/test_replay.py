@@ -269,3 +269,19 @@ def test_a_looping_replay_stores_a_bad_rows_dead_letter_once_and_never_spins(
         assert len(stored_readings(store)) == (1 if feed == path else 0)
         assert cpu < 1.5, (feed, cpu)  # a busy loop takes the whole 2.5 s
         store.close()
+
+
+def test_a_bad_csv_rows_dead_letter_keeps_the_row_as_the_file_has_it(tmp_path: Path) -> None:
+    """Dead letters of CSV rows held the parsed fields joined with commas (the quoting lost),
+    and a row the csv module refused held nothing at all."""
+    path = tmp_path / "readings.csv"
+    surplus = b's1,1,1790000001000,"1,5",extra'
+    huge = b's2,2,1790000002000,"' + b"9" * (17 * 1024 * 1024) + b'"'
+    path.write_bytes(b"dev,n,ts,no2\n" + surplus + b"\n" + huge + b"\ns3,3,1790000003000,3\n")
+    store, worker = _replay(path, tmp_path)
+    assert [v for _, v in stored_readings(store)] == [3.0]
+    dead = {d.reason.split(":")[0]: d for d in worker.dead_letters.entries("air")}
+    assert dead["line 2"].payload == surplus and not dead["line 2"].truncated
+    assert dead["line 3"].payload == huge[: len(dead["line 3"].payload)]
+    assert dead["line 3"].truncated and len(dead["line 3"].payload) > 1000
+    store.close()

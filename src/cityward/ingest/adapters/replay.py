@@ -187,7 +187,22 @@ class ReplayAdapter(Adapter):
         with self.config.path.open(
             newline="", encoding="utf-8-sig", errors="surrogateescape"
         ) as fh:
-            reader = csv.reader(fh)
+            # the lines each record was read from: a dead letter keeps the row as the file
+            # has it (quotes and all). Made of the parsed fields it lost the quoting, and a row
+            # the csv module refused had no payload at all.
+            consumed: list[str] = []
+
+            def lines() -> Iterator[str]:
+                for line in fh:
+                    consumed.append(line)
+                    yield line
+
+            def taken() -> bytes:
+                text = "".join(consumed).rstrip("\r\n")
+                consumed.clear()
+                return text.encode("utf-8", "surrogateescape")
+
+            reader = csv.reader(lines())
             header: list[str] | None = None
             while True:
                 try:
@@ -195,13 +210,13 @@ class ReplayAdapter(Adapter):
                 except StopIteration:
                     return
                 except csv.Error as exc:
-                    yield b"", None, f"line {reader.line_num}: not a CSV row: {exc}"
+                    yield taken(), None, f"line {reader.line_num}: not a CSV row: {exc}"
                     continue
+                raw = taken()
                 if not row:
                     # a blank line (csv.DictReader skips them too); before the header as well:
                     # taken as an empty header, it made every row a dead letter
                     continue
-                raw = ",".join(row).encode("utf-8", "surrogateescape")
                 if any(_UNDECODED.search(field) for field in row):
                     if header is None:
                         # no header to read rows by: nothing in the file is usable, and a
