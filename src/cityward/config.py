@@ -1,21 +1,30 @@
-"""cityward settings: defaults, then a TOML file, then CITYWARD_* environment variables."""
+"""cityward settings: defaults, then a TOML file, then CITYWARD_* environment variables, then
+the command line (each overriding the ones before)."""
 
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
-from typing import Any
+import types
+from contextvars import ContextVar
+from pathlib import Path, PurePath
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cityward.anomaly.settings import AnomalySettings
 from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
-from cityward.ingest.settings import IngestSettings
+from cityward.ingest.settings import IngestSettings, SourceSettings
 from cityward.vision.settings import VisionSettings
 
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
+
+# The TOML file's values while load_settings builds a Settings: the file is a settings source
+# of its own (below the environment, see Settings.settings_customise_sources) rather than init
+# keyword arguments, which pydantic-settings ranks above every other source.
+_FILE_VALUES: ContextVar[dict[str, Any] | None] = ContextVar("cityward_file_values", default=None)
 
 
 class GovernanceSettings(BaseModel):
@@ -136,6 +145,33 @@ class Settings(BaseSettings):
     default_limit: int = Field(default=20, ge=1, le=1000, description="Page size by default.")
     max_limit: int = Field(default=1000, ge=1, le=100_000, description="Largest page size.")
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # first wins: the command line (init kwargs), the environment, then the TOML file
+        return (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+            file_secret_settings,
+            _TomlFileSource(settings_cls),
+        )
+
+    @model_validator(mode="after")
+    def _limits(self) -> Settings:
+        # otherwise every query without a limit would answer 403 TooManyResults
+        if self.default_limit > self.max_limit:
+            raise ValueError(
+                f"default_limit ({self.default_limit}) must not exceed max_limit ({self.max_limit})"
+            )
+        return self
+
     @field_validator("dashboard_tiles")
     @classmethod
     def _tiles(cls, value: str | None) -> str | None:
@@ -160,15 +196,79 @@ class Settings(BaseSettings):
         return value
 
 
+class _TomlFileSource(PydanticBaseSettingsSource):
+    """The values load_settings read from the TOML file (none outside load_settings)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ hands over the whole file
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(_FILE_VALUES.get() or {})
+
+
+def _is_path(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, PurePath)
+
+
+def _relative_to(base: Path, annotation: Any, value: Any) -> Any:
+    """`value` (raw TOML) with each relative path that `annotation` types as a Path joined to
+    `base`, in nested models, lists and dicts too. Strings that are not typed Path (a camera's
+    url, which may be a stream) are left alone."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _relative_to(base, args[0], value)
+    if _is_path(annotation):
+        if isinstance(value, str) and not Path(value).is_absolute():
+            return str(base / value)
+        return value
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _model_relative_to(base, annotation, value) if isinstance(value, dict) else value
+    if origin in (Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and any(_is_path(a) for a in members):
+            return _relative_to(base, Path, value)
+        if isinstance(value, dict):
+            # a union of models: the one model whose fields hold every key given (several or
+            # none: left to validation)
+            models = [a for a in members if isinstance(a, type) and issubclass(a, BaseModel)]
+            fits = [m for m in models if set(value) <= set(m.model_fields)]
+            if len(fits) == 1:
+                return _model_relative_to(base, fits[0], value)
+        return value
+    if origin in (list, tuple, set, frozenset) and args and isinstance(value, list):
+        return [_relative_to(base, args[0], v) for v in value]
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return {k: _relative_to(base, args[1], v) for k, v in value.items()}
+    return value
+
+
+def _model_relative_to(base: Path, model: type[BaseModel], value: dict[str, Any]) -> dict[str, Any]:
+    out = dict(value)
+    for name, field in model.model_fields.items():
+        if name in out:
+            out[name] = _relative_to(base, field.annotation, out[name])
+    if issubclass(model, SourceSettings):
+        # an ingest source's options are typed by its adapter's Config (a replay's path, an
+        # MQTT ca_file, ...)
+        from cityward.ingest.adapters import load_builtin
+
+        adapter = load_builtin().get(str(out.get("adapter")))
+        if adapter is not None and isinstance(out.get("options"), dict):
+            out["options"] = _model_relative_to(base, adapter.Config, out["options"])
+    return out
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Settings from an optional TOML file, the environment and explicit overrides."""
+    """Settings from the command line's `overrides` (None: not given), else CITYWARD_*
+    environment variables, else an optional TOML file. Relative paths in the file are
+    relative to the file; those on the command line or in the environment, to the working
+    directory."""
     values: dict[str, Any] = {}
     if config_file is not None:
         with config_file.open("rb") as fh:
-            values.update(tomllib.load(fh))
-        base = config_file.parent
-        ctx = values.get("contexts")
-        if isinstance(ctx, dict):
-            values["contexts"] = {k: base / v for k, v in ctx.items()}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return Settings(**values)
+            values = _model_relative_to(config_file.parent, Settings, tomllib.load(fh))
+    token = _FILE_VALUES.set(values)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        _FILE_VALUES.reset(token)
