@@ -83,3 +83,25 @@ def test_demo_seeds_the_city_once(tmp_path: Path) -> None:
         assert n == int(first.stdout.split("new entities")[0].split()[-1])
     finally:
         store.close()
+
+
+def test_a_bad_configuration_file_is_a_usage_error_naming_the_setting(tmp_path: Path) -> None:
+    """`serve`, `dpia` and the bank commands printed a traceback for a mistyped key, a wrong
+    type or a file that is not TOML."""
+    from typer.testing import CliRunner
+
+    from cityward.cli import app as cli_app
+
+    cases = {
+        "unknown.toml": ("max_limt = 10\n", "max_limt: Extra inputs are not permitted"),
+        "wrongtype.toml": ('max_limit = "many"\n', "max_limit: Input should be a valid integer"),
+        "broken.toml": ("max_limit = \n", "not valid TOML"),
+    }
+    for name, (text, says) in cases.items():
+        config = tmp_path / name
+        config.write_text(text)
+        for command in (["serve"], ["dpia", "--out", str(tmp_path / "dpia")]):
+            r = CliRunner().invoke(cli_app, [*command, "--config", str(config)])
+            flat = " ".join(r.output.split())
+            assert r.exit_code == 2, (name, command, r.output)
+            assert says in flat and "Traceback" not in flat, (name, command, r.output)

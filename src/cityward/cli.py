@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from cityward.cliutil import settings_or_exit
 from cityward.config import SETTINGS_ENV, Settings, load_settings
 
 app = typer.Typer(help="cityward: privacy-by-design city operations.", no_args_is_help=True)
@@ -63,7 +64,7 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    settings = load_settings(
+    settings = settings_or_exit(
         config, data_dir=data_dir, database_url=database_url, no_auth=no_auth or None
     )
     no_auth = settings.no_auth  # the flag, or no_auth in the configuration
@@ -301,7 +302,7 @@ DatabaseUrl = Annotated[
 def _open(config: Path | None, data_dir: Path | None, database_url: str | None) -> Any:
     from cityward.bank.store import open_store
 
-    settings = load_settings(config, data_dir=data_dir, database_url=database_url)
+    settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
     return settings, open_store(settings.database_url, settings.data_dir)
 
 
@@ -447,7 +448,7 @@ def dpia(
     from cityward.governance.dpia import dpia_markdown, write_dpia
     from cityward.governance.runtime import build_catalog
 
-    settings = load_settings(config, data_dir=data_dir, database_url=database_url)
+    settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
     catalog = build_catalog(settings.governance.sources, ContextResolver(allow_fetch=False))
     try:  # sqlite:///... is SQLite: the DPIA promised PostgreSQL's partition drops for it
         backend = backend_name(settings.database_url)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+
+from cityward.cliutil import invalid, settings_or_exit, unreadable
 
 app = typer.Typer(
     help="Device ingestion: run the sources, check mappings, see dead letters.",
@@ -63,9 +65,9 @@ def check(
         # TOML is UTF-8 whatever the locale; a file in another encoding was a traceback
         config = MappingConfig.model_validate(tomllib.loads(mapping.read_text(encoding="utf-8")))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        _unreadable(mapping, exc)
+        unreadable(mapping, exc)
     except ValidationError as exc:
-        _invalid(mapping, exc)
+        invalid(mapping, exc)
     m = Mapping(config)
     console.print(
         f"[green]{mapping}[/]: valid; {config.entity_type}, {len(config.attributes)} attribute(s)"
@@ -96,37 +98,7 @@ def check(
 
 
 def _settings(config: Path | None, data_dir: Path | None, database_url: str | None) -> Any:
-    from cityward.config import load_settings
-
-    try:
-        return load_settings(config, data_dir=data_dir, database_url=database_url)
-    except ValidationError as exc:
-        _invalid(config, exc)
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        _unreadable(config, exc)
-
-
-def _unreadable(path: Path | None, exc: Exception) -> NoReturn:
-    """One line for a TOML file that cannot be read (missing, not UTF-8, not TOML); exit code 2
-    (a traceback and exit code 1 before, which `check` uses for rejected samples)."""
-    if isinstance(exc, OSError):
-        why = str(exc.strerror or exc)
-        path = Path(exc.filename) if exc.filename else path
-    elif isinstance(exc, UnicodeDecodeError):
-        why = f"not UTF-8 text (byte {exc.start}); save it as UTF-8"
-    else:
-        why = f"not valid TOML: {exc}"
-    console.print(f"[red]{path}[/]: {why}")
-    raise typer.Exit(2) from exc
-
-
-def _invalid(path: Path | None, exc: ValidationError) -> NoReturn:
-    """Print each error of a configuration with its setting; exit code 2."""
-    console.print(f"[red]{path}[/]: {exc.error_count()} error(s)")
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        console.print(f"  {where}: {err['msg']}")
-    raise typer.Exit(2) from exc
+    return settings_or_exit(config, data_dir=data_dir, database_url=database_url)
 
 
 ConfigOpt = Annotated[

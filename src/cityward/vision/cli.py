@@ -10,11 +10,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from cityward.ingest.cli import _invalid  # the one printout of a configuration's errors
+from cityward.cliutil import settings_or_exit
 
 app = typer.Typer(
     help="Camera analytics that anonymize at the edge: counts and events, never identities.",
@@ -99,7 +98,6 @@ def run(
     from cityward.bank.jsonld import ContextResolver
     from cityward.bank.service import Bank
     from cityward.bank.store import open_store
-    from cityward.config import load_settings
     from cityward.governance.runtime import build_catalog
     from cityward.vision.emitter import BankSink
     from cityward.vision.leases import CameraLeaser, default_worker_id, lease_store
@@ -109,10 +107,7 @@ def run(
     from cityward.vision.worker import VisionWorker
 
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        settings = load_settings(config, data_dir=data_dir, database_url=database_url)
-    except ValidationError as exc:
-        _invalid(config, exc)
+    settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
     vision = settings.vision
     # a video file named relative to the configuration file
     cams = []

@@ -1,0 +1,49 @@
+"""What every command does with its configuration: load it, or say in one line per error what
+is wrong with which setting of which file, and exit with code 2 (a usage error)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from cityward.config import Settings, load_settings
+
+console = Console()
+
+
+def invalid(path: Path | None, exc: ValidationError) -> NoReturn:
+    """Print each error of a configuration with its setting; exit code 2."""
+    console.print(f"[red]{path}[/]: {exc.error_count()} error(s)")
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        console.print(f"  {where}: {err['msg']}")
+    raise typer.Exit(2) from exc
+
+
+def unreadable(path: Path | None, exc: Exception) -> NoReturn:
+    """One line for a TOML file that cannot be read (missing, not UTF-8, not TOML); exit 2."""
+    if isinstance(exc, OSError):
+        why = str(exc.strerror or exc)
+        path = Path(exc.filename) if exc.filename else path
+    elif isinstance(exc, UnicodeDecodeError):
+        why = f"not UTF-8 text (byte {exc.start}); save it as UTF-8"
+    else:
+        why = f"not valid TOML: {exc}"
+    console.print(f"[red]{path}[/]: {why}")
+    raise typer.Exit(2) from exc
+
+
+def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
+    """:func:`cityward.config.load_settings`, its errors as usage errors (they were tracebacks
+    in ``serve``, ``dpia`` and the bank commands)."""
+    try:
+        return load_settings(config, **overrides)
+    except ValidationError as exc:
+        invalid(config, exc)
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        unreadable(config, exc)
