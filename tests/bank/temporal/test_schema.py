@@ -109,3 +109,16 @@ def test_unpartitioned_layout(pg: psycopg.Connection[Any]) -> None:
     (bucket,) = db.aggregate(parse_temporal_query({"aggrMethods": "avg"}), [1])
     assert bucket.values == {"avg": 5.0}
     assert len(db.instances(TemporalQuery(), [1])) == 2
+
+
+@pytest.mark.postgres
+def test_history_ids_are_not_cached_per_connection(pg: psycopg.Connection[Any]) -> None:
+    # ties of time are broken by id, so ids must follow the writes: with CACHE 100 each
+    # pooled connection handed out its own block. A database made then is altered at start.
+    pg.execute("CREATE SEQUENCE attr_history_id_seq CACHE 100")
+    for _ in range(2):  # idempotent
+        create_postgres(pg)
+        cache = pg.execute(
+            "SELECT seqcache FROM pg_sequence WHERE seqrelid = 'attr_history_id_seq'::regclass"
+        )
+        assert cache.fetchone() == (1,)

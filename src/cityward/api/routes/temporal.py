@@ -10,8 +10,8 @@ paging) works on the entities' current state, as in the entity query; the time w
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -47,7 +47,7 @@ from cityward.bank.errors import (
 from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
 from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
-from cityward.bank.query.indexer import path_id
+from cityward.bank.query.indexer import normalize_timestamp, path_id
 from cityward.bank.render import View, render_instance
 from cityward.bank.service import new_document, strip_flags
 from cityward.bank.store import QuerySpec, Store
@@ -61,8 +61,10 @@ from cityward.bank.temporal import (
     instances_sql,
     parse_temporal_query,
 )
+from cityward.bank.temporal.times import LAST_US, iso_to_us, us_to_iso
 
 router = APIRouter()
+_T = TypeVar("_T")
 
 TEMPORAL_PARAMS = (
     "timerel",
@@ -125,19 +127,40 @@ def _pks(store: Store, tenant: str, eids: list[str]) -> dict[str, int]:
     return {str(r[0]): int(r[1]) for r in rows}
 
 
+def _per_dataset(
+    items: list[_T], ds_of: Callable[[_T], str | None], render: Callable[[list[_T]], dict[str, Any]]
+) -> Any:
+    """``render(items)``; for an attribute with datasetIds a list instead, one rendered object
+    per datasetId carrying it (as a multi-attribute renders; the default instance first and
+    without one): the datasets are separate series, not to be mixed into one."""
+    groups: dict[str | None, list[_T]] = defaultdict(list)
+    for item in items:
+        groups[ds_of(item)].append(item)
+    if list(groups) == [None]:
+        return render(items)
+    return [
+        {**render(part), **({} if ds is None else {"datasetId": ds})}
+        for ds, part in sorted(groups.items(), key=lambda g: (g[0] is not None, g[0] or ""))
+    ]
+
+
+def _temporal_values(insts: list[HistoryInstance]) -> dict[str, Any]:
+    kind = insts[-1].inst["type"]
+    member = _LIST_MEMBER.get(kind, "values")
+    payload = PAYLOAD.get(kind, "value")
+    pairs = []
+    for h in insts:
+        value = h.inst.get(PAYLOAD.get(h.inst["type"], "value"), "urn:ngsi-ld:null")
+        pairs.append([{payload: value} if kind in _WRAPPED else value, h.time])
+    return {"type": kind, member: pairs}
+
+
 def _render_instances(
     insts: list[HistoryInstance], ctx: Context, shape: Shape, sys_attrs: bool, tq: TemporalQuery
 ) -> Any:
     view = View(sys_attrs=sys_attrs)
     if shape == "temporalValues":
-        kind = insts[-1].inst["type"]
-        member = _LIST_MEMBER.get(kind, "values")
-        payload = PAYLOAD.get(kind, "value")
-        pairs = []
-        for h in insts:
-            value = h.inst.get(PAYLOAD.get(h.inst["type"], "value"), "urn:ngsi-ld:null")
-            pairs.append([{payload: value} if kind in _WRAPPED else value, h.time])
-        return {"type": kind, member: pairs}
+        return _per_dataset(insts, lambda h: h.ds, _temporal_values)
     out = []
     for h in insts:
         rendered = render_instance(h.inst, ctx, view)
@@ -148,12 +171,72 @@ def _render_instances(
     return out
 
 
-def _render_buckets(buckets: list[AggregateBucket], kind: str) -> dict[str, Any]:
-    out: dict[str, Any] = {"type": kind}
-    for b in buckets:
-        for method, value in b.values.items():
-            out.setdefault(method, []).append([value, b.start, b.end])
-    return out
+def _render_buckets(buckets: list[AggregateBucket], kind: str) -> Any:
+    def render(part: list[AggregateBucket]) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": kind}
+        for b in part:
+            for method, value in b.values.items():
+                out.setdefault(method, []).append([value, b.start, b.end])
+        return out
+
+    return _per_dataset(buckets, lambda b: b.ds, render)
+
+
+def _tie(store: Store, tq: TemporalQuery, e: int, iri: str, t: str) -> list[HistoryInstance]:
+    """Every instance of attribute ``iri`` of entity ``e`` at time ``t`` (in tq's window)."""
+    us = iso_to_us(t)
+    q = TemporalQuery(
+        timerel="between" if us < LAST_US else "after",  # nothing is later than LAST_US
+        time_at=t,
+        end_time_at=us_to_iso(us + 1) if us < LAST_US else None,
+        timeproperty=tq.timeproperty,
+    )
+    sql, params = instances_sql(store.dialect, q, [e], [iri])
+    return decode_instances(store.dialect, q, store.select(sql, params))
+
+
+def _page(
+    store: Store, tq: TemporalQuery, series: dict[tuple[int, str], list[HistoryInstance]]
+) -> tuple[str, str] | None:
+    """Cut ``series`` (fetched with up to INSTANCE_LIMIT + 1 instances each) to one page, in
+    place; the page's time range when instances were left out (a 206), else None.
+
+    The client continues after the range's end (before its start with lastN), so the page
+    must hold every instance of every attribute within the range and none outside it:
+    - never cut inside a timestamp: a tie cut in two could not be continued (continuing after
+      its time skips the rest, at its time repeats the part sent). The cut timestamp is left
+      out whole, unless it is all the page holds; then the whole tie is sent, however long;
+    - the range ends at the earliest cut across all attributes (lastN: starts at the latest),
+      and every attribute is trimmed to it: beyond it another attribute was cut short.
+    """
+    newest = tq.last_n is not None  # then the newest are kept, the oldest left out
+    ranges: list[tuple[str, str]] = []
+    for (e, iri), insts in series.items():
+        if len(insts) <= INSTANCE_LIMIT:
+            continue
+        t = insts[0].time if newest else insts[-1].time  # the time of the one left out
+        kept = [h for h in insts if (h.time > t if newest else h.time < t)]
+        if not kept:
+            kept = _tie(store, tq, e, iri, t)
+        series[(e, iri)] = kept
+        ranges.append((kept[0].time, kept[-1].time))
+    if not ranges:
+        return None
+    if newest:
+        start = max(r[0] for r in ranges)
+        for key, insts in series.items():
+            series[key] = [h for h in insts if h.time >= start]
+    else:
+        end = min(r[1] for r in ranges)
+        for key, insts in series.items():
+            series[key] = [h for h in insts if h.time <= end]
+    # the other end covers what the page holds, of any attribute
+    sent = [insts for insts in series.values() if insts]
+    if newest:
+        end = max(insts[-1].time for insts in sent)
+    else:
+        start = min(insts[0].time for insts in sent)
+    return start, end
 
 
 def _history(
@@ -189,13 +272,10 @@ def _history(
         series: dict[tuple[int, str], list[HistoryInstance]] = defaultdict(list)
         for h in decode_instances(store.dialect, tq, store.select(sql, params)):
             series[(h.e, h.iri)].append(h)
+        cut = _page(store, tq, series)
         for (e, iri), insts in series.items():
-            if len(insts) > INSTANCE_LIMIT:
-                # lastN keeps the newest: drop the oldest; otherwise drop the newest
-                insts = insts[1:] if tq.last_n is not None else insts[:INSTANCE_LIMIT]
-                first, last = insts[0].time, insts[-1].time
-                cut = (min(cut[0], first), max(cut[1], last)) if cut is not None else (first, last)
-            by_entity[e][iri] = _render_instances(insts, ctx, shape, sys_attrs, tq)
+            if insts:
+                by_entity[e][iri] = _render_instances(insts, ctx, shape, sys_attrs, tq)
     out = []
     for doc in docs:
         types = [ctx.compact(t) for t in doc["type"]]
@@ -344,10 +424,16 @@ def _parse_instances(
 def _newest(instances: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
     """Per attribute, the newest instance (by observedAt, else the last given) per datasetId."""
     best: dict[tuple[str, str | None], dict[str, Any]] = {}
+
+    def when(inst: dict[str, Any]) -> str:
+        # compared as instants: the raw texts differ in fraction width ("...00Z" sorts after
+        # "...00.500Z"); normalized to six fraction digits, text order is time order
+        return normalize_timestamp(str(inst.get("observedAt", "")))
+
     for iri, inst in instances:
         key = (iri, inst.get("datasetId"))
         old = best.get(key)
-        if old is None or str(inst.get("observedAt", "")) >= str(old.get("observedAt", "")):
+        if old is None or when(inst) >= when(old):
             best[key] = inst
     attrs: dict[str, list[dict[str, Any]]] = {}
     for (iri, _), inst in best.items():
@@ -430,14 +516,32 @@ def _pk_of(rt: Runtime, tenant: str, eid: str) -> int:
     return pk
 
 
+_INSTANCE_PREFIX = "urn:ngsi-ld:Instance:"
+_MAX_ID = 2**63 - 1  # attr_history.id is a signed 64-bit integer in both stores
+
+
+def _instance_number(instance_id: str) -> int | None:
+    """The history row id an instance id names, or None when it names none.
+
+    ASCII digits only: str.isdigit() also accepts other scripts' digits, which int() reads
+    ("\u0662" is 2) or rejects ("\u00b2"). Beyond 64 bits no row can match, and SQLite
+    refuses such a parameter (OverflowError), so that is no instance either.
+    """
+    digits = instance_id.removeprefix(_INSTANCE_PREFIX)
+    if digits == instance_id or not digits.isascii() or not digits.isdigit():
+        return None
+    number = int(digits)
+    return number if number <= _MAX_ID else None
+
+
 @router.delete("/temporal/entities/{eid:path}/attrs/{attr}/{instance_id:path}")
 async def delete_instance(request: Request, eid: str, attr: str, instance_id: str) -> Response:
     rt = runtime(request)
     check_params(request, ())
     ctx = await header_context(request, rt)
     iri = ctx.expand(attr)
-    prefix = "urn:ngsi-ld:Instance:"
-    if not instance_id.startswith(prefix) or not instance_id[len(prefix) :].isdigit():
+    number = _instance_number(instance_id)
+    if number is None:
         raise ResourceNotFound(f"no instance {instance_id}", field="instanceId")
     tenant = tenant_of(request)
 
@@ -447,7 +551,7 @@ async def delete_instance(request: Request, eid: str, attr: str, instance_id: st
             settle_txn(txn)
             gone = txn.execute(
                 "DELETE FROM attr_history WHERE e = ? AND path = ? AND id = ? RETURNING id",
-                [pk, path_id(iri), int(instance_id[len(prefix) :])],
+                [pk, path_id(iri), number],
             )
             if not gone:
                 raise ResourceNotFound(f"no instance {instance_id} of {attr}", field="instanceId")

@@ -97,8 +97,11 @@ _MERGE = (
     "ORDER BY e, path, obs, id"
 )
 
+# CACHE 1: instances with equal times are ordered by id (lastN, the newest of a tie), so ids
+# must follow the order of the writes. With a larger cache each pooled connection hands out
+# its own block of ids, and a later write on another connection can get a smaller id.
 _PG_TABLE = """
-CREATE SEQUENCE IF NOT EXISTS attr_history_id_seq CACHE 100;
+CREATE SEQUENCE IF NOT EXISTS attr_history_id_seq CACHE 1;
 CREATE TABLE IF NOT EXISTS attr_history (
   id BIGINT NOT NULL DEFAULT nextval('attr_history_id_seq'),
   e BIGINT NOT NULL,
@@ -177,6 +180,13 @@ def create_postgres(conn: psycopg.Connection[Any], *, partitioned: bool = True) 
     """
     conn.execute("SELECT pg_advisory_xact_lock(74110002)")
     conn.execute(_PG_TABLE.format(partition=" PARTITION BY RANGE (obs)" if partitioned else ""))
+    # databases made before the sequence had CACHE 1 (see _PG_TABLE); altered only when
+    # needed, as ALTER SEQUENCE rewrites the sequence and locks it
+    cache = conn.execute(
+        "SELECT seqcache FROM pg_sequence WHERE seqrelid = 'attr_history_id_seq'::regclass"
+    ).fetchone()
+    if cache is not None and cache[0] != 1:
+        conn.execute("ALTER SEQUENCE attr_history_id_seq CACHE 1")
     if partitioned:
         conn.execute(f"CREATE TABLE IF NOT EXISTS {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
     conn.execute(_PG_REST)
