@@ -126,6 +126,45 @@ def test_rows_of_a_dead_relay_are_delivered_later_exactly_once(
     assert r.published == 31  # it republished the ten; the stream dropped them (above)
 
 
+def test_a_change_larger_than_nats_takes_does_not_stop_the_feed(
+    sqlite_store: SqliteStore, js: JetStream, bus_settings: BusSettings
+) -> None:
+    """An update of an entity of 600 kB (the bank takes 8 MB) is a change of 1.2 MB with its
+    before and after, over NATS's 1 MB: the relay retried it for ever, and no later change of
+    any entity reached any follower."""
+    from tests.bus.conftest import PARSER
+
+    bank = Bank(sqlite_store)
+    outbox = ChangeOutbox(sqlite_store, bus_settings.changes_subject)
+    bank.hooks.append(outbox)
+    bank.publish_local = False
+    big = "urn:ngsi-ld:Sensor:BIG"
+    for text in ("a" * 600_000, "b" * 600_000):
+        doc = {"id": big, "type": "Sensor", "note": {"type": "Property", "value": text}}
+        assert not bank.batch_upsert("", [PARSER.entity(doc)], "update").errors
+    write(bank, 3)
+    feed = ChangeFeed()
+    seen = Collector(feed)
+    f = follower(js, bus_settings, feed, durable="big-change")
+    f.start()
+    r = relay(sqlite_store, outbox, js)
+    r.start()
+    try:
+        wait_until(lambda: seen.has("urn:ngsi-ld:Sensor:S2"), what="the changes after it")
+        wait_until(lambda: not outbox.pending(), what="an empty outbox")
+    finally:
+        r.stop()
+        f.stop()
+    ids = [c.entity_id for c in seen.changes]
+    assert ids == [big, big] + [f"urn:ngsi-ld:Sensor:S{i}" for i in range(3)]
+    created, updated = seen.changes[0], seen.changes[1]
+    assert created.after is not None and len(created.after["attrs"]) == 1  # it fitted
+    # the update did not fit whole: its documents are cut to the entity's id and type
+    assert updated.before is not None and updated.before["attrs"] == {}
+    assert updated.after is not None and updated.after["id"] == big
+    assert updated.after["type"] == created.after["type"]
+
+
 @pytest.mark.postgres
 def test_two_nodes_on_one_postgres_see_every_change(bus_settings: BusSettings) -> None:
     store_a = make_pg_store()

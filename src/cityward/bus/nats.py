@@ -199,6 +199,12 @@ class JetStream:
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (its ``max_payload``; 1 MB by default)."""
+        nc = self._nc
+        return int(nc.max_payload) if nc is not None and nc.max_payload else 1024 * 1024
+
     # -- connection -------------------------------------------------------------------------
     def connect(self) -> None:
         """Connect, retrying with back-off for up to ``connect_timeout_s``.
