@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -124,6 +124,59 @@ def test_rows_of_a_dead_relay_are_delivered_later_exactly_once(
     assert [c.entity_id for c in seen.changes[:30]] == in_order
     assert seen.changes[0].after == sqlite_store.get("", "urn:ngsi-ld:Sensor:S0")
     assert r.published == 31  # it republished the ten; the stream dropped them (above)
+
+
+def test_a_durable_follower_acknowledges_only_what_its_listeners_settled(
+    sqlite_store: SqliteStore, js: JetStream, bus_settings: BusSettings
+) -> None:
+    """The anomaly service only queues what the feed hands it; the follower acknowledged each
+    batch as soon as it was queued, so a node killed with a backlog lost the queued changes
+    for good. With ``settle`` a batch is acknowledged once it is handled."""
+    bank = Bank(sqlite_store)
+    outbox = ChangeOutbox(sqlite_store, bus_settings.changes_subject)
+    bank.hooks.append(outbox)
+    bank.publish_local = False
+    write(bank, 5)
+    r = relay(sqlite_store, outbox, js)
+    r.start()
+    try:
+        wait_until(lambda: not outbox.pending(), what="an empty outbox")
+    finally:
+        r.stop()
+
+    def run(settled: bool, until: Callable[[list[Change]], bool]) -> list[Change]:
+        feed = ChangeFeed()
+        seen = Collector(feed)
+        f = ChangeFollower(
+            js,
+            feed,
+            stream=bus_settings.changes_stream,
+            subject_filter=bus_settings.changes_subject + ".>",
+            durable="settled",
+            deliver="all",
+            ack_wait_s=bus_settings.ack_wait_s,
+            settle=lambda timeout_s: settled,
+        )
+        f.start()
+        try:
+            wait_until(lambda: until(seen.changes), what="the changes")
+        finally:
+            f.stop()
+        return seen.changes
+
+    five = [f"urn:ngsi-ld:Sensor:S{i}" for i in range(5)]
+    # a node whose service never got through its queue, stopped (as if killed)
+    assert [c.entity_id for c in run(False, lambda got: len(got) >= 5)][:5] == five
+    # the next node gets them again, handles them, and acknowledges
+    assert {c.entity_id for c in run(True, lambda got: len(got) >= 5)} == set(five)
+    write(bank, 1, prefix="END")
+    r = relay(sqlite_store, outbox, js)
+    r.start()
+    try:
+        after = run(True, lambda got: any(c.entity_id.endswith("END0") for c in got))
+    finally:
+        r.stop()
+    assert [c.entity_id for c in after] == ["urn:ngsi-ld:Sensor:END0"]  # nothing again
 
 
 def test_a_change_larger_than_nats_takes_does_not_stop_the_feed(

@@ -143,11 +143,15 @@ def create_app(
             )
             anomaly_bank.hooks = bank.hooks
             anomaly_bank.publish_local = False
-            bus.follow(anomaly_bank.feed, durable=settings.bus.anomaly_durable)
         # built here, so that a configuration it cannot run with stops the start at once
         anomaly = AnomalyService(
             anomaly_bank, settings.anomaly, governance=governance, context=resolver.core
         )
+        if bus is not None:
+            # a batch is acknowledged once the service has handled it, not when it is queued
+            bus.follow(
+                anomaly_bank.feed, durable=settings.bus.anomaly_durable, settle=anomaly.wait_idle
+            )
 
     live = LiveHub(bank.feed, governance.catalog, resolver.core)
     ingest = _ingest_worker(settings, bank, resolver) if settings.ingest.enabled else None

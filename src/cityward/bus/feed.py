@@ -387,6 +387,13 @@ class ChangeFollower:
     change. A follower killed mid-batch has that batch delivered again after ``ack_wait_s``
     (at least once: listeners must tolerate a repeat). Two followers running at once on one
     durable name share its changes between them.
+
+    ``settle(timeout_s)``, for a durable follower: called after the listeners returned and
+    before the batch is acknowledged; it waits until they have *handled* what they were
+    handed (a listener that only queues, as the anomaly service does) and says whether they
+    did. Without it a batch sat acknowledged in a queue: a node killed then lost it for good
+    (1,716 changes of a backlog in one test). When it says no, the batch is not acknowledged
+    and comes again after ``ack_wait_s``.
     """
 
     def __init__(
@@ -401,9 +408,11 @@ class ChangeFollower:
         batch: int = 256,
         ack_wait_s: float = 30.0,
         fetch_timeout_s: float = 0.5,
+        settle: Callable[[float], bool] | None = None,
     ) -> None:
         self.js = js
         self.feed = feed
+        self.settle = settle
         self.stream = stream
         self.subject_filter = subject_filter
         self.durable = durable
@@ -488,6 +497,15 @@ class ChangeFollower:
             self.feed.publish(changes)
             self.received += len(changes)
             if self.durable is not None:
+                if self.settle is not None and not self.settle(self.ack_wait_s / 2):
+                    log.warning(
+                        "change follower %s: %d changes not handled in %.0f s; not acknowledged "
+                        "(they come again)",
+                        self.durable,
+                        len(changes),
+                        self.ack_wait_s / 2,
+                    )
+                    continue
                 try:
                     self.js.ack_all(msgs)
                 except BusError as exc:  # they come again after ack_wait: at least once
@@ -519,9 +537,14 @@ class ChangeBus:
         self.followers: list[ChangeFollower] = []
 
     def follow(
-        self, feed: ChangeFeed, durable: str | None = None, deliver: Deliver | None = None
+        self,
+        feed: ChangeFeed,
+        durable: str | None = None,
+        deliver: Deliver | None = None,
+        settle: Callable[[float], bool] | None = None,
     ) -> ChangeFollower:
-        """A follower feeding ``feed`` (ordered when ``durable`` is None), started by start()."""
+        """A follower feeding ``feed`` (ordered when ``durable`` is None), started by start();
+        ``settle``: see :class:`ChangeFollower`."""
         follower = ChangeFollower(
             self.js,
             feed,
@@ -530,6 +553,7 @@ class ChangeBus:
             durable=durable,
             deliver=deliver,
             ack_wait_s=self.settings.ack_wait_s,
+            settle=settle,
         )
         self.followers.append(follower)
         return follower
