@@ -11,8 +11,18 @@ import pytest
 from cityward.traffic.sumo import sumo_binary
 
 
-def build_grid(folder: Path, seed: int = 7, period: float = 1.2, end: int = 900) -> Path:
-    """netgenerate + randomTrips: a 3x3 grid with traffic lights; returns its .sumocfg."""
+def build_grid(
+    folder: Path,
+    seed: int = 7,
+    period: float = 1.2,
+    end: int = 900,
+    *,
+    number: int = 3,
+    lanes: int = 2,
+    layout: str = "opposites",
+) -> Path:
+    """netgenerate + randomTrips: a ``number`` x ``number`` grid with traffic lights (``layout``
+    "incoming": a green phase of its own for each approach); returns its .sumocfg."""
     import sumo
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -22,7 +32,7 @@ def build_grid(folder: Path, seed: int = 7, period: float = 1.2, end: int = 900)
             sumo_binary("netgenerate"),
             "--grid",
             "--grid.number",
-            "3",
+            str(number),
             "--grid.length",
             "150",
             "--grid.attach-length",
@@ -31,8 +41,10 @@ def build_grid(folder: Path, seed: int = 7, period: float = 1.2, end: int = 900)
             "traffic_light",
             "--tls.yellow.time",
             "3",
+            "--tls.layout",
+            layout,
             "--default.lanenumber",
-            "2",
+            str(lanes),
             "--no-turnarounds",
             "true",
             "-o",

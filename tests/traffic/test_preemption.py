@@ -207,8 +207,9 @@ def test_an_emergency_vehicles_own_approach_is_flushed_when_it_spills_back(
     not empty that lane. Asking for the green that serves its whole approach does; same seed
     and runs, one run without it for comparison."""
     ratio, before = _arterial_ratios(tmp_path, monkeypatch, 2, FLUSH_OWN=False)
-    # measured: 1.27 against 1.49
-    assert ratio < 0.9 * before, (ratio, before)
+    # measured: 1.24 against 1.30 (1.27 against 1.49 before max_red was enforced ahead of the
+    # controller, which serves the starved side streets sooner with or without the flush)
+    assert ratio < 0.97 * before, (ratio, before)
 
 
 def _slow_road_run(grid_cfg: Path) -> tuple[int, list[str]]:

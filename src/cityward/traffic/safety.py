@@ -46,6 +46,9 @@ class _Transition:
     target: Phase
     started: float
     forced: bool = False
+    # the state cleared from, when it is not ``current``'s: what the signals showed when the
+    # guard took over (a program started mid-cycle, or another guard's yellow)
+    from_state: str | None = None
 
 
 class SafetyGuard:
@@ -61,15 +64,37 @@ class SafetyGuard:
         self.rules = rules
         self.yellow = rules.yellow if rules.yellow is not None else intersection.yellow_time
         self.all_red = rules.all_red if rules.all_red is not None else intersection.all_red_time
+        # the network's own green phases: the only states a request can lead to (a request
+        # names one by index; the phase object it carries is never shown)
+        self._greens = {g.index: g for g in intersection.greens}
         self.current: Phase = intersection.greens[0]
         self.green_since = now
         self.transition: _Transition | None = None
-        # when each incoming lane last had green (or had nobody waiting)
-        self._served: dict[str, float] = dict.fromkeys(intersection.in_lanes, now)
+        # the first green that serves each incoming lane; a lane no green serves (a closed
+        # movement) is left out of the max-red bookkeeping, where it hid every other lane
+        self._serving: dict[str, Phase] = {}
+        for g in intersection.greens:
+            for lane, _ in intersection.lanes_of(g):
+                self._serving.setdefault(lane, g)
+        # when each servable incoming lane last had green (or had nobody waiting)
+        self._served: dict[str, float] = {
+            lane: now for lane in intersection.in_lanes if lane in self._serving
+        }
         self._shown = ""
         self.forced_switches = 0
         self.extensions = 0  # steps of all-red added while a vehicle stood in the junction
-        self._show(self.current.state)
+        shown = backend.state(intersection.id)
+        adopted = next((g for g in intersection.greens if g.state == shown), None)
+        if adopted is not None or not shown:
+            self.current = adopted or self.current
+            self._show(self.current.state)
+        else:
+            # taken over mid-cycle (a program with an offset, or after another loop's guard):
+            # what the signals show goes through yellow and all-red to the first green, never
+            # straight to it; a link showing yellow gets a full yellow again
+            ending = "".join("G" if c in "yY" else c for c in shown)
+            self.transition = _Transition(self.current, now, from_state=ending)
+            self._show(self._clearance(ending, self.current, "y"))
 
     # -- what controllers see ---------------------------------------------------------------
     @property
@@ -83,14 +108,33 @@ class SafetyGuard:
         return self.transition is None and now - self.green_since >= self.rules.min_green
 
     def request(self, phase: Phase, now: float, *, force: bool = False) -> bool:
-        """Ask for ``phase``; granted only from a green that has lasted ``min_green``."""
-        if phase.index not in {g.index for g in self.x.greens}:
+        """Ask for the green phase with ``phase``'s index (the network's own phase is shown,
+        whatever state the object asked with carries); granted only from a green that has
+        lasted ``min_green``."""
+        own = self._greens.get(phase.index)
+        if own is None:
             raise ValueError(f"{phase.index} is not a green phase of {self.x.id}")
-        if phase.green_links() == self.current.green_links() or not self.can_switch(now):
+        if own.green_links() == self.current.green_links() or not self.can_switch(now):
             return False
-        self.transition = _Transition(phase, now, force)
-        self._show(self._clearance(self.current, phase, "y"))
+        self.transition = _Transition(own, now, force)
+        self._show(self._clearance(self.current.state, own, "y"))
         return True
+
+    def serve_starving(self, now: float) -> bool:
+        """Switch, forced, to a green for the approach kept red longest, once it has waited
+        more than ``max_red`` (as of the last tick): before any controller, override or
+        preemption is asked, or a controller that switched the moment ``min_green`` ended
+        kept the guard from ever getting its turn. Whether it switched."""
+        if not self.can_switch(now):
+            return False
+        limit = now - self.rules.max_red
+        for _, lane in sorted(
+            (since, lane) for lane, since in self._served.items() if since < limit
+        ):
+            if self.request(self._serving[lane], now, force=True):
+                self.forced_switches += 1
+                return True
+        return False
 
     # -- every step -------------------------------------------------------------------------
     def tick(self, now: float) -> None:
@@ -106,41 +150,34 @@ class SafetyGuard:
                     t.target.green_links() - self.current.green_links(),
                 )
             )
+            old = t.from_state or self.current.state
             if hold:
                 self.extensions += 1  # steps of all-red added
-                self._show(self._clearance(self.current, t.target, "r"))
+                self._show(self._clearance(old, t.target, "r"))
             elif elapsed >= clear:
                 self.current = t.target
                 self.green_since = now
                 self.transition = None
                 self._show(self.current.state)
             elif elapsed >= self.yellow:
-                self._show(self._clearance(self.current, t.target, "r"))
+                self._show(self._clearance(old, t.target, "r"))
         green_lanes = {i for i, _ in self.x.lanes_of(self.current)} if t is None else set()
-        starving: str | None = None
-        oldest = now
-        for lane, since in self._served.items():
+        for lane in self._served:
             if lane in green_lanes or not self._waiting(lane):
                 self._served[lane] = now
-            elif since < oldest:
-                oldest, starving = since, lane
-        if starving is not None and now - oldest > self.rules.max_red and self.can_switch(now):
-            target = next(
-                (g for g in self.x.greens if starving in {i for i, _ in self.x.lanes_of(g)}), None
-            )
-            if target is not None and self.request(target, now, force=True):
-                self.forced_switches += 1
+        self.serve_starving(now)
 
     # -- internals --------------------------------------------------------------------------
     def _waiting(self, lane: str) -> bool:
         """Anyone halted on the lane's approach (the lane or the lanes feeding it)."""
         return any(self.backend.queue(part) for part, _ in self.backend.approach(lane))
 
-    def _clearance(self, old: Phase, new: Phase, ending: str) -> str:
-        """Links green in both stay green; the rest show ``ending`` (y, then r) or red."""
-        keep = old.green_links() & new.green_links()
+    def _clearance(self, old: str, new: Phase, ending: str) -> str:
+        """Links green in both (``old``: the state cleared from) stay green; the rest show
+        ``ending`` (y, then r) or red."""
+        keep = {i for i, c in enumerate(old) if c in GREEN} & new.green_links()
         out = []
-        for i, c in enumerate(old.state):
+        for i, c in enumerate(old):
             if i in keep:
                 out.append(c)
             elif c in GREEN:

@@ -180,6 +180,11 @@ class SumoBackend(SignalBackend):
                         path.update(nxt[0] for nxt in ln.getLinks(via) if nxt[0].startswith(":"))
                 paths.append(frozenset(path))
                 foes.append(frozenset(f for p in path for f in ln.getInternalFoes(p)))
+            # a program may have more state characters than links (unused indices, as _read
+            # pads them): they have no path (an IndexError ended the run at the first switch)
+            width = len(self.t.trafficlight.getRedYellowGreenState(tls))
+            paths += [frozenset()] * (width - len(paths))
+            foes += [frozenset()] * (width - len(foes))
             got = self._boxes[tls] = (paths, foes)
         return got
 
@@ -239,8 +244,11 @@ class SumoBackend(SignalBackend):
         sim = self.t.simulation
         self._watch_departures(sim.getDepartedIDList())
         if self._evs:
-            for vid in sim.getArrivedIDList():
-                self._evs.pop(vid, None)
+            # gone by arriving, or removed (a collision, vaporised, an operator): a removed
+            # one is not in the arrived list, and asking SUMO about it ended the run
+            present = set(self.t.vehicle.getIDList())
+            for vid in [v for v in self._evs if v not in present]:
+                self._evs.pop(vid)
 
     def close(self) -> None:
         """Close SUMO; quietly when it is gone already (a Ctrl-C in a terminal reaches SUMO
@@ -295,6 +303,7 @@ def control_loop(
         guards[x.id] = SafetyGuard(backend, x, rules, now)
         controllers[x.id] = create(controller, x, backend, config)
     stats = RunStats()
+    refused: set[str] = set()  # intersections whose controller asked for a phase not there
     pre = Preemption(backend, guards) if preemption else None
     stats.preemption = pre.stats if pre is not None else None
     start = time.perf_counter()
@@ -302,6 +311,11 @@ def control_loop(
         if pre is not None:
             pre.update(now)
         for tls, guard in guards.items():
+            if guard.serve_starving(now):
+                # an approach kept red past max_red is served first, whatever the controller,
+                # an override or a preemption would ask for now
+                guard.tick(now)
+                continue
             ev = pre.decide(tls, now) if pre is not None and pre.requests else None
             if ev is not None and ev.switch:
                 # an emergency vehicle is coming: its green now, whatever else is asked
@@ -332,7 +346,15 @@ def control_loop(
                     # none but one that does
                     want = None
                 if want is not None:
-                    guard.request(want, now)
+                    try:
+                        guard.request(want, now)
+                    except ValueError as exc:
+                        # a controller (a plugin) asking for a phase that is not a green of
+                        # this intersection: it keeps its green; the other intersections go on
+                        # (the error stopped control of every intersection)
+                        if tls not in refused:
+                            refused.add(tls)
+                            log.error("intersection %s: %s; request ignored", tls, exc)
             guard.tick(now)
         if on_step is not None:
             on_step(now, guards)
