@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import tomllib
 from pathlib import Path
@@ -140,7 +142,6 @@ def run(
     over processes and machines with --role (docs/bus.md).
     """
     import logging
-    import os
     import signal
     import threading
 
@@ -232,9 +233,11 @@ def run(
         pending = int(last["pending"])
         if changes is not None:
             changes.stop()
-        dead.close()
-        if store is not None:
-            store.close()
+        writing = worker.writer_still_writing
+        if not writing:  # else its thread still uses them: the process ends without closing
+            dead.close()
+            if store is not None:
+                store.close()
     failed = [f"{r.intake.name}: {r.failed}" for r in replays if r.failed]
     if failed:  # a load that stopped before the end of its file is not a success
         console.print(f"[red]replay failed[/]: {'; '.join(failed)}")
@@ -242,6 +245,12 @@ def run(
         console.print(
             f"[red]{pending:,} reading(s) not written[/]: still pending when the worker stopped"
         )
+    if writing:
+        # a thread still inside SQLite or psycopg: the interpreter's shutdown would free what
+        # it uses under it (a crash, exit -11, under load); its batch is not acknowledged
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if failed or pending > 0:
         raise typer.Exit(1)
 

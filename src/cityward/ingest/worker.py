@@ -166,6 +166,12 @@ class IngestWorker:
             raise AttributeError("an ingest front has no bank writer")
         return self._writer
 
+    @property
+    def writer_still_writing(self) -> bool:
+        """After stop(): whether the writer's thread is still inside a write (its drain ran out
+        on a locked or unreachable bank), so the bank and dead letters must stay open."""
+        return self._writer is not None and self._writer.still_writing
+
     def _refused(self, reading: Reading, where: str, why: str) -> None:
         if self.front_process is not None and reading.source in self.front_process.names:
             return  # its front process stores it: the outcome goes there, with the raw message

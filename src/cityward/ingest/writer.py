@@ -263,6 +263,7 @@ class Batcher(abc.ABC):
         self._queue = ReadingQueue(max_pending)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.stuck: threading.Thread | None = None  # see still_writing
         self._idle = threading.Condition()
 
     @abc.abstractmethod
@@ -313,8 +314,15 @@ class Batcher(abc.ABC):
     # -- the thread -------------------------------------------------------------------------
     def start(self) -> None:
         self._stop.clear()
+        self.stuck = None
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
+
+    @property
+    def still_writing(self) -> bool:
+        """Whether stop() gave up on a thread that is still inside a write: its database
+        connection must not be closed under it (closing it crashed the process, exit -11)."""
+        return self.stuck is not None and self.stuck.is_alive()
 
     def stop(self, drain_s: float = 10.0) -> None:
         """Handle what is queued (for at most ``drain_s``), then stop. What is left is not
@@ -323,6 +331,8 @@ class Batcher(abc.ABC):
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=self._join_s(drain_s))
+            if self._thread.is_alive():
+                self.stuck = self._thread  # still inside a write (a locked or unreachable bank)
             self._thread = None
 
     def _run(self) -> None:
