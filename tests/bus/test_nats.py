@@ -74,3 +74,21 @@ def test_pull_ack_nak_and_ordered(js: JetStream, bus_settings: BusSettings) -> N
     assert seen == [str(i).encode() for i in range(10)]
     ordered.close()
     assert js.delete_consumer(stream, "workers")
+
+
+def test_a_durable_consumer_with_another_filter_is_an_error_naming_both(
+    js: JetStream, bus_settings: BusSettings
+) -> None:
+    """A durable made with one filter kept it when a restart asked for another (a changed
+    changes_subject): the follower received nothing at all, and nothing said why. (NATS 2.9
+    takes a new filter on a durable and delivers nothing after it, measured: no update.)"""
+    stream, prefix = bus_settings.changes_stream, bus_settings.changes_subject
+    js.ensure_consumer(stream, "moved", prefix + ".t0")
+    again = JetStream(bus_settings.nats_url, name="cityward-test-restart")
+    again.connect()
+    try:
+        with pytest.raises(BusError, match=rf"filters {prefix}\.t0, and the configuration asks"):
+            again.ensure_consumer(stream, "moved", prefix + ".>")
+        again.ensure_consumer(stream, "moved", prefix + ".t0")  # the same filter: fine
+    finally:
+        again.close()
