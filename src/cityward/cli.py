@@ -74,7 +74,20 @@ def serve(
             "(127.0.0.1, ::1, localhost)",
             param_hint="--no-auth",
         )
-    backend = "PostgreSQL" if settings.database_url else f"SQLite in {settings.data_dir.resolve()}"
+    from cityward.bank.store import backend_name
+
+    try:  # sqlite:///... was shown as PostgreSQL
+        name = backend_name(settings.database_url)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--database-url") from exc
+    if name == "PostgreSQL":
+        backend = name  # not the URL: it may hold a password
+    else:
+        url = settings.database_url
+        db = Path(url.removeprefix("sqlite:///")) if url else settings.data_dir / "cityward.db"
+        backend = f"SQLite in {db.resolve()}"
+    if settings.bus.kind == "nats":
+        _check_bus(settings)
     console.print(f"[bold green]cityward[/] data bank on {backend}")
     console.print(f"NGSI-LD API at http://{host}:{port}/ngsi-ld/v1/entities")
     console.print(f"Public register at http://{host}:{port}/register")
@@ -98,6 +111,28 @@ def serve(
         access_log=False,
         timeout_graceful_shutdown=5,
     )
+
+
+def _check_bus(settings: Settings) -> None:
+    """NATS reachable, with JetStream and the change stream: said in one line before the
+    server starts (it was a 35-frame traceback from the application's start, exit code 3)."""
+    from cityward.bus.nats import BusError, JetStream
+
+    s = settings.bus
+    js = JetStream(s.nats_url, name="cityward-serve-check", connect_timeout_s=s.connect_timeout_s)
+    try:
+        js.connect()
+        js.ensure_stream(
+            s.changes_stream,
+            [s.changes_subject + ".>"],
+            max_age_s=s.changes_max_age_s,
+            duplicate_window_s=s.duplicate_window_s,
+        )
+    except BusError as exc:
+        console.print(f"[red]bus[/]: {exc}")
+        raise typer.Exit(1) from exc
+    finally:
+        js.close()
 
 
 def _is_loopback(host: str) -> bool:

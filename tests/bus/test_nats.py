@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -92,3 +93,46 @@ def test_a_durable_consumer_with_another_filter_is_an_error_naming_both(
         again.ensure_consumer(stream, "moved", prefix + ".t0")  # the same filter: fine
     finally:
         again.close()
+
+
+def test_serve_says_in_one_line_when_nats_is_away_or_has_no_jetstream(tmp_path: Path) -> None:
+    """`cityward serve` in NATS mode printed a 35-frame traceback from the application's start
+    (exit code 3) when NATS was unreachable, and a server without JetStream was reported as
+    "ServiceUnavailableError: code=None"."""
+    import shutil
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from cityward.cli import app as cli_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "cityward.toml"
+    server = shutil.which("nats-server")
+    assert server is not None, "nats-server is needed (the CI installs it)"
+    for js_enabled in (False, True):
+        config.write_text(
+            f'[bus]\nkind = "nats"\nnats_url = "nats://127.0.0.1:{port}"\nconnect_timeout_s = 1\n'
+        )
+        proc = None
+        if js_enabled:  # a server, but without -js
+            proc = subprocess.Popen(
+                [server, "-a", "127.0.0.1", "-p", str(port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(0.5)
+        try:
+            r = CliRunner().invoke(
+                cli_app, ["serve", "--config", str(config), "--data-dir", str(tmp_path / "d")]
+            )
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait()
+        flat = " ".join(r.output.split())
+        assert r.exit_code == 1 and "Traceback" not in flat, r.output
+        said = "has no JetStream" if js_enabled else f"nats://127.0.0.1:{port}"
+        assert said in flat, r.output

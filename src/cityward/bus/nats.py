@@ -318,6 +318,12 @@ class JetStream:
                 await self.js.stream_info(name)
             except nats.js.errors.NotFoundError:
                 await self.js.add_stream(config)
+            except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
+                # what a server without JetStream answers: it said only "code=None"
+                raise BusError(
+                    f"NATS at {self.url} has no JetStream: start nats-server with -js (and -sd "
+                    "DIR for its store)"
+                ) from None
             else:
                 await self.js.update_stream(config)
 
