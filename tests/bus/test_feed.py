@@ -126,6 +126,34 @@ def test_rows_of_a_dead_relay_are_delivered_later_exactly_once(
     assert r.published == 31  # it republished the ten; the stream dropped them (above)
 
 
+def test_the_feed_comes_back_when_its_stream_is_made_anew(
+    sqlite_store: SqliteStore, bus_settings: BusSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A NATS that came back without its store (or a deleted stream): the relay answered "no
+    responders" for ever with every change queued, and the durable follower's consumer, gone
+    with the stream, fetched nothing for ever, silently."""
+    import cityward.bus.feed as feed_module
+
+    monkeypatch.setattr(feed_module, "CONSUMER_CHECK_S", 0.3)
+    bank = Bank(sqlite_store)
+    bus = ChangeBus(bus_settings, sqlite_store, bank, name="cityward-test-lost")
+    feed = ChangeFeed()
+    seen = Collector(feed)
+    bus.follow(feed, durable="lost", deliver="all")
+    bus.start()
+    try:
+        write(bank, 2)
+        wait_until(lambda: len(seen.changes) >= 2, what="the first changes")
+        assert bus.js.delete_stream(bus_settings.changes_stream)  # the store is gone
+        write(bank, 3, prefix="AFTER")
+        wait_until(lambda: seen.has("urn:ngsi-ld:Sensor:AFTER2"), what="the changes after")
+        wait_until(lambda: not bus.outbox.pending(), what="an empty outbox")
+    finally:
+        bus.stop()
+    after = [c.entity_id for c in seen.changes if "AFTER" in c.entity_id]
+    assert after == [f"urn:ngsi-ld:Sensor:AFTER{i}" for i in range(3)]
+
+
 def test_a_durable_follower_acknowledges_only_what_its_listeners_settled(
     sqlite_store: SqliteStore, js: JetStream, bus_settings: BusSettings
 ) -> None:

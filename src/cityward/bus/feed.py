@@ -19,11 +19,13 @@ change, and none may be lost when a process dies. So a change takes three steps:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import re
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -178,6 +180,8 @@ class ChangeOutbox:
         return [self.row(int(seq), str(body)) for seq, body in rows]
 
 
+#: how often an idle durable follower asks whether its consumer still exists (seconds)
+CONSUMER_CHECK_S = 10.0
 #: room for the subject and headers (Nats-Msg-Id) beside a change in one NATS message
 PAYLOAD_MARGIN = 4096
 
@@ -232,10 +236,14 @@ class ChangeRelay:
         *,
         batch: int = 500,
         poll_s: float = 0.2,
+        ensure_stream: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.outbox = outbox
         self.js = js
+        # called after a failed round: a stream deleted, or lost with a NATS that came back
+        # without its store, answered "no responders" to every publish, for ever
+        self.ensure_stream = ensure_stream
         self.batch = batch
         self.poll_s = poll_s
         self.published = 0  # rows this relay published and deleted
@@ -282,6 +290,9 @@ class ChangeRelay:
                     log.warning(
                         "change relay: %s (%d failed rounds; rows stay queued)", exc, failures
                     )
+                if self.ensure_stream is not None and isinstance(exc, BusError):
+                    with contextlib.suppress(BusError):  # NATS still away: the next round
+                        self.ensure_stream()
                 # back off while NATS or the database is away; rows wait in the outbox
                 self._stop.wait(min(5.0, self.poll_s * 2**failures))
 
@@ -475,6 +486,7 @@ class ChangeFollower:
 
     def _run(self) -> None:
         failures = 0
+        checked = time.monotonic()
         while not self._stop.is_set():
             try:
                 msgs = self._fetch()
@@ -486,6 +498,19 @@ class ChangeFollower:
                 self._stop.wait(min(5.0, 0.1 * 2**failures))
                 continue
             if not msgs:
+                if self.durable is not None and time.monotonic() - checked > CONSUMER_CHECK_S:
+                    # a consumer gone with its stream fetched nothing for ever, silently
+                    checked = time.monotonic()
+                    try:
+                        if self.js.consumer_missing(self.stream, self.durable):
+                            log.warning(
+                                "change follower %s: its consumer is gone from %s (the stream "
+                                "made anew?): making it again, from the oldest change kept",
+                                self.durable,
+                                self.stream,
+                            )
+                    except BusError as exc:
+                        log.warning("change follower %s: %s", self.durable, exc)
                 continue
             changes: list[Change] = []
             for msg in msgs:
@@ -532,7 +557,12 @@ class ChangeBus:
         bank.hooks.append(self.outbox)
         bank.publish_local = False
         self.relay = ChangeRelay(
-            store, self.outbox, self.js, batch=settings.relay_batch, poll_s=settings.relay_poll_s
+            store,
+            self.outbox,
+            self.js,
+            batch=settings.relay_batch,
+            poll_s=settings.relay_poll_s,
+            ensure_stream=self._ensure_stream,
         )
         self.followers: list[ChangeFollower] = []
 
@@ -558,15 +588,18 @@ class ChangeBus:
         self.followers.append(follower)
         return follower
 
-    def start(self) -> None:
+    def _ensure_stream(self) -> None:
         s = self.settings
-        self.js.connect()
         self.js.ensure_stream(
             s.changes_stream,
             [s.changes_subject + ".>"],
             max_age_s=s.changes_max_age_s,
             duplicate_window_s=s.duplicate_window_s,
         )
+
+    def start(self) -> None:
+        self.js.connect()
+        self._ensure_stream()
         for follower in self.followers:
             follower.start()
         self.relay.start()

@@ -460,6 +460,23 @@ class JetStream:
 
         self._pulls[(stream, durable)] = self._run(ensure(), self.timeout * 3)
 
+    def consumer_missing(self, stream: str, durable: str) -> bool:
+        """Whether the server no longer has this durable consumer (its stream deleted, or a
+        NATS that came back without its store): a subscription cached here then fetches
+        nothing, for ever, without an error. :meth:`pull` makes it anew afterwards."""
+
+        async def info() -> bool:
+            try:
+                await self.js.consumer_info(stream, durable)
+                return False
+            except nats.js.errors.NotFoundError:
+                return True
+
+        missing = self._run(info(), self.timeout)
+        if missing:
+            self._pulls.pop((stream, durable), None)
+        return missing
+
     def delete_consumer(self, stream: str, durable: str) -> bool:
         self._pulls.pop((stream, durable), None)
 
