@@ -256,3 +256,45 @@ def test_on_a_slow_road_arrival_is_estimated_at_its_speed_limit(
     assert all(c in GREEN for c in arrivals), arrivals
     assert all(c in GREEN for c in arrivals_before), arrivals_before
     assert reserved < 0.7 * reserved_before, (reserved, reserved_before)
+
+
+def test_an_emergency_vehicle_waiting_behind_anothers_green_keeps_its_request(
+    grid_cfg: Path,
+) -> None:
+    """ev2 stood at its stop line while a slow ev1 held the conflicting green: after 30 s
+    without progress its request expired, as if blocked further on, and never came back (it
+    cannot get 20 m closer than the stop line). ev1 crossed at 160 s; ev2, its approach held
+    red by an operator's override, waited for max_red: it entered at 283 s."""
+    from cityward.traffic.backend import Override
+
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=2), "--end", "500"])
+    v = backend.t.vehicle
+    backend.t.vehicletype.copy("DEFAULT_VEHTYPE", "ev")
+    backend.t.vehicletype.setVehicleClass("ev", "emergency")
+    backend.t.route.add("r1", ["A1B1", "B1C1", "C1right1"])
+    backend.t.route.add("r2", ["B0B1", "B1B2", "B2top1"])
+    entered: dict[str, float] = {}
+
+    def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+        ids = set(v.getIDList())
+        if now == 100:
+            v.add("ev1", "r1", typeID="ev", depart="now", departPos="0")
+        if now == 104:
+            v.add("ev2", "r2", typeID="ev", depart="now")
+        if "ev1" in ids and v.getRoadID("ev1") == "A1B1":
+            v.setSpeed("ev1", 1.0 if v.getLanePosition("ev1") > 60 else -1)  # crawls at the end
+        for e in ("ev1", "ev2"):
+            if e in ids and v.getRoadID(e).startswith(":B1"):
+                entered.setdefault(e, now)
+
+    try:
+        control_loop(
+            backend,
+            "fixed-time",
+            330.0,
+            on_step=on_step,
+            overrides={"B1": Override(phase=2, by="op")},
+        )
+    finally:
+        backend.close()
+    assert entered["ev1"] < entered["ev2"] < entered["ev1"] + 60, entered  # measured: 160, 193

@@ -168,10 +168,23 @@ class Preemption:
                 if r.dist < kept.dist - 1.0 or kept is r:
                     kept.dist, kept.progress_at = r.dist, now
                 elif not kept.expired and not r.flush and now - kept.progress_at > STALL_S:
-                    # the vehicle is not getting closer (blocked further on): stop holding
-                    kept.expired = True
-                    kept.expired_dist = r.dist
-                    self.stats.expired += 1
+                    guard = self.guards.get(tls)
+                    if guard is not None and not (
+                        guard.transition is None
+                        and kept.phase.green_links() <= guard.current.green_links()
+                    ):
+                        # standing at its own red (behind another emergency vehicle's green,
+                        # or a forced max-red switch): waiting for its turn, not blocked
+                        # further on. Expired, it stayed expired: within 20 m of the stop
+                        # line it could never make the progress that revives a request, and
+                        # it stood at red until max_red (109 s in one run)
+                        kept.progress_at = now
+                    else:
+                        # its green is shown and it is not getting closer (blocked further
+                        # on): stop holding
+                        kept.expired = True
+                        kept.expired_dist = r.dist
+                        self.stats.expired += 1
                 merged.append(kept)
             merged.sort(key=lambda r: (r.since, -r.priority, r.vehicle))
             self.requests[tls] = merged
