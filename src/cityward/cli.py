@@ -116,18 +116,14 @@ def serve(
 def _check_bus(settings: Settings) -> None:
     """NATS reachable, with JetStream and the change stream: said in one line before the
     server starts (it was a 35-frame traceback from the application's start, exit code 3)."""
+    from cityward.bus.feed import ensure_changes_stream
     from cityward.bus.nats import BusError, JetStream
 
     s = settings.bus
     js = JetStream(s.nats_url, name="cityward-serve-check", connect_timeout_s=s.connect_timeout_s)
     try:
         js.connect()
-        js.ensure_stream(
-            s.changes_stream,
-            [s.changes_subject + ".>"],
-            max_age_s=s.changes_max_age_s,
-            duplicate_window_s=s.duplicate_window_s,
-        )
+        ensure_changes_stream(js, s)
     except BusError as exc:
         console.print(f"[red]bus[/]: {exc}")
         raise typer.Exit(1) from exc

@@ -19,6 +19,7 @@ from cityward.bank.jsonld import ContextResolver
 from cityward.bank.model import EntityParser
 from cityward.bank.service import Bank
 from cityward.bank.store.sqlite import SqliteStore
+from cityward.bus.feed import ensure_changes_stream
 from cityward.bus.nats import JetStream
 from cityward.bus.settings import BusSettings
 
@@ -98,12 +99,7 @@ def js(bus_settings: BusSettings) -> Iterator[JetStream]:
     """A connected facade with the test's change stream created."""
     j = JetStream(bus_settings.nats_url, name="cityward-test", connect_timeout_s=5)
     j.connect()
-    j.ensure_stream(
-        bus_settings.changes_stream,
-        [bus_settings.changes_subject + ".>"],
-        max_age_s=bus_settings.changes_max_age_s,
-        duplicate_window_s=bus_settings.duplicate_window_s,
-    )
+    ensure_changes_stream(j, bus_settings)
     yield j
     j.close()
 

@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,33 @@ def relay(store: Store, outbox: ChangeOutbox, js: JetStream) -> ChangeRelay:
     return ChangeRelay(store, outbox, js, batch=100, poll_s=0.05)
 
 
+def outbox_bank(store: Store, settings: BusSettings) -> tuple[Bank, ChangeOutbox]:
+    """A bank whose writes go to the change outbox only (NATS mode)."""
+    bank = Bank(store)
+    outbox = ChangeOutbox(store, settings.changes_subject)
+    bank.hooks.append(outbox)
+    bank.publish_local = False
+    return bank, outbox
+
+
+@contextmanager
+def relayed(
+    store: Store, outbox: ChangeOutbox, js: JetStream, settings: BusSettings, durable: str
+) -> Iterator[Collector]:
+    """A durable follower hearing the stream, and a relay emptying the outbox into it."""
+    feed = ChangeFeed()
+    seen = Collector(feed)
+    f = follower(js, settings, feed, durable=durable)
+    f.start()
+    r = relay(store, outbox, js)
+    r.start()
+    try:
+        yield seen
+    finally:
+        r.stop()
+        f.stop()
+
+
 def checksum(keys: Sequence[tuple[str, str]]) -> str:
     return hashlib.sha256(repr(sorted(keys)).encode()).hexdigest()
 
@@ -94,10 +122,7 @@ def test_outbox_commits_and_rolls_back_with_the_write(store: Store) -> None:
 def test_rows_of_a_dead_relay_are_delivered_later_exactly_once(
     sqlite_store: SqliteStore, js: JetStream, bus_settings: BusSettings
 ) -> None:
-    bank = Bank(sqlite_store)
-    outbox = ChangeOutbox(sqlite_store, bus_settings.changes_subject)
-    bank.hooks.append(outbox)
-    bank.publish_local = False
+    bank, outbox = outbox_bank(sqlite_store, bus_settings)
     write(bank, 30)  # committed, but its process died before its relay ran
     rows = outbox.pending()
     assert len(rows) == 30
@@ -160,10 +185,7 @@ def test_a_durable_follower_acknowledges_only_what_its_listeners_settled(
     """The anomaly service only queues what the feed hands it; the follower acknowledged each
     batch as soon as it was queued, so a node killed with a backlog lost the queued changes
     for good. With ``settle`` a batch is acknowledged once it is handled."""
-    bank = Bank(sqlite_store)
-    outbox = ChangeOutbox(sqlite_store, bus_settings.changes_subject)
-    bank.hooks.append(outbox)
-    bank.publish_local = False
+    bank, outbox = outbox_bank(sqlite_store, bus_settings)
     write(bank, 5)
     r = relay(sqlite_store, outbox, js)
     r.start()
@@ -215,27 +237,15 @@ def test_a_change_larger_than_nats_takes_does_not_stop_the_feed(
     any entity reached any follower."""
     from tests.bus.conftest import PARSER
 
-    bank = Bank(sqlite_store)
-    outbox = ChangeOutbox(sqlite_store, bus_settings.changes_subject)
-    bank.hooks.append(outbox)
-    bank.publish_local = False
+    bank, outbox = outbox_bank(sqlite_store, bus_settings)
     big = "urn:ngsi-ld:Sensor:BIG"
     for text in ("a" * 600_000, "b" * 600_000):
         doc = {"id": big, "type": "Sensor", "note": {"type": "Property", "value": text}}
         assert not bank.batch_upsert("", [PARSER.entity(doc)], "update").errors
     write(bank, 3)
-    feed = ChangeFeed()
-    seen = Collector(feed)
-    f = follower(js, bus_settings, feed, durable="big-change")
-    f.start()
-    r = relay(sqlite_store, outbox, js)
-    r.start()
-    try:
+    with relayed(sqlite_store, outbox, js, bus_settings, "big-change") as seen:
         wait_until(lambda: seen.has("urn:ngsi-ld:Sensor:S2"), what="the changes after it")
         wait_until(lambda: not outbox.pending(), what="an empty outbox")
-    finally:
-        r.stop()
-        f.stop()
     ids = [c.entity_id for c in seen.changes]
     assert ids == [big, big] + [f"urn:ngsi-ld:Sensor:S{i}" for i in range(3)]
     created, updated = seen.changes[0], seen.changes[1]

@@ -71,17 +71,20 @@ def test_a_csv_file_paced_by_its_time_column(tmp_path: Path) -> None:
     store.close()
 
 
-def test_ingest_run_until_the_replay_is_done(tmp_path: Path) -> None:
+def _replay_config(tmp_path: Path, ingest: str = "", options: str = "") -> Path:
+    """A configuration replaying 100 readings of readings.jsonl (written here) into the bank;
+    ``ingest``: more [ingest] settings, ``options``: more replay options (from ", ")."""
     path = tmp_path / "readings.jsonl"
     path.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(100)))
     config = tmp_path / "cityward.toml"
     config.write_text(
         f"""
 [ingest]
+{ingest}
 [[ingest.sources]]
 name = "air"
 adapter = "replay"
-options = {{ path = "{path}" }}
+options = {{ path = "{path}"{options} }}
 [ingest.sources.mapping]
 entity_type = "AirQualityObserved"
 id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
@@ -89,6 +92,11 @@ message_id = "$.n"
 attributes = {{ no2 = {{ path = "$.no2" }} }}
 """
     )
+    return config
+
+
+def test_ingest_run_until_the_replay_is_done(tmp_path: Path) -> None:
+    config = _replay_config(tmp_path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
     data = tmp_path / "data"
     cmd = [sys.executable, "-m", "cityward.cli", "ingest", "run", "--config", str(config)]
@@ -119,23 +127,10 @@ def test_ingest_run_exits_1_when_readings_are_left_unwritten(tmp_path: Path) -> 
     """The bank stays locked past the 10 s drain: `ingest run --exit-when-done` exited 0 with
     readings never written (a batch load reported success). Once the bank is free, the same
     run writes them all."""
-    path = tmp_path / "readings.jsonl"
-    path.write_bytes(b"\n".join(orjson.dumps(message(n)) for n in range(100)))
-    config = tmp_path / "cityward.toml"
-    config.write_text(
-        f"""
-[ingest]
-front_process = false
-[[ingest.sources]]
-name = "air"
-adapter = "replay"
-options = {{ path = "{path}", time_field = "$.ts", time_format = "epoch_ms", speed = 50 }}
-[ingest.sources.mapping]
-entity_type = "AirQualityObserved"
-id = "urn:ngsi-ld:AirQualityObserved:{{$.dev}}"
-message_id = "$.n"
-attributes = {{ no2 = {{ path = "$.no2" }} }}
-"""
+    config = _replay_config(
+        tmp_path,
+        ingest="front_process = false",
+        options=', time_field = "$.ts", time_format = "epoch_ms", speed = 50',
     )
     data = tmp_path / "data"
     run = IngestRun("all", config, data, tmp_path / "run.log", "--exit-when-done")

@@ -49,6 +49,22 @@ def controller() -> Iterator[Callable[[type[Controller]], str]]:
         REGISTRY.pop(name, None)
 
 
+def program(folder: Path, name: str, *greens: str) -> Path:
+    """An additional file giving signal A0 a static program of ``greens`` (30 s each), each
+    followed by 3 s of yellow on its green links."""
+    phases = "".join(
+        f'  <phase duration="30" state="{g}"/>\n'
+        f'  <phase duration="3" state="{"".join("y" if c in GREEN else c for c in g)}"/>\n'
+        for g in greens
+    )
+    add = folder / f"{name}.add.xml"
+    add.write_text(
+        f'<additional>\n <tlLogic id="A0" type="static" programID="{name}" offset="0">\n'
+        f"{phases} </tlLogic>\n</additional>\n"
+    )
+    return add
+
+
 def conflicts(x_phases: tuple[Phase, ...]) -> set[tuple[int, int]]:
     """Links never green together in the network's program."""
     together: set[tuple[int, int]] = set()
@@ -181,17 +197,8 @@ def test_a_closed_movement_does_not_switch_max_red_off_for_the_others(
     """A lane no green serves was always the oldest waiting lane: the guard looked at it alone,
     found no green for it and forced nothing, so an operator's held phase kept the other
     approach red 224-235 s against a max_red of 30."""
-    add = tmp_path / "closed.add.xml"
-    add.write_text(
-        """<additional>
- <tlLogic id="A0" type="static" programID="closed" offset="0">
-  <phase duration="30" state="GGGgrrrrGGGgrrrr"/>
-  <phase duration="3"  state="yyyyrrrryyyyrrrr"/>
-  <phase duration="30" state="rrrrGGGgrrrrrrrr"/>
-  <phase duration="3"  state="rrrryyyyrrrrrrrr"/>
- </tlLogic>
-</additional>"""
-    )
+    # one movement never green: its links are red in every phase
+    add = program(tmp_path, "closed", "GGGgrrrrGGGgrrrr", "rrrrGGGgrrrrrrrr")
     rules = SafetyRules(max_red=30)
     backend = SumoBackend([*scenario_args(grid_cfg, seed=1), "-a", str(add), "--end", "300"])
     try:
@@ -231,17 +238,8 @@ def test_what_once_ended_the_whole_run_now_ends_nothing(
                 return replace(current, index=99)
             return next(g for g in self.x.greens if g.index != current.index)
 
-    add = tmp_path / "wide.add.xml"
-    add.write_text(
-        """<additional>
- <tlLogic id="A0" type="static" programID="wide" offset="0">
-  <phase duration="20" state="GGGgrrrrGGGgrrrrG"/>
-  <phase duration="3"  state="yyyyrrrryyyyrrrry"/>
-  <phase duration="20" state="rrrrGGGgrrrrGGGgr"/>
-  <phase duration="3"  state="rrrryyyyrrrryyyyr"/>
- </tlLogic>
-</additional>"""
-    )
+    # a 17th state character for A0's 16 links (SUMO takes it: an unused index)
+    add = program(tmp_path, "wide", "GGGgrrrrGGGgrrrrG", "rrrrGGGgrrrrGGGgr")
     backend = SumoBackend([*scenario_args(grid_cfg, seed=1), "-a", str(add), "--end", "200"])
     v = backend.t.vehicle
     route = backend.t.simulation.findRoute("left0A0", "C2right2").edges

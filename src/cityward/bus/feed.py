@@ -537,6 +537,16 @@ class ChangeFollower:
                     log.warning("change follower %s: ack failed: %s", self.durable, exc)
 
 
+def ensure_changes_stream(js: JetStream, settings: BusSettings) -> None:
+    """The change stream as ``settings`` describe it, made or brought up to date."""
+    js.ensure_stream(
+        settings.changes_stream,
+        [settings.changes_subject + ".>"],
+        max_age_s=settings.changes_max_age_s,
+        duplicate_window_s=settings.duplicate_window_s,
+    )
+
+
 class ChangeBus:
     """The change feed of one process in NATS mode: outbox hook, relay and followers.
 
@@ -589,13 +599,7 @@ class ChangeBus:
         return follower
 
     def _ensure_stream(self) -> None:
-        s = self.settings
-        self.js.ensure_stream(
-            s.changes_stream,
-            [s.changes_subject + ".>"],
-            max_age_s=s.changes_max_age_s,
-            duplicate_window_s=s.duplicate_window_s,
-        )
+        ensure_changes_stream(self.js, self.settings)
 
     def start(self) -> None:
         self.js.connect()
