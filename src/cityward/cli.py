@@ -74,18 +74,9 @@ def serve(
             "(127.0.0.1, ::1, localhost)",
             param_hint="--no-auth",
         )
-    from cityward.bank.store import backend_name
+    from cityward.bank.store import describe_store
 
-    try:  # sqlite:///... was shown as PostgreSQL
-        name = backend_name(settings.database_url)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--database-url") from exc
-    if name == "PostgreSQL":
-        backend = name  # not the URL: it may hold a password
-    else:
-        url = settings.database_url
-        db = Path(url.removeprefix("sqlite:///")) if url else settings.data_dir / "cityward.db"
-        backend = f"SQLite in {db.resolve()}"
+    backend = describe_store(settings.database_url, settings.data_dir)  # sqlite:/// said PostgreSQL
     if settings.bus.kind == "nats":
         _check_bus(settings)
     console.print(f"[bold green]cityward[/] data bank on {backend}")
@@ -481,15 +472,12 @@ def dpia(
 
     settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
     catalog = build_catalog(settings.governance.sources, ContextResolver(allow_fetch=False))
-    try:  # sqlite:///... is SQLite: the DPIA promised PostgreSQL's partition drops for it
-        backend = backend_name(settings.database_url)
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--database-url") from exc
     text = dpia_markdown(
         catalog,
         site_name=settings.governance.site_name,
         generated_at=now_iso(),
-        backend=backend,
+        # sqlite:///... is SQLite: the DPIA promised PostgreSQL's partition drops for it
+        backend=backend_name(settings.database_url),
         retention_interval_s=settings.governance.retention_interval_s,
     )
     md, pdf = write_dpia(out, text)

@@ -14,6 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cityward.anomaly.settings import AnomalySettings
+from cityward.bank.store import backend_name
 from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
 from cityward.ingest.settings import IngestSettings, SourceSettings
@@ -171,6 +172,13 @@ class Settings(BaseSettings):
                 f"default_limit ({self.default_limit}) must not exceed max_limit ({self.max_limit})"
             )
         return self
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str | None) -> str | None:
+        # refused at load, named as the setting, rather than where each command opens it
+        backend_name(value)
+        return value
 
     @field_validator("dashboard_tiles")
     @classmethod

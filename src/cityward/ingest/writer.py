@@ -421,6 +421,7 @@ class BatchWriter(Batcher):
         by_frag = {id(r.fragment): r for r in readings}
         fresh: set[int] = set()
         denied: dict[int, NgsiError] = {}  # id(fragment) -> the push's check of stored types
+        checked = any(r.check is not None for r in readings)  # pushes only: not MQTT's path
 
         def gate(txn: WriteTxn, frags: list[Doc]) -> list[Doc]:
             # called again for the same readings when the write is retried, and for each half
@@ -433,7 +434,7 @@ class BatchWriter(Batcher):
             if self._entity_locks:
                 # before the delivery keys (the module text says why)
                 txn.lock_entities([f["id"] for f in frags])
-            if any(by_frag[id(f)].check is not None for f in frags):
+            if checked:
                 # a push may change an entity only if its token may write the types the
                 # entity already has, as the NGSI-LD API checks them: the push checked the
                 # mapping's type alone, so a template whose id the pusher shapes reached

@@ -80,6 +80,7 @@ class SafetyGuard:
         self._served: dict[str, float] = {
             lane: now for lane in intersection.in_lanes if lane in self._serving
         }
+        self._oldest = now  # the earliest of _served (as of the last tick)
         self._shown = ""
         self.forced_switches = 0
         self.extensions = 0  # steps of all-red added while a vehicle stood in the junction
@@ -125,9 +126,11 @@ class SafetyGuard:
         more than ``max_red`` (as of the last tick): before any controller, override or
         preemption is asked, or a controller that switched the moment ``min_green`` ended
         kept the guard from ever getting its turn. Whether it switched."""
-        if not self.can_switch(now):
-            return False
         limit = now - self.rules.max_red
+        # asked twice a step (before the controller, and by tick): the oldest wait, kept by
+        # tick, answers at once the usual "nobody has waited that long"
+        if self._oldest >= limit or not self.can_switch(now):
+            return False
         for _, lane in sorted(
             (since, lane) for lane, since in self._served.items() if since < limit
         ):
@@ -165,6 +168,7 @@ class SafetyGuard:
         for lane in self._served:
             if lane in green_lanes or not self._waiting(lane):
                 self._served[lane] = now
+        self._oldest = min(self._served.values(), default=now)
         self.serve_starving(now)
 
     # -- internals --------------------------------------------------------------------------

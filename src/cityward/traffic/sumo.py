@@ -218,8 +218,14 @@ class SumoBackend(SignalBackend):
     def emergency_vehicles(self) -> Sequence[EmergencyVehicle]:
         v = self.t.vehicle
         out = []
-        for vid, since in self._evs.items():
-            route = v.getRoute(vid)
+        for vid, since in list(self._evs.items()):
+            try:
+                route = v.getRoute(vid)
+            except self.t.TraCIException:
+                # removed (a collision, vaporised, an operator): not in the arrived list, and
+                # asking on ended the run; asked here, not by listing every vehicle each step
+                del self._evs[vid]
+                continue
             idx = v.getRouteIndex(vid)
             prio = v.getParameter(vid, "priority")
             out.append(
@@ -244,11 +250,8 @@ class SumoBackend(SignalBackend):
         sim = self.t.simulation
         self._watch_departures(sim.getDepartedIDList())
         if self._evs:
-            # gone by arriving, or removed (a collision, vaporised, an operator): a removed
-            # one is not in the arrived list, and asking SUMO about it ended the run
-            present = set(self.t.vehicle.getIDList())
-            for vid in [v for v in self._evs if v not in present]:
-                self._evs.pop(vid)
+            for vid in sim.getArrivedIDList():
+                self._evs.pop(vid, None)  # removed ones: see emergency_vehicles
 
     def close(self) -> None:
         """Close SUMO; quietly when it is gone already (a Ctrl-C in a terminal reaches SUMO

@@ -19,6 +19,21 @@ def backend_name(database_url: str | None) -> str:
     )
 
 
+def sqlite_file(database_url: str | None, data_dir: Path) -> Path:
+    """The SQLite file of a sqlite:/// URL, or the one in ``data_dir`` without a URL."""
+    return (
+        Path(database_url.removeprefix("sqlite:///")) if database_url else data_dir / "cityward.db"
+    )
+
+
+def describe_store(database_url: str | None, data_dir: Path) -> str:
+    """What :func:`open_store` opens, for people: "PostgreSQL" (not the URL: it may hold a
+    password) or "SQLite in <file>"."""
+    if backend_name(database_url) == "PostgreSQL":
+        return "PostgreSQL"
+    return f"SQLite in {sqlite_file(database_url, data_dir).resolve()}"
+
+
 def open_store(database_url: str | None, data_dir: Path) -> Store:
     """The store for a database URL (postgresql://...) or SQLite in ``data_dir``."""
     if backend_name(database_url) == "PostgreSQL":
@@ -27,9 +42,15 @@ def open_store(database_url: str | None, data_dir: Path) -> Store:
         return PostgresStore(str(database_url))
     from cityward.bank.store.sqlite import SqliteStore
 
-    if database_url:
-        return SqliteStore(Path(database_url.removeprefix("sqlite:///")))
-    return SqliteStore(data_dir / "cityward.db")
+    return SqliteStore(sqlite_file(database_url, data_dir))
 
 
-__all__ = ["QuerySpec", "Store", "WriteTxn", "backend_name", "open_store"]
+__all__ = [
+    "QuerySpec",
+    "Store",
+    "WriteTxn",
+    "backend_name",
+    "describe_store",
+    "open_store",
+    "sqlite_file",
+]
