@@ -129,3 +129,30 @@ def test_relative_paths_from_the_command_line_or_environment_stay_relative_to_th
     settings = load_settings(toml)
     assert settings.data_dir == Path("env-data")
     assert settings.governance.audit_key_file == Path("env/audit.key")
+
+
+# -- [bus] nats_url ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("nats://host:notaport", "not a NATS server URL"),
+        ("nats://:4222", "not a NATS server URL"),
+        (" , ", "names no server"),
+        ("http://bus:4222", "the scheme must be"),
+        ("ws://a:4222,nats://b:4222", "mixes websocket"),
+    ],
+)
+def test_a_nats_url_nats_cannot_read_is_refused_when_the_settings_load(
+    tmp_path: Path, elsewhere: Path, url: str, why: str
+) -> None:
+    toml = write(tmp_path / "cityward.toml", f'[bus]\nkind = "nats"\nnats_url = "{url}"\n')
+    with pytest.raises(ValidationError, match=rf"bus\.nats_url[\s\S]*{why}"):
+        load_settings(toml)
+
+
+def test_nats_urls_nats_reads_are_taken(tmp_path: Path, elsewhere: Path) -> None:
+    urls = "nats://user:pw@a:4222, tls://b:4223,c:4224,d"
+    toml = write(tmp_path / "cityward.toml", f'[bus]\nkind = "nats"\nnats_url = "{urls}"\n')
+    assert load_settings(toml).bus.nats_url == urls

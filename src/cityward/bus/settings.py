@@ -79,6 +79,31 @@ class BusSettings(BaseModel):
             raise ValueError("must be letters, digits, '_' or '-'")
         return value
 
+    @field_validator("nats_url")
+    @classmethod
+    def _servers(cls, value: str) -> str:
+        """Each server read as nats-py reads it (its own parser, so that what passes here
+        connects there): a URL it cannot read failed only when a process first connected,
+        after the rest of the configuration had been taken."""
+        from nats.aio.client import Client
+        from nats.errors import Error as NatsError
+
+        servers = [s.strip() for s in value.split(",") if s.strip()]
+        if not servers:
+            raise ValueError("names no server (nats://host:4222)")
+        schemes = set()
+        for server in servers:
+            scheme = server.partition("://")[0] if "://" in server else "nats"
+            if scheme not in ("nats", "tls", "ws", "wss"):
+                raise ValueError(f"{server!r}: the scheme must be nats, tls, ws or wss")
+            try:
+                schemes.add(Client._parse_server_uri(server).scheme)
+            except (NatsError, ValueError) as exc:
+                raise ValueError(f"{server!r} is not a NATS server URL: {exc}") from None
+        if schemes - {"nats", "tls"} and schemes - {"ws", "wss"}:
+            raise ValueError("mixes websocket (ws, wss) and plain (nats, tls) servers")
+        return value
+
     @field_validator("changes_subject")
     @classmethod
     def _subject(cls, value: str) -> str:
