@@ -78,3 +78,35 @@ def test_updates_the_bank_never_took_are_counted_when_the_sink_closes(tmp_path: 
     sink.close(timeout_s=1.0)
     assert sink.written == 0 and sink.dropped == len(docs)
     store.close()
+
+
+def test_the_last_partial_interval_is_written_only_when_some_of_it_passed() -> None:
+    """A clip that ended on an interval's boundary wrote one more interval of zero length and
+    zero counts after the last full one, which became every flow's newest value."""
+
+    class Sink:
+        def put(self, entities: Any, *, urgent: bool = False) -> None:
+            pass
+
+    def cars_in(docs: list[dict[str, Any]]) -> list[tuple[int, str, str]]:
+        return [
+            (
+                d["intensity"]["value"],
+                d["dateObservedFrom"]["value"]["@value"],
+                d["dateObservedTo"]["value"]["@value"],
+            )
+            for d in docs
+            if d["id"].endswith(":TrafficFlowObserved:camera:cam1:north:in")
+        ]
+
+    emitter = CameraEmitter(CameraSettings(id="cam1", url="x.mp4", interval_s=60), Sink())
+    at = [
+        emitter.at(t).isoformat(timespec="milliseconds").replace("+00:00", "Z") for t in (0, 60, 75)
+    ]
+    assert cars_in(emitter.flows(60.0, {"north": {"type": "line", "in": {"car": 4}}})) == [
+        (4, at[0], at[1])
+    ]
+    assert emitter.rest(60.0, {"north": {"type": "line"}}) == []  # ended on the boundary
+    last = emitter.rest(75.0, {"north": {"type": "line", "in": {"car": 1}}})
+    assert cars_in(last) == [(1, at[1], at[2])]
+    assert CameraEmitter(CameraSettings(id="c2", url="x.mp4"), Sink()).rest(0.0, {}) == []

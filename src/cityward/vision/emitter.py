@@ -221,6 +221,14 @@ class CameraEmitter:
         self.stats.flows += len(docs)
         return docs
 
+    def rest(self, t: float, intervals: dict[str, dict[str, Any]]) -> list[Doc]:
+        """The last, partial interval, ending at ``t``: none when none of it passed (a clip
+        that ended on an interval's boundary, or gave no frame). That zero-length interval was
+        written with zero counts, and became each flow's newest value."""
+        if t <= self._interval_start:
+            return []
+        return self.flows(t, intervals)
+
     def _line_flows(self, rule: str, agg: dict[str, Any], t0: float, t: float) -> list[Doc]:
         cam = self.camera.id
         docs: list[Doc] = []

@@ -147,7 +147,7 @@ class CameraRunner:
         finally:
             source.close()
             # the last, partial interval is written too: nothing counted is lost
-            self.emitter.sink.put(self.emitter.flows(last_t, self.pipeline.intervals()))
+            self.emitter.sink.put(self.emitter.rest(last_t, self.pipeline.intervals()))
             if st.state != "error":
                 st.state = "stopped" if self.stop_event.is_set() else "finished"
             self.emitter.status(st.state, st.fps)
