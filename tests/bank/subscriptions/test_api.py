@@ -379,3 +379,16 @@ def test_throttling_lets_a_whole_write_through(client: TestClient, receiver: Rec
     time.sleep(0.5)  # a second notification would have been sent by now
     (req,) = receiver.requests
     assert [d["id"] for d in req.body["data"]] == [b["id"] for b in batch]
+
+
+def test_patch_takes_a_merge_patch(client: TestClient, receiver: Receiver) -> None:
+    """A subscription PATCH is a JSON merge patch: application/merge-patch+json was a 415."""
+    sid = "urn:ngsi-ld:Subscription:mp"
+    assert client.post(S, json=subscription(sid, receiver.url())).status_code == 201
+    r = client.patch(
+        f"{S}/{sid}",
+        content=b'{"isActive": false}',
+        headers={"Content-Type": "application/merge-patch+json"},
+    )
+    assert r.status_code == 204, r.text
+    assert client.get(f"{S}/{sid}").json()["status"] == "paused"

@@ -337,6 +337,24 @@ def test_gives_up_after_max_attempts(outboxes: OutboxFactory, receiver: Receiver
     assert dispatcher.given_up == 2 and ob.pending() == 0
 
 
+def test_never_gives_up_by_default(outboxes: OutboxFactory, receiver: Receiver) -> None:
+    """Delivery is at least once: the default policy dropped a notification after 12 failed
+    attempts (about 15 minutes of a receiver's downtime), with the back-off shortened here."""
+    receiver.statuses.extend([503] * 20)  # down for more than 12 attempts, then back
+    ob = outboxes()
+    ob.add([plain(receiver.url(), 1)])
+    results: list[DeliveryResult] = []
+    policy = replace(RetryPolicy(), base_s=0.001, max_s=0.005)  # the default's other fields
+
+    async def main() -> None:
+        async with Dispatcher(ob, policy=policy, on_result=results.append):
+            await until(lambda: any(r.final for r in results), "a final result")
+
+    run(main())
+    assert [(r.ok, r.item.attempts) for r in results if r.final] == [(True, 21)]
+    assert len(receiver.requests) == 21 and ob.pending() == 0
+
+
 def test_wake_from_another_thread(outboxes: OutboxFactory, receiver: Receiver) -> None:
     """With polling practically off, only wake() can start the delivery."""
     ob = outboxes()

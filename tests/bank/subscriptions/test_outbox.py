@@ -114,6 +114,24 @@ def test_release_reschedule_and_takeover(outboxes: OutboxFactory) -> None:
     assert numbers(ob.claim(10)) == [0, 1, 2]
 
 
+def test_given_back_rows_are_claimed_before_newer_ones(outboxes: OutboxFactory) -> None:
+    """Claims go by seq: a stopping (or, after a crash, a restarted) dispatcher gives its
+    leases back due "now", and ordered by next_attempt the newer rows it had not claimed yet
+    (due since their enqueue) went first, so a subscription's notifications arrived out of
+    order after a restart."""
+    clock = Clock()
+    ob = outboxes(clock=clock)
+    ob.add([item(n) for n in range(2)])
+    held = ob.claim(1, lease_s=3600)  # the queue was full: row 1 stayed in the table
+    clock.t += 5
+    assert ob.release([i.seq for i in held]) == 1  # a stop
+    assert numbers(ob.claim(1)) == [0]
+    clock.t += 5
+    assert ob.release_all() == 1  # a takeover after a crash
+    assert numbers(ob.claim(1)) == [0]
+    assert numbers(ob.claim(1)) == [1]
+
+
 def test_delete(outboxes: OutboxFactory) -> None:
     ob = outboxes()
     ob.add([item(n) for n in range(3)])

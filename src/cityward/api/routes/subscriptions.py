@@ -49,8 +49,10 @@ def _subs(request: Request) -> Subscriptions:
     return subs
 
 
-async def _body(request: Request, rt: Runtime) -> tuple[object, Context]:
-    body, ctx, is_ld = await read_json(request, rt)
+async def _body(
+    request: Request, rt: Runtime, *, merge_patch: bool = False
+) -> tuple[object, Context]:
+    body, ctx, is_ld = await read_json(request, rt, merge_patch=merge_patch)
     if is_ld:
         if not isinstance(body, dict) or "@context" not in body:
             raise BadRequestData("application/ld+json bodies need an @context", field="@context")
@@ -144,7 +146,8 @@ async def retrieve_subscription(request: Request, sid: str) -> Response:
 async def update_subscription(request: Request, sid: str) -> Response:
     rt = runtime(request)
     check_params(request, ())
-    body, ctx = await _body(request, rt)
+    # the body is a merge patch: NGSI-LD accepts application/merge-patch+json (RFC 7396) here
+    body, ctx = await _body(request, rt, merge_patch=True)
     subs = _subs(request)
     tenant = tenant_of(request)
     caller = _caller(request)

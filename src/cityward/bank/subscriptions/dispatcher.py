@@ -15,7 +15,10 @@ dispatcher gets a ``seed``). While an endpoint is failing only one of its lanes 
 first success lets all lanes go again. A subscription's ``cooldown`` (the least wait after a
 failure it asks for) holds back that subscription's notifications only: the rows of other keys
 in its lane go past them, and other subscriptions of the endpoint wait only for the back-off.
-A notification that fails ``max_attempts`` times is dropped and reported as final.
+By default a notification is never given up: it is retried, the back-off capped at ``max_s``,
+until the receiver takes it or the outbox's bound drops it (the oldest of an endpoint first),
+so an outage of any length loses nothing the bound keeps. A policy with ``max_attempts`` > 0
+drops a notification that failed that many times and reports it as final.
 
 Delivery is at least once: rows are deleted only after the receiver accepted them, so a crash
 (even SIGKILL) between the delivery and the delete sends that notification again after the
@@ -378,13 +381,17 @@ class MqttTransport:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Back-off after failures, per endpoint; a notification is dropped after max_attempts."""
+    """Back-off after failures, per endpoint; a notification is dropped after max_attempts
+    (when > 0)."""
 
     base_s: float = 0.5
     factor: float = 2.0
     max_s: float = 300.0
     jitter: float = 0.2
-    max_attempts: int = 12  # 0: never give up
+    # 0: never give up. The default, as delivery is at least once: a count of attempts that
+    # drops a notification turns a receiver's outage of some minutes into silent loss, and
+    # the outbox's bound already keeps a dead endpoint from filling the database
+    max_attempts: int = 0
 
     def delay(self, failures: int, rng: random.Random) -> float:
         """Seconds to wait after ``failures`` (>= 1) consecutive failures.
@@ -491,7 +498,10 @@ class Dispatcher:
         self._owned: list[Transport] = []
         self._endpoints: dict[str, _Endpoint] = {}
         self._stats: dict[str, EndpointStats] = {}  # kept after stop()
-        self._known: set[int] = set()  # seqs held in memory (leased by us)
+        self._known: dict[int, OutboxItem] = {}  # seq -> the row held in memory (leased by us)
+        self._inflight: set[int] = set()  # seqs being sent now
+        self._forgotten: set[int] = set()  # of those, the ones forget() let go of meanwhile
+        self._released: list[int] = []  # seqs let go of, whose leases to give back
         self._done: list[int] = []  # delivered or abandoned, to delete
         self._failed: list[tuple[int, int, str]] = []  # (seq, attempts, error) to record
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -500,6 +510,7 @@ class Dispatcher:
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._flush_pending = False
+        self._prune_wanted = False
         self.delivered = 0
         self.failed_attempts = 0
         self.given_up = 0
@@ -549,13 +560,24 @@ class Dispatcher:
             await asyncio.gather(*pending, return_exceptions=True)
         done, self._done = self._done, []
         failed, self._failed = self._failed, []
+        released, self._released = self._released, []
         try:
-            await self._db(partial(self.outbox.exchange, delivered=done, failures=failed, limit=0))
-            self._known.difference_update(done)
-            if self._known:
-                await self._db(partial(self.outbox.release, sorted(self._known)))
+            for seq in done:
+                self._known.pop(seq, None)
+            released += self._known
+            await self._db(
+                partial(
+                    self.outbox.exchange,
+                    delivered=done,
+                    failures=failed,
+                    released=sorted(set(released)),
+                    limit=0,
+                )
+            )
         finally:
             self._known.clear()
+            self._inflight.clear()
+            self._forgotten.clear()
             self._endpoints.clear()
             for transport in self._owned:
                 with contextlib.suppress(Exception):
@@ -592,6 +614,24 @@ class Dispatcher:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(self._wake.set)
 
+    def forget(self, tenant: str, sid: str) -> None:
+        """Let go of what a subscription has queued here (safe from any thread): call after
+        deleting the subscription with its rows, so that its notifications held in memory are
+        not sent. An attempt under way ends first; a failed one is not retried."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(
+                self._drop, lambda i: (i.tenant, i.subscription_id) == (tenant, sid), set()
+            )
+
+    def prune(self) -> None:
+        """Let go of the rows held here that the outbox no longer has (safe from any thread):
+        another process deleted their subscription, maybe before this one ever knew it."""
+        self._prune_wanted = True
+        self.wake()
+
     def endpoint_stats(self, uri: str) -> EndpointStats | None:
         """The counters of one endpoint in the latest run (None: nothing was sent there)."""
         return self._stats.get(uri)
@@ -609,6 +649,7 @@ class Dispatcher:
             self._flush_pending = False
             done, self._done = self._done, []
             failed, self._failed = self._failed, []
+            released, self._released = self._released, []
             exclude = [uri for uri, ep in self._endpoints.items() if ep.queued >= self.queue_limit]
             try:
                 items = await self._db(
@@ -616,6 +657,7 @@ class Dispatcher:
                         self.outbox.exchange,
                         delivered=done,
                         failures=failed,
+                        released=released,
                         limit=self.batch_size,
                         lease_s=self.lease_s,
                         exclude=exclude,
@@ -625,10 +667,15 @@ class Dispatcher:
                 log.exception("notification outbox: claim failed; retrying")
                 self._done[:0] = done
                 self._failed[:0] = failed
+                self._released[:0] = released
                 await self._sleep(self.poll_interval)
                 continue
-            self._known.difference_update(done)
+            for seq in done:
+                self._known.pop(seq, None)
             self._dispatch(items)
+            if self._prune_wanted:
+                self._prune_wanted = False
+                await self._prune()
             if loop.time() >= next_recount:
                 next_recount = loop.time() + self.recount_interval
                 with contextlib.suppress(Exception):
@@ -636,9 +683,22 @@ class Dispatcher:
             if len(items) >= self.batch_size:
                 await asyncio.sleep(0)
                 continue
-            timeout = self.flush_interval if self._done or self._failed else self.poll_interval
+            unsettled = self._done or self._failed or self._released
+            timeout = self.flush_interval if unsettled else self.poll_interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _prune(self) -> None:
+        """Drop the rows held here that the outbox no longer has (see prune())."""
+        held = set(self._known)
+        try:
+            present = await self._db(partial(self.outbox.present, sorted(held)))
+        except Exception:
+            log.exception("notification outbox: checking the rows held failed")
+            return
+        gone = held - present  # rows claimed during the check are not in held: kept
+        if gone:
+            self._drop(lambda i: i.seq in gone, set())
 
     async def _sleep(self, seconds: float) -> bool:
         """Sleep unless stopping; False when the dispatcher stops meanwhile."""
@@ -649,16 +709,49 @@ class Dispatcher:
         return not self._stop.is_set()
 
     def _dispatch(self, items: Sequence[OutboxItem]) -> None:
+        # A row we hold that comes back changed was re-pointed by an update of its
+        # subscription (which gave its lease back): what we hold of that subscription goes
+        # to the old endpoint, so it is dropped, and the claimed rows take its place. Those
+        # of its rows not claimed again are given back, to be claimed in order after these.
+        changed = set()
+        for item in items:
+            held = self._known.get(item.seq)
+            if held is not None and (held.endpoint, held.payload) != (item.endpoint, item.payload):
+                changed.add((item.tenant, item.subscription_id))
+        if changed:
+            self._drop(lambda i: (i.tenant, i.subscription_id) in changed, {i.seq for i in items})
         for item in items:
             if item.seq in self._known:
                 continue  # a lease of ours that ran out and was claimed again
-            self._known.add(item.seq)
+            self._known[item.seq] = item
             ep = self._endpoints.get(item.endpoint)
             if ep is None:
                 ep = self._new_endpoint(item.endpoint)
             lane = zlib.crc32(item.key.encode()) % self.lanes
             ep.queues[lane].append(item)
             ep.ready[lane].set()
+
+    def _drop(self, which: Callable[[OutboxItem], bool], reclaimed: set[int]) -> None:
+        """Drop the rows ``which`` picks from the lanes (one being sent: once its attempt
+        ends) and give their leases back, but those of the ``reclaimed`` rows (just claimed
+        anew)."""
+        for ep in self._endpoints.values():
+            for queue in ep.queues:
+                kept: list[OutboxItem] = []
+                for item in queue:
+                    if not which(item):
+                        kept.append(item)
+                    elif item.seq in self._inflight:
+                        kept.append(item)
+                        self._forgotten.add(item.seq)
+                    else:
+                        del self._known[item.seq]
+                        if item.seq not in reclaimed:
+                            self._released.append(item.seq)
+                if len(kept) != len(queue):
+                    queue.clear()  # in place: the lane holds this deque
+                    queue.extend(kept)
+        self._settled()
 
     def _new_endpoint(self, uri: str) -> _Endpoint:
         rng = random.Random(f"{self.seed}|{uri}") if self.seed is not None else random.Random()
@@ -737,6 +830,8 @@ class Dispatcher:
         """Send one row of ``queue``; None when it did, else the seconds that every row of it
         still waits for a cooldown."""
         loop = asyncio.get_running_loop()
+        if not queue:  # _drop() emptied it while the lane waited for the back-off
+            return None
         pos = self._next(ep, queue, loop.time())
         if isinstance(pos, float):
             return pos
@@ -744,6 +839,7 @@ class Dispatcher:
         transport = self._transport(item.endpoint)
         ep.stats.attempts += 1
         error: str | None = None
+        self._inflight.add(item.seq)
         try:
             if transport is None:
                 raise DeliveryError(f"no transport for {item.endpoint}")
@@ -753,11 +849,21 @@ class Dispatcher:
         except Exception as exc:  # a transport bug must not kill the lane
             log.exception("notification to %s failed unexpectedly", item.endpoint)
             error = repr(exc)
+        finally:
+            self._inflight.discard(item.seq)
+        # the queue may have changed meanwhile (new rows, _drop()): the row is where it is now
+        pos = next(i for i, queued in enumerate(queue) if queued.seq == item.seq)
+        forgotten = item.seq in self._forgotten
+        if forgotten:  # dropped meanwhile (its row changed or went away): not sent again
+            self._forgotten.discard(item.seq)
+            del queue[pos]
+            del self._known[item.seq]
         attempts = item.attempts + 1
         item = replace(item, attempts=attempts)
         at = format_ts(datetime.now(UTC))
         if error is None:
-            del queue[pos]
+            if not forgotten:
+                del queue[pos]
             self._done.append(item.seq)
             self.delivered += 1
             ep.stats.delivered += 1
@@ -778,14 +884,17 @@ class Dispatcher:
             cooldown = item.payload.get("cooldown")
             if cooldown:
                 ep.cooling[(item.tenant, item.subscription_id)] = loop.time() + float(cooldown)
-            final = 0 < self.policy.max_attempts <= attempts
+            final = not forgotten and 0 < self.policy.max_attempts <= attempts
             if final:
                 del queue[pos]
                 self._done.append(item.seq)
                 self.given_up += 1
                 ep.stats.given_up += 1
             else:
-                queue[pos] = item
+                if forgotten:  # claimed again by whoever has it now (the re-pointed row)
+                    self._released.append(item.seq)
+                else:
+                    queue[pos] = item
                 self._failed.append((item.seq, attempts, error))
             result = DeliveryResult(item, False, at, error, final)
         self._settled()

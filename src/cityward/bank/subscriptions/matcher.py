@@ -462,23 +462,44 @@ def build_notification(
         headers["Link"] = link_header(link or ctx.link_url)
     if tenant:
         headers["NGSILD-Tenant"] = tenant
+    return OutboxItem(
+        id=body["id"],
+        subscription_id=sub.id,
+        endpoint=e.uri,
+        payload=_addressed(sub, headers, body),
+        tenant=tenant,
+        key=key if key is not None else sub.id,
+    )
+
+
+def _addressed(
+    sub: Subscription, headers: Mapping[str, str], body: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The outbox payload of ``body``: ``headers`` (those of the content) with what the
+    subscription's endpoint adds (receiverInfo, notifierInfo, timeout, cooldown)."""
+    e = sub.notification.endpoint
+    out = dict(headers)
     for k, v in e.receiver_info:
-        headers[k] = v
-    payload: dict[str, Any] = {"headers": headers, "body": body}
+        out[k] = v
+    payload: dict[str, Any] = {"headers": out, "body": body}
     if e.notifier_info:
         payload["notifierInfo"] = dict(e.notifier_info)
     if e.timeout_ms is not None:
         payload["timeout"] = e.timeout_ms / 1000.0
     if e.cooldown_ms is not None:
         payload["cooldown"] = e.cooldown_ms / 1000.0
-    return OutboxItem(
-        id=body["id"],
-        subscription_id=sub.id,
-        endpoint=e.uri,
-        payload=payload,
-        tenant=tenant,
-        key=key if key is not None else sub.id,
-    )
+    return payload
+
+
+def readdressed(
+    old: Subscription, new: Subscription, payload: Mapping[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """The endpoint and payload of a queued notification of ``old`` once the subscription is
+    ``new``: its current endpoint, with its current receiverInfo, notifierInfo, timeout and
+    cooldown. The content (and its media type and Link) stays as it was rendered."""
+    receiver_info = {k for k, _ in old.notification.endpoint.receiver_info}
+    headers = {k: v for k, v in payload["headers"].items() if k not in receiver_info}
+    return new.notification.endpoint.uri, _addressed(new, headers, payload["body"])
 
 
 def notification_for(

@@ -8,7 +8,7 @@ due rows, delivers them and deletes them, or records a failed attempt.
 Table ``notification_outbox`` (both backends):
 
 ========================  =========================================================================
-``seq``                   integer primary key, increasing (claim order among equally due rows)
+``seq``                   integer primary key, increasing (the claim order of due rows)
 ``id``                    the notification id (``urn:ngsi-ld:Notification:<uuid>``)
 ``tenant``                NGSILD-Tenant of the subscription ('' = default tenant)
 ``subscription_id``       the subscription's id
@@ -456,7 +456,7 @@ class Outbox:
     def claim(
         self, limit: int, *, lease_s: float = 600.0, exclude: Sequence[str] = ()
     ) -> list[OutboxItem]:
-        """Lease up to ``limit`` due rows (oldest due first), skipping ``exclude`` endpoints."""
+        """Lease up to ``limit`` due rows (oldest first), skipping ``exclude`` endpoints."""
         return self.exchange(limit=limit, lease_s=lease_s, exclude=exclude)
 
     def exchange(
@@ -464,12 +464,21 @@ class Outbox:
         *,
         delivered: Sequence[int] = (),
         failures: Sequence[tuple[int, int, str]] = (),
+        released: Sequence[int] = (),
         limit: int = 0,
         lease_s: float = 600.0,
         exclude: Sequence[str] = (),
     ) -> list[OutboxItem]:
         """One round trip of the dispatcher, in one transaction: delete ``delivered`` rows,
-        record ``failures`` (seq, attempts, error) and claim up to ``limit`` due rows.
+        record ``failures`` (seq, attempts, error), give the leases of ``released`` rows back
+        (due now) and claim up to ``limit`` due rows.
+
+        Due rows are claimed in seq (enqueue) order, whenever each became due: the dispatcher
+        appends each claimed batch to its lanes, so a row claimed before an older one of its
+        key would be sent first. Ordered by next_attempt, rows whose lease was given back (a
+        stop, a restart's takeover: due "now") came after newer rows never claimed (due since
+        their enqueue), and a subscription's notifications arrived out of order after a
+        restart.
 
         Without anything to settle, a cheap read first checks that something is due, so an
         idle dispatcher never takes the write lock.
@@ -481,7 +490,7 @@ class Outbox:
             cond, params = _in_list(self.dialect, "endpoint", exclude, negate=True)
             due_where += " AND " + cond
             due_params += params
-        if not delivered and not failures:
+        if not delivered and not failures and not released:
             if limit <= 0:
                 return []
             with self.db.reading() as conn:
@@ -505,6 +514,8 @@ class Outbox:
                     f"UPDATE {TABLE} SET attempts = ?, last_error = ? WHERE seq = ?",
                     [(attempts, error[:1000], seq) for seq, attempts, error in failures],
                 )
+            if released:
+                self._release(conn, released, now)
             if limit <= 0:
                 return []
             skip = " FOR UPDATE SKIP LOCKED" if self.dialect == "postgres" else ""
@@ -512,7 +523,7 @@ class Outbox:
                 conn,
                 self.dialect,
                 f"UPDATE {TABLE} SET leased = 1, next_attempt = ? WHERE seq IN "
-                f"(SELECT seq FROM {TABLE} WHERE {due_where} ORDER BY next_attempt, seq "
+                f"(SELECT seq FROM {TABLE} WHERE {due_where} ORDER BY seq "
                 f"LIMIT ?{skip}) RETURNING {_COLUMNS}",
                 [now + lease_s, *due_params, limit],
             ).fetchall()
@@ -554,15 +565,18 @@ class Outbox:
         """Give leased rows back, due at ``at`` (default now): a stopping dispatcher's."""
         if not seqs:
             return 0
-        cond, params = _in_list(self.dialect, "seq", seqs)
         with self.db.transaction() as conn:
-            cur = _execute(
-                conn,
-                self.dialect,
-                f"UPDATE {TABLE} SET leased = 0, next_attempt = ? WHERE {cond}",
-                [self.clock() if at is None else at, *params],
-            )
-            return int(cur.rowcount)
+            return self._release(conn, seqs, self.clock() if at is None else at)
+
+    def _release(self, conn: Conn, seqs: Sequence[int], at: float) -> int:
+        cond, params = _in_list(self.dialect, "seq", seqs)
+        cur = _execute(
+            conn,
+            self.dialect,
+            f"UPDATE {TABLE} SET leased = 0, next_attempt = ? WHERE {cond}",
+            [at, *params],
+        )
+        return int(cur.rowcount)
 
     def release_all(self) -> int:
         """Give back every lease, due now: what a dispatcher that is the only one does when it
@@ -576,6 +590,67 @@ class Outbox:
             )
             return int(cur.rowcount)
 
+    # -- in a transaction that changes a subscription ---------------------------------------
+    # A subscription's rows follow its changes in the transaction that makes them: re-pointed
+    # when it is updated, deleted with it. Rows a dispatcher holds are re-pointed too, and
+    # their lease given back: the dispatcher claims them again, sees that they changed and
+    # sends the new ones (see Dispatcher._dispatch); a deleted subscription's rows it holds
+    # are dropped by Dispatcher.forget.
+    def repoint(
+        self,
+        conn: Conn,
+        tenant: str,
+        sid: str,
+        to: Callable[[str, dict[str, Any]], tuple[str, dict[str, Any]]],
+    ) -> int:
+        """Give each pending row of a subscription the endpoint and payload ``to(endpoint,
+        payload)`` returns, using the caller's open transaction; changed rows are due now and
+        no longer leased. Returns how many rows changed."""
+        changed: list[tuple[int, str, str, str]] = []  # seq, old endpoint, new endpoint, payload
+        # a dispatcher's claims skip (SKIP LOCKED) what this transaction changes until it ends
+        lock = " FOR UPDATE" if self.dialect == "postgres" else ""
+        rows = _execute(
+            conn,
+            self.dialect,
+            f"SELECT seq, endpoint, payload FROM {TABLE} WHERE tenant = ? "
+            f"AND subscription_id = ?{lock}",
+            [tenant, sid],
+        ).fetchall()
+        for seq, endpoint, raw in rows:
+            payload = orjson.loads(raw)
+            new_endpoint, new_payload = to(endpoint, payload)
+            if (new_endpoint, new_payload) != (endpoint, payload):
+                changed.append((seq, endpoint, new_endpoint, orjson.dumps(new_payload).decode()))
+        _executemany(
+            conn,
+            self.dialect,
+            f"UPDATE {TABLE} SET endpoint = ?, payload = ?, leased = 0, next_attempt = ? "
+            "WHERE seq = ?",
+            [(ep, payload, self.clock(), seq) for seq, _, ep, payload in changed],
+        )
+        with self._lock:
+            c = self._counts.by_endpoint
+            for _, old, new, _ in changed:
+                if c[old] > 0:
+                    c[old] -= 1
+                c[new] += 1
+        return len(changed)
+
+    def drop_subscription(self, conn: Conn, tenant: str, sid: str) -> int:
+        """Delete every pending row of a subscription, using the caller's open transaction."""
+        gone = _execute(
+            conn,
+            self.dialect,
+            f"DELETE FROM {TABLE} WHERE tenant = ? AND subscription_id = ? RETURNING endpoint",
+            [tenant, sid],
+        ).fetchall()
+        with self._lock:
+            for (endpoint,) in gone:
+                if self._counts.by_endpoint[endpoint] > 0:
+                    self._counts.by_endpoint[endpoint] -= 1
+                    self._counts.total -= 1
+        return len(gone)
+
     # -- inspection -------------------------------------------------------------------------
     def recount(self) -> None:
         """Reset the in-process counts from the table (other processes enqueue too)."""
@@ -588,6 +663,18 @@ class Outbox:
         counts: Counter[str] = Counter({str(ep): int(n) for ep, n in rows})
         with self._lock:
             self._counts = _Counts(counts, sum(counts.values()))
+
+    def present(self, seqs: Sequence[int]) -> set[int]:
+        """Which of ``seqs`` the table still holds."""
+        if not seqs:
+            return set()
+        cond, params = _in_list(self.dialect, "seq", seqs)
+        with self.db.reading() as conn:
+            rows = _execute(conn, self.dialect, f"SELECT seq FROM {TABLE} WHERE {cond}", params)
+            found = {int(r[0]) for r in rows.fetchall()}
+            if isinstance(conn, psycopg.Connection):
+                conn.rollback()
+        return found
 
     def pending(self) -> int:
         """How many rows the table holds (an exact count)."""

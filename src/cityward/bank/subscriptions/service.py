@@ -5,7 +5,13 @@ restart see them). ``subscriptions_version`` counts their changes; each write ch
 own transaction and reloads the matching index when another process changed them. One process
 per database runs the dispatcher: the one that holds the dispatcher lock (a file lock next to
 the SQLite database, a PostgreSQL advisory lock of the schema); the others only enqueue, and the
-dispatcher picks their notifications up on its next poll.
+dispatcher picks their notifications up on its next poll. The delivering process also checks
+the version on every periodic tick (and when a result names a subscription it does not know):
+it may write nothing itself, yet its periodic notifications, delivery counters and what it
+holds of deleted subscriptions follow the changes other processes make.
+
+A subscription's pending notifications follow it, in the transaction that changes it: an
+update re-points them to its current endpoint, a delete deletes them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +36,12 @@ from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
 from cityward.bank.subscriptions.dispatcher import DeliveryResult, Dispatcher
 from cityward.bank.subscriptions.hook import NotificationHook
-from cityward.bank.subscriptions.matcher import build_notification, render_current, selects
+from cityward.bank.subscriptions.matcher import (
+    build_notification,
+    readdressed,
+    render_current,
+    selects,
+)
 from cityward.bank.subscriptions.model import DeliveryStats, Subscription
 from cityward.bank.subscriptions.outbox import (
     Outbox,
@@ -107,6 +119,9 @@ class Subscriptions:
         self.dispatcher = Dispatcher(self.outbox, on_result=self._on_result, poll_interval=0.1)
         self.hook = NotificationHook(self.outbox, resolver.resolve, self.dispatcher)
         self._version = -1
+        # a reload and our own change's update of the index (both after their commit) take
+        # turns: a reload that read the rows before the change must not undo it afterwards
+        self._index_lock = threading.RLock()
         self._periodic_task: asyncio.Task[None] | None = None
         self._periodic_last: dict[tuple[str, str], datetime] = {}
         self._dirty: set[tuple[str, str]] = set()
@@ -127,7 +142,27 @@ class Subscriptions:
             for t, i, b in self.store.select("SELECT tenant, id, body FROM subscription_stats")
         }
 
+    def refresh(self) -> None:
+        """Reload the index if another process changed the subscriptions."""
+        version = self._read_version()
+        if version != self._version:
+            self._reload(version)
+
     def _reload(self, version: int) -> None:
+        """Load the index from the database; the dispatcher lets go of what it holds of the
+        subscriptions another process deleted (their rows went with them): at once for those
+        the index had, after a check of the outbox for any (one created and deleted between
+        two reloads was never in the index)."""
+        with self._index_lock:
+            with self.hook._lock:
+                before = {(t, s.id) for t, index in self.hook._indexes.items() for s in index}
+            self._load(version)
+        for tenant, sid in before:
+            if self.hook.get(tenant, sid) is None:
+                self.dispatcher.forget(tenant, sid)
+        self.dispatcher.prune()
+
+    def _load(self, version: int) -> None:
         by_tenant: dict[str, list[Subscription]] = {}
         stored = self._stored_stats()
         for tenant, body in self.store.select("SELECT tenant, body FROM subscriptions"):
@@ -159,7 +194,8 @@ class Subscriptions:
 
     def _bumped(self, version: int) -> None:
         """Our own change (already applied to the index) made ``version``: when the index was
-        current before it, it still is, and the next write need not reload it."""
+        current before it, it still is, and the next write need not reload it. The caller
+        holds _index_lock."""
         if self._version == version - 1:
             self._version = version
 
@@ -184,8 +220,9 @@ class Subscriptions:
                 [tenant, sub.id, orjson.dumps(sub.to_stored()).decode()],
             )
             version = self._bump(txn)
-        self.hook.put(tenant, sub)
-        self._bumped(version)
+        with self._index_lock:
+            self.hook.put(tenant, sub)
+            self._bumped(version)
 
     def get(self, tenant: str, sid: str, *, owner: str | None = None) -> Subscription:
         live = self.hook.get(tenant, sid)
@@ -226,15 +263,29 @@ class Subscriptions:
         # the subscription may have been deleted and created anew by someone else
         cond, args = self._of_owner(owner)
         with self.store.write(tenant, create_tenant=False) as txn:
-            n = txn.execute(
-                f"UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ?{cond} RETURNING id",
-                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id, *args],
+            lock = " FOR UPDATE" if txn.dialect == "postgres" else ""  # SQLite: write-locked
+            rows = txn.execute(
+                f"SELECT body FROM subscriptions WHERE tenant = ? AND id = ?{cond}{lock}",
+                [tenant, sub.id, *args],
             )
-            if not n:
+            if not rows:
                 raise ResourceNotFound(f"subscription {sub.id} not found", field="subscriptionId")
+            old = Subscription.from_stored(orjson.loads(rows[0][0]))
+            txn.execute(
+                "UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ?",
+                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id],
+            )
+            # its queued notifications go where it notifies now (a PATCH of a dead endpoint
+            # must rescue them), and the dispatcher swaps those it holds for these
+            if old.notification.endpoint != sub.notification.endpoint:
+                self.outbox.repoint(
+                    txn.conn, tenant, sub.id, lambda _, payload: readdressed(old, sub, payload)
+                )
             version = self._bump(txn)
-        self.hook.put(tenant, sub)
-        self._bumped(version)
+        with self._index_lock:
+            self.hook.put(tenant, sub)
+            self._bumped(version)
+        self.dispatcher.wake()
 
     def delete(self, tenant: str, sid: str, *, owner: str | None = None) -> None:
         cond, args = self._of_owner(owner)
@@ -246,9 +297,15 @@ class Subscriptions:
             if not n:
                 raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
             txn.execute("DELETE FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid])
+            # nothing more reaches its endpoint: its queued notifications go with it, and
+            # what the dispatcher holds of them is dropped (another process's dispatcher
+            # drops it when it reloads the subscriptions)
+            self.outbox.drop_subscription(txn.conn, tenant, sid)
             version = self._bump(txn)
-        self.hook.remove(tenant, sid)
-        self._bumped(version)
+        with self._index_lock:
+            self.hook.remove(tenant, sid)
+            self._bumped(version)
+        self.dispatcher.forget(tenant, sid)
 
     # -- periodic notifications (timeInterval) ---------------------------------------------
     async def _periodic_loop(self) -> None:
@@ -262,6 +319,7 @@ class Subscriptions:
                 except Exception:
                     log.exception("saving delivery counters failed")
             try:
+                await asyncio.to_thread(self.refresh)
                 items = await asyncio.to_thread(self.periodic_due)
                 if items:
                     await asyncio.to_thread(self.outbox.add, items)
@@ -315,8 +373,12 @@ class Subscriptions:
         return items
 
     # -- delivery ---------------------------------------------------------------------------
-    def _on_result(self, result: DeliveryResult) -> None:
-        sub = self.hook.get(result.item.tenant, result.item.subscription_id)
+    async def _on_result(self, result: DeliveryResult) -> None:
+        tenant, sid = result.item.tenant, result.item.subscription_id
+        sub = self.hook.get(tenant, sid)
+        if sub is None:  # created by another process, and not reloaded here yet
+            await asyncio.to_thread(self.refresh)
+            sub = self.hook.get(tenant, sid)
         if sub is not None:
             sub.stats.record(result.ok, result.at)
             self._dirty.add((result.item.tenant, sub.id))
