@@ -267,3 +267,43 @@ def test_a_deleted_subscription_notifies_no_more(
 
     back = asyncio.run(main())
     assert [r.body["subscriptionId"] for r in receiver.requests[back:]] == [kept.id]
+
+
+def test_two_updates_at_once_both_count(
+    processes: tuple[Subscriptions, Subscriptions], core: Context
+) -> None:
+    """A PATCH read the subscription, patched it and wrote it back whole: of two at once the
+    second undid the first (24 of 40 pairs in the hunt). update() reads inside its write, so
+    the second waits for the first and patches what it wrote."""
+    import dataclasses
+    import threading
+
+    here, elsewhere = processes
+    sid = _sub(core, 1, "http://127.0.0.1:9/n").id
+    here.create("", _sub(core, 1, "http://127.0.0.1:9/n"))
+    inside, go_on = threading.Event(), threading.Event()
+
+    def slow_rename(current: Subscription) -> Subscription:
+        inside.set()
+        assert go_on.wait(10)
+        return dataclasses.replace(current, subscription_name="renamed")
+
+    first = threading.Thread(target=here.update, args=("", sid, slow_rename))
+    first.start()
+    assert inside.wait(10)
+    seen: list[str | None] = []
+
+    def describe(current: Subscription) -> Subscription:
+        seen.append(current.subscription_name)
+        return dataclasses.replace(current, description="described")
+
+    second = threading.Thread(target=elsewhere.update, args=("", sid, describe))
+    second.start()
+    second.join(0.3)
+    assert second.is_alive() and not seen  # waits for the first write to end
+    go_on.set()
+    first.join(10)
+    second.join(10)
+    assert seen == ["renamed"]
+    got = here.get("", sid)
+    assert (got.subscription_name, got.description) == ("renamed", "described")

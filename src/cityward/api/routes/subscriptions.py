@@ -152,14 +152,18 @@ async def update_subscription(request: Request, sid: str) -> Response:
     tenant = tenant_of(request)
     caller = _caller(request)
     only = _only_owner(caller)
-    current = await run_in_threadpool(subs.get, tenant, sid, owner=only)
-    updated = apply_patch(current, body, ctx)  # keeps the owner: a body cannot name one
-    if caller.kind == "dev" or current.owner == caller.subject:
-        updated = _bound(caller, updated)
-    # else an admin changes someone else's subscription (or one without an owner): its
-    # notifications still go to the owner's endpoint, so they keep the purposes they had
-    # rather than gaining every purpose of the admin
-    await run_in_threadpool(subs.replace, tenant, updated, owner=only)
+
+    def change(current: Subscription) -> Subscription:
+        updated = apply_patch(current, body, ctx)  # keeps the owner: a body cannot name one
+        if caller.kind == "dev" or current.owner == caller.subject:
+            return _bound(caller, updated)
+        # else an admin changes someone else's subscription (or one without an owner): its
+        # notifications still go to the owner's endpoint, so they keep the purposes they had
+        # rather than gaining every purpose of the admin
+        return updated
+
+    # read, patched and written in one transaction: two PATCHes at once both count
+    await run_in_threadpool(subs.update, tenant, sid, change, owner=only)
     return empty_response(request)
 
 

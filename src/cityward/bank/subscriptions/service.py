@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -259,33 +260,60 @@ class Subscriptions:
         return [self.get(tenant, str(r[0])) for r in rows], total
 
     def replace(self, tenant: str, sub: Subscription, *, owner: str | None = None) -> None:
-        # the owner is checked again in the UPDATE: between the caller's read and this write
-        # the subscription may have been deleted and created anew by someone else
+        self.update(tenant, sub.id, lambda _: sub, owner=owner)
+
+    def update(
+        self,
+        tenant: str,
+        sid: str,
+        change: Callable[[Subscription], Subscription],
+        *,
+        owner: str | None = None,
+    ) -> Subscription:
+        """Store ``change(current)`` in place of the subscription, read, changed and written
+        in one transaction (the row locked: FOR UPDATE on PostgreSQL, SQLite's write lock), so
+        that two PATCHes at once both count: each read the subscription, patched it and wrote
+        it back whole, and the second undid the first (24 of 40 pairs in the hunt). The owner
+        is checked in the same read. Returns what was stored."""
         cond, args = self._of_owner(owner)
         with self.store.write(tenant, create_tenant=False) as txn:
-            lock = " FOR UPDATE" if txn.dialect == "postgres" else ""  # SQLite: write-locked
+            lock = " FOR UPDATE" if txn.dialect == "postgres" else ""
             rows = txn.execute(
                 f"SELECT body FROM subscriptions WHERE tenant = ? AND id = ?{cond}{lock}",
-                [tenant, sub.id, *args],
+                [tenant, sid, *args],
             )
             if not rows:
-                raise ResourceNotFound(f"subscription {sub.id} not found", field="subscriptionId")
+                raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
             old = Subscription.from_stored(orjson.loads(rows[0][0]))
+            # the counters change() keeps, as get() gives them
+            live = self.hook.get(tenant, sid)
+            if live is not None and self.dispatching:
+                _adopt(old, live.stats)
+            else:
+                stats = txn.execute(
+                    "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid]
+                )
+                if stats:
+                    _adopt(old, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
+            sub = change(old)
+            if sub.id != sid:
+                raise ValueError(f"change() of {sid} returned {sub.id}")
             txn.execute(
                 "UPDATE subscriptions SET body = ? WHERE tenant = ? AND id = ?",
-                [orjson.dumps(sub.to_stored()).decode(), tenant, sub.id],
+                [orjson.dumps(sub.to_stored()).decode(), tenant, sid],
             )
             # its queued notifications go where it notifies now (a PATCH of a dead endpoint
             # must rescue them), and the dispatcher swaps those it holds for these
             if old.notification.endpoint != sub.notification.endpoint:
                 self.outbox.repoint(
-                    txn.conn, tenant, sub.id, lambda _, payload: readdressed(old, sub, payload)
+                    txn.conn, tenant, sid, lambda _, payload: readdressed(old, sub, payload)
                 )
             version = self._bump(txn)
         with self._index_lock:
             self.hook.put(tenant, sub)
             self._bumped(version)
         self.dispatcher.wake()
+        return sub
 
     def delete(self, tenant: str, sid: str, *, owner: str | None = None) -> None:
         cond, args = self._of_owner(owner)
