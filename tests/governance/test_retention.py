@@ -404,3 +404,24 @@ def test_a_deleted_entitys_history_goes_after_the_shortest_retention(store: Stor
     assert not {rid for rid in gone_ids if gone[rid] < NOW - timedelta(days=7)} & after
     kept = {rid for rid in gone_ids if gone[rid] >= NOW - timedelta(days=7)}
     assert kept <= after
+
+
+def test_a_history_row_in_the_last_month_of_year_9999_spares_the_run(store: Store) -> None:
+    """One forged observedAt in 9999-12 gives PostgreSQL the partition attr_history_p999912,
+    whose end (year 10000) no datetime holds: every run raised before deleting anything."""
+    bank = Bank(store)
+    History(store, bank)
+    parser = EntityParser(CORE)
+    for stamp in ("2020-01-15T00:00:00Z", "2026-01-20T00:00:00Z", "9999-12-15T00:00:00Z"):
+        reading = {"type": "Property", "value": stamp, "observedAt": stamp}
+        body = {"id": THING, "type": "Thing", "r": reading}
+        bank.batch_upsert("", [parser.entity(body)], "update")
+    settle(store)
+    sink = ListSink()
+    report = Retention(store, catalog(), sink).run_once(now=NOW)  # undeclared: 30 days
+    assert report.error is None and len(sink.records) == 1
+    assert report.deleted[UNDECLARED] == 2
+    left = [orjson.loads(r[0])["value"] for r in store.select("SELECT inst FROM attr_history")]
+    assert left == ["9999-12-15T00:00:00Z"]  # received now: within retention
+    if store.dialect == "postgres":
+        assert report.partitions_dropped == ["attr_history_p202001"]

@@ -137,11 +137,13 @@ def create_app(
         if bus is not None:
             # the anomaly service follows the durable consumer instead: a restart (or the
             # node that takes over) goes on from the last change it handled. Its own bank
-            # object shares the store and the write hooks; only its feed differs.
+            # object shares the store and the write hooks (and what runs before a write:
+            # history's month partitions); only its feed differs.
             anomaly_bank = Bank(
                 store, default_limit=settings.default_limit, max_limit=settings.max_limit
             )
             anomaly_bank.hooks = bank.hooks
+            anomaly_bank.before_write = bank.before_write
             anomaly_bank.publish_local = False
         # built here, so that a configuration it cannot run with stops the start at once
         anomaly = AnomalyService(

@@ -74,6 +74,30 @@ def store_refused(exc: BaseException) -> StoreRefused | None:
     return None
 
 
+# SQLSTATEs of a lost or refused connection: class 08, and the server shutting the session
+# down (pg_terminate_backend, a shutdown, a crash recovery)
+_CONNECTION_LOST = ("08", "57P01", "57P02", "57P03")
+
+
+def store_unavailable(exc: BaseException) -> ServiceUnavailable | None:
+    """A ServiceUnavailable (503: try again) for a PostgreSQL connection that was lost or not
+    to be had (the server down or restarting, the pool exhausted), else None. Other
+    OperationalErrors (a lock or statement timeout, a deadlock) are not about the connection
+    and stay what they are: callers catch some of them (retention)."""
+    import psycopg
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(exc, PoolTimeout):
+        return ServiceUnavailable("the database is busy: no connection free", field="store")
+    if not isinstance(exc, psycopg.OperationalError):
+        return None
+    state = exc.sqlstate
+    if state is None or state.startswith(_CONNECTION_LOST):
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return ServiceUnavailable(f"the database connection failed: {why}", field="store")
+    return None
+
+
 def pattern_refused(exc: BaseException, field: str) -> BadRequestData | None:
     """A BadRequestData on ``field`` (q or idPattern) for PostgreSQL refusing a regular
     expression, or SQLite's search giving up on one, else None.

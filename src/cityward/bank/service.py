@@ -192,11 +192,19 @@ class Bank:
         self.max_limit = max_limit
         # run inside every write transaction, before it commits (history, notifications)
         self.hooks: list[WriteHook] = []
+        # run before each write transaction opens, with the documents or fragments it is to
+        # store: work that must not happen inside one (history: PostgreSQL month partitions,
+        # made on a pooled connection of their own)
+        self.before_write: list[Callable[[Sequence[Doc]], None]] = []
         # committed changes for in-process followers
         self.feed = ChangeFeed()
         # False when a bus (cityward.bus) feeds ``feed`` instead: followers would see each
         # change twice otherwise
         self.publish_local = True
+
+    def _before_write(self, docs: Sequence[Doc]) -> None:
+        for prepare in self.before_write:
+            prepare(docs)
 
     def _after_write(self, txn: WriteTxn, changes: list[Change]) -> None:
         for hook in self.hooks:
@@ -227,9 +235,13 @@ class Bank:
         eid: str,
         change: Callable[[Doc, str], Doc | None],
         types: Sequence[str] | None = None,
+        incoming: Doc | None = None,
     ) -> None:
-        """Read-modify-write of one entity in a transaction; ``change`` returns None to delete."""
+        """Read-modify-write of one entity in a transaction; ``change`` returns None to delete.
+        ``incoming``: what the change brings in, for the before_write callbacks."""
         self.check_tenant(tenant)
+        if incoming is not None:
+            self._before_write([incoming])
         with self.store.write(tenant, create_tenant=False) as txn:
             found = txn.get_many([eid]).get(eid)
             if found is None or (types is not None and not set(types) & set(found[1]["type"])):
@@ -257,24 +269,29 @@ class Bank:
             new["createdAt"] = doc["createdAt"]
             return new
 
-        self._modify(tenant, eid, change)
+        self._modify(tenant, eid, change, incoming=frag)
 
     def delete(self, tenant: str, eid: str, types: Sequence[str] | None = None) -> None:
         self._modify(tenant, eid, lambda doc, now: None, types)
 
     def merge(self, tenant: str, eid: str, frag: Doc) -> None:
-        self._modify(tenant, eid, lambda doc, now: self._merge_doc(doc, frag, now))
+        self._modify(tenant, eid, lambda doc, now: self._merge_doc(doc, frag, now), incoming=frag)
 
     def append(self, tenant: str, eid: str, frag: Doc, no_overwrite: bool) -> UpdateResult:
         result = UpdateResult()
         self._modify(
-            tenant, eid, lambda doc, now: self._append_doc(doc, frag, now, no_overwrite, result)
+            tenant,
+            eid,
+            lambda doc, now: self._append_doc(doc, frag, now, no_overwrite, result),
+            incoming=frag,
         )
         return result
 
     def update_attrs(self, tenant: str, eid: str, frag: Doc) -> UpdateResult:
         result = UpdateResult()
-        self._modify(tenant, eid, lambda doc, now: self._update_doc(doc, frag, now, result))
+        self._modify(
+            tenant, eid, lambda doc, now: self._update_doc(doc, frag, now, result), incoming=frag
+        )
         return result
 
     def patch_attr(self, tenant: str, eid: str, iri: str, instances: list[Instance]) -> None:
@@ -299,7 +316,7 @@ class Bank:
                 del doc["attrs"][iri]
             return doc
 
-        self._modify(tenant, eid, change)
+        self._modify(tenant, eid, change, incoming={"attrs": {iri: instances}})
 
     def replace_attr(self, tenant: str, eid: str, iri: str, instances: list[Instance]) -> None:
         def change(doc: Doc, now: str) -> Doc:
@@ -314,7 +331,7 @@ class Bank:
                     current[n] = _clean(inst, now, current[n].get("createdAt"))
             return doc
 
-        self._modify(tenant, eid, change)
+        self._modify(tenant, eid, change, incoming={"attrs": {iri: instances}})
 
     def delete_attr(
         self, tenant: str, eid: str, iri: str, dataset_id: str | None, delete_all: bool
@@ -448,6 +465,7 @@ class Bank:
         if good and prepare is not None:
             prepare(good)
         if good:
+            self._before_write(good)
             self._write_batch(tenant, good, create_tenant, apply, result)
         return result
 

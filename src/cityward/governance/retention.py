@@ -486,7 +486,13 @@ class Retention:
             if m is None or (is_partition and not attached):
                 continue  # not ours
             year, month = int(m.group(1)), int(m.group(2))
-            upper = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+            try:
+                upper = datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+            except ValueError:
+                # 9999-12 (a forged observedAt) ends in year 10000, past every cutoff: never
+                # dropped by time; its rows go one by one once received past retention.
+                # Raising here stopped every run before it deleted anything.
+                continue
             if datetime_to_us(upper) > oldest_cutoff:
                 continue
             self._check_stop()

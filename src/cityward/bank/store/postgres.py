@@ -16,7 +16,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
-from cityward.bank.errors import store_refused
+from cityward.bank.errors import store_refused, store_unavailable
 from cityward.bank.store.base import (
     MIGRATION_LOCK,
     Derived,
@@ -83,6 +83,37 @@ CREATE INDEX IF NOT EXISTS geo_e ON geo(e);
 """
 
 _PLACEHOLDER = re.compile(r"\?")
+_CREATES = re.compile(r"^CREATE (?:UNIQUE )?(?:TABLE|INDEX|SEQUENCE) IF NOT EXISTS (\w+)")
+
+
+def missing_statements(conn: psycopg.Connection[Any], script: str) -> list[str]:
+    """The statements of ``script`` (``;`` at line ends, no function bodies) to run on this
+    database: those creating a table, index or sequence that the current schema lacks, and
+    every statement that creates none of these.
+
+    CREATE INDEX IF NOT EXISTS locks its table (SHARE, which waits for every writer) before it
+    looks at the name. A node starting on a live database took those locks on entities,
+    etypes, attr_index and geo one after the other while writers held some of them and
+    wanted others: a deadlock, killing the start or a writer's request. The catalog read
+    takes no lock.
+    """
+    present = {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT relname FROM pg_class WHERE relnamespace = "
+            "(SELECT oid FROM pg_namespace WHERE nspname = current_schema())"
+        )
+    }
+    out = []
+    for part in script.split(";\n"):
+        # comment lines dropped, not the statement they stand before
+        stmt = "\n".join(x for x in part.splitlines() if not x.strip().startswith("--")).strip()
+        if not stmt:
+            continue
+        made = _CREATES.match(stmt)
+        if made is None or made.group(1) not in present:
+            out.append(stmt)
+    return out
 
 
 def to_pg(sql: str) -> str:
@@ -99,8 +130,12 @@ class PostgresStore(Store):
         self.url = url
         self.schema = schema
         # JIT off: the planner's row guesses for history aggregation trigger JIT compiling that
-        # costs far more than the query itself (1.5 s on small tables, +65 ms at 1M rows)
-        options = "-c jit=off"
+        # costs far more than the query itself (1.5 s on small tables, +65 ms at 1M rows).
+        # TimeZone UTC: psycopg loads a timestamptz in the session's zone, and in any other
+        # zone an instance at 9999-12-31T23:30Z lies in year 10000 (near year 1, in year 0),
+        # which no datetime holds: every temporal read of it answered 500. date_trunc and
+        # interval arithmetic (aggregation buckets) also follow the session's zone.
+        options = "-c jit=off -c TimeZone=UTC"
         # the URL's own options (?options=-csearch_path%3Dcity: a schema of its own) would be
         # replaced by these otherwise; a ``schema`` given here comes after them and wins
         own = conninfo_to_dict(url).get("options")
@@ -109,7 +144,16 @@ class PostgresStore(Store):
         if schema:
             options += f" -c search_path={schema}"
         kwargs: dict[str, Any] = {"autocommit": False, "options": options}
-        self.pool = ConnectionPool(url, min_size=1, max_size=max_size, kwargs=kwargs, open=True)
+        # check: a pooled connection whose server session ended (pg_terminate_backend, a
+        # server restart) is replaced before use instead of failing the request given it
+        self.pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs=kwargs,
+            open=True,
+            check=ConnectionPool.check_connection,
+        )
         self._stats_lock = threading.Lock()
         self._written = 0
         self._analyzed_at = 0
@@ -120,11 +164,25 @@ class PostgresStore(Store):
             conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             if schema:
                 conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
-            conn.execute(SCHEMA)
+            # only what is missing (on a running city: nothing but the tenant row, which
+            # locks no table against writers), each in a transaction of its own: one that
+            # held a table's lock while it waited for the next one's could deadlock writers
+            # (see missing_statements). The migration lock is taken again for each.
+            for stmt in missing_statements(conn, SCHEMA):
+                conn.execute(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
+                conn.execute(stmt)
+                conn.commit()
+            conn.commit()
 
     def _select(self, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-        with self.pool.connection() as conn:
-            return conn.execute(to_pg(sql), list(params)).fetchall()
+        try:
+            with self.pool.connection() as conn:
+                return conn.execute(to_pg(sql), list(params)).fetchall()
+        except psycopg.OperationalError as exc:
+            lost = store_unavailable(exc)
+            if lost is None:
+                raise
+            raise lost from exc
 
     # Counting a driver reads heap pages here (index-only scans need a vacuumed table), so
     # the planner counts less far than on SQLite.
@@ -141,7 +199,7 @@ class PostgresStore(Store):
                 txn = _PgTxn(conn, tenant)
                 yield txn
         except Exception as exc:  # rolled back: a data error becomes the caller's 400
-            refused = store_refused(exc)
+            refused = store_refused(exc) or store_unavailable(exc)  # a lost connection: 503
             if refused is None:
                 raise
             raise refused from exc

@@ -237,8 +237,15 @@ class PostgresOutboxDB:
         kwargs: dict[str, Any] = {"autocommit": False}
         if schema:
             kwargs["options"] = f"-c search_path={schema}"
+        # check: a connection whose session ended (a server restart) is replaced before use,
+        # as the store's pool does
         pool: ConnectionPool[Any] = ConnectionPool(
-            url, min_size=1, max_size=max_size, kwargs=kwargs, open=True
+            url,
+            min_size=1,
+            max_size=max_size,
+            kwargs=kwargs,
+            open=True,
+            check=ConnectionPool.check_connection,
         )
         return cls(pool, owned=True)
 

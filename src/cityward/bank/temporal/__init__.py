@@ -21,6 +21,7 @@ from cityward.bank.temporal.schema import (
     create_postgres,
     create_sqlite,
     ensure_partitions,
+    existing_partitions,
     merge_sqlite,
 )
 from cityward.bank.temporal.sql import (
@@ -57,6 +58,7 @@ __all__ = [
     "decode_instance_values",
     "decode_instances",
     "ensure_partitions",
+    "existing_partitions",
     "history_rows",
     "insert_sqlite",
     "instance_row",

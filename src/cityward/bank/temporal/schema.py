@@ -42,6 +42,7 @@ from typing import Any
 
 import psycopg
 
+from cityward.bank.store.postgres import missing_statements
 from cityward.bank.temporal.times import iso_to_us, us_to_datetime
 
 TABLE = "attr_history"
@@ -179,7 +180,11 @@ def create_postgres(conn: psycopg.Connection[Any], *, partitioned: bool = True) 
     the starting point for a TimescaleDB hypertable; ensure_partitions is then a no-op.
     """
     conn.execute("SELECT pg_advisory_xact_lock(74110002)")
-    conn.execute(_PG_TABLE.format(partition=" PARTITION BY RANGE (obs)" if partitioned else ""))
+    # only the statements that create something missing: CREATE INDEX IF NOT EXISTS locks
+    # attr_history against every writer before it looks at the name (missing_statements)
+    table = _PG_TABLE.format(partition=" PARTITION BY RANGE (obs)" if partitioned else "")
+    for stmt in missing_statements(conn, table):
+        conn.execute(stmt)
     # databases made before the sequence had CACHE 1 (see _PG_TABLE); altered only when
     # needed, as ALTER SEQUENCE rewrites the sequence and locks it
     cache = conn.execute(
@@ -188,8 +193,11 @@ def create_postgres(conn: psycopg.Connection[Any], *, partitioned: bool = True) 
     if cache is not None and cache[0] != 1:
         conn.execute("ALTER SEQUENCE attr_history_id_seq CACHE 1")
     if partitioned:
-        conn.execute(f"CREATE TABLE IF NOT EXISTS {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT")
-    conn.execute(_PG_REST)
+        default = f"CREATE TABLE IF NOT EXISTS {DEFAULT_PARTITION} PARTITION OF {TABLE} DEFAULT"
+        for stmt in missing_statements(conn, default):
+            conn.execute(stmt)
+    for stmt in missing_statements(conn, _PG_REST):
+        conn.execute(stmt)
     conn.execute(_PG_PARTITION_FN)
 
 
@@ -197,6 +205,20 @@ def partition_name(when: datetime) -> str:
     """The name of the month partition holding ``when`` (an aware datetime)."""
     utc = when.astimezone(UTC)
     return f"attr_history_p{utc.year:04d}{utc.month:02d}"
+
+
+def existing_partitions(conn: psycopg.Connection[Any]) -> set[str] | None:
+    """The names of the partitions of ``attr_history`` (the default one too), or None when it
+    is not partitioned (a TimescaleDB hypertable). One catalog read: it takes no lock, so a
+    write transaction may ask it too."""
+    row = conn.execute(
+        "SELECT c.relkind = 'p', array(SELECT k.relname::text FROM pg_inherits i "
+        "JOIN pg_class k ON k.oid = i.inhrelid WHERE i.inhparent = c.oid) "
+        "FROM pg_class c WHERE c.oid = 'attr_history'::regclass"
+    ).fetchone()
+    assert row is not None
+    is_partitioned, names = row
+    return set(names) if is_partitioned else None
 
 
 def ensure_partitions(conn: psycopg.Connection[Any], times: Iterable[str | datetime]) -> list[str]:
@@ -213,14 +235,8 @@ def ensure_partitions(conn: psycopg.Connection[Any], times: Iterable[str | datet
         months.setdefault(partition_name(dt), dt)
     if not months:
         return []
-    row = conn.execute(
-        "SELECT c.relkind = 'p', array(SELECT k.relname::text FROM pg_inherits i "
-        "JOIN pg_class k ON k.oid = i.inhrelid WHERE i.inhparent = c.oid) "
-        "FROM pg_class c WHERE c.oid = 'attr_history'::regclass"
-    ).fetchone()
-    assert row is not None
-    is_partitioned, existing = row
-    if not is_partitioned:
+    existing = existing_partitions(conn)
+    if existing is None:
         return []
     made: list[str] = []
     for name in sorted(set(months) - set(existing))[:MAX_NEW_PARTITIONS]:
