@@ -313,6 +313,35 @@ def test_analyze_writes_events_and_an_anonymized_video(tmp_path: Path) -> None:
     assert "anonymized.mp4" in proc.stdout
 
 
+def test_an_interrupted_analysis_leaves_the_last_whole_output(tmp_path: Path) -> None:
+    """Ctrl-C mid-clip left a truncated anonymized.mp4 beside the events.json of the run
+    before, and nothing told them apart: the outputs now appear together, once a run ends."""
+    from cityward.vision.analyze import analyze_video
+
+    video = shared_path("data", "vision", "videos", "face-demographics-walking.gif")
+    models = shared_path("data", "vision", "models")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "events.json").write_bytes(b'{"from": "the run before"}')
+    (out / "anonymized.mp4").write_bytes(b"the run before")
+
+    def interrupt(done: int, total: int) -> None:
+        if done == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        analyze_video(
+            video, [(0.0, 135.0, 480.0, 135.0)], output=out, models_dir=models, progress=interrupt
+        )
+    assert sorted(p.name for p in out.iterdir()) == ["anonymized.mp4", "events.json"]
+    assert (out / "events.json").read_bytes() == b'{"from": "the run before"}'
+    assert (out / "anonymized.mp4").read_bytes() == b"the run before"
+    result = analyze_video(video, [(0.0, 135.0, 480.0, 135.0)], output=out, models_dir=models)
+    assert sorted(p.name for p in out.iterdir()) == ["anonymized.mp4", "events.json"]
+    assert orjson.loads((out / "events.json").read_bytes())["frames"]["analysed"] == result.frames
+    assert cv2.VideoCapture(str(out / "anonymized.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 35
+
+
 def test_missing_model_and_bad_rule_are_clear_errors(tmp_path: Path) -> None:
     video = shared_path("data", "vision", "videos", "people-detection.gif")
     empty = tmp_path / "no-models"

@@ -9,6 +9,7 @@ worker.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -144,13 +145,16 @@ def analyze_video(
     drawn_lines = [(f"line{i}", ln) for i, ln in enumerate(lines, 1)]
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
+    # the video is written under another name and put in place with events.json once the run
+    # ends well: an interrupted run left a truncated anonymized.mp4 beside the events.json of
+    # the run before, and nothing said the two did not belong together
+    partial: Path | None = None
     if output is not None and write_video:
         result.output_video = output / "anonymized.mp4"
+        partial = output / ".anonymized.partial.mp4"  # the suffix picks the container
         out_fps = analysis_fps if analysis_fps and analysis_fps < source.fps else source.fps
         w, h = source.size
-        writer = cv2.VideoWriter(
-            str(result.output_video), cv2.VideoWriter.fourcc(*"mp4v"), out_fps, (w, h)
-        )
+        writer = cv2.VideoWriter(str(partial), cv2.VideoWriter.fourcc(*"mp4v"), out_fps, (w, h))
         if not writer.isOpened():
             raise RuntimeError(f"cannot write {result.output_video} (mp4v)")
     totals: Counter[str] = Counter()
@@ -173,13 +177,22 @@ def analyze_video(
             if progress is not None:
                 progress(frame.index + 1, source.frame_count)
             t_read = time.perf_counter()
+    except BaseException:
+        if writer is not None:
+            writer.release()
+            writer = None
+        if partial is not None:
+            partial.unlink(missing_ok=True)
+        raise
     finally:
         source.close()
         if writer is not None:
             writer.release()
     result.seconds = time.perf_counter() - started
     if output is not None:
-        (output / "events.json").write_bytes(
-            orjson.dumps(result.document(), option=orjson.OPT_INDENT_2)
-        )
+        events = output / ".events.partial.json"
+        events.write_bytes(orjson.dumps(result.document(), option=orjson.OPT_INDENT_2))
+        if partial is not None and result.output_video is not None:
+            os.replace(partial, result.output_video)
+        os.replace(events, output / "events.json")
     return result
