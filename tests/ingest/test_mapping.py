@@ -55,7 +55,8 @@ def test_a_payload_maps_to_one_exact_update() -> None:
     assert u.message_key == "m:991"
     assert u.attrs["no2"] == {"type": "Property", "value": 41.5, "observedAt": at, "unitCode": "GQ"}
     assert u.attrs["pm10"]["value"] == 23.0  # a number sent as a string
-    assert u.attrs["temperature"]["value"] == pytest.approx(293.15 - 273.15)
+    # scaled in decimal, as docs/ingest.md says: 20.0, not 20.000000000000057
+    assert u.attrs["temperature"]["value"] == 20.0
     assert u.attrs["battery"]["value"] == 87
     assert "unitCode" not in u.attrs["battery"]
     assert u.attrs["location"] == {

@@ -22,6 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -426,6 +427,18 @@ def _number(raw: Any) -> float:
     raise ValueError(f"not a number: {raw!r}")
 
 
+def _scaled(n: float, scale: float, offset: float) -> float:
+    """``n * scale + offset`` in decimal, as the payload and the mapping write them: in binary
+    floating point 2931.5 deci-kelvin became 20.000000000000057 degrees, not the 20.0 anyone
+    reads in them (each float is taken at its shortest decimal form; 1-2 us a value, for
+    scaled attributes only)."""
+    try:
+        exact = Decimal(repr(n)) * Decimal(repr(scale)) + Decimal(repr(offset))
+    except (InvalidOperation, ValueError):
+        return n * scale + offset
+    return float(exact)
+
+
 def _exact_integer(raw: Any, spec: AttributeMap) -> int | None:
     """An integer (a JSON integer or one in a string) read without a float in between, or None
     when it is not one: through float, 2**53 + 1 was stored as 2**53 and 2**63 - 1 refused."""
@@ -457,7 +470,8 @@ def _convert(raw: Any, spec: AttributeMap) -> Any:
             n = math.nan
         if not math.isfinite(n):
             raise MappingError(f"expected a number, got {raw!r}", spec.path)
-        n = n * spec.scale + spec.offset
+        if spec.scale != 1.0 or spec.offset != 0.0:
+            n = _scaled(n, spec.scale, spec.offset)
         if not math.isfinite(n):  # scaled past the float range: it was stored as null
             raise MappingError(f"{raw!r} is out of range once scaled", spec.path)
         if spec.kind == "integer":
