@@ -459,6 +459,30 @@ def test_show_changes(core: Context) -> None:
     assert "previousObject" not in data["owner"]
 
 
+def test_one_notification_carries_everything_its_write_did(core: Context) -> None:
+    """A write fires once, under the first of its triggers that happened: the notification of
+    a write that updated speed and created an attribute (attributeCreated) had no previous
+    speed, and that of one that updated speed and deleted name (attributeUpdated) did not
+    mention name at all, though the subscription asked about deletions."""
+    color = DEFAULT + "color"
+    s = sub(core, notification={"showChanges": True})
+    after = vehicle(core, 60)
+    after["attrs"][color] = [{"type": "Property", "value": "red"}]
+    payload = notify(s, update(vehicle(core, 40), after), core)
+    assert payload["body"]["triggerReason"] == "attributeCreated"
+    data = payload["body"]["data"][0]
+    assert data["speed"]["previousValue"] == 40 and data["color"]["value"] == "red"
+    s = sub(core, notificationTrigger=["attributeUpdated", "attributeDeleted"])
+    payload = notify(s, update(vehicle(core, 40), without(vehicle(core, 60), NAME)), core)
+    assert payload["body"]["triggerReason"] == "attributeUpdated"
+    data = payload["body"]["data"][0]
+    assert data["speed"]["value"] == 60 and data["name"] == {"type": "Property", "value": NGSI_NULL}
+    # without attributeDeleted among its triggers a subscription is not told of deletions
+    s = sub(core, notificationTrigger=["attributeUpdated"])
+    data = notify(s, update(vehicle(core, 40), without(vehicle(core, 60), NAME)), core)
+    assert "name" not in data["body"]["data"][0]
+
+
 def test_entity_deleted_notification(core: Context) -> None:
     s = sub(core, notificationTrigger=["entityDeleted"], notification={"showChanges": True})
     payload = notify(s, delete(vehicle(core, 40)), core)

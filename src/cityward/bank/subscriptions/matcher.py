@@ -380,7 +380,12 @@ def render_data(sub: Subscription, event: ChangeEvent, fire: Fire, ctx: Context)
     after = event.after
     assert after is not None
     item = render_entity(dict(after), ctx, view)
-    if show_changes and fire.trigger in ("entityUpdated", "attributeUpdated"):
+    # one write fires one notification, under the first of its triggers that happened (a
+    # write that creates one attribute and updates another is an attributeCreated): what else
+    # it did is carried too, or it was lost. Updated attributes carry their previous values
+    # (showChanges), whatever the reason; deleted ones come as NGSI-LD Null when the
+    # subscription asks about deletions
+    if show_changes:
         for iri in fire.updated:
             if not _shown(iri, view):
                 continue
@@ -388,7 +393,7 @@ def render_data(sub: Subscription, event: ChangeEvent, fire: Fire, ctx: Context)
             if instances:
                 prev = list(before.get(iri) or ())
                 item[ctx.compact(iri)] = _rendered_attr(instances, ctx, view, prev, null=False)
-    if fire.trigger == "entityUpdated":
+    if fire.trigger == "entityUpdated" or "attributeDeleted" in sub.notification_trigger:
         for iri in fire.deleted:
             if not _shown(iri, view):
                 continue
