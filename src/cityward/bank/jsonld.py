@@ -105,13 +105,25 @@ class Context:
 
     @property
     def link_url(self) -> str:
-        """The URL that names this context in a Link header."""
+        """The URL that names this context in a Link header (the core context's for one that
+        has none of its own: see ``linkable``)."""
         src = self.source
         if isinstance(src, str):
             return src
         if isinstance(src, list) and len(src) == 1 and isinstance(src[0], str):
             return str(src[0])
         return CORE_CONTEXT_URL
+
+    @property
+    def linkable(self) -> bool:
+        """Whether one URL names this context (the core one, or a single URL): an inline
+        context, or several, cannot be given in a Link header."""
+        src = self.source
+        return (
+            src is None
+            or isinstance(src, str)
+            or (isinstance(src, list) and len(src) == 1 and isinstance(src[0], str))
+        )
 
     def output_context(self) -> Any:
         """The @context member of an application/ld+json response body."""

@@ -392,3 +392,36 @@ def test_patch_takes_a_merge_patch(client: TestClient, receiver: Receiver) -> No
     )
     assert r.status_code == 204, r.text
     assert client.get(f"{S}/{sid}").json()["status"] == "paused"
+
+
+def test_an_inline_context_is_not_named_by_a_core_link(
+    client: TestClient, receiver: Receiver
+) -> None:
+    """With an inline @context the data was compacted with it while the Link header named the
+    core context, so a receiver read Car as the default context's Car: the notification now
+    uses the core context, Car its full IRI."""
+    import orjson
+
+    ctx = {"Car": "http://example.org/Car", "velocity": "http://example.org/velocity"}
+    body = {
+        "id": "urn:ngsi-ld:Subscription:inline",
+        "type": "Subscription",
+        "entities": [{"type": "Car"}],
+        "notification": {"endpoint": {"uri": receiver.url(), "accept": "application/json"}},
+        "@context": [ctx, "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.9.jsonld"],
+    }
+    r = client.post(S, content=orjson.dumps(body), headers={"Content-Type": "application/ld+json"})
+    assert r.status_code == 201, r.text
+    car = {"id": "urn:ngsi-ld:Car:C1", "type": "Car", "velocity": {"type": "Property", "value": 3}}
+    r = client.post(
+        E,
+        content=orjson.dumps({**car, "@context": [ctx]}),
+        headers={"Content-Type": "application/ld+json"},
+    )
+    assert r.status_code == 201, r.text
+    wait(lambda: len(receiver.requests) >= 1, "the notification")
+    req = receiver.requests[0]
+    assert "ngsi-ld-core-context" in {k.lower(): v for k, v in req.headers.items()}["link"]
+    (data,) = req.body["data"]
+    assert data["type"] == "http://example.org/Car"
+    assert data["http://example.org/velocity"]["value"] == 3

@@ -180,7 +180,7 @@ class NotificationHook:
         """The subscription's context; the core one when it cannot be had right now (a remote
         jsonldContext that is unreachable must not fail the entity write)."""
         try:
-            return self.resolve(sub.notification_context)
+            ctx = self.resolve(sub.notification_context)
         except Exception:
             log.warning(
                 "the @context of subscription %s is not available; notifying with the core one",
@@ -188,6 +188,17 @@ class NotificationHook:
                 exc_info=True,
             )
             return self.resolve(None)
+        if (
+            sub.notification.endpoint.accept != "application/ld+json"
+            and self.link_for is None
+            and not ctx.linkable
+        ):
+            # the context goes in a Link header, and an inline one has no URL: the data was
+            # compacted with it while the Link named the core context, so the receiver read
+            # every term of it wrong (Car as the default context's Car). Compacted with the
+            # core context, those terms stay full IRIs, which any receiver reads right
+            return self.resolve(None)
+        return ctx
 
     def committed(self, changes: Sequence[Any]) -> None:
         """The change-feed listener: the write committed, so delivery can start now."""
