@@ -316,7 +316,7 @@ def test_an_override_changes_the_signal_in_the_running_simulation(demo: Demo, ro
     records = demo.get(
         "/cityward/v1/audit", token=demo.admin, entity=sid, since=asked_at, limit="1000"
     ).json()
-    assert any(r["method"] == "PATCH" and r["path"].endswith("/attrs") for r in records), records
+    assert any(r["method"] == "POST" and r["path"].endswith("/attrs") for r in records), records
     # the page shows it too: the override badge in the table, a ringed signal on the map
     row.locator(".badge.on").wait_for(timeout=10_000)
     page.wait_for_function(

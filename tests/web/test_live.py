@@ -32,6 +32,7 @@ class Server:
     url: str
     admin: str
     operator: str  # traffic-management only
+    ids: Identities
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
             url,
             (data / "governance" / "admin.token").read_text().strip(),
             ids.issue(Role.OPERATOR, ["traffic-management"], subject="operator-live"),
+            ids,
         )
 
 
@@ -197,3 +199,66 @@ def test_every_connection_is_audited(server: Server) -> None:
     assert r.status_code == 200, r.text
     paths = [row["path"] for row in r.json()]
     assert any(p.startswith(EVENTS) for p in paths), paths
+
+
+def test_a_stream_ends_when_its_token_expires(server: Server) -> None:
+    """Bearer tokens cannot be revoked, a short life is their only control: a stream opened
+    with a token kept sending city data after it had expired (and the page never learnt)."""
+    token = server.ids.issue(Role.ANALYST, ["traffic-management"], subject="short", ttl_s=2)
+    got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+    stop = threading.Event()
+    reader = threading.Thread(
+        target=follow, args=(server.url + EVENTS, token, got, stop), daemon=True
+    )
+    reader.start()
+    assert got.get(timeout=10)[1] == "hello"
+    reader.join(timeout=15)  # follow returns when the server ends the stream
+    stop.set()
+    assert not reader.is_alive(), "the stream outlived its token"
+    seen = []
+    while not got.empty():
+        seen.append(got.get_nowait()[1:])
+    assert seen[-1] == ("reload", {"reason": "the token expired"}), seen
+    # and the page's reconnection is refused, so it logs out
+    r = httpx.get(server.url + EVENTS, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 401
+
+
+def test_the_page_and_its_files_answer_head(server: Server) -> None:
+    """The policy allows GET and HEAD on the public files; HEAD was a 405."""
+    for path in ("/", "/ui/app.js"):
+        get = httpx.get(server.url + path, timeout=10)
+        head = httpx.head(server.url + path, timeout=10)
+        assert get.status_code == head.status_code == 200, (path, head.status_code)
+        assert head.headers["etag"] == get.headers["etag"] and head.content == b""
+
+
+def test_the_ingest_rate_counts_only_what_the_token_may_read(server: Server) -> None:
+    """The rate counted every tenant's and data source's changes: a side channel on data
+    the token may not read. Here a traffic-only token watches a tenant that holds only air
+    quality while the default tenant's traffic is written."""
+    admin = {"Authorization": f"Bearer {server.admin}"}
+    seed = entity("urn:ngsi-ld:AirQualityObserved:quiet", "AirQualityObserved", no2=3.0)
+    r = httpx.post(
+        server.url + "/ngsi-ld/v1/entities",
+        json=seed,
+        headers={**admin, "NGSILD-Tenant": "quiet"},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+    got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+    stop = threading.Event()
+    args = (server.url + EVENTS, server.operator, got, stop, "quiet")
+    threading.Thread(target=follow, args=args, daemon=True).start()
+    assert got.get(timeout=10)[1] == "hello"
+    assert got.get(timeout=10)[1] == "stats"  # the first, at once
+    signals = [
+        entity(f"urn:ngsi-ld:TrafficSignal:rate:{n}", "TrafficSignal", phase=1) for n in range(50)
+    ]
+    r = httpx.post(
+        server.url + "/ngsi-ld/v1/entityOperations/upsert", json=signals, headers=admin, timeout=10
+    )
+    assert r.status_code in (201, 204), r.text
+    _, event, data = got.get(timeout=10)  # the next, 2 s later
+    stop.set()
+    assert (event, data) == ("stats", {"ingestRate": 0})

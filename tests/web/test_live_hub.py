@@ -15,6 +15,7 @@ from cityward.bank.jsonld import ContextResolver
 from cityward.bank.model import EntityParser
 from cityward.bus.feed import decode_change, encode_change
 from cityward.governance.runtime import build_catalog
+from cityward.web import live
 from cityward.web.live import RATE_WINDOW_S, LiveHub, Viewer
 
 RESOLVER = ContextResolver(allow_fetch=False)
@@ -100,11 +101,44 @@ def test_the_rate_counts_are_kept_for_the_window_only_with_no_dashboard() -> Non
     """They were trimmed only when a dashboard asked for the rate: an API process with none
     connected grew by every committed batch (88 MB a million)."""
     h = hub()
-    old = time.monotonic() - RATE_WINDOW_S - 1
-    h._counts.extend((old, 1) for _ in range(1000))
-    h._listen([change("", "urn:ngsi-ld:TrafficFlowObserved:a", 1)])
+    now = time.monotonic()
+    h._count([change("", "urn:ngsi-ld:TrafficFlowObserved:old", 1)], now - RATE_WINDOW_S - 1)
+    h._count([change("", "urn:ngsi-ld:TrafficFlowObserved:a", 1)], now)
     assert len(h._counts) == 1
-    assert h.ingest_rate() == pytest.approx(1 / RATE_WINDOW_S)
+    assert h.ingest_rate("", ALL) == pytest.approx(1 / RATE_WINDOW_S)
+
+
+def test_the_rate_counts_only_what_the_dashboards_token_may_read() -> None:
+    """The rate counted every tenant's and every data source's changes: a token of one
+    purpose watching a quiet tenant saw another tenant's traffic, to the second."""
+    h = hub()
+    h._count(
+        [change("", f"urn:ngsi-ld:TrafficFlowObserved:{n}", n) for n in range(20)]
+        + [change("cityB", "urn:ngsi-ld:TrafficFlowObserved:b", 1)],
+        time.monotonic(),
+    )
+    assert h.ingest_rate("", ALL) == pytest.approx(20 / RATE_WINDOW_S)
+    assert h.ingest_rate("", frozenset({"traffic-management"})) == pytest.approx(2.0)
+    assert h.ingest_rate("cityB", ALL) == pytest.approx(1 / RATE_WINDOW_S)
+    assert h.ingest_rate("quiet", ALL) == 0
+    assert h.ingest_rate("", frozenset({"environment-monitoring"})) == 0
+
+
+def test_a_dashboard_reading_one_large_batch_is_not_dropped() -> None:
+    """One batch of more than 2000 changed entities filled every queue in one tick and
+    dropped every dashboard, prompt readers included. Behind is a backlog that stays."""
+    h = hub()
+    prompt, stalled = Viewer("", ALL, None), Viewer("", ALL, None)
+    h.viewers |= {prompt, stalled}
+    h._fan_out([change("", f"urn:ngsi-ld:TrafficFlowObserved:{n}", n) for n in range(2500)])
+    assert not prompt.dropped and not stalled.dropped
+    now = time.monotonic()
+    h._check_backlog(now)  # the next tick: both still hold the batch
+    events(prompt)  # one reads it away
+    h._check_backlog(now + live.FALL_BEHIND_S / 2)
+    h._check_backlog(now + live.FALL_BEHIND_S)
+    assert prompt in h.viewers and not prompt.dropped
+    assert stalled.dropped and stalled not in h.viewers and stalled.queue.empty()
 
 
 def test_a_dashboard_dropped_for_falling_behind_holds_no_events() -> None:
@@ -114,3 +148,25 @@ def test_a_dashboard_dropped_for_falling_behind_holds_no_events() -> None:
     h._fan_out([change("", f"urn:ngsi-ld:TrafficFlowObserved:{n}", n) for n in range(5)])
     assert slow.dropped and slow not in h.viewers
     assert slow.queue.empty()
+
+
+def test_a_stream_ends_when_the_server_stops() -> None:
+    """An open stream never ended by itself: every graceful stop waited out the server's
+    timeout and then cancelled it with an error. The stop path (a signal handler's thread)
+    ends them with ``reload`` at once."""
+
+    async def scenario() -> list[str]:
+        h = hub()
+        h.start()
+        stream = h.stream("", ALL, None, stats_every_s=3600)
+        seen = [await anext(stream), await anext(stream)]  # hello, stats
+        waiting = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.05)  # the stream waits on its queue, for an hour of stats
+        await asyncio.to_thread(h.close_streams)
+        seen.append(await asyncio.wait_for(waiting, 5))
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+        await h.stop()
+        return [e.decode().splitlines()[0] for e in seen]
+
+    assert asyncio.run(scenario()) == ["event: hello", "event: stats", "event: reload"]

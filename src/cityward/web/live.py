@@ -8,13 +8,21 @@ the core context, and hands the encoded event to every connected dashboard of th
 tenant whose token's purposes may read the entity's data source. So ten open dashboards cost
 ten queue puts per change, not ten renderings.
 
-A dashboard that stops reading (its queue full) is dropped with a ``reload`` event rather than
-holding memory; the page then reconnects and reloads its state.
+A dashboard that stops reading is dropped with a ``reload`` event rather than holding memory;
+the page then reconnects and reloads its state. Falling behind is judged across ticks: one batch
+of many thousand changes fills every queue at once, and a dashboard that reads it away promptly
+is not behind.
+
+A stream lives no longer than the token that opened it: bearer tokens cannot be revoked, their
+short lifetime is the only control, so at the token's expiry the stream sends ``reload`` and
+ends (the page reconnects, is refused and logs out). Its ``stats`` count only the changes the
+token could read itself: its tenant's, of the data sources its purposes allow.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -28,11 +36,17 @@ import orjson
 from cityward.bank.changes import Change, ChangeFeed, Unsubscribe
 from cityward.bank.jsonld import Context
 from cityward.bank.render import View, render_entity
-from cityward.governance.sources import Catalog
+from cityward.governance.sources import Catalog, DataSource
 
 KEY_VALUES = View(fmt="keyValues")
+WAKE = b""  # queued to wake a stream up: it sends nothing
 log = logging.getLogger("cityward.web")
 RATE_WINDOW_S = 10.0
+# a dashboard whose queue has held more than MAX_BACKLOG events at every tick for FALL_BEHIND_S
+# is dropped; HARD_BACKLOG bounds one queue's memory whatever the ticks say
+MAX_BACKLOG = 2000
+FALL_BEHIND_S = 5.0
+HARD_BACKLOG = 100_000
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -46,8 +60,9 @@ class Viewer:
     tenant: str  # the NGSILD-Tenant it asked for ("": the default tenant)
     purposes: frozenset[str]
     types: frozenset[str] | None  # short type names wanted (None: all)
-    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(2000))
+    queue: asyncio.Queue[bytes] = field(default_factory=lambda: asyncio.Queue(HARD_BACKLOG))
     dropped: bool = False
+    behind_since: float | None = None  # monotonic s since its backlog is above MAX_BACKLOG
 
 
 class LiveHub:
@@ -61,15 +76,37 @@ class LiveHub:
         self.viewers: set[Viewer] = set()
         self._pending: deque[Change] = deque()
         self._lock = threading.Lock()
-        self._counts: deque[tuple[float, int]] = deque()  # (monotonic s, changes)
+        # (monotonic s, changes per (tenant, data source id)), one entry per tick with changes
+        self._counts: deque[tuple[float, dict[tuple[str, str], int]]] = deque()
+        self._sources: dict[str, DataSource] = {}  # the data sources counted, by id
         self._handle: Unsubscribe | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closing = False  # set by close_streams: the server is stopping
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> None:
         """Follow the feed; call on the event loop."""
+        self._loop = asyncio.get_running_loop()
         self._handle = self.feed.subscribe(self._listen)
-        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._task = self._loop.create_task(self._pump())
+
+    def close_streams(self) -> None:
+        """End every open stream with ``reload``, now; from any thread (a signal handler).
+
+        The server's graceful stop waits for open responses before the application's own
+        shutdown (and stop()) runs: an open stream never ends by itself, so it held every stop
+        for the server's whole graceful timeout and was then cancelled with an error. The
+        server's stop path calls this first."""
+        self.closing = True
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        for viewer in list(self.viewers):
+            with contextlib.suppress(asyncio.QueueFull):  # a full queue wakes its stream anyway
+                viewer.queue.put_nowait(WAKE)
 
     async def stop(self) -> None:
         if self._handle is not None:
@@ -84,25 +121,36 @@ class LiveHub:
                 log.exception("live hub: the fan-out task had failed")
 
     def _listen(self, changes: Sequence[Change]) -> None:
-        now = time.monotonic()
         with self._lock:
             self._pending.extend(changes)
-            self._counts.append((now, len(changes)))
-            self._prune(now)
 
-    def _prune(self, now: float) -> None:
-        """Forget counts older than the rate window (with the lock held): they were kept
-        until a dashboard asked for the rate, without end while none was connected."""
+    def _count(self, changes: Sequence[Change], now: float) -> None:
+        """Count one tick's changes by tenant and data source (on the event loop: the
+        writers' threads only append), and forget counts older than the rate window: they
+        were kept until a dashboard asked for the rate, without end while none was connected."""
+        if changes:
+            tick: dict[tuple[str, str], int] = {}
+            for c in changes:
+                source = self.catalog.source_of(c.entity_id, c.types)
+                self._sources[source.id] = source
+                key = (c.tenant, source.id)
+                tick[key] = tick.get(key, 0) + 1
+            self._counts.append((now, tick))
         while self._counts and self._counts[0][0] < now - RATE_WINDOW_S:
             self._counts.popleft()
 
     # -- figures --------------------------------------------------------------------------
-    def ingest_rate(self) -> float:
-        """Entity changes committed per second over the last RATE_WINDOW_S seconds."""
-        now = time.monotonic()
-        with self._lock:
-            self._prune(now)
-            n = sum(c for _, c in self._counts)
+    def ingest_rate(self, tenant: str, purposes: frozenset[str]) -> float:
+        """Entity changes committed per second over the last RATE_WINDOW_S seconds to
+        ``tenant``, of the data sources ``purposes`` may read: the rate of every tenant and
+        source would tell a token about data it may not read (a tenant's or a source's
+        activity, to the second)."""
+        self._count((), time.monotonic())
+        n = 0
+        for _, tick in self._counts:
+            for (t, source), count in tick.items():
+                if t == tenant and self.catalog.allows(purposes, self._sources[source]):
+                    n += count
         return n / RATE_WINDOW_S
 
     # -- fan-out --------------------------------------------------------------------------
@@ -112,8 +160,28 @@ class LiveHub:
             with self._lock:
                 changes = list(self._pending)
                 self._pending.clear()
+            now = time.monotonic()
+            try:
+                self._count(changes, now)
+            except Exception:  # the dashboards must still get the changes
+                log.exception("live hub: could not count the changes")
+            self._check_backlog(now)
             if changes and self.viewers:
                 self._fan_out(changes)
+
+    def _check_backlog(self, now: float) -> None:
+        """Drop the dashboards that have not read their backlog down for FALL_BEHIND_S.
+
+        Measured at each tick, before its changes are queued: a dashboard that was sent one
+        batch of 2,500 changes and reads them away within a few ticks is not behind (one full
+        queue per batch dropped every dashboard, prompt readers too)."""
+        for viewer in list(self.viewers):
+            if viewer.queue.qsize() <= MAX_BACKLOG:
+                viewer.behind_since = None
+            elif viewer.behind_since is None:
+                viewer.behind_since = now
+            elif now - viewer.behind_since >= FALL_BEHIND_S:
+                self._drop(viewer)
 
     def _fan_out(self, changes: list[Change]) -> None:
         # the newest change of each entity of each tenant (tenants reuse entity ids)
@@ -149,12 +217,15 @@ class LiveHub:
         try:
             viewer.queue.put_nowait(event)
         except asyncio.QueueFull:
-            viewer.dropped = True
-            self.viewers.discard(viewer)
-            # its stream sends "reload" next, if the client ever reads again: the queued
-            # events would be held for as long as a stalled connection stays open
-            while not viewer.queue.empty():
-                viewer.queue.get_nowait()
+            self._drop(viewer)
+
+    def _drop(self, viewer: Viewer) -> None:
+        viewer.dropped = True
+        self.viewers.discard(viewer)
+        # its stream sends "reload" next, if the client ever reads again: the queued
+        # events would be held for as long as a stalled connection stays open
+        while not viewer.queue.empty():
+            viewer.queue.get_nowait()
 
     async def stream(
         self,
@@ -162,9 +233,10 @@ class LiveHub:
         purposes: frozenset[str],
         types: frozenset[str] | None,
         stats_every_s: float = 2.0,
+        expires: float = float("inf"),
     ) -> AsyncIterator[bytes]:
         """The events of one dashboard of ``tenant``, with a ``stats`` event every
-        ``stats_every_s``."""
+        ``stats_every_s``, until ``expires`` (the token's expiry, Unix time)."""
         viewer = Viewer(tenant, purposes, types)
         self.viewers.add(viewer)
         try:
@@ -174,13 +246,25 @@ class LiveHub:
                 if viewer.dropped:
                     yield sse("reload", {"reason": "the dashboard fell behind the city"})
                     return
+                if self.closing:  # the page reconnects to the next server process
+                    yield sse("reload", {"reason": "the server is stopping"})
+                    return
+                # checked before every event: a backlog must not outlive the token either
+                left = expires - time.time()
+                if left <= 0:
+                    yield sse("reload", {"reason": "the token expired"})
+                    return
                 now = time.monotonic()
                 if now >= next_stats:
                     next_stats = now + stats_every_s
-                    yield sse("stats", {"ingestRate": round(self.ingest_rate(), 2)})
+                    rate = self.ingest_rate(tenant, purposes)
+                    yield sse("stats", {"ingestRate": round(rate, 2)})
+                wait = max(0.05, min(next_stats - now, left))
                 try:
-                    yield await asyncio.wait_for(viewer.queue.get(), max(0.05, next_stats - now))
+                    event = await asyncio.wait_for(viewer.queue.get(), wait)
                 except TimeoutError:
                     continue
+                if event:  # not a WAKE
+                    yield event
         finally:
             self.viewers.discard(viewer)

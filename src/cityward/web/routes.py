@@ -47,12 +47,15 @@ def _page_config(settings: Settings) -> bytes:
         "tiles": settings.dashboard_tiles,
         "attribution": settings.dashboard_tiles_attribution,
         "site": settings.governance.site_name,
+        # the page reads the city in pages of this size at most: a larger one is refused
+        "maxLimit": settings.max_limit,
     }
     # inside a <script> element: no "</" may appear
     return orjson.dumps(config).replace(b"<", b"\\u003c")
 
 
-@router.get("/", include_in_schema=False)
+# HEAD as GET (the policy allows both on the public files; uvicorn sends no body for HEAD)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def dashboard(request: Request) -> Response:
     """The operations room (HTML; it logs in with a token and reads the API with it)."""
     state = request.app.state
@@ -65,7 +68,7 @@ async def dashboard(request: Request) -> Response:
     return _serve(request, page)
 
 
-@router.get("/ui/{name}", include_in_schema=False)
+@router.api_route("/ui/{name}", methods=["GET", "HEAD"], include_in_schema=False)
 async def ui_file(request: Request, name: str) -> Response:
     item = asset(name)
     if item is None:
@@ -92,7 +95,8 @@ async def events(request: Request, type: str | None = None) -> StreamingResponse
     runtime(request).bank.check_tenant(tenant)
     principal = principal_of(request.scope.get("state", {}))
     return StreamingResponse(
-        hub.stream(tenant, frozenset(principal.purposes), types),
+        # the stream ends when the token expires: a token's short life is the only control
+        hub.stream(tenant, frozenset(principal.purposes), types, expires=principal.expires),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )

@@ -78,7 +78,14 @@ async function api(path, { method = "GET", body, headers = {} } = {}) {
   }
   if (r.status === 204) return { data: null, headers: r.headers };
   const text = await r.text();
-  return { data: text ? JSON.parse(text) : null, headers: r.headers };
+  const data = text ? JSON.parse(text) : null;
+  // 207: a write of several attributes where some were not written. Reporting it as done
+  // would tell an operator that an override or an acknowledgement is in the bank when it is not
+  if (r.status === 207 && data && Array.isArray(data.notUpdated) && data.notUpdated.length) {
+    const why = data.notUpdated.map((n) => `${n.attributeName}: ${n.reason}`).join("; ");
+    throw new ApiError(207, { detail: `not written (${why})` });
+  }
+  return { data, headers: r.headers };
 }
 
 // PATCH updates attributes the entity has; POST (append) also adds new ones, such as the
@@ -106,7 +113,23 @@ function fmt(v) {
   if (typeof v === "object") return JSON.stringify(v);
   return String(v);
 }
-const title = (e) => plain(e.name) || e.id.split(":").slice(-1)[0];
+// a value as text, whatever its shape: an entity written by any client reaches every operator's
+// page, and one name or source that is not a string must not stop the page drawing the others
+function asText(v) {
+  v = plain(v);
+  if (typeof v === "string") return v;
+  if (typeof v === "number" || typeof v === "boolean") return String(v);
+  // a LanguageProperty: keyValues gives {languageMap: {en: ..., fr: ...}}
+  const map = v && typeof v === "object" ? v.languageMap : null;
+  if (map && typeof map === "object") {
+    const lang = navigator.language.split("-")[0];
+    const s = typeof map[lang] === "string" ? map[lang] : Object.values(map).find((x) => typeof x === "string");
+    if (s) return s;
+  }
+  return "";
+}
+const arr = (v) => (Array.isArray(v) ? v : []);
+const title = (e) => asText(e.name) || String(e.id).split(":").slice(-1)[0];
 const isOpenAlert = (e) => shortType(e) === "Alert" && plain(e.alertStatus) !== "closed";
 const isActiveRun = (e) => shortType(e) === "EmergencyVehicleRun" && plain(e.runStatus) === "en-route";
 function signalColor(state) {
@@ -149,6 +172,15 @@ function logout(message) {
   S.token = null;
   S.me = null;
   S.entities.clear();
+  // nothing of this operator's session reaches the next one at this screen: a half-typed
+  // comment, the lists (hidden, not emptied) and the open details
+  commentDrafts.clear();
+  signalRows.clear();
+  S.selected = null;
+  if (S.chart) { S.chart.destroy(); S.chart = null; }
+  for (const id of ["alerts", "signals", "entity-attrs"]) $(id).replaceChildren();
+  $("entity-title").textContent = "";
+  $("entity-id").textContent = "";
   $("room").hidden = true;
   $("kpis").hidden = true;
   $("who").hidden = true;
@@ -173,22 +205,29 @@ function loadScript(src, global) {
 }
 
 // -- state ---------------------------------------------------------------------------------
+// the server's largest page (max_limit, in the page's config), 1000 at most
+const PAGE = Math.max(1, Math.min(1000, Number(CFG.maxLimit) || 1000));
 async function loadAll() {
   const seen = new Map();
   await Promise.all(TYPES.map(async (type) => {
     let q = "";
-    if (type === "Alert") q = '&q=alertStatus!="closed"';
-    if (type === "EmergencyVehicleRun") q = '&q=runStatus=="en-route"';
-    for (let offset = 0; offset < 20000; offset += 1000) {
+    // an alert without alertStatus is open (isOpenAlert): alertStatus!="closed" alone does not
+    // match it, and it vanished from the panel at the next reload
+    if (type === "Alert") q = `&q=${encodeURIComponent('!alertStatus|alertStatus!="closed"')}`;
+    if (type === "EmergencyVehicleRun") q = `&q=${encodeURIComponent('runStatus=="en-route"')}`;
+    for (let offset = 0; offset < 20000; offset += PAGE) {
       let page;
       try {
-        page = (await api(`${NGSI}/entities?type=${type}&options=keyValues&limit=1000&offset=${offset}${q}`)).data;
+        page = (await api(`${NGSI}/entities?type=${type}&options=keyValues&limit=${PAGE}&offset=${offset}${q}`)).data;
       } catch (err) {
-        if (err.status === 403) return; // a data source this token's purposes may not read
+        // a data source this token's purposes may not read; any other refusal (a page size
+        // above the server's maximum among them) is an error to show, not an empty city
+        const missing = err.status === 403 && err.problem && err.problem.missingPermission;
+        if (typeof missing === "string" && missing.startsWith("purpose:")) return;
         throw err;
       }
       for (const e of page) seen.set(e.id, e);
-      if (page.length < 1000) return;
+      if (page.length < PAGE) return;
     }
   }));
   S.entities = seen;
@@ -466,7 +505,7 @@ function drawEvs() {
   for (const e of byType("TrafficFlowObserved")) {
     const seg = plain(e.refRoadSegment);
     const g = located(e);
-    if (!seg || !g) continue;
+    if (typeof seg !== "string" || !g) continue;
     const edge = seg.split(":").slice(-1)[0];
     if (!lanesOfEdge.has(edge)) lanesOfEdge.set(edge, g);
   }
@@ -476,7 +515,7 @@ function drawEvs() {
     if (!isActiveRun(e)) continue;
     const g = located(e);
     if (g) points.push(feature(e, g, {}));
-    for (const edge of e.remainingRoute || []) {
+    for (const edge of arr(e.remainingRoute)) {
       const lane = lanesOfEdge.get(edge);
       if (lane) routes.push(feature(e, lane, {}));
     }
@@ -503,25 +542,35 @@ function fitOnce() {
 }
 
 // -- panels ----------------------------------------------------------------------------------------
+// one step that fails (an entity of a shape no one foresaw) is logged and the others still run:
+// a failure stopped every later step, for every operator who could see that entity
+function step(name, fn) {
+  try {
+    fn();
+  } catch (err) {
+    console.error(`dashboard: could not draw ${name}:`, err);
+  }
+}
+
 function render() {
   S.frame = 0;
   const d = S.dirty;
   S.dirty = new Set();
   if (S.map && S.mapReady) {
-    if (d.has("roads")) drawRoads();
-    if (d.has("signals")) drawSignals();
-    if (d.has("sensors")) drawSensors();
-    if (d.has("cameras")) drawCameras();
-    if (d.has("alerts") || d.has("sensors") || d.has("roads")) drawAlerts();
-    if (d.has("evs") || d.has("roads")) drawEvs();
-    fitOnce();
+    if (d.has("roads")) step("roads", drawRoads);
+    if (d.has("signals")) step("signals", drawSignals);
+    if (d.has("sensors")) step("sensors", drawSensors);
+    if (d.has("cameras")) step("cameras", drawCameras);
+    if (d.has("alerts") || d.has("sensors") || d.has("roads")) step("alerts", drawAlerts);
+    if (d.has("evs") || d.has("roads")) step("emergency runs", drawEvs);
+    step("the first view", fitOnce);
   } else if (["roads", "signals", "sensors", "cameras", "alerts", "evs"].some((k) => d.has(k))) {
     for (const k of ["roads", "signals", "sensors", "cameras", "alerts", "evs"]) if (d.has(k)) S.dirty.add(k);
   }
-  if (d.has("alertPanel")) renderAlerts();
-  if (d.has("signalTable")) renderSignals();
-  if (d.has("kpi")) renderKpis();
-  if (d.has("entity")) renderEntity();
+  if (d.has("alertPanel")) step("the alerts", renderAlerts);
+  if (d.has("signalTable")) step("the signals", renderSignals);
+  if (d.has("kpi")) step("the KPIs", renderKpis);
+  if (d.has("entity")) step("the details", renderEntity);
 }
 
 function renderKpis() {
@@ -574,7 +623,7 @@ function alertItem(a) {
   const status = plain(a.alertStatus) || "open";
   const sev = plain(a.severity) || "";
   const canWrite = S.me && S.me.permissions.includes("data:write");
-  const source = plain(a.alertSource);
+  const source = typeof plain(a.alertSource) === "string" ? plain(a.alertSource) : "";
   const li = el("li", { class: `alert sev-${sev} st-${status}`, "data-id": a.id },
     el("div", { class: "alert-head" },
       el("span", { class: "badge" }, sev || "alert"),
@@ -661,11 +710,12 @@ function signalRow(s, canWrite) {
   r.badge.textContent = ov.phase !== undefined ? `phase ${ov.phase}` : ov.controller || "on";
   r.status.textContent = plain(s.overrideStatus) || "none";
   if (r.clear) r.clear.hidden = !ov.active;
-  const phases = (s.greenPhases || []).join(",");
+  const greenPhases = arr(s.greenPhases);
+  const phases = greenPhases.join(",");
   if (r.phase && phases !== r.phases) {
     // the choice survives a change of the list where it still exists
-    const chosen = r.phases === null ? String((s.greenPhases || [0])[0]) : r.phase.value;
-    r.phase.replaceChildren(...(s.greenPhases || []).map((p) => el("option", { value: p, selected: String(p) === chosen }, `phase ${p}`)));
+    const chosen = r.phases === null ? String(greenPhases[0] ?? 0) : r.phase.value;
+    r.phase.replaceChildren(...greenPhases.map((p) => el("option", { value: p, selected: String(p) === chosen }, `phase ${p}`)));
     r.phases = phases;
   }
   return r.tr;
@@ -686,7 +736,9 @@ function renderSignals() {
 async function override(id, value) {
   const msg = $("signals-msg");
   try {
-    await writeAttrs(id, { override: value });
+    // POST (append): a signal may have no override attribute (one cleared by deleting it, as
+    // docs/traffic.md says, or one the feed did not create), which a PATCH does not write
+    await writeAttrs(id, { override: value }, "POST");
     msg.textContent = value.clear ? `Override cleared at ${title(S.entities.get(id) || { id })}.`
       : `Override sent: phase ${value.phase} for ${value.durationS} s (the simulation confirms in overrideStatus).`;
     msg.className = "msg ok";
