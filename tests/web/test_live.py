@@ -231,6 +231,9 @@ def test_the_page_and_its_files_answer_head(server: Server) -> None:
         head = httpx.head(server.url + path, timeout=10)
         assert get.status_code == head.status_code == 200, (path, head.status_code)
         assert head.headers["etag"] == get.headers["etag"] and head.content == b""
+    for path in ("/register", "/register.json", "/healthz"):
+        head = httpx.head(server.url + path, timeout=10)
+        assert head.status_code == 200 and head.content == b"", (path, head.status_code)
 
 
 def test_the_ingest_rate_counts_only_what_the_token_may_read(server: Server) -> None:
