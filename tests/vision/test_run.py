@@ -342,6 +342,18 @@ def test_an_interrupted_analysis_leaves_the_last_whole_output(tmp_path: Path) ->
     assert cv2.VideoCapture(str(out / "anonymized.mp4")).get(cv2.CAP_PROP_FRAME_COUNT) == 35
 
 
+def test_a_config_without_cameras_is_named_with_its_brackets(tmp_path: Path) -> None:
+    """Rich read [[vision.cameras]] as markup: the message and the help said 'with []'."""
+    config = tmp_path / "cameras[bold].toml"
+    config.write_text("[vision]\n")
+    proc = _run(["vision", "run", str(config), "--data-dir", str(tmp_path / "d")], tmp_path)
+    assert proc.returncode != 0
+    said = "".join((proc.stdout + proc.stderr).split())  # however the console wrapped it
+    assert "cameras[bold].toml:no[[vision.cameras]]configured" in said
+    help_text = "".join(_run(["vision", "run", "--help"], tmp_path).stdout.split())
+    assert "TOMLconfigurationwith[[vision.cameras]]." in help_text
+
+
 def test_missing_model_and_bad_rule_are_clear_errors(tmp_path: Path) -> None:
     video = shared_path("data", "vision", "videos", "people-detection.gif")
     empty = tmp_path / "no-models"

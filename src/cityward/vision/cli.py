@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from cityward.cliutil import settings_or_exit
@@ -71,7 +72,7 @@ def _status_table(rows: list[dict[str, Any]]) -> Table:
 @app.command("run")
 def run(
     config: Annotated[
-        Path, typer.Argument(exists=True, help="TOML configuration with [[vision.cameras]].")
+        Path, typer.Argument(exists=True, help="TOML configuration with \\[\\[vision.cameras]].")
     ],
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Data folder (SQLite bank, snapshots).")
@@ -117,7 +118,7 @@ def run(
         cams.append(cam)
     vision = vision.model_copy(update={"cameras": cams})
     if not vision.cameras:
-        console.print(f"[red]{config}[/]: no [[vision.cameras]] configured")
+        console.print(f"[red]{escape(str(config))}[/]: no \\[\\[vision.cameras]] configured")
         raise typer.Exit(2)
     resolver = ContextResolver(preload=settings.contexts, allow_fetch=False)
     catalog = build_catalog(settings.governance.sources, resolver)
