@@ -210,3 +210,24 @@ def test_a_header_that_is_not_latin1_is_a_delivery_error() -> None:
         await client.aclose()
 
     run(main())
+
+
+def test_credentials_in_the_url_go_as_basic_authentication() -> None:
+    """http://user:password@host/ sent no credentials, and such a receiver answered 401; a
+    receiverInfo Authorization header still wins."""
+    server = Server(plain(200))
+    client = Http1Client()
+
+    async def body(url: str) -> None:
+        with_creds = url.replace("http://", "http://city%40ops:p%3Ass@")
+        assert await client.post(with_creds, b"{}", {}) == 200
+        assert await client.post(with_creds, b"{}", {"Authorization": "Bearer t"}) == 200
+        await client.aclose()
+
+    run(serving(server, body))
+    first, second = (r.split(b"\r\n\r\n")[0].split(b"\r\n") for r in server.requests)
+    assert b"Authorization: Basic Y2l0eUBvcHM6cDpzcw==" in first  # city@ops:p:ss
+    assert [h for h in second if h.lower().startswith(b"authorization")] == [
+        b"Authorization: Bearer t"
+    ]
+    assert all(b"city" not in h for h in first if h.startswith(b"Host"))

@@ -16,12 +16,13 @@ arrived is sent once more on a fresh connection (the receiver closed an idle con
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 __all__ = ["Http1Client", "Http1Error"]
 
@@ -116,13 +117,19 @@ class Http1Client:
         if parts.port is not None:
             host += f":{parts.port}"
         head = [f"POST {target} HTTP/1.1", f"Host: {host}"]
-        has_type = False
+        has_type = has_auth = False
         for k, v in headers.items():
             lk = k.lower()
             if lk in ("host", "content-length", "transfer-encoding", "connection"):
                 continue
             has_type = has_type or lk == "content-type"
+            has_auth = has_auth or lk == "authorization"
             head.append(f"{k}: {v}")
+        if parts.username is not None and not has_auth:
+            # http://user:password@host/ : Basic authentication, as other HTTP clients read
+            # such a URL (the credentials were dropped, and the receiver answered 401)
+            userinfo = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            head.append("Authorization: Basic " + base64.b64encode(userinfo.encode()).decode())
         if not has_type:
             head.append("Content-Type: application/json")
         head.append(f"Content-Length: {len(body)}")
