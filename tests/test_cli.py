@@ -105,3 +105,34 @@ def test_a_bad_configuration_file_is_a_usage_error_naming_the_setting(tmp_path: 
             flat = " ".join(r.output.split())
             assert r.exit_code == 2, (name, command, r.output)
             assert says in flat and "Traceback" not in flat, (name, command, r.output)
+
+
+def test_demo_refuses_a_port_another_program_holds(tmp_path: Path) -> None:
+    """The demo built its city and started its traffic feed before its server found the port
+    taken: the feed sent the 7-day operator token to whatever program held the port."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        cmd = [sys.executable, "-m", "cityward.cli", "demo", "--no-browser", "--port", str(port)]
+        r = subprocess.run(
+            [*cmd, "--data-dir", str(tmp_path / "demo")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "COLUMNS": "80"},
+        )
+        held.setblocking(False)
+        try:
+            held.accept()[0].close()
+            reached = True
+        except BlockingIOError:
+            reached = False
+    output = r.stdout + r.stderr
+    assert r.returncode != 0, output
+    assert output.strip().splitlines() == [
+        f"--port {port}: Address already in use; choose another port"
+    ], output
+    assert not reached, "the demo connected to the program on its port"
+    # nothing made before the port was known to be ours: no token, no database
+    assert not (tmp_path / "demo").exists(), output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -214,6 +215,10 @@ def demo(
     from cityward.demo.server import TrafficFirstServer
 
     directory = data_dir or Path(os.environ.get("CITYWARD_DATA_DIR", "cityward-demo"))
+    # the port is taken first, before anything is created or printed: the simulation's feed
+    # sends the operator token to this port, and a program already on it received it (the
+    # server only found the port taken after the city was built)
+    listener = None if seed_only else _bind_demo_port(port)
     settings = load_settings(None, data_dir=directory)
     settings.anomaly.enabled = True
     # the environment stations are devices pushing their own JSON (docs/ingest.md)
@@ -284,12 +289,33 @@ def demo(
     )
     try:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how the demo ends (as uvicorn.run)
-            TrafficFirstServer(config, live.stop if live is not None else None).run()
+            server = TrafficFirstServer(config, live.stop if live is not None else None)
+            server.run(sockets=[listener] if listener is not None else None)
     finally:
+        if listener is not None:
+            listener.close()
         if live is not None:
             live.stop()
             if live.error:
                 console.print(f"[red]traffic simulation[/]: {live.error}")
+
+
+def _bind_demo_port(port: int) -> socket.socket:
+    """A listening socket on 127.0.0.1:PORT for the demo's server, or a one-line error (exit 1)
+    when another program holds the port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind
+    try:
+        sock.bind(("127.0.0.1", port))
+        # listening at once: the feed's first requests wait in the backlog until uvicorn serves
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        console.print(
+            f"[red]--port {port}[/]: {exc.strerror or exc}; choose another port", soft_wrap=True
+        )
+        raise typer.Exit(1) from exc
+    return sock
 
 
 def _demo_station_key(identities: Any, directory: Path) -> str:
@@ -437,18 +463,22 @@ def audit_verify(
     config: ConfigFile = None,
 ) -> None:
     """Check the audit chain and its seals; exit 1 and name the first bad record on tampering."""
-    from cityward.governance.audit import verify_report
-    from cityward.governance.runtime import open_audit
+    from rich.markup import escape
 
-    settings, store = _open(config, data_dir, database_url)
+    from cityward.governance.audit import verify_report
+    from cityward.governance.runtime import open_audit_to_verify
+
+    settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
     try:
-        audit = open_audit(settings, store)
-        try:
-            result = audit.verify()
-        finally:
-            audit.close(seal=False)
+        # read-only: a mistyped folder or a key kept elsewhere is an error, not a new log or key
+        audit = open_audit_to_verify(settings)
+    except ValueError as exc:  # nothing there, or a key file that is not a key
+        console.print(f"[red]audit verify[/]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(2) from exc
+    try:
+        result = audit.verify()
     finally:
-        store.close()
+        audit.close(seal=False)
     console.print(verify_report(result))
     if not result.ok:
         raise typer.Exit(1)

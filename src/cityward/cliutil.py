@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from cityward.config import Settings, load_settings
 
@@ -18,10 +19,13 @@ console = Console()
 
 def invalid(path: Path | None, exc: ValidationError) -> NoReturn:
     """Print each error of a configuration with its setting; exit code 2."""
-    console.print(f"[red]{path}[/]: {exc.error_count()} error(s)")
+    # no file: the settings came from the command line and CITYWARD_* variables alone
+    what = escape(str(path)) if path is not None else "command-line/environment settings"
+    console.print(f"[red]{what}[/]: {exc.error_count()} error(s)")
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        console.print(f"  {where}: {err['msg']}")
+        # the messages quote the values, which may hold "[...]" (not markup)
+        console.print(f"  {escape(where)}: {escape(err['msg'])}")
     raise typer.Exit(2) from exc
 
 
@@ -34,7 +38,7 @@ def unreadable(path: Path | None, exc: Exception) -> NoReturn:
         why = f"not UTF-8 text (byte {exc.start}); save it as UTF-8"
     else:
         why = f"not valid TOML: {exc}"
-    console.print(f"[red]{path}[/]: {why}")
+    console.print(f"[red]{escape(str(path))}[/]: {escape(why)}")
     raise typer.Exit(2) from exc
 
 

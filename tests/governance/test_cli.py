@@ -134,3 +134,32 @@ def test_dpia_names_the_backend_a_database_url_opens(tmp_path: Path) -> None:
         cli_app, ["dpia", "--out", str(tmp_path / "x"), "--database-url", "mysql://db/city"]
     )
     assert result.exit_code == 2 and "unsupported database URL" in result.output
+
+
+def test_audit_verify_creates_nothing_and_refuses_a_missing_log_or_key(tmp_path: Path) -> None:
+    """verify made what it did not find: on a mistyped --data-dir a new bank, audit.db and key
+    ("Audit log OK: 0 records", exit 0); with the key kept off the machine a new key, with
+    which the next server sealed."""
+    typo = tmp_path / "typo-dir"
+    r = runner.invoke(cli_app, ["audit", "verify", "--data-dir", str(typo)])
+    assert r.exit_code == 2, r.output
+    assert r.output.startswith("audit verify: no audit log") and "OK" not in r.output, r.output
+    assert not typo.exists()
+
+    data = tmp_path / "data"
+    made = runner.invoke(cli_app, ["token", "create", "--role", "admin", "--data-dir", str(data)])
+    assert made.exit_code == 0, made.output
+    key = data / "governance" / "audit.key"
+    key.rename(tmp_path / "audit.key.offsite")
+    r = runner.invoke(cli_app, ["audit", "verify", "--data-dir", str(data)])
+    assert r.exit_code == 2 and "no audit key" in r.output, r.output
+    assert not key.exists(), "verify wrote a new audit key"
+
+    # the log and its key alone (a copy for an auditor): checked, and no bank made beside them
+    copy = tmp_path / "copy"
+    (copy / "governance").mkdir(parents=True)
+    (data / "audit.db").rename(copy / "audit.db")
+    (tmp_path / "audit.key.offsite").rename(copy / "governance" / "audit.key")
+    r = runner.invoke(cli_app, ["audit", "verify", "--data-dir", str(copy)])
+    assert r.exit_code == 0 and "Audit log OK" in r.output, r.output
+    assert not (copy / "cityward.db").exists()

@@ -3,6 +3,9 @@ rejected with the field, and exit codes a deployment script can use."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -132,3 +135,84 @@ def test_unreadable_files_are_one_line_errors_with_exit_2(
     result = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
     assert result.exit_code == 2, (result.output, result.exception)
     assert what in result.output and why in result.output, result.output
+
+
+def test_text_from_devices_and_settings_is_printed_as_it_is_not_as_markup(
+    tmp_path: Path,
+) -> None:
+    """A payload, topic or rejection holding "[/]" crashed `ingest dead-letters` and `ingest
+    check` (MarkupError); "[bold]" vanished. Messages and help naming [ingest] or
+    [[ingest.sources]] lost them, and settings from the environment alone were "None"."""
+    from cityward.ingest.deadletter import DeadLetters
+
+    dead = DeadLetters(tmp_path / "d" / "ingest" / "deadletter.db")
+    dead.add("noise", b'{"laeq": "[/] [bold]x"}', field="$.laeq", reason="[/]", topic="t/[/]")
+    dead.close()
+    result = CliRunner().invoke(
+        app, ["ingest", "dead-letters", "--data-dir", str(tmp_path / "d")], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "t/[/] $.laeq: [/]" in result.output, result.output
+    assert '{"laeq": "[/] [bold]x"}' in result.output, result.output
+
+    (tmp_path / "m.toml").write_text(MAPPING)
+    (tmp_path / "s.jsonl").write_text('{"no2": "[/] [bold]", "ts": 1}\n')
+    code, out = run(
+        str(tmp_path / "m.toml"), "--sample", str(tmp_path / "s.jsonl"), "--topic", "a/b"
+    )
+    assert code == 1, out
+    assert "rejected: $.no2: expected a number, got '[/] [bold]'" in out, out
+
+    (tmp_path / "none.toml").write_text("")
+    argv = ["ingest", "run", "--config", str(tmp_path / "none.toml"), "--data-dir", "x"]
+    result = CliRunner().invoke(app, argv, env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "no enabled [[ingest.sources]]" in result.output
+    result = CliRunner().invoke(app, ["ingest", "run", "--help"], env={"COLUMNS": "200"})
+    assert "with [ingest] sources" in result.output and "With [bus] kind" in result.output
+
+    result = CliRunner().invoke(
+        app,
+        ["ingest", "dead-letters", "--data-dir", str(tmp_path / "d")],
+        env={"COLUMNS": "200", "CITYWARD_MAX_LIMIT": "[/]"},
+    )
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "command-line/environment settings: 1 error(s)" in result.output, result.output
+
+
+def test_ingest_run_prints_status_lines_more_often_than_every_half_second(
+    tmp_path: Path,
+) -> None:
+    """`--status-every` under 0.5 was a ZeroDivisionError (the period was taken in half
+    seconds, rounded down to 0)."""
+    (tmp_path / "m.jsonl").write_text(
+        '{"s": "a", "v": 1, "t": "2026-01-01T00:00:00Z"}\n'
+        '{"s": "a", "v": 2, "t": "2026-01-01T00:00:01Z"}\n'
+    )
+    (tmp_path / "c.toml").write_text(
+        '[[ingest.sources]]\nname = "r"\nadapter = "replay"\n'
+        f'options = {{ path = "{tmp_path / "m.jsonl"}", speed = 1, time_field = "$.t" }}\n'
+        '[ingest.sources.mapping]\nentity_type = "X"\nid = "urn:ngsi-ld:X:{$.s}"\n'
+        'timestamp = { path = "$.t" }\nattributes.v = { path = "$.v" }\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "cityward.cli",
+        "ingest",
+        "run",
+        "--exit-when-done",
+        "--status-every",
+        "0.2",
+    ]
+    out = subprocess.run(
+        [*cmd, "--config", str(tmp_path / "c.toml"), "--data-dir", str(tmp_path / "d")],
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = out.stdout + out.stderr
+    assert out.returncode == 0 and "Traceback" not in output, output
+    # the replay takes a second: status lines while it runs, then the last one
+    assert out.stdout.count("dead letters 0, pending") >= 2, output

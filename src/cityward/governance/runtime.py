@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from cityward.bank.jsonld import ContextResolver
 from cityward.bank.query.sqlgen import Conjunct
 from cityward.bank.store import Store
 from cityward.config import Settings
+from cityward.governance.audit import _SqliteBackend
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Identities, Principal
 from cityward.governance.keys import load_or_create_key
@@ -205,6 +207,70 @@ class Governance:
                 extra={"sha256": fingerprint},
             )
         )
+
+
+class AuditNotFound(ValueError):
+    """No audit log, or no key to check its seals, where the settings point."""
+
+
+def open_audit_to_verify(settings: Settings) -> AuditLog:
+    """The audit log of ``settings`` for :meth:`AuditLog.verify`, read-only: nothing created.
+
+    ``cityward audit verify`` went through :func:`open_audit`, which makes what is missing:
+    on a mistyped data folder a new bank, audit.db and key ("Audit log OK: 0 records"); with
+    the key kept away from the machine a new key there, with which the next server sealed;
+    on a read-only copy an OperationalError. :class:`AuditNotFound` says what is missing.
+    """
+    from cityward.bank.store import backend_name, open_store, sqlite_file
+    from cityward.governance.audit import AuditLog
+
+    gov = settings.governance
+    key_file = gov.audit_key_file or settings.data_dir / "governance" / "audit.key"
+    if backend_name(settings.database_url) == "PostgreSQL":
+        # the log is in the bank's database, which a server keeps: nothing made on this machine
+        if not key_file.is_file():
+            raise AuditNotFound(f"no audit key {key_file} (governance.audit_key_file)")
+        store = open_store(settings.database_url, settings.data_dir)
+        try:
+            return open_audit(settings, store)
+        finally:
+            store.close()
+    path = sqlite_file(settings.database_url, settings.data_dir).with_name("audit.db")
+    if not path.is_file():
+        raise AuditNotFound(f"no audit log {path} (check --data-dir or --database-url)")
+    if not key_file.is_file():
+        raise AuditNotFound(f"no audit key {key_file} (governance.audit_key_file)")
+    key = load_or_create_key(key_file, "audit key")  # it exists: only read
+    return AuditLog(
+        _ReadOnlySqlite(path),
+        key,
+        seal_every=gov.audit_seal_every,
+        seal_interval_s=gov.audit_seal_interval_s,
+    )
+
+
+class _ReadOnlySqlite(_SqliteBackend):
+    """audit.db opened with mode=ro: no folder or schema made, no journal mode set, readable
+    on a read-only copy of the data folder. Writing fails (verify does not write)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer = None
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = self.path.resolve().as_uri()
+        conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError:
+            # a WAL database reader needs audit.db-shm, which a read-only folder cannot get;
+            # with no -wal file every commit is in audit.db and nobody is writing: read it as
+            # immutable (a -wal file means a writer or unmerged commits: the error stands)
+            conn.close()
+            if self.path.with_name(f"{self.path.name}-wal").exists():
+                raise
+        return sqlite3.connect(f"{uri}?immutable=1", uri=True, isolation_level=None)
 
 
 def open_audit(settings: Settings, store: Store) -> AuditLog:

@@ -13,6 +13,7 @@ import orjson
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.markup import escape
 
 from cityward.cliutil import invalid, settings_or_exit, unreadable
 
@@ -72,28 +73,33 @@ def check(
         invalid(mapping, exc)
     m = Mapping(config)
     console.print(
-        f"[green]{mapping}[/]: valid; {config.entity_type}, {len(config.attributes)} attribute(s)"
+        f"[green]{escape(str(mapping))}[/]: valid; {escape(config.entity_type)}, "
+        f"{len(config.attributes)} attribute(s)"
     )
     if sample is None:
         return
     try:
         samples = _samples(sample)
     except OSError as exc:  # a usage error (exit 2), not rejected samples (exit 1)
-        console.print(f"[red]--sample {sample}[/]: {exc.strerror or exc}")
+        console.print(f"[red]--sample {escape(str(sample))}[/]: {escape(str(exc.strerror or exc))}")
         raise typer.Exit(2) from exc
     bad = 0
     for label, payload in samples:
         if isinstance(payload, _NotJson):
             bad += 1
-            console.print(f"[red]{label}[/]: rejected: $: not JSON ({payload.why})")
+            console.print(f"[red]{escape(label)}[/]: rejected: $: not JSON ({escape(payload.why)})")
             continue
         try:
             update = m.apply(payload, topic=topic)
         except MappingError as exc:
             bad += 1
-            console.print(f"[red]{label}[/]: rejected: {exc.field}: {exc.reason}")
+            console.print(
+                f"[red]{escape(label)}[/]: rejected: {escape(exc.field)}: {escape(exc.reason)}"
+            )
             continue
-        console.print(f"{label}: {update.entity_id} (key {update.message_key})")
+        console.print(
+            f"{escape(label)}: {escape(update.entity_id)} (key {escape(update.message_key)})"
+        )
         console.print_json(orjson.dumps(update.fragment()).decode())
     if bad:
         raise typer.Exit(1)
@@ -105,7 +111,7 @@ def _settings(config: Path | None, data_dir: Path | None, database_url: str | No
 
 ConfigOpt = Annotated[
     Path | None,
-    typer.Option("--config", exists=True, help="The TOML configuration with [ingest] sources."),
+    typer.Option("--config", exists=True, help="The TOML configuration with \\[ingest] sources."),
 ]
 DataDirOpt = Annotated[
     Path | None, typer.Option("--data-dir", help="Data folder (SQLite bank, dead letters).")
@@ -123,7 +129,7 @@ def run(
     role: Annotated[
         str,
         typer.Option(
-            help='With [bus] kind = "nats": front (the adapters, publishing readings to '
+            help='With \\[bus] kind = "nats": front (the adapters, publishing readings to '
             "JetStream), writer (readings from JetStream into the bank) or all (both).",
         ),
     ] = "all",
@@ -138,7 +144,7 @@ def run(
     """Run the configured sources in this process until SIGINT or SIGTERM.
 
     Readings are written into the bank with their history; subscriptions are notified by the
-    `cityward serve` process of the same bank. With [bus] kind = "nats" the work can be split
+    `cityward serve` process of the same bank. With \\[bus] kind = "nats" the work can be split
     over processes and machines with --role (docs/bus.md).
     """
     import logging
@@ -160,22 +166,22 @@ def run(
     ingest = settings.ingest
     nats = settings.bus.kind == "nats"
     if role not in ROLES:
-        console.print(f"[red]--role {role}[/]: front, writer or all")
+        console.print(f"[red]--role {escape(role)}[/]: front, writer or all")
         raise typer.Exit(2)
     if role != "all" and not nats:
         console.print(
-            f'[red]--role {role}[/] needs \\[bus] kind = "nats" (docs/bus.md); in memory mode '
-            "one process receives and writes"
+            f'[red]--role {escape(role)}[/] needs \\[bus] kind = "nats" (docs/bus.md); '
+            "in memory mode one process receives and writes"
         )
         raise typer.Exit(2)
     if role != "writer" and not [s for s in ingest.sources if s.enabled]:
-        console.print("[red]no enabled [[ingest.sources]] in the configuration[/]")
+        console.print("[red]no enabled \\[\\[ingest.sources]] in the configuration[/]")
         raise typer.Exit(2)
     if role != "writer" and (missing := _missing_files(ingest)):
         # checked here, by the roles that run the sources, not when the configuration loads:
         # a writer machine of a NATS deployment reads the same file without the fronts' files
         for line in missing:
-            console.print(f"[red]{line}[/]")
+            console.print(f"[red]{escape(line)}[/]")
         raise typer.Exit(2)
     resolver = ContextResolver(
         preload=settings.contexts,
@@ -218,11 +224,15 @@ def run(
     what = f"{role}: " if nats else ""
     console.print(f"[green]ingest[/] running: {what}{names or 'the stream into the bank'}")
     replays = [a for a in worker.adapters.values() if isinstance(a, ReplayAdapter)]
+    # the time of the last status line, not the clock modulo the period: a period under half a
+    # second was a ZeroDivisionError, and one not a multiple of 0.5 s drifted
+    last_status = time.monotonic()
     try:
         while not stop.wait(min(status_every, 0.5) if status_every > 0 else 0.5):
             if exit_when_done and replays and all(r.finished.is_set() for r in replays):
                 break
-            if status_every > 0 and int(time.monotonic() * 2) % int(status_every * 2) == 0:
+            if status_every > 0 and time.monotonic() - last_status >= status_every:
+                last_status = time.monotonic()
                 _status_line(worker.status())
     finally:
         worker.stop()
@@ -240,7 +250,7 @@ def run(
                 store.close()
     failed = [f"{r.intake.name}: {r.failed}" for r in replays if r.failed]
     if failed:  # a load that stopped before the end of its file is not a success
-        console.print(f"[red]replay failed[/]: {'; '.join(failed)}")
+        console.print(f"[red]replay failed[/]: {escape('; '.join(failed))}")
     if pending > 0:
         console.print(
             f"[red]{pending:,} reading(s) not written[/]: still pending when the worker stopped"
@@ -312,7 +322,7 @@ def dead_letters(
     settings = _settings(config, data_dir, None)
     path = settings.data_dir / "ingest" / "deadletter.db"
     if not path.exists():
-        console.print(f"no dead letters ({path} does not exist)")
+        console.print(f"no dead letters ({escape(str(path))} does not exist)")
         return
     dead = DeadLetters(path)
     try:
@@ -327,8 +337,9 @@ def dead_letters(
         for d in dead.entries(source, limit=limit):
             text = d.payload.decode("utf-8", "replace")
             console.print(
-                f"#{d.seq} {d.received_at} [bold]{d.source}[/] {d.topic} "
-                f"[red]{d.field}: {d.reason}[/]\n   {text[:200]}{' (cut)' if d.truncated else ''}",
+                f"#{d.seq} {d.received_at} [bold]{escape(d.source)}[/] {escape(d.topic)} "
+                f"[red]{escape(d.field)}: {escape(d.reason)}[/]\n"
+                f"   {escape(text[:200])}{' (cut)' if d.truncated else ''}",
                 highlight=False,
                 markup=True,
             )
