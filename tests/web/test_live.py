@@ -265,3 +265,26 @@ def test_the_ingest_rate_counts_only_what_the_token_may_read(server: Server) -> 
     _, event, data = got.get(timeout=10)  # the next, 2 s later
     stop.set()
     assert (event, data) == ("stats", {"ingestRate": 0})
+
+
+def test_a_stop_signal_ends_the_open_streams_first(tmp_path: Any) -> None:
+    """The server's graceful stop waits for open responses, and a stream never ends by itself:
+    every stop with a dashboard open waited the whole graceful timeout, then cancelled the
+    stream with an error in the log. A stop signal now ends each stream with reload first."""
+    data = tmp_path / "data"
+    log = tmp_path / "server.log"
+    got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
+    stop = threading.Event()
+    with cityward_serve(data, free_port(), log) as url:
+        admin = (data / "governance" / "admin.token").read_text().strip()
+        reader = threading.Thread(target=follow, args=(url + EVENTS, admin, got, stop), daemon=True)
+        reader.start()
+        assert got.get(timeout=10)[1] == "hello"
+    # the server has stopped (SIGINT): the stream got its last word
+    events = []
+    with contextlib.suppress(queue.Empty):
+        while True:
+            events.append(got.get(timeout=5)[1:])
+    assert ("reload", {"reason": "the server is stopping"}) in events
+    said = log.read_text()
+    assert "graceful shutdown exceeded" not in said and "CancelledError" not in said, said

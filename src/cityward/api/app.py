@@ -162,6 +162,10 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         governance.record_start()
         live.start()
+        # a stop signal ends the dashboards' live streams first: the server waits for open
+        # responses before this lifespan ends, and a stream never ends by itself (every stop
+        # waited the whole graceful timeout, then cancelled it with an error)
+        restore_signals = live.close_streams_on_stop()
         await subscriptions.start()
         if anomaly is not None:
             # reads back the open alerts first: a thread, not the event loop
@@ -187,6 +191,7 @@ def create_app(
                 await asyncio.to_thread(ingest.stop)
                 ingest.dead_letters.close()
             await live.stop()
+            restore_signals()
             if bus is not None:
                 await asyncio.to_thread(bus.stop_followers)
             if anomaly is not None:

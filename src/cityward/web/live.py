@@ -24,11 +24,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import orjson
@@ -102,6 +104,37 @@ class LiveHub:
         loop = self._loop
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(self._wake_all)
+
+    def close_streams_on_stop(self) -> Callable[[], None]:
+        """Have a stop signal (SIGINT, SIGTERM) end every stream first (close_streams), then
+        go on to the handler it had: the server's. Returns what puts the handlers back.
+
+        Called in the application's startup, where the server (uvicorn: one process, each of
+        its workers, the demo's) has its own handlers installed: so every way of serving the
+        app gets it, none has to be told. Outside the main thread (a test client) there are no
+        signals to take: nothing is done."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous: dict[int, Any] = {}
+
+        def handler(sig: int, frame: FrameType | None) -> None:
+            self.close_streams()
+            prev = previous.get(sig)
+            if callable(prev):
+                prev(sig, frame)
+            else:  # the default action (or ignored): as if we had not been here
+                signal.signal(sig, prev if prev is not None else signal.SIG_DFL)
+                signal.raise_signal(sig)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, prev in previous.items():
+                if signal.getsignal(sig) is handler:
+                    signal.signal(sig, prev)
+
+        return restore
 
     def _wake_all(self) -> None:
         for viewer in list(self.viewers):
