@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from cityward.cliutil import settings_or_exit
+from cityward.cliutil import settings_or_exit, sigterm_as_interrupt
 from cityward.config import SETTINGS_ENV, Settings, load_settings
 
 app = typer.Typer(help="cityward: privacy-by-design city operations.", no_args_is_help=True)
@@ -862,13 +862,14 @@ def traffic_run(
                     time.sleep(delay)
 
         try:
-            stats = control_loop(
-                backend,
-                controller,
-                stop,
-                on_step=on_step,
-                overrides=feed.overrides if feed is not None else None,
-            )
+            with sigterm_as_interrupt():  # stopped by systemd or docker as by Ctrl-C
+                stats = control_loop(
+                    backend,
+                    controller,
+                    stop,
+                    on_step=on_step,
+                    overrides=feed.overrides if feed is not None else None,
+                )
             progress.update(task, completed=stop - begin)
             reached = stop
         except KeyboardInterrupt:

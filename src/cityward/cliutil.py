@@ -1,10 +1,16 @@
 """What every command does with its configuration: load it, or say in one line per error what
-is wrong with which setting of which file, and exit with code 2 (a usage error)."""
+is wrong with which setting of which file, and exit with code 2 (a usage error); and how a
+long command takes a stop signal."""
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 from typing import Any, NoReturn
 
 import typer
@@ -51,3 +57,22 @@ def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
         invalid(config, exc)
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         unreadable(config, exc)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within: SIGTERM (how systemd and container runtimes stop a process) stops a command the
+    way Ctrl-C does, by KeyboardInterrupt, so that it closes, flushes and reports as on Ctrl-C;
+    without this it died at once and what it held was lost."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(sig: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

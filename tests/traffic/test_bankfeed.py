@@ -295,6 +295,35 @@ def test_cli_runs_a_scenario_into_the_bank(bank: Bank, grid_cfg: Path) -> None:
     assert "refused the token" in result.output and "Traceback" not in result.output
 
 
+def test_sigterm_stops_a_run_as_ctrl_c_does(bank: Bank, grid_cfg: Path) -> None:
+    """SIGTERM (systemd, docker stop) killed ``traffic run`` at once: SUMO not closed, what
+    the feed held never written, no summary. It now stops the run as Ctrl-C does."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CITYWARD_TOKEN": bank.tokens["feed"], "COLUMNS": "200"}
+    cmd = [sys.executable, "-m", "cityward.cli", "traffic", "run", "--sumocfg", str(grid_cfg)]
+    args = ["--end", "3600", "--speed", "1", "--bank", bank.url]
+    proc = subprocess.Popen(
+        [*cmd, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert proc.stdout is not None
+    seen = ""
+    for line in proc.stdout:  # runs in real time (speed 1): stopped once it writes
+        seen += line
+        if "writing to" in line:
+            break
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    out = seen + out
+    assert proc.returncode == 130, out
+    assert "(interrupted)" in out and "entity updates written" in out, out
+    assert "Traceback" not in out
+
+
 def test_a_scenario_name_outside_the_id_alphabet_is_cleaned_alike_by_both_options(
     bank: Bank, grid_cfg: Path, tmp_path: Path
 ) -> None:
