@@ -136,3 +136,50 @@ def test_demo_refuses_a_port_another_program_holds(tmp_path: Path) -> None:
     assert not reached, "the demo connected to the program on its port"
     # nothing made before the port was known to be ours: no token, no database
     assert not (tmp_path / "demo").exists(), output
+
+
+def _cityward(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``cityward ARGS`` as the installed command runs it (cityward.cli:main)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    env["COLUMNS"] = "200"
+    return subprocess.run(
+        [sys.executable, "-m", "cityward.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_bad_values_are_usage_errors_naming_the_option(tmp_path: Path) -> None:
+    """Each of these was a traceback, or a token expired at birth (-1) or that never expires
+    in effect (1e300)."""
+    token = ["token", "create", "--role", "operator", "--purpose", "traffic-management"]
+    cases = [
+        ([*token, "--ttl-days", "-1"], "--ttl-days"),
+        ([*token, "--ttl-days", "nan"], "--ttl-days"),
+        ([*token, "--ttl-days", "inf"], "--ttl-days"),
+        ([*token, "--ttl-days", "1e300"], "--ttl-days"),
+        (["serve", "--port", "99999"], "--port"),
+        (["serve", "--log-level", "bogus"], "--log-level"),
+        (["device-key", "create", "--device", "d", "--pattern", "("], "--pattern"),
+    ]
+    for args, option in cases:
+        proc = _cityward([*args, "--data-dir", str(tmp_path / "d")], tmp_path)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 2 and option in said, (args, said)
+        assert "Traceback" not in said, (args, said)
+
+
+def test_what_the_machine_refuses_is_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A data folder that is a file (or read-only) ended every command in a traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    token = ["token", "create", "--role", "operator", "--purpose", "traffic-management"]
+    for args in (token, ["dpia", "--out", str(afile / "x")], ["serve", "--port", "1"]):
+        proc = _cityward([*args, "--data-dir", str(afile)], tmp_path)
+        said = proc.stdout + proc.stderr
+        assert proc.returncode == 1, (args, said)
+        assert "Traceback" not in said and str(afile) in said, (args, said)
+        assert said.strip().splitlines()[-1].startswith("cityward: "), (args, said)

@@ -5,18 +5,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from cityward.cliutil import settings_or_exit, sigterm_as_interrupt
 from cityward.config import SETTINGS_ENV, Settings, load_settings
 
 app = typer.Typer(help="cityward: privacy-by-design city operations.", no_args_is_help=True)
 console = Console()
+MAX_TTL_DAYS = 3650  # a token lives ten years at most
 
 DataDir = Annotated[
     Path | None,
@@ -33,7 +36,7 @@ ConfigFile = Annotated[
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 1026,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 1026,
     data_dir: DataDir = None,
     database_url: Annotated[
         str | None,
@@ -62,6 +65,11 @@ def serve(
 
     from cityward.api.app import create_app
 
+    log_level = log_level.lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise typer.BadParameter(
+            f"{log_level!r}: use debug, info, warning or error", param_hint="--log-level"
+        )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -183,7 +191,7 @@ def _serve_workers(host: str, port: int, workers: int, log_level: str) -> None:
 
 @app.command()
 def demo(
-    port: Annotated[int, typer.Option(help="TCP port.")] = 1026,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 1026,
     data_dir: DataDir = None,
     speed: Annotated[
         float, typer.Option(min=0.1, max=1000.0, help="Simulated seconds per wall second.")
@@ -394,6 +402,13 @@ def token_create(
             "devices use 'cityward device-key create'; the public needs no token",
             param_hint="--role",
         )
+    if ttl_days is not None and not 0 < ttl_days <= MAX_TTL_DAYS:  # NaN fails it too
+        # a negative lifetime gave a token expired at birth, inf a traceback, 1e300 a token
+        # that never expires in effect (a short life is the only control over a token)
+        raise typer.BadParameter(
+            f"{ttl_days:g} is not a lifetime; give days above 0, at most {MAX_TTL_DAYS}",
+            param_hint="--ttl-days",
+        )
     purposes = list(purpose or (["*"] if r is Role.ADMIN else []))
     if not purposes and r is not Role.AUDITOR:
         raise typer.BadParameter("give at least one --purpose", param_hint="--purpose")
@@ -443,7 +458,10 @@ def device_key_create(
     settings, store = _open(config, data_dir, database_url)
     try:
         ids = Identities(settings.governance, settings.data_dir, store)
-        key_id, key = ids.create_device_key(device, list(pattern), [])
+        try:
+            key_id, key = ids.create_device_key(device, list(pattern), [])
+        except re.error as exc:  # it was a traceback
+            raise typer.BadParameter(f"not a valid regex: {exc}", param_hint="--pattern") from exc
         _audit_cli(
             settings,
             store,
@@ -908,7 +926,20 @@ def traffic_run(
 
 
 def main() -> None:
-    app()
+    """The ``cityward`` command. What the machine refuses (a data folder that is a file or
+    read-only, a database that cannot be reached) ends it with one line naming the cause and
+    exit status 1: it was a traceback of some 40 frames. Anything else still shows its
+    traceback (a bug of ours, to report)."""
+    import sqlite3
+
+    import psycopg
+
+    try:
+        app()
+    except (OSError, sqlite3.Error, psycopg.Error) as exc:
+        why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        console.print(f"[red]cityward[/]: {escape(why)} ({type(exc).__name__})", soft_wrap=True)
+        raise SystemExit(1) from exc
 
 
 if __name__ == "__main__":
