@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,10 +22,14 @@ def free_port() -> int:
 
 
 @contextmanager
-def cityward_serve(data: Path, port: int, log: Path) -> Iterator[str]:
-    """``cityward serve`` on SQLite in ``data`` (no CITYWARD_* settings from the environment);
-    yields its URL once it answers, stops it with SIGINT."""
+def cityward_serve(
+    data: Path, port: int, log: Path, settings: Mapping[str, str] | None = None
+) -> Iterator[str]:
+    """``cityward serve`` on SQLite in ``data`` (no CITYWARD_* settings from the environment,
+    but ``settings``: name -> CITYWARD_NAME); yields its URL once it answers, stops it with
+    SIGINT."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
+    env.update({f"CITYWARD_{k.upper()}": v for k, v in (settings or {}).items()})
     cmd = [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port)]
     proc = subprocess.Popen(
         [*cmd, "--data-dir", str(data)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT

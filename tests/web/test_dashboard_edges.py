@@ -6,11 +6,6 @@ smaller page size is a second, short one.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +18,7 @@ import pytest
 from cityward.config import Settings
 from cityward.governance.identity import Identities
 from cityward.governance.policy import Role
-from tests.servers import free_port
+from tests.servers import cityward_serve, free_port
 from tests.web.test_dashboard import CHROMIUM, NGSI, Page
 from tests.web.test_dashboard import browser as browser  # the module's own chromium
 
@@ -59,36 +54,13 @@ class City:
 
 @contextmanager
 def serve(base: Path, **settings: str) -> Iterator[City]:
-    """``cityward serve`` on SQLite with these CITYWARD_* settings (tests.servers.cityward_serve
-    takes none)."""
+    """``cityward serve`` on SQLite with these CITYWARD_* settings, and a browser to drive."""
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"no chromium at {CHROMIUM}: apt-get install chromium or set CITYWARD_CHROMIUM")
-    data, log, port = base / "data", base / "server.log", free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-    env.update({f"CITYWARD_{k.upper()}": v for k, v in settings.items()})
-    cmd = [sys.executable, "-m", "cityward.cli", "serve", "--port", str(port)]
-    proc = subprocess.Popen(
-        [*cmd, "--data-dir", str(data)], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                httpx.get(url + "/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "cityward serve did not answer in 60 s"
-                time.sleep(0.1)
+    data = base / "data"
+    with cityward_serve(data, free_port(), base / "server.log", settings) as url:
         admin = (data / "governance" / "admin.token").read_text().strip()
         yield City(url, admin, Identities(Settings(data_dir=data).governance, data, None))
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def prop(value: Any) -> dict[str, Any]:

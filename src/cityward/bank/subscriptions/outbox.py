@@ -540,9 +540,11 @@ class Outbox:
 
     def _delete(self, conn: Conn, seqs: Sequence[int]) -> int:
         cond, params = _in_list(self.dialect, "seq", seqs)
-        gone = _execute(
-            conn, self.dialect, f"DELETE FROM {TABLE} WHERE {cond} RETURNING endpoint", params
-        ).fetchall()
+        return self._deleted(conn, f"DELETE FROM {TABLE} WHERE {cond} RETURNING endpoint", params)
+
+    def _deleted(self, conn: Conn, sql: str, params: Sequence[Any]) -> int:
+        """Run a DELETE ... RETURNING endpoint and take its rows off the counts."""
+        gone = _execute(conn, self.dialect, sql, params).fetchall()
         with self._lock:
             for (endpoint,) in gone:
                 if self._counts.by_endpoint[endpoint] > 0:
@@ -645,18 +647,11 @@ class Outbox:
 
     def drop_subscription(self, conn: Conn, tenant: str, sid: str) -> int:
         """Delete every pending row of a subscription, using the caller's open transaction."""
-        gone = _execute(
+        return self._deleted(
             conn,
-            self.dialect,
             f"DELETE FROM {TABLE} WHERE tenant = ? AND subscription_id = ? RETURNING endpoint",
             [tenant, sid],
-        ).fetchall()
-        with self._lock:
-            for (endpoint,) in gone:
-                if self._counts.by_endpoint[endpoint] > 0:
-                    self._counts.by_endpoint[endpoint] -= 1
-                    self._counts.total -= 1
-        return len(gone)
+        )
 
     # -- inspection -------------------------------------------------------------------------
     def recount(self) -> None:
