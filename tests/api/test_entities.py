@@ -135,3 +135,57 @@ def test_tenants_are_isolated(client: TestClient) -> None:
     assert [e["id"] for e in r.json()] == ["urn:ngsi-ld:Vehicle:V1"]
     assert r.headers["NGSILD-Tenant"] == "ghent"
     assert client.get(E, params={"type": "Vehicle"}).json() == []
+
+
+def test_a_merge_that_changes_a_kind_needs_the_new_payload_and_drops_the_old_metadata(
+    client: TestClient,
+) -> None:
+    """A merge turning speed into a Relationship without an object stored an attribute with no
+    payload, and every read of the entity (and every query that found it) answered 500; a
+    kind change with its payload kept the old kind's unitCode (the entity could then not be
+    written back)."""
+    eid = "urn:ngsi-ld:Vehicle:kind-1"
+    body = {"id": eid, "type": "Vehicle", "speed": {"type": "Property", "value": 5}}
+    body["owner"] = {"type": "Relationship", "object": "urn:ngsi-ld:Person:P1"}
+    body["gauge"] = {"type": "Property", "value": 3, "unitCode": "KMH"}
+    assert client.post(E, json=body).status_code == 201
+    r = client.patch(f"{E}/{eid}", json={"speed": {"type": "Relationship"}})
+    assert r.status_code == 400 and r.json()["field"] == "speed", r.text
+    r = client.patch(f"{E}/{eid}/attrs/owner", json={"type": "Property"})
+    assert r.status_code == 400 and r.json()["field"] == "owner", r.text
+    r = client.post(
+        "/ngsi-ld/v1/entityOperations/merge", json=[{"id": eid, "speed": {"type": "GeoProperty"}}]
+    )
+    assert r.status_code in (207, 400), r.text  # refused, not a 500
+    got = client.get(f"{E}/{eid}")
+    assert got.status_code == 200 and got.json()["speed"]["value"] == 5, got.text
+    assert client.get(E, params={"type": "Vehicle"}).status_code == 200
+    new = {"gauge": {"type": "Relationship", "object": "urn:ngsi-ld:Thing:T1"}}
+    assert client.patch(f"{E}/{eid}", json=new).status_code == 204
+    gauge = client.get(f"{E}/{eid}").json()["gauge"]
+    assert gauge == {"type": "Relationship", "object": "urn:ngsi-ld:Thing:T1"}
+
+
+def test_a_count_alone_has_no_next_page_and_merges_refuse_unknown_options(
+    client: TestClient,
+) -> None:
+    """limit=0&count=true linked rel=next to the same request (a client following it looped);
+    PATCH of an entity or of its attrs ignored options=bogus and format=bogus."""
+    for n in (1, 2):
+        body = {
+            "id": f"urn:ngsi-ld:Lamp:{n}",
+            "type": "Lamp",
+            "on": {"type": "Property", "value": True},
+        }
+        assert client.post(E, json=body).status_code == 201
+    r = client.get(E, params={"type": "Lamp", "limit": "0", "count": "true"})
+    assert r.status_code == 200 and r.headers["NGSILD-Results-Count"] == "2"
+    assert 'rel="next"' not in r.headers.get("Link", "")
+    frag = {"on": {"type": "Property", "value": False}}
+    for path, params in (
+        (f"{E}/urn:ngsi-ld:Lamp:1", {"options": "bogus"}),
+        (f"{E}/urn:ngsi-ld:Lamp:1", {"format": "bogus"}),
+        (f"{E}/urn:ngsi-ld:Lamp:1/attrs", {"options": "bogus"}),
+    ):
+        r = client.patch(path, json=frag, params=params)
+        assert r.status_code == 400 and r.json()["field"] in params, (path, r.text)

@@ -139,6 +139,21 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
     out = copy.deepcopy(old)
     kind = old["type"] if new.get("_untyped") else new["type"]
     if kind != old["type"]:
+        if PAYLOAD[kind] not in new:
+            # stored, an attribute of the new kind without its payload made every later read
+            # of the entity (and every query that found it) a 500
+            name = new.get("_name", "attribute")
+            raise BadRequestData(
+                f"a {kind} needs a {PAYLOAD[kind]!r} member to replace a {old['type']} "
+                f"({name!r})",
+                field=name,
+            )
+        # what belongs to the old kind only goes: a Relationship has no unitCode, only
+        # relationships have an objectType (kept, the entity could not be written back)
+        if kind in ("Relationship", "ListRelationship"):
+            out.pop("unitCode", None)
+        else:
+            out.pop("objectType", None)
         # a different kind replaces the payload member
         for member in (
             "value",

@@ -164,7 +164,8 @@ def page_headers(
     links = []
     base = dict(request.query_params)
     path = request.url.path
-    more = (total is not None and spec.offset + returned < total) or (
+    # limit=0 (a count alone) has no next page: its "next" was the same request again
+    more = (total is not None and spec.limit > 0 and spec.offset + returned < total) or (
         total is None and spec.limit > 0 and returned == spec.limit
     )
     if more:
@@ -259,6 +260,7 @@ async def append_attrs(request: Request, eid: str) -> Response:
 async def update_attrs(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("options",))
+    parse_options(request.query_params)  # an unknown option is a 400, as on every route
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt)
     frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "update", path_id=eid)
@@ -318,6 +320,7 @@ async def replace_entity(request: Request, eid: str) -> Response:
 async def merge_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("options", "format", "lang"))
+    parse_options(request.query_params)  # an unknown option or format is a 400 (was ignored)
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt, merge_patch=True)
     frag = await run_in_threadpool(parse_body_entity, body, ctx, rt, is_ld, "merge", path_id=eid)
