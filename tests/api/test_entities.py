@@ -189,3 +189,16 @@ def test_a_count_alone_has_no_next_page_and_merges_refuse_unknown_options(
     ):
         r = client.patch(path, json=frag, params=params)
         assert r.status_code == 400 and r.json()["field"] in params, (path, r.text)
+
+
+def test_an_entity_id_with_an_attrs_segment_is_refused(client: TestClient) -> None:
+    """urn:x:S/attrs/b was reached as attribute b of urn:x:S: a DELETE on its own Location
+    deleted the other entity's attribute."""
+    for eid in ("urn:x:S/attrs/b", "urn:x:S/attrs"):
+        r = client.post(E, json={"id": eid, "type": "T"})
+        assert r.status_code == 400 and r.json()["field"] == "id", r.text
+    r = client.post(
+        "/ngsi-ld/v1/entityOperations/upsert", json=[{"id": "urn:x:S/attrs", "type": "T"}]
+    )
+    assert r.status_code in (207, 400) and "urn:x:S/attrs" not in str(r.json().get("success"))
+    assert client.post(E, json={"id": "urn:x:S/attrsx", "type": "T"}).status_code == 201

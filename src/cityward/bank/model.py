@@ -205,6 +205,9 @@ def check_no_nul(value: object, where: str) -> None:
         )
 
 
+_ATTRS_SEGMENT = re.compile(r"/attrs(?:/|$)")
+
+
 def check_uri(value: object, field: str) -> str:
     if not is_uri(value):
         raise BadRequestData(f"{field} must be an absolute URI, got {value!r}", field=field)
@@ -315,6 +318,15 @@ class EntityParser:
             doc["id"] = check_uri(raw_id, "id")
             if len(doc["id"].encode()) > MAX_ID_BYTES:
                 raise BadRequestData(f"entity id is longer than {MAX_ID_BYTES} bytes", field="id")
+            if _ATTRS_SEGMENT.search(doc["id"]):
+                # /entities/{id}/attrs/{attr}: the server decodes %2F before routing, so
+                # urn:x:S/attrs/b was reached as attribute b of urn:x:S (a DELETE of the
+                # one deleted the other's attribute), and the entity itself never
+                raise BadRequestData(
+                    "an entity id may not hold a '/attrs' segment: the API's attribute paths "
+                    "could not be told from it",
+                    field="id",
+                )
         if path_id is not None and "id" in doc and doc["id"] != path_id:
             raise BadRequestData(
                 f"entity id {doc['id']} in the body differs from {path_id} in the path", field="id"
