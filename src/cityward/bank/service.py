@@ -144,8 +144,7 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
             # of the entity (and every query that found it) a 500
             name = new.get("_name", "attribute")
             raise BadRequestData(
-                f"a {kind} needs a {PAYLOAD[kind]!r} member to replace a {old['type']} "
-                f"({name!r})",
+                f"{name!r}: a {kind} needs its {PAYLOAD[kind]!r} to replace a {old['type']}",
                 field=name,
             )
         # what belongs to the old kind only goes: a Relationship has no unitCode, only
