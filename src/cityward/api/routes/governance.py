@@ -46,10 +46,10 @@ async def _register(request: Request) -> dict[str, Any]:
     )
 
 
-# HEAD as GET on the public pages, as the policy allows (it was a 405)
-@router.api_route(
-    "/register", methods=["GET", "HEAD"], response_class=HTMLResponse, include_in_schema=True
-)
+# HEAD as GET on the public pages, as the policy allows (it was a 405); left out of the
+# OpenAPI schema, where it would repeat the GET's operation id
+@router.get("/register", response_class=HTMLResponse, include_in_schema=True)
+@router.head("/register", response_class=HTMLResponse, include_in_schema=False)
 async def register_page(request: Request) -> Response:
     """The public register of sensors and cameras (HTML, no token needed)."""
     from cityward.governance.register import render_html
@@ -61,13 +61,15 @@ async def register_page(request: Request) -> Response:
     return HTMLResponse(render_html(await _register(request)))
 
 
-@router.api_route("/register.json", methods=["GET", "HEAD"])
+@router.get("/register.json")
+@router.head("/register.json", include_in_schema=False)
 async def register_json(request: Request) -> Response:
     """The public register as JSON (no token needed)."""
     return _json(await _register(request))
 
 
-@router.api_route("/healthz", methods=["GET", "HEAD"])
+@router.get("/healthz")
+@router.head("/healthz", include_in_schema=False)
 async def healthz() -> Response:
     return _json({"status": "ok"})
 
