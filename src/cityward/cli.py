@@ -481,8 +481,6 @@ def audit_verify(
     config: ConfigFile = None,
 ) -> None:
     """Check the audit chain and its seals; exit 1 and name the first bad record on tampering."""
-    from rich.markup import escape
-
     from cityward.governance.audit import verify_report
     from cityward.governance.runtime import open_audit_to_verify
 

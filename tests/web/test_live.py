@@ -82,6 +82,17 @@ def entity(eid: str, type_: str, **attrs: Any) -> dict[str, Any]:
     return doc
 
 
+def seed_tenant(server: Server, tenant: str, eid: str) -> None:
+    """Create ``tenant`` with one air-quality entity, as the admin."""
+    r = httpx.post(
+        server.url + "/ngsi-ld/v1/entities",
+        json=entity(eid, "AirQualityObserved", no2=3.0),
+        headers={"Authorization": f"Bearer {server.admin}", "NGSILD-Tenant": tenant},
+        timeout=10,
+    )
+    assert r.status_code == 201, r.text
+
+
 def test_changes_reach_a_dashboard_within_two_seconds_by_purpose(server: Server) -> None:
     got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
     stop = threading.Event()
@@ -122,14 +133,7 @@ def test_changes_reach_a_dashboard_within_two_seconds_by_purpose(server: Server)
 def test_a_dashboard_sees_only_the_tenant_it_asked_for(server: Server) -> None:
     admin = {"Authorization": f"Bearer {server.admin}"}
     # creates the tenant; the operator (traffic-management) is never sent air quality
-    seed = entity("urn:ngsi-ld:AirQualityObserved:tenant-b", "AirQualityObserved", no2=3.0)
-    r = httpx.post(
-        server.url + "/ngsi-ld/v1/entities",
-        json=seed,
-        headers={**admin, "NGSILD-Tenant": "cityB"},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
+    seed_tenant(server, "cityB", "urn:ngsi-ld:AirQualityObserved:tenant-b")
     streams: dict[str | None, queue.Queue[tuple[float, str, Any]]] = {}
     stop = threading.Event()
     for tenant in (None, "cityB"):  # None: no header, the default tenant
@@ -241,14 +245,7 @@ def test_the_ingest_rate_counts_only_what_the_token_may_read(server: Server) -> 
     the token may not read. Here a traffic-only token watches a tenant that holds only air
     quality while the default tenant's traffic is written."""
     admin = {"Authorization": f"Bearer {server.admin}"}
-    seed = entity("urn:ngsi-ld:AirQualityObserved:quiet", "AirQualityObserved", no2=3.0)
-    r = httpx.post(
-        server.url + "/ngsi-ld/v1/entities",
-        json=seed,
-        headers={**admin, "NGSILD-Tenant": "quiet"},
-        timeout=10,
-    )
-    assert r.status_code == 201, r.text
+    seed_tenant(server, "quiet", "urn:ngsi-ld:AirQualityObserved:quiet")
     got: queue.Queue[tuple[float, str, Any]] = queue.Queue()
     stop = threading.Event()
     args = (server.url + EVENTS, server.operator, got, stop, "quiet")

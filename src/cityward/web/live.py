@@ -49,6 +49,7 @@ RATE_WINDOW_S = 10.0
 MAX_BACKLOG = 2000
 FALL_BEHIND_S = 5.0
 HARD_BACKLOG = 100_000
+SOURCE_CACHE = 200_000  # (entity id, types) whose data source is kept
 
 
 def sse(event: str, data: Any) -> bytes:
@@ -81,6 +82,9 @@ class LiveHub:
         # (monotonic s, changes per (tenant, data source id)), one entry per tick with changes
         self._counts: deque[tuple[float, dict[tuple[str, str], int]]] = deque()
         self._sources: dict[str, DataSource] = {}  # the data sources counted, by id
+        # the data source of each (entity id, types) seen: every change is counted by its
+        # source, dashboards or none, and the catalog's id patterns are regex searches
+        self._source_of: dict[tuple[str, tuple[str, ...]], DataSource] = {}
         self._handle: Unsubscribe | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -164,13 +168,23 @@ class LiveHub:
         if changes:
             tick: dict[tuple[str, str], int] = {}
             for c in changes:
-                source = self.catalog.source_of(c.entity_id, c.types)
-                self._sources[source.id] = source
+                source = self._source(c.entity_id, c.types)
                 key = (c.tenant, source.id)
                 tick[key] = tick.get(key, 0) + 1
             self._counts.append((now, tick))
         while self._counts and self._counts[0][0] < now - RATE_WINDOW_S:
             self._counts.popleft()
+
+    def _source(self, eid: str, types: Sequence[str]) -> DataSource:
+        """The catalog's source of an entity, looked up once per id and types."""
+        key = (eid, tuple(types))
+        source = self._source_of.get(key)
+        if source is None:
+            if len(self._source_of) >= SOURCE_CACHE:
+                self._source_of.clear()
+            source = self._source_of[key] = self.catalog.source_of(eid, types)
+            self._sources[source.id] = source
+        return source
 
     # -- figures --------------------------------------------------------------------------
     def ingest_rate(self, tenant: str, purposes: frozenset[str]) -> float:
@@ -230,7 +244,7 @@ class LiveHub:
     def _send(self, change: Change) -> None:
         eid = change.entity_id
         types = change.types
-        source = self.catalog.source_of(eid, types)
+        source = self._source(eid, types)
         short = frozenset(self.context.compact(t) for t in types)
         if change.after is None:
             event = sse("delete", {"id": eid, "type": sorted(short)})

@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
@@ -116,6 +117,22 @@ def missing_statements(conn: psycopg.Connection[Any], script: str) -> list[str]:
     return out
 
 
+def open_pool(
+    url: str, max_size: int, kwargs: dict[str, Any]
+) -> ConnectionPool[psycopg.Connection[TupleRow]]:
+    """A pool of connections to ``url`` (the store's, the notification outbox's). Checked:
+    a pooled connection whose server session ended (pg_terminate_backend, a server restart)
+    is replaced before use instead of failing the request given it."""
+    return ConnectionPool(
+        url,
+        min_size=1,
+        max_size=max_size,
+        kwargs=kwargs,
+        open=True,
+        check=ConnectionPool.check_connection,
+    )
+
+
 def to_pg(sql: str) -> str:
     """Our SQL uses ``?`` placeholders everywhere; psycopg wants ``%s``."""
     return _PLACEHOLDER.sub("%s", sql)
@@ -144,16 +161,7 @@ class PostgresStore(Store):
         if schema:
             options += f" -c search_path={schema}"
         kwargs: dict[str, Any] = {"autocommit": False, "options": options}
-        # check: a pooled connection whose server session ended (pg_terminate_backend, a
-        # server restart) is replaced before use instead of failing the request given it
-        self.pool = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_size,
-            kwargs=kwargs,
-            open=True,
-            check=ConnectionPool.check_connection,
-        )
+        self.pool = open_pool(url, max_size, kwargs)
         self._stats_lock = threading.Lock()
         self._written = 0
         self._analyzed_at = 0

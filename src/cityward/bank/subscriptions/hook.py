@@ -115,6 +115,11 @@ class NotificationHook:
             index = self._indexes.get(tenant)
             return None if index is None else index.get(sid)
 
+    def ids(self) -> set[tuple[str, str]]:
+        """(tenant, id) of every subscription held."""
+        with self._lock:
+            return {(t, s.id) for t, index in self._indexes.items() for s in index}
+
     # -- the write path ---------------------------------------------------------------------
     def __call__(self, txn: _Txn, changes: Sequence[_Change]) -> None:
         """The write hook: enqueue the notifications of ``changes`` in ``txn``."""

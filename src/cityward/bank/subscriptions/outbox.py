@@ -54,6 +54,8 @@ import orjson
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from cityward.bank.store.postgres import open_pool
+
 __all__ = [
     "POSTGRES_DDL",
     "SQLITE_DDL",
@@ -237,17 +239,7 @@ class PostgresOutboxDB:
         kwargs: dict[str, Any] = {"autocommit": False}
         if schema:
             kwargs["options"] = f"-c search_path={schema}"
-        # check: a connection whose session ended (a server restart) is replaced before use,
-        # as the store's pool does
-        pool: ConnectionPool[Any] = ConnectionPool(
-            url,
-            min_size=1,
-            max_size=max_size,
-            kwargs=kwargs,
-            open=True,
-            check=ConnectionPool.check_connection,
-        )
-        return cls(pool, owned=True)
+        return cls(open_pool(url, max_size, kwargs), owned=True)
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection[Any]]:

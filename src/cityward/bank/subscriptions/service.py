@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -155,8 +155,7 @@ class Subscriptions:
         the index had, after a check of the outbox for any (one created and deleted between
         two reloads was never in the index)."""
         with self._index_lock:
-            with self.hook._lock:
-                before = {(t, s.id) for t, index in self.hook._indexes.items() for s in index}
+            before = self.hook.ids()
             self._load(version)
         for tenant, sid in before:
             if self.hook.get(tenant, sid) is None:
@@ -233,15 +232,27 @@ class Subscriptions:
         sub = Subscription.from_stored(orjson.loads(rows[0][0])) if rows else None
         if sub is None or (owner is not None and sub.owner != owner):
             raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
+        self._with_counters(sub, tenant, live, self.store.select)
+        return sub
+
+    def _with_counters(
+        self,
+        sub: Subscription,
+        tenant: str,
+        live: Subscription | None,
+        select: Callable[[str, Sequence[Any]], list[tuple[Any, ...]]],
+    ) -> None:
+        """Give ``sub`` its delivery counters: the live ones when this process delivers, else
+        those another process last flushed (read with ``select``: the store, or the caller's
+        transaction)."""
         if live is not None and self.dispatching:
             _adopt(sub, live.stats)
-        else:  # another process delivers: its counters, as last flushed
-            stats = self.store.select(
-                "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid]
-            )
-            if stats:
-                _adopt(sub, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
-        return sub
+            return
+        stats = select(
+            "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sub.id]
+        )
+        if stats:
+            _adopt(sub, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
 
     def page(
         self, tenant: str, limit: int, offset: int, *, owner: str | None = None
@@ -286,15 +297,7 @@ class Subscriptions:
                 raise ResourceNotFound(f"subscription {sid} not found", field="subscriptionId")
             old = Subscription.from_stored(orjson.loads(rows[0][0]))
             # the counters change() keeps, as get() gives them
-            live = self.hook.get(tenant, sid)
-            if live is not None and self.dispatching:
-                _adopt(old, live.stats)
-            else:
-                stats = txn.execute(
-                    "SELECT body FROM subscription_stats WHERE tenant = ? AND id = ?", [tenant, sid]
-                )
-                if stats:
-                    _adopt(old, DeliveryStats.from_dict(orjson.loads(stats[0][0])))
+            self._with_counters(old, tenant, self.hook.get(tenant, sid), txn.execute)
             sub = change(old)
             if sub.id != sid:
                 raise ValueError(f"change() of {sid} returned {sub.id}")
