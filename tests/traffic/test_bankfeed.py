@@ -6,11 +6,15 @@ goes through the ordinary, audited NGSI-LD API.
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -26,11 +30,14 @@ from cityward.governance.policy import Role
 from cityward.traffic.backend import GREEN, Intersection, Phase
 from cityward.traffic.bankfeed import (
     NO_OVERRIDE,
+    PAGE,
     BankError,
     BankFeed,
     CoalescingQueue,
     OverrideError,
     OverrideSpec,
+    _limit_refused,
+    _smaller_page,
     parse_override,
 )
 from cityward.traffic.safety import SafetyGuard, SafetyRules
@@ -39,6 +46,7 @@ from tests.conftest import shared_path
 from tests.servers import cityward_serve, free_port
 
 NGSI = "/ngsi-ld/v1"
+ERRORS = "https://uri.etsi.org/ngsi-ld/errors/"
 OPERATOR = "operator-anna"
 RULES = SafetyRules(min_green=5)
 END = 240.0
@@ -60,11 +68,10 @@ class Bank:
         return r.json()
 
 
-@pytest.fixture(scope="module")
-def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
+@contextmanager
+def serve_bank(data: Path, settings: Mapping[str, str] | None = None) -> Iterator[Bank]:
     """``cityward serve`` on SQLite with authentication on, and a token per role."""
-    data = tmp_path_factory.mktemp("bank") / "data"
-    with cityward_serve(data, free_port(), data.parent / "server.log") as url:
+    with cityward_serve(data, free_port(), data.parent / "server.log", settings) as url:
         ids = Identities(Settings(data_dir=data).governance, data, None)
         tokens = {
             "admin": (data / "governance" / "admin.token").read_text().strip(),
@@ -73,6 +80,12 @@ def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
             "auditor": ids.issue(Role.AUDITOR, [], subject="dpo"),
         }
         yield Bank(url, tokens)
+
+
+@pytest.fixture(scope="module")
+def bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
+    with serve_bank(tmp_path_factory.mktemp("bank") / "data") as b:
+        yield b
 
 
 def add_emergency_vehicle(t: Any) -> None:
@@ -503,3 +516,246 @@ def test_each_run_of_an_emergency_vehicle_is_its_own_entity_and_ends_with_the_si
         assert run["runStatus"]["value"] == "interrupted"
         assert start < run["validTo"]["value"]["@value"]
         assert "travelTime" not in run
+
+
+def wait_polls(feed: BankFeed, n: int = 2) -> None:
+    """Until the feed has polled the bank ``n`` times more (a whole poll after a PATCH)."""
+    polls, deadline = feed.stats.polls, time.monotonic() + 30
+    while feed.stats.polls < polls + n:
+        assert time.monotonic() < deadline, "the feed did not poll the bank"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def small_page_bank(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bank]:
+    """A bank whose pages hold at most 5 entities (the 3x3 grid has 9 signals)."""
+    data = tmp_path_factory.mktemp("small-page-bank") / "data"
+    with serve_bank(data, {"max_limit": "5", "default_limit": "2"}) as b:
+        yield b
+
+
+def test_overrides_are_read_on_every_page_of_a_bank_with_a_small_max_limit(
+    small_page_bank: Bank, grid_cfg: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The feed polled with limit=1000: a bank whose max_limit is lower refused every poll
+    (403 TooManyResults), the feed logged it and went on, and no override was ever applied. It
+    now asks for the maximum the refusal names and follows the pages."""
+    bank = small_page_bank
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", "40"])
+    xs = {x.id: x for x in backend.intersections() if x.greens}
+    assert len(xs) > 5  # more signals than one page
+    wanted: dict[str, int] = {}
+    feed = BankFeed(
+        backend,
+        bank.url,
+        bank.tokens["admin"],  # reads the audit trail: the override's author is named
+        scenario="grid-pages",
+        controller="max-pressure",
+        poll_interval_s=0.2,
+    )
+
+    def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+        feed.on_step(now, guards)
+        if int(now) == 10:
+            for tls, x in xs.items():
+                current = guards[tls].current.index
+                wanted[tls] = next(g.index for g in x.greens if g.index != current)
+                patch_override(bank, feed.signal_id(tls), {"phase": wanted[tls], "durationS": 15})
+            wait_polls(feed)
+
+    caplog.set_level(logging.WARNING, logger="cityward.traffic.bankfeed")
+    try:
+        feed.start()
+        control_loop(
+            backend,
+            "max-pressure",
+            40.0,
+            rules=RULES,
+            on_step=on_step,
+            overrides=feed.overrides,
+        )
+    finally:
+        backend.close()
+        stats = feed.close()
+    assert not [r.getMessage() for r in caplog.records if "override poll" in r.getMessage()]
+    assert (stats.overrides_applied, stats.overrides_rejected) == (len(xs), 0), stats
+    assert stats.overrides_ended == len(xs) and stats.rejected == 0 and stats.dropped == 0
+    for tls in xs:
+        eid = quote(feed.signal_id(tls), safe=":")
+        history = bank.get("operator", f"{NGSI}/temporal/entities/{eid}", lastN="50")
+        statuses = [i["value"] for i in history["overrideStatus"]]
+        assert any(s.startswith("applied until ") for s in statuses), (tls, statuses)
+        assert statuses[-1].endswith(": the override expired"), (tls, statuses)
+        active = [i["value"] for i in history["activeOverride"] if i["value"].get("active")]
+        assert active and active[0]["phase"] == wanted[tls], (tls, active)
+        assert active[0]["by"] == OPERATOR
+
+
+class FlakyBank:
+    """A proxy in front of a bank that answers the next ``fail_upserts`` batch upserts slowly
+    and with 503: a bank briefly overloaded. Everything else goes through."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.fail_upserts = 0
+        self.failed = 0
+        self.delay_s = 0.3
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def forward(self) -> None:
+                size = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(size) if size else b""
+                if "/entityOperations/upsert" in self.path and proxy.take_failure():
+                    time.sleep(proxy.delay_s)
+                    self.reply(503, {"Content-Type": "application/json"}, b'{"title": "busy"}')
+                    return
+                skip = {"host", "content-length", "connection", "accept-encoding"}
+                r = httpx.request(
+                    self.command,
+                    proxy.target + self.path,
+                    content=body,
+                    headers={k: v for k, v in self.headers.items() if k.lower() not in skip},
+                    timeout=30,
+                )
+                drop = {"content-length", "content-encoding", "transfer-encoding", "connection"}
+                headers = {k: v for k, v in r.headers.items() if k.lower() not in drop}
+                self.reply(r.status_code, headers, r.content)
+
+            def reply(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = forward
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def take_failure(self) -> bool:
+        with self._lock:
+            if self.fail_upserts <= 0:
+                return False
+            self.fail_upserts -= 1
+            self.failed += 1
+            return True
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_an_override_running_when_the_simulation_ends_is_written_as_ended(
+    bank: Bank, grid_cfg: Path
+) -> None:
+    """An override still running at the end of a run stayed "applied" and active in the bank
+    for ever. It now ends with the run, written with the run's other last updates (the last
+    lane period, the interrupted emergency run), through a bank that is briefly failing."""
+    end = 30.0
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=3), "--end", str(end)])
+    xs = {x.id: x for x in backend.intersections()}
+    forced_tls = "B1"
+    proxy = FlakyBank(bank.url)
+    feed = BankFeed(
+        backend,
+        proxy.url,
+        bank.tokens["feed"],
+        scenario="grid-end",
+        controller="max-pressure",
+        poll_interval_s=0.2,
+    )
+
+    def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
+        feed.on_step(now, guards)
+        if int(now) == 5:
+            add_emergency_vehicle(backend.t)
+        if int(now) == 10:
+            current = guards[forced_tls].current.index
+            want = next(g.index for g in xs[forced_tls].greens if g.index != current)
+            patch_override(bank, feed.signal_id(forced_tls), {"phase": want, "durationS": 600})
+            wait_polls(feed)
+
+    try:
+        feed.start()
+        control_loop(
+            backend, "max-pressure", end, rules=RULES, on_step=on_step, overrides=feed.overrides
+        )
+        assert forced_tls in feed.overrides  # 600 s: still running when the run ends
+        proxy.fail_upserts = 3  # the bank is busy while the feed writes its last updates
+    finally:
+        backend.close()
+        stats = feed.close()
+        proxy.close()
+    assert proxy.failed == 3 and stats.failed_requests >= 3
+    assert stats.dropped == 0 and stats.rejected == 0, stats
+    assert (stats.overrides_applied, stats.overrides_ended) == (1, 1), stats
+    assert forced_tls not in feed.overrides
+
+    signal = bank.get("operator", f"{NGSI}/entities/{feed.signal_id(forced_tls)}")
+    status = signal["overrideStatus"]["value"]
+    assert re.fullmatch(r"ended at \S+Z: the simulation ended", status), status
+    assert signal["activeOverride"]["value"] == NO_OVERRIDE
+    history = bank.get(
+        "operator", f"{NGSI}/temporal/entities/{feed.signal_id(forced_tls)}", lastN="50"
+    )
+    statuses = [i["value"] for i in history["overrideStatus"]]
+    assert statuses[-2].startswith("applied until ") and statuses[-1] == status, statuses
+
+    # the run's other last updates got through too
+    runs = bank.get("operator", NGSI + "/entities", type="EmergencyVehicleRun", limit="100")
+    runs = [r for r in runs if ":grid-end:" in r["id"]]
+    assert [r["runStatus"]["value"] for r in runs] == ["interrupted"]
+    flows = bank.get(
+        "operator",
+        NGSI + "/entities",
+        type="TrafficFlowObserved",
+        idPattern="^urn:ngsi-ld:TrafficFlowObserved:grid-end:",
+        limit="1000",
+    )
+    lanes = {lane for x in xs.values() for lane in x.in_lanes}
+    assert sorted(f["name"]["value"] for f in flows) == sorted(lanes)  # the last period
+
+
+@pytest.mark.parametrize(
+    ("status", "problem", "page"),
+    [
+        (
+            403,
+            {"type": ERRORS + "TooManyResults", "detail": "limit 1000 is above the maximum of 5"},
+            5,
+        ),
+        (400, {"field": "limit", "detail": "limit must be between 1 and 1000"}, None),
+        (403, {"type": ERRORS + "TooManyResults", "detail": "too many"}, None),
+    ],
+)
+def test_a_refused_page_size_gives_the_next_one_to_ask_for(
+    status: int, problem: dict[str, str], page: int | None
+) -> None:
+    """The maximum the refusal names; None (ask without limit: the bank's default page) when it
+    names none smaller than the page asked for."""
+    r = httpx.Response(status, json=problem)
+    assert _limit_refused(r)
+    assert _smaller_page(r, PAGE) == page
+
+
+@pytest.mark.parametrize(
+    ("status", "problem"),
+    [
+        (400, {"field": "idPattern", "detail": "at most 5"}),
+        (403, {"type": ERRORS + "Forbidden", "detail": "at most 5"}),
+        (500, {"field": "limit", "detail": "at most 5"}),
+    ],
+)
+def test_other_refusals_are_not_about_the_page_size(status: int, problem: dict[str, str]) -> None:
+    assert not _limit_refused(httpx.Response(status, json=problem))

@@ -20,11 +20,13 @@ Writes leave from one background thread through a bounded :class:`CoalescingQueu
 or absent bank never stalls the simulation: when the queue is full, pending updates of the same
 entity are merged (newest attributes win) and, failing that, the oldest update is dropped.
 
-The same thread polls the ``override`` attribute of the feed's TrafficSignal entities. An
+The same thread polls the ``override`` attribute of the feed's TrafficSignal entities, every
+page of them (pages of the size the bank allows: its ``max_limit`` may be below ``PAGE``). An
 operator sets it with an ordinary, audited ``PATCH /ngsi-ld/v1/entities/{id}/attrs``; a valid
 override becomes an :class:`~cityward.traffic.backend.Override` in the ``overrides`` dict that
-``control_loop`` honours, and the outcome is written back as ``overrideStatus``. The safety
-layer still applies under an override (minimum green, yellow and all-red, maximum red).
+``control_loop`` honours, and the outcome is written back as ``overrideStatus``; one still
+running when the feed closes is written as ended with the run. The safety layer still applies
+under an override (minimum green, yellow and all-red, maximum red).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import orjson
@@ -60,6 +62,10 @@ FLOW_TYPE = "TrafficFlowObserved"
 EV_TYPE = "EmergencyVehicleRun"
 MAX_OVERRIDE_S = 3600.0
 MAX_S = f"{MAX_OVERRIDE_S:g}"
+# the page size asked for first (the bank's default max_limit); a bank that allows less refuses
+# it, and the feed then asks for the maximum the refusal names (``_smaller_page``)
+PAGE = 1000
+AUDIT_PAGES = 10  # at most this many pages of audit records read to name an override's author
 OVERRIDE_KEYS = ("phase", "controller", "durationS", "clear")
 NO_OVERRIDE: dict[str, Any] = {"active": False}
 Doc = dict[str, Any]
@@ -410,6 +416,9 @@ class BankFeed:
         self._sig_at: dict[str, float] = {}
         self._applied: dict[str, Override] = {}  # overrides this feed put in ``overrides``
         self._seen: dict[str, tuple[str, bytes]] = {}  # tls -> (modifiedAt, value) last polled
+        # page sizes for the bank's entity queries and audit trail (None: the bank's default)
+        self._page: int | None = PAGE
+        self._audit_page: int | None = PAGE
         self._lanes: dict[str, _LaneAgg] = {}
         self._lane_static_sent: set[str] = set()
         self._evs: dict[str, tuple[float, str]] = {}  # vehicle -> (start time, entity id)
@@ -471,12 +480,18 @@ class BankFeed:
         self._thread.start()
 
     def close(self) -> FeedStats:
-        """Write the last partial observation period, flush the queue, stop the thread."""
+        """Write the last partial observation period and the end of running overrides, flush
+        the queue, stop the thread."""
         if not self._started:
             return self.stats
         self._started = False
         with contextlib.suppress(Exception):  # the simulation may already be closed
             self._flush_lanes(self._now, final=True)
+        # overrides still running end with the simulation: the bank must not show them active
+        # for ever. Queued behind the signal's earlier updates (written in order, retried while
+        # the bank fails), so no older update written after it brings the override back.
+        for tls in list(self._applied):
+            self._end_override(tls, self._now, "the simulation ended")
         # runs still under way end with the simulation: a map must not show them driving
         for _, eid in self._evs.values():
             self.put(
@@ -690,15 +705,18 @@ class BankFeed:
 
     def _check_expired(self, now: float) -> None:
         for tls, ov in list(self._applied.items()):
-            current = self.overrides.get(tls)
-            if current is ov and ov.active(now):
+            if self.overrides.get(tls) is ov and ov.active(now):
                 continue
-            del self._applied[tls]
-            if current is ov:
-                self.overrides.pop(tls, None)
-            with self._lock:
-                self.stats.overrides_ended += 1
-            self._status(tls, now, f"ended at {self.at(now)}: the override expired")
+            self._end_override(tls, now, "the override expired")
+
+    def _end_override(self, tls: str, now: float, reason: str) -> None:
+        """Take an override this feed applied out of ``overrides`` and write that it ended."""
+        ov = self._applied.pop(tls)
+        if self.overrides.get(tls) is ov:
+            self.overrides.pop(tls, None)
+        with self._lock:
+            self.stats.overrides_ended += 1
+        self._status(tls, now, f"ended at {self.at(now)}: {reason}")
 
     def _sample_lanes(self, now: float) -> None:
         lane_api = self._t.lane
@@ -917,29 +935,17 @@ class BankFeed:
     def _poll(self) -> None:
         """Read the override attribute of every TrafficSignal of this feed; queue the new ones."""
         prefix = f"urn:ngsi-ld:{SIGNAL_TYPE}:{self.scenario}:"
-        found: dict[str, Doc] = {}
-        offset = 0
-        while True:
-            r = self._client.get(
-                "/ngsi-ld/v1/entities",
-                params={
-                    "type": SIGNAL_TYPE,
-                    "idPattern": "^" + re.escape(prefix) + ".*$",
-                    "attrs": "override",
-                    "options": "sysAttrs",
-                    "limit": "1000",
-                    "offset": str(offset),
-                },
-            )
-            if r.status_code != 200:
-                log.warning("override poll: %s %s", r.status_code, _detail(r))
-                return
-            page = r.json()
-            for ent in page if isinstance(page, list) else []:
-                found[str(ent.get("id"))] = ent
-            if not isinstance(page, list) or len(page) < 1000:
-                break
-            offset += 1000
+        params = {
+            "type": SIGNAL_TYPE,
+            "idPattern": "^" + re.escape(prefix) + ".*$",
+            "attrs": "override",
+            "options": "sysAttrs",
+        }
+        entities = self._entities(params)
+        if entities is None:
+            # an incomplete answer: a signal missing from it would read as a deleted override
+            return
+        found = {str(ent.get("id")): ent for ent in entities}
         for tls in self._xs:
             eid = self.signal_id(tls)
             attr = _instance(found.get(eid, {}).get("override"))
@@ -972,30 +978,70 @@ class BankFeed:
         with self._lock:
             self.stats.polls += 1
 
+    def _entities(self, params: Mapping[str, str]) -> list[Doc] | None:
+        """Every entity a query matches, page after page (the answer's rel="next" link); None,
+        logged, when the bank refuses a page or answers something else than a list."""
+        out: list[Doc] = []
+        offset = 0
+        while True:
+            query = {**params, "offset": str(offset)}
+            if self._page is not None:
+                query["limit"] = str(self._page)
+            r = self._client.get("/ngsi-ld/v1/entities", params=query)
+            if self._page is not None and _limit_refused(r):
+                self._page = _smaller_page(r, self._page)
+                log.info("the data bank's pages hold %s entities", self._page or "its default")
+                continue
+            if r.status_code != 200:
+                log.warning("override poll: %s %s", r.status_code, _detail(r))
+                return None
+            page = r.json()
+            if not isinstance(page, list):
+                log.warning("override poll: the data bank answered no list: %s", _detail(r))
+                return None
+            out.extend(ent for ent in page if isinstance(ent, dict))
+            nxt = _next_offset(r)
+            if nxt is None or nxt <= offset or not page:
+                return out
+            offset = nxt
+
     def _who(self, eid: str, modified: str) -> str:
         """The subject whose write set the override, from the audit trail when readable."""
         if not self.can_read_audit or not modified:
             return ""
+        actor = ""
         try:
             since = datetime.fromisoformat(modified.replace("Z", "+00:00")) - timedelta(seconds=2)
-            r = self._client.get(
-                "/cityward/v1/audit",
-                params={"entity": eid, "action": "write", "since": iso(since), "limit": "1000"},
-            )
-        except (ValueError, httpx.HTTPError) as exc:
+            params = {"entity": eid, "action": "write", "since": iso(since)}
+            after, pages = 0, 0
+            while pages < AUDIT_PAGES:
+                query = {**params, "after": str(after)}
+                if self._audit_page is not None:
+                    query["limit"] = str(self._audit_page)
+                r = self._client.get("/cityward/v1/audit", params=query)
+                if self._audit_page is not None and _limit_refused(r):
+                    self._audit_page = _smaller_page(r, self._audit_page)
+                    continue
+                pages += 1
+                records = r.json() if r.status_code == 200 else None
+                if not isinstance(records, list) or not records:
+                    break
+                for rec in records:
+                    path = str(rec.get("path", ""))
+                    if (
+                        rec.get("method") in ("PATCH", "PUT", "POST")
+                        and "/entityOperations/" not in path
+                        and int(rec.get("result", 0)) < 300
+                    ):
+                        actor = str(rec.get("actor", ""))
+                last = int(records[-1].get("seq", 0))
+                if self._audit_page is not None and len(records) < self._audit_page:
+                    break
+                if last <= after:
+                    break
+                after = last
+        except (ValueError, TypeError, AttributeError, httpx.HTTPError) as exc:
             log.debug("who set the override of %s: %s", eid, exc)
-            return ""
-        if r.status_code != 200:
-            return ""
-        actor = ""
-        for rec in r.json():
-            path = str(rec.get("path", ""))
-            if (
-                rec.get("method") in ("PATCH", "PUT", "POST")
-                and "/entityOperations/" not in path
-                and int(rec.get("result", 0)) < 300
-            ):
-                actor = str(rec.get("actor", ""))
         return actor
 
 
@@ -1028,6 +1074,41 @@ def _instance(attr: object) -> Doc | None:
         plain = [a for a in attr if isinstance(a, dict) and "datasetId" not in a]
         attr = plain[0] if plain else (attr[0] if attr else None)
     return attr if isinstance(attr, dict) else None
+
+
+def _limit_refused(r: httpx.Response) -> bool:
+    """Whether the bank refused a request for its ``limit`` (a page larger than it allows:
+    403 TooManyResults on the NGSI-LD API, 400 on the audit trail)."""
+    if r.status_code not in (400, 403):
+        return False
+    try:
+        body = r.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and (
+        body.get("field") == "limit" or str(body.get("type", "")).endswith("/TooManyResults")
+    )
+
+
+def _smaller_page(r: httpx.Response, page: int) -> int | None:
+    """The page size to ask for after ``page`` was refused: the maximum the refusal names
+    ("above the maximum of 5", "between 1 and 1000"), or None (no limit: the bank's default
+    page, never above its maximum) when it names none smaller."""
+    found = re.findall(r"(?:maximum of|at most|between 1 and) (\d+)", _detail(r))
+    named = int(found[-1]) if found else 0
+    return named if 0 < named < page else None
+
+
+def _next_offset(r: httpx.Response) -> int | None:
+    """The offset of the next page from the answer's rel="next" Link, None on the last page."""
+    nxt = r.links.get("next", {}).get("url")
+    if not nxt:
+        return None
+    values = parse_qs(urlsplit(nxt).query).get("offset", [])
+    try:
+        return int(values[0]) if values else None
+    except ValueError:
+        return None
 
 
 def _detail(r: httpx.Response) -> str:
