@@ -37,6 +37,7 @@ from cityward.bank.model import EntityParser
 from cityward.bank.service import Bank
 from cityward.bank.store import Store, WriteTxn
 from cityward.config import GovernanceSettings, Settings
+from cityward.governance.policy import Role
 from cityward.governance.sources import DataSource
 from tests.conftest import shared_path
 
@@ -830,3 +831,178 @@ def test_a_strong_incident_in_the_quiet_after_an_earlier_one_still_opens(bank: B
     assert len(got) == 2, [(a["validFrom"], a["alertStatus"]) for a in got]
     assert got[0]["alertStatus"] == "closed"
     assert second <= when(got[1]["validFrom"]) < second + 12 * STEP
+
+
+# -- what the hunt found -------------------------------------------------------------------
+def test_an_alert_deleted_while_open_is_not_brought_back_half(bank: Bank) -> None:
+    # an operator deletes an open alert; the service's close of it used to upsert, creating a
+    # partial Alert (validTo, status, score, data: no category, no source)
+    service = run_service(bank, gaussian_watch(warmup=5, open_after=1))
+    try:
+        t = T0
+        for n in range(20):
+            observe(bank, SENSOR, t, averageVehicleSpeed=50.0 + n % 3)
+            t += STEP
+        observe(bank, SENSOR, t, averageVehicleSpeed=500.0)
+        t += STEP
+        assert service.wait_idle()
+        (alert,) = alerts(bank)
+        assert alert["alertStatus"] == "open"
+        bank.delete("", alert["id"])
+        for n in range(12):  # normal again: the service closes the incident
+            observe(bank, SENSOR, t, averageVehicleSpeed=50.0 + n % 3)
+            t += STEP
+        assert service.wait_idle()
+        assert service.open_alerts() == {}
+    finally:
+        service.stop()
+    assert alerts(bank) == []
+    stats = service.snapshot()
+    assert (stats.opened, stats.deleted, stats.lost_writes, stats.errors) == (1, 1, 0, 0)
+
+
+def test_an_alert_opened_after_a_run_carries_the_run_peak_value_and_time(bank: Bank) -> None:
+    # open_after 3 (and no point high enough to open at once): the alert opens on the run's
+    # third point, but its value and score time are those of the run's peak (the first, the
+    # farthest from normal), not of the point that opened it
+    watch = gaussian_watch(warmup=5, open_after=3, threshold=0.99, high_threshold=1.0)
+    service = run_service(bank, watch)
+    try:
+        t = T0
+        for n in range(150):
+            observe(bank, SENSOR, t, averageVehicleSpeed=50.0 + n % 3)
+            t += STEP
+        peak_at = t
+        for speed in (55.0, 54.0, 53.5):
+            observe(bank, SENSOR, t, averageVehicleSpeed=speed)
+            t += STEP
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    (alert,) = alerts(bank)
+    assert when(alert["validFrom"]) == peak_at
+    assert alert["data"]["value"] == 55.0
+    assert alert["data"]["peakScore"] < 1.0
+    doc = bank.store.get("", alert["id"])
+    assert doc is not None
+    (score,) = doc["attrs"][PARSER.ctx.expand("anomalyScore")]
+    assert when(score["observedAt"]) == peak_at
+
+
+def test_a_jam_that_turns_out_an_accident_changes_the_alert_sub_category(bank: Bank) -> None:
+    rng = random.Random(5)
+    step = timedelta(minutes=10)
+    service = run_service(bank, INCIDENT)
+    try:
+        t = replay_days(bank, rng, 2.42, step)
+        for _ in range(4):  # a queue sits on the loop, vehicles still pass: a jam
+            normal = traffic(rng, t)
+            observe(
+                bank,
+                SENSOR,
+                t,
+                occupancy=0.45,
+                averageVehicleSpeed=9.0,
+                intensity=normal["intensity"],
+            )
+            t += step
+        assert service.wait_idle()
+        (jam,) = alerts(bank)
+        assert jam["subCategory"] == "trafficJam"
+        for _ in range(3):  # few pass any more: an accident or obstruction
+            observe(bank, SENSOR, t, occupancy=0.45, averageVehicleSpeed=9.0, intensity=4)
+            t += step
+        assert service.wait_idle()
+    finally:
+        service.stop()
+    (alert,) = alerts(bank)
+    assert alert["id"] == jam["id"]
+    assert alert["subCategory"] == "carAccident"
+    assert alert["severity"] == "high"
+    assert "possible accident" in alert["description"]
+
+
+def test_an_alert_is_read_only_with_the_purposes_of_its_source(tmp_path: Path) -> None:
+    # an Alert carries its source's value, reason and place: an environment-monitoring token
+    # that gets 403 on a traffic sensor read the sensor's alert ("speed 500 vs 50"), and any
+    # operator an undeclared (so personal) source's. The alert now belongs to its source.
+    heart = "urn:ngsi-ld:DeviceMeasurement:heart-rate-of-alice"
+    HEART = "DeviceMeasurement"  # no source declares it: undeclared, so personal
+    watches = [
+        gaussian_watch(warmup=5, open_after=1),
+        DetectorWatch(
+            entity_type="DeviceMeasurement",
+            attribute="numValue",
+            category="health",
+            warmup=5,
+            open_after=1,
+            **GAUSSIAN,
+        ),
+    ]
+    anomaly = AnomalySettings(enabled=True, watches=watches)
+    settings = Settings(data_dir=tmp_path, context_fetch=False, anomaly=anomaly)
+    E = "/ngsi-ld/v1/entities"
+    UPSERT = "/ngsi-ld/v1/entityOperations/upsert"
+    loc = {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [3.72, 51.05]}}
+
+    def reading(eid: str, kind: str, name: str, value: float, t: datetime) -> dict[str, Any]:
+        attr = {"type": "Property", "value": value, "observedAt": iso(t)}
+        return {"id": eid, "type": kind, name: attr, "location": loc}
+
+    app = create_app(settings)
+    ids = app.state.governance.identities
+
+    def bearer(role: Role, purposes: list[str]) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ids.issue(role, purposes)}"}
+
+    admin = bearer(Role.ADMIN, ["*"])
+    road = bearer(Role.OPERATOR, ["traffic-management"])
+    air = bearer(Role.OPERATOR, ["environment-monitoring"])
+    safety = bearer(Role.OPERATOR, ["public-safety"])
+    with TestClient(app) as client:
+        service: AnomalyService = app.state.anomaly
+        t = T0
+        for n in range(21):
+            spike = n == 20
+            body = [
+                reading(SENSOR, FLOW, "averageVehicleSpeed", 500.0 if spike else 50.0 + n % 3, t),
+                reading(heart, HEART, "numValue", 190.0 if spike else 60.0 + n % 3, t),
+            ]
+            r = client.post(UPSERT, json=body, headers=admin)
+            assert r.status_code in (201, 204), r.text
+            t += STEP
+        assert service.wait_idle()
+        assert service.snapshot().lost_writes == 0
+
+        def visible(headers: dict[str, str]) -> dict[str, dict[str, Any]]:
+            r = client.get(E, params={"type": "Alert"}, headers=headers)
+            assert r.status_code == 200, r.text
+            return {a["alertSource"]["object"]: a for a in r.json()}
+
+        every = visible(admin)
+        assert set(every) == {SENSOR, heart}
+        assert every[SENSOR]["id"].startswith("urn:ngsi-ld:Alert:from:traffic-detectors:")
+        assert every[heart]["id"].startswith("urn:ngsi-ld:Alert:from:undeclared:")
+        assert set(visible(road)) == {SENSOR}
+        assert visible(air) == {} and visible(safety) == {}
+        for eid, headers in ((every[SENSOR]["id"], air), (every[heart]["id"], road)):
+            assert client.get(f"{E}/{eid}", headers=headers).status_code == 403
+        # the alerts stay open: a restarted service reads them back (it reads them with every
+        # purpose) and closes them when the readings are normal again
+        service.stop()
+        service = AnomalyService(service.bank, anomaly, governance=app.state.governance)
+        service.start()
+        assert service.snapshot().restored == 2
+        for n in range(12):
+            body = [
+                reading(SENSOR, FLOW, "averageVehicleSpeed", 50.0 + n % 3, t),
+                reading(heart, HEART, "numValue", 60.0 + n % 3, t),
+            ]
+            r = client.post(UPSERT, json=body, headers=admin)
+            assert r.status_code in (201, 204), r.text
+            t += STEP
+        assert service.wait_idle()
+        closed = visible(admin)
+        assert {a["alertStatus"]["value"] for a in closed.values()} == {"closed"}
+        assert {a["id"] for a in closed.values()} == {a["id"] for a in every.values()}
+        service.stop()

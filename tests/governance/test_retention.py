@@ -30,6 +30,10 @@ NOISE_AIR = "urn:ngsi-ld:Mixed:M1"  # types of two sources: the first one decide
 AIR_NOISE = "urn:ngsi-ld:Mixed:M2"  # (air)
 THING = "urn:ngsi-ld:Thing:T1"  # undeclared
 GONE = "urn:ngsi-ld:AirQualityObserved:GONE"  # deleted later: its history is undeclared
+# alerts derived from a source belong to it, whatever their type (air's here)
+FROM_CAMS = "urn:ngsi-ld:Alert:from:cams:X1"
+FROM_NOISE = "urn:ngsi-ld:Alert:from:noise:X2"
+FROM_NOWHERE = "urn:ngsi-ld:Alert:from:removed-source:X3"  # no such source: undeclared
 
 
 class ListSink:
@@ -88,6 +92,9 @@ def write_city(store: Store) -> Bank:
         AIR_NOISE: ["AirQualityObserved", "NoiseLevelObserved"],
         THING: ["Thing"],
         GONE: ["AirQualityObserved"],
+        FROM_CAMS: ["AirQualityObserved"],
+        FROM_NOISE: ["Thing"],
+        FROM_NOWHERE: ["AirQualityObserved"],
     }
     start = NOW - timedelta(days=3 * 365)
     step = 0

@@ -63,7 +63,13 @@ from cityward.bank.temporal import decode_instance_values, instances_sql, parse_
 from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Principal
 from cityward.governance.policy import Role
-from cityward.governance.sources import UNDECLARED
+from cityward.governance.sources import (
+    ALL_PURPOSES,
+    DERIVED_PREFIX,
+    UNDECLARED,
+    PersonalData,
+    derived_prefix,
+)
 
 if TYPE_CHECKING:
     from cityward.governance.runtime import Governance
@@ -77,6 +83,7 @@ MAX_MAGNITUDE = 1e100
 SERVICE_ID = "cityward-anomaly"
 ALERT_ID_PREFIX = f"urn:ngsi-ld:Alert:{SERVICE_ID}:"
 MAX_RETRY_S = 300.0
+_PERSONAL_RANK = {PersonalData.NONE: 0, PersonalData.INDIRECT: 1, PersonalData.PERSONAL: 2}
 WatchT = DetectorWatch | TrafficIncidentWatch
 Doc = dict[str, Any]
 StreamKey = tuple[str, str, str]  # tenant, entity id, watch name
@@ -101,6 +108,7 @@ class ServiceStats:
     closed: int = 0
     escalated: int = 0  # an open alert's severity went up
     restored: int = 0  # open alerts read back at start
+    deleted: int = 0  # open alerts deleted by someone else (their incidents are forgotten)
     warmed: int = 0  # values learnt from the recorded history by new streams (warm_start)
     writes: int = 0  # alert writes committed
     write_failures: int = 0  # failed alert write attempts (retried unless permanent)
@@ -121,6 +129,7 @@ class Incident:
     severity: str
     data: Doc = field(default_factory=dict)
     peak_at: str = ""  # observedAt of the peak score, when known
+    sub_category: str | None = None
     normal_run: int = 0
     normal_since: float | None = None
 
@@ -137,6 +146,7 @@ class _Stream:
         "run",
         "run_peak",
         "run_since",
+        "run_top",
         "stat",
     )
 
@@ -149,6 +159,7 @@ class _Stream:
         self.run = 0  # consecutive anomalous points (no alert open)
         self.run_since = 0.0
         self.run_peak = 0.0
+        self.run_top: _Point | None = None  # the current run's peak point
         self.reason = ""  # why the peak point of the current run is anomalous
 
 
@@ -292,6 +303,7 @@ class AnomalyService:
     def _identity(self, gov: Governance) -> Principal:
         """The service's principal: the purposes of the source its Alert entities belong to."""
         source = gov.catalog.source_of(ALERT_ID_PREFIX + "x", [self.ctx.expand(ALERT_TYPE)])
+        self._alerts_source = source
         if source.id == UNDECLARED:
             raise ConfigurationError(
                 "the anomaly service writes Alert entities, but no data source in "
@@ -300,31 +312,78 @@ class AnomalyService:
             )
         return Principal(SERVICE_ID, Role.OPERATOR, frozenset(source.purposes), kind="service")
 
-    @contextlib.contextmanager
-    def _as_service(self) -> Iterator[Any]:
-        """Bank calls inside run under the service's access restrictions (when governed)."""
+    def _alert_prefix(self, change: Change) -> str:
+        """The id prefix of an alert on ``change``'s entity.
+
+        An alert carries its source's value, reason and place, so it may not be read more
+        widely than the source: when some purpose that may read alerts may not read the source
+        (a traffic sensor's alert, read with environment-monitoring), or the source is more
+        personal (undeclared data is treated as personal), the alert belongs to the source
+        (``urn:ngsi-ld:Alert:from:<source>:``, see governance.sources.DERIVED_PREFIX).
+        """
         if self._gov is None or self._principal is None:
+            return ALERT_ID_PREFIX
+        assert change.after is not None
+        catalog = self._gov.catalog
+        source = catalog.source_of(change.entity_id, change.after["type"])
+        alerts = self._alerts_source
+        covered = set(alerts.purposes) <= set(source.purposes)
+        if source.id == alerts.id or (
+            covered and _PERSONAL_RANK[source.personal_data] <= _PERSONAL_RANK[alerts.personal_data]
+        ):
+            return ALERT_ID_PREFIX
+        return f"{derived_prefix(source.id)}{SERVICE_ID}:"
+
+    def _principal_for(self, alert_id: str) -> Principal | None:
+        """Who writes an alert: the service, with the purposes of the source it belongs to."""
+        if self._gov is None or self._principal is None:
+            return None
+        if not alert_id.startswith(DERIVED_PREFIX):
+            return self._principal
+        source = self._gov.catalog.source_of(alert_id, [self.ctx.expand(ALERT_TYPE)])
+        return Principal(SERVICE_ID, Role.OPERATOR, frozenset(source.purposes), kind="service")
+
+    def _restorer(self) -> Principal | None:
+        """Who reads the open alerts back at start: the service, with every purpose, as its
+        alerts may belong to any source (see _alert_prefix)."""
+        if self._principal is None:
+            return None
+        return Principal(SERVICE_ID, Role.OPERATOR, frozenset({ALL_PURPOSES}), kind="service")
+
+    @contextlib.contextmanager
+    def _as_service(self, principal: Principal | None = None) -> Iterator[Any]:
+        """Bank calls inside run under the service's access restrictions (when governed):
+        ``principal``'s, by default the service's own."""
+        principal = principal or self._principal
+        if self._gov is None or principal is None:
             yield None
             return
         from cityward.governance.runtime import RequestTrail
 
         trail = RequestTrail()
-        token = current_access.set(self._gov.access_for(self._principal, trail))
+        token = current_access.set(self._gov.access_for(principal, trail))
         try:
             yield trail
         finally:
             current_access.reset(token)
 
-    def _audit(self, detail: str, entity_ids: tuple[str, ...], action: Action) -> None:
-        if self._gov is None or self._principal is None:
+    def _audit(
+        self,
+        detail: str,
+        entity_ids: tuple[str, ...],
+        action: Action,
+        principal: Principal | None = None,
+    ) -> None:
+        principal = principal or self._principal
+        if self._gov is None or principal is None:
             return
         try:
             self._gov.record(
                 AuditRecord(
                     action=action,
                     actor=SERVICE_ID,
-                    role=self._principal.role.value,
-                    purposes=tuple(sorted(self._principal.purposes)),
+                    role=principal.role.value,
+                    purposes=tuple(sorted(principal.purposes)),
                     entity_ids=entity_ids,
                     count=len(entity_ids),
                     detail=detail,
@@ -817,6 +876,7 @@ class AnomalyService:
             if stream.run == 0 or s > stream.run_peak:
                 stream.reason = point.reason
                 stream.run_peak = s
+                stream.run_top = point
             if stream.run == 0:
                 stream.run_since = point.t
             stream.run += 1
@@ -824,6 +884,7 @@ class AnomalyService:
                 self._open_alert(watch, change, key, stream, point)
                 stream.run = 0
                 stream.run_peak = 0.0
+                stream.run_top = None
             return
         # an open incident goes on while the stream is anomalous, even where the detector is
         # quiet after its alarm (one alarm per incident): its level tells
@@ -844,16 +905,27 @@ class AnomalyService:
             incident.peak = s
             incident.peak_at = iso_at(point.t)
             incident.data["peakScore"] = round(s, 6)
-        if _severity_rank(severity) > _severity_rank(incident.severity):
-            incident.severity = severity
-            self.stats.escalated += 1
+            if "value" in incident.data and point.value is not None:
+                incident.data["value"] = point.value  # the value at the peak
+        # a sub-category the rule insists on (with its severity) replaces the one opened with:
+        # a jam that turns out an accident says so, even when its score was already high
+        sub = point.sub_category if point.severity is not None else None
+        resorted = sub is not None and sub != incident.sub_category
+        escalated = _severity_rank(severity) > _severity_rank(incident.severity)
+        if escalated or resorted:
             frag: Doc = {
                 "id": incident.alert_id,
                 "type": ALERT_TYPE,
-                "severity": _prop(severity),
                 "anomalyScore": _peak(incident),
                 "data": _prop(dict(incident.data)),
             }
+            if escalated:
+                incident.severity = severity
+                self.stats.escalated += 1
+                frag["severity"] = _prop(severity)
+            if resorted:
+                incident.sub_category = sub
+                frag["subCategory"] = _prop(sub)
             if point.reason:
                 frag["description"] = _prop(point.reason)
             self._write(incident.tenant, frag, "escalated")
@@ -871,9 +943,14 @@ class AnomalyService:
         tenant, source, name = key
         valid_from = iso_at(stream.run_since)
         digest = hashlib.sha256(f"{tenant}\n{source}\n{name}\n{valid_from}".encode()).hexdigest()
-        alert_id = f"{ALERT_ID_PREFIX}{name}:{digest[:20]}"
+        alert_id = f"{self._alert_prefix(change)}{name}:{digest[:20]}"
         peak = max(stream.run_peak, point.score)
-        severity = self._severity(watch, peak, point.severity)
+        # the run's peak point gives the alert its value and time (with open_after > 1 the
+        # point that opens it is the run's last, not its peak); the point whose rule insisted
+        # on the higher severity gives the sub-category
+        top = stream.run_top or point
+        strong = max(top, point, key=lambda q: _severity_rank(q.severity or ""))
+        severity = self._severity(watch, peak, strong.severity)
         threshold = watch.levels[0]
         data: Doc = {
             "watch": name,
@@ -883,11 +960,11 @@ class AnomalyService:
         }
         if isinstance(watch, DetectorWatch):
             data["detector"] = watch.detector
-            if point.value is not None:
-                data["value"] = point.value
+            if top.value is not None:
+                data["value"] = top.value
         else:
             data["rule"] = watch.kind
-        sub = point.sub_category or watch.sub_category
+        sub = strong.sub_category or watch.sub_category
         reason = stream.reason or point.reason or f"{name}: score {peak:.4f} >= {threshold}"
         frag: Doc = {
             "id": alert_id,
@@ -899,7 +976,7 @@ class AnomalyService:
             "dateIssued": _dt(now_iso()),
             "validFrom": _dt(valid_from),
             "alertStatus": _prop("open"),
-            "anomalyScore": _prop(round(peak, 6), observedAt=iso_at(point.t)),
+            "anomalyScore": _prop(round(peak, 6), observedAt=iso_at(top.t)),
             "anomalousProperty": _prop(", ".join(point.attrs)),
             "dataProvider": _prop(SERVICE_ID),
             "data": _prop(data),
@@ -911,7 +988,7 @@ class AnomalyService:
         if loc is not None and loc.get("type") == "GeoProperty":
             frag["location"] = {"type": "GeoProperty", "value": loc["value"]}
         self._open[key] = Incident(
-            alert_id, tenant, source, name, valid_from, peak, severity, data, iso_at(point.t)
+            alert_id, tenant, source, name, valid_from, peak, severity, data, iso_at(top.t), sub
         )
         self.stats.opened += 1
         log.info("anomaly alert opened: %s on %s (%s): %s", alert_id, source, name, reason)
@@ -972,6 +1049,10 @@ class AnomalyService:
             try:
                 self._commit(p)
             except NgsiError as exc:
+                if exc.status == 404 and not p.what.startswith("opened"):
+                    del self._pending[eid]
+                    self._forget(eid)
+                    continue
                 self.stats.write_failures += 1
                 if exc.status < 500:  # refused for good (bad entity, purposes): retry is useless
                     del self._pending[eid]
@@ -985,6 +1066,15 @@ class AnomalyService:
             else:
                 del self._pending[eid]
                 self.stats.writes += 1
+
+    def _forget(self, alert_id: str) -> None:
+        """An open alert was deleted (by an operator, through the API): the service stops
+        following its incident; a stream that stays anomalous opens a new alert."""
+        for key, incident in list(self._open.items()):
+            if incident.alert_id == alert_id:
+                del self._open[key]
+        self.stats.deleted += 1
+        log.info("anomaly: alert %s was deleted while open; its incident is forgotten", alert_id)
 
     def _retry(self, eid: str, p: _Pending, exc: BaseException) -> None:
         p.attempts += 1
@@ -1002,14 +1092,19 @@ class AnomalyService:
 
     def _commit(self, p: _Pending) -> None:
         frag = self._parser.entity(p.entity)
-        with self._as_service():
-            result = self.bank.batch_upsert(p.tenant, [frag], "update")
+        eid = str(p.entity["id"])
+        principal = self._principal_for(eid)
+        with self._as_service(principal):
+            if p.what.startswith("opened"):
+                result = self.bank.batch_upsert(p.tenant, [frag], "update")
+            else:
+                # an alert someone deleted is not brought back, half, by its next change
+                result = self.bank.batch_update(p.tenant, [frag], no_overwrite=False)
         if result.errors:
             raise result.raised[0]
-        eid = str(p.entity["id"])
         source = p.entity.get("alertSource", {}).get("object")
         ids = (eid, str(source)) if source else (eid,)
-        self._audit(f"anomaly alert {p.what}: {eid}", ids, Action.WRITE)
+        self._audit(f"anomaly alert {p.what}: {eid}", ids, Action.WRITE, principal)
 
     # -- restart ----------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -1024,7 +1119,7 @@ class AnomalyService:
                 spec = QuerySpec(limit=500, offset=offset)
                 spec.conjuncts.extend(type_conjuncts(texpr, self.ctx.expand, store.dialect))
                 spec.conjuncts.extend(q_conjuncts(q, self.ctx.expand, store.dialect))
-                with self._as_service():
+                with self._as_service(self._restorer()):
                     docs, _ = store.query(tenant, spec)
                 for doc in docs:
                     self._adopt(tenant, doc)
@@ -1060,6 +1155,7 @@ class AnomalyService:
         watch = str(data.get("watch", ""))
         peak = value("anomalyScore")
         severity = value("severity")
+        sub = value("subCategory")
         incident = Incident(
             doc["id"],
             tenant,
@@ -1070,6 +1166,7 @@ class AnomalyService:
             str(severity or "medium"),
             dict(data),
             peak_at if isinstance(peak_at, str) else "",
+            sub if isinstance(sub, str) else None,
         )
         key = (tenant, source, watch)
         if watch not in self.watches:
@@ -1080,7 +1177,7 @@ class AnomalyService:
             return
         # while the service was down its source may have been deleted, or the watch changed
         # so that it no longer covers it: no reading of it would ever close the alert
-        with self._as_service():
+        with self._as_service(self._restorer()):
             entity = self.bank.store.get(tenant, source)
         gone = None
         if entity is None:

@@ -46,11 +46,12 @@ def selection_conjunct(
     hidden_patterns: Sequence[str],
     undeclared: bool,
     dialect: Dialect,
+    derived: Conjunct | None = None,
 ) -> Conjunct:
     """The entities a token may see (see governance.sources.Selection), as a per-entity probe.
 
     Types are expanded IRIs. Always a probe, never a driver: it restricts a query that its
-    own conditions drive.
+    own conditions drive. ``derived`` (see :func:`derived_conjunct`) decides derived ids first.
     """
     params: list[object] = []
     per_row = " OFFSET 0" if dialect == "postgres" else ""
@@ -81,7 +82,41 @@ def selection_conjunct(
     ht = types(hidden_types) if undeclared else ""
     fallback = f"(NOT {ht})" if undeclared and hidden_types else rest
     sql = f"({vp} OR (NOT {hp} AND ({vt} OR {fallback})))"
-    return Conjunct(sql, list(params))
+    if derived is None:
+        return Conjunct(sql, list(params))
+    # a derived id is decided by its prefix alone: the rest applies to the others only
+    prefix = derived.probe_params[0]
+    assert isinstance(prefix, str)
+    return Conjunct(
+        f"({derived.probe} AND (substr(e.eid, 1, {len(prefix)}) = ? OR {sql}))",
+        [*derived.probe_params, prefix, *params],
+    )
+
+
+def derived_conjunct(
+    prefix: str, visible: Sequence[str], known: Sequence[str], undeclared: bool
+) -> Conjunct:
+    """True for the entities whose id is not derived (does not start with ``prefix``) and for
+    the derived ones the token may see: those whose id starts with one of ``visible``, and,
+    when ``undeclared`` data is visible, those of a source not in ``known``.
+
+    Prefix tests are ``substr`` comparisons, the same on both engines and cheaper than a regex.
+    """
+    params: list[object] = [prefix]
+
+    def starts(prefixes: Sequence[str]) -> list[str]:
+        parts = []
+        for p in prefixes:
+            parts.append(f"substr(e.eid, 1, {len(p)}) = ?")
+            params.append(p)
+        return parts
+
+    seen = starts(visible)
+    if undeclared:
+        others = starts(known)
+        seen.append(f"NOT ({' OR '.join(others)})" if others else "1 = 1")
+    allowed = " OR ".join(seen) if seen else "0 = 1"
+    return Conjunct(f"(substr(e.eid, 1, {len(prefix)}) <> ? OR {allowed})", params)
 
 
 def check_read(eid: str, types: Sequence[str]) -> None:

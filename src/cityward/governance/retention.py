@@ -65,7 +65,12 @@ from cityward.bank.store import Store
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.bank.temporal.times import add_months, datetime_to_us, us_to_datetime, us_to_iso
 from cityward.governance.events import Action, AuditRecord, AuditSink
-from cityward.governance.sources import UNDECLARED, Catalog, DataSource
+from cityward.governance.sources import (
+    DERIVED_PREFIX,
+    UNDECLARED,
+    Catalog,
+    DataSource,
+)
 
 log = logging.getLogger("cityward.retention")
 
@@ -331,10 +336,16 @@ class Retention:
         return bool(self.store.select(sql, ["attr_history"])[0][0])
 
     # -- which entities belong to which source --------------------------------------------------
-    def _patterns(self, sources: Sequence[DataSource]) -> tuple[str, list[Any]]:
-        """SQL true when ``x.eid`` fully matches an id pattern of one of ``sources``."""
+    def _patterns(
+        self, sources: Sequence[DataSource], derived: bool = True
+    ) -> tuple[str, list[Any]]:
+        """SQL true when ``x.eid`` fully matches an id pattern of one of ``sources``, or (with
+        ``derived``) is a derived id: those are decided first, by their prefix."""
         parts: list[str] = []
         params: list[Any] = []
+        if derived:
+            parts.append(f"substr(x.eid, 1, {len(DERIVED_PREFIX)}) = ?")
+            params.append(DERIVED_PREFIX)
         for p in (p for s in sources for p in s.id_patterns):
             sql, args = regex_condition("x.eid", full_match(p), self.store.dialect)
             parts.append(sql)
@@ -347,9 +358,19 @@ class Retention:
         """The entity pks of each source id (deleted entities are not listed here)."""
         select = self.store.select
         out: dict[str, list[int]] = {s.id: [] for s in self.catalog.all_sources()}
+        # derived ids first (as in Catalog.source_of): the source named in the id, undeclared
+        # for a name the catalog does not hold
+        declared = {s.id for s in self.catalog.sources}
+        rows = select(
+            f"SELECT x.pk, x.eid FROM entities x WHERE substr(x.eid, 1, {len(DERIVED_PREFIX)}) = ?",
+            [DERIVED_PREFIX],
+        )
+        for pk, eid in rows:
+            sid = str(eid)[len(DERIVED_PREFIX) :].partition(":")[0]
+            out[sid if sid in declared else UNDECLARED].append(int(pk))
         patterned = [s for s in self.catalog.sources if s.id_patterns]
         for i, s in enumerate(patterned):
-            own, own_params = self._patterns([s])
+            own, own_params = self._patterns([s], derived=False)
             earlier, earlier_params = self._patterns(patterned[:i])
             rows = select(
                 f"SELECT x.pk FROM entities x WHERE ({own}) AND NOT ({earlier})",

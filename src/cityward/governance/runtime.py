@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cityward.bank.access import Access, selection_conjunct
+from cityward.bank.access import Access, derived_conjunct, selection_conjunct
 from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.query.sqlgen import Conjunct
@@ -22,7 +22,13 @@ from cityward.governance.events import Action, AuditRecord
 from cityward.governance.identity import Identities, Principal
 from cityward.governance.keys import load_or_create_key
 from cityward.governance.policy import Role
-from cityward.governance.sources import Catalog, DataSource, PersonalData, default_sources
+from cityward.governance.sources import (
+    DERIVED_PREFIX,
+    Catalog,
+    DataSource,
+    PersonalData,
+    default_sources,
+)
 
 if TYPE_CHECKING:
     from cityward.governance.audit import AuditLog
@@ -128,14 +134,19 @@ class Governance:
             if sel.everything:
                 return None
             visible, hidden = sel.visible_types, sel.hidden_types
+            # derived ids (alerts computed from a source) belong to their source, whatever
+            # their type: a cheap prefix test on every entity
+            derived = derived_conjunct(
+                DERIVED_PREFIX, sel.visible_derived, sel.known_derived, sel.undeclared
+            )
             if query_types is not None and not catalog.has_patterns:
                 # without id patterns an entity's source follows from its type alone, so a
-                # query already limited to visible types needs no per-entity check (it costs
-                # an index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
+                # query already limited to visible types needs no per-entity type check (it
+                # costs an index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
                 if query_types <= set(visible):
-                    return None
+                    return derived
                 if sel.undeclared and query_types.isdisjoint(hidden):
-                    return None
+                    return derived
             return selection_conjunct(
                 visible,
                 hidden,
@@ -143,6 +154,7 @@ class Governance:
                 sel.hidden_patterns,
                 sel.undeclared,
                 dialect,
+                derived,
             )
 
         def returned(docs: Sequence[Mapping[str, Any]]) -> None:

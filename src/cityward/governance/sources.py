@@ -21,6 +21,11 @@ from cityward.bank.temporal.duration import Duration, parse_duration
 # The purpose every admin token carries: all purposes.
 ALL_PURPOSES = "*"
 UNDECLARED = "undeclared"
+#: Alerts computed from one source's data carry that source in their id, right after this
+#: prefix (``urn:ngsi-ld:Alert:from:<source id>:...``), and belong to it: whoever may not read
+#: the source may not read what was computed from it (a value, a reason, a place). A source id
+#: has no ':', so the segment is unambiguous; an id naming no declared source is undeclared.
+DERIVED_PREFIX = "urn:ngsi-ld:Alert:from:"
 _PURPOSE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -51,6 +56,11 @@ def check_purpose(name: str) -> str:
             f"purpose {name!r} must be lower-case letters, digits, '.', '_' or '-' (max 64)"
         )
     return name
+
+
+def derived_prefix(source_id: str) -> str:
+    """The id prefix of the alerts that belong to the source ``source_id``."""
+    return f"{DERIVED_PREFIX}{source_id}:"
 
 
 class DataSource(BaseModel):
@@ -217,9 +227,12 @@ def default_sources() -> list[DataSource]:
             name="Traffic cameras (counts only, anonymized at the edge)",
             kind=SourceKind.CAMERA,
             types=("Camera", "ItemFlowObserved", "CrowdFlowObserved"),
-            # the vehicle counts of a camera are TrafficFlowObserved too, told apart by id
+            # the vehicle counts of a camera are TrafficFlowObserved too, told apart by id; its
+            # event Alerts (a stopped vehicle, people on the carriageway, with a blurred
+            # snapshot) are read with the camera's purposes, not with every alert's
             id_patterns=(
                 r"urn:ngsi-ld:(TrafficFlowObserved|ItemFlowObserved|CrowdFlowObserved):camera:.+",
+                r"urn:ngsi-ld:Alert:camera:.+",
             ),
             purposes=("traffic-management", "public-safety"),
             personal_data=PersonalData.INDIRECT,
@@ -281,6 +294,11 @@ class Selection:
     visible_patterns: list[str] = field(default_factory=list)
     hidden_patterns: list[str] = field(default_factory=list)
     undeclared: bool = False
+    # derived ids (DERIVED_PREFIX) decide before all of the above: visible when they start
+    # with one of ``visible_derived``; those of sources not in the catalog (``known_derived``
+    # holds every declared one) follow ``undeclared``
+    visible_derived: list[str] = field(default_factory=list)
+    known_derived: list[str] = field(default_factory=list)
 
 
 class Catalog:
@@ -306,6 +324,7 @@ class Catalog:
                             f"entity type {t!r} is declared by two sources: {other.id!r}, {s.id!r}"
                         )
                     self._by_type[key] = s
+        self._by_id = {s.id: s for s in sources}
         self._patterned = [s for s in sources if s.id_patterns]
         self.has_patterns = bool(self._patterned)
         self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
@@ -320,7 +339,11 @@ class Catalog:
         return next((s for s in self.sources if s.id == source_id), None)
 
     def source_of(self, eid: str, types: Sequence[str]) -> DataSource:
-        """The source an entity belongs to: its id pattern first, then its type."""
+        """The source an entity belongs to: a derived id's source first (DERIVED_PREFIX), then
+        its id pattern, then its type."""
+        if eid.startswith(DERIVED_PREFIX):
+            sid = eid[len(DERIVED_PREFIX) :].partition(":")[0]
+            return self._by_id.get(sid, self.undeclared)
         for s in self._patterned:
             if any(p.search(eid) for p in s.compiled_patterns):
                 return s
@@ -358,4 +381,6 @@ class Catalog:
             visible_patterns=[p for s in visible for p in s.id_patterns],
             hidden_patterns=[p for s in hidden for p in s.id_patterns],
             undeclared=undeclared,
+            visible_derived=[derived_prefix(s.id) for s in visible],
+            known_derived=[derived_prefix(s.id) for s in self.sources],
         )
