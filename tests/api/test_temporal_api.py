@@ -107,6 +107,22 @@ def test_query_and_post_query(client: TestClient) -> None:
     assert [i["value"] for i in entity["speed"]] == SPEEDS[:2]
 
 
+def test_times_with_a_lowercase_z(client: TestClient) -> None:
+    """RFC 3339 (5.6) allows a lowercase z; timeAt, endTimeAt and a written observedAt ending
+    in z were refused with 400."""
+    load(client)
+    lower = [t[:-1] + "z" for t in TIMES]
+    assert values(client, timerel="after", timeAt=lower[1]) == SPEEDS[1:]
+    assert values(client, timerel="between", timeAt=lower[0], endTimeAt=lower[2]) == SPEEDS[:2]
+    r = client.patch(f"{E}/{V1}/attrs", json={"speed": speed(70, "2024-05-01T12:00:00.5z")})
+    assert r.status_code == 204, r.text
+    r = client.get(f"{T}/{V1}", params={"timerel": "after", "timeAt": "2024-05-01T11:30:00z"})
+    assert r.status_code == 200, r.text
+    assert [(i["value"], i["observedAt"]) for i in r.json()["speed"]] == [
+        (70, "2024-05-01T12:00:00.5Z")
+    ]
+
+
 def test_errors(client: TestClient) -> None:
     load(client)
     cases: list[tuple[dict[str, str], str]] = [

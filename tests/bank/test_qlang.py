@@ -64,7 +64,8 @@ from cityward.bank.query import (
     scope_matches,
     type_matches,
 )
-from cityward.bank.query.indexer import UNINDEXED_META
+from cityward.bank.query.indexer import UNINDEXED_META, VT_DATETIME
+from cityward.bank.query.qlang import utc_instant
 from cityward.bank.query.sqlgen import Conjunct, q_conjuncts, scope_conjuncts, type_conjuncts
 from cityward.bank.store import Store
 from cityward.bank.store.sqlite import SqliteStore
@@ -102,6 +103,16 @@ VALID_Q: list[tuple[str, QExpr]] = [
     ("a!=false", Compare(P("a"), "!=", Bool(False))),
     ("a==2024-01-01T00:00:00Z", Compare(P("a"), "==", DateTime("2024-01-01T00:00:00Z"))),
     ("a>2024-01-01T00:00:00.25Z", Compare(P("a"), ">", DateTime("2024-01-01T00:00:00.25Z"))),
+    ("a==2024-01-01T00:00:00z", Compare(P("a"), "==", DateTime("2024-01-01T00:00:00z"))),
+    ("a<2024-01-01T01:00:00+01:00", Compare(P("a"), "<", DateTime("2024-01-01T01:00:00+01:00"))),
+    (
+        "a==2024-01-01T00:00:00Z..2024-01-01T00:00:00.5-05:30",
+        Compare(
+            P("a"),
+            "==",
+            Range(DateTime("2024-01-01T00:00:00Z"), DateTime("2024-01-01T00:00:00.5-05:30")),
+        ),
+    ),
     ("a<2024-02-29", Compare(P("a"), "<", Date("2024-02-29"))),
     ("a==12:30:00", Compare(P("a"), "==", Time("12:30:00"))),
     ("a==12:30:00.5Z", Compare(P("a"), "==", Time("12:30:00.5Z"))),
@@ -204,7 +215,12 @@ INVALID_Q: list[tuple[str, int | None]] = [
     ('a=="\\q"', 4),
     ("a==2024-13-01", 3),
     ("a==2024-01-01T25:00:00Z", 3),
-    ("a==2024-01-01T00:00:00+01:00", 22),
+    ("a==2024-01-01T00:00:00+0100", 22),
+    ("a==2024-01-01T00:00:00+24:00", 3),
+    ("a==2024-01-01T00:00:00+01:60", 3),
+    ("a==0001-01-01T00:30:00+01:00", 3),  # year 0 in UTC
+    ("a==9999-12-31T23:30:00-01:00", 3),  # year 10000 in UTC
+    ("a==2024-01-01t00:00:00Z", 13),
     ("a==1.", 4),
     ("a==.5", 3),
     ("a-b==1", 1),
@@ -383,6 +399,57 @@ def test_index_rows_layout() -> None:
         ("E", 0, None, None),
         ("\x1fscope", 2, None, "/A/B"),
         ("\x1fscope", 2, None, "/C"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("raw", "instant"),
+    [
+        ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00.000000Z"),
+        ("2024-03-01T10:00:00z", "2024-03-01T10:00:00.000000Z"),
+        ("2024-03-01T11:00:00+01:00", "2024-03-01T10:00:00.000000Z"),
+        ("2024-03-01T10:00:00-00:00", "2024-03-01T10:00:00.000000Z"),
+        ("2024-03-01T00:30:00.1234567+01:00", "2024-02-29T23:30:00.123456Z"),
+        ("0999-12-31T23:30:00-01:00", "1000-01-01T00:30:00.000000Z"),
+        ("1000-01-01T00:30:00+01:00", "0999-12-31T23:30:00.000000Z"),
+        ("0001-01-01T00:30:00+01:00", None),
+        ("9999-12-31T23:30:00-01:00", None),
+        ("2024-02-30T10:00:00Z", None),
+        ("2024-03-01T10:00:00+24:00", None),
+        ("2024-03-01t10:00:00Z", None),
+        ("2024-03-01T10:00:00", None),
+        ("2024-03-01", None),
+    ],
+)
+def test_utc_instant(raw: str, instant: str | None) -> None:
+    assert utc_instant(raw) == instant
+
+
+def test_index_rows_of_datetime_values() -> None:
+    """A typed DateTime is indexed as its instant in UTC (vt 5); anything else as before."""
+
+    def dt(value: Any, kind: Any = "DateTime") -> dict[str, Any]:
+        return {"type": "Property", "value": {"@type": kind, "@value": value}}
+
+    doc = {
+        "id": "urn:E:1",
+        "type": [NS + "T"],
+        "attrs": {
+            "A": [dt("2024-03-01T11:00:00+01:00")],
+            "B": [dt("2024-03-01T10:00:00.5z", "https://uri.etsi.org/ngsi-ld/DateTime")],
+            "C": [dt("2024-02-30T10:00:00Z")],  # no such day: a string, as written
+            "D": [dt("2024-03-01T10:00:00Z", "Date")],
+            "E": [dt("2024-03-01T10:00:00Z", ["DateTime"])],
+            "F": [dt(5)],
+        },
+    }
+    assert index_rows(doc) == [
+        ("A", VT_DATETIME, None, "2024-03-01T10:00:00.000000Z"),
+        ("B", VT_DATETIME, None, "2024-03-01T10:00:00.500000Z"),
+        ("C", 2, None, "2024-02-30T10:00:00Z"),
+        ("D", 2, None, "2024-03-01T10:00:00Z"),
+        ("E", 2, None, "2024-03-01T10:00:00Z"),
+        ("F", 1, 5.0, None),
     ]
 
 
@@ -652,6 +719,83 @@ def test_attrs_any(backend: str, request: pytest.FixtureRequest) -> None:
     assert db.ids(*compile_attrs_any([], db.dialect)) == set()
 
 
+def datetime_prop(value: str, **extra: Any) -> list[dict[str, Any]]:
+    return prop({"@type": "DateTime", "@value": value}, **extra)
+
+
+# DateTime values written in several zones and precisions; "s" holds plain strings
+DATETIME_DOCS: list[dict[str, Any]] = [
+    {
+        "id": "D1",
+        "type": [NS + "T"],
+        "attrs": {
+            NS + "d": datetime_prop("2024-03-01T10:00:00Z"),
+            NS + "s": prop("2024-03-01T10:00:00Z"),
+            NS + "speed": prop(1, observedAt="2024-03-01T10:00:00Z"),
+        },
+    },
+    {
+        "id": "D2",
+        "type": [NS + "T"],
+        "attrs": {NS + "d": datetime_prop("2024-03-01T11:30:00+01:00")},
+    },
+    {
+        "id": "D3",
+        "type": [NS + "T"],
+        "attrs": {NS + "d": datetime_prop("2024-03-01T09:59:59.999999z")},
+    },
+    {"id": "D4", "type": [NS + "T"], "attrs": {NS + "d": datetime_prop("not a date")}},
+]
+DATETIME_CASES: list[tuple[str, set[str]]] = [
+    ("d==2024-03-01T10:00:00.000Z", {"D1"}),
+    ("d==2024-03-01T10:00:00Z", {"D1"}),
+    ("d==2024-03-01T10:00:00z", {"D1"}),
+    ("d==2024-03-01T11:00:00+01:00", {"D1"}),
+    ('d=="2024-03-01T11:00:00+01:00"', {"D1"}),
+    ("d==2024-03-01T10:30:00Z,2024-03-01T10:00:00Z", {"D1", "D2"}),
+    ("d!=2024-03-01T10:00:00.000Z", {"D2", "D3", "D4"}),
+    ("d<2024-03-01T10:45:00Z", {"D1", "D2", "D3"}),
+    ("d>=2024-03-01T10:00:00.000001Z", {"D2", "D4"}),  # D4 is a string: compared as text
+    ("d>2024-03-01T10:00:00+01:00", {"D1", "D2", "D3", "D4"}),
+    ("d==2024-03-01T09:00:00Z..2024-03-01T11:00:00+01:00", {"D1", "D3"}),
+    ("d!=2024-03-01T09:00:00Z..2024-03-01T11:00:00+01:00", {"D2", "D4"}),
+    ("d>=2024-03-01", {"D1", "D2", "D3", "D4"}),
+    ("d<2024-03-01", set()),
+    ("d>2024-03-01T00:00:00-23:59", {"D4"}),
+    ('d=="not a date"', {"D4"}),
+    ("d~=^2024-03-01T10:30", {"D2"}),
+    ("d~=\\+01:00", set()),
+    ("d<12:00:00", set()),
+    # plain strings are compared as written, as before
+    ("s==2024-03-01T10:00:00Z", {"D1"}),
+    ("s==2024-03-01T10:00:00.000Z", set()),
+    ('s=="2024-03-01T10:00:00Z"', {"D1"}),
+    # observedAt, in any zone
+    ("speed.observedAt==2024-03-01T11:00:00+01:00", {"D1"}),
+    ("speed.observedAt==2024-03-01T10:00:00z", {"D1"}),
+    ('speed.observedAt=="2024-03-01T10:00:00z"', {"D1"}),
+    ("speed.observedAt>2024-03-01T10:30:00+01:00", {"D1"}),
+    ("speed.observedAt<2024-03-01T10:30:00+01:00", set()),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_datetime_values_compare_as_instants(backend: str, request: pytest.FixtureRequest) -> None:
+    """NGSI-LD compares a DateTime in q as an instant, not as text (ETSI GS CIM 009, 4.9)."""
+    db: Db | None = None
+    if backend != "python":
+        db = request.getfixturevalue("sqlite_db" if backend == "sqlite" else "pg_db")
+        db.load(DATETIME_DOCS)
+    for text, expected in DATETIME_CASES:
+        expr = parse_q(text)
+        if db is None:
+            got = {d["id"] for d in DATETIME_DOCS if matches(expr, d, expand)}
+        else:
+            got = db.ids(*compile_q(expr, expand, db.dialect))
+            check_conjuncts(db, q_conjuncts(expr, expand, db.dialect), expected, text)
+        assert got == expected, text
+
+
 # --- property tests: rendering round trip --------------------------------------------------------
 
 TERM = st.from_regex(r"[A-Za-z0-9_]{1,8}", fullmatch=True)
@@ -684,7 +828,9 @@ def datetime_text(draw: st.DrawFn) -> str:
     text = f"{d.year:04d}-{d.month:02d}-{d.day:02d}T{d.hour:02d}:{d.minute:02d}:{d.second:02d}"
     if draw(st.booleans()):
         text += "." + draw(st.from_regex(r"[0-9]{1,9}", fullmatch=True))
-    return text + "Z"
+    if 1 < d.year < 9999:  # an offset cannot take the instant out of years 1-9999
+        return text + draw(st.sampled_from(["Z", "z", "+01:00", "-05:30", "+00:00"]))
+    return text + draw(st.sampled_from(["Z", "z"]))
 
 
 @st.composite
@@ -814,6 +960,17 @@ TIMESTAMPS = [
     "2024-06-01T12:00:00Z",
 ]
 URIS = ["urn:x:1", "urn:x:2", NS + "x"]
+# the @value of typed DateTimes: instants in several zones and precisions, and two that are none
+DATETIMES = [
+    "2024-01-01T00:00:00Z",
+    "2024-01-01T01:00:00+01:00",
+    "2023-12-31T23:59:59.999999z",
+    "2024-01-01T00:00:00.5Z",
+    "2024-01-01T00:00:00.5-00:00",
+    "2024-06-01T07:00:00-05:00",
+    "2024-13-01T00:00:00Z",
+    "x",
+]
 TYPES = [NS + "T1", NS + "T2", NS + "T3"]
 SCALAR = st.one_of(
     st.sampled_from([0, 1, 30, -1.5, 2.5, True, False]),
@@ -849,7 +1006,9 @@ def instance(draw: st.DrawFn, depth: int = 0) -> dict[str, Any]:
         )
     )
     inst: dict[str, Any] = {"type": kind}
-    if kind == "Property":
+    if kind == "Property" and draw(st.integers(0, 3)) == 0:
+        inst["value"] = {"@type": "DateTime", "@value": draw(st.sampled_from(DATETIMES))}
+    elif kind == "Property":
         inst["value"] = draw(JSON_VALUE.filter(lambda v: v is not None))
     elif kind == "Relationship":
         inst["object"] = draw(st.sampled_from(URIS))
@@ -940,8 +1099,18 @@ ORACLE_PATH = st.one_of(
 )
 ORACLE_NUM = st.sampled_from([0, 1, 30, -1.5, 2.5, 40]).map(lambda n: Num(float(n)))
 ORACLE_TEXTUAL = st.one_of(
-    st.sampled_from([*STRINGS, "KMH", "2024-01-01T00:00:00.5Z"]).map(Str),
-    st.sampled_from([*TIMESTAMPS[:2], "2024-01-01T00:00:00.500Z"]).map(DateTime),
+    st.sampled_from([*STRINGS, "KMH", "2024-01-01T00:00:00.5Z", "2024-01-01T01:00:00+01:00"]).map(
+        Str
+    ),
+    st.sampled_from(
+        [
+            *TIMESTAMPS[:2],
+            "2024-01-01T00:00:00.500Z",
+            "2024-01-01T00:00:00.5z",
+            "2024-01-01T01:00:00+01:00",
+            "2023-12-31T19:00:00.5-05:00",
+        ]
+    ).map(DateTime),
     st.sampled_from(["2024-01-01", "2023-12-31"]).map(Date),
     st.just(Time("12:00:00")),
 )
@@ -951,7 +1120,9 @@ ORACLE_VALUE: st.SearchStrategy[Value] = st.one_of(
     st.booleans().map(Bool),
     st.sampled_from([*URIS, "urn:ds:2"]).map(Uri),
 )
-ORACLE_PATTERN = st.sampled_from(["x", "^y", "3.*", "a|x", "^$", "[A-Z]", "urn", "^2024", "é"])
+ORACLE_PATTERN = st.sampled_from(
+    ["x", "^y", "3.*", "a|x", "^$", "[A-Z]", "urn", "^2024", "é", "\\.5", "0Z$"]
+)
 ORACLE_TYPE = type_exprs(st.sampled_from(["T1", "T2", "T3", "T4"]).map(TypeName))
 ORACLE_SCOPE = scope_exprs(st.sampled_from(["A", "B", "C", "A0", "AB"]))
 

@@ -41,6 +41,7 @@ __all__ = [
     "boxes_intersect",
     "candidate_bbox",
     "distance_m",
+    "feature_geometry",
     "matches",
     "parse_geometry",
     "parse_geoquery",
@@ -251,6 +252,18 @@ def _loads(text: str, what: str, field: str) -> object:
         return json.loads(text)
     except (ValueError, RecursionError):
         raise BadRequestData(f"{what} is a string but not valid JSON", field=field) from None
+
+
+def feature_geometry(instances: object) -> Any:
+    """A GeoJSON Feature's ``geometry`` from the stored instances of the attribute that
+    ``geometryProperty`` names: the first GeoProperty's value, else None (a number or a
+    Relationship named there was put into ``geometry`` verbatim)."""
+    if not isinstance(instances, list):
+        return None
+    return next(
+        (i["value"] for i in instances if isinstance(i, dict) and i.get("type") == "GeoProperty"),
+        None,
+    )
 
 
 def parse_geometry(obj: object, field: str) -> dict[str, Any]:

@@ -108,7 +108,8 @@ _URI_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`\x00-\x1f\x7f]*$
 # bidi controls, zero-width characters and the BOM are forbidden in ids
 _BAD_ID_CHARS = re.compile("[\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff\u00a0]")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_]+$")
-_DATETIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?Z$")
+# RFC 3339 (section 5.6) also allows a lowercase z; check_datetime turns it into Z
+_DATETIME_RE = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?[Zz]$")
 _SCOPE_RE = re.compile(r"^(/[A-Za-z][A-Za-z0-9_]*)+$")
 _LANG_RE = re.compile(r"^([A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*|@none)$")
 
@@ -216,7 +217,8 @@ def check_uri(value: object, field: str) -> str:
 
 
 def check_datetime(value: object, field: str) -> str:
-    """Validate an NGSI-LD DateTime (UTC, ``Z`` suffix) and return it unchanged."""
+    """Validate an NGSI-LD DateTime (UTC, ``Z`` or ``z`` suffix) and return it with ``Z``,
+    otherwise unchanged."""
     if isinstance(value, str) and value in _VALID_DATETIMES:
         return value  # devices in one batch often share timestamps; skip the regex
     if isinstance(value, str):
@@ -228,6 +230,8 @@ def check_datetime(value: object, field: str) -> str:
             except ValueError:
                 pass
             else:
+                if value[-1] == "z":  # stored, compared and echoed in the one form, with Z
+                    return value[:-1] + "Z"
                 if len(_VALID_DATETIMES) > 10_000:
                     _VALID_DATETIMES.clear()
                 _VALID_DATETIMES[value] = True
@@ -371,11 +375,7 @@ class EntityParser:
             fast = _fast_instance(value, name)
             if fast is not None:
                 return [fast]
-        if (
-            isinstance(value, list)
-            and value
-            and all(isinstance(v, dict) and ("datasetId" in v or "type" in v) for v in value)
-        ):
+        if isinstance(value, list) and _is_multi_attribute(value):
             instances = [self.instance(v, name, mode, top=True) for v in value]
         else:
             instances = [self.instance(value, name, mode, top=True)]
@@ -447,6 +447,8 @@ class EntityParser:
                 inst[payload_member] = payload
             else:
                 inst[payload_member] = self._payload(kind, payload, name)
+                if kind == "LanguageProperty" and NGSI_NULL in payload.values():
+                    self._null_languages(inst, mode, name)
         elif mode != "merge":
             raise BadRequestData(
                 f"a {kind} needs a {payload_member!r} member ({name!r})", field=name
@@ -504,6 +506,25 @@ class EntityParser:
                 sub_mode: Mode = "fragment" if mode == "update" else mode
                 inst.setdefault("sub", {})[sub_iri] = self.instance(val, key, sub_mode, top=False)
         return inst
+
+    @staticmethod
+    def _null_languages(inst: dict[str, Any], mode: Mode, name: str) -> None:
+        """A languageMap in which some languages are NGSI-LD Null: in a merge they delete those
+        languages (the bank merges the map language by language); in an update, which replaces
+        the attribute, they are left out, and a map of Nulls alone deletes it. Anywhere else
+        Null is an error (it was stored as the text of those languages)."""
+        if mode not in _NULL_DELETES:
+            raise BadRequestData(
+                f"NGSI-LD Null is only allowed in merge and update operations ({name!r})",
+                field=name,
+            )
+        if mode == "update":
+            lang_map = inst["languageMap"]
+            kept = {tag: text for tag, text in lang_map.items() if text != NGSI_NULL}
+            if kept:
+                inst["languageMap"] = kept
+            else:
+                inst["_delete"] = True
 
     @staticmethod
     def _is_null(payload: object, kind: str) -> bool:
@@ -605,6 +626,23 @@ def _fast_instance(raw: dict[str, Any], name: str) -> dict[str, Any] | None:
         ):
             return {"type": "GeoProperty", "value": {"type": "Point", "coordinates": c}}
     return None
+
+
+def _is_multi_attribute(items: list[Any]) -> bool:
+    """Whether a JSON array given as an attribute is its instances rather than one Property
+    whose value is the array.
+
+    Normalized: every member is an instance object (``type`` or ``datasetId``). Concise: the
+    default instance may be a bare value (``[1, {"value": 2, "datasetId": "urn:ds:2"}]`` is
+    what a multi-attribute renders as), so one member carrying a ``datasetId`` is enough. A
+    multi-attribute has at most one instance without a datasetId, so an array of two or more
+    instances always has one; an array with none (``[1, 2]``, ``[{"a": 1}]``) is a value.
+    """
+    if not items:
+        return False
+    if all(isinstance(v, dict) and ("datasetId" in v or "type" in v) for v in items):
+        return True
+    return any(isinstance(v, dict) and "datasetId" in v for v in items)
 
 
 def _infer_kind(raw: dict[str, Any]) -> str | None:

@@ -73,34 +73,86 @@ def strip_flags(inst: Instance) -> Instance:
     return inst
 
 
-def _clean(inst: Instance, now: str, created: str | None) -> Instance:
-    """Drop parser flags and stamp system times (createdAt kept from the replaced instance)."""
+def _clean(inst: Instance, now: str, old: Instance | None) -> Instance:
+    """Drop parser flags and stamp system times of an instance that is new or replaces ``old``
+    (createdAt kept from it), its sub-attributes' included."""
     strip_flags(inst)
-    inst["createdAt"] = created or now
+    inst["createdAt"] = (old.get("createdAt") if old else None) or now
     inst["modifiedAt"] = now
-    sub = inst.get("sub")
-    if sub:
-        for s in sub.values():
-            strip_flags(s)
+    _stamp_subs(inst, old, now)
     return inst
 
 
-def _fresh(inst: Instance) -> Instance:
-    """An instance a merge adds, without what its NGSI-LD Nulls asked for: with nothing stored
-    to delete they mean nothing, so a Null member (``observedAt``) and a sub-attribute that is
-    Null are dropped, at any depth. (They were stored as data: ``observedAt`` the text
-    ``urn:ngsi-ld:null``, which ``q`` then compared as a time.)"""
+_SYSTEM_TIMES = ("createdAt", "modifiedAt")
+
+
+def _content(inst: Instance) -> Instance:
+    """An instance without its system times, at any depth: what a change changes."""
+    out = {k: v for k, v in inst.items() if k not in _SYSTEM_TIMES and k != "sub"}
     sub = inst.get("sub")
     if sub:
-        for iri in [iri for iri, s in sub.items() if s.get("_delete")]:
-            del sub[iri]
-        for s in sub.values():
-            _fresh(s)
+        out["sub"] = {iri: _content(s) for iri, s in sub.items()}
+    return out
+
+
+def _same_content(a: Instance, b: Instance) -> bool:
+    # as JSON text: in Python 1 == 1.0 == True, and a value turned from 1 into true changed
+    dump = orjson.OPT_SORT_KEYS
+    return orjson.dumps(_content(a), option=dump) == orjson.dumps(_content(b), option=dump)
+
+
+def _stamp(sub: Instance, old: Instance | None, now: str) -> None:
+    """System times of a sub-attribute that is new (``old`` None) or replaces ``old``: created
+    when it first appeared, modified when its own content last changed. (Sub-attributes had no
+    times, or took ``now`` for both at their first merge, and an unchanged one re-sent with
+    its attribute looked modified.)"""
+    sub["createdAt"] = (old.get("createdAt") if old else None) or now
+    if old is not None and "modifiedAt" in old and _same_content(sub, old):
+        sub["modifiedAt"] = old["modifiedAt"]
+    else:
+        sub["modifiedAt"] = now
+
+
+def _stamp_subs(inst: Instance, old: Instance | None, now: str) -> None:
+    """:func:`_stamp` every sub-attribute of ``inst``, at any depth, against the same-named
+    ones of ``old`` (the instance it replaces, or None)."""
+    sub = inst.get("sub")
+    if not sub:
+        return
+    old_sub: dict[str, Instance] = (old.get("sub") if old else None) or {}
+    for iri, s in sub.items():
+        strip_flags(s)
+        prev = old_sub.get(iri)
+        _stamp_subs(s, prev, now)
+        _stamp(s, prev, now)
+
+
+def _languages(lang_map: dict[str, Any]) -> dict[str, Any]:
+    """A languageMap without the languages a merge's NGSI-LD Null deletes."""
+    return {tag: text for tag, text in lang_map.items() if text != NGSI_NULL}
+
+
+def _fresh(inst: Instance) -> Instance | None:
+    """An instance a merge adds, without what its NGSI-LD Nulls asked for: with nothing stored
+    to delete they mean nothing, so a Null member (``observedAt``), a sub-attribute that is
+    Null and a language that is Null are dropped, at any depth. (They were stored as data:
+    ``observedAt`` the text ``urn:ngsi-ld:null``, which ``q`` then compared as a time.) None
+    when nothing is left: a languageMap of Nulls alone."""
+    sub = inst.get("sub")
+    if sub:
+        for iri in list(sub):
+            if sub[iri].get("_delete") or _fresh(sub[iri]) is None:
+                del sub[iri]
         if not sub:
             del inst["sub"]
     strip_flags(inst)
     for key in [k for k, v in inst.items() if v == NGSI_NULL and k != "type"]:
         del inst[key]
+    lang_map = inst.get("languageMap")
+    if isinstance(lang_map, dict):
+        inst["languageMap"] = _languages(lang_map)
+        if not inst["languageMap"]:
+            return None
     return inst
 
 
@@ -134,8 +186,10 @@ def new_document(frag: Doc, now: str) -> Doc:
     return doc
 
 
-def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
-    """Deep-merge a fragment instance into a stored one (payload replaced, sub-attrs merged)."""
+def _merge_instance(old: Instance, new: Instance, now: str) -> Instance | None:
+    """Deep-merge a fragment instance into a stored one (payload replaced, sub-attrs merged,
+    a languageMap merged language by language). None when nothing is left of it: a merge
+    whose NGSI-LD Nulls deleted every language of a LanguageProperty."""
     out = copy.deepcopy(old)
     kind = old["type"] if new.get("_untyped") else new["type"]
     if kind != old["type"]:
@@ -171,14 +225,31 @@ def _merge_instance(old: Instance, new: Instance, now: str) -> Instance:
         if key == "sub":
             subs = out.setdefault("sub", {})
             for iri, s in val.items():
+                prev = subs.get(iri)
+                merged = None
                 if s.get("_delete"):
-                    subs.pop(iri, None)
-                elif iri in subs:
-                    subs[iri] = _merge_instance(subs[iri], s, now)
+                    pass
+                elif prev is not None:
+                    merged = _merge_instance(prev, s, now)
                 else:
-                    subs[iri] = _fresh(s)
+                    merged = _fresh(s)
+                    if merged is not None:
+                        _stamp_subs(merged, None, now)
+                if merged is None:
+                    subs.pop(iri, None)
+                else:
+                    _stamp(merged, prev, now)
+                    subs[iri] = merged
             if not subs:
                 out.pop("sub")
+        elif key == "languageMap" and isinstance(val, dict):
+            # the language map is JSON-LD's @language container: a set of strings, one per
+            # language, so a merge sets the languages it names and its Nulls delete theirs
+            # (the whole map was replaced, and a Null stored as the text of its language)
+            lang_map = _languages({**out.get("languageMap", {}), **val})
+            if not lang_map:
+                return None
+            out[key] = lang_map
         elif val == NGSI_NULL:
             out.pop(key, None)
         else:
@@ -322,10 +393,11 @@ class Bank:
                         f"attribute {iri} has no instance with datasetId {inst.get('datasetId')}",
                         field="datasetId",
                     )
-                if inst.get("_delete"):
+                merged = None if inst.get("_delete") else _merge_instance(current[n], inst, now)
+                if merged is None:
                     current.pop(n)
                 else:
-                    current[n] = _merge_instance(current[n], inst, now)
+                    current[n] = merged
             if not current:
                 del doc["attrs"][iri]
             return doc
@@ -342,7 +414,7 @@ class Bank:
                 if n < 0:
                     current.append(_clean(inst, now, None))
                 else:
-                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+                    current[n] = _clean(inst, now, current[n])
             return doc
 
         self._modify(tenant, eid, change, incoming={"attrs": {iri: instances}})
@@ -393,9 +465,15 @@ class Bank:
                 n = _find(current, ds)
                 if n < 0:
                     _require_payload(inst, iri)
-                    current.append(_clean(_fresh(inst), now, None))
+                    fresh = _fresh(inst)
+                    if fresh is not None:
+                        current.append(_clean(fresh, now, None))
+                    continue
+                merged = _merge_instance(current[n], inst, now)
+                if merged is None:
+                    current.pop(n)
                 else:
-                    current[n] = _merge_instance(current[n], inst, now)
+                    current[n] = merged
             if current is not None and not current:
                 doc["attrs"].pop(iri, None)
         return doc
@@ -420,7 +498,7 @@ class Bank:
                 elif no_overwrite:
                     result.not_updated.append((iri, "attribute exists and noOverwrite is set"))
                 else:
-                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+                    current[n] = _clean(inst, now, current[n])
                     changed = True
             if changed:
                 result.updated.append(iri)
@@ -442,7 +520,7 @@ class Bank:
                     current.pop(n)
                     changed = True
                 else:
-                    current[n] = _clean(inst, now, current[n].get("createdAt"))
+                    current[n] = _clean(inst, now, current[n])
                     changed = True
             if not current:
                 del doc["attrs"][iri]

@@ -517,6 +517,20 @@ def test_geo_json_notification(core: Context) -> None:
     assert feature["properties"]["type"] == "Vehicle"
 
 
+def test_geo_json_notification_geometry_is_null_for_a_location_that_is_no_geoproperty(
+    core: Context,
+) -> None:
+    # an entity whose location is a plain Property (a street name) has no geometry: its value
+    # went into Feature.geometry verbatim
+    s = sub(
+        core, notification={"endpoint": {"uri": "http://h/n", "accept": "application/geo+json"}}
+    )
+    named = entity(core, speed=40, location={"type": "Property", "value": "Korenmarkt"})
+    [feature] = notify(s, create(named), core)["body"]["data"]["features"]
+    assert feature["geometry"] is None
+    assert feature["properties"]["location"]["value"] == "Korenmarkt"
+
+
 def test_build_notification_for_several_entities(core: Context) -> None:
     s = sub(
         core,

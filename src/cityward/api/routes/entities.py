@@ -32,6 +32,7 @@ from cityward.api.params import (
     split_list,
 )
 from cityward.bank.errors import BadRequestData, InvalidRequest
+from cityward.bank.geo import feature_geometry
 from cityward.bank.jsonld import Context
 from cityward.bank.model import EntityParser, Mode, check_attr_name, check_type_name, check_uri
 from cityward.bank.render import View, render_entity
@@ -80,10 +81,7 @@ def types_param(request: Request, ctx: Context) -> list[str] | None:
 def geojson_feature(
     entity: dict[str, Any], doc: dict[str, Any], geometry_iri: str
 ) -> dict[str, Any]:
-    geometry = None
-    insts = doc["attrs"].get(geometry_iri)
-    if insts:
-        geometry = insts[0].get("value")
+    geometry = feature_geometry(doc["attrs"].get(geometry_iri))
     props = {k: v for k, v in entity.items() if k != "id"}
     return {"id": entity["id"], "type": "Feature", "geometry": geometry, "properties": props}
 

@@ -13,11 +13,11 @@ from typing import Any, TypeAlias
 from cityward.bank.query.indexer import (
     TIMESTAMP_META,
     VT_BOOL,
+    VT_DATETIME,
     VT_NUMBER,
     VT_STRING,
     VT_URI,
     index_rows,
-    literal_text,
     path_key,
 )
 from cityward.bank.query.qlang import (
@@ -41,7 +41,7 @@ from cityward.bank.query.qlang import (
     Value,
     ValueList,
 )
-from cityward.bank.query.sqlgen import compile_pattern
+from cityward.bank.query.sqlgen import Textual, compile_pattern, text_comparisons
 
 Cell: TypeAlias = tuple[int, float | None, str | None]
 Pred: TypeAlias = Callable[[Cell], bool]
@@ -60,6 +60,30 @@ class DocIndex:
         self.cells = cells
 
 
+_STRING_VTS = frozenset({VT_STRING})
+_EQUAL_VTS = frozenset({VT_STRING, VT_URI})
+_MATCH_VTS = frozenset({VT_STRING, VT_DATETIME})
+
+
+def _holds(txt: str, cmps: list[tuple[str, str]]) -> bool:
+    return all(_compare(op, txt, text) for op, text in cmps)
+
+
+def _textual(vts: frozenset[int], cmps: list[tuple[str, Textual]], ts: bool) -> Pred:
+    """Mirrors _Compiler.textual: strings of ``vts`` as written, DateTime values as instants."""
+    plain, instants = text_comparisons(cmps, ts)
+
+    def pred(c: Cell) -> bool:
+        vt, txt = c[0], c[2]
+        if txt is None:
+            return False
+        if vt in vts:
+            return _holds(txt, plain)
+        return instants is not None and vt == VT_DATETIME and _holds(txt, instants)
+
+    return pred
+
+
 def _equals(v: Value, ts: bool) -> Pred:
     if isinstance(v, Num):
         n = v.value
@@ -67,10 +91,7 @@ def _equals(v: Value, ts: bool) -> Pred:
     if isinstance(v, Bool):
         b = 1.0 if v.value else 0.0
         return lambda c: c[0] == VT_BOOL and c[1] == b
-    s = literal_text(v, ts)
-    if isinstance(v, (Str, Uri)):
-        return lambda c: (c[0] == VT_STRING or c[0] == VT_URI) and c[2] == s
-    return lambda c: c[0] == VT_STRING and c[2] == s
+    return _textual(_EQUAL_VTS if isinstance(v, (Str, Uri)) else _STRING_VTS, [("=", v)], ts)
 
 
 def _value_pred(value: Value | Range | ValueList, ts: bool) -> Pred:
@@ -84,12 +105,13 @@ def _value_pred(value: Value | Range | ValueList, ts: bool) -> Pred:
             return lambda c: c[0] == VT_NUMBER and c[1] is not None and lo <= c[1] <= hi
         if isinstance(low, Num) or isinstance(high, Num):
             raise ValueError("a range mixes a number and a string")
-        slo, shi = literal_text(low, ts), literal_text(high, ts)
-        return lambda c: c[0] == VT_STRING and c[2] is not None and slo <= c[2] <= shi
+        return _textual(_STRING_VTS, [(">=", low), ("<=", high)], ts)
     return _equals(value, ts)
 
 
 def _compare(op: str, a: Any, b: Any) -> bool:
+    if op == "=":
+        return bool(a == b)
     if op == ">":
         return bool(a > b)
     if op == ">=":
@@ -105,8 +127,7 @@ def _ordered(op: str, v: Value, ts: bool) -> Pred:
         return lambda c: c[0] == VT_NUMBER and _compare(op, c[1], n)
     if isinstance(v, (Bool, Uri)):
         raise ValueError(f"{op} cannot compare with {v!r}")
-    s = literal_text(v, ts)
-    return lambda c: c[0] == VT_STRING and _compare(op, c[2], s)
+    return _textual(_STRING_VTS, [(op, v)], ts)
 
 
 def _any(cells: Iterable[Cell], pred: Pred) -> bool:
@@ -127,7 +148,7 @@ def _q(expr: QExpr, idx: DocIndex, expand: Expand) -> bool:
         return True
     if isinstance(expr, Match):
         rx = compile_pattern(expr.pattern)
-        hit = _any(cells, lambda c: c[0] == VT_STRING and rx.search(c[2] or "") is not None)
+        hit = _any(cells, lambda c: c[0] in _MATCH_VTS and rx.search(c[2] or "") is not None)
         return hit != expr.negated
     ts = expr.path.meta in TIMESTAMP_META
     if expr.op == "==":

@@ -8,7 +8,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any, TypeAlias
 
-from cityward.bank.query.qlang import Date, DateTime, Path, Str, Time, Uri
+from cityward.bank.query.qlang import Date, DateTime, Path, Str, Time, Uri, utc_instant
 
 SEP = "\x1f"
 SCOPE_PATH = "\x1fscope"
@@ -18,6 +18,19 @@ VT_NUMBER = 1
 VT_STRING = 2
 VT_BOOL = 3
 VT_URI = 4  # the object of a Relationship or an element of a ListRelationship
+# a typed value {"@type": "DateTime", "@value": v}: txt is v's instant in UTC, fixed width
+# (utc_instant), so that text order is time order whatever zone or precision v was written in
+VT_DATETIME = 5
+# the @type of a typed value that is an NGSI-LD DateTime (as written, compacted or not)
+DATETIME_TYPES = frozenset(
+    {
+        "DateTime",
+        "ngsi-ld:DateTime",
+        "https://uri.etsi.org/ngsi-ld/DateTime",
+        "xsd:dateTime",
+        "http://www.w3.org/2001/XMLSchema#dateTime",
+    }
+)
 
 TIMESTAMP_META = frozenset({"observedAt", "createdAt", "modifiedAt"})
 # attribute system times are not in attr_index (see _instance); q on them is refused
@@ -54,16 +67,38 @@ def literal_text(value: Str | Uri | DateTime | Date | Time, timestamp: bool) -> 
     """The txt a string-like q literal is compared with; on timestamp paths dates normalize.
 
     On ``attr.observedAt``/``createdAt``/``modifiedAt`` the stored values are normalized
-    timestamps, so a DateTime (quoted or not) is normalized the same way and a Date means
-    midnight UTC of that day. Elsewhere the literal is compared as written.
+    timestamps, so a DateTime (quoted or not, in any zone) is turned into the same UTC form
+    and a Date means midnight UTC of that day. Elsewhere the literal is compared as written.
     """
     text = value.value if isinstance(value, (Str, Uri)) else value.text
     if timestamp and not isinstance(value, (Uri, Time)):
-        if _DATETIME_TEXT.fullmatch(text):
+        instant = utc_instant(text)
+        if instant is not None:
+            return instant
+        if _DATETIME_TEXT.fullmatch(text):  # not a real date: the old text normalization
             return normalize_timestamp(text)
         if _DATE_TEXT.fullmatch(text):
             return text + "T00:00:00.000000Z"
     return text
+
+
+def instant_text(value: Str | Uri | DateTime | Date | Time) -> str | None:
+    """The txt a q literal is compared with on DateTime values (vt 5), or None: it is not
+    compared with them.
+
+    A DateTime, or a quoted string that is one, means its instant; a Date (quoted or not)
+    midnight UTC of that day, as on observedAt. Other strings, Times and URIs are not
+    DateTimes, so they never equal or order against one.
+    """
+    if isinstance(value, (Uri, Time)):
+        return None
+    text = value.value if isinstance(value, Str) else value.text
+    instant = utc_instant(text)
+    if instant is not None:
+        return instant
+    if _DATE_TEXT.fullmatch(text):
+        return utc_instant(text + "T00:00:00Z")  # None for a day that does not exist
+    return None
 
 
 _PATH_IDS: dict[str, int] = {}
@@ -121,7 +156,13 @@ def _value(path: str, v: Any, add: _Add) -> None:
             add((path, VT_PRESENT, None, None))
     elif t is dict:
         if "@value" in v:  # a typed value such as {"@type": "DateTime", "@value": "..."}
-            _value(path, v["@value"], add)
+            raw, vtype = v["@value"], v.get("@type")
+            if type(raw) is str and type(vtype) is str and vtype in DATETIME_TYPES:
+                instant = utc_instant(raw)
+                if instant is not None:  # a malformed one stays a string, as written
+                    add((path, VT_DATETIME, None, instant))
+                    return
+            _value(path, raw, add)
             return
         add((path, VT_PRESENT, None, None))
         for key, item in v.items():

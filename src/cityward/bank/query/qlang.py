@@ -15,9 +15,11 @@ Lexing rules (the spec grammar leaves these open; they are ours):
   least one other segment) is metadata, not a sub-attribute.
 * Member keys inside ``[...]`` are any printable characters except ``.``, ``[`` and ``]``;
   ``attr[en]`` and ``attr[*]`` (language maps) use the same syntax.
-* Unquoted values: numbers, ``true``/``false``, DateTime ``YYYY-MM-DDThh:mm:ss[.f]Z``, Date,
-  Time ``hh:mm:ss[.f][Z]``, and URIs (a scheme then any characters up to ``; | ( ) ,`` or
-  whitespace).  Any other bare word is an error.
+* Unquoted values: numbers, ``true``/``false``, DateTime ``YYYY-MM-DDThh:mm:ss[.f]`` then
+  ``Z``, ``z`` or an offset ``+hh:mm``/``-hh:mm`` (RFC 3339; a ``+`` in a URL is written
+  ``%2B``), Date, Time ``hh:mm:ss[.f][Z]``, and URIs (a scheme then any characters up to
+  ``; | ( ) ,`` or whitespace).  Any other bare word is an error.  A DateTime keeps its text
+  as written; ``utc_instant`` gives the instant it stands for.
 * Patterns after ``~=``/``!~=`` may be quoted (``"..."``: the text between the quotes is the
   regex verbatim, a ``\\"`` pair does not end it) or unquoted: then the regex ends at the first
   ``;``, ``|`` or unbalanced ``)`` outside a ``[...]`` class, a ``(...)`` group or a ``\\``
@@ -236,8 +238,10 @@ _URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:")
 _NAME_STOP = frozenset('=<>;|()[]{},"')
 _VALUE_STOP = frozenset(";|(),")
 _IRI_BAD = frozenset('<>"{}|\\^`')
+# RFC 3339 date-time: the zone is Z, z (section 5.6 allows it) or a numeric offset
 _DATETIME = re.compile(
-    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?Z"
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
 _DATETIME_NO_Z = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?")
 _DATE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
@@ -259,6 +263,35 @@ def _valid_date(y: str, m: str, d: str) -> bool:
 
 def _valid_time(h: str, mi: str, s: str) -> bool:
     return int(h) < 24 and int(mi) < 60 and int(s) < 60
+
+
+def _valid_offset(zone: str) -> bool:
+    return zone in ("Z", "z") or (int(zone[1:3]) < 24 and int(zone[4:6]) < 60)
+
+
+def utc_instant(text: str) -> str | None:
+    """The instant of an RFC 3339 date-time (zone ``Z``, ``z`` or ``+hh:mm``/``-hh:mm``) in
+    the bank's fixed-width UTC form ``YYYY-MM-DDThh:mm:ss.ffffffZ``, whose text order is time
+    order; None when ``text`` is no such date-time, or its instant lies outside years 1-9999.
+
+    Fraction digits beyond six are cut, not rounded, as indexer.normalize_timestamp does.
+    """
+    m = _DATETIME.fullmatch(text)
+    if m is None:
+        return None
+    y, mo, d, h, mi, s, frac, zone = m.groups()
+    if not (_valid_date(y, mo, d) and _valid_time(h, mi, s) and _valid_offset(zone)):
+        return None
+    micro = ((frac or ".")[1:] + "000000")[:6]
+    if zone in ("Z", "z") or zone[1:] == "00:00":
+        return f"{y}-{mo}-{d}T{h}:{mi}:{s}.{micro}Z"
+    offset = _dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    local = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(s), int(micro))
+    try:
+        utc = local - offset if zone[0] == "+" else local + offset
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 was in year 0
+        return None
+    return utc.isoformat(timespec="microseconds") + "Z"  # strftime drops a year's leading 0s
 
 
 def _valid_type_name(name: str) -> bool:
@@ -482,8 +515,7 @@ class _Parser:
             return Str(s)
         m = _DATETIME.match(t, i)
         if m is not None and self.value_end(m.end()):
-            y, mo, d, h, mi, s_, _ = m.groups()
-            if not (_valid_date(y, mo, d) and _valid_time(h, mi, s_)):
+            if utc_instant(m.group()) is None:
                 self.fail("invalid DateTime")
             self.pos = m.end()
             return DateTime(m.group())

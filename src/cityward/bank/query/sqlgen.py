@@ -30,9 +30,11 @@ from cityward.bank.query.indexer import (
     TIMESTAMP_META,
     UNINDEXED_META,
     VT_BOOL,
+    VT_DATETIME,
     VT_NUMBER,
     VT_STRING,
     VT_URI,
+    instant_text,
     literal_text,
     path_id,
     path_key,
@@ -40,6 +42,8 @@ from cityward.bank.query.indexer import (
 from cityward.bank.query.qlang import (
     And,
     Bool,
+    Date,
+    DateTime,
     Exists,
     Match,
     NotExists,
@@ -52,6 +56,7 @@ from cityward.bank.query.qlang import (
     ScopeOr,
     ScopePattern,
     Str,
+    Time,
     TypeAnd,
     TypeExpr,
     TypeName,
@@ -64,6 +69,15 @@ from cityward.bank.query.qlang import (
 
 Dialect: TypeAlias = Literal["sqlite", "postgres"]
 Expand: TypeAlias = Callable[[str], str]
+Textual: TypeAlias = Str | Uri | DateTime | Date | Time
+# the value types a literal's text is compared with: strings (and URIs for == with a string
+# or URI); a literal that is a DateTime or Date is also compared with DateTime values (vt 5),
+# as its instant (indexer.instant_text)
+STRING_VTS = (VT_STRING,)
+EQUAL_VTS = (VT_STRING, VT_URI)
+# what a pattern (~=) searches: strings, and DateTime values as their UTC text
+MATCH_VTS = f"{VT_STRING}, {VT_DATETIME}"
+
 
 REGEX_FLAGS = regex.DOTALL  # PostgreSQL's default: '.' also matches a newline
 # Python's re backtracks without limit: (a+)+b took exponential time on a long run of a's
@@ -188,6 +202,26 @@ def regex_condition(column: str, pattern: str, dialect: Dialect) -> tuple[str, l
     return f"regexp(?, {column})", [rx.python]
 
 
+def text_comparisons(
+    cmps: list[tuple[str, Textual]], timestamp: bool
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None]:
+    """The comparisons ``txt <op> text`` of a term on strings, and on DateTime values (None
+    when the term does not compare with those). Shared with the evaluator, which mirrors the SQL.
+
+    Timestamp paths (observedAt) hold normalized strings, never DateTime values.
+    """
+    plain = [(op, literal_text(v, timestamp)) for op, v in cmps]
+    if timestamp:
+        return plain, None
+    instants: list[tuple[str, str]] = []
+    for op, v in cmps:
+        instant = instant_text(v)
+        if instant is None:
+            return plain, None
+        instants.append((op, instant))
+    return plain, instants
+
+
 class _Compiler:
     """Collects SQL fragments and their parameters, in order."""
 
@@ -212,6 +246,24 @@ class _Compiler:
         sql, params = regex_condition("i.txt", pattern, self.dialect)
         self.params.extend(params)
         return sql
+
+    def txt(self, vts: tuple[int, ...], cmps: list[tuple[str, str]]) -> str:
+        """Rows of these value types whose txt compares so; order under binary collation."""
+        vt = f"i.vt = {vts[0]}" if len(vts) == 1 else f"i.vt IN ({', '.join(map(str, vts))})"
+        conds = [vt]
+        for op, text in cmps:
+            conds.append(f"i.txt {op} {self.p(text)}{'' if op == '=' else self.binary}")
+        return "(" + " AND ".join(conds) + ")"
+
+    def textual(self, vts: tuple[int, ...], cmps: list[tuple[str, Textual]], ts: bool) -> str:
+        """A term on strings of ``vts`` (compared as written) and DateTime values (as an
+        instant). Each part is one index range on (path, vt, txt); two parts, an OR of two."""
+        plain, instants = text_comparisons(cmps, ts)
+        if instants is None:
+            return self.txt(vts, plain)
+        if instants == plain:  # already the UTC form: one comparison serves both
+            return self.txt((*vts, VT_DATETIME), plain)
+        return f"({self.txt(vts, plain)} OR {self.txt((VT_DATETIME,), instants)})"
 
     # -- row subqueries ---------------------------------------------------------------------------
 
@@ -253,10 +305,9 @@ class _Compiler:
             return f"(i.vt = {VT_NUMBER} AND i.num = {self.p(v.value)})"
         if isinstance(v, Bool):
             return f"(i.vt = {VT_BOOL} AND i.num = {self.p(1.0 if v.value else 0.0)})"
-        if isinstance(v, (Str, Uri)):
-            # A quoted string or a URI also matches a Relationship's object.
-            return f"(i.vt IN ({VT_STRING}, {VT_URI}) AND i.txt = {self.p(literal_text(v, ts))})"
-        return f"(i.vt = {VT_STRING} AND i.txt = {self.p(literal_text(v, ts))})"
+        # A quoted string or a URI also matches a Relationship's object.
+        vts = EQUAL_VTS if isinstance(v, (Str, Uri)) else STRING_VTS
+        return self.textual(vts, [("=", v)], ts)
 
     def value_cond(self, value: Value | Range | ValueList, ts: bool) -> str:
         if isinstance(value, ValueList):
@@ -268,9 +319,7 @@ class _Compiler:
                 return f"(i.vt = {VT_NUMBER} AND i.num >= {lo} AND i.num <= {hi})"
             if isinstance(low, Num) or isinstance(high, Num):
                 raise ValueError("a range mixes a number and a string")  # the parser forbids it
-            lo, hi = self.p(literal_text(low, ts)), self.p(literal_text(high, ts))
-            b = self.binary
-            return f"(i.vt = {VT_STRING} AND i.txt >= {lo}{b} AND i.txt <= {hi}{b})"
+            return self.textual(STRING_VTS, [(">=", low), ("<=", high)], ts)
         return self.equals(value, ts)
 
     def ordered(self, op: str, v: Value, ts: bool) -> str:
@@ -278,8 +327,8 @@ class _Compiler:
             return f"(i.vt = {VT_NUMBER} AND i.num {op} {self.p(v.value)})"
         if isinstance(v, (Bool, Uri)):
             raise ValueError(f"{op} cannot compare with {v!r}")  # the parser forbids it
-        # Strings and dates order among strings only, so never against a Relationship.
-        return f"(i.vt = {VT_STRING} AND i.txt {op} {self.p(literal_text(v, ts))}{self.binary})"
+        # Strings and dates order among strings (and DateTimes) only, never a Relationship.
+        return self.textual(STRING_VTS, [(op, v)], ts)
 
     # -- q -----------------------------------------------------------------------------------------
 
@@ -302,7 +351,7 @@ class _Compiler:
         if isinstance(expr, Match):
 
             def matched() -> str:
-                return f"i.vt = {VT_STRING} AND " + self.regex(expr.pattern)
+                return f"i.vt IN ({MATCH_VTS}) AND " + self.regex(expr.pattern)
 
             if expr.negated:
                 return f"({self.some_row(path)} AND {self.no_row(path, matched)})"

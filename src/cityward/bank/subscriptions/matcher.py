@@ -405,11 +405,7 @@ def render_data(sub: Subscription, event: ChangeEvent, fire: Fire, ctx: Context)
 
 
 def _feature(item: dict[str, Any], doc: Mapping[str, Any] | None, geometry_iri: str) -> Any:
-    geometry = None
-    if doc is not None:
-        insts = _attrs(doc).get(geometry_iri)
-        if insts:
-            geometry = insts[0].get("value")
+    geometry = None if doc is None else geo.feature_geometry(_attrs(doc).get(geometry_iri))
     props = {k: v for k, v in item.items() if k != "id"}
     return {"id": item["id"], "type": "Feature", "geometry": geometry, "properties": props}
 
