@@ -295,6 +295,10 @@ def test_moving_vehicles_alerts_and_personal_data_are_counted_not_listed(store: 
             entity("urn:ngsi-ld:Alert:a1", "Alert", point(3.7402, 51.0513)),
             entity("urn:ngsi-ld:Complaint:c1", "Complaint", point(3.7503, 51.0414)),
             entity("urn:ngsi-ld:Camera:cam1", "Camera", point(3.7604, 51.0315)),
+            # alerts that belong to a device's source: a traffic detector's (derived), a
+            # camera's event; they are events, not devices
+            entity("urn:ngsi-ld:Alert:from:traffic-detectors:a2", "Alert", point(3.7705, 51.0216)),
+            entity("urn:ngsi-ld:Alert:camera:cam1:a3", "Alert", point(3.7806, 51.0117)),
         ],
     )
     got = collect_entities(store, cat)
@@ -305,9 +309,11 @@ def test_moving_vehicles_alerts_and_personal_data_are_counted_not_listed(store: 
         assert by_id[sid]["entity_count"] == 1 and by_id[sid]["device_count"] == 0, sid
         assert by_id[sid]["not_listed_why"], sid
     assert [d["id"] for d in by_id["traffic-cameras"]["devices"]] == ["urn:ngsi-ld:Camera:cam1"]
+    assert by_id["traffic-detectors"]["devices"] == []
     assert reg["device_count"] == 1
     text = orjson.dumps(reg).decode() + render_html(reg)
-    for hidden in (run, "Alert:a1", "Complaint:c1", "51.0612", "51.0513", "51.0414"):
+    hidden_ids = (run, "Alert:a1", "Complaint:c1", "Alert:from", "Alert:camera")
+    for hidden in (*hidden_ids, "51.0612", "51.0513", "51.0414", "51.0216", "51.0117"):
         assert hidden not in text, hidden
     assert "51.0315" in text  # a camera's place is what the register is for
     assert "their positions are not published" in render_html(reg)

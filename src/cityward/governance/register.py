@@ -19,7 +19,13 @@ from typing import Any
 
 from cityward.bank.jsonld import Context, ContextResolver
 from cityward.bank.store import Store
-from cityward.governance.sources import UNDECLARED, Catalog, DataSource, PersonalData
+from cityward.governance.sources import (
+    DERIVED_PREFIX,
+    UNDECLARED,
+    Catalog,
+    DataSource,
+    PersonalData,
+)
 
 # What cityward never does, whatever the configuration: there is no code for any of it.
 NEVER_STATEMENTS: tuple[str, ...] = (
@@ -155,6 +161,15 @@ def _short_type(types: Sequence[str], source: DataSource) -> str:
     return core.compact(types[0]) if types else ""
 
 
+#: types of events rather than devices: never listed one by one, whatever their source
+EVENT_TYPES = frozenset({"Alert", "RoadAccident"})
+
+
+def _is_event(eid: str, types: Sequence[str]) -> bool:
+    core = _core()
+    return eid.startswith(DERIVED_PREFIX) or any(core.compact(t) in EVENT_TYPES for t in types)
+
+
 def collect_entities(store: Store, catalog: Catalog, tenant: str = "") -> DevicesBySource:
     """For every declared source, the entities of ``tenant`` that belong to it.
 
@@ -172,7 +187,10 @@ def collect_entities(store: Store, catalog: Catalog, tenant: str = "") -> Device
         if source.id == UNDECLARED or source.id not in out:
             undeclared += 1
             continue
-        if not source.listed:  # counted, never listed with its place (see DataSource.listed)
+        if not source.listed or _is_event(eid, types):
+            # counted, never listed with its place (see DataSource.listed): an alert is no
+            # device, also where it belongs to a device's source (a derived alert of a traffic
+            # detector, a camera's event alert)
             out.counts[source.id] = out.counts.get(source.id, 0) + 1
             continue
         out[source.id].append(RegisterDevice(eid, _short_type(types, source), _location(doc)))
