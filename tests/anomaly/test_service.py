@@ -1006,3 +1006,68 @@ def test_an_alert_is_read_only_with_the_purposes_of_its_source(tmp_path: Path) -
         assert {a["alertStatus"]["value"] for a in closed.values()} == {"closed"}
         assert {a["id"] for a in closed.values()} == {a["id"] for a in every.values()}
         service.stop()
+
+
+def test_an_open_alert_whose_source_became_more_restricted_is_closed_on_start(
+    tmp_path: Path,
+) -> None:
+    # opened while the sensor's source was as open as the alerts' (a plain alert), then the
+    # catalog restricts the source: the restarted service went on writing the sensor's new
+    # values and reasons into the plain alert, which environment-monitoring may read
+    common: dict[str, Any] = {"legal_basis": "public task", "retention": "P1Y", "owner": "City"}
+
+    def settings(*purposes: str) -> Settings:
+        sources = [
+            DataSource(id="traffic", name="Traffic", types=(FLOW,), purposes=purposes, **common),
+            DataSource(
+                id="alerts",
+                name="Alerts",
+                types=("Alert",),
+                purposes=("traffic-management", "environment-monitoring"),
+                **common,
+            ),
+        ]
+        anomaly = AnomalySettings(enabled=True, watches=[gaussian_watch(warmup=5, open_after=1)])
+        governance = GovernanceSettings(sources=sources)
+        return Settings(
+            data_dir=tmp_path, context_fetch=False, anomaly=anomaly, governance=governance
+        )
+
+    def post(client: TestClient, headers: dict[str, str], speed: float, t: datetime) -> None:
+        attr = {"type": "Property", "value": speed, "observedAt": iso(t)}
+        body = [{"id": SENSOR, "type": FLOW, "averageVehicleSpeed": attr}]
+        r = client.post("/ngsi-ld/v1/entityOperations/upsert", json=body, headers=headers)
+        assert r.status_code in (201, 204), r.text
+
+    t = T0
+    app = create_app(settings("traffic-management", "environment-monitoring"))
+    admin = {"Authorization": f"Bearer {app.state.governance.identities.issue(Role.ADMIN, ['*'])}"}
+    with TestClient(app) as client:
+        for n in range(21):
+            post(client, admin, 500.0 if n == 20 else 50.0 + n % 3, t)
+            t += STEP
+        assert app.state.anomaly.wait_idle()
+        r = client.get("/ngsi-ld/v1/entities", params={"type": "Alert"}, headers=admin)
+        (first,) = r.json()
+    assert first["id"].startswith(ALERT_ID_PREFIX)
+
+    app = create_app(settings("traffic-management"))
+    ids = app.state.governance.identities
+    admin = {"Authorization": f"Bearer {ids.issue(Role.ADMIN, ['*'])}"}
+    air = {"Authorization": f"Bearer {ids.issue(Role.OPERATOR, ['environment-monitoring'])}"}
+    with TestClient(app) as client:
+        service: AnomalyService = app.state.anomaly
+        assert service.open_alerts() == {}  # the plain alert was closed, not adopted
+        post(client, admin, 900.0, t)
+        assert service.wait_idle()
+        found = client.get("/ngsi-ld/v1/entities", params={"type": "Alert"}, headers=admin).json()
+        seen = client.get("/ngsi-ld/v1/entities", params={"type": "Alert"}, headers=air).json()
+    by_id = {a["id"]: a for a in found}
+    old = by_id.pop(first["id"])
+    assert old["alertStatus"]["value"] == "closed"
+    assert old["data"]["value"]["closed"] == "its source's data source is more restricted now"
+    assert old["data"]["value"]["value"] == 500.0  # nothing of the new reading went into it
+    (new,) = by_id.values()
+    assert new["id"].startswith("urn:ngsi-ld:Alert:from:traffic:")
+    assert new["data"]["value"]["value"] == 900.0
+    assert [a["id"] for a in seen] == [first["id"]]

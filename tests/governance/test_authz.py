@@ -898,6 +898,15 @@ def test_an_alert_derived_from_a_source_is_read_with_the_source_purposes(
     assert r.json()["missingPermission"] == "purpose:traffic-management"
     assert c.get(f"{E}/{FROM_TRAFFIC}", headers=governed.as_("operator")).status_code == 200
     assert c.get(f"{E}/{FROM_UNDECLARED}", headers=governed.as_("operator")).status_code == 403
+    # an id with nothing after the source id names no source: undeclared, by id and in
+    # queries alike (by id it was the traffic detectors', in queries undeclared)
+    bare = "urn:ngsi-ld:Alert:from:traffic-detectors"
+    r = c.post(E, json={"id": bare, "type": "Alert"}, headers=governed.as_("admin"))
+    assert r.status_code == 201, r.text
+    assert c.get(f"{E}/{bare}", headers=governed.as_("operator")).status_code == 403
+    assert bare not in ids_of(c.get(E, params=alerts, headers=governed.as_("operator")))
+    assert c.get(f"{E}/{bare}", headers=wide).status_code == 200
+    assert bare in ids_of(c.get(E, params=alerts, headers=wide))
     # writing one needs the source's purpose too
     r = c.patch(
         f"{E}/{FROM_TRAFFIC}/attrs",

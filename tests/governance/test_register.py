@@ -310,6 +310,11 @@ def test_moving_vehicles_alerts_and_personal_data_are_counted_not_listed(store: 
         assert by_id[sid]["not_listed_why"], sid
     assert [d["id"] for d in by_id["traffic-cameras"]["devices"]] == ["urn:ngsi-ld:Camera:cam1"]
     assert by_id["traffic-detectors"]["devices"] == []
+    # counted all the same, with their source
+    assert by_id["traffic-detectors"]["entity_count"] == 1
+    assert by_id["traffic-cameras"]["entity_count"] == 2
+    assert by_id["traffic-cameras"]["device_count"] == 1
+    assert "And 1 record computed from them (alerts)" in render_html(reg)
     assert reg["device_count"] == 1
     text = orjson.dumps(reg).decode() + render_html(reg)
     hidden_ids = (run, "Alert:a1", "Complaint:c1", "Alert:from", "Alert:camera")

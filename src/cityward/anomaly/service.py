@@ -312,8 +312,8 @@ class AnomalyService:
             )
         return Principal(SERVICE_ID, Role.OPERATOR, frozenset(source.purposes), kind="service")
 
-    def _alert_prefix(self, change: Change) -> str:
-        """The id prefix of an alert on ``change``'s entity.
+    def _alert_prefix(self, eid: str, types: Sequence[str]) -> str:
+        """The id prefix of an alert on the entity ``eid`` (of expanded ``types``).
 
         An alert carries its source's value, reason and place, so it may not be read more
         widely than the source: when some purpose that may read alerts may not read the source
@@ -323,9 +323,7 @@ class AnomalyService:
         """
         if self._gov is None or self._principal is None:
             return ALERT_ID_PREFIX
-        assert change.after is not None
-        catalog = self._gov.catalog
-        source = catalog.source_of(change.entity_id, change.after["type"])
+        source = self._gov.catalog.source_of(eid, types)
         alerts = self._alerts_source
         covered = set(alerts.purposes) <= set(source.purposes)
         if source.id == alerts.id or (
@@ -943,7 +941,8 @@ class AnomalyService:
         tenant, source, name = key
         valid_from = iso_at(stream.run_since)
         digest = hashlib.sha256(f"{tenant}\n{source}\n{name}\n{valid_from}".encode()).hexdigest()
-        alert_id = f"{self._alert_prefix(change)}{name}:{digest[:20]}"
+        assert change.after is not None
+        alert_id = f"{self._alert_prefix(source, change.after['type'])}{name}:{digest[:20]}"
         peak = max(stream.run_peak, point.score)
         # the run's peak point gives the alert its value and time (with open_after > 1 the
         # point that opens it is the run's last, not its peak); the point whose rule insisted
@@ -1129,6 +1128,12 @@ class AnomalyService:
         if self._pending:  # alerts of watches that no longer exist: closed at once
             self._flush(final=True)
 
+    def _classified(self, alert_id: str, entity: Doc) -> bool:
+        """Whether an alert's id puts it where an alert on ``entity`` belongs now (or
+        somewhere stricter: a derived alert of a source that need not be is left so)."""
+        wanted = self._alert_prefix(str(entity["id"]), entity.get("type", []))
+        return wanted == ALERT_ID_PREFIX or alert_id.startswith(wanted)
+
     def _covers(self, watch: WatchT, entity: Doc) -> bool:
         """Whether ``watch`` follows ``entity`` (its id and one of its types)."""
         if not watch.matches_id(str(entity["id"])):
@@ -1184,6 +1189,11 @@ class AnomalyService:
             gone = "source entity deleted"
         elif not self._covers(self.watches[watch], entity):
             gone = "the watch no longer covers the source"
+        elif not self._classified(doc["id"], entity):
+            # its source became more restricted (a catalog change, or an alert written before
+            # alerts followed their source): none of the source's new values may go into it;
+            # the next anomalous point opens an alert that belongs to the source
+            gone = "its source's data source is more restricted now"
         if gone is not None:
             log.warning("anomaly: open alert %s: %s; closing it", doc["id"], gone)
             self._close_alert(incident, now_iso(), gone)

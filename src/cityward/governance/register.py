@@ -285,7 +285,8 @@ def _source_json(
         "not_listed_why": why,
         "devices": [_device_json(d) for d in devices],
         "device_count": len(devices) if listed else 0,
-        "entity_count": len(devices) if listed else (count or 0),
+        # a listed source's alerts (events, not devices) are counted with its devices
+        "entity_count": len(devices) + (count or 0) if listed else (count or 0),
     }
 
 
@@ -467,6 +468,12 @@ def _source_html(s: Mapping[str, Any]) -> str:
         ]
     else:
         parts.append('<p class="muted">No devices of this kind are installed at the moment.</p>')
+    events = int(s.get("entity_count", 0)) - int(s.get("device_count", 0))
+    if s.get("listed") is not False and events > 0:
+        parts.append(
+            f'<p class="muted">And {events} {"record" if events == 1 else "records"} computed '
+            "from them (alerts), not listed one by one.</p>"
+        )
     parts.append("</section>")
     return "\n".join(parts)
 

@@ -70,6 +70,7 @@ from cityward.governance.sources import (
     UNDECLARED,
     Catalog,
     DataSource,
+    derived_source,
 )
 
 log = logging.getLogger("cityward.retention")
@@ -366,7 +367,7 @@ class Retention:
             [DERIVED_PREFIX],
         )
         for pk, eid in rows:
-            sid = str(eid)[len(DERIVED_PREFIX) :].partition(":")[0]
+            sid = derived_source(str(eid))
             out[sid if sid in declared else UNDECLARED].append(int(pk))
         patterned = [s for s in self.catalog.sources if s.id_patterns]
         for i, s in enumerate(patterned):

@@ -63,6 +63,16 @@ def derived_prefix(source_id: str) -> str:
     return f"{DERIVED_PREFIX}{source_id}:"
 
 
+def derived_source(eid: str) -> str | None:
+    """The source id a derived id names (None for an id that is not derived). A derived id
+    with no ':' after it names no source ("", undeclared): the query restriction matches the
+    prefixes of declared sources with their ':', and must agree."""
+    if not eid.startswith(DERIVED_PREFIX):
+        return None
+    sid, sep, _ = eid[len(DERIVED_PREFIX) :].partition(":")
+    return sid if sep else ""
+
+
 class DataSource(BaseModel):
     """One declared data source: a set of entity types and/or entity id patterns."""
 
@@ -341,8 +351,8 @@ class Catalog:
     def source_of(self, eid: str, types: Sequence[str]) -> DataSource:
         """The source an entity belongs to: a derived id's source first (DERIVED_PREFIX), then
         its id pattern, then its type."""
-        if eid.startswith(DERIVED_PREFIX):
-            sid = eid[len(DERIVED_PREFIX) :].partition(":")[0]
+        sid = derived_source(eid)
+        if sid is not None:
             return self._by_id.get(sid, self.undeclared)
         for s in self._patterned:
             if any(p.search(eid) for p in s.compiled_patterns):
