@@ -188,6 +188,12 @@ ID_CASES = [
         Case(f"body-{n}", Req("POST", E, json={"id": i, "type": "Vehicle"}), bad("id"))
         for n, i in BAD_IDS.items()
     ),
+    # ("$" took a final newline: the id was stored with it)
+    Case(
+        "body-trailing-newline",
+        Req("POST", E, json={"id": "urn:ngsi-ld:Vehicle:V9\n", "type": "Vehicle"}),
+        bad("id"),
+    ),
     *(Case(f"path-get-{n}", Req("GET", _path(i)), bad("id")) for n, i in BAD_IDS.items()),
     *(
         Case(f"path-append-{n}", Req("POST", f"{_path(i)}/attrs", json={"speed": 1}), bad("id"))
@@ -458,6 +464,9 @@ DATE_CASES = [
             ("number", 1704103200),
             ("february-30", "2024-02-30T10:00:00Z"),
             ("hour-24", "2024-01-01T24:00:00Z"),
+            # filed at the write time, or a 500 on PostgreSQL: \d and $ let them through
+            ("trailing-newline", "2024-01-01T10:00:00.5Z\n"),
+            ("full-width-digits", "\uff12\uff10\uff12\uff14-01-01T10:00:00Z"),
         )
     ),
     Case(

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from cityward.bank.access import selection_conjunct
 from cityward.bank.store import Store
-from cityward.governance.sources import DataSource
+from cityward.governance.sources import DataSource, check_purpose
 from tests.governance.test_register import write
 
 
@@ -66,3 +66,9 @@ def test_id_patterns_select_alike_in_python_and_in_the_store(store: Store, patte
     assert {r[0] for r in rows} == in_python
     assert in_python  # the pattern selects something
     assert "urn:ngsi-ld:Camera:cé" not in in_python and "urn:ngsi-ld:Camera:c1x:y" not in in_python
+
+
+def test_a_purpose_with_a_final_newline_is_refused() -> None:
+    # "$" took a final newline
+    with pytest.raises(ValueError, match="purpose"):
+        check_purpose("traffic-management\n")

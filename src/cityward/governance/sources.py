@@ -26,7 +26,7 @@ UNDECLARED = "undeclared"
 #: the source may not read what was computed from it (a value, a reason, a place). A source id
 #: has no ':', so the segment is unambiguous; an id naming no declared source is undeclared.
 DERIVED_PREFIX = "urn:ngsi-ld:Alert:from:"
-_PURPOSE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+_PURPOSE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}\Z")
 
 
 class PersonalData(StrEnum):

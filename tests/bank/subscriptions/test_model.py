@@ -282,6 +282,12 @@ BAD: list[tuple[str, Any, type[NgsiError], str]] = [
         "notification.endpoint.receiverInfo",
     ),
     (
+        "receiverInfo header with a final newline",  # $ took it: header injection
+        body(notification=endpoint(receiverInfo=[{"key": "X-A\n", "value": "v"}])),
+        BadRequestData,
+        "notification.endpoint.receiverInfo",
+    ),
+    (
         "MQTT-QoS 3",
         body(notification=endpoint(notifierInfo=[{"key": "MQTT-QoS", "value": "3"}])),
         BadRequestData,

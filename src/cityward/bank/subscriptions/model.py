@@ -143,7 +143,7 @@ _ENDPOINT_MEMBERS: Final = frozenset(
 )
 _GEOQ_MEMBERS: Final = frozenset({"geometry", "coordinates", "georel", "geoproperty"})
 _PROJECTION_CORE: Final = frozenset({"id", "type", "scope"})
-_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_HEADER_NAME: Final = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _LANG: Final = re.compile(
     r"^(\*|@none|[A-Za-z]{1,8}(-[A-Za-z0-9]{1,8})*)(;q=(0(\.[0-9]{0,3})?|1(\.0{0,3})?))?$"
 )
