@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -749,6 +750,22 @@ def test_no_auth_header_on_every_response(client: Any) -> None:
     assert r.status_code == 404 and r.headers["x-cityward-auth"].startswith("DISABLED")
 
 
+def catalog_app(
+    store: Store, tmp_path: Path, sources: list[DataSource]
+) -> tuple[FastAPI, Callable[..., dict[str, str]]]:
+    """A governed app with its own catalog, and a maker of a token's headers (role, purposes)."""
+    settings = Settings(
+        data_dir=tmp_path, context_fetch=False, governance=GovernanceSettings(sources=sources)
+    )
+    app = create_app(settings, store)
+    ids = app.state.governance.identities
+
+    def bearer(role: Role, *purposes: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {ids.issue(role, list(purposes))}"}
+
+    return app, bearer
+
+
 def test_notifications_carry_only_the_data_of_the_owners_purposes(governed: Governed) -> None:
     import json
     import threading
@@ -796,8 +813,6 @@ def test_notifications_carry_only_the_data_of_the_owners_purposes(governed: Gove
 def test_id_pattern_sources_win_over_types_in_queries(store: Any, tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
 
-    from cityward.api.app import create_app
-    from cityward.config import GovernanceSettings, Settings
     from cityward.governance.sources import DataSource
 
     common = {"legal_basis": "public task", "retention": "P30D", "owner": "city"}
@@ -818,14 +833,10 @@ def test_id_pattern_sources_win_over_types_in_queries(store: Any, tmp_path: Any)
             **common,
         ),
     ]
-    settings = Settings(
-        data_dir=tmp_path, context_fetch=False, governance=GovernanceSettings(sources=sources)
-    )
-    app = create_app(settings, store)
-    ids = app.state.governance.identities
-    admin = {"Authorization": f"Bearer {ids.issue(Role.ADMIN, ['*'])}"}
-    mobility = {"Authorization": f"Bearer {ids.issue(Role.ANALYST, ['mobility'])}"}
-    safety = {"Authorization": f"Bearer {ids.issue(Role.ANALYST, ['public-safety'])}"}
+    app, bearer = catalog_app(store, tmp_path, sources)
+    admin = bearer(Role.ADMIN, "*")
+    mobility = bearer(Role.ANALYST, "mobility")
+    safety = bearer(Role.ANALYST, "public-safety")
     with TestClient(app) as c:
         batch = [
             {"id": f"urn:ngsi-ld:CrowdFlowObserved:{n}", "type": "CrowdFlowObserved", "people": 1}
@@ -945,14 +956,10 @@ def test_derived_alerts_without_id_patterns_in_the_catalog(store: Store, tmp_pat
             owner="City",
         ),
     ]
-    settings = Settings(
-        data_dir=tmp_path, context_fetch=False, governance=GovernanceSettings(sources=sources)
-    )
-    app = create_app(settings, store)
-    ids = app.state.governance.identities
-    admin = {"Authorization": f"Bearer {ids.issue(Role.ADMIN, ['*'])}"}
-    air = {"Authorization": f"Bearer {ids.issue(Role.OPERATOR, ['environment-monitoring'])}"}
-    road = {"Authorization": f"Bearer {ids.issue(Role.OPERATOR, ['traffic-management'])}"}
+    app, bearer = catalog_app(store, tmp_path, sources)
+    admin = bearer(Role.ADMIN, "*")
+    air = bearer(Role.OPERATOR, "environment-monitoring")
+    road = bearer(Role.OPERATOR, "traffic-management")
     derived = "urn:ngsi-ld:Alert:from:traffic:a1"
     with TestClient(app) as c:
         _alerts(c, admin)

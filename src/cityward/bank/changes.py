@@ -1,7 +1,9 @@
 """Changes of entities, as the rest of cityward sees them: write hooks and the change feed.
 
 Every write of the data bank produces one :class:`Change` per entity it created, changed or
-deleted. Two kinds of listeners get them:
+deleted; a batch that names an entity more than once, one per item applied, chained in the
+items' order (each one's ``before`` is the previous one's ``after``), as if the items had been
+written one by one. Two kinds of listeners get them:
 
 - write hooks run inside the write transaction, before it commits, so what they store (history
   rows, queued notifications) commits or rolls back with the write itself;

@@ -656,10 +656,13 @@ class Bank:
                 frags = gate(txn, frags)
             existing = txn.get_many([f["id"] for f in frags])
             touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
+            # an entity named again: the documents its earlier items made (_store_touched)
+            earlier: dict[str, list[Doc]] = {}
             for frag in frags:
                 eid = frag["id"]
                 ready = built.get(id(frag))
                 prior = touched.get(eid)
+                again = prior is not None
                 if prior is None and eid in existing:
                     prior = (*existing[eid], None)
                 if prior is None:
@@ -677,8 +680,10 @@ class Bank:
                     new = self._append_doc(_copy(old), frag, now, False, UpdateResult())
                     new["modifiedAt"] = now
                     derived = None
+                if again:
+                    earlier.setdefault(eid, []).append(old)
                 touched[eid] = (pk, new, derived)
-            self._store_touched(txn, touched, result, tenant, existing, now)
+            self._store_touched(txn, touched, result, tenant, existing, now, earlier)
 
         return self._batch(tenant, items, True, apply, prepare)
 
@@ -690,10 +695,17 @@ class Bank:
         tenant: str,
         existing: dict[str, tuple[int, Doc]],
         now: str,
+        earlier: dict[str, list[Doc]],
     ) -> None:
         """Write the documents a batch produced: new ones get fresh pks, the rest replace.
 
         ``existing`` holds the documents as stored before the batch (never modified in place).
+        ``earlier``: for an entity the batch names more than once, the documents its earlier
+        items made, in order. Only the last document is stored, but each item gets a Change of
+        its own, chained, as if the items had been written one after another: one Change from
+        the stored document to the last skipped the earlier items' values (the attribute
+        history lost those readings; subscriptions and change-feed followers never saw them).
+        Nothing is kept for an entity named once, the common case.
         """
         fresh = [eid for eid, (pk, _, _) in touched.items() if pk is None]
         pks = iter(txn.new_pks(len(fresh)))
@@ -713,7 +725,11 @@ class Bank:
             items.append((pk, doc))
             derived.append(d)
             result.success.append(eid)
-            result.changes.append(Change(tenant, pk, eid, before[1] if before else None, doc, now))
+            prev = before[1] if before else None
+            for step in earlier.get(eid, ()) if earlier else ():
+                result.changes.append(Change(tenant, pk, eid, prev, step, now))
+                prev = step
+            result.changes.append(Change(tenant, pk, eid, prev, doc, now))
         txn.put(items, replacing=replacing, derived=derived, same_types=same_types)
 
     def batch_update(
@@ -731,9 +747,11 @@ class Bank:
             # twice whose second item is refused keeps the first item's change, and says so.
             # (It was reported as failed alone while the first item's change was committed.)
             touched: dict[str, tuple[int | None, Doc, Derived | None]] = {}
+            earlier: dict[str, list[Doc]] = {}  # as in batch_upsert
             for frag in frags:
                 eid = frag["id"]
                 prior = touched.get(eid)
+                again = prior is not None
                 if prior is None and eid in existing:
                     prior = (*existing[eid], None)
                 if prior is None:
@@ -766,8 +784,10 @@ class Bank:
                     ):
                         continue  # nothing of the item applies: the entity is left as it was
                 new["modifiedAt"] = now
+                if again:
+                    earlier.setdefault(eid, []).append(doc)
                 touched[eid] = (pk, new, None)
-            self._store_touched(txn, touched, result, tenant, existing, now)
+            self._store_touched(txn, touched, result, tenant, existing, now, earlier)
 
         return self._batch(tenant, items, False, apply)
 

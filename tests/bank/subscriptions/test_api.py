@@ -144,6 +144,27 @@ def test_one_notification_per_batch(client: TestClient, receiver: Receiver) -> N
     assert [d["speed"]["value"] for d in req.body["data"]] == list(range(5))
 
 
+@pytest.mark.parametrize("op", ["upsert", "update", "merge"])
+def test_every_item_of_a_repeated_entity_is_notified(
+    client: TestClient, receiver: Receiver, op: str
+) -> None:
+    """A batch naming V1 twice (speed 1, then 2) notified only the last value: the bank made
+    one change of V1 from the stored document to the last item's. Sent one by one, a
+    subscription sees both; in one batch, its one notification carries both, in order."""
+    assert client.post(E, json={"id": V1, "type": "Vehicle"}).status_code == 201
+    sid = "urn:ngsi-ld:Subscription:repeats"
+    assert client.post(S, json=subscription(sid, receiver.url())).status_code == 201
+    batch = [
+        {"id": V1, "type": "Vehicle", "speed": {"type": "Property", "value": v}} for v in (1, 2)
+    ]
+    r = client.post(f"/ngsi-ld/v1/entityOperations/{op}", json=batch)
+    assert r.status_code == 204, r.text
+    wait(lambda: len(receiver.requests) >= 1, "the batch's notification")
+    time.sleep(0.3)  # a second notification would have been sent with the first
+    seen = [d["speed"]["value"] for q in receiver.requests for d in q.body["data"]]
+    assert seen == [1, 2]
+
+
 def test_periodic_notifications(client: TestClient, receiver: Receiver) -> None:
     for n, speed in [(1, 10), (2, 90)]:
         body: dict[str, Any] = {"id": f"urn:ngsi-ld:Vehicle:{n}", "type": "Vehicle"}
