@@ -7,7 +7,7 @@ import tomllib
 import types
 from contextvars import ContextVar
 from pathlib import Path, PurePath
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -19,6 +19,9 @@ from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
 from cityward.ingest.settings import IngestSettings, SourceSettings
 from cityward.vision.settings import VisionSettings
+
+if TYPE_CHECKING:
+    from cityward.bank.jsonld import ContextResolver
 
 SETTINGS_ENV = "CITYWARD__SETTINGS_JSON"  # settings handed to `serve --workers` processes
 
@@ -104,7 +107,20 @@ class Settings(BaseSettings):
         default=True, description="Fetch @contexts that are not preloaded from the network."
     )
     context_timeout_s: float = Field(
-        default=3.0, gt=0, le=60, description="Timeout for fetching a remote @context."
+        default=3.0,
+        gt=0,
+        le=60,
+        description="Time limit for fetching the remote @contexts of one request, all together.",
+    )
+    context_allow_private: bool = Field(
+        default=False,
+        description="Also fetch @contexts from loopback, private and link-local addresses "
+        "(off: any client could make the server reach internal services).",
+    )
+    context_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host names, addresses or networks (CIDR) @contexts may be fetched from "
+        "even when they are not public addresses, e.g. an internal context server.",
     )
     max_body_bytes: int = Field(
         default=8 * 1024 * 1024,
@@ -202,6 +218,18 @@ class Settings(BaseSettings):
 
             return orjson.loads(value)
         return value
+
+    def context_resolver(self) -> ContextResolver:
+        """The @context resolver these settings ask for (the API's and ingest workers')."""
+        from cityward.bank.jsonld import ContextResolver
+
+        return ContextResolver(
+            preload=self.contexts,
+            fetch_timeout=self.context_timeout_s,
+            allow_fetch=self.context_fetch,
+            allow_private=self.context_allow_private,
+            allow_hosts=self.context_allow_hosts,
+        )
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):

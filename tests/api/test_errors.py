@@ -1718,7 +1718,7 @@ def test_remote_context_failures(
     source: str,
     expected: Problem,
 ) -> None:
-    client = make_client(context_fetch=True, context_timeout_s=TIMEOUT)
+    client = make_client(context_fetch=True, context_timeout_s=TIMEOUT, context_allow_private=True)
     seed(client)
     before = snapshot(client)
     req = _context_request(how, context_urls[source], 1)
@@ -1740,7 +1740,7 @@ def test_remote_context_failures(
 def test_remote_context_failure_in_batch_is_per_entity(
     make_client: Callable[..., TestClient], context_urls: dict[str, str]
 ) -> None:
-    client = make_client(context_fetch=True, context_timeout_s=TIMEOUT)
+    client = make_client(context_fetch=True, context_timeout_s=TIMEOUT, context_allow_private=True)
     items = [
         {**vehicle(1), "@context": [context_urls["good"], CORE]},
         {**vehicle(2), "@context": [context_urls["silent"]]},

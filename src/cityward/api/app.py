@@ -90,11 +90,7 @@ def create_app(
     service.
     """
     store = store or open_store(settings.database_url, settings.data_dir)
-    resolver = ContextResolver(
-        preload=settings.contexts,
-        fetch_timeout=settings.context_timeout_s,
-        allow_fetch=settings.context_fetch,
-    )
+    resolver = settings.context_resolver()
 
     bank = Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit)
     history = History(store, bank)

@@ -19,7 +19,13 @@ from cityward.bank.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from cityward.bank.jsonld import Context, ContextResolver, link_header, parse_link_header
+from cityward.bank.jsonld import (
+    Context,
+    ContextResolver,
+    current_tenant,
+    link_header,
+    parse_link_header,
+)
 from cityward.bank.service import Bank
 
 JSON = "application/json"
@@ -71,6 +77,13 @@ def check_params(request: Request, allowed: Iterable[str]) -> None:
             raise BadRequestData(f"{key} contains a NUL character", field=key)
 
 
+def _enter_tenant(request: Request) -> None:
+    """Resolve the request's contexts for its tenant: a URL names a hosted context of that
+    tenant only, and the cache records which tenant used what. The value lives in the
+    request's task (and the worker threads it starts); tenant_of checks the name later."""
+    current_tenant.set(request.headers.get("ngsild-tenant", "") or "")
+
+
 async def resolve_context(rt: Runtime, source: Any) -> Context:
     """Resolve a context; a fetch runs in a worker thread so it never stalls other requests."""
     hit = rt.contexts.cached(source)
@@ -81,6 +94,7 @@ async def resolve_context(rt: Runtime, source: Any) -> Context:
 
 async def header_context(request: Request, rt: Runtime) -> Context:
     """The @context of a GET/DELETE request: its Link header, or the core context."""
+    _enter_tenant(request)
     url = parse_link_header(request.headers.get("link"))
     return await resolve_context(rt, url) if url else rt.contexts.core
 
@@ -94,6 +108,7 @@ async def read_json(
     @context (mandatory) and a Link header is an error; for application/json it is the Link
     header's, and an @context in the body is an error (reported per entity in batches).
     """
+    _enter_tenant(request)
     length = request.headers.get("content-length")
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     if length is None and not chunked:
@@ -133,20 +148,37 @@ async def read_json(
 
 
 def body_context(item: Any, rt: Runtime, body_is_ld: bool, ctx: Context) -> Context:
-    """The context one entity of a body is read with (checks @context presence rules)."""
+    """The context one entity of a body is read with (checks @context presence rules).
+
+    It may fetch: call it from a worker thread, or use :func:`body_context_async`."""
+    source = _body_source(item, body_is_ld)
+    return ctx if source is _NO_SOURCE else rt.contexts.resolve(source)
+
+
+async def body_context_async(item: Any, rt: Runtime, body_is_ld: bool, ctx: Context) -> Context:
+    """:func:`body_context` for async routes: a fetch runs in a worker thread, so a slow
+    remote context never stalls the event loop."""
+    source = _body_source(item, body_is_ld)
+    return ctx if source is _NO_SOURCE else await resolve_context(rt, source)
+
+
+_NO_SOURCE = object()
+
+
+def _body_source(item: Any, body_is_ld: bool) -> Any:
     if not isinstance(item, dict):
-        return ctx
+        return _NO_SOURCE
     if body_is_ld:
         if "@context" not in item:
             raise BadRequestData(
                 "application/ld+json bodies need an @context member", field="@context"
             )
-        return rt.contexts.resolve(item["@context"])
+        return item["@context"]
     if "@context" in item:
         raise BadRequestData(
             "an @context in the body needs Content-Type application/ld+json", field="@context"
         )
-    return ctx
+    return _NO_SOURCE
 
 
 def negotiate(request: Request, allow_geo: bool = False) -> str:

@@ -15,7 +15,7 @@ import orjson
 
 from cityward.bank import geo
 from cityward.bank.errors import BadRequestData
-from cityward.bank.jsonld import Context
+from cityward.bank.jsonld import RESERVED_MEMBERS, Context
 
 NGSI_NULL = "urn:ngsi-ld:null"
 KINDS = frozenset(
@@ -72,34 +72,7 @@ ATTR_MEMBERS = frozenset(
 )
 SYSTEM_MEMBERS = frozenset({"createdAt", "modifiedAt", "deletedAt"})
 # core terms that can never be attribute names
-RESERVED_NAMES = frozenset(
-    {
-        "id",
-        "@id",
-        "type",
-        "@type",
-        "scope",
-        "@context",
-        "datasetId",
-        "instanceId",
-        "observedAt",
-        "unitCode",
-        "createdAt",
-        "modifiedAt",
-        "deletedAt",
-        "value",
-        "object",
-        "objectType",
-        "languageMap",
-        "valueList",
-        "objectList",
-        "json",
-        "vocab",
-        "valueType",
-        "lang",
-        *PREVIOUS_MEMBERS,
-    }
-)
+RESERVED_NAMES = frozenset({*RESERVED_MEMBERS, *PREVIOUS_MEMBERS})
 # a type-less concise attribute with one of these types is a bare geometry (GeometryCollection
 # included so that parse_geometry can say it is not supported)
 GEOJSON_TYPES = frozenset({*geo.GEOMETRY_TYPES, "GeometryCollection"})

@@ -152,7 +152,6 @@ def run(
     import threading
 
     from cityward.bank.history import History
-    from cityward.bank.jsonld import ContextResolver
     from cityward.bank.service import Bank
     from cityward.bank.store import Store, open_store
     from cityward.bank.subscriptions.service import Subscriptions
@@ -183,11 +182,7 @@ def run(
         for line in missing:
             console.print(f"[red]{escape(line)}[/]")
         raise typer.Exit(2)
-    resolver = ContextResolver(
-        preload=settings.contexts,
-        fetch_timeout=settings.context_timeout_s,
-        allow_fetch=settings.context_fetch,
-    )
+    resolver = settings.context_resolver()
     store: Store | None = None
     bank: Bank | None = None
     changes: ChangeBus | None = None

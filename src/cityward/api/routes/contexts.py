@@ -58,10 +58,11 @@ async def list_contexts(request: Request) -> Response:
     if kind is not None and kind not in KINDS:
         raise BadRequestData(f"kind must be one of {', '.join(KINDS)}", field="kind")
     reg = _registry(request)
-    entries = await run_in_threadpool(reg.entries, tenant_of(request), _base(request))
+    tenant = tenant_of(request)
+    entries = await run_in_threadpool(reg.entries, tenant, _base(request))
     entries = [e for e in entries if kind is None or e.kind == kind]
     if details:
-        return _json([e.details(*reg.usage(e)) for e in entries], request)
+        return _json([e.details(*reg.usage(tenant, e)) for e in entries], request)
     return _json([e.url for e in entries], request)
 
 
@@ -70,9 +71,10 @@ async def get_context(request: Request, local_id: str) -> Response:
     check_params(request, ("details",))
     details = _bool(request, "details")
     reg = _registry(request)
-    entry = await run_in_threadpool(reg.find, tenant_of(request), local_id, _base(request))
+    tenant = tenant_of(request)
+    entry = await run_in_threadpool(reg.find, tenant, local_id, _base(request))
     if details:
-        return _json(entry.details(*reg.usage(entry)), request)
+        return _json(entry.details(*reg.usage(tenant, entry)), request)
     return Response(orjson.dumps({"@context": entry.body}), media_type="application/ld+json")
 
 

@@ -13,6 +13,7 @@ from cityward.api.ngsi import (
     GEO_JSON,
     Runtime,
     body_context,
+    body_context_async,
     check_params,
     empty_response,
     header_context,
@@ -202,7 +203,7 @@ async def _attr_write(request: Request, eid: str, attr: str, how: str) -> Respon
     body, ctx, is_ld = await read_json(request, rt)
     if not isinstance(body, dict | list) or not body:
         raise BadRequestData("the body must be a non-empty attribute", field="body")
-    actx = body_context(body if isinstance(body, dict) else {}, rt, is_ld, ctx)
+    actx = await body_context_async(body if isinstance(body, dict) else {}, rt, is_ld, ctx)
     parser = EntityParser(actx)
     iri = actx.expand(attr)
     if isinstance(body, dict):

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cityward.api.ngsi import (
     Runtime,
-    body_context,
+    body_context_async,
     check_params,
     empty_response,
     header_context,
@@ -481,7 +481,7 @@ async def create_temporal(request: Request) -> Response:
     check_params(request, ())
     body, ctx, is_ld = await read_json(request, rt)
     if is_ld:
-        ctx = body_context(body, rt, True, ctx)
+        ctx = await body_context_async(body, rt, True, ctx)
     eid, types, instances = _parse_instances(body, ctx, None)
     created = await run_in_threadpool(
         _append, rt, _history_of(request), tenant_of(request), eid, types, instances, False
@@ -498,7 +498,7 @@ async def append_temporal(request: Request, eid: str) -> Response:
     check_uri(eid, "id")
     body, ctx, is_ld = await read_json(request, rt)
     if is_ld:
-        ctx = body_context(body, rt, True, ctx)
+        ctx = await body_context_async(body, rt, True, ctx)
     _, _, instances = _parse_instances(body, ctx, eid)
     if not instances:
         raise BadRequestData("no attribute instances in the body", field="body")
