@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from cityward.api.app import create_app
+from cityward.bank.model import EntityParser
 from cityward.bank.store import Store
 from cityward.config import Settings
 from tests.bank.ctx_server import ctx_server
@@ -191,3 +192,32 @@ def test_slow_body_context_does_not_stall_other_requests(
         srv.release.set()
         thread.join()
         assert result["r"].status_code < 300, result["r"].text
+
+
+def test_a_write_outside_a_request_notifies_with_the_tenants_hosted_context(
+    store: Store, tmp_path: Path
+) -> None:
+    # notifications of a write that no request made (ingest, the anomaly service) resolved a
+    # subscription's hosted jsonldContext for the default tenant, not the subscription's: it
+    # was not found, and the notification fell back to the core context
+    a = {"NGSILD-Tenant": "tenant-a"}
+    app = _app(store, tmp_path, context_fetch=False)
+    with TestClient(app) as client:
+        r = client.post(C, json={"@context": {"secret": "http://a.example/secret"}}, headers=a)
+        hosted = f"http://testserver{r.headers['location']}"
+        sub = {
+            "type": "Subscription",
+            "entities": [{"type": "X"}],
+            "jsonldContext": hosted,
+            "notification": {"endpoint": {"uri": "http://127.0.0.1:9/n"}},
+        }
+        assert client.post("/ngsi-ld/v1/subscriptions", json=sub, headers=a).status_code == 201
+        bank = app.state.runtime.bank
+        doc = EntityParser(app.state.runtime.contexts.core).entity(
+            {"id": "urn:ngsi-ld:X:1", "type": "X", "http://a.example/secret": 7}
+        )
+        assert not bank.batch_upsert("tenant-a", [doc], "update").errors
+        items = app.state.subscriptions.outbox.items()
+    [item] = [i for i in items if i.body.get("data")]
+    assert item.headers["Link"].startswith(f"<{hosted}>"), item.headers
+    assert item.body["data"][0]["secret"] == {"type": "Property", "value": 7}

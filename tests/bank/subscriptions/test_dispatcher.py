@@ -109,7 +109,7 @@ def test_http_delivery_end_to_end(
         http = make_transport(transport_kind)
         async with Dispatcher(ob, http=http, on_result=on_result, seed=1) as dispatcher:
             for n in range(5):
-                items = index.notifications(change(core, n, 10.0 * n), lambda _: core, tenant="t1")
+                items = index.notifications(change(core, n, 10.0 * n), lambda *_: core, tenant="t1")
                 ob.add(items)
                 dispatcher.wake()
             await until(lambda: len(receiver.requests) == 5, "5 notifications")
@@ -140,7 +140,7 @@ def test_ld_json_delivery(outboxes: OutboxFactory, receiver: Receiver, core: Con
 
     async def main() -> None:
         async with Dispatcher(ob) as dispatcher:
-            ob.add(SubscriptionIndex([sub]).notifications(change(core, 1, 5), lambda _: core))
+            ob.add(SubscriptionIndex([sub]).notifications(change(core, 1, 5), lambda *_: core))
             dispatcher.wake()
             await until(lambda: len(receiver.requests) == 1, "one notification")
 
@@ -167,7 +167,7 @@ def test_mqtt_delivery(
     async def main() -> None:
         async with Dispatcher(ob, on_result=results.append) as dispatcher:
             for n in range(3):
-                ob.add(SubscriptionIndex([sub]).notifications(change(core, n, n), lambda _: core))
+                ob.add(SubscriptionIndex([sub]).notifications(change(core, n, n), lambda *_: core))
             dispatcher.wake()
             await until(lambda: len(mqtt_subscriber.received()) == 3, "3 MQTT messages")
             await until(lambda: len(results) == 3, "3 results")
@@ -201,7 +201,7 @@ def test_mqtt5_delivery(
 
     async def main() -> None:
         async with Dispatcher(ob) as dispatcher:
-            ob.add(SubscriptionIndex([sub]).notifications(change(core, 1, 1), lambda _: core))
+            ob.add(SubscriptionIndex([sub]).notifications(change(core, 1, 1), lambda *_: core))
             dispatcher.wake()
             await until(lambda: len(mqtt_subscriber.received()) == 1, "one MQTT message")
 
@@ -381,7 +381,7 @@ def test_restart_delivers_what_was_enqueued(
     sub = subscription(core, receiver.url("/after-restart"))
     writer = outboxes()
     for n in range(10):
-        writer.add(SubscriptionIndex([sub]).notifications(change(core, n, n), lambda _: core))
+        writer.add(SubscriptionIndex([sub]).notifications(change(core, n, n), lambda *_: core))
     writer.db.close()
 
     restarted = outboxes()

@@ -70,7 +70,7 @@ class NotificationHook:
     def __init__(
         self,
         outbox: Outbox,
-        resolve: Callable[[Any], Context],
+        resolve: Callable[[Any, str], Context],
         dispatcher: Dispatcher | None = None,
         *,
         link_for: Callable[[Subscription], str | None] | None = None,
@@ -154,7 +154,7 @@ class NotificationHook:
         for (tenant, _, trigger), members in groups.items():
             sub = members[0][1]
             try:
-                ctx = self._context(sub)
+                ctx = self._context(sub, tenant)
                 link = self.link_for(sub) if self.link_for is not None else None
                 if len(members) == 1:
                     event, _, fire = members[0]
@@ -181,18 +181,20 @@ class NotificationHook:
         self.dropped += self.outbox.enqueue(txn.conn, items)
         self.enqueued += len(items)
 
-    def _context(self, sub: Subscription) -> Context:
+    def _context(self, sub: Subscription, tenant: str) -> Context:
         """The subscription's context; the core one when it cannot be had right now (a remote
-        jsonldContext that is unreachable must not fail the entity write)."""
+        jsonldContext that is unreachable must not fail the entity write). Resolved for the
+        subscription's tenant, whose hosted contexts it may name (a write outside a request,
+        from ingest, has no request tenant to go by)."""
         try:
-            ctx = self.resolve(sub.notification_context)
+            ctx = self.resolve(sub.notification_context, tenant)
         except Exception:
             log.warning(
                 "the @context of subscription %s is not available; notifying with the core one",
                 sub.id,
                 exc_info=True,
             )
-            return self.resolve(None)
+            return self.resolve(None, tenant)
         if (
             sub.notification.endpoint.accept != "application/ld+json"
             and self.link_for is None
@@ -202,7 +204,7 @@ class NotificationHook:
             # compacted with it while the Link named the core context, so the receiver read
             # every term of it wrong (Car as the default context's Car). Compacted with the
             # core context, those terms stay full IRIs, which any receiver reads right
-            return self.resolve(None)
+            return self.resolve(None, tenant)
         return ctx
 
     def committed(self, changes: Sequence[Any]) -> None:

@@ -641,7 +641,7 @@ class SubscriptionIndex:
     def notifications(
         self,
         event: ChangeEvent,
-        resolve: Callable[[Any], Context],
+        resolve: Callable[[Any, str], Context],
         *,
         now: datetime | None = None,
         tenant: str = "",
@@ -653,7 +653,7 @@ class SubscriptionIndex:
         t = _now(now)
         return [
             notification_for(
-                sub, event, fire, resolve(sub.notification_context), now=t, tenant=tenant
+                sub, event, fire, resolve(sub.notification_context, tenant), now=t, tenant=tenant
             )
             for sub, fire in self.match(event, now=t)
         ]

@@ -375,7 +375,7 @@ class Subscriptions:
         items: list[OutboxItem] = []
         for tenant, sub in due:
             self._periodic_last[(tenant, sub.id)] = t
-            ctx = self.hook._context(sub)
+            ctx = self.hook._context(sub, tenant)
             docs = []
             # every entity of the tenant is looked at: fine for the minutes-scale intervals
             # this is for; a city with millions of entities should filter by type first
