@@ -259,6 +259,19 @@ def test_created_state_is_the_newest_instant(client: TestClient) -> None:
     assert client.get(f"{E}/urn:h:5").json()["speed"]["value"] == 2
 
 
+def test_created_state_of_an_instance_without_observed_at_is_the_histories_newest(
+    client: TestClient,
+) -> None:
+    # an instance without observedAt is filed at the write time (the newest), but counted as
+    # the oldest for the entity's state: the entity showed 1, lastN=1 gave 2
+    insts = [{"type": "Property", "value": 2}, speed(1, "2024-01-01T10:00:00Z")]
+    r = client.post(T, json={"id": "urn:h:6", "type": "H", "speed": insts})
+    assert r.status_code == 201, r.text
+    assert client.get(f"{E}/urn:h:6").json()["speed"]["value"] == 2
+    newest = client.get(f"{T}/urn:h:6", params={"lastN": "1"}).json()["speed"]
+    assert [i["value"] for i in (newest if isinstance(newest, list) else [newest])] == [2]
+
+
 def test_instance_ids_are_ascii_digits_within_64_bits(client: TestClient) -> None:
     # str.isdigit() let other scripts' digits through: ARABIC-INDIC TWO deleted instance 2,
     # SUPERSCRIPT TWO gave a 500; beyond 64 bits SQLite gave a 500

@@ -421,14 +421,18 @@ def _parse_instances(
     return eid, types, out
 
 
-def _newest(instances: list[tuple[str, dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
-    """Per attribute, the newest instance (by observedAt, else the last given) per datasetId."""
+def _newest(
+    instances: list[tuple[str, dict[str, Any]]], now: str
+) -> dict[str, list[dict[str, Any]]]:
+    """Per attribute, the newest instance per datasetId: by observedAt, an instance without
+    one at ``now``, as the history files it (it counted as the oldest, so the entity showed
+    another value than the history's newest); the last given wins a tie."""
     best: dict[tuple[str, str | None], dict[str, Any]] = {}
 
     def when(inst: dict[str, Any]) -> str:
         # compared as instants: the raw texts differ in fraction width ("...00Z" sorts after
         # "...00.500Z"); normalized to six fraction digits, text order is time order
-        return normalize_timestamp(str(inst.get("observedAt", "")))
+        return normalize_timestamp(str(inst.get("observedAt", now)))
 
     for iri, inst in instances:
         key = (iri, inst.get("datasetId"))
@@ -463,7 +467,7 @@ def _append(
                 raise ResourceNotFound(f"entity {eid} not found", field="id")
             if types is None:
                 raise BadRequestData("a new temporal entity needs a type", field="type")
-            doc = new_document({"id": eid, "type": types, "attrs": _newest(instances)}, now)
+            doc = new_document({"id": eid, "type": types, "attrs": _newest(instances, now)}, now)
             (pk,) = txn.new_pks(1)
             txn.put([(pk, doc)], replacing=[])
             created = True
