@@ -50,9 +50,21 @@ _MAX_REDIRECTS = 5
 _CORE_CACHE_LIMIT = 100_000
 _USER_CACHE_LIMIT = 4_096
 
+# the previous values a notification carries (cityward.bank.model uses them too)
+PREVIOUS_MEMBERS = frozenset(
+    {
+        "previousValue",
+        "previousObject",
+        "previousLanguageMap",
+        "previousValueList",
+        "previousObjectList",
+        "previousJson",
+        "previousVocab",
+    }
+)
 # Member names of NGSI-LD entities and attributes: no attribute is ever shown under one of these
 # (it would replace the entity's id, type, value... in the output), nor written as one.
-RESERVED_MEMBERS = frozenset(
+RESERVED_MEMBERS = PREVIOUS_MEMBERS | frozenset(
     {
         "id",
         "@id",
@@ -77,13 +89,6 @@ RESERVED_MEMBERS = frozenset(
         "vocab",
         "valueType",
         "lang",
-        "previousValue",
-        "previousObject",
-        "previousLanguageMap",
-        "previousValueList",
-        "previousObjectList",
-        "previousJson",
-        "previousVocab",
     }
 )
 

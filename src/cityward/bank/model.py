@@ -15,7 +15,7 @@ import orjson
 
 from cityward.bank import geo
 from cityward.bank.errors import BadRequestData
-from cityward.bank.jsonld import RESERVED_MEMBERS, Context
+from cityward.bank.jsonld import PREVIOUS_MEMBERS, RESERVED_MEMBERS, Context
 
 NGSI_NULL = "urn:ngsi-ld:null"
 KINDS = frozenset(
@@ -41,17 +41,6 @@ PAYLOAD = {
     "VocabProperty": "vocab",
 }
 PAYLOAD_MEMBERS = frozenset(PAYLOAD.values())
-PREVIOUS_MEMBERS = frozenset(
-    {
-        "previousValue",
-        "previousObject",
-        "previousLanguageMap",
-        "previousValueList",
-        "previousObjectList",
-        "previousJson",
-        "previousVocab",
-    }
-)
 # members of an attribute that are not sub-attributes
 ATTR_MEMBERS = frozenset(
     {
@@ -72,7 +61,7 @@ ATTR_MEMBERS = frozenset(
 )
 SYSTEM_MEMBERS = frozenset({"createdAt", "modifiedAt", "deletedAt"})
 # core terms that can never be attribute names
-RESERVED_NAMES = frozenset({*RESERVED_MEMBERS, *PREVIOUS_MEMBERS})
+RESERVED_NAMES = RESERVED_MEMBERS
 # a type-less concise attribute with one of these types is a bare geometry (GeometryCollection
 # included so that parse_geometry can say it is not supported)
 GEOJSON_TYPES = frozenset({*geo.GEOMETRY_TYPES, "GeometryCollection"})
