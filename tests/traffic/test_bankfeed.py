@@ -119,23 +119,32 @@ def patch_override(bank: Bank, eid: str, value: object) -> None:
     assert r.status_code == 204, r.text
 
 
+def grid_feed(
+    grid_cfg: Path, seed: int, end: float, url: str, token: str, scenario: str
+) -> tuple[SumoBackend, BankFeed]:
+    """The grid under max-pressure with a feed that polls overrides every 0.2 s."""
+    backend = SumoBackend([*scenario_args(grid_cfg, seed=seed), "--end", str(end)])
+    feed = BankFeed(
+        backend,
+        url,
+        token,
+        scenario=scenario,
+        controller="max-pressure",
+        poll_interval_s=0.2,
+    )
+    return backend, feed
+
+
 def test_feed_writes_the_simulation_and_applies_an_operators_override(
     bank: Bank, grid_cfg: Path
 ) -> None:
-    backend = SumoBackend([*scenario_args(grid_cfg, seed=3), "--end", str(END)])
+    # the feed reads the audit trail to name who set an override: the admin token can; the
+    # API root is accepted as the bank's URL too
+    backend, feed = grid_feed(grid_cfg, 3, END, bank.url + NGSI, bank.tokens["admin"], "grid")
     xs = {x.id: x for x in backend.intersections()}
     forced_tls, bad_tls = "B1", "A0"
     bad_phase = next(p.index for p in xs[bad_tls].phases if not p.is_green)
     seen: dict[str, Any] = {"applied_at": None, "bad_ever": False, "forced": None}
-    # the feed reads the audit trail to name who set an override: the admin token can
-    feed = BankFeed(
-        backend,
-        bank.url + NGSI,  # the API root is accepted too
-        bank.tokens["admin"],
-        scenario="grid",
-        controller="max-pressure",
-        poll_interval_s=0.2,
-    )
 
     def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
         feed.on_step(now, guards)
@@ -541,18 +550,11 @@ def test_overrides_are_read_on_every_page_of_a_bank_with_a_small_max_limit(
     (403 TooManyResults), the feed logged it and went on, and no override was ever applied. It
     now asks for the maximum the refusal names and follows the pages."""
     bank = small_page_bank
-    backend = SumoBackend([*scenario_args(grid_cfg, seed=5), "--end", "40"])
+    # the admin token reads the audit trail: the override's author is named
+    backend, feed = grid_feed(grid_cfg, 5, 40, bank.url, bank.tokens["admin"], "grid-pages")
     xs = {x.id: x for x in backend.intersections() if x.greens}
     assert len(xs) > 5  # more signals than one page
     wanted: dict[str, int] = {}
-    feed = BankFeed(
-        backend,
-        bank.url,
-        bank.tokens["admin"],  # reads the audit trail: the override's author is named
-        scenario="grid-pages",
-        controller="max-pressure",
-        poll_interval_s=0.2,
-    )
 
     def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
         feed.on_step(now, guards)
@@ -663,18 +665,10 @@ def test_an_override_running_when_the_simulation_ends_is_written_as_ended(
     for ever. It now ends with the run, written with the run's other last updates (the last
     lane period, the interrupted emergency run), through a bank that is briefly failing."""
     end = 30.0
-    backend = SumoBackend([*scenario_args(grid_cfg, seed=3), "--end", str(end)])
+    proxy = FlakyBank(bank.url)
+    backend, feed = grid_feed(grid_cfg, 3, end, proxy.url, bank.tokens["feed"], "grid-end")
     xs = {x.id: x for x in backend.intersections()}
     forced_tls = "B1"
-    proxy = FlakyBank(bank.url)
-    feed = BankFeed(
-        backend,
-        proxy.url,
-        bank.tokens["feed"],
-        scenario="grid-end",
-        controller="max-pressure",
-        poll_interval_s=0.2,
-    )
 
     def on_step(now: float, guards: dict[str, SafetyGuard]) -> None:
         feed.on_step(now, guards)

@@ -46,12 +46,12 @@ def selection_conjunct(
     hidden_patterns: Sequence[str],
     undeclared: bool,
     dialect: Dialect,
-    derived: Conjunct | None = None,
+    derived: DerivedIds | None = None,
 ) -> Conjunct:
     """The entities a token may see (see governance.sources.Selection), as a per-entity probe.
 
     Types are expanded IRIs. Always a probe, never a driver: it restricts a query that its
-    own conditions drive. ``derived`` (see :func:`derived_conjunct`) decides derived ids first.
+    own conditions drive. ``derived`` ids are decided first, by their prefix alone.
     """
     params: list[object] = []
     per_row = " OFFSET 0" if dialect == "postgres" else ""
@@ -84,24 +84,32 @@ def selection_conjunct(
     sql = f"({vp} OR (NOT {hp} AND ({vt} OR {fallback})))"
     if derived is None:
         return Conjunct(sql, list(params))
-    # a derived id is decided by its prefix alone: the rest applies to the others only
-    prefix = derived.probe_params[0]
-    assert isinstance(prefix, str)
+    # the derived ids the token may see, and the rest for the others only
+    first = derived_conjunct(derived, undeclared)
     return Conjunct(
-        f"({derived.probe} AND (substr(e.eid, 1, {len(prefix)}) = ? OR {sql}))",
-        [*derived.probe_params, prefix, *params],
+        f"({first.probe} AND (substr(e.eid, 1, {len(derived.prefix)}) = ? OR {sql}))",
+        [*first.probe_params, derived.prefix, *params],
     )
 
 
-def derived_conjunct(
-    prefix: str, visible: Sequence[str], known: Sequence[str], undeclared: bool
-) -> Conjunct:
-    """True for the entities whose id is not derived (does not start with ``prefix``) and for
-    the derived ones the token may see: those whose id starts with one of ``visible``, and,
-    when ``undeclared`` data is visible, those of a source not in ``known``.
+@dataclass(frozen=True, slots=True)
+class DerivedIds:
+    """Ids that start with ``prefix`` belong to the source their next segment names: those
+    starting with one of ``visible`` may be seen; ``known`` are the prefixes of every declared
+    source (the others follow the undeclared source)."""
+
+    prefix: str
+    visible: Sequence[str]
+    known: Sequence[str]
+
+
+def derived_conjunct(derived: DerivedIds, undeclared: bool) -> Conjunct:
+    """True for the entities whose id is not derived and for the derived ones the token may
+    see (those of a source not ``known`` when ``undeclared`` data is visible).
 
     Prefix tests are ``substr`` comparisons, the same on both engines and cheaper than a regex.
     """
+    prefix = derived.prefix
     params: list[object] = [prefix]
 
     def starts(prefixes: Sequence[str]) -> list[str]:
@@ -111,9 +119,9 @@ def derived_conjunct(
             params.append(p)
         return parts
 
-    seen = starts(visible)
+    seen = starts(derived.visible)
     if undeclared:
-        others = starts(known)
+        others = starts(derived.known)
         seen.append(f"NOT ({' OR '.join(others)})" if others else "1 = 1")
     allowed = " OR ".join(seen) if seen else "0 = 1"
     return Conjunct(f"(substr(e.eid, 1, {len(prefix)}) <> ? OR {allowed})", params)

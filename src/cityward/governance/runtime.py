@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cityward.bank.access import Access, derived_conjunct, selection_conjunct
+from cityward.bank.access import Access, DerivedIds, derived_conjunct, selection_conjunct
 from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.query.sqlgen import Conjunct
@@ -136,17 +136,19 @@ class Governance:
             visible, hidden = sel.visible_types, sel.hidden_types
             # derived ids (alerts computed from a source) belong to their source, whatever
             # their type: a cheap prefix test on every entity
-            derived = derived_conjunct(
-                DERIVED_PREFIX, sel.visible_derived, sel.known_derived, sel.undeclared
-            )
-            if query_types is not None and not catalog.has_patterns:
-                # without id patterns an entity's source follows from its type alone, so a
-                # query already limited to visible types needs no per-entity type check (it
-                # costs an index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
-                if query_types <= set(visible):
-                    return derived
-                if sel.undeclared and query_types.isdisjoint(hidden):
-                    return derived
+            derived = DerivedIds(DERIVED_PREFIX, sel.visible_derived, sel.known_derived)
+            # without id patterns an entity's source follows from its type alone, so a query
+            # already limited to visible types needs no per-entity type check (it costs an
+            # index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
+            if (
+                query_types is not None
+                and not catalog.has_patterns
+                and (
+                    query_types <= set(visible)
+                    or (sel.undeclared and query_types.isdisjoint(hidden))
+                )
+            ):
+                return derived_conjunct(derived, sel.undeclared)
             return selection_conjunct(
                 visible,
                 hidden,

@@ -27,8 +27,9 @@ Bank._write_batch), and it becomes a dead letter while the rest are written. Any
 (locked, unreachable, disk full) is retried with back-off.
 
 A batch with several readings of one entity is written in rounds, one reading per entity per
-round: the bank keeps one change per entity and transaction, and the attribute history must
-get every reading, not only the last.
+round: the bank records every item of a batch (each gets its own change), but it answers
+refusals per entity id, so a reading it refuses would take its entity's other readings of the
+same round with it.
 
 Several writers on one PostgreSQL database (``entity_locks``, the JetStream writers of
 cityward.ingest.jetstream) first take a transaction advisory lock per entity, in one order
