@@ -412,3 +412,82 @@ def test_datasets_are_separate_series(client: TestClient) -> None:
     assert r.status_code == 201, r.text
     got = aggregated(client, "urn:h:e", aggrMethods="avg")
     assert got["speed"] == {"type": "Property", "avg": [[10.0, TIMES_D[0], TIMES_D[0]]]}
+
+
+def test_an_instance_without_observed_at_carries_its_time(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an instance without observedAt is filed, filtered and paged at the time the bank
+    # received it, but the normalized answer showed it with no time at all
+    load(client)
+    for v in (70, 80):
+        r = client.patch(f"{E}/{V1}/attrs", json={"speed": {"type": "Property", "value": v}})
+        assert r.status_code == 204, r.text
+    r = client.get(f"{T}/{V1}")
+    assert r.status_code == 200, r.text
+    insts = r.json()["speed"]
+    assert [i["value"] for i in insts] == [*SPEEDS, 70, 80]
+    assert [i["observedAt"] for i in insts[:3]] == TIMES
+    received = [i["modifiedAt"] for i in insts[3:]]
+    assert received[0] < received[1]  # two writes, one after the other
+    # the time shown is the one the history files it at: filters match it there
+    assert all("observedAt" not in i and "createdAt" not in i for i in insts[3:])
+    assert all("modifiedAt" not in i for i in insts[:3])  # sysAttrs not asked for
+    assert values(client, timerel="after", timeAt=received[1]) == [80]
+    assert 70 not in values(client, timerel="before", timeAt=received[0])
+    assert values(client, timerel="between", timeAt=received[0], endTimeAt=received[1]) == [70]
+    # with sysAttrs both system times, as on every instance
+    r = client.get(f"{T}/{V1}", params={"options": "sysAttrs"})
+    assert [i["modifiedAt"] for i in r.json()["speed"][3:]] == received
+    assert all("createdAt" in i for i in r.json()["speed"])
+    # the entity query renders the same way
+    r = client.get(T, params={"type": "Vehicle", "lastN": "1"})
+    assert r.status_code == 200, r.text
+    assert r.json()[0]["speed"] == [
+        {
+            "type": "Property",
+            "value": 80,
+            "instanceId": insts[4]["instanceId"],
+            "modifiedAt": received[1],
+        }
+    ]
+    # a page cut after such an instance ends at the time it shows
+    monkeypatch.setattr(temporal_routes, "INSTANCE_LIMIT", 4)
+    r = client.get(f"{T}/{V1}")
+    assert r.status_code == 206, r.text
+    assert [i["value"] for i in r.json()["speed"]] == [*SPEEDS, 70]
+    assert r.headers["content-range"] == f"date-time {normalize(TIMES[0])}-{received[0]}/*"
+
+
+def normalize(t: str) -> str:
+    return t[:-1] + ".000000Z"
+
+
+def test_aggregates_of_a_deleted_attribute_keep_its_kind(client: TestClient) -> None:
+    # the kind came from the current entity: an attribute deleted from it (its history kept)
+    # was reported as a Property whatever it was
+    rel = {"type": "Relationship", "object": "urn:ngsi-ld:Person:P1", "observedAt": TIMES[0]}
+    body = {"id": V1, "type": "Vehicle", "owner": rel, "speed": speed(SPEEDS[0], TIMES[0])}
+    assert client.post(E, json=body).status_code == 201
+    rel2 = {**rel, "object": "urn:ngsi-ld:Person:P2", "observedAt": TIMES[1]}
+    assert client.patch(f"{E}/{V1}/attrs", json={"owner": rel2}).status_code == 204
+    r = client.delete(f"{E}/{V1}/attrs/owner")
+    assert r.status_code == 204, r.text
+    got = aggregated(client, V1, aggrMethods="totalCount,distinctCount")
+    span = [normalize(TIMES[0]), normalize(TIMES[1])]
+    assert got["owner"] == {
+        "type": "Relationship",
+        "totalCount": [[2, *span]],
+        "distinctCount": [[2, *span]],
+    }
+    assert got["speed"]["type"] == "Property"
+    r = client.get(
+        T,
+        params={
+            "type": "Vehicle",
+            "options": "aggregatedValues",
+            "aggrMethods": "totalCount",
+        },
+    )
+    assert r.status_code == 200, r.text
+    assert r.json()[0]["owner"]["type"] == "Relationship"

@@ -17,6 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cityward.anomaly.service import AnomalyService
 from cityward.api.ngsi import Runtime
+from cityward.api.rawpath import RawPathMiddleware
 from cityward.api.routes import (
     batch,
     contexts,
@@ -224,6 +225,8 @@ def create_app(
     app.include_router(web_routes.router)
     app.include_router(ingest_routes.router)
     app.add_middleware(GovernanceMiddleware, governance=governance)
+    # added last, so outermost: every later layer sees the path the routes match (rawpath.py)
+    app.add_middleware(RawPathMiddleware)
 
     @app.exception_handler(NgsiError)
     async def _ngsi_error(request: Request, exc: NgsiError) -> Response:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+import cityward.api.rawpath  # noqa: F401  (registers the escaped_* path convertors used below)
 from cityward.api.ngsi import (
     GEO_JSON,
     Runtime,
@@ -178,19 +179,19 @@ def page_headers(
     return headers
 
 
-@router.get("/entities/{eid:path}/attrs/{attr}")
+@router.get("/entities/{eid:escaped_path}/attrs/{attr:escaped_segment}")
 async def retrieve_attr_not_allowed(eid: str, attr: str) -> Response:
     from cityward.bank.errors import MethodNotAllowed
 
     raise MethodNotAllowed("GET is not allowed on an attribute; retrieve the entity with attrs=")
 
 
-@router.patch("/entities/{eid:path}/attrs/{attr}")
+@router.patch("/entities/{eid:escaped_path}/attrs/{attr:escaped_segment}")
 async def partial_attr_update(request: Request, eid: str, attr: str) -> Response:
     return await _attr_write(request, eid, attr, "patch")
 
 
-@router.put("/entities/{eid:path}/attrs/{attr}")
+@router.put("/entities/{eid:escaped_path}/attrs/{attr:escaped_segment}")
 async def replace_attr(request: Request, eid: str, attr: str) -> Response:
     return await _attr_write(request, eid, attr, "put")
 
@@ -217,7 +218,7 @@ async def _attr_write(request: Request, eid: str, attr: str, how: str) -> Respon
     return empty_response(request)
 
 
-@router.delete("/entities/{eid:path}/attrs/{attr}")
+@router.delete("/entities/{eid:escaped_path}/attrs/{attr:escaped_segment}")
 async def delete_attr(request: Request, eid: str, attr: str) -> Response:
     rt = runtime(request)
     check_params(request, ("datasetId", "deleteAll"))
@@ -241,7 +242,7 @@ async def delete_attr(request: Request, eid: str, attr: str) -> Response:
     return empty_response(request)
 
 
-@router.post("/entities/{eid:path}/attrs")
+@router.post("/entities/{eid:escaped_path}/attrs")
 async def append_attrs(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("options",))
@@ -255,7 +256,7 @@ async def append_attrs(request: Request, eid: str) -> Response:
     return update_result_response(request, result, ctx)
 
 
-@router.patch("/entities/{eid:path}/attrs")
+@router.patch("/entities/{eid:escaped_path}/attrs")
 async def update_attrs(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("options",))
@@ -279,7 +280,7 @@ def update_result_response(request: Request, result: UpdateResult, ctx: Context)
     return json_response(body, request, ctx, status=207)
 
 
-@router.get("/entities/{eid:path}")
+@router.get("/entities/{eid:escaped_path}")
 async def retrieve_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, (*VIEW_PARAMS, "type", "geometryProperty", "local"))
@@ -304,7 +305,7 @@ async def retrieve_entity(request: Request, eid: str) -> Response:
     return json_response(entity, request, ctx, media)
 
 
-@router.put("/entities/{eid:path}")
+@router.put("/entities/{eid:escaped_path}")
 async def replace_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ())
@@ -315,7 +316,7 @@ async def replace_entity(request: Request, eid: str) -> Response:
     return empty_response(request)
 
 
-@router.patch("/entities/{eid:path}")
+@router.patch("/entities/{eid:escaped_path}")
 async def merge_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("options", "format", "lang"))
@@ -327,7 +328,7 @@ async def merge_entity(request: Request, eid: str) -> Response:
     return empty_response(request)
 
 
-@router.delete("/entities/{eid:path}")
+@router.delete("/entities/{eid:escaped_path}")
 async def delete_entity(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("type",))

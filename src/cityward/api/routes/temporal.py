@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
+import cityward.api.rawpath  # noqa: F401  (registers the escaped_* path convertors used below)
 from cityward.api.ngsi import (
     Runtime,
     body_context_async,
@@ -167,6 +170,11 @@ def _render_instances(
         rendered["instanceId"] = f"urn:ngsi-ld:Instance:{h.id}"
         if tq.timeproperty != "observedAt":
             rendered[tq.timeproperty] = h.time
+        elif "observedAt" not in h.inst:
+            # Filed, filtered and paged at the time the bank received it: without a time the
+            # client could not place it among the others. That time is its modifiedAt (the
+            # write stamps both), a system time, so no observation time is made up for it.
+            rendered["modifiedAt"] = h.inst["modifiedAt"]
         out.append(rendered)
     return out
 
@@ -180,6 +188,22 @@ def _render_buckets(buckets: list[AggregateBucket], kind: str) -> Any:
         return out
 
     return _per_dataset(buckets, lambda b: b.ds, render)
+
+
+def _kinds(
+    store: Store, tq: TemporalQuery, grouped: Mapping[tuple[int, str], object]
+) -> dict[tuple[int, str], str]:
+    """The kind (``type``) of each aggregated (entity, attribute): its newest instance's in
+    the window, as temporalValues reports it. Not the current entity's: an attribute deleted
+    from it keeps its history, and one whose kind changed was aggregated as what it was."""
+    q = replace(tq, last_n=1, aggr_methods=(), aggr_period=None)
+    pks = sorted({e for e, _ in grouped})
+    iris = sorted({iri for _, iri in grouped})
+    sql, params = instances_sql(store.dialect, q, pks, iris)
+    return {
+        (h.e, h.iri): h.inst["type"]
+        for h in decode_instances(store.dialect, q, store.select(sql, params))
+    }
 
 
 def _tie(store: Store, tq: TemporalQuery, e: int, iri: str, t: str) -> list[HistoryInstance]:
@@ -259,12 +283,7 @@ def _history(
         grouped: dict[tuple[int, str], list[AggregateBucket]] = defaultdict(list)
         for b in aggregates(store.select, store.dialect, tq, keys, attrs):
             grouped[(b.e, b.iri)].append(b)
-        kinds = {
-            (pks[d["id"]], iri): insts[0]["type"]
-            for d in docs
-            if d["id"] in pks
-            for iri, insts in d["attrs"].items()
-        }
+        kinds = _kinds(store, tq, grouped) if grouped else {}
         for (e, iri), buckets in grouped.items():
             by_entity[e][iri] = _render_buckets(buckets, kinds.get((e, iri), "Property"))
     elif keys:
@@ -339,7 +358,7 @@ async def query_temporal(request: Request) -> Response:
     return await _query(request, rt, ctx, params, filter_from_params(rest, ctx), params)
 
 
-@router.get("/temporal/entities/{eid:path}")
+@router.get("/temporal/entities/{eid:escaped_path}")
 async def retrieve_temporal(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ("attrs", "options", "format", "lang", *TEMPORAL_PARAMS))
@@ -491,11 +510,13 @@ async def create_temporal(request: Request) -> Response:
         _append, rt, _history_of(request), tenant_of(request), eid, types, instances, False
     )
     if created:
-        return empty_response(request, 201, {"Location": f"/ngsi-ld/v1/temporal/entities/{eid}"})
+        # encoded as on /entities: a "%" or "/" in the id reaches the entity when followed
+        location = f"/ngsi-ld/v1/temporal/entities/{quote(eid, safe=':')}"
+        return empty_response(request, 201, {"Location": location})
     return empty_response(request)
 
 
-@router.post("/temporal/entities/{eid:path}/attrs")
+@router.post("/temporal/entities/{eid:escaped_path}/attrs")
 async def append_temporal(request: Request, eid: str) -> Response:
     rt = runtime(request)
     check_params(request, ())
@@ -520,6 +541,10 @@ def _pk_of(rt: Runtime, tenant: str, eid: str) -> int:
     return pk
 
 
+# {attr} is one segment: an attribute named by its IRI has its slashes percent-encoded, and
+# those stay in the segment (cityward.api.rawpath)
+_ATTR_PATH = "/temporal/entities/{eid:escaped_path}/attrs/{attr:escaped_segment}"
+_INSTANCE_PATH = _ATTR_PATH + "/{instance_id:escaped_path}"
 _INSTANCE_PREFIX = "urn:ngsi-ld:Instance:"
 _MAX_ID = 2**63 - 1  # attr_history.id is a signed 64-bit integer in both stores
 
@@ -538,7 +563,7 @@ def _instance_number(instance_id: str) -> int | None:
     return number if number <= _MAX_ID else None
 
 
-@router.delete("/temporal/entities/{eid:path}/attrs/{attr}/{instance_id:path}")
+@router.delete(_INSTANCE_PATH)
 async def delete_instance(request: Request, eid: str, attr: str, instance_id: str) -> Response:
     rt = runtime(request)
     check_params(request, ())
@@ -564,7 +589,7 @@ async def delete_instance(request: Request, eid: str, attr: str, instance_id: st
     return empty_response(request)
 
 
-@router.patch("/temporal/entities/{eid:path}/attrs/{attr}/{instance_id:path}")
+@router.patch(_INSTANCE_PATH)
 async def patch_instance(eid: str, attr: str, instance_id: str) -> Response:
     raise OperationNotSupported(
         "modifying a recorded instance is not supported: history is append-only here",
@@ -572,7 +597,7 @@ async def patch_instance(eid: str, attr: str, instance_id: str) -> Response:
     )
 
 
-@router.delete("/temporal/entities/{eid:path}/attrs/{attr}")
+@router.delete(_ATTR_PATH)
 async def delete_temporal_attr(request: Request, eid: str, attr: str) -> Response:
     rt = runtime(request)
     check_params(request, ("datasetId", "deleteAll"))
@@ -601,7 +626,7 @@ async def delete_temporal_attr(request: Request, eid: str, attr: str) -> Respons
     return empty_response(request)
 
 
-@router.delete("/temporal/entities/{eid:path}")
+@router.delete("/temporal/entities/{eid:escaped_path}")
 async def delete_temporal(request: Request, eid: str) -> Response:
     """The entity's history and the entity itself."""
     rt = runtime(request)
