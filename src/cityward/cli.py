@@ -86,6 +86,12 @@ def serve(
     from cityward.bank.store import describe_store
 
     backend = describe_store(settings.database_url, settings.data_dir)  # sqlite:/// said PostgreSQL
+    if workers > 1 and backend == "PostgreSQL":
+        # each worker opens the store itself: an unreachable database was a traceback in every
+        # one of them, started again and again, and the server never said it would not serve
+        from cityward.bank.store.postgres import check_reachable
+
+        check_reachable(str(settings.database_url))
     if settings.bus.kind == "nats":
         _check_bus(settings)
     console.print(f"[bold green]cityward[/] data bank on {backend}")
@@ -932,8 +938,13 @@ def main() -> None:
 
     import psycopg
 
+    from cityward.bank.store import StoreUnreachable
+
     try:
         app()
+    except StoreUnreachable as exc:  # it names the URL (password hidden) and why in one line
+        console.print(f"[red]cityward[/]: {escape(str(exc))}", soft_wrap=True)
+        raise SystemExit(1) from exc
     except (OSError, sqlite3.Error, psycopg.Error) as exc:
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         console.print(f"[red]cityward[/]: {escape(why)} ({type(exc).__name__})", soft_wrap=True)

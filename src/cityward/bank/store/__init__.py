@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from cityward.bank.store.base import QuerySpec, Store, WriteTxn
 
@@ -17,6 +19,33 @@ def backend_name(database_url: str | None) -> str:
     raise ValueError(
         f"unsupported database URL {database_url!r}: use postgresql://... or sqlite:///path"
     )
+
+
+class StoreUnreachable(Exception):
+    """The database of a URL cannot be connected to when the store opens. Said at once, with
+    the URL (password hidden) and why, where the pool waited 30 s for a connection and then
+    said only that it had none."""
+
+    def __init__(self, url: str, reason: str, detail: str = "") -> None:
+        self.url = redact_url(url)
+        self.reason = reason
+        self.detail = detail
+        super().__init__(
+            f"cannot connect to PostgreSQL at {self.url}: {reason}"
+            + (f" ({detail})" if detail else "")
+        )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (``user:password@``, ``?password=``) shown as ``***``, to be
+    printed or logged."""
+    parts = urlsplit(url)
+    userinfo, at, hosts = parts.netloc.rpartition("@")
+    netloc = parts.netloc
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
+    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def sqlite_file(database_url: str | None, data_dir: Path) -> Path:
@@ -48,9 +77,11 @@ def open_store(database_url: str | None, data_dir: Path) -> Store:
 __all__ = [
     "QuerySpec",
     "Store",
+    "StoreUnreachable",
     "WriteTxn",
     "backend_name",
     "describe_store",
     "open_store",
+    "redact_url",
     "sqlite_file",
 ]

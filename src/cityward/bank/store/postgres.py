@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
 from cityward.bank.errors import store_refused, store_unavailable
+from cityward.bank.store import StoreUnreachable
 from cityward.bank.store.base import (
     MIGRATION_LOCK,
     Derived,
@@ -117,6 +118,54 @@ def missing_statements(conn: psycopg.Connection[Any], script: str) -> list[str]:
     return out
 
 
+# how long the attempt at start waits for a server that does not answer, unless the URL sets
+# libpq's connect_timeout
+CONNECT_TIMEOUT_S = 5
+
+# (what a libpq message says, the reason given for it), the first that matches
+_UNREACHABLE = [
+    (re.compile(p, re.IGNORECASE), reason)
+    for p, reason in (
+        (r"timeout expired", "timed out"),
+        (r"connection refused", "connection refused"),
+        (r"failed to resolve host|could not translate host name", "host not found"),
+        (
+            r"authentication failed|no pg_hba\.conf entry|^role \".*\" does not exist",
+            "authentication failed",
+        ),
+        (r"^database \".*\" does not exist", "database does not exist"),
+    )
+]
+
+
+def check_reachable(url: str, kwargs: dict[str, Any] | None = None) -> None:
+    """One direct connection to ``url`` (with the pool's ``kwargs``), or StoreUnreachable.
+
+    A pool that cannot connect keeps trying in the background until a caller's wait for a
+    connection ends (30 s), then says only that it had none: a store opened on a mistyped URL
+    or a stopped server took 30 s to say so, without why. This attempt fails at once on a
+    refusal and after ``connect_timeout`` on a server that does not answer. Connections lost
+    later are the pool's to retry, as before.
+    """
+    timeout = conninfo_to_dict(url).get("connect_timeout")
+    params: dict[str, Any] = dict(kwargs or {})
+    if timeout is None:
+        timeout = CONNECT_TIMEOUT_S
+        params["connect_timeout"] = CONNECT_TIMEOUT_S
+    try:
+        psycopg.connect(url, **params).close()
+    except psycopg.OperationalError as exc:
+        # "connection failed: connection to server at "h", port 5432 failed: FATAL:  why"
+        text = " ".join(str(exc).split("\n", 1)[0].split())
+        why = text.rpartition(" failed: ")[2].removeprefix("FATAL: ").strip()
+        reason = next((r for p, r in _UNREACHABLE if p.search(why)), "connection failed")
+        if reason == "timed out":
+            reason, why = f"timed out after {timeout} s", ""
+        elif why.lower() == reason:
+            why = ""
+        raise StoreUnreachable(url, reason, why) from exc
+
+
 def open_pool(
     url: str, max_size: int, kwargs: dict[str, Any]
 ) -> ConnectionPool[psycopg.Connection[TupleRow]]:
@@ -161,6 +210,7 @@ class PostgresStore(Store):
         if schema:
             options += f" -c search_path={schema}"
         kwargs: dict[str, Any] = {"autocommit": False, "options": options}
+        check_reachable(url, kwargs)
         self.pool = open_pool(url, max_size, kwargs)
         self._stats_lock = threading.Lock()
         self._written = 0
