@@ -110,3 +110,45 @@ def test_the_last_partial_interval_is_written_only_when_some_of_it_passed() -> N
     last = emitter.rest(75.0, {"north": {"type": "line", "in": {"car": 1}}})
     assert cars_in(last) == [(1, at[1], at[2])]
     assert CameraEmitter(CameraSettings(id="c2", url="x.mp4"), Sink()).rest(0.0, {}) == []
+
+
+def test_a_cameras_alerts_name_its_source_and_the_check_sees_every_id_it_writes() -> None:
+    """A camera's Alerts were `urn:ngsi-ld:Alert:camera:...` whatever its source, so the
+    catalog gave a public-safety camera's events to whichever source that id matched; those of
+    the built-in `traffic-cameras` source keep that id (its patterns cover it)."""
+    from cityward.vision.analytics import VisionEvent
+    from cityward.vision.emitter import emitted_ids
+
+    class Sink:
+        def put(self, entities: Any, *, urgent: bool = False) -> None:
+            pass
+
+    event = VisionEvent(
+        "crowd", "square", 3, 1.0, "person", "high", "security", "crowdRisk", "x", (0, 0, 1, 1)
+    )
+    rules = [
+        {"type": "line", "name": "north", "line": [[0, 1], [9, 1]]},
+        {"type": "speed"},
+        {"type": "zone", "name": "z", "polygon": [[0, 0], [9, 0], [9, 9]]},
+        {"type": "crowd", "name": "square", "polygon": [[0, 0], [9, 0], [9, 9]]},
+        {"type": "stopped", "polygon": [[0, 0], [9, 0], [9, 9]]},
+    ]
+    aggregates: dict[str, dict[str, Any]] = {
+        "north": {"type": "line", "in": {"car": 1}},
+        "speed": {"type": "speed", "mean_speed_kmh": {"car": 40.0}, "tracks": {"car": 2}},
+        "z": {"type": "zone", "entries": {"person": 1, "car": 2}},
+        "square": {"type": "crowd", "peak": 4},
+        "stopped": {"type": "stopped"},
+    }
+    for source, prefix in (
+        ("traffic-cameras", "urn:ngsi-ld:Alert:camera:cam1:"),
+        ("station-cameras", "urn:ngsi-ld:Alert:from:station-cameras:camera:cam1:"),
+    ):
+        camera = CameraSettings(id="cam1", url="x.mp4", source=source, rules=rules)
+        emitter = CameraEmitter(camera, Sink())
+        alert = emitter.alert(event, None)
+        assert alert["id"].startswith(prefix) and len(alert["id"]) == len(prefix) + 20
+        written = [emitter.camera_entity("running"), *emitter.flows(60.0, aggregates), alert]
+        checked = emitted_ids(camera)
+        assert {(d["id"], d["type"]) for d in written[:-1]} == set(checked[:-1])
+        assert checked[-1] == (prefix + "0" * 20, "Alert")

@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from cityward.cliutil import settings_or_exit
+
+if TYPE_CHECKING:
+    from cityward.governance.sources import Catalog
+    from cityward.vision.settings import CameraSettings
 
 app = typer.Typer(
     help="Camera analytics that anonymize at the edge: counts and events, never identities.",
@@ -26,6 +30,62 @@ console = Console()
 def retention_seconds(source: Any) -> float:
     period = source.retention_period
     return float(period.months * 30.44 * 86400 + period.micros / 1e6)
+
+
+def source_problem(camera: CameraSettings, catalog: Catalog) -> str | None:
+    """Why the catalog would not read, keep and notify everything ``camera`` writes under the
+    camera's ``source`` alone (None when it would).
+
+    Its Alerts name the source in their id; its Camera and flow entities are attributed by the
+    catalog's id patterns and types. Started anyway, a camera of a public-safety source wrote
+    a Camera entity that was undeclared data, or flows that another source's purposes read.
+    An id that another source's pattern matches too is refused as well: by id it belongs to
+    the source declared first, but a query lists it to the purposes of either.
+    """
+    from cityward.governance.sources import derived_source
+    from cityward.vision.emitter import CAMERA_TYPE, emitted_ids
+
+    own = camera.source
+    missing: list[tuple[str, str]] = []  # (id, type): needs an id pattern of its own source
+    reasons: list[str] = []
+    shared: dict[str, list[str]] = {}  # other source -> the camera's ids its patterns match
+    for eid, typ in emitted_ids(camera):
+        got = catalog.source_of(eid, [typ]).id
+        others = []
+        if derived_source(eid) is None:
+            others = [
+                s.id
+                for s in catalog.sources
+                if s.id != own and any(p.search(eid) for p in s.compiled_patterns)
+            ]
+        if others:
+            reasons.append(f"{eid} ({typ}) matches an id pattern of {', '.join(map(repr, others))}")
+            for sid in others:
+                shared.setdefault(sid, []).append(eid)
+        elif got != own:
+            reasons.append(f"{eid} ({typ}) goes to {got!r}")
+            missing.append((eid, typ))
+    if not reasons:
+        return None
+    fixes = []
+    if missing:
+        cam = camera.id
+        flows = sorted({t for _, t in missing if t not in (CAMERA_TYPE, "Alert")})
+        patterns = []
+        if any(t == CAMERA_TYPE for _, t in missing):
+            patterns.append(f"urn:ngsi-ld:{CAMERA_TYPE}:{cam}")
+        if flows:
+            kinds = flows[0] if len(flows) == 1 else "(" + "|".join(flows) + ")"
+            patterns.append(f"urn:ngsi-ld:{kinds}:camera:{cam}:.+")
+        if any(t == "Alert" for _, t in missing):  # the built-in source's ids, redeclared
+            patterns.append(f"urn:ngsi-ld:Alert:camera:{cam}:.+")
+        fixes.append(f"add to the id_patterns of source {own!r}: {', '.join(map(repr, patterns))}")
+    for sid in shared:
+        fixes.append(f"narrow the id_patterns of source {sid!r} to leave out this camera's ids")
+    return (
+        f"field 'source': its entities must belong to its source {own!r} alone, but in the "
+        f"governance catalog {'; '.join(reasons)}. To fix: {'; '.join(fixes)}"
+    )
 
 
 @app.command("detectors")
@@ -126,6 +186,11 @@ def run(
     for cam in vision.cameras:
         if cam.source not in by_id:
             console.print(f"[red]camera {cam.id}[/]: source {cam.source!r} is not declared")
+            raise typer.Exit(2)
+        problem = source_problem(cam, catalog)
+        if problem:
+            # emoji off: rich drew ":camera:" in the suggested patterns as a camera icon
+            console.print(f"[red]camera {cam.id}[/]: {escape(problem)}", emoji=False)
             raise typer.Exit(2)
     store = open_store(settings.database_url, settings.data_dir)
     bank = Bank(store)

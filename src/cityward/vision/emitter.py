@@ -7,8 +7,16 @@ Entities (Smart Data Models, core @context), all with ``refDevice`` to the camer
   ``intensity``, ``vehicleCounts`` by class, ``averageVehicleSpeed`` when the camera has a
   homography and a speed rule), ``ItemFlowObserved`` (``itemType`` bicycle) and
   ``CrowdFlowObserved`` (``peopleCount``, ``peopleCountTowards``/``Away``);
-- ``Alert`` ``urn:ngsi-ld:Alert:camera:<camera>:<digest>`` per event: category, subCategory,
-  severity, description, the rule, and a reference to an anonymized snapshot.
+- ``Alert`` per event: category, subCategory, severity, description, the rule, and a reference
+  to an anonymized snapshot. Its id names the camera's governance ``source``
+  (``urn:ngsi-ld:Alert:from:<source>:camera:<camera>:<digest>``, see :func:`alert_prefix`), so
+  that it is read, kept and notified with that source's purposes and rules, not with those of
+  every alert; a camera of the built-in ``traffic-cameras`` source keeps the id it always had,
+  ``urn:ngsi-ld:Alert:camera:<camera>:<digest>``, which that source's id patterns cover.
+
+The Camera and flow entities carry no source in their id (a derived id is an Alert's): the
+catalog attributes them by id pattern and type, and ``vision run`` refuses a camera whose
+entities it would not attribute to the camera's source (:func:`emitted_ids`).
 
 Counts and events only: no track id, box sequence or image of a person or vehicle is written.
 The camera's time base is the stream time mapped to the wall clock at which the camera
@@ -34,6 +42,7 @@ from typing import Any, Protocol
 
 import cv2
 
+from cityward.governance.sources import derived_prefix
 from cityward.vision.analytics import Crossing, VisionEvent
 from cityward.vision.settings import CameraSettings
 from cityward.vision.source import Image
@@ -45,10 +54,60 @@ PROVIDER = "cityward-vision"
 VEHICLE_NAMES = frozenset({"car", "motorcycle", "bus", "truck"})
 CAMERA_TYPE = "Camera"
 ALERT_PREFIX = "urn:ngsi-ld:Alert:camera:"
+#: the built-in camera source: its id patterns cover ALERT_PREFIX, so its cameras' alerts keep
+#: the ids they had before alerts named their source
+BUILTIN_SOURCE = "traffic-cameras"
+TRAFFIC_FLOW = "TrafficFlowObserved"
+ITEM_FLOW = "ItemFlowObserved"
+CROWD_FLOW = "CrowdFlowObserved"
+#: the flow entities a rule of each type writes, as (type, direction); other rules write none
+RULE_FLOWS: dict[str, tuple[tuple[str, str | None], ...]] = {
+    "line": (
+        (TRAFFIC_FLOW, "in"),
+        (TRAFFIC_FLOW, "out"),
+        (ITEM_FLOW, "in"),
+        (ITEM_FLOW, "out"),
+        (CROWD_FLOW, None),
+    ),
+    "speed": ((TRAFFIC_FLOW, None),),
+    "zone": ((CROWD_FLOW, None), (TRAFFIC_FLOW, None)),
+    "crowd": ((CROWD_FLOW, None),),
+}
 
 
 def camera_urn(camera_id: str) -> str:
     return f"urn:ngsi-ld:{CAMERA_TYPE}:{camera_id}"
+
+
+def flow_urn(kind: str, camera_id: str, rule: str, direction: str | None = None) -> str:
+    """The id of a camera's flow entity of type ``kind`` for one rule (and direction)."""
+    tail = f":{direction}" if direction else ""
+    return f"urn:ngsi-ld:{kind}:camera:{camera_id}:{rule}{tail}"
+
+
+def alert_prefix(camera: CameraSettings) -> str:
+    """The id prefix of a camera's Alerts: one that names the camera's source
+    (governance.sources.DERIVED_PREFIX), so the Alert belongs to that source whatever the
+    catalog's patterns say. An event Alert carries the camera's place, a description of what
+    it saw and a snapshot: read with the purposes of every alert, a public-safety camera's
+    event reached environment monitoring."""
+    if camera.source == BUILTIN_SOURCE:
+        return f"{ALERT_PREFIX}{camera.id}:"
+    return f"{derived_prefix(camera.source)}camera:{camera.id}:"
+
+
+def emitted_ids(camera: CameraSettings) -> list[tuple[str, str]]:
+    """The (id, type) of every entity the camera writes: its Camera, the flows of its rules
+    (rule name as :class:`cityward.vision.analytics.Rule` names it) and an Alert (its digest
+    zeroed), for a check that the catalog attributes them all to the camera's source."""
+    out = [(camera_urn(camera.id), CAMERA_TYPE)]
+    for raw in camera.rules:
+        kind = str(raw.get("type", ""))
+        rule = str(raw.get("name") or kind)
+        for typ, direction in RULE_FLOWS.get(kind, ()):
+            out.append((flow_urn(typ, camera.id, rule, direction), typ))
+    out.append((f"{alert_prefix(camera)}{'0' * 20}", "Alert"))
+    return list(dict.fromkeys(out))
 
 
 def _iso(dt: datetime) -> str:
@@ -211,8 +270,8 @@ class CameraEmitter:
             elif kind == "crowd":
                 docs.append(
                     {
-                        "id": f"urn:ngsi-ld:CrowdFlowObserved:camera:{self.camera.id}:{rule}",
-                        "type": "CrowdFlowObserved",
+                        "id": flow_urn(CROWD_FLOW, self.camera.id, rule),
+                        "type": CROWD_FLOW,
                         "peopleCount": _prop(int(agg.get("peak", 0))),
                         "congested": _prop(bool(agg.get("events", 0))),
                         **self._common(t0, t),
@@ -239,8 +298,8 @@ class CameraEmitter:
             lane = _prop("forward" if direction == "in" else "backward")
             docs.append(
                 {
-                    "id": f"urn:ngsi-ld:TrafficFlowObserved:camera:{cam}:{rule}:{direction}",
-                    "type": "TrafficFlowObserved",
+                    "id": flow_urn(TRAFFIC_FLOW, cam, rule, direction),
+                    "type": TRAFFIC_FLOW,
                     "intensity": _prop(sum(vehicles.values())),
                     "vehicleCounts": _prop(vehicles),
                     "laneDirection": lane,
@@ -250,8 +309,8 @@ class CameraEmitter:
             )
             docs.append(
                 {
-                    "id": f"urn:ngsi-ld:ItemFlowObserved:camera:{cam}:{rule}:{direction}",
-                    "type": "ItemFlowObserved",
+                    "id": flow_urn(ITEM_FLOW, cam, rule, direction),
+                    "type": ITEM_FLOW,
                     "itemType": _prop("bicycle"),
                     "intensity": _prop(by_class.get("bicycle", 0)),
                     "laneDirection": lane,
@@ -261,8 +320,8 @@ class CameraEmitter:
             people[direction] = by_class.get("person", 0)
         docs.append(
             {
-                "id": f"urn:ngsi-ld:CrowdFlowObserved:camera:{cam}:{rule}",
-                "type": "CrowdFlowObserved",
+                "id": flow_urn(CROWD_FLOW, cam, rule),
+                "type": CROWD_FLOW,
                 "peopleCount": _prop(people["in"] + people["out"]),
                 "peopleCountTowards": _prop(people["in"]),
                 "peopleCountAway": _prop(people["out"]),
@@ -280,8 +339,8 @@ class CameraEmitter:
         mean = sum(means[k] * tracks.get(k, 0) for k in means if k in VEHICLE_NAMES) / n
         return [
             {
-                "id": f"urn:ngsi-ld:TrafficFlowObserved:camera:{self.camera.id}:{rule}",
-                "type": "TrafficFlowObserved",
+                "id": flow_urn(TRAFFIC_FLOW, self.camera.id, rule),
+                "type": TRAFFIC_FLOW,
                 "averageVehicleSpeed": _prop(round(mean, 1)),
                 "intensity": _prop(n),
                 **self._common(t0, t),
@@ -297,8 +356,8 @@ class CameraEmitter:
         if persons or "person" in dict(agg.get("occupancy", {})):
             docs.append(
                 {
-                    "id": f"urn:ngsi-ld:CrowdFlowObserved:camera:{cam}:{rule}",
-                    "type": "CrowdFlowObserved",
+                    "id": flow_urn(CROWD_FLOW, cam, rule),
+                    "type": CROWD_FLOW,
                     "peopleCount": _prop(persons),
                     **self._common(t0, t),
                 }
@@ -306,8 +365,8 @@ class CameraEmitter:
         if vehicles:
             docs.append(
                 {
-                    "id": f"urn:ngsi-ld:TrafficFlowObserved:camera:{cam}:{rule}",
-                    "type": "TrafficFlowObserved",
+                    "id": flow_urn(TRAFFIC_FLOW, cam, rule),
+                    "type": TRAFFIC_FLOW,
                     "intensity": _prop(vehicles),
                     **self._common(t0, t),
                 }
@@ -320,7 +379,7 @@ class CameraEmitter:
         digest = hashlib.sha256(
             f"{cam}\n{event.rule}\n{event.kind}\n{event.frame}\n{event.box}".encode()
         ).hexdigest()[:20]
-        eid = f"{ALERT_PREFIX}{cam}:{digest}"
+        eid = f"{alert_prefix(self.camera)}{digest}"
         data: Doc = {
             "rule": event.rule,
             "kind": event.kind,
