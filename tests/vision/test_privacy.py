@@ -36,6 +36,7 @@ from cityward.vision.detectors import ObjectDetector
 from cityward.vision.faces import FACE, REGISTRY, CenterFace, YuNet, create
 from cityward.vision.pipeline import CameraPipeline, PipelineConfigError
 from cityward.vision.settings import CameraSettings
+from cityward.vision.source import Frame as SourceFrame
 from cityward.vision.tracker import ByteTracker
 from tests.conftest import shared_path
 from tests.vision.attack import (
@@ -554,3 +555,69 @@ def test_no_face_or_plate_survives_on_videos(name: str, coco: ObjectDetector, mo
     print(f"\n{name}: raw {before.summary()} | anonymized {after.summary()}")
     assert after.faces == [], after.faces[:10]
     assert after.plates == [], after.plates[:10]
+
+
+def plate_reads(image: Frame, texts: list[str]) -> list[str]:
+    """What the attacker reads on ``image`` that is a plate: a plate-like string, or a fragment
+    (3+ characters) of one of the ``texts`` rendered on it."""
+    after = read_texts(image)
+    parts = [p for t in texts for p in t.split() if len(p) >= 3]
+    return [a for a in after if plate_like(a) or any(p in compact(a) for p in parts)]
+
+
+@pytest.mark.parametrize(
+    "detector_config",
+    [
+        {"classes": [PERSON]},
+        {"score_threshold": 0.9},
+        {"classes": [PERSON], "score_threshold": 0.95, "nms_iou": 0.05, "max_detections": 1},
+    ],
+    ids=["persons-only", "threshold-0.9", "all-narrowed"],
+)
+def test_detector_settings_narrow_the_analytics_never_the_plate_hiding(
+    detector_config: dict[str, object], plated: list[Plated], models: Path
+) -> None:
+    """``detector_config`` filtered the detections the anonymizer got as well: with persons
+    only, or a 0.9 threshold, no vehicle was found, no plate band drawn, and the attacker read
+    all 8 plates on the frames a snapshot is made of. They now narrow what is counted only."""
+    cam = CameraSettings(
+        id="street",
+        url="x.mp4",
+        detector_config=detector_config,
+        motion={"enabled": False},
+    )
+    pipe = CameraPipeline(cam, models)
+    read: list[str] = []
+    for k, p in enumerate(plated):
+        res = pipe.process(SourceFrame(k, 2.0 * k, p.frame.copy()), want_image=True)
+        assert res.anonymized is not None
+        if detector_config.get("classes") == [PERSON]:
+            assert not len(res.tracks.with_classes(VEHICLES))  # the analytics see no car
+        read += plate_reads(res.anonymized, p.texts)
+    assert pipe.anonymizer.stats.frames == len(plated)
+    assert read == []
+    assert not pipe.detector.covers_privacy  # the settings' own detections lack them
+
+
+@pytest.mark.parametrize("anonymize_all", [False, True], ids=["snapshots", "stream"])
+def test_an_insensitive_motion_gate_never_leaves_plates_on_encoded_frames(
+    anonymize_all: bool, plated: list[Plated], models: Path
+) -> None:
+    """The gate's settings let it call every frame still (``min_fraction`` 1, ``max_skip_s``
+    60, ``pixel_threshold`` 255): each encoded frame was anonymized with the first frame's
+    boxes while the cars drove on, and their plates were read. The gate now decides only
+    what a frame that is merely counted costs."""
+    weak = {"min_fraction": 1.0, "max_skip_s": 60, "pixel_threshold": 255}
+    cam = CameraSettings(id="street", url="x.mp4", motion=weak)
+    pipe = CameraPipeline(cam, models, anonymize_all=anonymize_all)
+    read: list[str] = []
+    for k, p in enumerate(plated):
+        res = pipe.process(SourceFrame(k, 0.6 * k, p.frame.copy()), want_image=not anonymize_all)
+        assert res.anonymized is not None
+        read += plate_reads(res.anonymized, p.texts)
+    assert read == []
+    # a frame only counted still costs what the camera's gate says: one detection, the first
+    counting = CameraPipeline(cam, models, detector=pipe.detector)
+    for k, p in enumerate(plated):
+        assert counting.process(SourceFrame(k, 0.6 * k, p.frame.copy())).anonymized is None
+    assert (counting.detections_run, counting.privacy_detections) == (1, 0)

@@ -22,6 +22,17 @@ Every candidate row keeps its best class only (the argmax over the 80 scores, as
 reference demos of both models do); rows whose best class is not in ``classes`` are dropped,
 and NMS is then run per class (a car never suppresses the person beside it).
 
+**Privacy.** The anonymizer hides the heads of the persons and the plate band of the vehicles
+this detector finds, so what a camera's settings narrow (``classes``, ``score_threshold``,
+``nms_iou``, ``max_detections``) must narrow the analytics only: with ``classes = [0]`` or
+``score_threshold = 0.9`` the anonymizer used to get no car, and every plate on a stored
+snapshot was readable. :meth:`ObjectDetector.detect_split` returns both: the detections the
+settings ask for, and the persons and vehicles at the privacy floor (:data:`PRIVACY_CLASSES`
+from :data:`PRIVACY_SCORE_THRESHOLD`, NMS at :data:`PRIVACY_NMS_IOU` or looser, up to
+:data:`PRIVACY_MAX_DETECTIONS`) whatever the settings. When the settings reach that floor
+(:attr:`ObjectDetector.covers_privacy`, the defaults do) the second set is a class filter of the
+first and costs nothing.
+
 Two plugins: ``yolox`` (YOLOX-nano, 416x416, the default) and ``nanodet`` (NanoDet-m, 320x320).
 ``cityward vision detectors`` lists them with their settings; ``cityward models fetch`` gets
 their files. :func:`make_session` is shared with the face detectors (``faces.py``).
@@ -43,7 +54,7 @@ import onnxruntime as ort
 from pydantic import BaseModel, ConfigDict, Field
 
 from cityward.plugins import register
-from cityward.vision.detections import Detections, nms
+from cityward.vision.detections import PERSON, VEHICLES, Detections, nms
 from cityward.vision.models import resolve
 
 F32 = npt.NDArray[np.float32]
@@ -56,6 +67,19 @@ REGISTRY: dict[str, type[ObjectDetector]] = {}
 DEFAULT = "yolox"
 #: person, bicycle, car, motorcycle, bus, truck: what the city analytics count
 DEFAULT_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 5, 7)
+
+#: what the anonymizer gets whatever the camera's detector settings: persons (their heads are
+#: hidden) and vehicles (their plate band)
+PRIVACY_CLASSES: frozenset[int] = frozenset({PERSON}) | VEHICLES
+#: the anonymizer's boxes are reported from this confidence up (or the configured
+#: ``score_threshold`` when lower): the default threshold, at which tests/vision/test_privacy.py
+#: measured that no synthetic plate is read after anonymization
+PRIVACY_SCORE_THRESHOLD = 0.3
+#: NMS of the anonymizer's boxes drops a box only above this IoU (or the configured ``nms_iou``
+#: when higher): a stricter NMS would drop one of two overlapping cars, and its plate
+PRIVACY_NMS_IOU = 0.45
+#: at least this many anonymizer boxes per frame (the default ``max_detections``)
+PRIVACY_MAX_DETECTIONS = 300
 
 Providers = Literal["auto", "cpu", "cuda", "tensorrt"]
 _CPU = "CPUExecutionProvider"
@@ -200,6 +224,15 @@ class ObjectDetector(abc.ABC):
         self._classes: I32 | None = (
             np.asarray(sorted(set(config.classes)), np.int32) if config.classes else None
         )
+        self._privacy_classes: I32 = np.asarray(sorted(PRIVACY_CLASSES), np.int32)
+        #: whether the configured detections already hold every privacy detection, so that
+        #: :meth:`detect_split` is :meth:`detect` plus a class filter (see the module docstring)
+        self.covers_privacy: bool = (
+            (not config.classes or PRIVACY_CLASSES.issubset(config.classes))
+            and config.score_threshold <= PRIVACY_SCORE_THRESHOLD
+            and config.nms_iou >= PRIVACY_NMS_IOU
+            and config.max_detections >= PRIVACY_MAX_DETECTIONS
+        )
 
     @property
     def providers(self) -> list[str]:
@@ -220,28 +253,70 @@ class ObjectDetector(abc.ABC):
         return outputs
 
     @abc.abstractmethod
-    def decode(self, outputs: Sequence[npt.NDArray[Any]]) -> Candidates:
-        """Rows whose best score reaches the threshold, in model input pixels (no NMS)."""
+    def decode(
+        self, outputs: Sequence[npt.NDArray[Any]], threshold: float | None = None
+    ) -> Candidates:
+        """Rows whose best score reaches ``threshold`` (None: the configured one), in model
+        input pixels (no NMS)."""
 
     def postprocess(self, outputs: Sequence[npt.NDArray[Any]], meta: Meta) -> Detections:
         """Decode, keep the configured classes, map to frame pixels, clip, class-aware NMS."""
         cand = self.decode(outputs)
         if self._classes is not None:
             cand = _select(cand, np.isin(cand.class_id, self._classes))
+        return self._finish(cand, meta, self.config.nms_iou, self.config.max_detections)
+
+    def postprocess_split(
+        self, outputs: Sequence[npt.NDArray[Any]], meta: Meta
+    ) -> tuple[Detections, Detections]:
+        """(:meth:`postprocess`, the privacy detections): see :meth:`detect_split`."""
+        cfg = self.config
+        floor = min(cfg.score_threshold, PRIVACY_SCORE_THRESHOLD)
+        cand = self.decode(outputs, floor)
+        objects = _select(cand, cand.score >= cfg.score_threshold)
+        if self._classes is not None:
+            objects = _select(objects, np.isin(objects.class_id, self._classes))
+        private = _select(cand, np.isin(cand.class_id, self._privacy_classes))
+        return (
+            self._finish(objects, meta, cfg.nms_iou, cfg.max_detections),
+            self._finish(
+                private,
+                meta,
+                max(cfg.nms_iou, PRIVACY_NMS_IOU),
+                max(cfg.max_detections, PRIVACY_MAX_DETECTIONS),
+            ),
+        )
+
+    @staticmethod
+    def _finish(cand: Candidates, meta: Meta, nms_iou: float, limit: int) -> Detections:
+        """Candidates to frame pixels, clipped, class-aware NMS, the best ``limit``."""
         if len(cand.score) == 0:
             return Detections.empty()
         k = np.array([meta.scale_x, meta.scale_y, meta.scale_x, meta.scale_y], np.float32)
         xyxy = cand.xyxy / k
         np.clip(xyxy[:, 0::2], 0.0, float(meta.width), out=xyxy[:, 0::2])
         np.clip(xyxy[:, 1::2], 0.0, float(meta.height), out=xyxy[:, 1::2])
-        keep = nms(xyxy, cand.score, self.config.nms_iou, cand.class_id)
-        keep = keep[: self.config.max_detections]
+        keep = nms(xyxy, cand.score, nms_iou, cand.class_id)
+        keep = keep[:limit]
         return Detections(xyxy[keep], cand.score[keep], cand.class_id[keep])
 
     def detect(self, frame: Frame) -> Detections:
         """The objects in one BGR uint8 frame, in its pixels, best first."""
         tensor, meta = self.preprocess(frame)
         return self.postprocess(self.infer(tensor), meta)
+
+    def detect_split(self, frame: Frame) -> tuple[Detections, Detections]:
+        """(the objects the settings ask for, as :meth:`detect`; the persons and vehicles the
+        anonymizer must hide, whatever the settings narrow: every :data:`PRIVACY_CLASSES` box
+        from ``min(score_threshold, PRIVACY_SCORE_THRESHOLD)``, NMS at ``max(nms_iou,
+        PRIVACY_NMS_IOU)``, up to ``max(max_detections, PRIVACY_MAX_DETECTIONS)``). One
+        inference. When :attr:`covers_privacy` both come from the same candidates, NMS and
+        limit, so the second is the first, class-filtered (NMS is per class)."""
+        if self.covers_privacy:
+            objects = self.detect(frame)
+            return objects, objects.with_classes(PRIVACY_CLASSES)
+        tensor, meta = self.preprocess(frame)
+        return self.postprocess_split(self.infer(tensor), meta)
 
 
 def _select(c: Candidates, mask: npt.NDArray[np.bool_]) -> Candidates:
@@ -320,14 +395,18 @@ class Yolox(ObjectDetector):
         # the scale actually applied per axis (rounding the resized size changes it slightly)
         return tensor, Meta(nw / w, nh / h, w, h)
 
-    def decode(self, outputs: Sequence[npt.NDArray[Any]]) -> Candidates:
+    def decode(
+        self, outputs: Sequence[npt.NDArray[Any]], threshold: float | None = None
+    ) -> Candidates:
         raw = np.asarray(outputs[0], np.float32)[0]
         iw, ih = self.input_size
         col, row, stride = anchor_grid(iw, ih, self.strides)
         if len(raw) != len(col):
             raise ValueError(f"yolox output has {len(raw)} rows, the grid {len(col)}")
         scores = raw[:, 4:5] * raw[:, 5:]
-        rows, score, cls = _best_class(scores, self.config.score_threshold)
+        rows, score, cls = _best_class(
+            scores, self.config.score_threshold if threshold is None else threshold
+        )
         sel, s = raw[rows], stride[rows]
         cx = (sel[:, 0] + col[rows]) * s
         cy = (sel[:, 1] + row[rows]) * s
@@ -383,7 +462,9 @@ class NanoDet(ObjectDetector):
         tensor = np.ascontiguousarray(img.transpose(2, 0, 1)[None], dtype=np.float32)
         return tensor, Meta(iw / w, ih / h, w, h)
 
-    def decode(self, outputs: Sequence[npt.NDArray[Any]]) -> Candidates:
+    def decode(
+        self, outputs: Sequence[npt.NDArray[Any]], threshold: float | None = None
+    ) -> Candidates:
         n = len(self.strides)
         scores = np.concatenate([np.asarray(o, np.float32)[0] for o in outputs[:n]])
         dis = np.concatenate([np.asarray(o, np.float32)[0] for o in outputs[n : 2 * n]])
@@ -391,7 +472,9 @@ class NanoDet(ObjectDetector):
         col, row, stride = anchor_grid(iw, ih, self.strides)
         if len(scores) != len(col):
             raise ValueError(f"nanodet outputs have {len(scores)} rows, the grid {len(col)}")
-        rows, score, cls = _best_class(scores, self.config.score_threshold)
+        rows, score, cls = _best_class(
+            scores, self.config.score_threshold if threshold is None else threshold
+        )
         s = stride[rows]
         logits = dis[rows].reshape(-1, 4, self.reg_max + 1)
         p = np.exp(logits - logits.max(axis=2, keepdims=True))

@@ -7,6 +7,19 @@ has to be encoded (a snapshot for an alert, or every frame when an annotated vid
 is wanted), the *anonymized* frame. The anonymizer runs on exactly those frames, so a camera
 that only counts pays nothing for it.
 
+What the camera's settings may narrow or slow down is the analytics only, never the hiding:
+
+* the anonymizer gets the detector's privacy detections (persons and vehicles at the privacy
+  floor, :meth:`~cityward.vision.detectors.ObjectDetector.detect_split`), not the ones
+  ``detector_config`` (``classes``, ``score_threshold``) leaves to the analytics;
+* the motion gate's settings decide how often the detector runs on frames that are only
+  counted. A frame that is encoded is anonymized with boxes found on that very frame, or, on a
+  pipeline that anonymizes every frame, with those of a frame at most
+  :data:`PRIVACY_MAX_AGE_S` earlier that a gate at least as sensitive as the default one
+  (:meth:`~cityward.vision.settings.MotionSettings.for_privacy`) saw nothing move since.
+  Otherwise the detectors run for it (an alert's snapshot of a still scene: one extra
+  detection per alert).
+
 Every stage is timed (:class:`StageClock`): ``bench/vision.py`` and the live status line report
 ms per stage.
 """
@@ -28,11 +41,14 @@ from cityward.vision.detections import Detections
 from cityward.vision.detectors import REGISTRY as DETECTORS
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.motion import MotionGate
-from cityward.vision.settings import CameraSettings
+from cityward.vision.settings import CameraSettings, MotionSettings
 from cityward.vision.source import Frame, Image
 from cityward.vision.tracker import ByteTracker, TrackerConfig
 
 STAGES = ("decode", "motion", "detect", "track", "anonymize", "analytics", "emit")
+#: an encoded frame is never anonymized with object boxes older than this (s): the default
+#: gate's ``max_skip_s``, the staleness its measurement (no plate read, no face found) allowed
+PRIVACY_MAX_AGE_S = MotionSettings().max_skip_s
 
 
 class PipelineConfigError(ValueError):
@@ -112,7 +128,8 @@ class CameraPipeline:
     """The stages of one camera. ``detector``: share one across cameras (an ONNX Runtime
     session is safe to run from several threads); built from the camera's settings when None.
     ``anonymize_all``: anonymize every analysed frame (an annotated output or a stream), not
-    only those an alert needs."""
+    only those an alert needs; its motion gate is then at least as sensitive as the default
+    one (every frame it calls still is anonymized with the boxes of an earlier frame)."""
 
     def __init__(
         self,
@@ -139,13 +156,16 @@ class CameraPipeline:
             )
         except ValueError as exc:
             raise PipelineConfigError(f"camera {camera.id}: {exc}") from exc
-        self.gate = MotionGate(camera.motion)
+        self.gate = MotionGate(camera.motion.for_privacy() if anonymize_all else camera.motion)
         self.anonymize_all = anonymize_all
         self.clock = StageClock()
         self.frames = 0
-        self.detections_run = 0
+        self.detections_run = 0  # frames the gate let through (detected and tracked)
+        self.privacy_detections = 0  # extra detections for a frame to be encoded
         self._tracks = Detections.empty()
-        self._dets = Detections.empty()  # the last frame's detections, tracked or not
+        # the privacy detections (persons, vehicles) of the last detection, and its time
+        self._dets = Detections.empty()
+        self._dets_t: float | None = None
         self._anonymized = False  # whether the previous frame was anonymized
 
     def process(self, frame: Frame, *, want_image: bool = False) -> FrameResult:
@@ -158,10 +178,10 @@ class CameraPipeline:
         detected = False
         if moving:
             with clock.timed("detect"):
-                dets = self.detector.detect(frame.image)
+                dets, self._dets = self.detector.detect_split(frame.image)
             with clock.timed("track"):
                 self._tracks = self.tracker.update(dets, frame.t)
-            self._dets = dets
+            self._dets_t = frame.t
             self.detections_run += 1
             detected = True
         tracks = self._tracks
@@ -173,10 +193,25 @@ class CameraPipeline:
         events = [o for o in out if isinstance(o, VisionEvent)]
         anonymized: Image | None = None
         if self.anonymize_all or want_image or events:
+            fresh = detected
+            age = None if self._dets_t is None else frame.t - self._dets_t
+            if not fresh and (
+                not self.anonymize_all or age is None or not 0.0 <= age <= PRIVACY_MAX_AGE_S
+            ):
+                # the gate held the detector back, but the boxes it would reuse come from a
+                # frame the gate compared at the camera's (possibly insensitive) settings, or
+                # are too old: the objects could have moved, their plates with them. Detect for
+                # the anonymizer alone (the analytics of this frame are done)
+                with clock.timed("detect"):
+                    _, self._dets = self.detector.detect_split(frame.image)
+                self._dets_t = frame.t
+                self.privacy_detections += 1
+                fresh = True
             with clock.timed("anonymize"):
                 # the anonymizer may work in place: the raw frame is not used after this
                 # a still frame right after an anonymized one shows the faces found there:
-                # they are held rather than searched for again (any other frame is searched)
+                # they are held rather than searched for again (any other frame, and any frame
+                # detected again above, is searched)
                 # around the tracks and every detection as well: the tracker reports only
                 # confirmed tracks matched now, so a new object's first frames (every object
                 # of the first frame), a box scored below the tracker's new-track threshold
@@ -186,7 +221,7 @@ class CameraPipeline:
                     frame.image,
                     Detections.merge([tracks, self._dets]),
                     frame.t,
-                    detect_faces=moving or not self._anonymized,
+                    detect_faces=fresh or not self._anonymized,
                 )
             self._anonymized = True
         else:

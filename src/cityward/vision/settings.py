@@ -42,6 +42,22 @@ class MotionSettings(BaseModel):
         "arrive very slowly, lighting).",
     )
 
+    def for_privacy(self) -> MotionSettings:
+        """These settings, each made at least as sensitive as its default, for a gate whose
+        "still" lets a frame that is encoded be anonymized with the previous frame's boxes.
+        A less sensitive gate (``min_fraction = 1``, ``max_skip_s = 60``) saves detector runs
+        on frames only counted, but it let moving cars be anonymized with boxes up to a minute
+        old and their plates stayed readable: those values hold for counting only."""
+        d = MotionSettings()
+        return self.model_copy(
+            update={
+                "width": max(self.width, d.width),
+                "pixel_threshold": min(self.pixel_threshold, d.pixel_threshold),
+                "min_fraction": min(self.min_fraction, d.min_fraction),
+                "max_skip_s": min(self.max_skip_s, d.max_skip_s),
+            }
+        )
+
 
 class SnapshotSettings(BaseModel):
     """Snapshots attached to alerts: small, anonymized JPEGs."""
