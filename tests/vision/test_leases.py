@@ -21,8 +21,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from cityward.bank.store.postgres import PostgresStore
 from cityward.bank.store.sqlite import SqliteStore
 from cityward.bus.nats import JetStream
 from cityward.bus.settings import BusSettings
+from cityward.vision import worker as vision_worker
 from cityward.vision.leases import (
     PRESENCE_PREFIX,
     BankLeaseStore,
@@ -38,7 +40,9 @@ from cityward.vision.leases import (
     NatsLeaseStore,
     lease_store,
 )
-from cityward.vision.settings import LeaseSettings
+from cityward.vision.settings import LeaseSettings, VisionSettings
+from cityward.vision.worker import VisionWorker
+from tests.conftest import shared_path
 
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("CITYWARD_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -407,6 +411,152 @@ def test_a_worker_cut_off_from_the_store_stops_before_others_take_over(
         a.stop()
         b.stop()
     assert running.violations == []
+
+
+class CountingRounds(Unreachable):
+    """A real store that counts the leaser's rounds (one renewal of all leases each)."""
+
+    def __init__(self, inner: LeaseStore) -> None:
+        super().__init__(inner)
+        self.rounds = 0
+
+    def renew_many(self, camera_ids: Iterable[str], worker_id: str, ttl_s: float) -> set[str]:
+        self.rounds += 1
+        return super().renew_many(camera_ids, worker_id, ttl_s)
+
+
+def test_a_camera_whose_start_fails_is_released_and_started_again(
+    stores: Callable[..., LeaseStore],
+) -> None:
+    """``on_start`` raising (a models share briefly away): the leaser does not go on renewing
+    the lease of a camera that does not run, where no other worker could take it; it gives
+    the lease up and acquires the camera again after a back-off that grows."""
+    running = Running()
+    cb = running.callbacks("A")
+    broken = threading.Event()
+    broken.set()
+    failures: list[str] = []
+
+    def on_start(camera: str) -> None:
+        if camera == "cam-03" and broken.is_set():
+            failures.append(camera)
+            raise OSError("the models share is unavailable")
+        cb["on_start"](camera)
+
+    def on_stop(camera: str) -> None:
+        with running.lock:
+            started = camera in running.by_camera
+        if started:  # else its start failed: nothing of it runs
+            cb["on_stop"](camera)
+
+    store = CountingRounds(stores())
+    a = CameraLeaser(
+        store, CAMERAS, worker_id="A", ttl_s=TTL, renew_every_s=0.1,
+        on_start=on_start, on_stop=on_stop,
+    )  # fmt: skip
+    a.start()
+    try:
+        wait_until(lambda: len(failures) >= 2, 5, "A tries cam-03 again")
+        wait_until(lambda: store.rounds >= 16, 10, "16 rounds")
+        assert "cam-03" not in a.held(), "held the lease of a camera that does not run"
+        assert "cam-03" not in running.by_camera and len(running.by_camera) == 9
+        # one round, then 2, 4, 8...: not a start per round
+        assert len(failures) * 2 < store.rounds, f"{len(failures)} starts in {store.rounds}"
+        broken.clear()
+        wait_until(lambda: "cam-03" in running.by_camera, 10, "cam-03 runs")
+        assert a.held() == set(CAMERAS)
+        assert camera_holders(store) == dict.fromkeys(CAMERAS, "A")
+    finally:
+        a.stop()
+    assert running.violations == []
+    assert running.by_camera == {}
+
+
+# -- the worker behind the leaser ---------------------------------------------------------
+
+
+@pytest.fixture
+def camera_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[VisionWorker, CameraLeaser, Path]]:
+    """A real worker with a looping file camera, leased over SQLite; its models folder
+    (links to the shared models) starts without the face model, as an unmounted share."""
+    monkeypatch.setattr(vision_worker, "RESTART_S", 0.2)  # the back-off, scaled down
+    monkeypatch.setattr(vision_worker, "RESTART_MAX_S", 0.4)
+    shared = shared_path("data", "vision", "models")
+    video = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "yolox_nano_416x416.onnx").symlink_to(shared / "yolox_nano_416x416.onnx")
+    cams = [{"id": "cam1", "url": str(video), "loop": True, "realtime": True}]
+    worker = VisionWorker(VisionSettings(models_dir=models, cameras=cams), _NoSink())
+    store = open_store("sqlite", str(tmp_path / "bank.db"))
+    leaser = CameraLeaser(
+        store, ["cam1"], worker_id="W", ttl_s=TTL, renew_every_s=RENEW,
+        on_start=worker.start_camera, on_stop=worker.stop_camera,
+    )  # fmt: skip
+    try:
+        yield worker, leaser, models
+    finally:
+        leaser.stop()
+        worker.stop()
+        store.close()
+
+
+class _NoSink:
+    def put(self, entities: Sequence[Any], *, urgent: bool = False) -> None:
+        pass
+
+
+def _row(worker: VisionWorker) -> dict[str, Any]:
+    (row,) = worker.status_rows()
+    return row
+
+
+def test_a_camera_that_cannot_start_is_started_again_by_its_worker(
+    camera_worker: tuple[VisionWorker, CameraLeaser, Path],
+) -> None:
+    """The models folder away when the lease is acquired: the camera held must not stand
+    still for good (status 'elsewhere', no other worker taking it): it is tried again with
+    back-off, the status saying why meanwhile, and runs once the folder is back."""
+    worker, leaser, models = camera_worker
+    leaser.start()
+    wait_until(lambda: "retrying" in _row(worker).get("error", ""), 10, "the status says why")
+    row = _row(worker)
+    assert row["state"] == "error" and "yunet_n_dynamic.onnx" in row["error"]
+    assert leaser.held() == {"cam1"}
+    (models / "yunet_n_dynamic.onnx").symlink_to(
+        shared_path("data", "vision", "models", "yunet_n_dynamic.onnx")
+    )
+    wait_until(lambda: _row(worker)["state"] == "running", 20, "the camera runs")
+    assert _row(worker)["error"] == ""
+    wait_until(lambda: _row(worker)["frames"] > 0, 20, "frames analysed")
+
+
+def test_a_failed_camera_whose_restart_fails_is_tried_again(
+    camera_worker: tuple[VisionWorker, CameraLeaser, Path],
+) -> None:
+    """A camera that failed while running is restarted on a timer; when that start fails
+    too (the models share away by then) it is tried again, not lost."""
+    worker, leaser, models = camera_worker
+    face = models / "yunet_n_dynamic.onnx"
+    face.symlink_to(shared_path("data", "vision", "models", "yunet_n_dynamic.onnx"))
+    video = Path(worker.cameras["cam1"].url)
+    away = models.parent / "video-away.mp4"
+    away.symlink_to(video)
+    worker.cameras["cam1"] = worker.cameras["cam1"].model_copy(update={"url": str(away)})
+    away.unlink()  # the video gone: each runner fails on its thread, and is restarted
+    leaser.start()
+    wait_until(lambda: "not found" in _row(worker).get("error", ""), 10, "the runner fails")
+    face.unlink()  # and now the restart cannot even build the camera
+    wait_until(
+        lambda: "yunet_n_dynamic.onnx" in _row(worker).get("error", ""), 10, "the restart fails"
+    )
+    assert _row(worker)["state"] == "error" and "retrying" in _row(worker)["error"]
+    assert leaser.held() == {"cam1"}
+    face.symlink_to(shared_path("data", "vision", "models", "yunet_n_dynamic.onnx"))
+    away.symlink_to(video)
+    wait_until(lambda: _row(worker)["state"] == "running", 20, "the camera runs")
 
 
 def test_killed_worker_process_is_taken_over(machines_place: tuple[str, str]) -> None:

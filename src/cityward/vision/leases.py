@@ -61,6 +61,9 @@ DEFAULT_BUCKET = "cityward_vision_leases"
 #: a worker also leases this pseudo camera, named after itself: its presence, so that a worker
 #: that holds no camera yet still counts when the others work out their fair share
 PRESENCE_PREFIX = "@worker/"
+#: a camera whose ``on_start`` raised is not acquired again by the same worker for this long
+#: at most (the back-off starts at one round and doubles)
+START_RETRY_MAX_S = 60.0
 
 Holders = dict[str, tuple[str, float]]
 
@@ -495,13 +498,21 @@ class CameraLeaser:
        together do not all race for the same ones) until the share is reached, calling
        ``on_start`` for each gained.
 
+    A lease says that its holder *runs* the camera. So a camera whose ``on_start`` raises is
+    not kept: ``on_stop`` runs (whatever the failed start left behind is stopped), the lease
+    is released, and this worker leaves the camera to the others for a back-off (one round,
+    doubling up to :data:`START_RETRY_MAX_S`) before it acquires it again. Kept, it would
+    stand still for good under a lease renewed every round, which no other worker can take.
+
     Independently of the rounds, a camera whose lease runs out by this worker's own reckoning
     (``ttl_s`` after sending the last renewal that succeeded, less a safety margin of a tenth
     of ``ttl_s``) is stopped at that moment, even if the store cannot be reached: the store
     gives it to another worker only after the full ``ttl_s`` by its own clock, which started
     later.
 
-    ``on_start``/``on_stop`` run on the leaser's thread; an exception in them is logged.
+    ``on_start``/``on_stop`` run on the leaser's thread; an exception in them is logged
+    (and a failed start handled as above). ``on_stop`` may thus come for a camera whose
+    ``on_start`` failed, and must then stop whatever of it runs, if anything.
     """
 
     def __init__(
@@ -527,6 +538,8 @@ class CameraLeaser:
         self.on_stop = on_stop
         self.presence = PRESENCE_PREFIX + self.worker_id
         self._held: dict[str, float] = {}  # camera -> local monotonic deadline; gain order
+        # camera -> (monotonic time before which it is not acquired again, next back-off)
+        self._start_failed: dict[str, tuple[float, float]] = {}
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -613,7 +626,14 @@ class CameraLeaser:
                 for camera in list(self._held)[-math.ceil(excess / 2) :]:
                     self._drop(camera, release=True)
                 return
-            free = [c for c in self.cameras if c not in holders and c not in self._held]
+            now = time.monotonic()
+            free = [
+                c
+                for c in self.cameras
+                if c not in holders
+                and c not in self._held
+                and self._start_failed.get(c, (0.0, 0.0))[0] <= now
+            ]
             random.shuffle(free)
             for camera in free:
                 if len(self._held) >= share or self._stopping.is_set():
@@ -621,7 +641,29 @@ class CameraLeaser:
                 sent = time.monotonic()
                 if self.store.acquire(camera, self.worker_id, self.ttl_s):
                     self._held[camera] = sent + self.ttl_s - self.margin_s
-                    self._call(self.on_start, camera)
+                    self._start(camera)
+
+    def _start(self, camera: str) -> None:
+        """``on_start`` a camera just acquired; if it raises, stop it and give the lease up."""
+        if self.on_start is None:
+            return
+        try:
+            self.on_start(camera)
+        except Exception:
+            _, delay = self._start_failed.get(camera, (0.0, self.renew_every_s))
+            self._start_failed[camera] = (
+                time.monotonic() + delay,
+                min(delay * 2, max(START_RETRY_MAX_S, self.renew_every_s)),
+            )
+            log.exception(
+                "camera %s: on_start failed: releasing its lease; this worker tries it again "
+                "in %.0f s at the earliest",
+                camera,
+                delay,
+            )
+            self._drop(camera, release=True)
+            return
+        self._start_failed.pop(camera, None)
 
     def _drop(self, camera: str, release: bool) -> None:
         """Stop a camera, then (``release``) give its lease up."""

@@ -5,11 +5,16 @@ reopened with exponential back-off (1 s, 2 s, 4 s ... up to ``reconnect_max_s``)
 (or, with ``loop``, starts again). Frame skipping happens here: frames that will not be
 analysed are only *grabbed* (demuxed and decoded by FFmpeg but never converted to a BGR
 image), which is the cheap part of decoding.
+
+A camera URL often carries its credentials (``rtsp://user:password@host/...``, or
+``?password=`` in the query): logs and error messages name a source by :func:`redact_url`,
+never by its URL.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,6 +44,50 @@ class Frame:
     image: Image
 
 
+#: query parameters whose values are secrets (or name an account): ``password=``, ``pwd=``,
+#: ``token=``, ``access_token=``, ``api_key=``, ``auth=``, ``signature=``, ``user=``...
+_SECRET_PARAM = re.compile(r"pass|pwd|token|secret|key|auth|sig|cred|session|user|login", re.I)
+#: a URL inside free text: a scheme, ``://``, then anything up to white space or a quote
+_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+
+
+def redact_url(url: str) -> str:
+    """``url`` as logs and status may show it: user and password masked, and the values of
+    query parameters that look secret.
+
+    Everything before the URL's last ``@`` counts as credentials, even where a password holds
+    an unencoded ``/`` or ``?``: a log line that hides too much costs less than one that
+    shows a password. A file path is returned as it is.
+
+    >>> redact_url("rtsp://admin:S3cret@10.0.4.17:554/stream1?channel=1&password=x")
+    'rtsp://***@10.0.4.17:554/stream1?channel=1&password=***'
+    >>> redact_url("/srv/videos/street.mp4")
+    '/srv/videos/street.mp4'
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    if "@" in rest:
+        rest = "***@" + rest.rsplit("@", 1)[1]
+    path, q, query = rest.partition("?")
+    if q:
+        query = re.sub(
+            r"(^|[&;])([^=&;#]*)=([^&;#]*)",
+            lambda m: f"{m[1]}{m[2]}=***" if _SECRET_PARAM.search(m[2]) else m[0],
+            query,
+        )
+    return f"{scheme}://{path}{q}{query}"
+
+
+def redact(text: str) -> str:
+    """``text`` (an error message) with :func:`redact_url` applied to every URL in it.
+
+    >>> redact("cannot open 'rtsp://admin:S3cret@10.0.4.17/stream1': timed out")
+    "cannot open 'rtsp://***@10.0.4.17/stream1': timed out"
+    """
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)
+
+
 def is_stream(url: str) -> bool:
     return url.split("://", 1)[0].lower() in {"rtsp", "rtsps", "rtmp", "http", "https", "udp"}
 
@@ -48,7 +97,8 @@ class VideoSource:
 
     ``realtime``: a file is delivered at its own frame rate, as a live camera would (streams
     always are). ``stop``: an event that ends the iteration (checked between frames and
-    during back-off waits).
+    during back-off waits). ``name``: the URL with its credentials masked, for logs and
+    errors (``url`` itself is only given to OpenCV).
     """
 
     def __init__(
@@ -63,9 +113,10 @@ class VideoSource:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url = url
+        self.name = redact_url(url)
         self.stream = is_stream(url)
         if not self.stream and not Path(url).is_file():
-            raise SourceError(f"video file {url!r} not found")
+            raise SourceError(f"video file {self.name!r} not found")
         self.analysis_fps = analysis_fps
         self.realtime = realtime
         self.loop = loop
@@ -86,7 +137,7 @@ class VideoSource:
         if not cap.isOpened():
             cap.release()
             if first and not self.stream:
-                raise SourceError(f"{self.url!r} is not a video OpenCV can read")
+                raise SourceError(f"{self.name!r} is not a video OpenCV can read")
             return False
         self._cap = cap
         self.fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
@@ -110,11 +161,11 @@ class VideoSource:
         delay = 1.0
         while not self.stop.is_set():
             self.reconnects += 1
-            log.warning("camera %s dropped: reconnecting in %.0f s", self.url, delay)
+            log.warning("camera %s dropped: reconnecting in %.0f s", self.name, delay)
             if self.stop.wait(delay):
                 return False
             if self._open():
-                log.info("camera %s: reconnected", self.url)
+                log.info("camera %s: reconnected", self.name)
                 return True
             delay = min(delay * 2, self.reconnect_max_s)
         return False

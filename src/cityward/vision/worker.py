@@ -22,7 +22,7 @@ from cityward.vision.detectors import ObjectDetector
 from cityward.vision.emitter import CameraEmitter, Sink, SnapshotStore
 from cityward.vision.pipeline import CameraPipeline, StageClock, make_detector
 from cityward.vision.settings import _CAMERA_ID, CameraSettings, VisionSettings
-from cityward.vision.source import SourceError, VideoSource, is_stream
+from cityward.vision.source import SourceError, VideoSource, is_stream, redact, redact_url
 
 log = logging.getLogger("cityward.vision.worker")
 
@@ -58,9 +58,19 @@ class CameraStatus:
         return (len(self.recent) - 1) / span if span > 0 else 0.0
 
 
-#: a stream (or looping file) camera that failed starts again after this, doubling each time
+#: a stream (or looping file) camera that failed starts again after this, doubling each time;
+#: so does any camera that could not be started at all
 RESTART_S = 5.0
 RESTART_MAX_S = 60.0
+
+
+@dataclass
+class _Retry:
+    """A held camera waiting to be started again: why it is not running, and when it starts."""
+
+    error: str
+    at: float  # time.monotonic() of the next start
+    timer: threading.Timer
 
 
 class CameraRunner:
@@ -142,7 +152,7 @@ class CameraRunner:
                 last_t = frame.t
                 t_read = time.perf_counter()
         except Exception as exc:  # one camera's failure never stops the others
-            st.state, st.error = "error", f"{type(exc).__name__}: {exc}"
+            st.state, st.error = "error", redact(f"{type(exc).__name__}: {exc}")
             log.exception("camera %s failed", cam.id)
         finally:
             source.close()
@@ -181,6 +191,7 @@ class VisionWorker:
         self._retention = retention_s or (lambda _source: 30 * 86400.0)
         self.done: set[str] = set()
         self._restart_s: dict[str, float] = {}  # a failed camera's next back-off
+        self._retries: dict[str, _Retry] = {}  # held cameras waiting to start again
 
     def _detector(self, cam: CameraSettings) -> ObjectDetector:
         """One detector per distinct configuration, shared by the cameras that use it."""
@@ -199,14 +210,25 @@ class VisionWorker:
         missing model is reported at start-up, with the camera named, not on a thread."""
         cam = self.cameras[camera_id]
         if not is_stream(cam.url) and not Path(cam.url).is_file():
-            raise SourceError(f"camera {cam.id}: video file {cam.url!r} not found")
+            raise SourceError(f"camera {cam.id}: video file {redact_url(cam.url)!r} not found")
         CameraPipeline(cam, self.settings.models_dir, detector=self._detector(cam))
 
     def start_camera(self, camera_id: str) -> None:
+        """Start a camera this worker now holds (the leaser's ``on_start``).
+
+        A camera that cannot be started (its models folder or video file briefly unavailable,
+        an unwritable snapshot folder) is tried again with the same back-off as a camera that
+        failed while running, its status saying why meanwhile: left dead under a lease this
+        worker keeps renewing, no other worker would ever take it over."""
         with self._lock:
-            if camera_id in self.runners or camera_id in self.done:
+            if camera_id in self.runners or camera_id in self.done or camera_id in self._retries:
                 return
-            cam = self.cameras[camera_id]
+            self._start(camera_id)
+
+    def _start(self, camera_id: str) -> None:
+        """Build and start the camera's runner, or schedule the next try (under the lock)."""
+        cam = self.cameras[camera_id]
+        try:
             snaps = None
             if self._snapshots_root is not None:
                 if cam.snapshots.enabled:
@@ -226,52 +248,62 @@ class VisionWorker:
                 snapshots=snaps,
                 on_done=self._finished,
             )
-            self.runners[camera_id] = runner
+        except Exception as exc:
+            self._retry_later(camera_id, redact(f"{type(exc).__name__}: {exc}"), "could not start")
+            return
+        self.runners[camera_id] = runner
         log.info("camera %s: started", camera_id)
         runner.start()
+
+    def _retry_later(self, camera_id: str, error: str, what: str) -> None:
+        """Start the camera again after its next back-off (under the lock)."""
+        delay = self._restart_s.get(camera_id, RESTART_S)
+        self._restart_s[camera_id] = min(delay * 2, RESTART_MAX_S)
+        log.warning("camera %s %s (%s): starting it again in %.0f s", camera_id, what, error, delay)
+        timer = threading.Timer(delay, self._restart, args=(camera_id,))
+        timer.daemon = True
+        self._retries[camera_id] = _Retry(error, time.monotonic() + delay, timer)
+        timer.start()
 
     def stop_camera(self, camera_id: str) -> None:
         with self._lock:
             runner = self.runners.pop(camera_id, None)
+            retry = self._retries.pop(camera_id, None)
+        if retry is not None:
+            retry.timer.cancel()
         if runner is not None:
             runner.stop()
             log.info("camera %s: stopped", camera_id)
 
     def _finished(self, camera_id: str) -> None:
-        runner = self.runners.get(camera_id)
-        if runner is None or runner.stop_event.is_set():
-            return
-        cam = self.cameras[camera_id]
-        if runner.status.state == "error" and (is_stream(cam.url) or cam.loop):
-            # a camera that never ends failed (a decoder or runtime error, a full disk): it is
-            # started again with back-off. Marked done, as a file that ended, it stood still
-            # for good while this worker kept renewing its lease, so no other worker took it.
-            delay = self._restart_s.get(camera_id, RESTART_S)
-            self._restart_s[camera_id] = min(delay * 2, RESTART_MAX_S)
-            log.warning(
-                "camera %s failed (%s): starting it again in %.0f s",
-                camera_id,
-                runner.status.error,
-                delay,
-            )
-            timer = threading.Timer(delay, self._restart, args=(camera_id, runner))
-            timer.daemon = True
-            timer.start()
-            return
-        self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
-
-    def _restart(self, camera_id: str, failed: CameraRunner) -> None:
         with self._lock:
-            if self.runners.get(camera_id) is not failed or failed.stop_event.is_set():
+            runner = self.runners.get(camera_id)
+            if runner is None or runner.stop_event.is_set() or not runner.finished.is_set():
+                return  # stopped, or a stopped runner finishing late beside its successor
+            cam = self.cameras[camera_id]
+            if runner.status.state == "error" and (is_stream(cam.url) or cam.loop):
+                # a camera that never ends failed (a decoder or runtime error, a full disk): it
+                # is started again with back-off. Marked done, as a file that ended, it stood
+                # still for good while this worker kept renewing its lease, so no other worker
+                # took it.
+                self._retry_later(camera_id, runner.status.error, "failed")
+                return
+            self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
+
+    def _restart(self, camera_id: str) -> None:
+        with self._lock:
+            retry = self._retries.get(camera_id)
+            if retry is None or retry.timer is not threading.current_thread():
                 return  # stopped meanwhile (its lease went, or the worker stops)
-            del self.runners[camera_id]
-        self.start_camera(camera_id)
+            del self._retries[camera_id]
+            self.runners.pop(camera_id, None)  # the failed runner, if it ran at all
+            self._start(camera_id)
 
     def all_done(self) -> bool:
         return bool(self.cameras) and self.done >= set(self.cameras)
 
     def stop(self) -> None:
-        for cid in list(self.runners):
+        for cid in list(self.runners) + list(self._retries):
             self.stop_camera(cid)
 
     def purge_snapshots(self, now: float | None = None) -> int:
@@ -341,13 +373,15 @@ class VisionWorker:
 
     def status_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
+        now = time.monotonic()
         for cid, cam in self.cameras.items():
             r = self.runners.get(cid)
-            if r is None:
+            retry = self._retries.get(cid)
+            if r is None and retry is None:
                 rows.append({"camera": cid, "state": "done" if cid in self.done else "elsewhere"})
                 continue
-            st = r.status
-            ms = r.clock.ms_per_frame(st.frames)
+            # a camera that could not start has no runner: its row says so, with zero counts
+            st = r.status if r is not None else CameraStatus(cid, state="error")
             row: dict[str, Any] = {
                 "camera": cid,
                 "name": cam.name,
@@ -359,9 +393,12 @@ class VisionWorker:
                 "detected": st.detected,
                 "crossings": st.crossings,
                 "alerts": st.alerts,
-                "ms": ms,
+                "ms": r.clock.ms_per_frame(st.frames) if r is not None else {},
                 "error": st.error,
             }
+            if retry is not None:
+                row["state"] = "error"
+                row["error"] = f"{retry.error}, retrying in {max(0.0, retry.at - now):.0f} s"
             rows.append(row)
         return rows
 
