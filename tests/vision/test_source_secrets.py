@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from cityward.redact import redact, redact_url
 from cityward.vision.settings import VisionSettings
-from cityward.vision.source import SourceError, VideoSource, redact, redact_url
+from cityward.vision.source import SourceError, VideoSource
 from cityward.vision.worker import VisionWorker
 from tests.conftest import shared_path
 

@@ -7,14 +7,13 @@ analysed are only *grabbed* (demuxed and decoded by FFmpeg but never converted t
 image), which is the cheap part of decoding.
 
 A camera URL often carries its credentials (``rtsp://user:password@host/...``, or
-``?password=`` in the query): logs and error messages name a source by :func:`redact_url`,
-never by its URL.
+``?password=`` in the query): logs and error messages name a source by
+:func:`cityward.redact.redact_url`, never by its URL.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import numpy.typing as npt
+
+from cityward.redact import redact_url
 
 log = logging.getLogger("cityward.vision.source")
 
@@ -42,50 +43,6 @@ class Frame:
     index: int
     t: float
     image: Image
-
-
-#: query parameters whose values are secrets (or name an account): ``password=``, ``pwd=``,
-#: ``token=``, ``access_token=``, ``api_key=``, ``auth=``, ``signature=``, ``user=``...
-_SECRET_PARAM = re.compile(r"pass|pwd|token|secret|key|auth|sig|cred|session|user|login", re.I)
-#: a URL inside free text: a scheme, ``://``, then anything up to white space or a quote
-_URL_IN_TEXT = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
-
-
-def redact_url(url: str) -> str:
-    """``url`` as logs and status may show it: user and password masked, and the values of
-    query parameters that look secret.
-
-    Everything before the URL's last ``@`` counts as credentials, even where a password holds
-    an unencoded ``/`` or ``?``: a log line that hides too much costs less than one that
-    shows a password. A file path is returned as it is.
-
-    >>> redact_url("rtsp://admin:S3cret@10.0.4.17:554/stream1?channel=1&password=x")
-    'rtsp://***@10.0.4.17:554/stream1?channel=1&password=***'
-    >>> redact_url("/srv/videos/street.mp4")
-    '/srv/videos/street.mp4'
-    """
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    if "@" in rest:
-        rest = "***@" + rest.rsplit("@", 1)[1]
-    path, q, query = rest.partition("?")
-    if q:
-        query = re.sub(
-            r"(^|[&;])([^=&;#]*)=([^&;#]*)",
-            lambda m: f"{m[1]}{m[2]}=***" if _SECRET_PARAM.search(m[2]) else m[0],
-            query,
-        )
-    return f"{scheme}://{path}{q}{query}"
-
-
-def redact(text: str) -> str:
-    """``text`` (an error message) with :func:`redact_url` applied to every URL in it.
-
-    >>> redact("cannot open 'rtsp://admin:S3cret@10.0.4.17/stream1': timed out")
-    "cannot open 'rtsp://***@10.0.4.17/stream1': timed out"
-    """
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m[0]), text)
 
 
 def is_stream(url: str) -> bool:

@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cityward.redact import redact, redact_url
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.emitter import CameraEmitter, Sink, SnapshotStore
 from cityward.vision.pipeline import CameraPipeline, StageClock, make_detector
 from cityward.vision.settings import _CAMERA_ID, CameraSettings, VisionSettings
-from cityward.vision.source import SourceError, VideoSource, is_stream, redact, redact_url
+from cityward.vision.source import SourceError, VideoSource, is_stream
 
 log = logging.getLogger("cityward.vision.worker")
 

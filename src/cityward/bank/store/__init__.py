@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from cityward.bank.store.base import QuerySpec, Store, WriteTxn
+from cityward.redact import redact_url as _redact_url
 
 
 def backend_name(database_url: str | None) -> str:
@@ -37,15 +36,9 @@ class StoreUnreachable(Exception):
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (``user:password@``, ``?password=``) shown as ``***``, to be
-    printed or logged."""
-    parts = urlsplit(url)
-    userinfo, at, hosts = parts.netloc.rpartition("@")
-    netloc = parts.netloc
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{hosts}"
-    query = re.sub(r"(^|&)password=[^&]*", r"\1password=***", parts.query)
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    """``url`` with its password (``user:password@``, ``?password=``) shown as ``***``, its
+    user name kept, to be printed or logged (:func:`cityward.redact.redact_url`)."""
+    return _redact_url(url, keep_user=True)
 
 
 def sqlite_file(database_url: str | None, data_dir: Path) -> Path:
