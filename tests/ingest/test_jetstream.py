@@ -97,20 +97,8 @@ def _bus() -> BusSettings:
 def _in_stream(js: JetStream, settings: IngestSettings) -> tuple[int, list[str]]:
     """How many messages the readings' stream holds, and the keys of the readings in them
     (in stream order, repeats included)."""
-    s = settings.jetstream
-    total = js.stream_messages(s.stream)
-    sub = js.subscribe_ordered(s.stream, s.subject + ".>", deliver="all")
-    keys: list[str] = []
-    seen = 0
-    try:
-        while seen < total:
-            msgs = sub.fetch(500, timeout=2)
-            assert msgs, f"{seen} of {total} stream messages came"
-            seen += len(msgs)
-            keys.extend(r.key for m in msgs for r in decode_message(m.data))
-    finally:
-        sub.close()
-    return total, keys
+    data = js.stream_data(settings.jetstream.stream)
+    return len(data), [r.key for d in data for r in decode_message(d)]
 
 
 def test_front_and_writer_in_process_each_reading_once(
@@ -229,6 +217,132 @@ def test_front_and_writer_in_process_each_reading_once(
         assert left == []
     finally:
         js.close()
+
+
+def _feed(worker: IngestWorker, numbers: range, pad: int = 0) -> tuple[threading.Thread, list[int]]:
+    """Receive ``numbers`` at ``worker``'s front on a thread of their own (a full front
+    blocks the receiving thread, as it blocks an adapter); the list fills with the numbers
+    the front acknowledged."""
+    acked: list[int] = []
+
+    def settled(n: int) -> Callable[[str | None], None]:
+        def done(why: str | None) -> None:
+            if why is None:
+                acked.append(n)
+
+        return done
+
+    def run() -> None:
+        for n in numbers:
+            payload = {**message(n, 37), "pad": "x" * pad}
+            worker.intakes["air"].receive(orjson.dumps(payload), done=settled(n))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, acked
+
+
+def test_the_stream_keeps_only_unwritten_readings_and_a_full_one_holds_fronts_back(
+    tag: str, pg: PostgresStore, tmp_path: Path
+) -> None:
+    """The readings' stream is a work queue: a message leaves it once a writer has written
+    and acknowledged its readings (with limits retention every reading stayed on the NATS
+    server's disk for max_age_s, a week by default). Bounded by max_bytes, a full stream
+    refuses new messages: the front retries, stops acknowledging, and its adapter waits;
+    nothing is dropped, and once a writer drains the stream everything is in the bank once."""
+    limit = 1 << 20
+    settings = _settings(tag, max_bytes=limit, message_readings=20)
+    front = IngestWorker(
+        None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
+    )
+    writer = IngestWorker(
+        bank_with_history(pg),
+        settings,
+        DeadLetters(tmp_path / "writer-dl.db"),
+        bus=_bus(),
+        role="writer",
+    )
+    total = 1500  # about 3.4 MB of stream messages with their 2 KB raw payloads
+    js = JetStream(NATS_URL, name="cityward-test", connect_timeout_s=5)
+    js.connect()
+    front.start()
+    try:
+        feeder, acked = _feed(front, range(total), pad=2000)
+        assert front.front is not None
+        stats = front.front.stats
+        _wait(
+            lambda: stats.publish_failures >= 3,
+            60,
+            lambda: f"the stream never refused: {front.status()}",
+        )
+        # full: within its limit, the rest held back at the front, unacknowledged
+        held = len(acked)
+        assert js.stream_bytes(settings.jetstream.stream) <= limit
+        assert 0 < held < total
+        assert "maximum bytes" in stats.last_error or "resources" in stats.last_error, (
+            stats.last_error
+        )
+        writer.start()
+        _wait(
+            lambda: len(acked) == total,
+            120,
+            lambda: f"{len(acked)} of {total} acknowledged: {front.status()} {writer.status()}",
+        )
+        feeder.join(10)
+        assert writer.writer is not None
+        _wait(
+            lambda: (
+                writer.writer.stats.written == total
+                and js.stream_messages(settings.jetstream.stream) == 0
+            ),
+            60,
+            lambda: (
+                f"{js.stream_messages(settings.jetstream.stream)} messages left in the "
+                f"stream: {writer.status()}"
+            ),
+        )
+    finally:
+        front.stop()
+        writer.stop()
+        js.close()
+    values = sorted(v for _, v in stored_readings(pg))
+    assert values == [float(n) for n in range(total)]  # each once
+    assert sum(values) == sum(range(total))
+
+
+def test_a_stream_made_with_limits_retention_keeps_working(
+    tag: str, pg: PostgresStore, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A readings' stream an earlier cityward made (limits retention), which NATS cannot turn
+    into a work queue: fronts and writers go on with it, and a warning says how to convert it."""
+    settings = _settings(tag)
+    s = settings.jetstream
+    js = JetStream(NATS_URL, name="cityward-test", connect_timeout_s=5)
+    js.connect()
+    try:
+        assert js.ensure_stream(s.stream, [s.subject + ".>"]) == "limits"
+        worker = IngestWorker(
+            bank_with_history(pg),
+            settings,
+            DeadLetters(tmp_path / "dl.db"),
+            bus=_bus(),
+            role="all",
+        )
+        with caplog.at_level("WARNING", logger="cityward.bus.nats"):
+            worker.start()
+        try:
+            warned = [r.getMessage() for r in caplog.records if "retention" in r.getMessage()]
+            assert warned and f"nats stream rm {s.stream}" in warned[0], caplog.text
+            feeder, acked = _feed(worker, range(200))
+            _wait(lambda: len(acked) == 200, 60, lambda: f"{len(acked)}: {worker.status()}")
+            feeder.join(10)
+        finally:
+            worker.stop()
+        # limits: the written readings are still in the stream, as before
+        assert js.stream_messages(s.stream) > 0
+    finally:
+        js.close()
+    assert sorted(v for _, v in stored_readings(pg)) == [float(n) for n in range(200)]
 
 
 def test_roles_need_nats_and_names_are_checked(tmp_path: Path) -> None:
@@ -459,8 +573,11 @@ def test_http_push_of_the_api_in_nats_mode_goes_through_the_stream(
             first = [message(n, devices=5) for n in range(40)]
             r = client.post("/ingest/air", content=orjson.dumps(first), headers=device)
             assert r.status_code == 200 and r.json() == {"accepted": 40}, r.text
-            # answered: JetStream has them (the writer may not have written them yet)
-            assert sorted(_in_stream(js, ingest_settings)[1]) == sorted(f"m:{n}" for n in range(40))
+            # answered: JetStream has them, or a writer has written them already (a message
+            # leaves the work-queue stream once written): read the stream before the bank
+            in_stream = set(_in_stream(js, ingest_settings)[1])
+            in_bank = {str(k) for (k,) in pg.select("SELECT key FROM ingest_keys")}
+            assert in_stream | in_bank >= {f"m:{n}" for n in range(40)}
             # a device's retry after a lost answer: its readings may be in the stream twice
             # (a message of the same readings as one before is dropped by its id), the bank's
             # delivery keys drop them
@@ -480,9 +597,12 @@ def test_http_push_of_the_api_in_nats_mode_goes_through_the_stream(
                 lambda: f"{len(stored_readings(pg))} of {len(want)}: {app.state.ingest.status()}",
             )
             time.sleep(1.0)  # anything doubled would arrive now
-            assert set(_in_stream(js, ingest_settings)[1]) == {
-                f"m:{n}" for n in range(46) if n not in (41, 43)
-            }
+            # all written and acknowledged: nothing is left in the stream
+            _wait(
+                lambda: js.stream_messages(ingest_settings.jetstream.stream) == 0,
+                30,
+                lambda: f"{_in_stream(js, ingest_settings)[1]} left in the stream",
+            )
             # (the app closes the store when it stops)
             assert sorted(v for _, v in stored_readings(pg)) == want
     finally:

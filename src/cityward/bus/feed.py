@@ -544,6 +544,7 @@ def ensure_changes_stream(js: JetStream, settings: BusSettings) -> None:
         [settings.changes_subject + ".>"],
         max_age_s=settings.changes_max_age_s,
         duplicate_window_s=settings.duplicate_window_s,
+        max_bytes=settings.changes_max_bytes,
     )
 
 

@@ -46,6 +46,11 @@ from nats.js import api as jsapi
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Deliver = Literal["all", "new", "last"]
+Retention = Literal["limits", "workqueue"]
+_RETENTION: dict[Retention, jsapi.RetentionPolicy] = {
+    "limits": jsapi.RetentionPolicy.LIMITS,
+    "workqueue": jsapi.RetentionPolicy.WORK_QUEUE,
+}
 
 _DELIVER = {
     "all": jsapi.DeliverPolicy.ALL,
@@ -295,39 +300,68 @@ class JetStream:
         max_age_s: float | None = None,
         duplicate_window_s: float = 120.0,
         max_bytes: int | None = None,
-    ) -> None:
-        """Create the stream (file storage) or bring an existing one to this configuration.
+        retention: Retention = "limits",
+        discard: Literal["old", "new"] = "old",
+    ) -> Retention:
+        """Create the stream (file storage) or bring an existing one to this configuration;
+        returns the retention it has.
 
         ``max_age_s``: how long messages are kept (None: until limits); the duplicate window
-        is capped to it, as the server requires.
+        is capped to it, as the server requires. ``retention``: ``limits`` keeps every message
+        until ``max_age_s`` or ``max_bytes`` (a stream many followers read); ``workqueue``
+        deletes a message once its consumer acknowledged it (one durable shares the work).
+        ``discard``: when ``max_bytes`` is reached, drop the oldest messages (``old``) or
+        refuse new ones (``new``: the publisher gets an error and waits).
+
+        NATS cannot change the retention of a stream: an existing one keeps its own, the rest
+        of the configuration is applied, and a warning says how to have the new retention.
         """
         if max_age_s is not None:
             duplicate_window_s = min(duplicate_window_s, max_age_s)
-        config = jsapi.StreamConfig(
-            name=name,
-            subjects=list(subjects),
-            storage=jsapi.StorageType.FILE,
-            retention=jsapi.RetentionPolicy.LIMITS,
-            max_age=max_age_s,
-            duplicate_window=duplicate_window_s,
-            max_bytes=max_bytes,
-        )
 
-        async def ensure() -> None:
+        def config(kept: Retention) -> jsapi.StreamConfig:
+            return jsapi.StreamConfig(
+                name=name,
+                subjects=list(subjects),
+                storage=jsapi.StorageType.FILE,
+                retention=_RETENTION[kept],
+                max_age=max_age_s,
+                duplicate_window=duplicate_window_s,
+                max_bytes=max_bytes,
+                discard=jsapi.DiscardPolicy.NEW if discard == "new" else jsapi.DiscardPolicy.OLD,
+            )
+
+        async def ensure() -> Retention:
             try:
-                await self.js.stream_info(name)
+                info = await self.js.stream_info(name)
             except nats.js.errors.NotFoundError:
-                await self.js.add_stream(config)
+                await self.js.add_stream(config(retention))
+                return retention
             except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError):
                 # what a server without JetStream answers: it said only "code=None"
                 raise BusError(
                     f"NATS at {self.url} has no JetStream: start nats-server with -js (and -sd "
                     "DIR for its store)"
                 ) from None
-            else:
-                await self.js.update_stream(config)
+            have: Retention = retention
+            for kind, policy in _RETENTION.items():
+                if policy == info.config.retention:
+                    have = kind
+            if have != retention:
+                log.warning(
+                    "stream %s has %s retention, the configuration asks for %s, and NATS "
+                    "cannot change it: it stays as it is. To have it, let the stream drain "
+                    "(stop its publishers, let its consumers finish), remove it (nats stream "
+                    "rm %s) and start again: it is made anew",
+                    name,
+                    have,
+                    retention,
+                    name,
+                )
+            await self.js.update_stream(config(have))
+            return have
 
-        self._run(ensure(), self.timeout * 3)
+        return self._run(ensure(), self.timeout * 3)
 
     def delete_stream(self, name: str) -> bool:
         """Delete a stream and its consumers; False when there was none."""
@@ -347,6 +381,31 @@ class JetStream:
             return int((await self.js.stream_info(name)).state.messages)
 
         return self._run(info(), self.timeout)
+
+    def stream_bytes(self, name: str) -> int:
+        """How many bytes the stream's messages take."""
+
+        async def info() -> int:
+            return int((await self.js.stream_info(name)).state.bytes)
+
+        return self._run(info(), self.timeout)
+
+    def stream_data(self, name: str) -> list[bytes]:
+        """The data of every message the stream holds, in stream order, read by sequence
+        without a consumer (a work-queue stream allows no second one): for tools and tests."""
+
+        async def read() -> list[bytes]:
+            state = (await self.js.stream_info(name)).state
+            out: list[bytes] = []
+            for seq in range(state.first_seq, state.last_seq + 1):
+                try:
+                    msg = await self.js.get_msg(name, seq)
+                except nats.js.errors.NotFoundError:
+                    continue  # acknowledged (work queue) or removed
+                out.append(msg.data or b"")
+            return out
+
+        return self._run(read(), self.timeout * 10)
 
     # -- publishing -------------------------------------------------------------------------
     def publish(

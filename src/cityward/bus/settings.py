@@ -43,6 +43,14 @@ class BusSettings(BaseModel):
         gt=0,
         description="How long the stream keeps changes (how long a durable follower may be away).",
     )
+    changes_max_bytes: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        description="Most bytes the change stream keeps on the NATS server's disk; past it the "
+        "oldest changes go first, as with changes_max_age_s (a durable follower away longer "
+        "misses them). None: the server's own limits. Every process reads this stream, so "
+        "changes stay in it until one of the limits, read or not.",
+    )
     duplicate_window_s: float = Field(
         default=120.0,
         gt=0,

@@ -136,14 +136,25 @@ def pack(
     return [(src, rs, b'{"readings":[' + b",".join(ps) + b"]}") for src, rs, ps in chunks]
 
 
-def ensure_stream(js: JetStream, settings: IngestStreamSettings) -> None:
+def ensure_stream(js: JetStream, settings: IngestStreamSettings) -> str:
     """Create the readings' stream, or bring it to this configuration (fronts and writers
-    both do, so either may start first)."""
-    js.ensure_stream(
+    both do, so either may start first); returns its retention.
+
+    A work queue: a message leaves the stream once a writer has acknowledged it, that is once
+    its readings are committed to the bank. With limits retention (streams made before
+    2026-11-25, which NATS cannot convert) every reading stayed on the server's disk for
+    max_age_s, written or not: 392 bytes a reading of 45 bytes (measured), 340 GB a day at
+    10,000 readings/s. Full (max_bytes), it refuses new messages: the fronts' publishes fail
+    and are retried (backpressure).
+    """
+    return js.ensure_stream(
         settings.stream,
         [settings.subject + ".>"],
         max_age_s=settings.max_age_s,
         duplicate_window_s=settings.duplicate_window_s,
+        max_bytes=settings.max_bytes,
+        retention="workqueue",
+        discard="new",
     )
 
 

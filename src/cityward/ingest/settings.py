@@ -69,7 +69,17 @@ class IngestStreamSettings(BaseModel):
         default=7 * 86400,
         gt=0,
         description="How long the stream keeps a reading no writer took (how long the writers "
-        "may all be away).",
+        "may all be away). A reading leaves the stream once a writer has written it (a work "
+        "queue).",
+    )
+    max_bytes: int | None = Field(
+        default=None,
+        ge=1 << 20,
+        description="Most bytes the stream's unwritten readings may take on the NATS server's "
+        "disk (at least 1 MiB: a stream message holds up to 512 KiB). When it is full the "
+        "stream refuses new readings: the fronts wait and retry, their adapters wait (MQTT "
+        "leaves the messages at the broker), and nothing is dropped. None: the server's own "
+        "limits (and max_age_s).",
     )
     duplicate_window_s: float = Field(
         default=120.0,
