@@ -51,6 +51,7 @@ from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
 from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
 from cityward.bank.query.indexer import normalize_timestamp, path_id
+from cityward.bank.query.sqlgen import Conjunct, compile_attrs_any
 from cityward.bank.render import View, render_instance
 from cityward.bank.service import new_document, strip_flags
 from cityward.bank.store import QuerySpec, Store
@@ -64,6 +65,7 @@ from cityward.bank.temporal import (
     instances_sql,
     parse_temporal_query,
 )
+from cityward.bank.temporal.sql import Dialect, kinds_sql, recorded_attrs_sql
 from cityward.bank.temporal.times import LAST_US, iso_to_us, us_to_iso
 
 router = APIRouter()
@@ -179,9 +181,11 @@ def _render_instances(
     return out
 
 
-def _render_buckets(buckets: list[AggregateBucket], kind: str) -> Any:
+def _render_buckets(buckets: list[AggregateBucket], kind_of: Mapping[str | None, str]) -> Any:
+    """The aggregates of one attribute; ``kind_of[datasetId]`` is the kind of that series."""
+
     def render(part: list[AggregateBucket]) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": kind}
+        out: dict[str, Any] = {"type": kind_of[part[0].ds]}
         for b in part:
             for method, value in b.values.items():
                 out.setdefault(method, []).append([value, b.start, b.end])
@@ -191,18 +195,18 @@ def _render_buckets(buckets: list[AggregateBucket], kind: str) -> Any:
 
 
 def _kinds(
-    store: Store, tq: TemporalQuery, grouped: Mapping[tuple[int, str], object]
-) -> dict[tuple[int, str], str]:
-    """The kind (``type``) of each aggregated (entity, attribute): its newest instance's in
-    the window, as temporalValues reports it. Not the current entity's: an attribute deleted
-    from it keeps its history, and one whose kind changed was aggregated as what it was."""
-    q = replace(tq, last_n=1, aggr_methods=(), aggr_period=None)
-    pks = sorted({e for e, _ in grouped})
-    iris = sorted({iri for _, iri in grouped})
-    sql, params = instances_sql(store.dialect, q, pks, iris)
+    store: Store, tq: TemporalQuery, buckets: list[AggregateBucket]
+) -> dict[tuple[int, int, str | None], str]:
+    """The kind (``type``) of each aggregated (entity, attribute path, datasetId): its newest
+    instance's in the window, as temporalValues reports it. Not the current entity's: an
+    attribute deleted from it keeps its history, and one whose kind changed was aggregated as
+    what it was. Per datasetId: each dataset is a series of its own, of its own kind (one
+    attribute may hold a Property under one datasetId and a Relationship under another)."""
+    sql, params = kinds_sql(store.dialect, tq, [(b.e, b.path, b.ds) for b in buckets])
     return {
-        (h.e, h.iri): h.inst["type"]
-        for h in decode_instances(store.dialect, q, store.select(sql, params))
+        (int(e), int(path), ds): str(kind)
+        for e, path, ds, kind in store.select(sql, params)
+        if kind is not None
     }
 
 
@@ -281,11 +285,13 @@ def _history(
     cut: tuple[str, str] | None = None
     if keys and shape == "aggregatedValues":
         grouped: dict[tuple[int, str], list[AggregateBucket]] = defaultdict(list)
-        for b in aggregates(store.select, store.dialect, tq, keys, attrs):
+        found = aggregates(store.select, store.dialect, tq, keys, attrs)
+        for b in found:
             grouped[(b.e, b.iri)].append(b)
-        kinds = _kinds(store, tq, grouped) if grouped else {}
+        kinds = _kinds(store, tq, found) if found else {}
         for (e, iri), buckets in grouped.items():
-            by_entity[e][iri] = _render_buckets(buckets, kinds.get((e, iri), "Property"))
+            kind_of = {b.ds: kinds.get((e, b.path, b.ds), "Property") for b in buckets}
+            by_entity[e][iri] = _render_buckets(buckets, kind_of)
     elif keys:
         sql, params = instances_sql(store.dialect, tq, keys, attrs, limit=INSTANCE_LIMIT + 1)
         series: dict[tuple[int, str], list[HistoryInstance]] = defaultdict(list)
@@ -321,6 +327,15 @@ def _respond(
     return json_response(data, request, ctx, media, status=status, headers=headers)
 
 
+def _has_or_had(iris: list[str], dialect: Dialect) -> Conjunct:
+    """The temporal ``attrs`` condition: the entity has one of these attributes now, or its
+    history holds an instance of one. A probe only: no index lists the entities by attribute
+    across the history, so the other conditions (type, id, q) or a scan find the candidates."""
+    now, now_params = compile_attrs_any(iris, dialect, correlated=True)
+    had, had_params = recorded_attrs_sql(dialect, iris)
+    return Conjunct(f"({now} OR {had})", [*now_params, *had_params])
+
+
 async def _query(
     request: Request,
     rt: Runtime,
@@ -334,12 +349,22 @@ async def _query(
     tq = parse_temporal_query(temporal, aggregated=shape == "aggregatedValues")
     attrs = attr_iris(rest.get("attrs"), ctx)
     spec = QuerySpec()
-    compile_filter(flt, ctx, rt.bank.store.dialect, spec)
+    dialect = rt.bank.store.dialect
+    if flt.attrs:
+        # attrs selects the entities that have one of them or had one: an attribute deleted
+        # from the entity keeps its history, which the temporal retrieval of that entity
+        # shows, so the query must find it too (the other conditions: the current state)
+        compile_filter(replace(flt, attrs=None), ctx, dialect, spec, require_qualifier=False)
+        spec.conjuncts.append(_has_or_had(flt.attrs, dialect))
+    else:
+        compile_filter(flt, ctx, dialect, spec)
     paging(rest, spec, rt.bank.default_limit, rt.bank.max_limit)
     tenant = tenant_of(request)
     rt.bank.check_tenant(tenant)
 
     def run() -> tuple[list[dict[str, Any]], int | None, list[dict[str, Any]], Any]:
+        if flt.attrs:
+            settle(rt.bank.store)  # SQLite: the staged history rows, for _has_or_had
         docs, total = query_store(rt.bank.store, tenant, spec, flt)
         data, cut = _history(rt.bank.store, tenant, docs, tq, shape, attrs, ctx, sys_attrs)
         return docs, total, data, cut

@@ -250,6 +250,73 @@ def instances_sql(
     return b.render(sql)
 
 
+def recorded_attrs_sql(dialect: Dialect, attrs: Sequence[str]) -> tuple[str, list[Any]]:
+    """A condition on ``e`` (a row of ``entities``), with ``?`` placeholders as the store's
+    query conditions have: the history holds an instance of one of the attributes ``attrs``
+    (IRIs), whether or not the entity still has it. One index seek per attribute (per month
+    partition on PostgreSQL). On SQLite, settle the staged rows (bank.history) first."""
+    if dialect not in ("sqlite", "postgres"):
+        raise ValueError(f"unknown dialect {dialect!r}")
+    paths = sorted({path_id(iri) for iri in attrs})
+    if not paths:
+        return "1 = 0", []
+    marks = ", ".join("?" * len(paths))
+    # OFFSET 0: PostgreSQL would rewrite a correlated EXISTS into a hash over every matching
+    # row (see cityward.bank.query.sqlgen); it stays a per-entity seek
+    per_row = " OFFSET 0" if dialect == "postgres" else ""
+    return (
+        f"EXISTS (SELECT 1 FROM attr_history h WHERE h.e = e.pk AND h.path IN ({marks}){per_row})",
+        list(paths),
+    )
+
+
+def kinds_sql(
+    dialect: Dialect, q: TemporalQuery, keys: Sequence[tuple[int, int, str | None]]
+) -> tuple[str, list[Any]]:
+    """The kind (``type``) of the newest instance in the time window of each (entity pk,
+    attribute path, datasetId) of ``keys`` (None: the default instance): rows
+    ``(e, path, ds, type)``, ``type`` NULL when the window holds no such instance.
+
+    Per datasetId, not per attribute: the datasets of one attribute are separate series, and
+    each may be of another kind (a Property under one datasetId, a Relationship under
+    another). One index range per key, read newest first up to its first instance of that
+    datasetId.
+    """
+    if dialect not in ("sqlite", "postgres"):
+        raise ValueError(f"unknown dialect {dialect!r}")
+    b = _Sql(dialect)
+    if q.lower is not None:
+        b.values["lo"] = b.time(q.lower)
+    if q.upper is not None:
+        b.values["hi"] = b.time(q.upper)
+    col = q.column
+    rows = sorted(
+        {(int(e), int(path), ds) for e, path, ds in keys}, key=lambda k: (k[0], k[1], k[2] or "")
+    )
+    if dialect == "sqlite":
+        b.values["keys"] = orjson.dumps([list(k) for k in rows]).decode()
+        keys_cte = (
+            "k(e, path, ds) AS (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), "
+            "json_extract(value, '$[2]') FROM json_each(:p_keys))"
+        )
+        kind = "json_extract(x.inst, '$.type')"
+        same_ds = "x.ds IS k.ds"
+    else:
+        b.values.update(ke=[k[0] for k in rows], kp=[k[1] for k in rows], kd=[k[2] for k in rows])
+        keys_cte = (
+            "k(e, path, ds) AS (SELECT * FROM "
+            "unnest(:p_ke::bigint[], :p_kp::bigint[], :p_kd::text[]))"
+        )
+        kind = "x.inst::json ->> 'type'"
+        same_ds = "x.ds IS NOT DISTINCT FROM k.ds"
+    sql = (
+        f"WITH {keys_cte} SELECT k.e, k.path, k.ds, (SELECT {kind} FROM attr_history x "
+        f"WHERE x.e = k.e AND x.path = k.path AND {same_ds}{_window(q, 'x')} "
+        f"ORDER BY x.{col} DESC, x.id DESC LIMIT 1) FROM k"
+    )
+    return b.render(sql)
+
+
 def _iso(dialect: Dialect, value: Any) -> str:
     if dialect == "sqlite":
         return us_to_iso(int(value))
