@@ -243,8 +243,13 @@ def run(
                     worker.purge_snapshots()
             ui.update(_status_table(worker.status_rows()), refresh=True)
     finally:
-        worker.stop()
+        # the leaser first: its thread ends (no more renewals nor new cameras), then it
+        # stops each camera it holds and releases that lease right after. Stopping the worker
+        # first left the leaser renewing, even acquiring, the leases of cameras that no
+        # longer ran, and no other worker could take them over meanwhile. The worker's own
+        # stop then ends whatever the leaser did not hold (nothing, normally).
         leaser.stop()
+        worker.stop()
         sink.close()
         leases.close()
         store.close()

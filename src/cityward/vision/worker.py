@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,8 @@ class CameraStatus:
     alerts: int = 0
     error: str = ""
     started: float = field(default_factory=time.monotonic)
+    #: when its source opened and frames began (the worker's clock); None before
+    running_since: float | None = None
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=50))
 
     @property
@@ -60,7 +63,9 @@ class CameraStatus:
 
 
 #: a stream (or looping file) camera that failed starts again after this, doubling each time;
-#: so does any camera that could not be started at all
+#: so does any camera that could not be started at all. A camera that had run for at least
+#: RESTART_MAX_S before it failed starts again after RESTART_S: a failure after an hour of
+#: good frames is a new incident, not the next in a series
 RESTART_S = 5.0
 RESTART_MAX_S = 60.0
 
@@ -70,7 +75,7 @@ class _Retry:
     """A held camera waiting to be started again: why it is not running, and when it starts."""
 
     error: str
-    at: float  # time.monotonic() of the next start
+    at: float  # the worker's clock (time.monotonic()) at the next start
     timer: threading.Timer
 
 
@@ -86,8 +91,10 @@ class CameraRunner:
         detector: ObjectDetector | None = None,
         snapshots: SnapshotStore | None = None,
         on_done: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.camera = camera
+        self._clock = clock
         self.status = CameraStatus(camera.id)
         self.stop_event = threading.Event()
         self.pipeline = CameraPipeline(camera, models_dir, detector=detector)
@@ -120,9 +127,11 @@ class CameraRunner:
                 reconnect_max_s=cam.reconnect_max_s,
                 stop=self.stop_event,
             )
-        except SourceError as exc:
-            st.state, st.error = "error", str(exc)
-            log.error("camera %s: %s", cam.id, exc)
+        except Exception as exc:  # SourceError, or whatever OpenCV raised: the camera is
+            # reported failed (and started again), not left "starting" on a dead thread
+            st.state = "error"
+            st.error = redact(str(exc) if isinstance(exc, SourceError) else _oneline(exc))
+            log.error("camera %s: %s", cam.id, st.error)
             self.emitter.status("error")
             self.finished.set()
             if self._on_done:
@@ -130,9 +139,12 @@ class CameraRunner:
             return
         st.total_frames = source.frame_count
         st.state = "running"
-        self.emitter.status("running")
+        st.running_since = self._clock()
         last_t = 0.0
         try:
+            # inside the try: a sink that fails here (a full disk) fails the camera, which is
+            # then started again, where it ended the thread and left the camera dead
+            self.emitter.status("running")
             t_read = time.perf_counter()
             for frame in source:
                 self.pipeline.clock.add("decode", time.perf_counter() - t_read)
@@ -153,15 +165,20 @@ class CameraRunner:
                 last_t = frame.t
                 t_read = time.perf_counter()
         except Exception as exc:  # one camera's failure never stops the others
-            st.state, st.error = "error", redact(f"{type(exc).__name__}: {exc}")
-            log.exception("camera %s failed", cam.id)
+            st.state, st.error = "error", redact(_oneline(exc))
+            # the traceback masked as well: an exception that quotes the camera URL (OpenCV's,
+            # a sink's) must not write its password into the log
+            log.error("camera %s failed: %s", cam.id, _traceback(exc))
         finally:
             source.close()
-            # the last, partial interval is written too: nothing counted is lost
-            self.emitter.sink.put(self.emitter.rest(last_t, self.pipeline.intervals()))
             if st.state != "error":
                 st.state = "stopped" if self.stop_event.is_set() else "finished"
-            self.emitter.status(st.state, st.fps)
+            try:
+                # the last, partial interval is written too: nothing counted is lost
+                self.emitter.sink.put(self.emitter.rest(last_t, self.pipeline.intervals()))
+                self.emitter.status(st.state, st.fps)
+            except Exception:  # the sink failing still lets the worker restart the camera
+                log.exception("camera %s: its last counts and status were not written", cam.id)
             self.finished.set()
             if self._on_done:
                 self._on_done(cam.id)
@@ -172,7 +189,8 @@ class VisionWorker:
 
     ``snapshots_root``: where the alerts' snapshots go (``<root>/<camera>/``), None for none;
     ``retention_s``: a governance source's retention in seconds, raising KeyError for a
-    source that is not declared (default: 30 days for any)."""
+    source that is not declared (default: 30 days for any); ``clock``: the monotonic clock of
+    the restart back-off (how long a camera ran, when it starts again)."""
 
     def __init__(
         self,
@@ -181,8 +199,10 @@ class VisionWorker:
         *,
         snapshots_root: Path | None = None,
         retention_s: Callable[[str], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
+        self._clock = clock
         self.sink = sink
         self.cameras = {c.id: c for c in settings.cameras}
         self.runners: dict[str, CameraRunner] = {}
@@ -248,6 +268,7 @@ class VisionWorker:
                 detector=self._detector(cam),
                 snapshots=snaps,
                 on_done=self._finished,
+                clock=self._clock,
             )
         except Exception as exc:
             self._retry_later(camera_id, redact(f"{type(exc).__name__}: {exc}"), "could not start")
@@ -263,7 +284,7 @@ class VisionWorker:
         log.warning("camera %s %s (%s): starting it again in %.0f s", camera_id, what, error, delay)
         timer = threading.Timer(delay, self._restart, args=(camera_id,))
         timer.daemon = True
-        self._retries[camera_id] = _Retry(error, time.monotonic() + delay, timer)
+        self._retries[camera_id] = _Retry(error, self._clock() + delay, timer)
         timer.start()
 
     def stop_camera(self, camera_id: str) -> None:
@@ -287,6 +308,11 @@ class VisionWorker:
                 # is started again with back-off. Marked done, as a file that ended, it stood
                 # still for good while this worker kept renewing its lease, so no other worker
                 # took it.
+                since = runner.status.running_since
+                if since is not None and self._clock() - since >= RESTART_MAX_S:
+                    # it ran well for a long while: this failure starts a new series, and the
+                    # camera is back after the first back-off, not the longest one
+                    self._restart_s.pop(camera_id, None)
                 self._retry_later(camera_id, runner.status.error, "failed")
                 return
             self.done.add(camera_id)  # a file that ended is not restarted by a renewed lease
@@ -374,7 +400,7 @@ class VisionWorker:
 
     def status_rows(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        now = time.monotonic()
+        now = self._clock()
         for cid, cam in self.cameras.items():
             r = self.runners.get(cid)
             retry = self._retries.get(cid)
@@ -402,6 +428,15 @@ class VisionWorker:
                 row["error"] = f"{retry.error}, retrying in {max(0.0, retry.at - now):.0f} s"
             rows.append(row)
         return rows
+
+
+def _oneline(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as the log shows it, every URL in it masked."""
+    return redact("".join(traceback.format_exception(exc)).rstrip())
 
 
 def _purge_folder(folder: Path, now: float, retention_s: float | None) -> int:
