@@ -124,13 +124,13 @@ def stores(place: tuple[str, str]) -> Iterator[Callable[..., LeaseStore]]:
             s.close()
 
 
-def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``pred``; the seconds it took (fails after ``timeout``)."""
+def wait_until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``pred`` until it holds; fails after ``timeout`` (a generous one: this checks that
+    something happens at all; when it happens is checked on the leases' own clock)."""
     start = time.monotonic()
     while not pred():
         assert time.monotonic() - start < timeout, f"timed out after {timeout} s: {what}"
         time.sleep(0.02)
-    return time.monotonic() - start
 
 
 class Running:
@@ -169,16 +169,38 @@ class Running:
 
 
 def leaser(
-    store: LeaseStore, running: Running, worker: str, ttl: float = TTL, renew: float = RENEW
+    store: LeaseStore,
+    running: Running,
+    worker: str,
+    ttl: float = TTL,
+    renew: float = RENEW,
+    began: dict[str, float] | None = None,
 ) -> CameraLeaser:
+    """A leaser of CAMERAS; with ``began``, each start also notes when the store began the
+    lease just acquired: its recorded end less ``ttl`` (no renewal came in between: both run
+    on the leaser's thread), on the store's clock."""
+    callbacks = running.callbacks(worker)
+    if began is not None:
+        start = callbacks["on_start"]
+
+        def on_start(camera: str) -> None:
+            began[camera] = store.holders()[camera][1] - ttl
+            start(camera)
+
+        callbacks["on_start"] = on_start
     return CameraLeaser(
         store,
         CAMERAS,
         worker_id=worker,
         ttl_s=ttl,
         renew_every_s=renew,
-        **running.callbacks(worker),
+        **callbacks,
     )
+
+
+def lease_ends(store: LeaseStore, worker: str) -> dict[str, float]:
+    """When each lease of ``worker`` ends, as the store recorded it (cameras and presence)."""
+    return {c: end for c, (w, end) in store.holders().items() if w == worker}
 
 
 def camera_holders(store: LeaseStore) -> dict[str, str]:
@@ -207,13 +229,21 @@ def test_acquire_renew_release(stores: Callable[..., LeaseStore]) -> None:
 
 
 def test_renew_after_expiry_by_another_fails(stores: Callable[..., LeaseStore]) -> None:
-    a, b = stores(ttl=1.0), stores(ttl=1.0)
-    assert a.acquire("cam-00", "A", 1.0)
-    assert not b.acquire("cam-00", "B", 1.0)
-    took = wait_until(lambda: b.acquire("cam-00", "B", 1.0), 6.0, "B takes the expired lease")
-    assert took > 0.5, "the lease was taken long before its TTL ran out"
-    assert not a.renew("cam-00", "A", 1.0), "renewed a lease another worker took over"
-    assert not a.acquire("cam-00", "A", 1.0)
+    ttl = 1.0
+    a, b = stores(ttl=ttl), stores(ttl=ttl)
+    assert a.acquire("cam-00", "A", ttl)
+    assert not b.acquire("cam-00", "B", ttl)
+    a_ends = lease_ends(b, "A")["cam-00"]
+    wait_until(lambda: b.acquire("cam-00", "B", ttl), 6.0, "B takes the expired lease")
+    b_began = lease_ends(b, "B")["cam-00"] - ttl
+    # by the leases' own records: B's began once A's had ended, within the leaser's safety
+    # margin (a tenth of the TTL: a holder stops its camera that much before its lease ends;
+    # it also covers NATS, whose recorded times are the writers' clocks a request earlier)
+    assert b_began >= a_ends - ttl / 10, (
+        f"the lease was taken {a_ends - b_began:.2f} s before its TTL ran out"
+    )
+    assert not a.renew("cam-00", "A", ttl), "renewed a lease another worker took over"
+    assert not a.acquire("cam-00", "A", ttl)
     assert b.holders()["cam-00"][0] == "B"
 
 
@@ -299,16 +329,20 @@ def test_two_workers_split_the_cameras_fairly(stores: Callable[..., LeaseStore])
 def test_graceful_stop_hands_over_before_the_ttl(stores: Callable[..., LeaseStore]) -> None:
     running = Running()
     ttl = 10.0  # long: a handover within it came from the release, not from expiry
+    began: dict[str, float] = {}
     a = leaser(stores(ttl), running, "A", ttl, 0.3)
-    b = leaser(stores(ttl), running, "B", ttl, 0.3)
+    b = leaser(stores(ttl), running, "B", ttl, 0.3, began=began)
     a.start()
     b.start()
     try:
         wait_until(lambda: len(a.held()) + len(b.held()) == 10 and len(b.held()) >= 4, 10, "split")
+        ends = lease_ends(b.store, "A")  # A renews on: its leases end this late at the least
         a.stop()
         assert a.held() == set()
-        took = wait_until(lambda: len(b.held()) == 10, ttl / 2, "B takes A's cameras")
-        assert took < ttl / 2
+        wait_until(lambda: len(b.held()) == 10, ttl + 10, "B takes A's cameras")
+        # on the store's clock: B began each lease while A's would still have run
+        late = {c: began[c] - end for c, end in ends.items() if c in CAMERAS and began[c] >= end}
+        assert not late, f"B took cameras only once A's leases ran out (s after): {late}"
         assert set(camera_holders(b.store).values()) == {"B"}
     finally:
         b.stop()
@@ -319,17 +353,21 @@ def test_abandoned_leases_run_out_and_are_taken_over(tmp_path: Path) -> None:
     """stop(release=False) abandons like a crash: the leases run out after the TTL (SQLite
     only: the killed process test below covers every backend)."""
     running = Running()
+    began: dict[str, float] = {}
     a = leaser(open_store("sqlite", str(tmp_path / "bank.db")), running, "A")
-    b = leaser(open_store("sqlite", str(tmp_path / "bank.db")), Running(), "B")
+    b = leaser(open_store("sqlite", str(tmp_path / "bank.db")), Running(), "B", began=began)
     a.start()
     try:
         wait_until(lambda: len(a.held()) == 10, 5, "A takes every camera")
         a.stop(release=False)
         assert set(camera_holders(a.store).values()) == {"A"}
+        ends = lease_ends(a.store, "A")  # abandoned: they end then, unrenewed
         assert running.events[-1][0] == "start", "an abandoning stop() stopped cameras"
         b.start()
-        took = wait_until(lambda: len(b.held()) == 10, PROMISE + 4, "B takes over")
-        assert took > 1.0, "took over leases that had not run out"
+        wait_until(lambda: len(b.held()) == 10, PROMISE + 4, "B takes over")
+        # on the store's clock (this machine's, on SQLite): each began once A's had ended
+        early = {c: ends[c] - began[c] for c in CAMERAS if began[c] < ends[c] - TTL / 10}
+        assert not early, f"took over leases that had not run out (s before): {early}"
         assert not a.store.renew(CAMERAS[0], "A", TTL)
     finally:
         b.stop()
@@ -559,11 +597,35 @@ def test_a_failed_camera_whose_restart_fails_is_tried_again(
     wait_until(lambda: _row(worker)["state"] == "running", 20, "the camera runs")
 
 
+class RoundLog(Unreachable):
+    """A real store that notes its leaser's rounds (one renewal of all leases each, at the
+    round's start) and in which round each camera was gained."""
+
+    def __init__(self, inner: LeaseStore) -> None:
+        super().__init__(inner)
+        self.rounds: list[float] = []  # when each round began (time.time(): the stores' clock)
+        self.gained: dict[str, int] = {}  # camera -> how many rounds had begun by its gain
+
+    def renew_many(self, camera_ids: Iterable[str], worker_id: str, ttl_s: float) -> set[str]:
+        self.rounds.append(time.time())
+        return super().renew_many(camera_ids, worker_id, ttl_s)
+
+    def acquire(self, camera_id: str, worker_id: str, ttl_s: float) -> bool:
+        got = super().acquire(camera_id, worker_id, ttl_s)
+        if got and camera_id in CAMERAS:
+            self.gained[camera_id] = len(self.rounds)
+        return got
+
+
 def test_killed_worker_process_is_taken_over(machines_place: tuple[str, str]) -> None:
     """A real worker process, SIGKILLed: the other worker has all cameras within the scaled
-    takeover promise (ttl 3 s + renew 1 s, promised 6 s as 15 + 5 -> 30 s by default)."""
+    takeover promise (ttl 3 s + renew 1 s, promised 6 s as 15 + 5 -> 30 s by default), on
+    the leases' own clock and in rounds: the victim's leases end at most ttl after the kill,
+    and the other worker takes the cameras in its first round after that (or the next, when
+    the first read the holders a moment too early)."""
     backend, where = machines_place
     mine = open_store(backend, where, ttl=TTL)
+    log = RoundLog(mine)
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.vision.test_leases", backend, where, "DOOMED"],
         cwd=ROOT,
@@ -571,7 +633,7 @@ def test_killed_worker_process_is_taken_over(machines_place: tuple[str, str]) ->
         text=True,
     )
     running = Running()
-    me = leaser(mine, running, "ME")
+    me = leaser(log, running, "ME")
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
@@ -580,12 +642,19 @@ def test_killed_worker_process_is_taken_over(machines_place: tuple[str, str]) ->
         wait_until(lambda: len(me.held()) >= 4, 10, "the cameras are shared")
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        killed = time.monotonic()
-        took = wait_until(lambda: len(me.held()) == 10, PROMISE + 4, "the takeover")
-        # measured from the kill: the victim's last renewal came up to a round earlier
-        assert took <= PROMISE, f"takeover took {took:.1f} s, promised {PROMISE} s"
-        assert time.monotonic() - killed >= 0
+        killed = time.time()  # after the victim's last write, on the stores' clock
+        left = lease_ends(mine, "DOOMED")  # no renewal any more: its leases end then
+        victims = [c for c in left if c in CAMERAS]
+        assert victims, "the victim held no camera at its death"
+        end = max(left.values())  # the last of them, its presence included
+        assert end <= killed + TTL, f"the victim's leases ran {end - killed:.2f} s past the kill"
+        wait_until(lambda: len(me.held()) == 10, PROMISE + 10, "the takeover")
         assert set(camera_holders(mine).values()) == {"ME"}
+        for camera in victims:
+            rounds = [t for t in log.rounds[: log.gained[camera]] if t >= end]
+            assert len(rounds) <= 2, (
+                f"{camera} taken in the round {len(rounds)} after the victim's leases ended"
+            )
     finally:
         me.stop()
         if proc.poll() is None:
