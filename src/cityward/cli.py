@@ -83,34 +83,52 @@ def serve(
             "(127.0.0.1, ::1, localhost)",
             param_hint="--no-auth",
         )
-    from cityward.bank.store import describe_store
+    from cityward.bank.store import Store, describe_store, open_store
 
     backend = describe_store(settings.database_url, settings.data_dir)  # sqlite:/// said PostgreSQL
-    if workers > 1 and backend == "PostgreSQL":
-        # each worker opens the store itself: an unreachable database was a traceback in every
-        # one of them, started again and again, and the server never said it would not serve
+    # the store before anything says the server is up: an unreachable database printed the
+    # banner ("NGSI-LD API at http://...") and then its failure. One process opens the store
+    # here and hands it to the app; the workers of --workers N open their own, so the
+    # database is only tried here (each would fail on its own, with a traceback, again and
+    # again, and the server never said it would not serve).
+    store: Store | None = None
+    if workers == 1:
+        store = open_store(
+            settings.database_url,
+            settings.data_dir,
+            connect_timeout_s=settings.database_connect_timeout_s,
+        )
+    elif backend == "PostgreSQL":
         from cityward.bank.store.postgres import check_reachable
 
-        check_reachable(str(settings.database_url))
-    if settings.bus.kind == "nats":
-        _check_bus(settings)
-    console.print(f"[bold green]cityward[/] data bank on {backend}")
-    console.print(f"NGSI-LD API at http://{host}:{port}/ngsi-ld/v1/entities")
-    console.print(f"Public register at http://{host}:{port}/register")
-    if no_auth:
-        console.print(
-            "[bold red on white] AUTHENTICATION DISABLED (--no-auth): every request is admin. "
-            "Development only. [/]"
+        check_reachable(
+            str(settings.database_url), connect_timeout_s=settings.database_connect_timeout_s
         )
-    else:
-        _bootstrap_admin(settings)
-    if workers > 1:
-        # worker processes build their own app from the same settings (see app_from_env)
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        _serve_workers(host, port, workers, log_level)
-        return
+    try:
+        if settings.bus.kind == "nats":
+            _check_bus(settings)
+        console.print(f"[bold green]cityward[/] data bank on {backend}")
+        console.print(f"NGSI-LD API at http://{host}:{port}/ngsi-ld/v1/entities")
+        console.print(f"Public register at http://{host}:{port}/register")
+        if no_auth:
+            console.print(
+                "[bold red on white] AUTHENTICATION DISABLED (--no-auth): every request is "
+                "admin. Development only. [/]"
+            )
+        else:
+            _bootstrap_admin(settings)
+        if store is None:
+            # worker processes build their own app from the same settings (see app_from_env)
+            os.environ[SETTINGS_ENV] = settings.model_dump_json()
+            _serve_workers(host, port, workers, log_level)
+            return
+        application = create_app(settings, store)  # it closes the store when it stops
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
     uvicorn.run(
-        create_app(settings),
+        application,
         host=host,
         port=port,
         log_level=log_level,
@@ -365,7 +383,11 @@ def _open(config: Path | None, data_dir: Path | None, database_url: str | None) 
     from cityward.bank.store import open_store
 
     settings = settings_or_exit(config, data_dir=data_dir, database_url=database_url)
-    return settings, open_store(settings.database_url, settings.data_dir)
+    return settings, open_store(
+        settings.database_url,
+        settings.data_dir,
+        connect_timeout_s=settings.database_connect_timeout_s,
+    )
 
 
 def _audit_cli(settings: Settings, store: Any, detail: str, **fields: Any) -> None:
@@ -932,16 +954,22 @@ def traffic_run(
 def main() -> None:
     """The ``cityward`` command. What the machine refuses (a data folder that is a file or
     read-only, a database that cannot be reached) ends it with one line naming the cause and
-    exit status 1: it was a traceback of some 40 frames. Anything else still shows its
-    traceback (a bug of ours, to report)."""
+    exit status 1: it was a traceback of some 40 frames. A database URL that no connection can
+    be made with (a parameter libpq refuses) is a configuration error: one line naming the
+    parameter and the URL (password hidden), exit status 2, as for the other settings. Anything
+    else still shows its traceback (a bug of ours, to report)."""
     import sqlite3
 
     import psycopg
 
-    from cityward.bank.store import StoreUnreachable
+    from cityward.bank.store import StoreMisconfigured, StoreUnreachable
 
     try:
         app()
+    except StoreMisconfigured as exc:  # the settings check it at load; this is what only
+        # libpq knows (require_auth=...), said when the store connects
+        console.print(f"[red]cityward[/]: {escape(str(exc))}", soft_wrap=True)
+        raise SystemExit(2) from exc
     except StoreUnreachable as exc:  # it names the URL (password hidden) and why in one line
         console.print(f"[red]cityward[/]: {escape(str(exc))}", soft_wrap=True)
         raise SystemExit(1) from exc

@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from cityward.anomaly.settings import AnomalySettings
-from cityward.bank.store import backend_name
+from cityward.bank.store import check_database_url
 from cityward.bus.settings import BusSettings
 from cityward.governance.sources import DataSource
 from cityward.ingest.settings import IngestSettings, SourceSettings
@@ -98,6 +98,14 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None,
         description="postgresql://user@host:port/db to use PostgreSQL; unset for SQLite.",
+    )
+    database_connect_timeout_s: int = Field(
+        default=5,
+        ge=2,
+        le=300,
+        description="Seconds a PostgreSQL connection attempt (at start, and the pool's "
+        "reconnections) waits for a server that does not answer; libpq's connect_timeout in "
+        "database_url, where given, wins. At least 2 (libpq's floor), at most 300.",
     )
     contexts: dict[str, Path] = Field(
         default_factory=dict,
@@ -192,8 +200,10 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str | None) -> str | None:
-        # refused at load, named as the setting, rather than where each command opens it
-        backend_name(value)
+        # refused at load, named as the setting, rather than where each command opens it: an
+        # unknown scheme, and a PostgreSQL URL libpq would refuse (?sslmode=bogus, ?foo=1),
+        # said with the URL, password hidden (no connection made)
+        check_database_url(value)
         return value
 
     @field_validator("dashboard_tiles")

@@ -187,7 +187,11 @@ def run(
     bank: Bank | None = None
     changes: ChangeBus | None = None
     if role != "front":  # a front only publishes: it needs no database
-        store = open_store(settings.database_url, settings.data_dir)
+        store = open_store(
+            settings.database_url,
+            settings.data_dir,
+            connect_timeout_s=settings.database_connect_timeout_s,
+        )
         bank = Bank(store)
         History(store, bank)
         Subscriptions(store, bank, resolver)  # queues notifications; `serve` delivers them

@@ -12,13 +12,18 @@ from typing import Any
 
 import orjson
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, timeout_from_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool
 
 from cityward.bank import geo
 from cityward.bank.errors import store_refused, store_unavailable
-from cityward.bank.store import StoreUnreachable
+from cityward.bank.store import (
+    StoreMisconfigured,
+    StoreUnreachable,
+    check_conninfo,
+    without_secrets,
+)
 from cityward.bank.store.base import (
     MIGRATION_LOCK,
     Derived,
@@ -118,8 +123,8 @@ def missing_statements(conn: psycopg.Connection[Any], script: str) -> list[str]:
     return out
 
 
-# how long the attempt at start waits for a server that does not answer, unless the URL sets
-# libpq's connect_timeout
+# how long a connection attempt waits for a server that does not answer, unless the URL sets
+# libpq's connect_timeout (the setting database_connect_timeout_s, whose default this is)
 CONNECT_TIMEOUT_S = 5
 
 # (what a libpq message says, the reason given for it), the first that matches
@@ -137,33 +142,63 @@ _UNREACHABLE = [
     )
 ]
 
+# what libpq (or the server, for a startup parameter) says of a parameter value it refuses:
+# a configuration error, not a database that cannot be reached
+_REFUSED_VALUE = re.compile(
+    r'invalid "?(?P<a>\w+)"? value|for connection option "(?P<b>\w+)"|'
+    r'invalid value for parameter "(?P<c>\w+)"|invalid (?P<d>port) number',
+    re.IGNORECASE,
+)
 
-def check_reachable(url: str, kwargs: dict[str, Any] | None = None) -> None:
-    """One direct connection to ``url`` (with the pool's ``kwargs``), or StoreUnreachable.
+
+def connect_kwargs(
+    url: str, kwargs: dict[str, Any] | None = None, connect_timeout_s: int | None = None
+) -> dict[str, Any]:
+    """``kwargs`` for psycopg.connect and the pool, with ``connect_timeout`` (the setting's,
+    else 5 s) where neither they nor the URL set it: libpq's parameter in the URL is the more
+    particular statement, of one database, and wins over the setting of the whole node (a
+    keyword argument would replace the URL's, so none is given then)."""
+    params: dict[str, Any] = dict(kwargs or {})
+    if "connect_timeout" not in params and conninfo_to_dict(url).get("connect_timeout") is None:
+        params["connect_timeout"] = connect_timeout_s or CONNECT_TIMEOUT_S
+    return params
+
+
+def check_reachable(
+    url: str, kwargs: dict[str, Any] | None = None, *, connect_timeout_s: int | None = None
+) -> None:
+    """One direct connection to ``url`` (with the pool's ``kwargs``), or StoreUnreachable;
+    StoreMisconfigured for a URL libpq refuses whatever the server.
 
     A pool that cannot connect keeps trying in the background until a caller's wait for a
     connection ends (30 s), then says only that it had none: a store opened on a mistyped URL
     or a stopped server took 30 s to say so, without why. This attempt fails at once on a
-    refusal and after ``connect_timeout`` on a server that does not answer. Connections lost
-    later are the pool's to retry, as before.
+    refusal and after the connect timeout (:func:`connect_kwargs`) on a server that does not
+    answer. Connections lost later are the pool's to retry, as before.
     """
-    timeout = conninfo_to_dict(url).get("connect_timeout")
-    params: dict[str, Any] = dict(kwargs or {})
-    if timeout is None:
-        timeout = CONNECT_TIMEOUT_S
-        params["connect_timeout"] = CONNECT_TIMEOUT_S
+    check_conninfo(url)
+    params = connect_kwargs(url, kwargs, connect_timeout_s)
     try:
         psycopg.connect(url, **params).close()
     except psycopg.OperationalError as exc:
         # "connection failed: connection to server at "h", port 5432 failed: FATAL:  why"
         text = " ".join(str(exc).split("\n", 1)[0].split())
+        refused = _REFUSED_VALUE.search(text)
+        if refused:
+            # a value libpq checks that check_database_url does not (require_auth=...)
+            name = next(v for v in refused.groupdict().values() if v)
+            why = without_secrets(url, text.rpartition(" failed: ")[2])
+            raise StoreMisconfigured(url, name, why.removeprefix("connection is bad: ")) from exc
         why = text.rpartition(" failed: ")[2].removeprefix("FATAL: ").strip()
         reason = next((r for p, r in _UNREACHABLE if p.search(why)), "connection failed")
         if reason == "timed out":
+            # as psycopg waited: at least 2 s, 0 or less its own default
+            given = params.get("connect_timeout", conninfo_to_dict(url).get("connect_timeout"))
+            timeout = timeout_from_conninfo({"connect_timeout": given})
             reason, why = f"timed out after {timeout} s", ""
         elif why.lower() == reason:
             why = ""
-        raise StoreUnreachable(url, reason, why) from exc
+        raise StoreUnreachable(url, reason, without_secrets(url, why)) from exc
 
 
 def open_pool(
@@ -192,7 +227,15 @@ class PostgresStore(Store):
 
     dialect = "postgres"
 
-    def __init__(self, url: str, schema: str | None = None, max_size: int = 8) -> None:
+    def __init__(
+        self,
+        url: str,
+        schema: str | None = None,
+        max_size: int = 8,
+        *,
+        connect_timeout_s: int | None = None,
+    ) -> None:
+        check_conninfo(url)  # before conninfo_to_dict below raises a bare ProgrammingError
         self.url = url
         self.schema = schema
         # JIT off: the planner's row guesses for history aggregation trigger JIT compiling that
@@ -209,7 +252,9 @@ class PostgresStore(Store):
             options = f"{own} {options}"
         if schema:
             options += f" -c search_path={schema}"
-        kwargs: dict[str, Any] = {"autocommit": False, "options": options}
+        # the connect timeout for the pool's connections too: without one a pool reconnecting
+        # to a server that stopped answering waited as long as the operating system did
+        kwargs = connect_kwargs(url, {"autocommit": False, "options": options}, connect_timeout_s)
         check_reachable(url, kwargs)
         self.pool = open_pool(url, max_size, kwargs)
         self._stats_lock = threading.Lock()
