@@ -90,7 +90,11 @@ def create_app(
     them sees only its own writes on the in-process change feed, so none runs the anomaly
     service.
     """
-    store = store or open_store(settings.database_url, settings.data_dir)
+    store = store or open_store(
+        settings.database_url,
+        settings.data_dir,
+        connect_timeout_s=settings.database_connect_timeout_s,
+    )
     resolver = settings.context_resolver()
 
     bank = Bank(store, default_limit=settings.default_limit, max_limit=settings.max_limit)

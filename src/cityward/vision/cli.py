@@ -192,7 +192,11 @@ def run(
             # emoji off: rich drew ":camera:" in the suggested patterns as a camera icon
             console.print(f"[red]camera {cam.id}[/]: {escape(problem)}", emoji=False)
             raise typer.Exit(2)
-    store = open_store(settings.database_url, settings.data_dir)
+    store = open_store(
+        settings.database_url,
+        settings.data_dir,
+        connect_timeout_s=settings.database_connect_timeout_s,
+    )
     bank = Bank(store)
     History(store, bank)
     sink = BankSink(bank, tenant=vision.tenant, context=resolver.core)
