@@ -59,7 +59,7 @@ def test_id_patterns_select_alike_in_python_and_in_the_store(store: Store, patte
     write(store, [{"id": i, "type": "Camera"} for i in IDS])
     compiled = source(pattern).compiled_patterns
     in_python = {i for i in IDS if any(p.search(i) for p in compiled)}
-    conjunct = selection_conjunct([], [], [pattern], [], False, store.dialect)
+    conjunct = selection_conjunct([], [], [(True, [pattern])], False, store.dialect)
     rows: list[Any] = store.select(
         f"SELECT e.eid FROM entities e WHERE {conjunct.probe}", conjunct.probe_params
     )

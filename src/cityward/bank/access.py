@@ -42,19 +42,27 @@ current_access: ContextVar[Access | None] = ContextVar("cityward_access", defaul
 def selection_conjunct(
     visible_types: Sequence[str],
     hidden_types: Sequence[str],
-    visible_patterns: Sequence[str],
-    hidden_patterns: Sequence[str],
+    pattern_rules: Sequence[tuple[bool, Sequence[str]]],
     undeclared: bool,
     dialect: Dialect,
     derived: DerivedIds | None = None,
+    typed: bool = False,
 ) -> Conjunct:
     """The entities a token may see (see governance.sources.Selection), as a per-entity probe.
 
-    Types are expanded IRIs. Always a probe, never a driver: it restricts a query that its
-    own conditions drive. ``derived`` ids are decided first, by their prefix alone.
+    It decides in the order of ``Catalog.source_of``, so that a query shows exactly what a
+    retrieval by id shows: ``derived`` ids first, by their prefix alone; then the id patterns,
+    ``pattern_rules`` being the catalog's patterned sources in order, as runs of one
+    visibility (visible or not): the first run with a pattern that fully matches the id
+    decides; then the entity's first type (in the order of its ``type`` array) that a source
+    declares, ``visible_types`` or ``hidden_types`` (expanded IRIs); else ``undeclared``.
+
+    ``typed``: every candidate already has a type that is visible or undeclared (the query's
+    own types), so that only a hidden type listed before it can hide it.
+
+    Always a probe, never a driver: it restricts a query that its own conditions drive.
     """
     params: list[object] = []
-    per_row = " OFFSET 0" if dialect == "postgres" else ""
 
     def patterns(items: Sequence[str]) -> str:
         if not items:
@@ -67,28 +75,84 @@ def selection_conjunct(
             params.extend(args)
         return "(" + " OR ".join(parts) + ")"
 
-    def types(items: Sequence[str]) -> str:
-        if not items:
-            return "0 = 1"
-        params.extend(items)
-        marks = ", ".join("?" * len(items))
-        return f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND t.type IN ({marks}){per_row})"
+    def rules(runs: Sequence[tuple[bool, Sequence[str]]]) -> str:
+        # built in text order, so that the parameters line up with their marks
+        if not runs:
+            return type_rule(visible_types, hidden_types, undeclared, dialect, params, typed)
+        visible, items = runs[0]
+        match = patterns(items)
+        rest = rules(runs[1:])
+        return f"({match} OR {rest})" if visible else f"(NOT {match} AND {rest})"
 
-    # built in text order, so that the parameters line up with their marks
-    vp = patterns(visible_patterns)
-    hp = patterns(hidden_patterns)
-    vt = types(visible_types)
-    rest = "1 = 1" if undeclared else "0 = 1"
-    ht = types(hidden_types) if undeclared else ""
-    fallback = f"(NOT {ht})" if undeclared and hidden_types else rest
-    sql = f"({vp} OR (NOT {hp} AND ({vt} OR {fallback})))"
+    sql = rules(pattern_rules)
     if derived is None:
         return Conjunct(sql, list(params))
     # the derived ids the token may see, and the rest for the others only
     first = derived_conjunct(derived, undeclared)
+    if sql == "1 = 1":
+        return first
     return Conjunct(
         f"({first.probe} AND (substr(e.eid, 1, {len(derived.prefix)}) = ? OR {sql}))",
         [*first.probe_params, derived.prefix, *params],
+    )
+
+
+def type_rule(
+    visible: Sequence[str],
+    hidden: Sequence[str],
+    undeclared: bool,
+    dialect: Dialect,
+    params: list[object],
+    typed: bool = False,
+) -> str:
+    """SQL true when the first of the entity's types that a source declares is ``visible``
+    (with ``undeclared``: or none is declared), as ``Catalog.source_of`` reads its types.
+
+    Index probes on ``etypes`` decide, except for an entity with types of both kinds (rare):
+    its ``type`` array, in its stored document, gives the order. ``params`` receives the
+    parameters in text order. ``typed``: see :func:`selection_conjunct`.
+    """
+    # PostgreSQL: OFFSET 0 keeps the EXISTS a per-row probe; SQLite: the unary + keeps it on
+    # etypes_e (one seek, then the entity's few types), not one etypes_type seek per type
+    per_row = " OFFSET 0" if dialect == "postgres" else ""
+    plus = "" if dialect == "postgres" else "+"
+
+    def has(items: Sequence[str]) -> str:
+        params.extend(items)
+        marks = ", ".join("?" * len(items))
+        return (
+            f"EXISTS (SELECT 1 FROM etypes t WHERE t.e = e.pk AND {plus}t.type IN ({marks})"
+            f"{per_row})"
+        )
+
+    if not hidden:
+        if typed or undeclared:
+            return "1 = 1"
+        return has(visible) if visible else "0 = 1"
+    if not visible:
+        return f"(NOT {has(hidden)})" if undeclared or typed else "0 = 1"
+    # types of both kinds: one probe reads the entity's declared types (1 when all are
+    # visible, 0 when none is, and the order of its type array decides when both are there)
+    declared = [*visible, *hidden]
+    vmarks = ", ".join("?" * len(visible))
+    dmarks = ", ".join("?" * len(declared))
+    if dialect == "postgres":
+        elements = (
+            "SELECT j.v FROM json_array_elements_text(e.doc::json -> 'type') "
+            f"WITH ORDINALITY AS j(v, n) WHERE j.v IN ({dmarks}) ORDER BY j.n LIMIT 1"
+        )
+    else:
+        elements = (
+            "SELECT j.value FROM json_each(e.doc, '$.type') j "
+            f"WHERE j.value IN ({dmarks}) ORDER BY j.key LIMIT 1"
+        )
+    params.extend([*visible, *visible, *declared, *visible, *declared])
+    is_visible = f"CASE WHEN t.type IN ({vmarks}) THEN 1 ELSE 0 END"
+    return (
+        f"(SELECT CASE WHEN count(*) = 0 THEN {1 if typed or undeclared else 0}"
+        f" WHEN min({is_visible}) = 1 THEN 1 WHEN max({is_visible}) = 0 THEN 0"
+        f" WHEN ({elements}) IN ({vmarks}) THEN 1 ELSE 0 END"
+        f" FROM etypes t WHERE t.e = e.pk AND {plus}t.type IN ({dmarks})) = 1"
     )
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from cityward.bank.access import Access, DerivedIds, derived_conjunct, selection_conjunct
+from cityward.bank.access import Access, DerivedIds, selection_conjunct
 from cityward.bank.errors import Forbidden, NgsiError
 from cityward.bank.jsonld import ContextResolver
 from cityward.bank.query.sqlgen import Conjunct
@@ -137,26 +137,27 @@ class Governance:
             # derived ids (alerts computed from a source) belong to their source, whatever
             # their type: a cheap prefix test on every entity
             derived = DerivedIds(DERIVED_PREFIX, sel.visible_derived, sel.known_derived)
-            # without id patterns an entity's source follows from its type alone, so a query
-            # already limited to visible types needs no per-entity type check (it costs an
-            # index probe per candidate: +5 ms p50 on a PostgreSQL type+q query)
-            if (
+            # without id patterns an entity's source follows from its types alone, so in a
+            # query already limited to visible (or visible undeclared) types only a hidden type
+            # listed before the entity's visible one can hide it: no check at all when no type
+            # is hidden (the check costs an index probe per candidate: +5 ms p50 on a
+            # PostgreSQL type+q query)
+            typed = (
                 query_types is not None
-                and not catalog.has_patterns
+                and not sel.pattern_rules
                 and (
                     query_types <= set(visible)
                     or (sel.undeclared and query_types.isdisjoint(hidden))
                 )
-            ):
-                return derived_conjunct(derived, sel.undeclared)
+            )
             return selection_conjunct(
                 visible,
                 hidden,
-                sel.visible_patterns,
-                sel.hidden_patterns,
+                sel.pattern_rules,
                 sel.undeclared,
                 dialect,
                 derived,
+                typed=typed,
             )
 
         def returned(docs: Sequence[Mapping[str, Any]]) -> None:

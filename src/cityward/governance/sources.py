@@ -292,23 +292,36 @@ def undeclared_source() -> DataSource:
 class Selection:
     """Which entities a set of purposes may see, in the terms a query can test.
 
-    ``everything``: no restriction. Otherwise, as in :meth:`Catalog.source_of`, id patterns
-    decide first and types next: an entity is visible when its id fully matches a visible
-    pattern; else not when it matches a hidden one; else when one of its types is visible; else
-    not when one is hidden; else (undeclared data) when ``undeclared`` is.
+    ``everything``: no restriction. Otherwise it decides as :meth:`Catalog.source_of` does, in
+    the same order, so that a query shows exactly the entities a retrieval by id shows: a
+    derived id by the source it names (``visible_derived``, ``known_derived``); else the
+    first source, in catalog order, with an id pattern that fully matches the id
+    (``pattern_rules``); else the source of the entity's first type, in the order of its
+    ``type`` array, that a source declares (``visible_types``, ``hidden_types``); else
+    (undeclared data) ``undeclared``. An entity that matches a hidden source's pattern is not
+    shown for matching a later, visible source's one too, nor the other way round.
     """
 
     everything: bool = False
     visible_types: list[str] = field(default_factory=list)  # expanded IRIs
     hidden_types: list[str] = field(default_factory=list)
-    visible_patterns: list[str] = field(default_factory=list)
-    hidden_patterns: list[str] = field(default_factory=list)
+    #: the id patterns of the patterned sources in catalog order, as runs of consecutive
+    #: sources of one visibility: (visible, patterns); the first run that matches decides
+    pattern_rules: list[tuple[bool, list[str]]] = field(default_factory=list)
     undeclared: bool = False
     # derived ids (DERIVED_PREFIX) decide before all of the above: visible when they start
     # with one of ``visible_derived``; those of sources not in the catalog (``known_derived``
     # holds every declared one) follow ``undeclared``
     visible_derived: list[str] = field(default_factory=list)
     known_derived: list[str] = field(default_factory=list)
+
+    @property
+    def visible_patterns(self) -> list[str]:
+        return [p for visible, run in self.pattern_rules if visible for p in run]
+
+    @property
+    def hidden_patterns(self) -> list[str]:
+        return [p for visible, run in self.pattern_rules if not visible for p in run]
 
 
 class Catalog:
@@ -388,9 +401,20 @@ class Catalog:
         return Selection(
             visible_types=[self.expand(t) for s in visible for t in s.types],
             hidden_types=[self.expand(t) for s in hidden for t in s.types],
-            visible_patterns=[p for s in visible for p in s.id_patterns],
-            hidden_patterns=[p for s in hidden for p in s.id_patterns],
+            pattern_rules=self._pattern_rules(purposes),
             undeclared=undeclared,
             visible_derived=[derived_prefix(s.id) for s in visible],
             known_derived=[derived_prefix(s.id) for s in self.sources],
         )
+
+    def _pattern_rules(self, purposes: frozenset[str]) -> list[tuple[bool, list[str]]]:
+        """The patterned sources in catalog order (the order :meth:`source_of` tries them),
+        consecutive ones of one visibility merged into a run."""
+        runs: list[tuple[bool, list[str]]] = []
+        for s in self._patterned:
+            visible = self.allows(purposes, s)
+            if runs and runs[-1][0] == visible:
+                runs[-1][1].extend(s.id_patterns)
+            else:
+                runs.append((visible, list(s.id_patterns)))
+        return runs
