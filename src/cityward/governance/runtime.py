@@ -245,7 +245,11 @@ def open_audit_to_verify(settings: Settings) -> AuditLog:
         # the log is in the bank's database, which a server keeps: nothing made on this machine
         if not key_file.is_file():
             raise AuditNotFound(f"no audit key {key_file} (governance.audit_key_file)")
-        store = open_store(settings.database_url, settings.data_dir)
+        store = open_store(
+            settings.database_url,
+            settings.data_dir,
+            connect_timeout_s=settings.database_connect_timeout_s,
+        )
         try:
             return open_audit(settings, store)
         finally:
