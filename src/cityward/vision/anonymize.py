@@ -4,14 +4,22 @@ What is hidden, and why each layer is there (a missed face or plate is a privacy
 extra hidden patch costs nothing):
 
 1. **Faces** found by a face detector plugin (:mod:`cityward.vision.faces`, default YuNet-n at
-   0.55, tuned for recall), each box grown by ``margin`` of its size on every side (hair, ears,
-   the detector's jitter).
+   0.55, tuned for recall) **in every orientation**: on the frame and on its copies turned by
+   90, 180 and 270 degrees (:meth:`~cityward.vision.faces.FaceDetector.detect_turned`; the
+   models only know upright faces, and a camera mounted upside down or sideways, or a person
+   lying on the ground, shows them otherwise). Each box is grown by ``margin`` of its size on
+   every side (hair, ears, the detector's jitter).
 2. **Temporal hold**: a face stays hidden for ``hold_s`` after it was last detected, so a
    face the detector loses for a few frames (a head turned, motion blur) is still covered. When
    the face lies inside a tracked person box (``tracker_id >= 0``) the held box moves with that
    person; otherwise it stays where it was last seen.
-3. **Head backstop**: the top ``head_fraction`` of every person box (full width, plus a little
-   above) is hidden too, whatever the face detector says.
+3. **Head backstop**: a band ``head_fraction`` deep at *both* ends of every person box's long
+   axis (top and bottom of a standing person, whichever way up the camera is; left and right
+   of a person lying or seen by a camera on its side; all four sides of a nearly square box:
+   :func:`head_bands`) is hidden too, whatever the face detector says. It used to be the top
+   only: upside down, that is the feet. The pipeline also looks for people on turned copies
+   of the frame (:func:`cityward.vision.pipeline.turned_persons`), since the object detector
+   finds few people upside down or on their side.
 4. **Plates**: we detect no plates. The bottom ``plate_fraction`` of every vehicle box (COCO
    car, motorcycle, bus, truck), full width, is hidden: front and rear plates sit at bumper
    height, in the lower half of the box for every camera angle a street camera has. This costs
@@ -36,7 +44,8 @@ The frame is **modified in place** and returned (a copy would cost a full-frame 
 frame for nothing); pass ``frame.copy()`` to keep the original.
 
 Speed: face detection dominates (YuNet-n, one ORT thread, 640x352: ~11-16 ms on the 2-vCPU
-development VM); pixelating the regions adds well under 1 ms. ``face_max_side`` can shrink
+development VM per orientation, so four times that for the four orientations); pixelating the
+regions adds well under 1 ms. ``face_max_side`` can shrink
 the frame before face detection (e.g. 480 for 960-px streams), at the cost of the smallest
 faces; the default (0) runs at full resolution because small faces are exactly what walking
 people towards a street camera show.
@@ -244,6 +253,37 @@ def _grow(xyxy: F32, margin: float, top: float | None = None) -> F32:
     ).astype(np.float32)
 
 
+#: a person box this close to square (longer side / shorter side below it) may hold the head
+#: at any of its four sides: a seated or crouching person, an upper body close up, seen by a
+#: camera turned by a quarter. Longer boxes hold it at one end of their long axis
+SQUARE_ASPECT = 2.0
+
+
+def head_bands(persons: F32, fraction: float) -> F32:
+    """The head backstop of person boxes (N, 4 xyxy), whatever the orientation: a band
+    ``fraction`` of the box's length deep across each end of its long axis (a standing person
+    seen upright or upside down: top and bottom; lying, or by a camera turned by a quarter:
+    left and right), and across all four sides when the box is nearly square
+    (:data:`SQUARE_ASPECT`). Each band spans the whole box across plus 5% on either side and
+    reaches 4% beyond the box's end (the old top band, turned)."""
+    p = persons.astype(np.float32)
+    x1, y1, x2, y2 = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
+    w, h = x2 - x1, y2 - y1
+    left, right = x1 - 0.05 * w, x2 + 0.05 * w
+    top, bottom = y1 - 0.05 * h, y2 + 0.05 * h
+    tall = h >= w
+    squarish = np.maximum(w, h) < SQUARE_ASPECT * np.maximum(np.minimum(w, h), 1.0)
+    vertical = tall | squarish  # bands at the top and bottom
+    horizontal = ~tall | squarish  # bands at the left and right
+    bands = [
+        np.stack([left, y1 - 0.04 * h, right, y1 + fraction * h], axis=1)[vertical],
+        np.stack([left, y2 - fraction * h, right, y2 + 0.04 * h], axis=1)[vertical],
+        np.stack([x1 - 0.04 * w, top, x1 + fraction * w, bottom], axis=1)[horizontal],
+        np.stack([x2 - fraction * w, top, x2 + 0.04 * w, bottom], axis=1)[horizontal],
+    ]
+    return np.concatenate(bands).astype(np.float32)
+
+
 def _relative(box: F32, person: F32) -> F32:
     pw = max(float(person[2] - person[0]), 1.0)
     ph = max(float(person[3] - person[1]), 1.0)
@@ -302,7 +342,7 @@ class Anonymizer:
         they are kept (and their hold renewed) instead of running the face detector again."""
         cfg = self.config
         if detect_faces:
-            faces = self.faces.detect(frame)
+            faces = self.faces.detect_turned(frame)
         else:
             faces = Detections()
             for h in self.held:
@@ -322,19 +362,7 @@ class Anonymizer:
 
         parts: list[F32] = [np.stack([h.box for h in self.held])] if self.held else []
         if cfg.head_fraction > 0 and len(persons):
-            p = persons.xyxy
-            ph = p[:, 3] - p[:, 1]
-            pw = p[:, 2] - p[:, 0]
-            heads = np.stack(
-                [
-                    p[:, 0] - 0.05 * pw,
-                    p[:, 1] - 0.04 * ph,
-                    p[:, 2] + 0.05 * pw,
-                    p[:, 1] + cfg.head_fraction * ph,
-                ],
-                axis=1,
-            )
-            parts.append(heads.astype(np.float32))
+            parts.append(head_bands(persons.xyxy, cfg.head_fraction))
         if cfg.plate_fraction > 0 and len(vehicles):
             v = vehicles.xyxy
             vh = v[:, 3] - v[:, 1]

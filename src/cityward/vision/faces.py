@@ -25,12 +25,21 @@ Two plugins, both decoded by our own numpy code on ONNX Runtime:
 Both return :class:`~cityward.vision.detections.Detections` in frame pixels with
 ``class_id == FACE`` (-1: not a COCO class, so faces never mix with the object detector's
 classes).
+
+**Every orientation.** Both models were trained on upright faces: YuNet finds heads tilted up
+to about 45 degrees, but neither finds a face upside down or on its side. A camera mounted
+upside down (ceilings, poles) or sideways shows every face that way, and an upright camera
+shows a person lying on the ground (a fall) with the face on its side. The anonymizer
+therefore searches with :meth:`FaceDetector.detect_turned`: on the frame and on its copies
+turned by 90, 180 and 270 degrees (the two copies of one shape in one batch), each copy's
+boxes turned back into frame pixels, then one NMS over all of them.
 """
 
 from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, ClassVar
@@ -87,6 +96,38 @@ def _downscale(frame: Frame, max_side: int) -> tuple[Frame, float]:
     return np.asarray(small, np.uint8), side / max_side
 
 
+#: quarter turns (degrees clockwise) of the frame a face detector searches: every orientation
+#: a camera can be mounted in, and the face of a person lying on the ground
+TURNS = (0, 90, 180, 270)
+_ROTATE = {90: cv2.ROTATE_90_CLOCKWISE, 180: cv2.ROTATE_180, 270: cv2.ROTATE_90_COUNTERCLOCKWISE}
+
+
+def turn(frame: Frame, degrees: int) -> Frame:
+    """``frame`` turned clockwise by ``degrees`` (0, 90, 180 or 270)."""
+    if degrees % 360 == 0:
+        return frame
+    return np.ascontiguousarray(cv2.rotate(frame, _ROTATE[degrees % 360]), np.uint8)
+
+
+def turn_back(xyxy: F32, degrees: int, width: int, height: int) -> F32:
+    """Boxes found on a ``width`` x ``height`` frame turned clockwise by ``degrees``, in the
+    pixels of the frame itself (continuous coordinates, so ``turn_back`` of a turned box is
+    the box exactly)."""
+    x1, y1, x2, y2 = xyxy[:, 0], xyxy[:, 1], xyxy[:, 2], xyxy[:, 3]
+    d = degrees % 360
+    if d == 0:
+        out = [x1, y1, x2, y2]
+    elif d == 90:  # (x, y) -> (height - y, x)
+        out = [y1, height - x2, y2, height - x1]
+    elif d == 180:
+        out = [width - x2, height - y2, width - x1, height - y1]
+    elif d == 270:  # (x, y) -> (y, width - x)
+        out = [width - y2, x1, width - y1, x2]
+    else:
+        raise ValueError(f"a turn is 0, 90, 180 or 270 degrees, not {degrees}")
+    return np.stack(out, axis=1).astype(np.float32)
+
+
 def _faces(xyxy: F32, scores: F32, iou: float, width: int, height: int) -> Detections:
     if len(xyxy) == 0:
         return Detections.empty()
@@ -130,9 +171,34 @@ class FaceDetector(ABC):
         )
         self.models_dir = models_dir
 
-    @abstractmethod
     def detect(self, frame_bgr: Frame) -> Detections:
-        """Faces in ``frame_bgr`` (H, W, 3 uint8, BGR), boxes in its pixels, class FACE."""
+        """Faces in ``frame_bgr`` (H, W, 3 uint8, BGR), boxes in its pixels, class FACE. Only
+        faces about upright: the anonymizer uses :meth:`detect_turned`."""
+        return self.detect_batch([frame_bgr])[0]
+
+    @abstractmethod
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        """:meth:`detect` on each of ``frames`` (all of one shape), in one model run."""
+
+    def detect_turned(self, frame_bgr: Frame, turns: Sequence[int] = TURNS) -> Detections:
+        """Faces in ``frame_bgr`` in any of the orientations ``turns`` (degrees clockwise;
+        default all four): the detector runs on the frame turned by each (copies of one shape
+        share a model run), boxes are turned back into the frame's pixels, and one NMS keeps
+        the best box of a face found in several."""
+        h, w = frame_bgr.shape[:2]
+        boxes: list[F32] = []
+        scores: list[F32] = []
+        for group in ([d for d in turns if d % 180 == 0], [d for d in turns if d % 180 == 90]):
+            if not group:
+                continue
+            found = self.detect_batch([turn(frame_bgr, d) for d in group])
+            for d, faces in zip(group, found, strict=True):
+                if len(faces):
+                    boxes.append(turn_back(faces.xyxy, d, w, h))
+                    scores.append(faces.confidence)
+        if not boxes:
+            return Detections.empty()
+        return _faces(np.concatenate(boxes), np.concatenate(scores), self.config.nms_iou, w, h)
 
 
 class YuNet(FaceDetector):
@@ -154,33 +220,40 @@ class YuNet(FaceDetector):
         self.input = self.session.get_inputs()[0].name
         self.outputs = [f"{k}_{s}" for s in self.STRIDES for k in ("cls", "obj", "bbox")]
 
-    def detect(self, frame_bgr: Frame) -> Detections:
-        img, back = _downscale(frame_bgr, self.config.max_side)
-        padded = _pad32(img)
-        pw = padded.shape[1]
-        blob = padded.transpose(2, 0, 1)[None].astype(np.float32)
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        if not frames:
+            return []
+        small = [_downscale(f, self.config.max_side) for f in frames]
+        padded = [_pad32(img) for img, _ in small]
+        pw = padded[0].shape[1]
+        blob = np.stack(padded).transpose(0, 3, 1, 2).astype(np.float32)
         out = self.session.run(self.outputs, {self.input: blob})
-        boxes: list[F32] = []
-        scores: list[F32] = []
+        h0, w0 = frames[0].shape[:2]
         thr = self.config.threshold
-        for i, s in enumerate(self.STRIDES):
-            cls, obj, bbox = out[3 * i][0, :, 0], out[3 * i + 1][0, :, 0], out[3 * i + 2][0]
-            score = np.sqrt(np.clip(cls, 0, 1) * np.clip(obj, 0, 1))
-            idx = np.nonzero(score >= thr)[0]
-            if len(idx) == 0:
+        result: list[Detections] = []
+        for k, (_, back) in enumerate(small):
+            boxes: list[F32] = []
+            scores: list[F32] = []
+            for i, s in enumerate(self.STRIDES):
+                cls, obj, bbox = out[3 * i][k, :, 0], out[3 * i + 1][k, :, 0], out[3 * i + 2][k]
+                score = np.sqrt(np.clip(cls, 0, 1) * np.clip(obj, 0, 1))
+                idx = np.nonzero(score >= thr)[0]
+                if len(idx) == 0:
+                    continue
+                cols = pw // s
+                col, row = (idx % cols).astype(np.float32), (idx // cols).astype(np.float32)
+                b = bbox[idx]
+                cx, cy = (col + b[:, 0]) * s, (row + b[:, 1]) * s
+                w, h = np.exp(b[:, 2]) * s, np.exp(b[:, 3]) * s
+                boxes.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1))
+                scores.append(score[idx])
+            if not boxes:
+                result.append(Detections.empty())
                 continue
-            cols = pw // s
-            col, row = (idx % cols).astype(np.float32), (idx // cols).astype(np.float32)
-            b = bbox[idx]
-            cx, cy = (col + b[:, 0]) * s, (row + b[:, 1]) * s
-            w, h = np.exp(b[:, 2]) * s, np.exp(b[:, 3]) * s
-            boxes.append(np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1))
-            scores.append(score[idx])
-        if not boxes:
-            return Detections.empty()
-        xyxy = (np.concatenate(boxes) * back).astype(np.float32)
-        h0, w0 = frame_bgr.shape[:2]
-        return _faces(xyxy, np.concatenate(scores).astype(np.float32), self.config.nms_iou, w0, h0)
+            xyxy = (np.concatenate(boxes) * back).astype(np.float32)
+            conf = np.concatenate(scores).astype(np.float32)
+            result.append(_faces(xyxy, conf, self.config.nms_iou, w0, h0))
+        return result
 
 
 # --- CenterFace ---------------------------------------------------------------------------
@@ -333,22 +406,28 @@ class CenterFace(FaceDetector):
         self.input = self.session.get_inputs()[0].name
         self.outputs = [o.name for o in self.session.get_outputs()]
 
-    def detect(self, frame_bgr: Frame) -> Detections:
-        img, back = _downscale(frame_bgr, self.config.max_side)
-        padded = _pad32(img)
-        blob = padded[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)  # RGB
+    def detect_batch(self, frames: Sequence[Frame]) -> list[Detections]:
+        if not frames:
+            return []
+        small = [_downscale(f, self.config.max_side) for f in frames]
+        padded = np.stack([_pad32(img) for img, _ in small])
+        blob = padded[..., ::-1].transpose(0, 3, 1, 2).astype(np.float32)  # RGB
         heat, scale, offset, _ = self.session.run(self.outputs, {self.input: blob})
-        rows, cols = np.nonzero(heat[0, 0] > self.config.threshold)
-        if len(rows) == 0:
-            return Detections.empty()
-        h = np.exp(scale[0, 0, rows, cols]) * 4
-        w = np.exp(scale[0, 1, rows, cols]) * 4
-        cy = (rows + offset[0, 0, rows, cols] + 0.5) * 4
-        cx = (cols + offset[0, 1, rows, cols] + 0.5) * 4
-        xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * back
-        h0, w0 = frame_bgr.shape[:2]
-        scores = heat[0, 0, rows, cols].astype(np.float32)
-        return _faces(xyxy.astype(np.float32), scores, self.config.nms_iou, w0, h0)
+        h0, w0 = frames[0].shape[:2]
+        result: list[Detections] = []
+        for k, (_, back) in enumerate(small):
+            rows, cols = np.nonzero(heat[k, 0] > self.config.threshold)
+            if len(rows) == 0:
+                result.append(Detections.empty())
+                continue
+            h = np.exp(scale[k, 0, rows, cols]) * 4
+            w = np.exp(scale[k, 1, rows, cols]) * 4
+            cy = (rows + offset[k, 0, rows, cols] + 0.5) * 4
+            cx = (cols + offset[k, 1, rows, cols] + 0.5) * 4
+            xyxy = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1) * back
+            scores = heat[k, 0, rows, cols].astype(np.float32)
+            result.append(_faces(xyxy.astype(np.float32), scores, self.config.nms_iou, w0, h0))
+        return result
 
 
 REGISTRY: dict[str, type[FaceDetector]] = {d.name: d for d in (YuNet, CenterFace)}
