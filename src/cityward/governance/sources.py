@@ -315,14 +315,6 @@ class Selection:
     visible_derived: list[str] = field(default_factory=list)
     known_derived: list[str] = field(default_factory=list)
 
-    @property
-    def visible_patterns(self) -> list[str]:
-        return [p for visible, run in self.pattern_rules if visible for p in run]
-
-    @property
-    def hidden_patterns(self) -> list[str]:
-        return [p for visible, run in self.pattern_rules if not visible for p in run]
-
 
 class Catalog:
     """The declared sources, with a fast lookup from an entity's types and id to its source."""
@@ -349,7 +341,6 @@ class Catalog:
                     self._by_type[key] = s
         self._by_id = {s.id: s for s in sources}
         self._patterned = [s for s in sources if s.id_patterns]
-        self.has_patterns = bool(self._patterned)
         self.purposes = sorted({p for s in sources for p in s.purposes} | {UNDECLARED})
         self._selections: dict[frozenset[str], Selection] = {}
 
