@@ -4,13 +4,7 @@
 from __future__ import annotations
 
 import inspect
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -19,28 +13,12 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from cityward.bank.store import StoreUnreachable, open_store, redact_url
+from tests.bank.commands import run_cityward
 from tests.conftest import PG_URL
 
 pytestmark = pytest.mark.postgres
 
 POOL_TIMEOUT_S = float(inspect.signature(ConnectionPool.__init__).parameters["timeout"].default)
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A local port that refuses connections: bound (no one else takes it), not listening."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A local port that takes connections and never answers (a server hung, a firewall)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
 
 
 def _pg(**parts: str) -> str:
@@ -113,34 +91,14 @@ def test_the_url_shown_hides_the_password(url: str, shown: str) -> None:
     assert redact_url(url) == shown
 
 
-def _cityward(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """The command's result; on a hang its whole process group is ended (serve's workers)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cityward.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"cityward {' '.join(args)} still ran after 60 s:\n{out}{err}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def test_a_command_on_an_unreachable_database_says_so_in_one_line(
     closed_port: int, tmp_path: Path
 ) -> None:
     url = f"postgresql://postgres:s3cret@127.0.0.1:{closed_port}/postgres"
-    r = _cityward(
+    code, out = run_cityward(
         ["token", "create", "--role", "admin", "--database-url", url, "--data-dir", "d"], tmp_path
     )
-    out = r.stdout + r.stderr
-    assert r.returncode == 1, out
+    assert code == 1, out
     assert out.strip() == (
         f"cityward: cannot connect to PostgreSQL at "
         f"postgresql://postgres:***@127.0.0.1:{closed_port}/postgres: connection refused"
@@ -152,9 +110,10 @@ def test_serve_with_workers_on_an_unreachable_database_stops_before_the_workers(
 ) -> None:
     """The workers open the store themselves: each would fail on its own, with a traceback."""
     url = f"postgresql://postgres@127.0.0.1:{closed_port}/postgres"
-    r = _cityward(["serve", "--workers", "2", "--database-url", url, "--data-dir", "d"], tmp_path)
-    out = r.stdout + r.stderr
-    assert r.returncode == 1, out
+    code, out = run_cityward(
+        ["serve", "--workers", "2", "--database-url", url, "--data-dir", "d"], tmp_path
+    )
+    assert code == 1, out
     assert "Traceback" not in out
     assert out.strip().splitlines()[-1] == (
         f"cityward: cannot connect to PostgreSQL at {url}: connection refused"

@@ -6,17 +6,14 @@ said before `serve` says it listens; the connect timeout is a setting,
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from cityward.config import load_settings
+from tests.bank.commands import run_cityward
 from tests.conftest import PG_URL
 
 pytestmark = pytest.mark.postgres
@@ -25,51 +22,11 @@ SECRET = "s3cret"
 BANNER = "NGSI-LD API at"
 
 
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A local port that refuses connections: bound (no one else takes it), not listening."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield sock.getsockname()[1]
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A local port that takes connections and never answers (a server hung, a firewall)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(8)
-        yield sock.getsockname()[1]
-
-
 def _free_port() -> int:
     """A port for `serve --port` (never 8000 or 1026, which real servers may hold)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _cityward(args: list[str], cwd: Path, **env: str) -> tuple[int, str]:
-    """Exit status and output (stdout then stderr) of the real command, in a session of its
-    own (ended whole on a hang), with no CITYWARD_* setting of the caller's environment."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("CITYWARD_")}
-    clean["COLUMNS"] = "1000"  # one message, one line: rich wraps at 80 columns otherwise
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cityward.cli", *args],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        env={**clean, **env},
-    )
-    try:
-        out, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"cityward {' '.join(args)} still ran after 60 s:\n{out}{err}")
-    return proc.returncode, out + err
 
 
 def _invoke(args: list[str], **env: str) -> tuple[int, str]:
@@ -152,7 +109,7 @@ def test_a_value_only_libpq_checks_is_a_configuration_error_when_the_store_conne
 ) -> None:
     """require_auth's grammar is libpq's: refused when the store connects, still exit 2."""
     url = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/postgres?require_auth=nonsense"
-    code, out = _cityward(_command("token create", url, tmp_path), tmp_path)
+    code, out = run_cityward(_command("token create", url, tmp_path), tmp_path)
     assert code == 2, out
     assert out.strip().startswith(
         "cityward: invalid PostgreSQL URL postgresql://postgres:***@127.0.0.1:5432/postgres?"
@@ -188,7 +145,7 @@ def test_serve_says_the_database_is_unreachable_before_any_banner(
     then the failure of the app's start: an operator read that it listened, then that it
     did not. (With --workers N the database was already tried first: test_pg_unreachable.)"""
     url = f"postgresql://postgres:{SECRET}@127.0.0.1:{closed_port}/postgres"
-    code, out = _cityward(_command("serve", url, tmp_path), tmp_path)
+    code, out = run_cityward(_command("serve", url, tmp_path), tmp_path)
     assert code == 1, out
     assert out.strip().splitlines() == [
         f"cityward: cannot connect to PostgreSQL at "
@@ -203,18 +160,18 @@ def test_the_connect_timeout_is_a_setting_below_the_urls_connect_timeout(
     URL's libpq connect_timeout, where given, wins (it speaks of that one database)."""
     url = f"postgresql://postgres@127.0.0.1:{silent_port}/postgres"
     env = {"CITYWARD_DATABASE_CONNECT_TIMEOUT_S": "2"}
-    code, out = _cityward(_command("token create", url, tmp_path), tmp_path, **env)
+    code, out = run_cityward(_command("token create", url, tmp_path), tmp_path, **env)
     assert code == 1, out
     assert out.strip() == f"cityward: cannot connect to PostgreSQL at {url}: timed out after 2 s"
 
-    code, out = _cityward(
+    code, out = run_cityward(
         _command("token create", f"{url}?connect_timeout=3", tmp_path), tmp_path, **env
     )
     assert code == 1, out
     assert out.strip().endswith("?connect_timeout=3: timed out after 3 s"), out
 
     # serve --workers N tries the database itself before its workers start
-    code, out = _cityward([*_command("serve", url, tmp_path), "--workers", "2"], tmp_path, **env)
+    code, out = run_cityward([*_command("serve", url, tmp_path), "--workers", "2"], tmp_path, **env)
     assert code == 1, out
     assert out.strip() == f"cityward: cannot connect to PostgreSQL at {url}: timed out after 2 s"
 
