@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from urllib.parse import unquote
 
 from cityward.bank.store.base import QuerySpec, Store, WriteTxn
+from cityward.redact import redact_quoting as _redact_quoting
 from cityward.redact import redact_url as _redact_url
 
 
@@ -85,33 +85,12 @@ _PG_INTEGERS = (
     "tcp_user_timeout",
 )
 _INTEGER = re.compile(r"\s*[+-]?\d+\s*")  # libpq's parse_int_param
-# ?password=... in a URL, password=... or password='...' in a key=value connection string
-_SECRET_PARAM = re.compile(r"(?:^|[?&;\s])(?:password|sslpassword)\s*=\s*'?([^&;#\s']*)", re.I)
-
-
-def _secrets_of(url: str) -> list[str]:
-    """The password of ``url`` (user:password@, ?password=; password= of a key=value
-    connection string), as written and decoded."""
-    _, sep, rest = url.partition("://")
-    if not sep:
-        rest = url
-    found = []
-    if sep and "@" in rest:
-        userinfo = rest.rsplit("@", 1)[0]
-        if ":" in userinfo:
-            found.append(userinfo.split(":", 1)[1])
-    found += _SECRET_PARAM.findall(rest)
-    return sorted({v for s in found for v in (s, unquote(s)) if v}, key=len, reverse=True)
 
 
 def without_secrets(url: str, text: str) -> str:
     """``text`` (a libpq message about ``url``) with the URL shown redacted and any piece of its
-    password masked: libpq quotes what it could not parse ("unexpected spaces found in "p w"",
-    the whole URI for a bad IPv6 host), password included."""
-    text = text.replace(url, redact_url(url))
-    for secret in _secrets_of(url):
-        text = text.replace(secret, "***")
-    return text
+    password masked, its user name kept (:func:`cityward.redact.redact_quoting`)."""
+    return _redact_quoting(url, text, keep_user=True)
 
 
 def check_database_url(database_url: str | None) -> None:
