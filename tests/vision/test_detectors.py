@@ -41,11 +41,6 @@ FRAMES = (80, 240, 440)
 
 
 @pytest.fixture(scope="module")
-def models() -> Path:
-    return shared_path("data", "vision", "models")
-
-
-@pytest.fixture(scope="module")
 def frames() -> dict[int, Frame]:
     path = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
     cap = cv2.VideoCapture(str(path))

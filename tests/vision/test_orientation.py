@@ -26,7 +26,6 @@ import pytest
 from cityward.vision import anonymize
 from cityward.vision.anonymize import Anonymizer, AnonymizerConfig
 from cityward.vision.detections import PERSON, Detections, box_iou
-from cityward.vision.detectors import REGISTRY as DETECTORS
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.faces import YuNet
 from cityward.vision.pipeline import CameraPipeline
@@ -47,17 +46,6 @@ CLIPS = (
     ("one-by-one-person-detection.mp4", (116, 290, 348, 406, 812)),
 )
 FPS = 12.5
-
-
-@pytest.fixture(scope="module")
-def models() -> Path:
-    return shared_path("data", "vision", "models")
-
-
-@pytest.fixture(scope="module")
-def coco(models: Path) -> ObjectDetector:
-    cls = DETECTORS["yolox"]
-    return cls(cls.Config(threads=1), models)
 
 
 @lru_cache(maxsize=4)

@@ -19,11 +19,6 @@ from tests.vision.attack import attack_frames, find_faces
 FACES = "head-pose-face-detection-female-and-male.gif"
 
 
-@pytest.fixture(scope="module")
-def models() -> Path:
-    return shared_path("data", "vision", "models")
-
-
 def still_clip(n: int, seed: int = 1) -> list[np.ndarray[tuple[int, ...], np.dtype[np.uint8]]]:
     """The first frame of the faces clip, ``n`` times, with sensor noise."""
     path = shared_path("data", "vision", "videos", FACES)

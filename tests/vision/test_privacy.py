@@ -31,7 +31,6 @@ from pydantic import ValidationError
 from cityward.vision import anonymize
 from cityward.vision.anonymize import Anonymizer, AnonymizerConfig
 from cityward.vision.detections import PERSON, VEHICLES, Detections, box_iou
-from cityward.vision.detectors import REGISTRY as DETECTORS
 from cityward.vision.detectors import ObjectDetector
 from cityward.vision.faces import FACE, REGISTRY, CenterFace, YuNet, create
 from cityward.vision.pipeline import CameraPipeline, PipelineConfigError
@@ -121,17 +120,6 @@ def frame_count(path: Path) -> int:
     n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
     cap.release()
     return n
-
-
-@pytest.fixture(scope="module")
-def models() -> Path:
-    return shared_path("data", "vision", "models")
-
-
-@pytest.fixture(scope="module")
-def coco(models: Path) -> ObjectDetector:
-    cls = DETECTORS["yolox"]
-    return cls(cls.Config(threads=1), models)
 
 
 def anonymized_pairs(
