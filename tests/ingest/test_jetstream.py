@@ -101,6 +101,25 @@ def _in_stream(js: JetStream, settings: IngestSettings) -> tuple[int, list[str]]
     return len(data), [r.key for d in data for r in decode_message(d)]
 
 
+def _front_and_writer(
+    settings: IngestSettings, pg: PostgresStore, tmp_path: Path, **writer: Any
+) -> tuple[IngestWorker, IngestWorker]:
+    """A front (no bank) and a writer (the bank on ``pg``) over the test's streams, in this
+    process, each with dead letters of its own; ``writer``: more arguments of the writer."""
+    front = IngestWorker(
+        None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
+    )
+    back = IngestWorker(
+        bank_with_history(pg),
+        settings,
+        DeadLetters(tmp_path / "writer-dl.db"),
+        bus=_bus(),
+        role="writer",
+        **writer,
+    )
+    return front, back
+
+
 def test_front_and_writer_in_process_each_reading_once(
     tag: str, pg: PostgresStore, tmp_path: Path
 ) -> None:
@@ -113,17 +132,7 @@ def test_front_and_writer_in_process_each_reading_once(
 
     as_device = refusing(":s3")
 
-    front = IngestWorker(
-        None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
-    )
-    writer = IngestWorker(
-        bank_with_history(pg),
-        settings,
-        DeadLetters(tmp_path / "writer-dl.db"),
-        bus=_bus(),
-        role="writer",
-        write_context=as_device,
-    )
+    front, writer = _front_and_writer(settings, pg, tmp_path, write_context=as_device)
     assert front.adapters and not writer.adapters  # a writer receives from the stream only
     total, devices = 2000, 37
     refused = {n for n in range(total) if n % devices == 3}
@@ -252,16 +261,7 @@ def test_the_stream_keeps_only_unwritten_readings_and_a_full_one_holds_fronts_ba
     nothing is dropped, and once a writer drains the stream everything is in the bank once."""
     limit = 1 << 20
     settings = _settings(tag, max_bytes=limit, message_readings=20)
-    front = IngestWorker(
-        None, settings, DeadLetters(tmp_path / "front-dl.db"), bus=_bus(), role="front"
-    )
-    writer = IngestWorker(
-        bank_with_history(pg),
-        settings,
-        DeadLetters(tmp_path / "writer-dl.db"),
-        bus=_bus(),
-        role="writer",
-    )
+    front, writer = _front_and_writer(settings, pg, tmp_path)
     total = 1500  # about 3.4 MB of stream messages with their 2 KB raw payloads
     js = JetStream(NATS_URL, name="cityward-test", connect_timeout_s=5)
     js.connect()
