@@ -177,8 +177,12 @@ class CameraRunner:
                 # the last, partial interval is written too: nothing counted is lost
                 self.emitter.sink.put(self.emitter.rest(last_t, self.pipeline.intervals()))
                 self.emitter.status(st.state, st.fps)
-            except Exception:  # the sink failing still lets the worker restart the camera
-                log.exception("camera %s: its last counts and status were not written", cam.id)
+            except Exception as exc:  # the sink failing still lets the worker restart it
+                log.error(
+                    "camera %s: its last counts and status were not written: %s",
+                    cam.id,
+                    _traceback(exc),  # masked, as the camera's own failure is logged
+                )
             self.finished.set()
             if self._on_done:
                 self._on_done(cam.id)
