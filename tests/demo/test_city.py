@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -254,13 +253,12 @@ def test_failing_tool_reports_command_and_stderr(tmp_path: Path) -> None:
 
 def test_baseline_runs_apart_and_is_reused(city: DemoCity, tmp_path: Path) -> None:
     out = tmp_path / "baseline.json"
-    cpu = time.thread_time()
     assert run_baseline(city, out, until=900) == out
-    cpu = time.thread_time() - cpu
     doc = json.loads(out.read_text())
-    # apart: the caller's thread spent a small part of what the simulation took in the child
-    # (the child's own wall_s; 1.5 ms against 0.13 s measured), not the simulation itself
-    assert cpu < doc["wall_s"] / 4, f"the caller used {cpu:.3f} s of CPU, the run {doc['wall_s']}"
+    # apart: another process simulated. (A bound on the caller's CPU against the run's time
+    # failed late in a full run: spawning a child from a large test process cost the caller
+    # 0.33 s of CPU while the 900 simulated seconds took 0.06 s.)
+    assert doc["pid"] != os.getpid()
     assert doc["complete"] and doc["until"] == 900 and doc["city"]["grid"]["rows"] == 4
     samples = load_baseline(out)
     assert len(samples) == 91 and samples[-1].t == 900

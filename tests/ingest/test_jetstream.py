@@ -275,10 +275,12 @@ def test_the_stream_keeps_only_unwritten_readings_and_a_full_one_holds_fronts_ba
             60,
             lambda: f"the stream never refused: {front.status()}",
         )
-        # full: within its limit, the rest held back at the front, unacknowledged
+        # full: filled up to its limit, the rest held back at the front, unacknowledged. (None
+        # may be acknowledged yet: a front's first publish round can hold more than the
+        # stream takes, and its readings are acknowledged only when all of them are stored.)
         held = len(acked)
-        assert js.stream_bytes(settings.jetstream.stream) <= limit
-        assert 0 < held < total
+        assert limit // 2 < js.stream_bytes(settings.jetstream.stream) <= limit
+        assert held < total
         assert "maximum bytes" in stats.last_error or "resources" in stats.last_error, (
             stats.last_error
         )

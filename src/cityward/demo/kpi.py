@@ -225,6 +225,7 @@ def _baseline_child(job: dict[str, Any]) -> None:
         **job["doc"],
         "complete": True,
         "wall_s": round(time.perf_counter() - started, 2),
+        "pid": os.getpid(),  # the process that simulated: never the caller's (run_baseline)
         "samples": samples,
     }
     _atomic_write_text(Path(job["out"]), json.dumps(doc, separators=(",", ":")))
