@@ -273,6 +273,7 @@ def run_one(
         pub.publish_many(messages(), chunk=max(1, rate // 500))
         published_s = time.monotonic() - t0
         pub.wait_acked(60)
+        broker_acked = pub.acked  # what the broker took (PUBACK): the readings owed to the bank
         # beyond the writers' ack_wait (60 s): a reading a writer lost in a timed-out fetch
         # comes again after it (late, not lost)
         deadline = time.monotonic() + max(100.0, seconds * 4)
@@ -299,6 +300,7 @@ def run_one(
         "offered_per_s": rate,
         "readings": total,
         "stored": done,
+        "broker_acked": broker_acked,
         "published_s": round(published_s, 2),
         "all_in_s": round(all_in_s, 2),
         "rate_per_s": round(done / all_in_s, 1),
