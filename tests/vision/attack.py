@@ -17,7 +17,8 @@ The attacker is deliberately *stronger* than the anonymizer's own face detection
   camera, or of a person lying on the ground, turns it upright before looking);
 * a general OCR engine (RapidOCR: PP-OCRv4 detection + recognition, which upsamples the frame
   so that its shorter side is 736 px) for licence plates, keeping only plate-like strings
-  (:func:`plate_like`).
+  (:func:`plate_like`); it reads upright text best, so :func:`read_texts` with ``turns``
+  turns the frame first (the attacker knows how the camera is mounted: :func:`upright`).
 
 :func:`attack_frames` runs all of it over frames and returns an :class:`AttackReport`; other
 tests call it on stored snapshots and on every frame of an output video.
@@ -121,15 +122,28 @@ def find_faces(frame: Frame, turns: Sequence[int] = (0,)) -> list[Box]:
     return out
 
 
-def read_texts(frame: Frame) -> list[str]:
-    """All text RapidOCR reads in ``frame`` (BGR), normalised."""
-    result, _ = _ocr()(frame, use_cls=False)
-    return [normalise(str(r[1])) for r in result or []]
+def upright(degrees: int) -> int:
+    """The clockwise turn that shows a frame turned clockwise by ``degrees`` upright again:
+    what an attacker who knows how the camera is mounted turns its frames by."""
+    return -degrees % 360
 
 
-def read_plates(frame: Frame) -> list[str]:
-    """The plate-like strings RapidOCR reads in ``frame`` (BGR), normalised."""
-    return [t for t in read_texts(frame) if plate_like(t)]
+def read_texts(frame: Frame, turns: Sequence[int] = (0,)) -> list[str]:
+    """All text RapidOCR reads in ``frame`` (BGR) turned clockwise by each of ``turns``
+    (degrees; default: as it is), normalised. RapidOCR reads upright text best (of the 8
+    synthetic street plates, as they were: 6 turned by 90 degrees, none by 180 or 270), so the
+    attacker turns a frame of an upside-down or sideways camera upright first."""
+    out: list[str] = []
+    for d in turns:
+        result, _ = _ocr()(turn(frame, d), use_cls=False)
+        out.extend(normalise(str(r[1])) for r in result or [])
+    return out
+
+
+def read_plates(frame: Frame, turns: Sequence[int] = (0,)) -> list[str]:
+    """The plate-like strings RapidOCR reads in ``frame`` (BGR) turned clockwise by each of
+    ``turns``, normalised."""
+    return [t for t in read_texts(frame, turns) if plate_like(t)]
 
 
 @dataclass
@@ -169,13 +183,13 @@ def attack_frames(
     plates: bool = True,
     turns: Sequence[int] = (0,),
 ) -> AttackReport:
-    """Run the attacker on every frame: face boxes found (on the frame turned by each of
-    ``turns``) and plate-like strings read."""
+    """Run the attacker on every frame: face boxes found and plate-like strings read, on the
+    frame turned clockwise by each of ``turns``."""
     report = AttackReport()
     for i, frame in enumerate(frames):
         report.frames += 1
         if faces:
             report.faces.extend((i, b) for b in find_faces(frame, turns))
         if plates:
-            report.plates.extend((i, t) for t in read_plates(frame))
+            report.plates.extend((i, t) for t in read_plates(frame, turns))
     return report

@@ -18,12 +18,18 @@ extra hidden patch costs nothing):
    of a person lying or seen by a camera on its side; all four sides of a nearly square box:
    :func:`head_bands`) is hidden too, whatever the face detector says. It used to be the top
    only: upside down, that is the feet. The pipeline also looks for people on turned copies
-   of the frame (:func:`cityward.vision.pipeline.turned_persons`), since the object detector
-   finds few people upside down or on their side.
+   of the frame (:func:`cityward.vision.pipeline.turned_objects`, passed in as
+   :class:`Turned`), since the object detector finds few people upside down or on their side.
 4. **Plates**: we detect no plates. The bottom ``plate_fraction`` of every vehicle box (COCO
-   car, motorcycle, bus, truck), full width, is hidden: front and rear plates sit at bumper
-   height, in the lower half of the box for every camera angle a street camera has. This costs
-   the lower body of each car, which the analytics never look at.
+   car, motorcycle, bus, truck), full width, is hidden (:func:`plate_bands`): front and rear
+   plates sit at bumper height, in the lower half of the box for every camera angle a street
+   camera has. This costs the lower body of each car, which the analytics never look at.
+   "Bottom" is the bottom of the vehicle as it stands, which is the top of its box on a
+   camera mounted upside down and the left or right end on one on its side: a vehicle the
+   pipeline found on a turned copy of the frame (:class:`Turned`) has its band drawn at the
+   bottom of its box *there* and turned back into the frame (:func:`turned_plate_bands`).
+   With the bottom band only, the attacker (turning the frame upright) read 8 of 8 synthetic
+   plates on the street clip turned by 90, 180 or 270 degrees after anonymization.
 
 Hiding is **pixelation** to about ``blocks`` (4) cells across the region's longer side (cells at
 least ``min_cell`` px), followed by a box blur ``soften`` (2) cells wide that removes the cell
@@ -53,6 +59,7 @@ people towards a street camera show.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -63,7 +70,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cityward.vision.detections import PERSON, VEHICLES, Detections, box_iou
-from cityward.vision.faces import REGISTRY, FaceDetector
+from cityward.vision.faces import REGISTRY, FaceDetector, turn_back
 
 Frame = npt.NDArray[np.uint8]
 F32 = npt.NDArray[np.float32]
@@ -107,7 +114,9 @@ MIN_HOLD_S = 0.5
 MIN_HEAD_FRACTION = 0.25
 #: the plate band, measured as tests/vision/test_privacy.py's synthetic plates (every 5th
 #: frame of the street clip with a large car: 33 plates, all read raw by RapidOCR): plate
-#: strings read after anonymization at 0.25: 32; 0.3: 21; 0.35: 4; 0.4: none.
+#: strings read after anonymization at 0.25: 32; 0.3: 21; 0.35: 4; 0.4: none. At 0.5 on 8
+#: of those plates turned by 90, 180 and 270 degrees (the band at the bumper end of the turn
+#: the car was found in, the attacker reading all four ways up): none.
 MIN_PLATE_FRACTION = 0.5
 # soften (down to 0) and min_cell (down to 2) need no limit beyond their ranges: with blocks
 # and margin at their limits, soften 0 and min_cell 2 hid every face, and no plate was read
@@ -284,6 +293,42 @@ def head_bands(persons: F32, fraction: float) -> F32:
     return np.concatenate(bands).astype(np.float32)
 
 
+def plate_bands(vehicles: F32, fraction: float) -> F32:
+    """The plate bands of vehicle boxes (N, 4 xyxy) seen upright: the bottom ``fraction`` of
+    each box, its full width plus 3% on either side, reaching 5% below the box (a bumper
+    plate hangs at or below the box's lower edge)."""
+    v = vehicles.astype(np.float32)
+    vw, vh = v[:, 2] - v[:, 0], v[:, 3] - v[:, 1]
+    return np.stack(
+        [v[:, 0] - 0.03 * vw, v[:, 3] - fraction * vh, v[:, 2] + 0.03 * vw, v[:, 3] + 0.05 * vh],
+        axis=1,
+    ).astype(np.float32)
+
+
+def turned_plate_bands(
+    vehicles: F32, fraction: float, degrees: int, width: int, height: int
+) -> F32:
+    """The plate bands of vehicle boxes found on a ``width`` x ``height`` frame turned
+    clockwise by ``degrees``, in the frame's own pixels: the bottom band in the turned frame,
+    where the vehicle stood upright for the detector, turned back (upside down: the top of
+    the box in the frame; a quarter turn: its left or right end)."""
+    return turn_back(plate_bands(vehicles, fraction), degrees, width, height)
+
+
+@dataclass(frozen=True)
+class Turned:
+    """Objects an object detector found on the frame turned clockwise by ``degrees`` (0, 90,
+    180 or 270), in *that turned frame's* pixels: the turn a vehicle was seen upright in says
+    where its bumper is (:func:`turned_plate_bands`)."""
+
+    degrees: int
+    objects: Detections
+
+    def __post_init__(self) -> None:
+        if self.degrees not in (0, 90, 180, 270):
+            raise ValueError(f"a turn is 0, 90, 180 or 270 degrees, not {self.degrees}")
+
+
 def _relative(box: F32, person: F32) -> F32:
     pw = max(float(person[2] - person[0]), 1.0)
     ph = max(float(person[3] - person[1]), 1.0)
@@ -332,10 +377,20 @@ class Anonymizer:
         self.held.clear()
 
     def regions(
-        self, frame: Frame, objects: Detections, t: float, *, detect_faces: bool = True
+        self,
+        frame: Frame,
+        objects: Detections,
+        t: float,
+        *,
+        detect_faces: bool = True,
+        turned: Sequence[Turned] = (),
     ) -> F32:
         """The (N, 4) xyxy regions :meth:`apply` hides on ``frame`` at time ``t`` (seconds),
         updating the held faces. Exposed so tests and callers can see what gets hidden.
+
+        ``turned``: objects found on turned copies of ``frame`` (:class:`Turned`): their
+        people get the head backstop, their vehicles a plate band at the bumper end in the
+        orientation they were found in.
 
         ``detect_faces=False``: the caller knows the frame is the scene it last looked at (the
         motion gate found nothing moving since), so the held faces are still where they were:
@@ -349,6 +404,15 @@ class Anonymizer:
                 h.last_seen = t
         persons = objects[objects.class_id == PERSON]
         vehicles = objects.with_classes(VEHICLES)
+        fh, fw = frame.shape[:2]
+        # people are people whichever way up (untracked: the held faces follow tracks only)
+        people = [persons]
+        for turn in turned:
+            p = turn.objects[turn.objects.class_id == PERSON]
+            people.append(
+                Detections(turn_back(p.xyxy, turn.degrees, fw, fh), p.confidence, p.class_id)
+            )
+        persons = Detections.merge(people)
         grown = _grow(faces.xyxy, cfg.margin)
 
         self._follow(persons, t)
@@ -363,24 +427,20 @@ class Anonymizer:
         parts: list[F32] = [np.stack([h.box for h in self.held])] if self.held else []
         if cfg.head_fraction > 0 and len(persons):
             parts.append(head_bands(persons.xyxy, cfg.head_fraction))
-        if cfg.plate_fraction > 0 and len(vehicles):
-            v = vehicles.xyxy
-            vh = v[:, 3] - v[:, 1]
-            vw = v[:, 2] - v[:, 0]
-            plates = np.stack(
-                [
-                    v[:, 0] - 0.03 * vw,
-                    v[:, 3] - cfg.plate_fraction * vh,
-                    v[:, 2] + 0.03 * vw,
-                    v[:, 3] + 0.05 * vh,
-                ],
-                axis=1,
-            )
-            parts.append(plates.astype(np.float32))
+        n_vehicles = len(vehicles)
+        if cfg.plate_fraction > 0:
+            if len(vehicles):
+                parts.append(plate_bands(vehicles.xyxy, cfg.plate_fraction))
+            for turn in turned:
+                v = turn.objects.with_classes(VEHICLES).xyxy
+                n_vehicles += len(v)
+                if len(v):
+                    bands = turned_plate_bands(v, cfg.plate_fraction, turn.degrees, fw, fh)
+                    parts.append(bands)
 
         s = self.stats
         s.faces_detected, s.faces_held = len(faces), n_held
-        s.heads, s.vehicles = len(persons), len(vehicles)
+        s.heads, s.vehicles = len(persons), n_vehicles
         s.frames += 1
         s.total_faces_detected += len(faces)
         s.total_faces_held += n_held
@@ -415,14 +475,20 @@ class Anonymizer:
         return _Held(box, t)
 
     def apply(
-        self, frame: Frame, objects: Detections | None, t: float, *, detect_faces: bool = True
+        self,
+        frame: Frame,
+        objects: Detections | None,
+        t: float,
+        *,
+        detect_faces: bool = True,
+        turned: Sequence[Turned] = (),
     ) -> Frame:
         """Hide faces, heads and plate regions of ``frame`` (H, W, 3 uint8, BGR) **in place**
         and return it. ``objects`` are the object detector's (tracked) boxes in the same
         frame's pixels; ``t`` is the frame time in seconds (for the temporal hold);
-        ``detect_faces``: see :meth:`regions`."""
+        ``detect_faces`` and ``turned``: see :meth:`regions`."""
         objs = objects if objects is not None else Detections()
-        regions = self.regions(frame, objs, t, detect_faces=detect_faces)
+        regions = self.regions(frame, objs, t, detect_faces=detect_faces, turned=turned)
         for box in regions:
             self.hide(frame, box)
         return frame

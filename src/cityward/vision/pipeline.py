@@ -20,12 +20,15 @@ What the camera's settings may narrow or slow down is the analytics only, never 
   Otherwise the detectors run for it (an alert's snapshot of a still scene: one extra
   detection per alert).
 
-People are looked for in every orientation on a frame that is encoded: the object detector
-runs on it turned by 90, 180 and 270 degrees as well (:func:`turned_persons`), because it finds
-few people upside down or on their side (a camera mounted upside down or sideways, a person
-lying on the ground), and the anonymizer's head backstop is only as good as the person boxes
-it gets. This is privacy cost, timed as part of the "anonymize" stage; a frame that is only
-counted never pays it.
+People and vehicles are looked for in every orientation on a frame that is encoded: the
+object detector runs on it turned by 90, 180 and 270 degrees as well (:func:`turned_objects`),
+because it finds few people upside down or on their side (a camera mounted upside down or
+sideways, a person lying on the ground), and the anonymizer's head backstop is only as good as
+the person boxes it gets. The vehicles of those runs tell the anonymizer which end of a box is
+the bumper: it draws their plate bands at the bottom of the box in the turn the vehicle was
+found in (the bottom of the frame's own box is the roof upside down, a side sideways). This is
+privacy cost, timed as part of the "anonymize" stage; a frame that is only counted never pays
+it.
 
 Every stage is timed (:class:`StageClock`): ``bench/vision.py`` and the live status line report
 ms per stage.
@@ -43,11 +46,11 @@ from typing import Any
 import numpy as np
 
 from cityward.vision.analytics import CameraGeometry, Crossing, Rule, VisionEvent, build_rules
-from cityward.vision.anonymize import Anonymizer, AnonymizerConfig
-from cityward.vision.detections import PERSON, Detections
+from cityward.vision.anonymize import Anonymizer, AnonymizerConfig, Turned
+from cityward.vision.detections import Detections
 from cityward.vision.detectors import REGISTRY as DETECTORS
 from cityward.vision.detectors import ObjectDetector
-from cityward.vision.faces import turn, turn_back
+from cityward.vision.faces import turn
 from cityward.vision.motion import MotionGate
 from cityward.vision.settings import CameraSettings, MotionSettings
 from cityward.vision.source import Frame, Image
@@ -60,29 +63,27 @@ PRIVACY_MAX_AGE_S = MotionSettings().max_skip_s
 
 
 #: the quarter turns (degrees clockwise) of a frame to be encoded on which the object detector
-#: also looks for people. YOLOX-nano found a person upright in all 35 frames of
+#: also looks for people and vehicles. YOLOX-nano found a person upright in all 35 frames of
 #: face-demographics-walking.gif and in none of them turned by 90, 180 or 270 degrees; on
 #: one-by-one-person-detection.mp4 (every 29th frame) in 37 of 49 upright, 19, 5 and 22 turned
 PRIVACY_TURNS = (90, 180, 270)
 
 
-def turned_persons(
+def turned_objects(
     detector: ObjectDetector, image: Image, turns: Sequence[int] = PRIVACY_TURNS
-) -> Detections:
-    """The people the detector finds (at its privacy floor) on ``image`` turned clockwise by
-    each of ``turns``, their boxes turned back into ``image``'s pixels (untracked)."""
-    h, w = image.shape[:2]
-    found: list[Detections] = []
+) -> list[Turned]:
+    """The people and vehicles the detector finds (at its privacy floor) on ``image`` turned
+    clockwise by each of ``turns``, per turn, in the turned image's pixels (untracked): the
+    anonymizer turns them back, a vehicle's plate band drawn at its bottom in that turn."""
+    found: list[Turned] = []
     for d in turns:
         # detect_split's privacy half, without going through detect(): a turned frame is
         # never the frame's "detection" (the analytics and anyone watching detect() see none)
         tensor, meta = detector.preprocess(turn(image, d))
         _, dets = detector.postprocess_split(detector.infer(tensor), meta)
-        persons = dets[dets.class_id == PERSON]
-        if len(persons):
-            xyxy = turn_back(persons.xyxy, d, w, h)
-            found.append(Detections(xyxy, persons.confidence, persons.class_id))
-    return Detections.merge(found)
+        if len(dets):
+            found.append(Turned(d, dets))
+    return found
 
 
 class PipelineConfigError(ValueError):
@@ -200,8 +201,8 @@ class CameraPipeline:
         # the privacy detections (persons, vehicles) of the last detection, and its time
         self._dets = Detections.empty()
         self._dets_t: float | None = None
-        # the people found on the turned copies of the frame ``_dets`` come from
-        self._turned = Detections.empty()
+        # the people and vehicles found on the turned copies of the frame ``_dets`` come from
+        self._turned: list[Turned] = []
         self._anonymized = False  # whether the previous frame was anonymized
 
     def process(self, frame: Frame, *, want_image: bool = False) -> FrameResult:
@@ -245,7 +246,7 @@ class CameraPipeline:
                 fresh = True
             with clock.timed("anonymize"):
                 if fresh:  # else: the frame the reused detections were found on
-                    self._turned = turned_persons(self.detector, frame.image)
+                    self._turned = turned_objects(self.detector, frame.image)
                 # the anonymizer may work in place: the raw frame is not used after this
                 # a still frame right after an anonymized one shows the faces found there:
                 # they are held rather than searched for again (any other frame, and any frame
@@ -257,9 +258,10 @@ class CameraPipeline:
                 # still frame the gate skipped, the last detections are where they were)
                 anonymized = self.anonymizer.apply(
                     frame.image,
-                    Detections.merge([tracks, self._dets, self._turned]),
+                    Detections.merge([tracks, self._dets]),
                     frame.t,
                     detect_faces=fresh or not self._anonymized,
+                    turned=self._turned,
                 )
             self._anonymized = True
         else:
