@@ -2,9 +2,10 @@
 
 The history lives in the data bank itself (``attr_history``, see cityward.bank.temporal): every
 write records the attribute instances it created or changed, stamped with their observedAt or,
-without one, the time the bank received them. Entity selection (type, id, q, geo, attrs,
-paging) works on the entities' current state, as in the entity query; the time window,
-``lastN`` and aggregation work on the history, in SQL.
+without one, the time the bank received them. Entity selection (type, id, q, geo, paging)
+works on the entities' current state, as in the entity query; ``attrs`` on the history (an
+instance of one of them in the time window); the time window, ``lastN`` and aggregation work
+on the history, in SQL.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from cityward.bank.history import History, settle, settle_txn
 from cityward.bank.jsonld import Context
 from cityward.bank.model import PAYLOAD, EntityParser, check_uri, now_iso
 from cityward.bank.query.indexer import normalize_timestamp, path_id
-from cityward.bank.query.sqlgen import Conjunct, compile_attrs_any
+from cityward.bank.query.sqlgen import Conjunct
 from cityward.bank.render import View, render_instance
 from cityward.bank.service import new_document, strip_flags
 from cityward.bank.store import QuerySpec, Store
@@ -327,13 +328,16 @@ def _respond(
     return json_response(data, request, ctx, media, status=status, headers=headers)
 
 
-def _has_or_had(iris: list[str], dialect: Dialect) -> Conjunct:
-    """The temporal ``attrs`` condition: the entity has one of these attributes now, or its
-    history holds an instance of one. A probe only: no index lists the entities by attribute
-    across the history, so the other conditions (type, id, q) or a scan find the candidates."""
-    now, now_params = compile_attrs_any(iris, dialect, correlated=True)
-    had, had_params = recorded_attrs_sql(dialect, iris)
-    return Conjunct(f"({now} OR {had})", [*now_params, *had_params])
+def _in_window(iris: list[str], tq: TemporalQuery, dialect: Dialect) -> Conjunct:
+    """The temporal ``attrs`` condition: the entity's history holds an instance of one of these
+    attributes in the time window (the whole history without timerel), as a temporal query
+    matches (ETSI GS CIM 009): whether the entity still has the attribute or it was deleted
+    (its history kept), and not when all its instances lie outside the window, even if the
+    entity has the attribute now. A probe only: no index lists the entities by attribute
+    across the history, so the other conditions (type, id, q) or a scan find the candidates,
+    each checked with one index seek per attribute."""
+    sql, params = recorded_attrs_sql(dialect, iris, tq)
+    return Conjunct(sql, params)
 
 
 async def _query(
@@ -351,11 +355,12 @@ async def _query(
     spec = QuerySpec()
     dialect = rt.bank.store.dialect
     if flt.attrs:
-        # attrs selects the entities that have one of them or had one: an attribute deleted
-        # from the entity keeps its history, which the temporal retrieval of that entity
-        # shows, so the query must find it too (the other conditions: the current state)
+        # attrs selects the entities with an instance of one of them in the window, taken
+        # from the history: an attribute deleted from the entity keeps its history, which the
+        # temporal retrieval of that entity shows, and one the entity has now may have no
+        # instance in the window (the other conditions: the current state)
         compile_filter(replace(flt, attrs=None), ctx, dialect, spec, require_qualifier=False)
-        spec.conjuncts.append(_has_or_had(flt.attrs, dialect))
+        spec.conjuncts.append(_in_window(flt.attrs, tq, dialect))
     else:
         compile_filter(flt, ctx, dialect, spec)
     paging(rest, spec, rt.bank.default_limit, rt.bank.max_limit)
@@ -364,7 +369,7 @@ async def _query(
 
     def run() -> tuple[list[dict[str, Any]], int | None, list[dict[str, Any]], Any]:
         if flt.attrs:
-            settle(rt.bank.store)  # SQLite: the staged history rows, for _has_or_had
+            settle(rt.bank.store)  # SQLite: the staged history rows, for _in_window
         docs, total = query_store(rt.bank.store, tenant, spec, flt)
         data, cut = _history(rt.bank.store, tenant, docs, tq, shape, attrs, ctx, sys_attrs)
         return docs, total, data, cut

@@ -250,23 +250,40 @@ def instances_sql(
     return b.render(sql)
 
 
-def recorded_attrs_sql(dialect: Dialect, attrs: Sequence[str]) -> tuple[str, list[Any]]:
+def recorded_attrs_sql(
+    dialect: Dialect, attrs: Sequence[str], q: TemporalQuery | None = None
+) -> tuple[str, list[Any]]:
     """A condition on ``e`` (a row of ``entities``), with ``?`` placeholders as the store's
     query conditions have: the history holds an instance of one of the attributes ``attrs``
-    (IRIs), whether or not the entity still has it. One index seek per attribute (per month
-    partition on PostgreSQL). On SQLite, settle the staged rows (bank.history) first."""
+    (IRIs) in the time window of ``q`` (on its timeproperty; None or no timerel: at any time),
+    whether or not the entity still has the attribute. One index range seek per attribute
+    (per month partition on PostgreSQL, those of the window when it is on observedAt): the
+    (e, path, time) index of the timeproperty. On SQLite, settle the staged rows
+    (bank.history) first."""
     if dialect not in ("sqlite", "postgres"):
         raise ValueError(f"unknown dialect {dialect!r}")
     paths = sorted({path_id(iri) for iri in attrs})
     if not paths:
         return "1 = 0", []
+    params: list[Any] = list(paths)
+    window = ""
+    if q is not None:
+        b = _Sql(dialect)
+        col = f"h.{q.column}"
+        if q.lower is not None:
+            window += f" AND {col} >= ?"
+            params.append(b.time(q.lower))
+        if q.upper is not None:
+            window += f" AND {col} < ?"
+            params.append(b.time(q.upper))
     marks = ", ".join("?" * len(paths))
     # OFFSET 0: PostgreSQL would rewrite a correlated EXISTS into a hash over every matching
     # row (see cityward.bank.query.sqlgen); it stays a per-entity seek
     per_row = " OFFSET 0" if dialect == "postgres" else ""
     return (
-        f"EXISTS (SELECT 1 FROM attr_history h WHERE h.e = e.pk AND h.path IN ({marks}){per_row})",
-        list(paths),
+        f"EXISTS (SELECT 1 FROM attr_history h WHERE h.e = e.pk AND h.path IN ({marks})"
+        f"{window}{per_row})",
+        params,
     )
 
 
