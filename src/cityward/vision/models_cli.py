@@ -140,8 +140,7 @@ def fetch(
                 if entry.archive_sha256 and digest != entry.archive_sha256:
                     raise FetchError(
                         f"{entry.filename}: the archive {redact_url(url)} has sha256 {digest}, "
-                        f"expected "
-                        f"{entry.archive_sha256}; nothing was installed"
+                        f"expected {entry.archive_sha256}; nothing was installed"
                     )
                 with _temp_in(folder, entry.filename) as (member_tmp, member_out):
                     digest = _extract(tmp, entry.member, member_out, entry.filename)

@@ -275,7 +275,7 @@ class VisionWorker:
                 clock=self._clock,
             )
         except Exception as exc:
-            self._retry_later(camera_id, redact(f"{type(exc).__name__}: {exc}"), "could not start")
+            self._retry_later(camera_id, redact(_oneline(exc)), "could not start")
             return
         self.runners[camera_id] = runner
         log.info("camera %s: started", camera_id)

@@ -152,10 +152,7 @@ def _prepare(
     b = _Sql(dialect)
     keys = sorted({int(pk) for pk in pks})
     paths = None if attrs is None else sorted({path_id(iri) for iri in attrs})
-    if q.lower is not None:
-        b.values["lo"] = b.time(q.lower)
-    if q.upper is not None:
-        b.values["hi"] = b.time(q.upper)
+    _bind_window(b, q)
     if dialect == "sqlite":
         b.values["pks"] = orjson.dumps(keys).decode()
         pk_cte = "pk(e) AS (SELECT value FROM json_each(:p_pks))"
@@ -182,6 +179,14 @@ def _prepare(
         "WHERE x.e = s0.e AND x.path > s0.path) FROM s0 WHERE s0.path IS NOT NULL), "
         "s(e, path) AS (SELECT e, path FROM s0 WHERE path IS NOT NULL)"
     )
+
+
+def _bind_window(b: _Sql, q: TemporalQuery) -> None:
+    """Bind the time window's bounds (``:p_lo``, ``:p_hi``) that :func:`_window` names."""
+    if q.lower is not None:
+        b.values["lo"] = b.time(q.lower)
+    if q.upper is not None:
+        b.values["hi"] = b.time(q.upper)
 
 
 def _window(q: TemporalQuery, alias: str) -> str:
@@ -302,10 +307,7 @@ def kinds_sql(
     if dialect not in ("sqlite", "postgres"):
         raise ValueError(f"unknown dialect {dialect!r}")
     b = _Sql(dialect)
-    if q.lower is not None:
-        b.values["lo"] = b.time(q.lower)
-    if q.upper is not None:
-        b.values["hi"] = b.time(q.upper)
+    _bind_window(b, q)
     col = q.column
     rows = sorted(
         {(int(e), int(path), ds) for e, path, ds in keys}, key=lambda k: (k[0], k[1], k[2] or "")
