@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import http.server
 import shutil
-import threading
 import zipfile
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,13 +17,9 @@ from cityward.cli import app
 from cityward.vision.models import CATALOGUE, ENV, ModelFile, ModelMissing, resolve
 from cityward.vision.models_cli import FetchError, fetch, source_url
 from tests.conftest import shared_path
+from tests.vision.conftest import serve_folder
 
 runner = CliRunner()
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
@@ -34,15 +27,8 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A folder served over HTTP on 127.0.0.1, and its base URL."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_folder(root) as port:
+        yield root, f"http://127.0.0.1:{port}"
 
 
 def sha(data: bytes) -> str:

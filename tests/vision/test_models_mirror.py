@@ -8,11 +8,8 @@ The servers are real and local: an HTTP server on 127.0.0.1 and a port where not
 
 from __future__ import annotations
 
-import http.server
 import socket
-import threading
 from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from typer.testing import CliRunner
 from cityward.cli import app
 from cityward.vision.models import CATALOGUE, ModelFile
 from cityward.vision.models_cli import FetchError, fetch
+from tests.vision.conftest import QuietHandler, serve_folder
 
 runner = CliRunner()
 
@@ -29,7 +27,7 @@ SECRET = "S3cretPass"
 MODEL = "yunet_s_320_320.onnx"
 
 
-class _Handler(http.server.SimpleHTTPRequestHandler):
+class _Handler(QuietHandler):
     """Serves its folder; ``/broken/...`` answers HTTP 500."""
 
     def do_GET(self) -> None:
@@ -38,24 +36,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             return
         super().do_GET()
 
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
 
 @pytest.fixture
 def mirror(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     """A folder served over HTTP on 127.0.0.1, and its port."""
     root = tmp_path / "www"
     root.mkdir()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(_Handler, directory=root))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield root, int(server.server_address[1])
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()
+    with serve_folder(root, _Handler) as port:
+        yield root, port
 
 
 def _closed_port() -> int:

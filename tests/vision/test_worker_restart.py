@@ -142,6 +142,18 @@ def test_the_back_off_starts_over_after_a_long_good_run(
     assert sink.failures == 2
 
 
+def _started_on_the_street_clip(sink: Any, caplog: pytest.LogCaptureFixture) -> VisionWorker:
+    """A worker with one camera, cam1, looping the street clip into ``sink``, started, its log
+    captured at INFO."""
+    models = shared_path("data", "vision", "models")
+    clip = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
+    cams = [{"id": "cam1", "url": str(clip), "loop": True, "interval_s": 1, "analysis_fps": 2}]
+    worker = VisionWorker(VisionSettings(models_dir=models, cameras=cams), sink)
+    caplog.set_level(logging.INFO, logger="cityward.vision.worker")
+    worker.start_camera("cam1")
+    return worker
+
+
 def test_a_sink_failing_as_the_camera_ends_still_restarts_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -150,9 +162,6 @@ def test_a_sink_failing_as_the_camera_ends_still_restarts_it(
     renewed. It is started again like any failed camera."""
     monkeypatch.setattr(vision_worker, "RESTART_S", RESTART_S)
     monkeypatch.setattr(vision_worker, "RESTART_MAX_S", RESTART_MAX_S)
-    models = shared_path("data", "vision", "models")
-    clip = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
-    cams = [{"id": "cam1", "url": str(clip), "loop": True, "interval_s": 1, "analysis_fps": 2}]
 
     class _FullDisk(_DiskFullSink):
         """Fails every put while ``full`` is set."""
@@ -167,9 +176,7 @@ def test_a_sink_failing_as_the_camera_ends_still_restarts_it(
                 raise OSError(errno.ENOSPC, "No space left on device")
 
     sink = _FullDisk()
-    worker = VisionWorker(VisionSettings(models_dir=models, cameras=cams), sink)
-    caplog.set_level(logging.INFO, logger="cityward.vision.worker")
-    worker.start_camera("cam1")
+    worker = _started_on_the_street_clip(sink, caplog)
     try:
         _wait(lambda: worker.status_rows()[0]["frames"] > 0, "the camera runs")
         sink.full.set()
@@ -195,9 +202,6 @@ def test_a_camera_failure_that_quotes_a_url_is_logged_masked(
     repeated the exception as it was: a failure that quotes a URL (OpenCV's, or a sink's
     database) wrote its password into the log. The traceback is logged masked too."""
     monkeypatch.setattr(vision_worker, "RESTART_S", 60.0)  # no restart during the test
-    models = shared_path("data", "vision", "models")
-    clip = shared_path("data", "vision", "videos", "street_cars_ahmetozlu.mp4")
-    cams = [{"id": "cam1", "url": str(clip), "loop": True, "interval_s": 1, "analysis_fps": 2}]
     url = "rtsp://admin:S3cretPass@10.0.4.17/stream1?token=S3cretTok"
 
     class _Unreachable(_DiskFullSink):
@@ -207,9 +211,7 @@ def test_a_camera_failure_that_quotes_a_url_is_logged_masked(
                 raise ConnectionError(f"cannot write to {url}: connection refused")
 
     sink = _Unreachable()
-    worker = VisionWorker(VisionSettings(models_dir=models, cameras=cams), sink)
-    caplog.set_level(logging.INFO, logger="cityward.vision.worker")
-    worker.start_camera("cam1")
+    worker = _started_on_the_street_clip(sink, caplog)
     try:
         _wait(lambda: worker.status_rows()[0]["frames"] > 0, "the camera runs")
         sink.fail_next()
